@@ -1,0 +1,24 @@
+//! PyO3 bindings of vpn-packet: the module `vpn_packet._native`. Conversions and classes only; the logic
+//! lives in the `vpn-packet-core` crate.
+
+use pyo3::prelude::*;
+
+mod buffer;
+mod capture;
+mod errors;
+mod functions;
+mod packet_info;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<packet_info::PacketInfo>()?;
+    m.add_function(wrap_pyfunction!(functions::extract_ip_and_ports, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::destination_key, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::destination_key_and_ip, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::extract_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::extract_batch_from_buffer, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::group_by_destination, m)?)?;
+    capture::register(m)?;
+    Ok(())
+}

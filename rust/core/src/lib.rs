@@ -3,6 +3,7 @@
 //! Every function here is total: it returns a value or an error for any input, and never panics.
 
 pub mod batch;
+pub mod capture;
 pub mod key;
 pub mod parse;
 

@@ -158,19 +158,19 @@ def test_batch_forms_agree_with_single_calls(packets: list[bytes]) -> None:
 
 
 @given(st.lists(ip_like, max_size=60))
-def test_grouping_is_an_ordered_partition(packets: list[bytes]) -> None:
+def test_grouping_is_an_ordered_partition(raw: list[bytes]) -> None:
+    packets = [bytearray(p) for p in raw]  # distinct objects, so identity tells them apart
+    position = {id(p): i for i, p in enumerate(packets)}
     groups, rejected = group_by_destination(packets)
     rejected_indices = [i for i, _ in rejected]
-    assert rejected_indices == [i for i, p in enumerate(packets) if observed(p) is None]
+    assert rejected_indices == [i for i, p in enumerate(raw) if observed(p) is None]
     seen: list[int] = []
     keys = set()
     for key, _ip, members in groups:
         assert key not in keys
         keys.add(key)
-        for member in members:
-            assert destination_key(member) == key
-        # members are the original objects, in batch order
-        indices = [next(i for i, p in enumerate(packets) if p is m and i not in seen) for m in members]
-        assert indices == sorted(indices)
+        indices = [position[id(m)] for m in members]  # the very objects passed in
+        assert indices == sorted(indices)  # in batch order
+        assert all(destination_key(raw[i]) == key for i in indices)
         seen.extend(indices)
     assert sorted(seen + rejected_indices) == list(range(len(packets)))

@@ -31,7 +31,10 @@ where
         match destination(packet) {
             Ok(dest) => {
                 let slot = *index.entry(dest).or_insert_with(|| {
-                    grouped.groups.push(Group { destination: dest, members: Vec::new() });
+                    grouped.groups.push(Group {
+                        destination: dest,
+                        members: Vec::new(),
+                    });
                     grouped.groups.len() - 1
                 });
                 grouped.groups[slot].members.push(i);
@@ -44,14 +47,20 @@ where
 
 /// Splits a contiguous buffer into packets of the given lengths (the shape a batched read produces).
 /// Fails when the lengths add up to more than the buffer holds.
-pub fn split_by_lengths<'a>(buffer: &'a [u8], lengths: &[usize]) -> Result<Vec<&'a [u8]>, SplitError> {
+pub fn split_by_lengths<'a>(
+    buffer: &'a [u8],
+    lengths: &[usize],
+) -> Result<Vec<&'a [u8]>, SplitError> {
     let mut out = Vec::with_capacity(lengths.len());
     let mut offset = 0usize;
     for &len in lengths {
-        let end = offset.checked_add(len).filter(|&e| e <= buffer.len()).ok_or(SplitError {
-            needed: lengths.iter().fold(0usize, |a, &l| a.saturating_add(l)),
-            available: buffer.len(),
-        })?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= buffer.len())
+            .ok_or_else(|| SplitError {
+                needed: lengths.iter().fold(0usize, |a, &l| a.saturating_add(l)),
+                available: buffer.len(),
+            })?;
         out.push(&buffer[offset..end]);
         offset = end;
     }
@@ -67,7 +76,11 @@ pub struct SplitError {
 
 impl core::fmt::Display for SplitError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "packet lengths add up to {} bytes but the buffer holds {}", self.needed, self.available)
+        write!(
+            f,
+            "packet lengths add up to {} bytes but the buffer holds {}",
+            self.needed, self.available
+        )
     }
 }
 
@@ -78,7 +91,9 @@ mod tests {
     use super::*;
 
     fn udp4(dst_last: u8, dport: u16) -> Vec<u8> {
-        let mut p = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, dst_last];
+        let mut p = vec![
+            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, dst_last,
+        ];
         p.extend_from_slice(&[0, 1]);
         p.extend_from_slice(&dport.to_be_bytes());
         p.extend_from_slice(&[0, 8, 0, 0]);
@@ -87,19 +102,44 @@ mod tests {
 
     #[test]
     fn groups_keep_first_seen_order_and_member_order() {
-        let packets = [udp4(2, 80), udp4(3, 80), vec![0x45], udp4(2, 80), udp4(2, 81)];
+        let packets = [
+            udp4(2, 80),
+            udp4(3, 80),
+            vec![0x45],
+            udp4(2, 80),
+            udp4(2, 81),
+        ];
         let g = group_by_destination(packets.iter().map(Vec::as_slice));
         let keys: Vec<String> = g.groups.iter().map(|g| g.destination.key()).collect();
         assert_eq!(keys, ["10.0.0.2:80", "10.0.0.3:80", "10.0.0.2:81"]);
         assert_eq!(g.groups[0].members, [0, 3]);
-        assert_eq!(g.rejected, [(2, ParseError::Truncated { version: 4, len: 1, required: 20 })]);
+        assert_eq!(
+            g.rejected,
+            [(
+                2,
+                ParseError::Truncated {
+                    version: 4,
+                    len: 1,
+                    required: 20
+                }
+            )]
+        );
     }
 
     #[test]
     fn split() {
         let buf = [1u8, 2, 3, 4, 5];
-        assert_eq!(split_by_lengths(&buf, &[2, 0, 3]).unwrap(), [&buf[..2], &buf[2..2], &buf[2..]]);
-        assert_eq!(split_by_lengths(&buf, &[4, 2]), Err(SplitError { needed: 6, available: 5 }));
+        assert_eq!(
+            split_by_lengths(&buf, &[2, 0, 3]).unwrap(),
+            [&buf[..2], &buf[2..2], &buf[2..]]
+        );
+        assert_eq!(
+            split_by_lengths(&buf, &[4, 2]),
+            Err(SplitError {
+                needed: 6,
+                available: 5
+            })
+        );
         assert!(split_by_lengths(&buf, &[usize::MAX, 2]).is_err());
     }
 }

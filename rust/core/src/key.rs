@@ -11,9 +11,50 @@ use crate::parse::Destination;
 /// Longest key: `[` + 45-character IPv6 text + `]:65535`.
 pub const MAX_KEY_LEN: usize = 1 + 45 + 7;
 
-/// Appends the decimal text of `value` to `out`.
+/// A destination key or address text on the stack (no allocation); `as_str` gives the text.
+#[derive(Clone, Copy)]
+pub struct KeyText {
+    buf: [u8; MAX_KEY_LEN],
+    len: usize,
+}
+
+impl KeyText {
+    pub const fn new() -> Self {
+        KeyText {
+            buf: [0; MAX_KEY_LEN],
+            len: 0,
+        }
+    }
+
+    #[inline]
+    pub fn as_str(&self) -> &str {
+        // Only whole `&str`s are ever copied in, so the bytes are valid UTF-8.
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl Default for KeyText {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Write for KeyText {
+    #[inline]
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// Appends the decimal text of `value`.
 #[inline]
-fn push_decimal(out: &mut String, value: u16) {
+fn push_decimal<W: Write>(out: &mut W, value: u16) -> fmt::Result {
     let mut digits = [0u8; 5];
     let mut n = value;
     let mut i = digits.len();
@@ -26,72 +67,76 @@ fn push_decimal(out: &mut String, value: u16) {
         }
     }
     // Only ASCII digits were written.
-    out.push_str(core::str::from_utf8(&digits[i..]).unwrap_or_default());
+    out.write_str(core::str::from_utf8(&digits[i..]).unwrap_or_default())
 }
 
 /// Appends dotted-quad text of an IPv4 address.
 #[inline]
-pub fn push_ipv4(out: &mut String, addr: Ipv4Addr) {
+pub fn push_ipv4<W: Write>(out: &mut W, addr: Ipv4Addr) -> fmt::Result {
     let [a, b, c, d] = addr.octets();
-    push_decimal(out, a.into());
-    out.push('.');
-    push_decimal(out, b.into());
-    out.push('.');
-    push_decimal(out, c.into());
-    out.push('.');
-    push_decimal(out, d.into());
+    push_decimal(out, a.into())?;
+    out.write_char('.')?;
+    push_decimal(out, b.into())?;
+    out.write_char('.')?;
+    push_decimal(out, c.into())?;
+    out.write_char('.')?;
+    push_decimal(out, d.into())
 }
 
 /// Appends the RFC 5952 text of an address.
 #[inline]
-pub fn push_addr(out: &mut String, addr: IpAddr) {
+pub fn push_addr<W: Write>(out: &mut W, addr: IpAddr) -> fmt::Result {
     match addr {
         IpAddr::V4(v4) => push_ipv4(out, v4),
-        // Writing to a String cannot fail.
-        IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
-        }
+        IpAddr::V6(v6) => write!(out, "{v6}"),
     }
 }
 
 /// Appends the destination key.
 #[inline]
-pub fn push_key(out: &mut String, dest: &Destination) {
+pub fn push_key<W: Write>(out: &mut W, dest: &Destination) -> fmt::Result {
     match (dest.addr, dest.port) {
         (addr, None) => push_addr(out, addr),
         (IpAddr::V4(v4), Some(port)) => {
-            push_ipv4(out, v4);
-            out.push(':');
-            push_decimal(out, port);
+            push_ipv4(out, v4)?;
+            out.write_char(':')?;
+            push_decimal(out, port)
         }
         (IpAddr::V6(v6), Some(port)) => {
-            out.push('[');
-            let _ = write!(out, "{v6}");
-            out.push_str("]:");
-            push_decimal(out, port);
+            write!(out, "[{v6}]:")?;
+            push_decimal(out, port)
         }
     }
 }
 
-/// The RFC 5952 text of an address as a new string.
-pub fn addr_text(addr: IpAddr) -> String {
-    let mut out = String::with_capacity(45);
-    push_addr(&mut out, addr);
+/// The RFC 5952 text of an address, on the stack.
+#[inline]
+pub fn addr_text(addr: IpAddr) -> KeyText {
+    let mut out = KeyText::new();
+    // Any address fits: MAX_KEY_LEN covers the longest key, which contains the longest address.
+    let _ = push_addr(&mut out, addr);
     out
 }
 
 impl Destination {
+    /// The destination key, on the stack.
+    #[inline]
+    pub fn key_text(&self) -> KeyText {
+        let mut out = KeyText::new();
+        // The longest key is MAX_KEY_LEN bytes, so this cannot run out of room.
+        let _ = push_key(&mut out, self);
+        out
+    }
+
     /// The destination key as a new string.
     pub fn key(&self) -> String {
-        let mut out = String::with_capacity(MAX_KEY_LEN);
-        push_key(&mut out, self);
-        out
+        self.key_text().as_str().to_owned()
     }
 }
 
 impl fmt::Display for Destination {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.key())
+        push_key(f, self)
     }
 }
 
@@ -101,7 +146,11 @@ mod tests {
     use core::net::Ipv6Addr;
 
     fn key(addr: &str, port: Option<u16>) -> String {
-        Destination { addr: addr.parse().unwrap(), port }.key()
+        Destination {
+            addr: addr.parse().unwrap(),
+            port,
+        }
+        .key()
     }
 
     #[test]
@@ -120,11 +169,28 @@ mod tests {
 
     #[test]
     fn ipv4_matches_std_display() {
-        for n in [0u32, 1, 0x0a000001, 0x7f000001, 0xc0a80101, 0xffffffff, 0x01020304, 0x64006400] {
+        for n in [
+            0u32, 1, 0x0a000001, 0x7f000001, 0xc0a80101, 0xffffffff, 0x01020304, 0x64006400,
+        ] {
             let a = Ipv4Addr::from(n);
-            assert_eq!(addr_text(IpAddr::V4(a)), a.to_string());
+            assert_eq!(addr_text(IpAddr::V4(a)).as_str(), a.to_string());
         }
-        assert!(MAX_KEY_LEN >= key("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", Some(65535)).len());
-        let _ = Ipv6Addr::LOCALHOST;
+        let longest = key("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", Some(65535));
+        assert!(longest.len() <= MAX_KEY_LEN);
+        let widest_mixed = Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0xffff, 0xffff]);
+        let text = Destination {
+            addr: IpAddr::V6(widest_mixed),
+            port: Some(65535),
+        }
+        .key();
+        assert_eq!(text, "[::ffff:255.255.255.255]:65535");
+        assert_eq!(
+            Destination {
+                addr: IpAddr::V6(widest_mixed),
+                port: None
+            }
+            .to_string(),
+            &text[1..23]
+        );
     }
 }

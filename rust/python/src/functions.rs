@@ -20,10 +20,13 @@ pub fn extract_ip_and_ports(py: Python<'_>, packet: &Bound<'_, PyAny>) -> PyResu
 
 /// The destination key of a packet, formatted natively.
 #[pyfunction]
-pub fn destination_key<'py>(py: Python<'py>, packet: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyString>> {
+pub fn destination_key<'py>(
+    py: Python<'py>,
+    packet: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyString>> {
     no_panic(|| {
         let dest = with_bytes(packet, destination)?.map_err(|e| parse_error(&e))?;
-        Ok(PyString::new(py, &dest.key()))
+        Ok(PyString::new(py, dest.key_text().as_str()))
     })
 }
 
@@ -35,7 +38,10 @@ pub fn destination_key_and_ip<'py>(
 ) -> PyResult<(Bound<'py, PyString>, Bound<'py, PyString>)> {
     no_panic(|| {
         let dest = with_bytes(packet, destination)?.map_err(|e| parse_error(&e))?;
-        Ok((PyString::new(py, &dest.key()), PyString::new(py, &addr_text(dest.addr))))
+        Ok((
+            PyString::new(py, dest.key_text().as_str()),
+            PyString::new(py, addr_text(dest.addr).as_str()),
+        ))
     })
 }
 
@@ -69,10 +75,15 @@ fn summary_or_error<'py>(py: Python<'py>, packet: &[u8]) -> PyResult<Bound<'py, 
 
 /// Parses many packets in one call; a bad packet gives its `PacketError` in its place.
 #[pyfunction]
-pub fn extract_batch<'py>(py: Python<'py>, packets: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+pub fn extract_batch<'py>(
+    py: Python<'py>,
+    packets: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyList>> {
     no_panic(|| {
         let out = PyList::empty(py);
-        for_each_item(packets, |item| out.append(with_bytes(item, |bytes| summary_or_error(py, bytes))??))?;
+        for_each_item(packets, |item| {
+            out.append(with_bytes(item, |bytes| summary_or_error(py, bytes))??)
+        })?;
         Ok(out)
     })
 }
@@ -87,7 +98,10 @@ pub fn extract_batch_from_buffer<'py>(
     no_panic(|| {
         let held = PacketBytes::get(buffer)?;
         let packets = split_by_lengths(held.as_slice(), &lengths).map_err(|e| split_error(&e))?;
-        let items = packets.into_iter().map(|p| summary_or_error(py, p)).collect::<PyResult<Vec<_>>>()?;
+        let items = packets
+            .into_iter()
+            .map(|p| summary_or_error(py, p))
+            .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, items)
     })
 }
@@ -109,13 +123,16 @@ pub fn group_by_destination<'py>(
             objects.push(item.clone());
             Ok(())
         })?;
-        let held = objects.iter().map(PacketBytes::get).collect::<PyResult<Vec<_>>>()?;
+        let held = objects
+            .iter()
+            .map(PacketBytes::get)
+            .collect::<PyResult<Vec<_>>>()?;
         let grouped = group_core(held.iter().map(PacketBytes::as_slice));
         let groups = PyList::empty(py);
         for group in &grouped.groups {
             let members = PyList::new(py, group.members.iter().map(|&i| &objects[i]))?;
-            let key = PyString::new(py, &group.destination.key());
-            let ip = PyString::new(py, &addr_text(group.destination.addr));
+            let key = PyString::new(py, group.destination.key_text().as_str());
+            let ip = PyString::new(py, addr_text(group.destination.addr).as_str());
             groups.append((key, ip, members))?;
         }
         let rejected = PyList::empty(py);

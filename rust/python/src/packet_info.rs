@@ -20,8 +20,12 @@ static IPV6_ADDRESS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 /// An `ipaddress.IPv4Address` or `IPv6Address` for `addr`.
 pub fn ip_object(py: Python<'_>, addr: IpAddr) -> PyResult<Py<PyAny>> {
     let object = match addr {
-        IpAddr::V4(a) => IPV4_ADDRESS.import(py, "ipaddress", "IPv4Address")?.call1((u32::from(a),))?,
-        IpAddr::V6(a) => IPV6_ADDRESS.import(py, "ipaddress", "IPv6Address")?.call1((u128::from(a),))?,
+        IpAddr::V4(a) => IPV4_ADDRESS
+            .import(py, "ipaddress", "IPv4Address")?
+            .call1((u32::from(a),))?,
+        IpAddr::V6(a) => IPV6_ADDRESS
+            .import(py, "ipaddress", "IPv6Address")?
+            .call1((u128::from(a),))?,
     };
     Ok(object.unbind())
 }
@@ -38,7 +42,12 @@ pub struct PacketInfo {
 impl From<PacketSummary> for PacketInfo {
     #[inline]
     fn from(summary: PacketSummary) -> Self {
-        PacketInfo { summary, src_ip: PyOnceLock::new(), dst_ip: PyOnceLock::new(), key: PyOnceLock::new() }
+        PacketInfo {
+            summary,
+            src_ip: PyOnceLock::new(),
+            dst_ip: PyOnceLock::new(),
+            key: PyOnceLock::new(),
+        }
     }
 }
 
@@ -46,7 +55,9 @@ impl From<PacketSummary> for PacketInfo {
 fn address_from_python(value: &Bound<'_, PyAny>, field: &str) -> PyResult<IpAddr> {
     if let Ok(text) = value.cast::<PyString>() {
         let text = text.to_str()?;
-        return text.parse().map_err(|_| PyValueError::new_err(format!("{field}: not an IP address: {text:?}")));
+        return text
+            .parse()
+            .map_err(|_| PyValueError::new_err(format!("{field}: not an IP address: {text:?}")));
     }
     let packed_holder;
     let packed: &[u8] = if let Ok(bytes) = value.cast::<PyBytes>() {
@@ -65,7 +76,10 @@ fn address_from_python(value: &Bound<'_, PyAny>, field: &str) -> PyResult<IpAddr
     } else if let Ok(octets) = <[u8; 16]>::try_from(packed) {
         Ok(IpAddr::V6(Ipv6Addr::from(octets)))
     } else {
-        Err(PyValueError::new_err(format!("{field}: packed address must be 4 or 16 bytes, got {}", packed.len())))
+        Err(PyValueError::new_err(format!(
+            "{field}: packed address must be 4 or 16 bytes, got {}",
+            packed.len()
+        )))
     }
 }
 
@@ -96,7 +110,14 @@ impl PacketInfo {
                 family(dst)
             )));
         }
-        Ok(PacketSummary { src, dst, src_port, dst_port, protocol }.into())
+        Ok(PacketSummary {
+            src,
+            dst,
+            src_port,
+            dst_port,
+            protocol,
+        }
+        .into())
     }
 
     /// 4 or 6.
@@ -108,13 +129,17 @@ impl PacketInfo {
     /// Source address (`ipaddress.IPv4Address` or `IPv6Address`), made on first access.
     #[getter]
     fn src_ip(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        self.src_ip.get_or_try_init(py, || ip_object(py, self.summary.src)).map(|o| o.clone_ref(py))
+        self.src_ip
+            .get_or_try_init(py, || ip_object(py, self.summary.src))
+            .map(|o| o.clone_ref(py))
     }
 
     /// Destination address (`ipaddress.IPv4Address` or `IPv6Address`), made on first access.
     #[getter]
     fn dst_ip(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        self.dst_ip.get_or_try_init(py, || ip_object(py, self.summary.dst)).map(|o| o.clone_ref(py))
+        self.dst_ip
+            .get_or_try_init(py, || ip_object(py, self.summary.dst))
+            .map(|o| o.clone_ref(py))
     }
 
     #[getter]
@@ -137,7 +162,9 @@ impl PacketInfo {
     #[getter]
     fn destination_key(&self, py: Python<'_>) -> Py<PyString> {
         self.key
-            .get_or_init(py, || PyString::new(py, &self.summary.destination().key()).unbind())
+            .get_or_init(py, || {
+                PyString::new(py, self.summary.destination().key_text().as_str()).unbind()
+            })
             .clone_ref(py)
     }
 
@@ -146,8 +173,8 @@ impl PacketInfo {
         format!(
             "PacketInfo(version={}, src_ip='{}', dst_ip='{}', src_port={}, dst_port={}, protocol={})",
             s.version(),
-            addr_text(s.src),
-            addr_text(s.dst),
+            addr_text(s.src).as_str(),
+            addr_text(s.dst).as_str(),
             optional_int(s.src_port),
             optional_int(s.dst_port),
             s.protocol
@@ -175,10 +202,20 @@ impl PacketInfo {
     }
 
     /// Pickles as the constructor call with text addresses.
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyType>, Bound<'py, PyTuple>)> {
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyType>, Bound<'py, PyTuple>)> {
         let py = slf.py();
         let s = &slf.get().summary;
-        let args = (s.version(), addr_text(s.src), addr_text(s.dst), s.src_port, s.dst_port, s.protocol);
+        let (src, dst) = (addr_text(s.src), addr_text(s.dst));
+        let args = (
+            s.version(),
+            src.as_str(),
+            dst.as_str(),
+            s.src_port,
+            s.dst_port,
+            s.protocol,
+        );
         Ok((slf.get_type(), args.into_pyobject(py)?))
     }
 }

@@ -47,10 +47,7 @@ where
 
 /// Splits a contiguous buffer into packets of the given lengths (the shape a batched read produces).
 /// Fails when the lengths add up to more than the buffer holds.
-pub fn split_by_lengths<'a>(
-    buffer: &'a [u8],
-    lengths: &[usize],
-) -> Result<Vec<&'a [u8]>, SplitError> {
+pub fn split_by_lengths<'a>(buffer: &'a [u8], lengths: &[usize]) -> Result<Vec<&'a [u8]>, SplitError> {
     let mut out = Vec::with_capacity(lengths.len());
     let mut offset = 0usize;
     for &len in lengths {
@@ -102,13 +99,7 @@ mod tests {
 
     #[test]
     fn groups_keep_first_seen_order_and_member_order() {
-        let packets = [
-            udp4(2, 80),
-            udp4(3, 80),
-            vec![0x45],
-            udp4(2, 80),
-            udp4(2, 81),
-        ];
+        let packets = [udp4(2, 80), udp4(3, 80), vec![0x45], udp4(2, 80), udp4(2, 81)];
         let g = group_by_destination(packets.iter().map(Vec::as_slice));
         let keys: Vec<String> = g.groups.iter().map(|g| g.destination.key()).collect();
         assert_eq!(keys, ["10.0.0.2:80", "10.0.0.3:80", "10.0.0.2:81"]);

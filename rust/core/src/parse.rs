@@ -8,7 +8,9 @@
 use core::fmt;
 use core::net::{IpAddr, Ipv4Addr};
 
-use etherparse::{IpAuthHeaderSlice, Ipv4HeaderSlice, Ipv6FragmentHeaderSlice, Ipv6HeaderSlice, Ipv6RawExtHeaderSlice};
+use etherparse::{
+    IpAuthHeaderSlice, Ipv4HeaderSlice, Ipv6FragmentHeaderSlice, Ipv6HeaderSlice, Ipv6RawExtHeaderSlice,
+};
 
 /// Length of the fixed IPv4 header (IHL 5).
 pub const IPV4_MIN_HEADER_LEN: usize = 20;
@@ -34,7 +36,10 @@ pub mod proto {
 /// True for transport protocols whose header starts with a 16-bit source and destination port.
 #[inline]
 pub fn protocol_has_ports(protocol: u8) -> bool {
-    matches!(protocol, proto::TCP | proto::UDP | proto::DCCP | proto::SCTP | proto::UDP_LITE)
+    matches!(
+        protocol,
+        proto::TCP | proto::UDP | proto::DCCP | proto::SCTP | proto::UDP_LITE
+    )
 }
 
 /// What `extract` reads from a packet.
@@ -61,7 +66,10 @@ impl PacketSummary {
     /// The destination key: address and destination port, as the dispatcher routes by.
     #[inline]
     pub fn destination(&self) -> Destination {
-        Destination { addr: self.dst, port: self.dst_port }
+        Destination {
+            addr: self.dst,
+            port: self.dst_port,
+        }
     }
 }
 
@@ -81,7 +89,11 @@ pub enum ParseError {
     /// The version nibble is neither 4 nor 6.
     UnsupportedVersion { version: u8, len: usize },
     /// Shorter than the fixed header of its version.
-    Truncated { version: u8, len: usize, required: usize },
+    Truncated {
+        version: u8,
+        len: usize,
+        required: usize,
+    },
     /// IPv4 IHL below 5.
     InvalidIhl { ihl: u8, len: usize },
 }
@@ -130,7 +142,10 @@ pub fn extract(packet: &[u8]) -> Result<PacketSummary, ParseError> {
     match first >> 4 {
         4 => extract_v4(packet),
         6 => extract_v6(packet),
-        version => Err(ParseError::UnsupportedVersion { version, len: packet.len() }),
+        version => Err(ParseError::UnsupportedVersion {
+            version,
+            len: packet.len(),
+        }),
     }
 }
 
@@ -145,7 +160,10 @@ pub fn destination(packet: &[u8]) -> Result<Destination, ParseError> {
 fn read_ports(packet: &[u8], offset: usize, end: usize, protocol: u8) -> (Option<u16>, Option<u16>) {
     if protocol_has_ports(protocol) && offset.checked_add(4).is_some_and(|e| e <= end) {
         let p = &packet[offset..offset + 4];
-        (Some(u16::from_be_bytes([p[0], p[1]])), Some(u16::from_be_bytes([p[2], p[3]])))
+        (
+            Some(u16::from_be_bytes([p[0], p[1]])),
+            Some(u16::from_be_bytes([p[2], p[3]])),
+        )
     } else {
         (None, None)
     }
@@ -154,7 +172,11 @@ fn read_ports(packet: &[u8], offset: usize, end: usize, protocol: u8) -> (Option
 fn extract_v4(packet: &[u8]) -> Result<PacketSummary, ParseError> {
     let len = packet.len();
     if len < IPV4_MIN_HEADER_LEN {
-        return Err(ParseError::Truncated { version: 4, len, required: IPV4_MIN_HEADER_LEN });
+        return Err(ParseError::Truncated {
+            version: 4,
+            len,
+            required: IPV4_MIN_HEADER_LEN,
+        });
     }
     let ihl = packet[0] & 0x0f;
     if ihl < 5 {
@@ -206,7 +228,11 @@ fn extract_v6(packet: &[u8]) -> Result<PacketSummary, ParseError> {
         required: IPV6_HEADER_LEN,
     })?;
     let payload_len = usize::from(header.payload_length());
-    let end = if payload_len == 0 { len } else { (IPV6_HEADER_LEN + payload_len).min(len) };
+    let end = if payload_len == 0 {
+        len
+    } else {
+        (IPV6_HEADER_LEN + payload_len).min(len)
+    };
     let walk = walk_extension_headers(&packet[..end], header.next_header().0);
     let (src_port, dst_port) = match walk.transport_offset {
         Some(offset) => read_ports(packet, offset, end, walk.protocol),
@@ -231,18 +257,30 @@ fn walk_extension_headers(packet: &[u8], first: u8) -> WalkEnd {
         let rest = &packet[offset.min(packet.len())..];
         let step = match next {
             proto::HOP_BY_HOP | proto::IPV6_ROUTING | proto::IPV6_DEST_OPTIONS => {
-                Ipv6RawExtHeaderSlice::from_slice(rest).ok().map(|h| (h.next_header().0, h.slice().len()))
+                Ipv6RawExtHeaderSlice::from_slice(rest)
+                    .ok()
+                    .map(|h| (h.next_header().0, h.slice().len()))
             }
-            proto::AUTH => IpAuthHeaderSlice::from_slice(rest).ok().map(|h| (h.next_header().0, h.slice().len())),
+            proto::AUTH => IpAuthHeaderSlice::from_slice(rest)
+                .ok()
+                .map(|h| (h.next_header().0, h.slice().len())),
             proto::IPV6_FRAGMENT => match Ipv6FragmentHeaderSlice::from_slice(rest) {
                 Ok(fragment) if fragment.fragment_offset().value() != 0 => {
                     // A non-first fragment: what follows is the middle of the payload, not a header.
-                    return WalkEnd { protocol: fragment.next_header().0, transport_offset: None };
+                    return WalkEnd {
+                        protocol: fragment.next_header().0,
+                        transport_offset: None,
+                    };
                 }
                 Ok(fragment) => Some((fragment.next_header().0, fragment.slice().len())),
                 Err(_) => None,
             },
-            protocol => return WalkEnd { protocol, transport_offset: Some(offset) },
+            protocol => {
+                return WalkEnd {
+                    protocol,
+                    transport_offset: Some(offset),
+                }
+            }
         };
         match step {
             Some((following, header_len)) => {
@@ -252,7 +290,10 @@ fn walk_extension_headers(packet: &[u8], first: u8) -> WalkEnd {
             None => {
                 // Cut short (or malformed): report the next header it names when that byte is readable.
                 let protocol = rest.first().copied().unwrap_or(next);
-                return WalkEnd { protocol, transport_offset: None };
+                return WalkEnd {
+                    protocol,
+                    transport_offset: None,
+                };
             }
         }
     }
@@ -263,7 +304,13 @@ mod tests {
     use super::*;
     use core::net::Ipv6Addr;
 
-    fn v4(protocol: u8, options: &[u8], payload: &[u8], frag_offset_units: u16, more_fragments: bool) -> Vec<u8> {
+    fn v4(
+        protocol: u8,
+        options: &[u8],
+        payload: &[u8],
+        frag_offset_units: u16,
+        more_fragments: bool,
+    ) -> Vec<u8> {
         assert_eq!(options.len() % 4, 0);
         let header_len = 20 + options.len();
         let total = header_len + payload.len();
@@ -293,7 +340,10 @@ mod tests {
     #[test]
     fn ipv4_udp_ports() {
         let s = extract(&v4(17, &[], &PORTS, 0, false)).unwrap();
-        assert_eq!((s.src_port, s.dst_port, s.protocol, s.version()), (Some(12345), Some(80), 17, 4));
+        assert_eq!(
+            (s.src_port, s.dst_port, s.protocol, s.version()),
+            (Some(12345), Some(80), 17, 4)
+        );
         assert_eq!(s.dst, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)));
     }
 
@@ -333,11 +383,33 @@ mod tests {
     #[test]
     fn errors() {
         assert_eq!(extract(&[]), Err(ParseError::Empty));
-        assert_eq!(extract(&[0x45; 19]), Err(ParseError::Truncated { version: 4, len: 19, required: 20 }));
-        assert_eq!(extract(&[0x60; 39]), Err(ParseError::Truncated { version: 6, len: 39, required: 40 }));
-        assert_eq!(extract(&[0x70; 60]), Err(ParseError::UnsupportedVersion { version: 7, len: 60 }));
-        assert_eq!(extract(&[0x44; 60]), Err(ParseError::InvalidIhl { ihl: 4, len: 60 }));
-        assert!(ParseError::InvalidIhl { ihl: 4, len: 60 }.to_string().contains("16 bytes"));
+        assert_eq!(
+            extract(&[0x45; 19]),
+            Err(ParseError::Truncated {
+                version: 4,
+                len: 19,
+                required: 20
+            })
+        );
+        assert_eq!(
+            extract(&[0x60; 39]),
+            Err(ParseError::Truncated {
+                version: 6,
+                len: 39,
+                required: 40
+            })
+        );
+        assert_eq!(
+            extract(&[0x70; 60]),
+            Err(ParseError::UnsupportedVersion { version: 7, len: 60 })
+        );
+        assert_eq!(
+            extract(&[0x44; 60]),
+            Err(ParseError::InvalidIhl { ihl: 4, len: 60 })
+        );
+        assert!(ParseError::InvalidIhl { ihl: 4, len: 60 }
+            .to_string()
+            .contains("16 bytes"));
     }
 
     #[test]
@@ -382,10 +454,16 @@ mod tests {
     #[test]
     fn ports_only_for_port_protocols() {
         for protocol in [6u8, 17, 33, 132, 136] {
-            assert_eq!(extract(&v4(protocol, &[], &PORTS, 0, false)).unwrap().dst_port, Some(80));
+            assert_eq!(
+                extract(&v4(protocol, &[], &PORTS, 0, false)).unwrap().dst_port,
+                Some(80)
+            );
         }
         for protocol in [1u8, 47, 50, 58, 89] {
-            assert_eq!(extract(&v4(protocol, &[], &PORTS, 0, false)).unwrap().dst_port, None);
+            assert_eq!(
+                extract(&v4(protocol, &[], &PORTS, 0, false)).unwrap().dst_port,
+                None
+            );
         }
     }
 }

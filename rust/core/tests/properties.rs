@@ -7,12 +7,18 @@ use vpn_packet_core::{extract, group_by_destination, protocol_has_ports, split_b
 fn ip_like() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..128),
-        (prop::sample::select(vec![0x45u8, 0x46, 0x4f, 0x60]), proptest::collection::vec(any::<u8>(), 0..200))
+        (
+            prop::sample::select(vec![0x45u8, 0x46, 0x4f, 0x60]),
+            proptest::collection::vec(any::<u8>(), 0..200)
+        )
             .prop_map(|(first, rest)| [vec![first], rest].concat()),
         (
             proptest::collection::vec(any::<u8>(), 5),
             prop::sample::select(vec![0u8, 43, 44, 51, 60, 6, 17]),
-            proptest::collection::vec(prop::sample::select(vec![0u8, 1, 6, 17, 43, 44, 51, 60, 255]), 33..300),
+            proptest::collection::vec(
+                prop::sample::select(vec![0u8, 1, 6, 17, 43, 44, 51, 60, 255]),
+                33..300
+            ),
         )
             .prop_map(|(head, next, rest)| [vec![0x60], head, vec![next], rest].concat()),
     ]

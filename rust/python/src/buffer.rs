@@ -21,8 +21,14 @@ impl<'py> PacketBytes<'py> {
             return Ok(PacketBytes::Bytes(bytes.clone()));
         }
         let buffer = PyBuffer::<u8>::get(obj).map_err(|_| {
-            let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-            PyTypeError::new_err(format!("expected bytes, bytearray or a memoryview of bytes, got {type_name}"))
+            let type_name = obj
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|_| "?".into());
+            PyTypeError::new_err(format!(
+                "expected bytes, bytearray or a memoryview of bytes, got {type_name}"
+            ))
         })?;
         if !buffer.is_c_contiguous() {
             return Err(PyTypeError::new_err("a packet buffer must be C-contiguous"));

@@ -36,6 +36,8 @@ pub fn no_panic<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        Err(PyRuntimeError::new_err(format!("internal error in vpn_packet native code: {detail}")))
+        Err(PyRuntimeError::new_err(format!(
+            "internal error in vpn_packet native code: {detail}"
+        )))
     })
 }

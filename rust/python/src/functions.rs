@@ -20,10 +20,7 @@ pub fn extract_ip_and_ports(py: Python<'_>, packet: &Bound<'_, PyAny>) -> PyResu
 
 /// The destination key of a packet, formatted natively.
 #[pyfunction]
-pub fn destination_key<'py>(
-    py: Python<'py>,
-    packet: &Bound<'py, PyAny>,
-) -> PyResult<Bound<'py, PyString>> {
+pub fn destination_key<'py>(py: Python<'py>, packet: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyString>> {
     no_panic(|| {
         let dest = with_bytes(packet, destination)?.map_err(|e| parse_error(&e))?;
         Ok(PyString::new(py, dest.key_text().as_str()))
@@ -75,10 +72,7 @@ fn summary_or_error<'py>(py: Python<'py>, packet: &[u8]) -> PyResult<Bound<'py, 
 
 /// Parses many packets in one call; a bad packet gives its `PacketError` in its place.
 #[pyfunction]
-pub fn extract_batch<'py>(
-    py: Python<'py>,
-    packets: &Bound<'py, PyAny>,
-) -> PyResult<Bound<'py, PyList>> {
+pub fn extract_batch<'py>(py: Python<'py>, packets: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
     no_panic(|| {
         let out = PyList::empty(py);
         for_each_item(packets, |item| {

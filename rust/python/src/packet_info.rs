@@ -202,9 +202,7 @@ impl PacketInfo {
     }
 
     /// Pickles as the constructor call with text addresses.
-    fn __reduce__<'py>(
-        slf: &Bound<'py, Self>,
-    ) -> PyResult<(Bound<'py, PyType>, Bound<'py, PyTuple>)> {
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyType>, Bound<'py, PyTuple>)> {
         let py = slf.py();
         let s = &slf.get().summary;
         let (src, dst) = (addr_text(s.src), addr_text(s.dst));

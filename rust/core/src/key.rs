@@ -28,8 +28,8 @@ impl KeyText {
 
     #[inline]
     pub fn as_str(&self) -> &str {
-        // Only whole `&str`s are ever copied in, so the bytes are valid UTF-8.
-        core::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+        // SAFETY: only whole `&str`s are ever copied in (`write_str`), so `buf[..len]` is valid UTF-8.
+        unsafe { core::str::from_utf8_unchecked(&self.buf[..self.len]) }
     }
 }
 

@@ -14,7 +14,7 @@ use crate::packet_info::PacketInfo;
 pub fn extract_ip_and_ports(py: Python<'_>, packet: &Bound<'_, PyAny>) -> PyResult<Py<PacketInfo>> {
     no_panic(|| {
         let summary = with_bytes(packet, extract)?.map_err(|e| parse_error(&e))?;
-        Py::new(py, PacketInfo::from(summary))
+        Ok(PacketInfo::new_untracked(py, summary)?.unbind())
     })
 }
 
@@ -65,7 +65,7 @@ fn for_each_item<'py>(
 
 fn summary_or_error<'py>(py: Python<'py>, packet: &[u8]) -> PyResult<Bound<'py, PyAny>> {
     match extract(packet) {
-        Ok(summary) => Ok(Bound::new(py, PacketInfo::from(summary))?.into_any()),
+        Ok(summary) => Ok(PacketInfo::new_untracked(py, summary)?.into_any()),
         Err(err) => Ok(parse_error_value(py, &err)),
     }
 }

@@ -39,6 +39,22 @@ pub struct PacketInfo {
     key: PyOnceLock<Py<PyString>>,
 }
 
+impl PacketInfo {
+    /// Allocates a `PacketInfo`, untracked by the cycle collector.
+    ///
+    /// PyO3 gives every class GC support, but a `PacketInfo` can only refer to `ipaddress` objects and a
+    /// `str`, and the class is final, so it can never be part of a reference cycle. Untracking it spares the
+    /// collector a traversal of every result of a large batch (a quarter of the batch cost otherwise).
+    #[inline]
+    pub fn new_untracked(py: Python<'_>, summary: PacketSummary) -> PyResult<Bound<'_, PacketInfo>> {
+        let object = Bound::new(py, PacketInfo::from(summary))?;
+        // SAFETY: `object` is a live GC-capable object we own; untracking is allowed for objects that
+        // cannot be part of a cycle (see above), and PyO3's dealloc untracks only if tracked.
+        unsafe { pyo3::ffi::PyObject_GC_UnTrack(object.as_ptr().cast()) };
+        Ok(object)
+    }
+}
+
 impl From<PacketSummary> for PacketInfo {
     #[inline]
     fn from(summary: PacketSummary) -> Self {

@@ -1,7 +1,8 @@
 """Packet extraction side by side: vpn_packet (native) vs plain-Python struct, dpkt and scapy, one run.
 
 Each benchmark processes the same 1,024-packet mix; `per_packet_ns` in extra_info is the figure to compare.
-Run: python -m pytest benches/bench_parse.py --benchmark-json=bench-parse.json && python benches/report.py bench-parse.json
+Run: python -m pytest benches/bench_parse.py --benchmark-json=bench-parse.json
+     python benches/report.py bench-parse.json
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from typing import Any
 import pytest
 
 from peers_parse import dpkt_extract, key_of, scapy_extract, struct_full, struct_minimal
-from vpn_packet import destination_key, extract_batch, extract_batch_from_buffer, extract_ip_and_ports, group_by_destination
+from vpn_packet import (
+    destination_key,
+    extract_batch,
+    extract_batch_from_buffer,
+    extract_ip_and_ports,
+    group_by_destination,
+)
 from vpn_packet.testutil.reference import reference_destination_key
 
 SINGLE: dict[str, Callable[[bytes], Any]] = {
@@ -55,7 +62,14 @@ def test_destination_key(benchmark: Any, mix: list[bytes], impl: str) -> None:
 
 @pytest.mark.benchmark(group="batch")
 @pytest.mark.parametrize(
-    "impl", ["vpn_packet.extract_batch", "vpn_packet.extract_batch_from_buffer", "vpn_packet.group_by_destination", "struct-full", "dpkt"]
+    "impl",
+    [
+        "vpn_packet.extract_batch",
+        "vpn_packet.extract_batch_from_buffer",
+        "vpn_packet.group_by_destination",
+        "struct-full",
+        "dpkt",
+    ],
 )
 def test_batch(benchmark: Any, mix: list[bytes], impl: str) -> None:
     buffer, lengths = b"".join(mix), [len(p) for p in mix]

@@ -35,21 +35,62 @@ def build_mix(size: int = MIX_SIZE, seed: int = 7) -> list[bytes]:
         sport, dport = rng.randrange(1024, 65535), rng.choice([53, 80, 443, 51820, rng.randrange(1, 65535)])
         payload = bytes(rng.randrange(0, 1200))
         if roll < 0.35:
-            packets.append(ipv4_packet(f"10.0.{a}.1", f"10.8.{b}.2", rng.choice([TCP, UDP]), sport, dport, payload))
+            packets.append(
+                ipv4_packet(f"10.0.{a}.1", f"10.8.{b}.2", rng.choice([TCP, UDP]), sport, dport, payload)
+            )
         elif roll < 0.45:
-            packets.append(ipv4_packet("10.0.0.1", f"10.8.0.{b}", TCP, sport, dport, payload, options=b"\x94\x04\0\0" * 3))
+            packets.append(
+                ipv4_packet(
+                    "10.0.0.1", f"10.8.0.{b}", TCP, sport, dport, payload, options=b"\x94\x04\0\0" * 3
+                )
+            )
         elif roll < 0.50:
-            packets.append(ipv4_packet("10.0.0.1", f"10.8.1.{b}", ICMP, transport=icmp_echo(i, i, payload[:56])))
+            packets.append(
+                ipv4_packet("10.0.0.1", f"10.8.1.{b}", ICMP, transport=icmp_echo(i, i, payload[:56]))
+            )
         elif roll < 0.55:
-            packets.append(ipv4_packet("10.0.0.1", f"10.8.2.{b}", UDP, sport, dport, payload, fragment_offset=rng.choice([0, 185])))
+            packets.append(
+                ipv4_packet(
+                    "10.0.0.1",
+                    f"10.8.2.{b}",
+                    UDP,
+                    sport,
+                    dport,
+                    payload,
+                    fragment_offset=rng.choice([0, 185]),
+                )
+            )
         elif roll < 0.80:
-            packets.append(ipv6_packet(f"2001:db8::{a:x}", f"2001:db8:8::{b:x}", rng.choice([TCP, UDP]), sport, dport, payload))
+            packets.append(
+                ipv6_packet(
+                    f"2001:db8::{a:x}", f"2001:db8:8::{b:x}", rng.choice([TCP, UDP]), sport, dport, payload
+                )
+            )
         elif roll < 0.95:
-            chain = [ExtensionHeader(HOP_BY_HOP), ExtensionHeader(ROUTING, 24), ExtensionHeader(DEST_OPTIONS), ExtensionHeader(AH, 24)]
-            packets.append(ipv6_packet("2001:db8::1", f"2001:db8:9::{b:x}", UDP, sport, dport, payload, extension_headers=chain[: rng.randrange(1, 5)]))
+            chain = [
+                ExtensionHeader(HOP_BY_HOP),
+                ExtensionHeader(ROUTING, 24),
+                ExtensionHeader(DEST_OPTIONS),
+                ExtensionHeader(AH, 24),
+            ]
+            packets.append(
+                ipv6_packet(
+                    "2001:db8::1",
+                    f"2001:db8:9::{b:x}",
+                    UDP,
+                    sport,
+                    dport,
+                    payload,
+                    extension_headers=chain[: rng.randrange(1, 5)],
+                )
+            )
         else:
             frag = ExtensionHeader(FRAGMENT, fragment_offset=rng.choice([0, 0, 181]), more_fragments=True)
-            packets.append(ipv6_packet("2001:db8::1", f"2001:db8:a::{b:x}", UDP, sport, dport, payload, extension_headers=[frag]))
+            packets.append(
+                ipv6_packet(
+                    "2001:db8::1", f"2001:db8:a::{b:x}", UDP, sport, dport, payload, extension_headers=[frag]
+                )
+            )
     return packets
 
 

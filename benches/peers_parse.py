@@ -36,14 +36,20 @@ def struct_minimal(packet: bytes) -> Result:
     if version == 4 and len(packet) >= 20:
         ihl = (packet[0] & 15) * 4
         protocol = packet[9]
-        src, dst = socket.inet_ntop(socket.AF_INET, packet[12:16]), socket.inet_ntop(socket.AF_INET, packet[16:20])
+        src, dst = (
+            socket.inet_ntop(socket.AF_INET, packet[12:16]),
+            socket.inet_ntop(socket.AF_INET, packet[16:20]),
+        )
         if protocol in (6, 17) and not (packet[6] & 0x1F or packet[7]) and len(packet) >= ihl + 4:
             sport, dport = _PORTS.unpack_from(packet, ihl)
             return src, dst, sport, dport, protocol
         return src, dst, None, None, protocol
     if version == 6 and len(packet) >= 40:
         protocol = packet[6]
-        src, dst = socket.inet_ntop(socket.AF_INET6, packet[8:24]), socket.inet_ntop(socket.AF_INET6, packet[24:40])
+        src, dst = (
+            socket.inet_ntop(socket.AF_INET6, packet[8:24]),
+            socket.inet_ntop(socket.AF_INET6, packet[24:40]),
+        )
         if protocol in (6, 17) and len(packet) >= 44:
             sport, dport = _PORTS.unpack_from(packet, 40)
             return src, dst, sport, dport, protocol
@@ -72,7 +78,7 @@ def scapy_extract(packet: bytes) -> Result:
     """scapy 2.x: IP / IPv6 dissection, ports from the payload layer."""
     try:
         ip = IP(packet) if packet[0] >> 4 == 4 else IPv6(packet)
-    except Exception:  # noqa: BLE001 - scapy raises many kinds
+    except Exception:
         return None
     l4 = ip.payload
     sport = getattr(l4, "sport", None)

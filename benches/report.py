@@ -37,7 +37,12 @@ def render(paths: list[str]) -> str:
     for group, benches in groups.items():
         ours = [_per_item_ns(b) for b in benches if _name(b).startswith("vpn_packet")]
         base = min(ours) if ours else None
-        out += [f"### {group}", "", "| implementation | per item | items/s | vs vpn_packet |", "|---|---:|---:|---:|"]
+        out += [
+            f"### {group}",
+            "",
+            "| implementation | per item | items/s | vs vpn_packet |",
+            "|---|---:|---:|---:|",
+        ]
         for bench in sorted(benches, key=_per_item_ns):
             ns = _per_item_ns(bench)
             per = f"{ns / 1000:.2f} µs" if ns >= 1000 else f"{ns:.1f} ns"

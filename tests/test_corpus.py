@@ -46,10 +46,7 @@ def test_every_corpus_packet_matches_expected(corpus: list[dict[str, Any]]) -> N
     for record in corpus:
         observed = _observed(bytes.fromhex(record["hex"]))
         expected = _expected(record)
-        if "error" in expected:
-            ok = "error" in observed
-        else:
-            ok = observed == expected
+        ok = "error" in observed if "error" in expected else observed == expected
         if not ok:
             mismatches.append(f"{record['source']}: expected {record['expected']}, got {observed}")
     assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(mismatches[:20])

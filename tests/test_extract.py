@@ -85,7 +85,9 @@ def test_ipv4_options_running_past_the_buffer_keep_addresses() -> None:
 def test_ipv4_fragments() -> None:
     first = ipv4_packet("10.0.0.1", "10.0.0.2", UDP, 1, 2, b"x" * 32, more_fragments=True)
     later = ipv4_packet("10.0.0.1", "10.0.0.2", UDP, 1, 2, b"x" * 32, fragment_offset=5)
-    last_looking_like_ports = ipv4_packet("10.0.0.1", "10.0.0.2", TCP, transport=b"\x00\x50\x01\xbb", fragment_offset=1)
+    last_looking_like_ports = ipv4_packet(
+        "10.0.0.1", "10.0.0.2", TCP, transport=b"\x00\x50\x01\xbb", fragment_offset=1
+    )
     assert info(first) == (1, 2, UDP)
     assert info(later) == (None, None, UDP)
     assert info(last_looking_like_ports) == (None, None, TCP)
@@ -135,7 +137,11 @@ def test_ipv6_extension_chains_are_walked(chain: list[int]) -> None:
 
 
 def test_ipv6_non_first_fragment_anywhere_in_chain() -> None:
-    headers = [ExtensionHeader(HOP_BY_HOP), ExtensionHeader(FRAGMENT, fragment_offset=100), ExtensionHeader(AH, 12)]
+    headers = [
+        ExtensionHeader(HOP_BY_HOP),
+        ExtensionHeader(FRAGMENT, fragment_offset=100),
+        ExtensionHeader(AH, 12),
+    ]
     assert info(ipv6_packet(A6, B6, UDP, 1, 2, extension_headers=headers)) == (None, None, AH)
     first = [ExtensionHeader(DEST_OPTIONS), ExtensionHeader(FRAGMENT, more_fragments=True)]
     assert info(ipv6_packet(A6, B6, UDP, 1, 2, extension_headers=first)) == (1, 2, UDP)
@@ -247,7 +253,8 @@ def test_packet_info_repr_is_readable_and_evaluable() -> None:
     result = extract_ip_and_ports(ipv6_packet(A6, B6, UDP, 1, 2))
     text = repr(result)
     assert text == (
-        "PacketInfo(version=6, src_ip='2001:db8::1', dst_ip='2001:db8::2', src_port=1, dst_port=2, protocol=17)"
+        "PacketInfo(version=6, src_ip='2001:db8::1', dst_ip='2001:db8::2', "
+        "src_port=1, dst_port=2, protocol=17)"
     )
     assert eval(text, {"PacketInfo": PacketInfo}) == result
 
@@ -325,7 +332,13 @@ def _normal(results: list[PacketInfo | PacketError]) -> list[object]:
 def test_extract_batch_reports_errors_per_item() -> None:
     packets = _mixed()
     results = extract_batch(packets)
-    assert [type(r).__name__ for r in results] == ["PacketInfo", "PacketError", "PacketInfo", "PacketError", "PacketInfo"]
+    assert [type(r).__name__ for r in results] == [
+        "PacketInfo",
+        "PacketError",
+        "PacketInfo",
+        "PacketError",
+        "PacketInfo",
+    ]
     assert results[0] == extract_ip_and_ports(packets[0])
     assert isinstance(results[1], PacketError)
     assert results[1].reason == "empty"

@@ -17,7 +17,16 @@ from vpn_packet import (
     extract_ip_and_ports,
     group_by_destination,
 )
-from vpn_packet.testutil.packets import AH, DEST_OPTIONS, FRAGMENT, HOP_BY_HOP, ROUTING, ExtensionHeader, ipv4_packet, ipv6_packet
+from vpn_packet.testutil.packets import (
+    AH,
+    DEST_OPTIONS,
+    FRAGMENT,
+    HOP_BY_HOP,
+    ROUTING,
+    ExtensionHeader,
+    ipv4_packet,
+    ipv6_packet,
+)
 from vpn_packet.testutil.reference import ReferenceError, reference_extract
 
 PORT_PROTOCOLS = [6, 17, 33, 132, 136]
@@ -30,7 +39,9 @@ ports = st.integers(0, 65535)
 # Random bytes, biased to look like IP so the walk gets deep.
 ip_like = st.one_of(
     st.binary(max_size=128),
-    st.tuples(st.sampled_from([0x45, 0x46, 0x4F, 0x44, 0x60]), st.binary(max_size=160)).map(lambda t: bytes([t[0]]) + t[1]),
+    st.tuples(st.sampled_from([0x45, 0x46, 0x4F, 0x44, 0x60]), st.binary(max_size=160)).map(
+        lambda t: bytes([t[0]]) + t[1]
+    ),
     st.tuples(
         st.binary(min_size=6, max_size=6).map(lambda b: b"\x60" + b[1:]),
         st.sampled_from([0, 6, 17, 43, 44, 51, 60, 59, 132]),
@@ -66,15 +77,19 @@ def test_any_bytes_give_packet_info_or_packet_error_agreeing_with_reference(pack
     assert observed(packet) == reference(packet)
 
 
-extension = st.builds(
-    ExtensionHeader,
-    kind=st.sampled_from([HOP_BY_HOP, ROUTING, DEST_OPTIONS]),
-    size=st.sampled_from([8, 16, 24, 64]),
-) | st.builds(ExtensionHeader, kind=st.just(AH), size=st.sampled_from([12, 16, 24])) | st.builds(
-    ExtensionHeader,
-    kind=st.just(FRAGMENT),
-    fragment_offset=st.integers(0, 8191),
-    more_fragments=st.booleans(),
+extension = (
+    st.builds(
+        ExtensionHeader,
+        kind=st.sampled_from([HOP_BY_HOP, ROUTING, DEST_OPTIONS]),
+        size=st.sampled_from([8, 16, 24, 64]),
+    )
+    | st.builds(ExtensionHeader, kind=st.just(AH), size=st.sampled_from([12, 16, 24]))
+    | st.builds(
+        ExtensionHeader,
+        kind=st.just(FRAGMENT),
+        fragment_offset=st.integers(0, 8191),
+        more_fragments=st.booleans(),
+    )
 )
 
 
@@ -119,7 +134,9 @@ def test_built_ipv6_packets_round_trip(
 def test_built_ipv4_packets_round_trip(
     src: str, dst: str, protocol: int, sport: int, dport: int, options: bytes, offset: int, more: bool
 ) -> None:
-    packet = ipv4_packet(src, dst, protocol, sport, dport, options=options, fragment_offset=offset, more_fragments=more)
+    packet = ipv4_packet(
+        src, dst, protocol, sport, dport, options=options, fragment_offset=offset, more_fragments=more
+    )
     r = extract_ip_and_ports(packet)
     assert (r.version, str(r.src_ip), str(r.dst_ip), r.protocol) == (4, src, dst, protocol)
     has_ports = protocol in PORT_PROTOCOLS and offset == 0
@@ -130,8 +147,15 @@ def test_built_ipv4_packets_round_trip(
 
 @given(
     st.one_of(
-        st.builds(lambda s, d, c: ipv6_packet(s, d, 6, 1, 2, extension_headers=c), ipv6, ipv6, st.lists(extension, max_size=4)),
-        st.builds(lambda s, d, o: ipv4_packet(s, d, 17, 1, 2, options=o * 4), ipv4, ipv4, st.binary(max_size=10)),
+        st.builds(
+            lambda s, d, c: ipv6_packet(s, d, 6, 1, 2, extension_headers=c),
+            ipv6,
+            ipv6,
+            st.lists(extension, max_size=4),
+        ),
+        st.builds(
+            lambda s, d, o: ipv4_packet(s, d, 17, 1, 2, options=o * 4), ipv4, ipv4, st.binary(max_size=10)
+        ),
     ),
     st.data(),
 )
@@ -142,14 +166,20 @@ def test_truncation_after_fixed_header_never_fails(packet: bytes, data: st.DataO
     part = extract_ip_and_ports(packet[:cut])
     assert (part.src_ip, part.dst_ip) == (whole.src_ip, whole.dst_ip)
     if part.dst_port is not None:
-        assert (part.src_port, part.dst_port, part.protocol) == (whole.src_port, whole.dst_port, whole.protocol)
+        assert (part.src_port, part.dst_port, part.protocol) == (
+            whole.src_port,
+            whole.dst_port,
+            whole.protocol,
+        )
 
 
 @given(st.lists(ip_like, max_size=40))
 def test_batch_forms_agree_with_single_calls(packets: list[bytes]) -> None:
     single = [observed(p) for p in packets]
     batch = [
-        None if isinstance(r, PacketError) else (r.version, r.src_ip, r.dst_ip, r.src_port, r.dst_port, r.protocol, r.destination_key)
+        None
+        if isinstance(r, PacketError)
+        else (r.version, r.src_ip, r.dst_ip, r.src_port, r.dst_port, r.protocol, r.destination_key)
         for r in extract_batch(packets)
     ]
     assert batch == single

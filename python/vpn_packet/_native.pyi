@@ -8,6 +8,17 @@ from typing_extensions import Buffer
 
 from vpn_packet.errors import PacketError
 
+__all__ = [
+    "__version__",
+    "PacketInfo",
+    "extract_ip_and_ports",
+    "destination_key",
+    "destination_key_and_ip",
+    "extract_batch",
+    "extract_batch_from_buffer",
+    "group_by_destination",
+]
+
 __version__: str
 
 _P = TypeVar("_P", bound=Buffer)
@@ -39,8 +50,8 @@ class PacketInfo:
     def protocol(self) -> int: ...
     @property
     def destination_key(self) -> str: ...
-    def __eq__(self, other: object) -> bool: ...
-    def __ne__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    def __ne__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
     def __reduce__(self) -> tuple[Any, ...]: ...
 

@@ -19,6 +19,8 @@ from vpn_packet import (
     extract_batch_from_buffer,
     extract_ip_and_ports,
     group_by_destination,
+    parse_batch,
+    parse_batch_from_buffer,
 )
 from vpn_packet.testutil.reference import reference_destination_key
 
@@ -67,6 +69,9 @@ def test_destination_key(benchmark: Any, mix: list[bytes], impl: str) -> None:
         "vpn_packet.extract_batch",
         "vpn_packet.extract_batch_from_buffer",
         "vpn_packet.group_by_destination",
+        "vpn_packet.parse_batch",
+        "vpn_packet.parse_batch_from_buffer",
+        "vpn_packet.parse_batch+destination_keys",
         "struct-full",
         "dpkt",
     ],
@@ -77,6 +82,9 @@ def test_batch(benchmark: Any, mix: list[bytes], impl: str) -> None:
         "vpn_packet.extract_batch": lambda: extract_batch(mix),
         "vpn_packet.extract_batch_from_buffer": lambda: extract_batch_from_buffer(buffer, lengths),
         "vpn_packet.group_by_destination": lambda: group_by_destination(mix),
+        "vpn_packet.parse_batch": lambda: parse_batch(mix),
+        "vpn_packet.parse_batch_from_buffer": lambda: parse_batch_from_buffer(buffer, lengths),
+        "vpn_packet.parse_batch+destination_keys": lambda: parse_batch(mix).destination_keys(),
         "struct-full": lambda: [struct_full(p) for p in mix],
         "dpkt": lambda: [dpkt_extract(p) for p in mix],
     }

@@ -19,6 +19,8 @@ from vpn_packet import (
     extract_batch_from_buffer,
     extract_ip_and_ports,
     group_by_destination,
+    parse_batch,
+    parse_batch_from_buffer,
 )
 from vpn_packet.testutil.packets import (
     AH,
@@ -378,3 +380,38 @@ def test_group_by_destination_keeps_order_and_objects() -> None:
 
 def test_go_alias() -> None:
     assert vpn_packet.ExtractIPAndPorts is extract_ip_and_ports
+
+
+# --- PacketBatch ------------------------------------------------------------------------------------------
+
+
+def test_parse_batch_is_a_lazy_sequence_equal_to_extract_batch() -> None:
+    packets = _mixed()
+    batch = parse_batch(packets)
+    assert len(batch) == len(packets)
+    assert _normal([batch[i] for i in range(len(batch))]) == _normal(extract_batch(packets))
+    assert _normal(list(batch)) == _normal(batch.to_list())
+    assert batch[-1] == batch[len(batch) - 1]
+    with pytest.raises(IndexError, match="out of range"):
+        batch[len(batch)]
+    assert (batch.valid_count, batch.error_count) == (3, 2)
+    assert batch.total_bytes == sum(map(len, packets))
+    assert batch.sizes() == [len(p) for p in packets]
+    assert [(i, e.reason) for i, e in batch.errors()] == [(1, "empty"), (3, "truncated")]
+    assert batch.error_counts() == {"empty": 1, "truncated": 1}
+    assert batch.destination_keys() == ["10.0.0.2:80", None, f"[{B6}]:53", None, "10.0.0.3"]
+    assert batch.protocols() == [TCP, None, UDP, None, ICMP]
+    assert repr(batch) == "<PacketBatch 5 packets, 2 malformed>"
+
+
+def test_parse_batch_by_destination_aggregates_in_first_seen_order() -> None:
+    a = ipv4_packet("10.0.0.1", "10.0.0.2", TCP, 1, 80, b"xx")
+    b = ipv4_packet("10.0.0.1", "10.0.0.2", UDP, 1, 80)
+    c = ipv6_packet(A6, B6, UDP, 1, 53)
+    batch = parse_batch_from_buffer(b"".join([c, a, b, a]), [len(c), len(a), len(b), len(a)])
+    assert list(batch.by_destination().items()) == [
+        (f"[{B6}]:53", (1, len(c), {UDP: 1})),
+        ("10.0.0.2:80", (3, 2 * len(a) + len(b), {TCP: 2, UDP: 1})),
+    ]
+    with pytest.raises(ValueError, match="add up to"):
+        parse_batch_from_buffer(b"", [1])

@@ -81,3 +81,24 @@ proptest! {
         }
     }
 }
+
+/// IPv6 addresses with many zero groups, so every run length and position of `::` is exercised.
+fn sparse_ipv6() -> impl Strategy<Value = core::net::Ipv6Addr> {
+    proptest::array::uniform8(prop_oneof![3 => Just(0u16), 1 => any::<u16>(), 1 => 0u16..16])
+        .prop_map(core::net::Ipv6Addr::from)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+    #[test]
+    fn ipv6_text_matches_std(addr in sparse_ipv6(), port in proptest::option::of(any::<u16>())) {
+        use core::net::IpAddr;
+        use vpn_packet_core::Destination;
+        let text = vpn_packet_core::key::addr_text(IpAddr::V6(addr));
+        prop_assert_eq!(text.as_str(), addr.to_string());
+        let key = Destination { addr: IpAddr::V6(addr), port }.key();
+        let expected = match port { Some(p) => format!("[{addr}]:{p}"), None => addr.to_string() };
+        prop_assert_eq!(key, expected);
+    }
+}

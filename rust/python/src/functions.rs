@@ -43,7 +43,7 @@ pub fn destination_key_and_ip<'py>(
 }
 
 /// Calls `f` with every item of a list, tuple or other iterable of packets.
-fn for_each_item<'py>(
+pub fn for_each_item<'py>(
     packets: &Bound<'py, PyAny>,
     mut f: impl FnMut(&Bound<'py, PyAny>) -> PyResult<()>,
 ) -> PyResult<()> {

@@ -7,6 +7,7 @@ mod buffer;
 mod capture;
 mod errors;
 mod functions;
+mod packet_batch;
 mod packet_info;
 
 #[pymodule]
@@ -19,6 +20,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::extract_batch, m)?)?;
     m.add_function(wrap_pyfunction!(functions::extract_batch_from_buffer, m)?)?;
     m.add_function(wrap_pyfunction!(functions::group_by_destination, m)?)?;
+    m.add_class::<packet_batch::PacketBatch>()?;
+    m.add_function(wrap_pyfunction!(packet_batch::parse_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(packet_batch::parse_batch_from_buffer, m)?)?;
     capture::register(m)?;
     Ok(())
 }

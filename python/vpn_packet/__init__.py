@@ -7,11 +7,16 @@ original package (`ExtractIPAndPorts`, `IsNetworkError`, ...) as aliases for exi
 # ruff: noqa: F403, F405
 from __future__ import annotations
 
-from vpn_packet import errors, types, utils
+from vpn_packet import api, dispatcher, errors, metrics, resilience, types, utils, worker
 from vpn_packet._native import __version__
+from vpn_packet.api import *
+from vpn_packet.dispatcher import *
 from vpn_packet.errors import *
+from vpn_packet.metrics import *
+from vpn_packet.resilience import *
 from vpn_packet.types import *
 from vpn_packet.utils import *
+from vpn_packet.worker import *
 
 # Go spellings, kept for callers of the original package.
 ExtractIPAndPorts = extract_ip_and_ports
@@ -22,6 +27,16 @@ __all__ = [
     "errors",
     "types",
     "utils",
+    "api",
+    "dispatcher",
+    "metrics",
+    "resilience",
+    "worker",
+    *api.__all__,
+    *dispatcher.__all__,
+    *metrics.__all__,
+    *resilience.__all__,
+    *worker.__all__,
     *errors.__all__,
     *types.__all__,
     *utils.__all__,

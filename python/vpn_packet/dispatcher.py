@@ -1,0 +1,634 @@
+"""The dispatcher: routes packets to per-destination workers and drains them to peers' streams.
+
+How a packet travels:
+
+1. `dispatch_packet` (or `dispatch`, `dispatch_batch`) is synchronous and cheap: a dict lookup, a bounds
+   check, a list append. A worker that was idle is marked busy and put on the *ready* deque; if no pump is
+   free, one pump task is created. That is one task wake-up per burst of packets, not per packet.
+2. A pump task takes ready workers one by one and runs `Worker.drain()` eagerly (it steps the coroutine
+   itself): a drain whose writes complete without suspending (in-memory streams, a socket with room in its
+   buffer) costs no task switch at all. When a drain does suspend (a slow peer, a backoff, a blocked stream),
+   the pump stays with it and hands the rest of the ready deque to a new pump: a stuck destination delays no
+   other (isolation), and there are only as many pump tasks as drains currently waiting, plus one.
+3. The drain writes everything the worker has queued with one `write_many` per batch, through the
+   `ResilienceService` (breaker per peer, retries on a fresh stream), and resolves the batch's futures.
+
+Idle workers are plain objects with no task; idle cleanup runs from a `loop.call_later` timer (or directly,
+via `run_cleanup`). So a started dispatcher with nothing to do owns no task at all.
+
+Accounting: see `vpn_packet.metrics`. At every instant ``accepted == sent + failed + discarded + queued``
+(`check_accounting()` verifies it); rejected packets are counted by reason and were never accepted.
+
+All methods must be called from the event loop's thread (use `loop.call_soon_threadsafe` from others).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import time
+import types
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
+from typing import Any, Final
+
+from vpn_packet.api import PeerDiscovery, StreamPoolService, StreamService
+from vpn_packet.errors import (
+    DispatcherStoppedError,
+    PacketError,
+    QueueFullError,
+    WorkerLimitError,
+)
+from vpn_packet.metrics import REJECT_REASONS, DispatcherMetrics
+from vpn_packet.resilience import ResilienceService
+from vpn_packet.utils import destination_key_and_ip, group_by_destination
+from vpn_packet.worker import Worker, WorkerContext, WorkerMetrics
+
+__all__ = ["Dispatcher", "DispatcherState", "NewDispatcher"]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_MAX_WORKERS: Final = 100_000
+
+
+class DispatcherState(enum.Enum):
+    """Lifecycle: NEW -> RUNNING -> STOPPING -> STOPPED (or NEW -> STOPPED). A stopped dispatcher stays so."""
+
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+_NEW: Final = DispatcherState.NEW
+_RUNNING: Final = DispatcherState.RUNNING
+_STOPPING: Final = DispatcherState.STOPPING
+_STOPPED: Final = DispatcherState.STOPPED
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, Any, None]:
+    """Finish driving `coro`, which suspended on `yielded` while being stepped by hand.
+
+    Equivalent to the rest of an ``await coro``: values and exceptions (a cancellation) sent to the awaiting
+    task are passed on to `coro`.
+    """
+    while True:
+        try:
+            value = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                yielded = coro.send(value)
+            except StopIteration:
+                return
+
+
+class Dispatcher:
+    """Routes packets to one worker per sync key and writes them to the peer owning the destination.
+
+    - `peer_discovery`: finds the peer of a destination IP (called by workers, cached per worker).
+    - `stream_service`, `pool_service`: where streams come from; the pool if given, else the stream service
+      (then the worker closes the streams it created).
+    - `worker_idle_timeout` / `worker_cleanup_interval` (seconds): workers idle that long are removed; the
+      check runs every interval.
+    - `worker_buffer_size`: packets a worker holds at most (waiting plus being written).
+    - `resilience_service`: breaker and retry settings; None means `ResilienceService()` with defaults.
+    - `max_workers`: cap on workers; at the cap the least recently active idle worker is evicted, and when
+      none is idle the new key is rejected (`worker_limit`).
+    - `max_consecutive_failures`: failed batches in a row after which a worker is recycled (drops its peer id
+      and stream).
+    - `clock`: time source for idle cleanup and activity stamps (default: the loop's clock).
+    """
+
+    _CANCEL_GRACE: Final = 1.0  # seconds granted to cancelled drains and stream closes at stop
+
+    def __init__(
+        self,
+        peer_discovery: PeerDiscovery,
+        stream_service: StreamService | None,
+        pool_service: StreamPoolService | None,
+        worker_idle_timeout: float = 300.0,
+        worker_cleanup_interval: float = 60.0,
+        worker_buffer_size: int = 100,
+        resilience_service: ResilienceService | None = None,
+        *,
+        max_workers: int = DEFAULT_MAX_WORKERS,
+        max_consecutive_failures: int = 5,
+        clock: Callable[[], float] | None = None,
+        coalesce: int = 0,
+    ) -> None:
+        if worker_buffer_size < 1:
+            raise ValueError(f"worker_buffer_size must be >= 1, got {worker_buffer_size!r}")
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers!r}")
+        if max_consecutive_failures < 1:
+            raise ValueError(f"max_consecutive_failures must be >= 1, got {max_consecutive_failures!r}")
+        if not worker_idle_timeout > 0 or not worker_cleanup_interval > 0:
+            raise ValueError("worker_idle_timeout and worker_cleanup_interval must be > 0 seconds")
+        self.worker_idle_timeout = float(worker_idle_timeout)
+        self.worker_cleanup_interval = float(worker_cleanup_interval)
+        self.worker_buffer_size = worker_buffer_size
+        self.max_workers = max_workers
+        self.resilience = resilience_service if resilience_service is not None else ResilienceService()
+        self._clock_given = clock
+        self._ctx = WorkerContext(
+            peer_discovery,
+            stream_service,
+            pool_service,
+            self.resilience,
+            clock=clock if clock is not None else time.monotonic,
+            spawn=self._spawn,
+            capacity=worker_buffer_size,
+            max_consecutive_failures=max_consecutive_failures,
+        )
+        self._workers = self._ctx.workers
+        self._state = _NEW
+        self._accepting = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: deque[Worker] = deque()
+        self._free_pumps = 0
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._pressure = False  # a queue is half full: pumps stop waiting for more packets
+        self._half = max(1, worker_buffer_size // 2)
+        self.coalesce = coalesce
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pumps: set[asyncio.Task[None]] = set()
+        self._cleanup_handle: asyncio.TimerHandle | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._accepted = 0
+        self._rejected = dict.fromkeys(REJECT_REASONS, 0)
+        self._workers_created = 0
+        self._workers_removed = 0
+        self._workers_evicted = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> DispatcherState:
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        """True between `start()` and `stop()`: packets are accepted."""
+        return self._state is _RUNNING
+
+    async def start(self) -> None:
+        """Start accepting packets (idempotent while running). A stopped dispatcher cannot be restarted."""
+        if self._state is _RUNNING:
+            return
+        if self._state is not _NEW:
+            raise DispatcherStoppedError("a stopped dispatcher cannot be restarted; create a new one")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        if self._clock_given is None:
+            self._ctx.clock = loop.time
+        self._state = _RUNNING
+        self._accepting = True
+        self._arm_cleanup()
+
+    async def stop(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - the contract's signature
+        """Stop: refuse new packets, drain for at most `timeout` seconds, then fail what is left.
+
+        Packets still queued (and writes still in progress) after `timeout` fail with
+        `DispatcherStoppedError` (counted as discarded: stopped); streams go back to the pool; no task of the
+        dispatcher is left. Idempotent: a second call returns at once, a concurrent one waits for the first.
+        """
+        state = self._state
+        if state is _STOPPED:
+            return
+        if state is _NEW:
+            self._state = _STOPPED
+            return
+        if state is _STOPPING:
+            assert self._stopped is not None
+            await asyncio.shield(self._stopped)
+            return
+        loop = self._loop
+        assert loop is not None
+        self._state = _STOPPING
+        self._accepting = False
+        self._stopped = loop.create_future()
+        if self._cleanup_handle is not None:
+            self._cleanup_handle.cancel()
+            self._cleanup_handle = None
+        try:
+            if timeout > 0:
+                await self.flush(timeout)
+        finally:
+            try:
+                await self._shutdown()
+            finally:
+                self._state = _STOPPED
+                self._stopped.set_result(None)
+
+    async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - like stop()
+        """Wait until nothing is queued or being written (every accepted packet resolved).
+
+        Returns False if `timeout` seconds passed first. Packets dispatched meanwhile are waited for too.
+        """
+        if not self._ctx.busy:
+            return True
+        loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._idle_waiters.append(waiter)
+        self._ctx.on_idle = self._notify_idle
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                self._idle_waiters.remove(waiter)
+        return bool(done)
+
+    def _notify_idle(self) -> None:
+        waiters = self._idle_waiters
+        self._idle_waiters = []
+        self._ctx.on_idle = None
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _shutdown(self) -> None:
+        """The forced part of `stop()`: fail the queues, cancel drains, release streams, await our tasks."""
+        workers = list(self._workers.values())
+        for worker in workers:
+            worker.discard_queue()
+            worker.closed = True
+        self._ready.clear()
+        pumps = list(self._pumps)
+        for task in pumps:
+            task.cancel()
+        if pumps:
+            await asyncio.wait(pumps, timeout=self._CANCEL_GRACE)
+        for worker in workers:
+            worker._abandon_inflight()  # drains that ignored their cancellation
+            worker.close()
+        self._workers.clear()
+        self._ctx.busy = 0
+        self._free_pumps = 0
+        self._notify_idle()
+        rest = list(self._tasks)
+        if rest:
+            _done, pending = await asyncio.wait(rest, timeout=self._CANCEL_GRACE)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=self._CANCEL_GRACE)
+        if self._tasks:
+            _log.warning(
+                "%d dispatcher task(s) ignored cancellation at stop: %r", len(self._tasks), self._tasks
+            )
+
+    async def __aenter__(self) -> Dispatcher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # --- dispatching ----------------------------------------------------------------------------------------
+
+    def dispatch_packet(self, sync_key: str, dest_ip: str, data: bytes) -> bool:
+        """Queue `data` for the worker of `sync_key` (created on first use, for `dest_ip`).
+
+        Returns False when the packet is not queued (not running, queue full, worker limit), counted by
+        reason. Packets of one sync key are written in the order they were dispatched.
+        """
+        if self._accepting:
+            worker = self._workers.get(sync_key)
+            if worker is None:
+                worker = self._new_worker(sync_key, dest_ip, 1)
+                if worker is None:
+                    return False
+            queue = worker.queue
+            depth = len(queue)
+            if depth < worker.limit:
+                queue.append(data)
+                self._accepted += 1
+                if depth == 0:
+                    if not worker.busy:
+                        self._schedule(worker)
+                elif depth >= self._half:
+                    self._pressure = True
+                return True
+            worker.drop_count += 1
+            self._rejected["queue_full"] += 1
+            return False
+        self._reject_not_running(1)
+        return False
+
+    def dispatch_packet_with_callback(self, sync_key: str, dest_ip: str, data: bytes) -> asyncio.Future[None]:
+        """Like `dispatch_packet`, with a future: None once written, else the error.
+
+        A rejected packet gets a future already failed (`QueueFullError`, `WorkerLimitError`,
+        `DispatcherStoppedError`). Cancelling the future before the packet is written skips the packet.
+        """
+        loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._accepting:
+            self._reject_not_running(1)
+            future.set_exception(DispatcherStoppedError())
+            return future
+        worker = self._workers.get(sync_key)
+        if worker is None:
+            worker = self._new_worker(sync_key, dest_ip, 1)
+            if worker is None:
+                future.set_exception(WorkerLimitError(sync_key, self.max_workers))
+                return future
+        depth = len(worker.queue)
+        if depth < worker.limit:
+            worker.add_future(data, future)
+            self._accepted += 1
+            if not worker.busy:
+                self._schedule(worker)
+            elif depth >= self._half:
+                self._pressure = True
+        else:
+            worker.drop_count += 1
+            self._rejected["queue_full"] += 1
+            future.set_exception(QueueFullError(sync_key, self.worker_buffer_size))
+        return future
+
+    def dispatch(self, data: bytes) -> bool:
+        """Dispatch a raw IP packet, its sync key and destination computed natively.
+
+        An unparsable packet is rejected as `invalid_packet`.
+        """
+        if not self._accepting:
+            self._reject_not_running(1)
+            return False
+        try:
+            sync_key, dest_ip = destination_key_and_ip(data)
+        except PacketError:
+            self._rejected["invalid_packet"] += 1
+            return False
+        return self.dispatch_packet(sync_key, dest_ip, data)
+
+    def dispatch_batch(self, packets: Iterable[bytes]) -> int:
+        """Dispatch many raw IP packets; returns how many were accepted.
+
+        One native call groups the batch by destination (order kept within each key); then the work is per
+        group, not per packet: each group is appended to its worker's queue in one go, up to the room left
+        (the overflow is rejected as `queue_full`). Unparsable packets are rejected as `invalid_packet`.
+        """
+        if not isinstance(packets, Sequence):
+            packets = list(packets)
+        if not self._accepting:
+            self._reject_not_running(len(packets))
+            return 0
+        groups, invalid = group_by_destination(packets)
+        rejected = len(invalid)
+        if rejected:
+            self._rejected["invalid_packet"] += rejected
+        get = self._workers.get
+        half = self._half
+        for sync_key, dest_ip, group in groups:
+            worker = get(sync_key)
+            if worker is not None:
+                queue = worker.queue
+                depth = len(queue)
+                if depth + len(group) <= worker.limit:
+                    if depth:  # a worker with packets queued is busy already
+                        queue += group
+                        if depth >= half:
+                            self._pressure = True
+                    else:
+                        worker.queue = group
+                        if not worker.busy:
+                            self._schedule(worker)
+                    continue
+            rejected += self._enqueue_slow(worker, sync_key, dest_ip, group)
+        accepted = len(packets) - rejected
+        self._accepted += accepted
+        return accepted
+
+    def _enqueue_slow(self, worker: Worker | None, sync_key: str, dest_ip: str, group: list[bytes]) -> int:
+        """The uncommon part of `dispatch_batch`: a new worker, or a group that does not fit; returns the
+        number of packets rejected."""
+        n = len(group)
+        if worker is None:
+            worker = self._new_worker(sync_key, dest_ip, n)
+            if worker is None:
+                return n
+        queue = worker.queue
+        room = worker.limit - len(queue)
+        dropped = 0
+        if n > room:
+            dropped = n - max(room, 0)
+            worker.drop_count += dropped
+            self._rejected["queue_full"] += dropped
+            if room <= 0:
+                return dropped
+            group = group[:room]
+            self._pressure = True
+        if queue:
+            queue += group
+        else:
+            worker.queue = group
+            if not worker.busy:
+                self._schedule(worker)
+        return dropped
+
+    def _reject_not_running(self, n: int) -> None:
+        self._rejected["not_started" if self._state is _NEW else "stopped"] += n
+
+    def _new_worker(self, sync_key: str, dest_ip: str, n: int) -> Worker | None:
+        """A new worker for `sync_key` (at the cap an idle one is evicted); None if all are busy."""
+        workers = self._workers
+        if len(workers) >= self.max_workers and not self._evict_idle_worker():
+            self._rejected["worker_limit"] += n
+            return None
+        worker = Worker(sync_key, dest_ip, self._ctx, self._ctx.clock())
+        workers[sync_key] = worker
+        self._workers_created += 1
+        return worker
+
+    def _evict_idle_worker(self) -> bool:
+        """Remove the least recently active idle worker; False if every worker is busy."""
+        workers = self._workers
+        if self._ctx.busy >= len(workers):
+            return False
+        for sync_key, worker in workers.items():
+            if not worker.busy:
+                del workers[sync_key]
+                worker.close()
+                self._workers_evicted += 1
+                return True
+        return False  # pragma: no cover - busy < len(workers) guarantees an idle one
+
+    # --- draining -------------------------------------------------------------------------------------------
+
+    def _schedule(self, worker: Worker) -> None:
+        """Put an idle worker that just got packets on the ready deque; make sure a pump will see it."""
+        worker.busy = True
+        self._ctx.busy += 1
+        self._ready.append(worker)
+        if self._free_pumps == 0:
+            self._spawn_pump()
+
+    def _spawn_pump(self) -> None:
+        assert self._loop is not None
+        self._free_pumps += 1
+        task = self._loop.create_task(self._pump())
+        self._pumps.add(task)
+        self._tasks.add(task)
+        task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._pumps.discard(task)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> object:
+        """Run a side job (closing a stream) as a task that `stop()` waits for."""
+        loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._forget_task)
+        return task
+
+    async def _pump(self) -> None:
+        """Drain ready workers. A drain that completes without suspending costs no task switch; one that
+        suspends keeps this pump (and a new pump takes the rest of the ready deque)."""
+        ready = self._ready
+        try:
+            limit = self.coalesce
+            while limit and not self._pressure:
+                seen = self._accepted
+                await asyncio.sleep(0)
+                limit -= 1
+                if self._accepted == seen:
+                    break
+            self._pressure = False
+            while ready:
+                worker = ready.popleft()
+                coro = worker.drain()
+                try:
+                    yielded = coro.send(None)
+                except StopIteration:
+                    continue
+                except Exception:  # pragma: no cover - drain handles its errors; this is a bug guard
+                    _log.exception("drain of %r failed", worker)
+                    continue
+                self._free_pumps -= 1
+                if ready and self._free_pumps == 0:
+                    self._spawn_pump()
+                try:
+                    await _resume(coro, yielded)
+                except Exception:  # pragma: no cover - as above
+                    _log.exception("drain of %r failed", worker)
+                finally:
+                    self._free_pumps += 1
+        finally:
+            self._free_pumps -= 1
+
+    # --- idle cleanup ---------------------------------------------------------------------------------------
+
+    def _arm_cleanup(self) -> None:
+        assert self._loop is not None
+        self._cleanup_handle = self._loop.call_later(self.worker_cleanup_interval, self._cleanup_tick)
+
+    def _cleanup_tick(self) -> None:
+        try:
+            self.run_cleanup()
+        except Exception:  # pragma: no cover - defensive: a timer must keep ticking
+            _log.exception("idle cleanup failed")
+        if self._state is _RUNNING:
+            self._arm_cleanup()
+
+    def run_cleanup(self, now: float | None = None) -> int:
+        """Remove workers idle (nothing queued, no drain) for `worker_idle_timeout`; returns how many.
+
+        Runs every `worker_cleanup_interval` on its own; tests may call it directly. Synchronous, so a packet
+        dispatched right after simply creates a fresh worker: nothing can be lost in between.
+        """
+        if now is None:
+            now = self._ctx.clock()
+        cutoff = now - self.worker_idle_timeout
+        victims = []
+        for sync_key, worker in self._workers.items():  # least recently active first
+            if worker.busy:
+                continue
+            if worker.last_activity > cutoff:
+                break
+            victims.append(sync_key)
+        for sync_key in victims:
+            self._workers.pop(sync_key).close()
+        self._workers_removed += len(victims)
+        return len(victims)
+
+    # --- metrics --------------------------------------------------------------------------------------------
+
+    def metrics(self) -> DispatcherMetrics:
+        """Totals as plain data; see `DispatcherMetrics` for the accounting identity."""
+        ctx = self._ctx
+        queued = 0
+        for worker in self._workers.values():
+            queued += len(worker.queue) + worker.in_flight
+        resilience: dict[str, Any] = {}
+        snapshot = getattr(self.resilience, "metrics", None)
+        if snapshot is not None:
+            data = snapshot()
+            if dataclasses.is_dataclass(data) and not isinstance(data, type):
+                resilience = dataclasses.asdict(data)
+            else:
+                resilience = dict(data)
+        return DispatcherMetrics(
+            state=self._state.value,
+            workers=len(self._workers),
+            busy_workers=ctx.busy,
+            accepted=self._accepted,
+            sent=ctx.sent,
+            failed=sum(ctx.failed.values()),
+            discarded=sum(ctx.discarded.values()),
+            queued=queued,
+            rejected=sum(self._rejected.values()),
+            bytes_sent=ctx.bytes_sent,
+            rejected_by_reason=dict(self._rejected),
+            failed_by_reason=dict(ctx.failed),
+            discarded_by_reason=dict(ctx.discarded),
+            workers_created=self._workers_created,
+            workers_removed=self._workers_removed,
+            workers_evicted=self._workers_evicted,
+            workers_recycled=ctx.recycled,
+            resilience=resilience,
+        )
+
+    def check_accounting(self) -> DispatcherMetrics:
+        """Raise `AssertionError` unless accepted = sent + failed + discarded + queued; else the metrics."""
+        m = self.metrics()
+        if not m.accounting_ok:
+            raise AssertionError(
+                f"accounting broken: accepted={m.accepted} sent={m.sent} failed={m.failed} "
+                f"discarded={m.discarded} queued={m.queued} (rejected={m.rejected_by_reason}, "
+                f"failed={m.failed_by_reason}, discarded={m.discarded_by_reason})"
+            )
+        return m
+
+    def worker_metrics(self) -> dict[str, WorkerMetrics]:
+        """A plain-data snapshot of every worker, by sync key."""
+        return {key: worker.metrics() for key, worker in self._workers.items()}
+
+    def workers(self) -> list[Worker]:
+        """The live workers, least recently active first (for inspection)."""
+        return list(self._workers.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"<Dispatcher {self._state.value} workers={len(self._workers)} busy={self._ctx.busy} "
+            f"accepted={self._accepted} sent={self._ctx.sent} rejected={sum(self._rejected.values())} "
+            f"buffer={self.worker_buffer_size} max_workers={self.max_workers}>"
+        )
+
+
+NewDispatcher = Dispatcher
+"""The Go spelling, kept for callers of the original package."""

@@ -1,0 +1,403 @@
+"""In-memory fakes of the dispatcher's four services, with failure, latency and blocking injection.
+
+- `FakePeerDiscovery`: exact addresses and prefixes (longest match) to peer ids, an optional default peer.
+- `FakeStream`: records what is written (`written`, `batches`); can fail, be slow or block.
+- `FakeStreamService`: creates `FakeStream`s and remembers them per peer; can make every stream it creates
+  fail writes at random (seeded).
+- `FakeStreamPool`: lends streams (reusing healthy ones), records every release with its `healthy` flag and
+  tracks `outstanding` streams so that a leak is visible.
+
+Injection is the same everywhere: each fake has a `failures` (`FailureInjector`: fail the next call, the Nth
+call, or at random with a seeded generator), a `latency` awaited through an injectable `sleep`, and a `gate`
+(`Gate`): close it and calls wait until it is opened. Together with `ManualClock` and `RecordingSleep` tests
+never need real time. Everything is deterministic for a given `seed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeAlias
+
+from vpn_packet.api import Stream
+from vpn_packet.errors import PeerNotFoundError
+
+__all__ = [
+    "FailureInjector",
+    "FakePeerDiscovery",
+    "FakeStream",
+    "FakeStreamPool",
+    "FakeStreamService",
+    "Gate",
+    "ManualClock",
+    "RecordingSleep",
+]
+
+ErrorSpec: TypeAlias = BaseException | type[BaseException] | Callable[[], BaseException]
+"""An exception to raise: an instance, a class (instantiated without arguments) or a factory."""
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def _make_error(spec: ErrorSpec) -> BaseException:
+    if isinstance(spec, BaseException):
+        return spec.with_traceback(None)
+    return spec()
+
+
+class ManualClock:
+    """A clock that only moves when told: pass it as `clock=` and call `advance(seconds)`."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        """Move forward by `seconds`; returns the new time."""
+        self.now += seconds
+        return self.now
+
+    def __repr__(self) -> str:
+        return f"ManualClock(now={self.now})"
+
+
+class RecordingSleep:
+    """A `sleep` that records each delay, advances an optional `ManualClock` and only yields once to the loop.
+
+    Give it to `ResilienceService(sleep=...)` or a fake's `sleep=` so backoffs and latencies cost no time.
+    """
+
+    def __init__(self, clock: ManualClock | None = None) -> None:
+        self.clock = clock
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        if self.clock is not None:
+            self.clock.advance(delay)
+        await asyncio.sleep(0)
+
+
+class Gate:
+    """Open by default; `close()` makes `wait()` block until `open()`. `waiting` counts blocked callers."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._event.set()
+        self.waiting = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._event.is_set()
+
+    def close(self) -> None:
+        self._event.clear()
+
+    def open(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        if self._event.is_set():
+            return
+        self.waiting += 1
+        try:
+            await self._event.wait()
+        finally:
+            self.waiting -= 1
+
+
+class FailureInjector:
+    """Decides whether a call fails: `check()` counts the call and raises the injected error, if any.
+
+    Rules, first match wins: errors queued by `fail_next`; a call number given to `fail_on` (1-based, counted
+    from the injector's creation); a probability set by `fail_randomly`, drawn from `random.Random(seed)`.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.random = random.Random(seed)
+        self.calls = 0
+        self.failures = 0
+        self._next: deque[ErrorSpec] = deque()
+        self._on_calls: dict[int, ErrorSpec] = {}
+        self._probability = 0.0
+        self._random_error: ErrorSpec = ConnectionResetError
+
+    def fail_next(self, error: ErrorSpec, times: int = 1) -> None:
+        """The next `times` calls raise `error`."""
+        self._next.extend([error] * times)
+
+    def fail_on(self, *calls: int, error: ErrorSpec) -> None:
+        """The calls with these numbers (1 is the first call ever) raise `error`."""
+        for n in calls:
+            self._on_calls[n] = error
+
+    def fail_randomly(self, probability: float, error: ErrorSpec = ConnectionResetError) -> None:
+        """Each call raises `error` with `probability` (0 turns it off)."""
+        self._probability = probability
+        self._random_error = error
+
+    def clear(self) -> None:
+        """No more injected failures (the counters stay)."""
+        self._next.clear()
+        self._on_calls.clear()
+        self._probability = 0.0
+
+    def check(self) -> None:
+        """Count a call; raise if a rule says it fails."""
+        self.calls += 1
+        spec: ErrorSpec | None = None
+        if self._next:
+            spec = self._next.popleft()
+        elif self.calls in self._on_calls:
+            spec = self._on_calls.pop(self.calls)
+        elif self._probability and self.random.random() < self._probability:
+            spec = self._random_error
+        if spec is not None:
+            self.failures += 1
+            raise _make_error(spec)
+
+    def __repr__(self) -> str:
+        return f"FailureInjector(calls={self.calls}, failures={self.failures})"
+
+
+class _Injectable:
+    """Latency, gate and failures shared by the fakes."""
+
+    def __init__(self, *, seed: int | None, latency: float, sleep: Sleep | None, gate: Gate | None) -> None:
+        self.failures = FailureInjector(seed)
+        self.latency = latency
+        self.sleep: Sleep = sleep if sleep is not None else asyncio.sleep
+        self.gate = gate if gate is not None else Gate()
+
+    async def _before(self) -> None:
+        if not self.gate.is_open:
+            await self.gate.wait()
+        if self.latency:
+            await self.sleep(self.latency)
+        self.failures.check()
+
+
+class FakeStream(_Injectable):
+    """A stream that records packets: `written` (all, in order) and `batches` (one list per call).
+
+    A failed call writes nothing. Writing to a closed stream raises `BrokenPipeError`.
+    """
+
+    def __init__(
+        self,
+        peer_id: str = "",
+        *,
+        seed: int | None = None,
+        latency: float = 0.0,
+        sleep: Sleep | None = None,
+        gate: Gate | None = None,
+    ) -> None:
+        super().__init__(seed=seed, latency=latency, sleep=sleep, gate=gate)
+        self.peer_id = peer_id
+        self.written: list[bytes] = []
+        self.batches: list[list[bytes]] = []
+        self.closed = False
+        self.close_calls = 0
+
+    async def write(self, packet: bytes) -> None:
+        await self._before()
+        self._check_open()
+        self.written.append(packet)
+        self.batches.append([packet])
+
+    async def write_many(self, packets: Sequence[bytes]) -> None:
+        await self._before()
+        self._check_open()
+        self.written.extend(packets)
+        self.batches.append(list(packets))
+
+    async def close(self) -> None:
+        self.closed = True
+        self.close_calls += 1
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise BrokenPipeError(f"stream to {self.peer_id!r} is closed")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<FakeStream to {self.peer_id!r} {state} written={len(self.written)}>"
+
+
+class FakeStreamService(_Injectable):
+    """Creates `FakeStream`s; `failures`, `latency` and `gate` apply to `create_stream`.
+
+    `write_failure_rate` makes every stream it creates fail writes at random (with `write_error`), seeded from
+    `seed`; `stream_gate` is given to every stream (close it to block all writes).
+    """
+
+    def __init__(
+        self,
+        *,
+        seed: int | None = None,
+        latency: float = 0.0,
+        sleep: Sleep | None = None,
+        gate: Gate | None = None,
+        write_failure_rate: float = 0.0,
+        write_error: ErrorSpec = ConnectionResetError,
+        stream_gate: Gate | None = None,
+    ) -> None:
+        super().__init__(seed=seed, latency=latency, sleep=sleep, gate=gate)
+        self._seeds = random.Random(seed)
+        self.write_failure_rate = write_failure_rate
+        self.write_error = write_error
+        self.stream_gate = stream_gate
+        self.created: list[FakeStream] = []
+        self.calls: list[str] = []
+
+    async def create_stream(self, peer_id: str) -> Stream:
+        self.calls.append(peer_id)
+        await self._before()
+        stream = FakeStream(
+            peer_id, seed=self._seeds.randrange(2**32), sleep=self.sleep, gate=self.stream_gate
+        )
+        if self.write_failure_rate:
+            stream.failures.fail_randomly(self.write_failure_rate, self.write_error)
+        self.created.append(stream)
+        return stream
+
+    def streams(self, peer_id: str) -> list[FakeStream]:
+        """The streams created for `peer_id`, oldest first."""
+        return [s for s in self.created if s.peer_id == peer_id]
+
+    def written(self, peer_id: str | None = None) -> list[bytes]:
+        """Everything written to `peer_id` (or to anyone), stream by stream in creation order."""
+        return [p for s in self.created if peer_id is None or s.peer_id == peer_id for p in s.written]
+
+
+class FakeStreamPool(_Injectable):
+    """A pool over a `FakeStreamService`: lends an idle healthy stream of the peer, else a new one.
+
+    `failures`, `latency` and `gate` apply to `get_stream`. Every release is recorded in `releases` as
+    `(peer_id, stream, healthy)`; an unhealthy stream is closed and never lent again. `outstanding` is the
+    number of streams lent and not given back (0 when nothing leaked); releasing a stream that is not lent
+    raises `ValueError`.
+    """
+
+    def __init__(
+        self,
+        service: FakeStreamService | None = None,
+        *,
+        seed: int | None = None,
+        latency: float = 0.0,
+        sleep: Sleep | None = None,
+        gate: Gate | None = None,
+        reuse: bool = True,
+    ) -> None:
+        super().__init__(seed=seed, latency=latency, sleep=sleep, gate=gate)
+        self.service = service if service is not None else FakeStreamService(seed=seed)
+        self.reuse = reuse
+        self._idle: dict[str, list[Stream]] = {}
+        self._lent: dict[int, Stream] = {}
+        self.gets = 0
+        self.releases: list[tuple[str, Stream, bool]] = []
+
+    async def get_stream(self, peer_id: str) -> Stream:
+        self.gets += 1
+        await self._before()
+        idle = self._idle.get(peer_id)
+        stream = idle.pop() if idle else await self.service.create_stream(peer_id)
+        self._lent[id(stream)] = stream
+        return stream
+
+    def release_stream(self, peer_id: str, stream: Stream, healthy: bool) -> None:
+        if self._lent.pop(id(stream), None) is None:
+            raise ValueError(f"release of a stream that is not lent: {stream!r}")
+        self.releases.append((peer_id, stream, healthy))
+        if healthy and self.reuse:
+            self._idle.setdefault(peer_id, []).append(stream)
+        elif isinstance(stream, FakeStream):
+            stream.closed = True
+
+    @property
+    def outstanding(self) -> int:
+        """Streams lent and not released."""
+        return len(self._lent)
+
+    @property
+    def unhealthy_releases(self) -> int:
+        return sum(1 for *_, healthy in self.releases if not healthy)
+
+    def assert_no_leaks(self) -> None:
+        """Raise `AssertionError` if a stream is still lent."""
+        if self._lent:
+            raise AssertionError(f"{len(self._lent)} stream(s) never released: {list(self._lent.values())}")
+
+    def written(self, peer_id: str | None = None) -> list[bytes]:
+        """Everything written through streams of `peer_id` (or of anyone)."""
+        return self.service.written(peer_id)
+
+
+class FakePeerDiscovery(_Injectable):
+    """Looks peers up in `peers` (exact address), then `prefixes` (longest match), then `default`.
+
+    Addresses are normalised (`2001:DB8::1` matches `2001:db8::1`). Raises `PeerNotFoundError` when nothing
+    matches. Every call is recorded in `calls`.
+    """
+
+    def __init__(
+        self,
+        peers: Mapping[str, str] | None = None,
+        *,
+        prefixes: Mapping[str, str] | None = None,
+        default: str | None = None,
+        seed: int | None = None,
+        latency: float = 0.0,
+        sleep: Sleep | None = None,
+        gate: Gate | None = None,
+    ) -> None:
+        super().__init__(seed=seed, latency=latency, sleep=sleep, gate=gate)
+        self.peers = {_normalise(ip): peer for ip, peer in (peers or {}).items()}
+        self._prefixes: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
+        for prefix, peer in (prefixes or {}).items():
+            self.add_prefix(prefix, peer)
+        self.default = default
+        self.calls: list[str] = []
+
+    def set_peer(self, dest_ip: str, peer_id: str) -> None:
+        self.peers[_normalise(dest_ip)] = peer_id
+
+    def remove_peer(self, dest_ip: str) -> None:
+        self.peers.pop(_normalise(dest_ip), None)
+
+    def add_prefix(self, prefix: str, peer_id: str) -> None:
+        self._prefixes.append((ipaddress.ip_network(prefix, strict=False), peer_id))
+        self._prefixes.sort(key=lambda item: item[0].prefixlen, reverse=True)
+
+    def lookup(self, dest_ip: str) -> str | None:
+        """The answer `get_peer_id` would give, without injection or recording."""
+        ip = _normalise(dest_ip)
+        peer = self.peers.get(ip)
+        if peer is not None:
+            return peer
+        if self._prefixes:
+            address = ipaddress.ip_address(ip)
+            for network, peer_id in self._prefixes:
+                if address.version == network.version and address in network:
+                    return peer_id
+        return self.default
+
+    async def get_peer_id(self, dest_ip: str) -> str:
+        self.calls.append(dest_ip)
+        await self._before()
+        peer = self.lookup(dest_ip)
+        if peer is None:
+            raise PeerNotFoundError(dest_ip)
+        return peer
+
+
+def _normalise(ip: str) -> str:
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return ip

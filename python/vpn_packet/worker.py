@@ -1,0 +1,501 @@
+"""Per-destination workers: an ordered queue for one sync key, drained in batches to a peer's stream.
+
+A `Worker` is a plain object (slots and a list), not a task: an idle worker costs a few hundred bytes and no
+scheduling at all. The dispatcher appends packets to `Worker.queue` and marks the worker busy; a pump of the
+dispatcher then runs `Worker.drain()`, which takes everything queued at once and writes it with one
+`write_many` call per batch, until the queue is empty. Only one drain runs per worker at a time, so packets
+of one key reach the stream in dispatch order.
+
+A drain looks the peer up (`PeerDiscovery.get_peer_id`, cached per worker), then writes through the
+`ResilienceService`: the peer's circuit breaker may reject the batch at once, and retriable errors are retried
+on a fresh stream (a failed stream is released as unhealthy). A batch that still fails fails its packets;
+retries are not counted as errors. After `max_consecutive_failures` failed batches in a row, the worker is
+recycled: it forgets its peer id and stream and looks both up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from vpn_packet.api import PeerDiscovery, Stream, StreamPoolService, StreamService
+from vpn_packet.errors import (
+    CircuitOpenError,
+    DispatcherStoppedError,
+    NetworkError,
+    PeerNotFoundError,
+    ServiceError,
+    VpnPacketError,
+    is_network_error,
+)
+from vpn_packet.metrics import DISCARD_REASONS, FAILURE_REASONS
+from vpn_packet.types import QueuedPacket
+
+__all__ = ["Worker", "WorkerMetrics"]
+
+_CREATE = ("stream_service", "create_stream")
+_STREAM_SERVICES = ("stream_pool", "stream_service")
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerMetrics:
+    """A snapshot of one worker (one sync key).
+
+    `packet_count`/`byte_count`: packets and bytes written; `error_count`: packets that failed after all
+    retries (a retry that later succeeds is not an error); `drop_count`: packets rejected because the queue
+    was full; `discard_count`: packets dropped unsent (cancelled by their caller, or failed at stop);
+    `queue_depth`: packets waiting; `in_flight`: packets being written now; `last_activity`: clock time of the
+    last drain (or of creation); `consecutive_failures`: failed batches since the last success;
+    `recycle_count`: times the worker dropped its peer and stream after too many consecutive failures.
+    """
+
+    sync_key: str
+    dest_ip: str
+    peer_id: str | None
+    packet_count: int
+    byte_count: int
+    error_count: int
+    drop_count: int
+    discard_count: int
+    queue_depth: int
+    in_flight: int
+    busy: bool
+    last_activity: float
+    created_at: float
+    consecutive_failures: int
+    recycle_count: int
+
+
+class _Resilience(Protocol):
+    async def call(self, peer_id: str, operation: Callable[[], Awaitable[None]]) -> None: ...
+
+
+class WorkerContext:
+    """What the workers of one dispatcher share: services, settings and outcome counters.
+
+    Counters: `sent`/`bytes_sent` (written), `failed` and `discarded` (per reason), `recycled`. `busy` is the
+    number of workers queued for, or in, a drain; `on_idle` is called when it falls to zero.
+    """
+
+    __slots__ = (
+        "busy",
+        "bytes_sent",
+        "capacity",
+        "clock",
+        "discarded",
+        "discovery",
+        "failed",
+        "max_consecutive_failures",
+        "on_idle",
+        "pool",
+        "recycled",
+        "resilience",
+        "sent",
+        "spawn",
+        "stream_service",
+        "workers",
+    )
+
+    def __init__(
+        self,
+        discovery: PeerDiscovery,
+        stream_service: StreamService | None,
+        pool: StreamPoolService | None,
+        resilience: _Resilience,
+        *,
+        clock: Callable[[], float],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
+        capacity: int = 100,
+        max_consecutive_failures: int = 5,
+    ) -> None:
+        if stream_service is None and pool is None:
+            raise ValueError("a stream_service or a pool_service is needed to reach peers")
+        self.discovery = discovery
+        self.stream_service = stream_service
+        self.pool = pool
+        self.resilience = resilience
+        self.clock = clock
+        self.spawn = spawn
+        self.max_consecutive_failures = max_consecutive_failures
+        self.capacity = capacity
+        self.workers: OrderedDict[str, Worker] = OrderedDict()  # least recently active first
+        self.busy = 0
+        self.on_idle: Callable[[], None] | None = None
+        self.sent = 0
+        self.bytes_sent = 0
+        self.failed = dict.fromkeys(FAILURE_REASONS, 0)
+        self.discarded = dict.fromkeys(DISCARD_REASONS, 0)
+        self.recycled = 0
+
+    async def acquire(self, peer_id: str, worker: Worker) -> Stream:
+        """A stream to `peer_id`: from the pool if there is one, else a new one. Raises `ServiceError`."""
+        try:
+            if self.pool is not None:
+                return await self.pool.get_stream(peer_id)
+            assert self.stream_service is not None
+            return await self.stream_service.create_stream(peer_id)
+        except Exception as exc:
+            if isinstance(exc, ServiceError):
+                raise
+            service, op = ("stream_pool", "get_stream") if self.pool is not None else _CREATE
+            raise ServiceError(
+                exc, service, op, worker_id=worker.sync_key, peer_id=peer_id, dest_ip=worker.dest_ip
+            ) from exc
+
+    def release(self, peer_id: str, stream: Stream, healthy: bool) -> None:
+        """Give a stream back to the pool (or close it when it came from the stream service)."""
+        if self.pool is not None:
+            try:
+                self.pool.release_stream(peer_id, stream, healthy)
+            except Exception:
+                _log.exception("release_stream(%r) failed", peer_id)
+        else:
+            self.spawn(_close_quietly(stream))
+
+
+async def _close_quietly(stream: Stream) -> None:
+    try:
+        await stream.close()
+    except Exception:
+        _log.debug("closing a stream failed", exc_info=True)
+
+
+def _stream_error(exc: BaseException, worker: Worker, peer_id: str) -> VpnPacketError:
+    """A write failure as a typed error: `NetworkError` for a network cause, else `ServiceError`."""
+    if is_network_error(exc):
+        return NetworkError(
+            exc, worker_id=worker.sync_key, peer_id=peer_id, dest_ip=worker.dest_ip, operation="write_many"
+        )
+    return ServiceError(
+        exc, "stream", "write_many", worker_id=worker.sync_key, peer_id=peer_id, dest_ip=worker.dest_ip
+    )
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """The failure reason counted for a batch that failed with `exc`."""
+    if isinstance(exc, PeerNotFoundError):
+        return "no_peer"
+    if isinstance(exc, CircuitOpenError):
+        return "circuit_open"
+    if isinstance(exc, ServiceError):
+        if exc.service == "peer_discovery":
+            return "discovery_error"
+        if exc.service in _STREAM_SERVICES:
+            return "stream_error"
+    return "write_error"
+
+
+def _really_cancelled() -> bool:
+    """Whether the current task is being cancelled (as opposed to a CancelledError leaking from a callee)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+class Worker:
+    """The queue and state of one sync key. Created and driven by a `Dispatcher`; not used on its own.
+
+    `queue` holds the packets waiting (a list, swapped out whole at each drain); `limit` is how many it may
+    hold (the capacity minus the packets in flight). `busy` is true from the moment the worker is queued for a
+    drain until its drain finds the queue empty; a worker with packets queued is always busy.
+    """
+
+    __slots__ = (
+        "_batch",
+        "_ctx",
+        "_futures",
+        "_inflight",
+        "_inflight_futures",
+        "_stream",
+        "busy",
+        "byte_count",
+        "closed",
+        "consecutive_failures",
+        "created_at",
+        "dest_ip",
+        "discard_count",
+        "drop_count",
+        "error_count",
+        "in_flight",
+        "last_activity",
+        "limit",
+        "packet_count",
+        "peer_id",
+        "queue",
+        "recycle_count",
+        "sync_key",
+    )
+
+    def __init__(self, sync_key: str, dest_ip: str, ctx: WorkerContext, now: float) -> None:
+        self.sync_key = sync_key
+        self.dest_ip = dest_ip
+        self._ctx = ctx
+        self.queue: list[bytes] = []
+        # (index in `queue`, future) of packets dispatched with a callback; None while there are none.
+        self._futures: list[tuple[int, asyncio.Future[None]]] | None = None
+        self._inflight: list[bytes] | None = None
+        self.in_flight = 0  # len(self._inflight): packets taken from the queue and being written now
+        self.limit = ctx.capacity  # room for the queue: capacity - in_flight
+        self._inflight_futures: list[asyncio.Future[None]] | None = None
+        self._batch: list[bytes] = []
+        self._stream: Stream | None = None
+        self.peer_id: str | None = None
+        self.busy = False
+        self.closed = False
+        self.packet_count = 0
+        self.byte_count = 0
+        self.error_count = 0
+        self.drop_count = 0
+        self.discard_count = 0
+        self.consecutive_failures = 0
+        self.recycle_count = 0
+        self.created_at = now
+        self.last_activity = now
+
+    # --- queueing (called by the dispatcher) ---------------------------------------------------------------
+
+    def add_future(self, data: bytes, future: asyncio.Future[None]) -> None:
+        """Queue `data` with a future resolved when it is written (or fails)."""
+        futures = self._futures
+        if futures is None:
+            futures = self._futures = []
+        futures.append((len(self.queue), future))
+        self.queue.append(data)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no drain running or pending."""
+        return not self.busy and not self.queue
+
+    def pending(self) -> list[QueuedPacket]:
+        """The packets waiting (in flight first), as `QueuedPacket`s; for inspection, not for the hot path."""
+        futures = dict(self._futures or ())
+        out = [QueuedPacket(self.sync_key, self.dest_ip, data) for data in self._inflight or ()]
+        out += [
+            QueuedPacket(self.sync_key, self.dest_ip, data, futures.get(i))
+            for i, data in enumerate(self.queue)
+        ]
+        return out
+
+    # --- draining -------------------------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Write everything queued, batch by batch, until the queue is empty (or the worker is closed)."""
+        ctx = self._ctx
+        try:
+            while self.queue and not self.closed:
+                batch = self.queue
+                self.queue = []
+                futures = None
+                if self._futures is not None:
+                    batch, futures = self._take_futures(batch)
+                    if not batch:
+                        continue
+                self._inflight = batch
+                self._inflight_futures = futures
+                self.in_flight = n = len(batch)
+                self.limit = ctx.capacity - n
+                error = await self._deliver(batch)
+                self._inflight = None
+                self._inflight_futures = None
+                self.in_flight = 0
+                self.limit = ctx.capacity
+                if error is None:
+                    self._succeeded(batch, futures)
+                else:
+                    self._failed(batch, futures, error)
+        except asyncio.CancelledError:
+            self._abandon_inflight()
+            raise
+        finally:
+            self.busy = False
+            self.last_activity = ctx.clock()
+            if not self.closed:  # a closed worker was already written off by stop()
+                ctx.busy -= 1
+                ctx.workers.move_to_end(self.sync_key)
+                if ctx.busy == 0 and ctx.on_idle is not None:
+                    ctx.on_idle()
+
+    def _take_futures(self, batch: list[bytes]) -> tuple[list[bytes], list[asyncio.Future[None]] | None]:
+        """Split off the futures of `batch`; packets whose future is already done (cancelled) are skipped."""
+        pairs = self._futures
+        assert pairs is not None
+        self._futures = None
+        futures = [f for _, f in pairs if not f.done()]
+        skipped = len(pairs) - len(futures)
+        if skipped:
+            dropped = {i for i, f in pairs if f.done()}
+            batch = [data for i, data in enumerate(batch) if i not in dropped]
+            self.discard_count += skipped
+            self._ctx.discarded["cancelled"] += skipped
+        return batch, futures
+
+    async def _deliver(self, batch: list[bytes]) -> BaseException | None:
+        """Look up the peer and write `batch` under the resilience service; the final error, or None."""
+        peer_id = self.peer_id
+        ctx = self._ctx
+        if peer_id is None:
+            try:
+                peer_id = await ctx.discovery.get_peer_id(self.dest_ip)
+            except PeerNotFoundError as exc:
+                return exc
+            except asyncio.CancelledError as exc:
+                if _really_cancelled():
+                    raise
+                return ServiceError(exc, "peer_discovery", "get_peer_id", worker_id=self.sync_key)
+            except Exception as exc:
+                return ServiceError(
+                    exc, "peer_discovery", "get_peer_id", worker_id=self.sync_key, dest_ip=self.dest_ip
+                )
+            self.peer_id = peer_id
+        self._batch = batch
+        try:
+            await ctx.resilience.call(peer_id, self._attempt)
+        except asyncio.CancelledError as exc:
+            if _really_cancelled():
+                raise
+            return _stream_error(exc, self, peer_id)
+        except Exception as exc:
+            return exc
+        finally:
+            self._batch = []
+        return None
+
+    async def _attempt(self) -> None:
+        """One attempt: the worker's stream (or a fresh one) and one `write_many`; a failed stream is released
+        as unhealthy so that the next attempt gets a fresh one."""
+        peer_id = self.peer_id
+        assert peer_id is not None
+        stream = self._stream
+        if stream is None:
+            stream = self._stream = await self._ctx.acquire(peer_id, self)
+        try:
+            await stream.write_many(self._batch)
+        except BaseException as exc:
+            if self._stream is stream:
+                self._stream = None
+            self._ctx.release(peer_id, stream, False)
+            if isinstance(exc, Exception) and not isinstance(exc, VpnPacketError):
+                raise _stream_error(exc, self, peer_id) from exc
+            raise
+
+    def _succeeded(self, batch: list[bytes], futures: list[asyncio.Future[None]] | None) -> None:
+        n = len(batch)
+        size = sum(map(len, batch))
+        self.packet_count += n
+        self.byte_count += size
+        self.consecutive_failures = 0
+        ctx = self._ctx
+        ctx.sent += n
+        ctx.bytes_sent += size
+        if futures:
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+
+    def _failed(
+        self, batch: list[bytes], futures: list[asyncio.Future[None]] | None, error: BaseException
+    ) -> None:
+        n = len(batch)
+        reason = _failure_reason(error)
+        self.error_count += n
+        self._ctx.failed[reason] += n
+        if futures:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self._ctx.max_consecutive_failures:
+            self.recycle()
+
+    def recycle(self) -> None:
+        """Forget the peer id and give the stream back (as unhealthy): the next batch looks both up again."""
+        self.consecutive_failures = 0
+        self.recycle_count += 1
+        self._ctx.recycled += 1
+        self._drop_stream(healthy=False)
+        self.peer_id = None
+
+    def _drop_stream(self, *, healthy: bool) -> None:
+        stream = self._stream
+        if stream is not None:
+            self._stream = None
+            assert self.peer_id is not None
+            self._ctx.release(self.peer_id, stream, healthy)
+
+    def _abandon_inflight(self) -> None:
+        """The drain was cancelled by `stop()`: the batch being written is discarded as stopped."""
+        batch = self._inflight
+        if batch is None:
+            return
+        futures = self._inflight_futures
+        self._inflight = None
+        self._inflight_futures = None
+        self.in_flight = 0
+        self.limit = self._ctx.capacity
+        self._discard(len(batch), futures, "stopped")
+
+    def _discard(self, n: int, futures: list[asyncio.Future[None]] | None, reason: str) -> None:
+        if not n:
+            return
+        cancelled = 0
+        if futures:
+            error = DispatcherStoppedError("dispatcher stopped before the packet was written")
+            for future in futures:
+                if future.done():
+                    cancelled += 1
+                else:
+                    future.set_exception(error)
+        self.discard_count += n
+        self._ctx.discarded[reason] += n - cancelled
+        self._ctx.discarded["cancelled"] += cancelled
+
+    # --- shutdown (called by the dispatcher) ------------------------------------------------------------
+
+    def discard_queue(self) -> int:
+        """Fail everything queued with `DispatcherStoppedError` (counted as discarded: stopped)."""
+        batch = self.queue
+        pairs = self._futures
+        self.queue = []
+        self._futures = None
+        self._discard(len(batch), [f for _, f in pairs] if pairs else None, "stopped")
+        return len(batch)
+
+    def close(self) -> None:
+        """Detach from the dispatcher: the stream goes back healthy (it did not fail)."""
+        self.closed = True
+        self._drop_stream(healthy=True)
+
+    # --- metrics --------------------------------------------------------------------------------------------
+
+    def metrics(self) -> WorkerMetrics:
+        """A plain-data snapshot of this worker."""
+        return WorkerMetrics(
+            sync_key=self.sync_key,
+            dest_ip=self.dest_ip,
+            peer_id=self.peer_id,
+            packet_count=self.packet_count,
+            byte_count=self.byte_count,
+            error_count=self.error_count,
+            drop_count=self.drop_count,
+            discard_count=self.discard_count,
+            queue_depth=len(self.queue),
+            in_flight=self.in_flight,
+            busy=self.busy,
+            last_activity=self.last_activity,
+            created_at=self.created_at,
+            consecutive_failures=self.consecutive_failures,
+            recycle_count=self.recycle_count,
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "busy" if self.busy else "idle"
+        return (
+            f"<Worker {self.sync_key} -> {self.peer_id or '?'} {state} queued={len(self.queue)} "
+            f"in_flight={self.in_flight} sent={self.packet_count} errors={self.error_count}>"
+        )

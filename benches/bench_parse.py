@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from conftest import routed_mix
 from peers_parse import dpkt_extract, key_of, scapy_extract, struct_full, struct_minimal
 from vpn_packet import (
     destination_key,
@@ -98,3 +99,22 @@ def test_peers_agree_with_us_on_the_mix(mix: list[bytes]) -> None:
         full = struct_full(packet)
         assert full is not None
         assert (full[2], full[3], full[4]) == (ours.src_port, ours.dst_port, ours.protocol)
+
+
+@pytest.mark.benchmark(group="grouping")
+@pytest.mark.parametrize("destinations", [16, 1024])
+@pytest.mark.parametrize("impl", ["vpn_packet.group_by_destination", "struct-full+dict"])
+def test_group_by_destination(benchmark: Any, impl: str, destinations: int) -> None:
+    """Routing a 1,024-packet batch: the dispatcher's usual case (few destinations) and a worst case."""
+    mix = routed_mix(destinations=destinations)
+
+    def plain() -> dict[str, list[bytes]]:
+        groups: dict[str, list[bytes]] = {}
+        for packet in mix:
+            groups.setdefault(reference_destination_key(packet), []).append(packet)
+        return groups
+
+    fn = (lambda: group_by_destination(mix)) if impl.startswith("vpn_packet") else plain
+    benchmark.extra_info["packets_per_round"] = len(mix)
+    benchmark.name = f"{impl}[{destinations} destinations]"
+    benchmark(fn)

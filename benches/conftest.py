@@ -94,6 +94,26 @@ def build_mix(size: int = MIX_SIZE, seed: int = 7) -> list[bytes]:
     return packets
 
 
+def routed_mix(size: int = MIX_SIZE, destinations: int = 16, seed: int = 11) -> list[bytes]:
+    """`size` packets to exactly `destinations` destination keys (half IPv4, half IPv6 with extension
+    headers), in random order: the shape of a batch a dispatcher routes."""
+    rng = random.Random(seed)
+    chain = [ExtensionHeader(HOP_BY_HOP), ExtensionHeader(DEST_OPTIONS)]
+    packets = []
+    for _ in range(size):
+        d = rng.randrange(destinations)
+        payload = bytes(rng.randrange(0, 1400))
+        if d % 2:
+            packets.append(
+                ipv6_packet(
+                    "2001:db8::1", f"2001:db8:8::{d:x}", UDP, 4000, 443, payload, extension_headers=chain
+                )
+            )
+        else:
+            packets.append(ipv4_packet("10.0.0.1", f"10.8.{d >> 8}.{d & 255}", TCP, 4000, 443, payload))
+    return packets
+
+
 @pytest.fixture(scope="session")
 def mix() -> list[bytes]:
     return build_mix()

@@ -41,3 +41,32 @@ pub fn no_panic<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
         )))
     })
 }
+
+// --- capture (owned by capture reader) ---
+
+pyo3::import_exception!(vpn_packet.capture, CaptureError);
+
+/// A `CaptureError(message, kind, offset)` for a capture that cannot be read (further), or the `OSError`
+/// behind an I/O failure. The message starts with the path.
+pub fn capture_error(err: vpn_packet_core::capture::CaptureError, path: &std::path::Path) -> PyErr {
+    match err {
+        vpn_packet_core::capture::CaptureError::Io(io) => os_error(io, path),
+        err => CaptureError::new_err((format!("{}: {err}", path.display()), err.kind(), err.offset())),
+    }
+}
+
+/// The `OSError` subclass of an I/O error (`FileNotFoundError`, `PermissionError`, `IsADirectoryError`, ...),
+/// with `errno`, `strerror` and `filename` set: `OSError(errno, strerror, filename)` picks the subclass.
+pub fn os_error(err: std::io::Error, path: &std::path::Path) -> PyErr {
+    match err.raw_os_error() {
+        Some(code) => {
+            let text = err.to_string();
+            let strerror = text
+                .strip_suffix(&format!(" (os error {code})"))
+                .unwrap_or(&text)
+                .to_owned();
+            pyo3::exceptions::PyOSError::new_err((code, strerror, path.as_os_str().to_os_string()))
+        }
+        None => PyErr::from(err),
+    }
+}

@@ -1,0 +1,208 @@
+"""Capture summaries for `vpn-packet inspect`: stream a pcap/pcapng file through the native batch parser.
+
+The native `CaptureReader` reads the file in Rust (streaming, bounded memory) and strips the link layer;
+each batch of IP packets goes through `extract_batch_from_buffer` in one call, and this module only counts:
+per destination key (packets, bytes, protocols), malformed packets by reason, and the reader's frame counters.
+
+Errors: `CaptureError` (a `ValueError`) for a file that is not a capture, or one that cannot be read on;
+`OSError` (`FileNotFoundError`, ...) when the file cannot be opened. A capture that ends early (truncated by
+a capture still being written, or corrupt further on) is not an error for `summarize_capture`: the summary
+covers the packets before the problem and records it in `error`/`error_kind`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from vpn_packet._native import CaptureReader, extract_batch_from_buffer, link_type_name
+from vpn_packet.errors import PacketError, VpnPacketError
+
+__all__ = [
+    "PROTOCOL_NAMES",
+    "CaptureError",
+    "CaptureReader",
+    "CaptureSummary",
+    "DestinationStats",
+    "protocol_name",
+    "summarize_capture",
+]
+
+
+class CaptureError(VpnPacketError, ValueError):
+    """A capture file cannot be read (further): not a pcap/pcapng file, truncated, or corrupt.
+
+    `kind` is a short stable name (`not_a_capture`, `truncated_header`, `truncated`, `corrupt`,
+    `record_too_large`); `offset` is the byte offset in the file the error is about, when there is one.
+    Raised by the native `CaptureReader` (see rust/python/src/errors.rs).
+    """
+
+    def __init__(self, message: str, kind: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message, kind, offset)
+        self.message = message
+        self.kind = kind
+        self.offset = offset
+
+    def __str__(self) -> str:
+        return self.message
+
+
+PROTOCOL_NAMES: dict[int, str] = {
+    0: "HOPOPT",
+    1: "ICMP",
+    2: "IGMP",
+    4: "IPIP",
+    6: "TCP",
+    17: "UDP",
+    33: "DCCP",
+    41: "IPv6",
+    43: "IPv6-Route",
+    44: "IPv6-Frag",
+    47: "GRE",
+    50: "ESP",
+    51: "AH",
+    58: "ICMPv6",
+    59: "IPv6-NoNxt",
+    60: "IPv6-Opts",
+    89: "OSPF",
+    103: "PIM",
+    112: "VRRP",
+    115: "L2TP",
+    132: "SCTP",
+    135: "Mobility",
+    136: "UDPLite",
+}
+
+
+def protocol_name(number: int) -> str:
+    """The usual name of an IP protocol number (`TCP`, `ICMPv6`, ...), or the number itself as text."""
+    return PROTOCOL_NAMES.get(number, str(number))
+
+
+@dataclass(slots=True)
+class DestinationStats:
+    """Traffic to one destination key: packets, IP bytes (as captured) and the protocols seen."""
+
+    packets: int = 0
+    bytes: int = 0
+    protocols: set[int] = field(default_factory=set)
+
+    def protocol_names(self) -> list[str]:
+        """Protocol names, in protocol-number order."""
+        return [protocol_name(p) for p in sorted(self.protocols)]
+
+
+@dataclass(slots=True)
+class CaptureSummary:
+    """What `summarize_capture` found. Frame counters come from the reader; packet counters from parsing.
+
+    `frames` = `ip_packets` + `non_ip_frames` + `short_frames` + `unsupported_link_frames`, and
+    `ip_packets` = `parsed_packets` + `malformed_packets`.
+    """
+
+    path: str
+    format: str
+    format_detail: str
+    frames: int = 0
+    ip_packets: int = 0
+    ip_bytes: int = 0
+    parsed_packets: int = 0
+    malformed_packets: int = 0
+    malformed_by_reason: dict[str, int] = field(default_factory=dict)
+    non_ip_frames: int = 0
+    short_frames: int = 0
+    unsupported_link_frames: int = 0
+    link_types: dict[int, int] = field(default_factory=dict)
+    destinations: dict[str, DestinationStats] = field(default_factory=dict)
+    batches: int = 0
+    error: str | None = None
+    """Set when the capture ended early (truncated or corrupt): the counts cover the packets before it."""
+    error_kind: str | None = None
+
+    def top(self, n: int | None = None) -> list[tuple[str, DestinationStats]]:
+        """Destinations by packets, then bytes (descending), then key; the first `n`, or all for `None`."""
+        ranked = sorted(self.destinations.items(), key=lambda kv: (-kv[1].packets, -kv[1].bytes, kv[0]))
+        return ranked if n is None else ranked[:n]
+
+    def to_dict(self, top: int | None = None) -> dict[str, Any]:
+        """A JSON-ready view (destinations ranked as by `top`)."""
+        return {
+            "path": self.path,
+            "format": self.format,
+            "format_detail": self.format_detail,
+            "frames": self.frames,
+            "ip_packets": self.ip_packets,
+            "ip_bytes": self.ip_bytes,
+            "parsed_packets": self.parsed_packets,
+            "malformed_packets": self.malformed_packets,
+            "malformed_by_reason": dict(sorted(self.malformed_by_reason.items())),
+            "non_ip_frames": self.non_ip_frames,
+            "short_frames": self.short_frames,
+            "unsupported_link_frames": self.unsupported_link_frames,
+            "link_types": [
+                {"linktype": link, "name": link_type_name(link), "frames": frames}
+                for link, frames in sorted(self.link_types.items())
+            ],
+            "destination_count": len(self.destinations),
+            "destinations": [
+                {
+                    "destination": key,
+                    "packets": stats.packets,
+                    "bytes": stats.bytes,
+                    "protocols": stats.protocol_names(),
+                    "protocol_numbers": sorted(stats.protocols),
+                }
+                for key, stats in self.top(top)
+            ],
+            "error": None if self.error is None else {"kind": self.error_kind, "message": self.error},
+        }
+
+
+def summarize_capture(path: str | os.PathLike[str], *, batch_size: int = 4096) -> CaptureSummary:
+    """Reads a pcap/pcapng capture and counts its IP packets per destination key.
+
+    Raises `CaptureError` when the file is not a capture (or its header is cut short) and `OSError` when it
+    cannot be opened. An error further on ends the summary early and is recorded in `error`/`error_kind`.
+    """
+    reader = CaptureReader(path, batch_size)
+    destinations: dict[str, DestinationStats] = {}
+    reasons: Counter[str] = Counter()
+    error: CaptureError | None = None
+    try:
+        for buffer, lengths in reader:
+            items = extract_batch_from_buffer(buffer, lengths)
+            for item, length in zip(items, lengths, strict=True):
+                if isinstance(item, PacketError):
+                    reasons[item.reason or "unknown"] += 1
+                    continue
+                key = item.destination_key
+                stats = destinations.get(key)
+                if stats is None:
+                    stats = destinations[key] = DestinationStats()
+                stats.packets += 1
+                stats.bytes += length
+                stats.protocols.add(item.protocol)
+    except CaptureError as exc:
+        error = exc
+    malformed = sum(reasons.values())
+    return CaptureSummary(
+        path=os.fspath(path),
+        format=reader.format,
+        format_detail=reader.format_detail,
+        frames=reader.frames,
+        ip_packets=reader.ip_packets,
+        ip_bytes=reader.ip_bytes,
+        parsed_packets=reader.ip_packets - malformed,
+        malformed_packets=malformed,
+        malformed_by_reason=dict(reasons),
+        non_ip_frames=reader.non_ip_frames,
+        short_frames=reader.short_frames,
+        unsupported_link_frames=reader.unsupported_link_frames,
+        link_types=reader.link_types,
+        destinations=destinations,
+        batches=reader.batches,
+        error=None if error is None else error.message,
+        error_kind=None if error is None else error.kind,
+    )

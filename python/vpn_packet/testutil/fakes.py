@@ -185,7 +185,8 @@ class _Injectable:
 class FakeStream(_Injectable):
     """A stream that records packets: `written` (all, in order) and `batches` (one list per call).
 
-    A failed call writes nothing. Writing to a closed stream raises `BrokenPipeError`.
+    A failed call writes nothing. Writing to a closed stream raises `BrokenPipeError`. When `log` is given,
+    successful writes are appended to it too (a log shared by streams gives the order across streams).
     """
 
     def __init__(
@@ -196,9 +197,11 @@ class FakeStream(_Injectable):
         latency: float = 0.0,
         sleep: Sleep | None = None,
         gate: Gate | None = None,
+        log: list[bytes] | None = None,
     ) -> None:
         super().__init__(seed=seed, latency=latency, sleep=sleep, gate=gate)
         self.peer_id = peer_id
+        self.log = log
         self.written: list[bytes] = []
         self.batches: list[list[bytes]] = []
         self.closed = False
@@ -209,12 +212,16 @@ class FakeStream(_Injectable):
         self._check_open()
         self.written.append(packet)
         self.batches.append([packet])
+        if self.log is not None:
+            self.log.append(packet)
 
     async def write_many(self, packets: Sequence[bytes]) -> None:
         await self._before()
         self._check_open()
         self.written.extend(packets)
         self.batches.append(list(packets))
+        if self.log is not None:
+            self.log.extend(packets)
 
     async def close(self) -> None:
         self.closed = True
@@ -233,7 +240,9 @@ class FakeStreamService(_Injectable):
     """Creates `FakeStream`s; `failures`, `latency` and `gate` apply to `create_stream`.
 
     `write_failure_rate` makes every stream it creates fail writes at random (with `write_error`), seeded from
-    `seed`; `stream_gate` is given to every stream (close it to block all writes).
+    `seed`. Streams to one peer share the gate `gate_for(peer_id)` (close it to block that peer's writes), or
+    `stream_gate` when given (one gate for all). `log` has every packet written through any of its streams,
+    in the order of the writes; `stream_latency` is given to every stream.
     """
 
     def __init__(
@@ -246,20 +255,39 @@ class FakeStreamService(_Injectable):
         write_failure_rate: float = 0.0,
         write_error: ErrorSpec = ConnectionResetError,
         stream_gate: Gate | None = None,
+        stream_latency: float = 0.0,
     ) -> None:
         super().__init__(seed=seed, latency=latency, sleep=sleep, gate=gate)
         self._seeds = random.Random(seed)
+        self.stream_latency = stream_latency
+        self.log: list[bytes] = []
         self.write_failure_rate = write_failure_rate
         self.write_error = write_error
         self.stream_gate = stream_gate
         self.created: list[FakeStream] = []
         self.calls: list[str] = []
+        self._peer_gates: dict[str, Gate] = {}
 
-    async def create_stream(self, peer_id: str) -> Stream:
+    def gate_for(self, peer_id: str) -> Gate:
+        """The gate of the streams to `peer_id` (existing and future ones)."""
+        if self.stream_gate is not None:
+            return self.stream_gate
+        gate = self._peer_gates.get(peer_id)
+        if gate is None:
+            gate = self._peer_gates[peer_id] = Gate()
+        return gate
+
+    async def create_stream(self, peer_id: str) -> FakeStream:
         self.calls.append(peer_id)
         await self._before()
+        seed = self._seeds.randrange(2**32)
         stream = FakeStream(
-            peer_id, seed=self._seeds.randrange(2**32), sleep=self.sleep, gate=self.stream_gate
+            peer_id,
+            seed=seed,
+            latency=self.stream_latency,
+            sleep=self.sleep,
+            gate=self.gate_for(peer_id),
+            log=self.log,
         )
         if self.write_failure_rate:
             stream.failures.fail_randomly(self.write_failure_rate, self.write_error)
@@ -297,12 +325,12 @@ class FakeStreamPool(_Injectable):
         super().__init__(seed=seed, latency=latency, sleep=sleep, gate=gate)
         self.service = service if service is not None else FakeStreamService(seed=seed)
         self.reuse = reuse
-        self._idle: dict[str, list[Stream]] = {}
+        self._idle: dict[str, list[FakeStream]] = {}
         self._lent: dict[int, Stream] = {}
         self.gets = 0
         self.releases: list[tuple[str, Stream, bool]] = []
 
-    async def get_stream(self, peer_id: str) -> Stream:
+    async def get_stream(self, peer_id: str) -> FakeStream:
         self.gets += 1
         await self._before()
         idle = self._idle.get(peer_id)
@@ -314,9 +342,10 @@ class FakeStreamPool(_Injectable):
         if self._lent.pop(id(stream), None) is None:
             raise ValueError(f"release of a stream that is not lent: {stream!r}")
         self.releases.append((peer_id, stream, healthy))
+        assert isinstance(stream, FakeStream)
         if healthy and self.reuse:
             self._idle.setdefault(peer_id, []).append(stream)
-        elif isinstance(stream, FakeStream):
+        else:
             stream.closed = True
 
     @property
@@ -342,7 +371,8 @@ class FakePeerDiscovery(_Injectable):
     """Looks peers up in `peers` (exact address), then `prefixes` (longest match), then `default`.
 
     Addresses are normalised (`2001:DB8::1` matches `2001:db8::1`). Raises `PeerNotFoundError` when nothing
-    matches. Every call is recorded in `calls`.
+    matches. Every call is recorded in `calls`. Besides the shared `gate`, `gate_for(dest_ip)` blocks the
+    lookups of one address.
     """
 
     def __init__(
@@ -363,6 +393,15 @@ class FakePeerDiscovery(_Injectable):
             self.add_prefix(prefix, peer)
         self.default = default
         self.calls: list[str] = []
+        self._address_gates: dict[str, Gate] = {}
+
+    def gate_for(self, dest_ip: str) -> Gate:
+        """A gate that only the lookups of `dest_ip` wait for."""
+        ip = _normalise(dest_ip)
+        gate = self._address_gates.get(ip)
+        if gate is None:
+            gate = self._address_gates[ip] = Gate()
+        return gate
 
     def set_peer(self, dest_ip: str, peer_id: str) -> None:
         self.peers[_normalise(dest_ip)] = peer_id
@@ -389,6 +428,10 @@ class FakePeerDiscovery(_Injectable):
 
     async def get_peer_id(self, dest_ip: str) -> str:
         self.calls.append(dest_ip)
+        if self._address_gates:
+            gate = self._address_gates.get(_normalise(dest_ip))
+            if gate is not None:
+                await gate.wait()
         await self._before()
         peer = self.lookup(dest_ip)
         if peer is None:

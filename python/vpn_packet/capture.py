@@ -1,8 +1,9 @@
 """Capture summaries for `vpn-packet inspect`: stream a pcap/pcapng file through the native batch parser.
 
 The native `CaptureReader` reads the file in Rust (streaming, bounded memory) and strips the link layer;
-each batch of IP packets goes through `extract_batch_from_buffer` in one call, and this module only counts:
-per destination key (packets, bytes, protocols), malformed packets by reason, and the reader's frame counters.
+each batch of IP packets is parsed and tallied per destination natively (`parse_batch_from_buffer` and
+`PacketBatch.by_destination`), and this module only merges the tallies: per destination key (packets, bytes,
+protocols), malformed packets by reason, and the reader's frame counters.
 
 Errors: `CaptureError` (a `ValueError`) for a file that is not a capture, or one that cannot be read on;
 `OSError` (`FileNotFoundError`, ...) when the file cannot be opened. A capture that ends early (truncated by
@@ -17,8 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from vpn_packet._native import CaptureReader, extract_batch_from_buffer, link_type_name
-from vpn_packet.errors import PacketError, VpnPacketError
+from vpn_packet._native import CaptureReader, link_type_name, parse_batch_from_buffer
+from vpn_packet.errors import VpnPacketError
 
 __all__ = [
     "PROTOCOL_NAMES",
@@ -172,18 +173,16 @@ def summarize_capture(path: str | os.PathLike[str], *, batch_size: int = 4096) -
     error: CaptureError | None = None
     try:
         for buffer, lengths in reader:
-            items = extract_batch_from_buffer(buffer, lengths)
-            for item, length in zip(items, lengths, strict=True):
-                if isinstance(item, PacketError):
-                    reasons[item.reason or "unknown"] += 1
-                    continue
-                key = item.destination_key
+            batch = parse_batch_from_buffer(buffer, lengths)
+            if batch.error_count:
+                reasons.update(batch.error_counts())
+            for key, (packets, size, protocols) in batch.by_destination().items():
                 stats = destinations.get(key)
                 if stats is None:
                     stats = destinations[key] = DestinationStats()
-                stats.packets += 1
-                stats.bytes += length
-                stats.protocols.add(item.protocol)
+                stats.packets += packets
+                stats.bytes += size
+                stats.protocols.update(protocols)
     except CaptureError as exc:
         error = exc
     malformed = sum(reasons.values())

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
 
-use crate::parse::{destination, Destination, ParseError};
+use crate::parse::{destination, Destination, PacketSummary, ParseError};
 
 /// Packets of one destination, in the order they appeared in the batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +46,38 @@ where
         }
     }
     grouped
+}
+
+/// Traffic to one destination: packets, bytes, and packets per protocol (in order of first appearance).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub packets: usize,
+    pub bytes: usize,
+    pub protocols: Vec<(u8, usize)>,
+}
+
+/// Tallies parsed packets `(summary, size)` per destination, in order of first appearance.
+pub fn tally_by_destination<I>(packets: I) -> Vec<(Destination, Tally)>
+where
+    I: IntoIterator<Item = (PacketSummary, usize)>,
+{
+    let mut index: HashMap<Destination, usize, RandomState> = HashMap::default();
+    let mut tallies: Vec<(Destination, Tally)> = Vec::new();
+    for (summary, size) in packets {
+        let dest = summary.destination();
+        let slot = *index.entry(dest).or_insert_with(|| {
+            tallies.push((dest, Tally::default()));
+            tallies.len() - 1
+        });
+        let tally = &mut tallies[slot].1;
+        tally.packets += 1;
+        tally.bytes += size;
+        match tally.protocols.iter_mut().find(|(p, _)| *p == summary.protocol) {
+            Some((_, n)) => *n += 1,
+            None => tally.protocols.push((summary.protocol, 1)),
+        }
+    }
+    tallies
 }
 
 /// Splits a contiguous buffer into packets of the given lengths (the shape a batched read produces).
@@ -117,6 +149,26 @@ mod tests {
                     required: 20
                 }
             )]
+        );
+    }
+
+    #[test]
+    fn tally_counts_packets_bytes_and_protocols() {
+        let packets = [udp4(2, 80), udp4(3, 80), udp4(2, 80)];
+        let tallies = tally_by_destination(
+            packets
+                .iter()
+                .map(|p| (crate::parse::extract(p).unwrap(), p.len() + 1)),
+        );
+        assert_eq!(tallies.len(), 2);
+        assert_eq!(tallies[0].0.key(), "10.0.0.2:80");
+        assert_eq!(
+            tallies[0].1,
+            Tally {
+                packets: 2,
+                bytes: 58,
+                protocols: vec![(17, 2)]
+            }
         );
     }
 

@@ -7,5 +7,7 @@ pub mod capture;
 pub mod key;
 pub mod parse;
 
-pub use batch::{group_by_destination, split_by_lengths, Group, Grouped, SplitError};
+pub use batch::{
+    group_by_destination, split_by_lengths, tally_by_destination, Group, Grouped, SplitError, Tally,
+};
 pub use parse::{destination, extract, protocol_has_ports, Destination, PacketSummary, ParseError};

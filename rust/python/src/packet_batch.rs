@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
-use vpn_packet_core::{extract, split_by_lengths, PacketSummary, ParseError};
+use vpn_packet_core::{extract, split_by_lengths, tally_by_destination, PacketSummary, ParseError};
 
 use crate::buffer::PacketBytes;
 use crate::errors::{no_panic, parse_error_value, split_error};
@@ -30,7 +30,13 @@ pub struct PacketBatch {
 
 impl PacketBatch {
     fn from_slices<'a>(packets: impl IntoIterator<Item = &'a [u8]>) -> Self {
-        let items = packets.into_iter().map(|p| Item { result: extract(p), size: p.len() }).collect();
+        let items = packets
+            .into_iter()
+            .map(|p| Item {
+                result: extract(p),
+                size: p.len(),
+            })
+            .collect();
         PacketBatch { items }
     }
 
@@ -53,7 +59,9 @@ impl PacketBatch {
         let len = self.items.len() as isize;
         let position = if index < 0 { index + len } else { index };
         if !(0..len).contains(&position) {
-            return Err(PyIndexError::new_err(format!("batch index {index} out of range for {len} packets")));
+            return Err(PyIndexError::new_err(format!(
+                "batch index {index} out of range for {len} packets"
+            )));
         }
         Self::item_object(py, &self.items[position as usize])
     }
@@ -78,7 +86,11 @@ impl PacketBatch {
 
     /// Every item as a list (the same as `extract_batch` would have returned).
     fn to_list<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let objects = self.items.iter().map(|i| Self::item_object(py, i)).collect::<PyResult<Vec<_>>>()?;
+        let objects = self
+            .items
+            .iter()
+            .map(|i| Self::item_object(py, i))
+            .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, objects)
     }
 
@@ -111,14 +123,22 @@ impl PacketBatch {
     /// The destination key of each packet, `None` where it did not parse.
     fn destination_keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let keys = self.items.iter().map(|item| {
-            item.result.as_ref().ok().map(|s| PyString::new(py, s.destination().key_text().as_str()))
+            item.result
+                .as_ref()
+                .ok()
+                .map(|s| PyString::new(py, s.destination().key_text().as_str()))
         });
         PyList::new(py, keys)
     }
 
     /// The protocol of each packet, `None` where it did not parse.
     fn protocols<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        PyList::new(py, self.items.iter().map(|i| i.result.as_ref().ok().map(|s| s.protocol)))
+        PyList::new(
+            py,
+            self.items
+                .iter()
+                .map(|i| i.result.as_ref().ok().map(|s| s.protocol)),
+        )
     }
 
     /// The size in bytes of each packet.
@@ -128,36 +148,30 @@ impl PacketBatch {
 
     /// Per destination key: `(packets, bytes, {protocol: packets})`, in order of first appearance.
     fn by_destination<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let mut order: Vec<vpn_packet_core::Destination> = Vec::new();
-        let mut stats: HashMap<vpn_packet_core::Destination, (usize, usize, Vec<(u8, usize)>)> = HashMap::new();
-        for item in &self.items {
-            let Ok(summary) = &item.result else { continue };
-            let dest = summary.destination();
-            let entry = stats.entry(dest).or_insert_with(|| {
-                order.push(dest);
-                (0, 0, Vec::new())
-            });
-            entry.0 += 1;
-            entry.1 += item.size;
-            match entry.2.iter_mut().find(|(p, _)| *p == summary.protocol) {
-                Some((_, n)) => *n += 1,
-                None => entry.2.push((summary.protocol, 1)),
-            }
-        }
+        let parsed = self
+            .items
+            .iter()
+            .filter_map(|i| i.result.as_ref().ok().map(|s| (*s, i.size)));
         let out = PyDict::new(py);
-        for dest in order {
-            let (packets, bytes, protocols) = &stats[&dest];
+        for (dest, tally) in tally_by_destination(parsed) {
             let per_protocol = PyDict::new(py);
-            for (protocol, n) in protocols {
-                per_protocol.set_item(protocol, n)?;
+            for (protocol, packets) in tally.protocols {
+                per_protocol.set_item(protocol, packets)?;
             }
-            out.set_item(dest.key_text().as_str(), (packets, bytes, per_protocol))?;
+            out.set_item(
+                dest.key_text().as_str(),
+                (tally.packets, tally.bytes, per_protocol),
+            )?;
         }
         Ok(out)
     }
 
     fn __repr__(&self) -> String {
-        format!("<PacketBatch {} packets, {} malformed>", self.items.len(), self.error_count())
+        format!(
+            "<PacketBatch {} packets, {} malformed>",
+            self.items.len(),
+            self.error_count()
+        )
     }
 }
 

@@ -1,8 +1,9 @@
 """Turns pytest-benchmark JSON into the markdown tables of benches/README.md.
 
 Usage: python benches/report.py RESULT.json [RESULT.json ...]
-Per group, each row gives the median time per item (extra_info `packets_per_round`, or per operation) and how
-many times slower it is than the fastest vpn_packet row of the group.
+Per group, each row gives the median time per item (extra_info `packets_per_round` or `ops_per_round`, else
+per call) and how many times slower it is than the fastest of our rows (named `vpn_packet...`, or marked with
+extra_info `ours`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ from typing import Any
 
 
 def _per_item_ns(bench: dict[str, Any]) -> float:
-    n = bench.get("extra_info", {}).get("packets_per_round", 1)
+    extra = bench.get("extra_info", {})
+    n = extra.get("packets_per_round") or extra.get("ops_per_round") or 1
     return float(bench["stats"]["median"]) * 1e9 / n
 
 
 def _name(bench: dict[str, Any]) -> str:
     param = bench.get("param")
     return str(param) if param else str(bench["name"]).removeprefix("test_")
+
+
+def _is_ours(bench: dict[str, Any]) -> bool:
+    return _name(bench).startswith("vpn_packet") or bool(bench.get("extra_info", {}).get("ours"))
 
 
 def render(paths: list[str]) -> str:
@@ -35,18 +41,25 @@ def render(paths: list[str]) -> str:
             groups[bench.get("group") or "ungrouped"].append(bench)
     out = [f"Machine: {machine}", ""]
     for group, benches in groups.items():
-        ours = [_per_item_ns(b) for b in benches if _name(b).startswith("vpn_packet")]
+        ours = [_per_item_ns(b) for b in benches if _is_ours(b)]
         base = min(ours) if ours else None
         out += [
             f"### {group}",
             "",
-            "| implementation | per item | items/s | vs vpn_packet |",
+            "| implementation | per item | items/s | vs ours |",
             "|---|---:|---:|---:|",
         ]
         for bench in sorted(benches, key=_per_item_ns):
             ns = _per_item_ns(bench)
             per = f"{ns / 1000:.2f} µs" if ns >= 1000 else f"{ns:.1f} ns"
-            ratio = f"{ns / base:.1f}x slower" if base and ns > base * 1.0001 else ("1.0x" if base else "")
+            if not base:
+                ratio = ""
+            elif ns > base * 1.0001:
+                ratio = f"{ns / base:.1f}x slower"
+            elif ns < base * 0.9999:
+                ratio = f"{base / ns:.1f}x faster"
+            else:
+                ratio = "1.0x"
             out.append(f"| {_name(bench)} | {per} | {1e9 / ns / 1e6:.2f} M | {ratio} |")
         out.append("")
     return "\n".join(out)

@@ -11,3 +11,12 @@ pub use batch::{
     group_by_destination, split_by_lengths, tally_by_destination, Group, Grouped, SplitError, Tally,
 };
 pub use parse::{destination, extract, protocol_has_ports, Destination, PacketSummary, ParseError};
+
+pub mod framing;
+pub mod prefix;
+
+pub use framing::{
+    encode_frames, encode_frames_into, encode_hello, parse_hello, FrameDecoder, FramingError, HelloError,
+    HelloStatus,
+};
+pub use prefix::{check_source, parse_prefix, source_address, PrefixError, PrefixTable, SourceCheck};

@@ -35,6 +35,7 @@ __all__ = [
     "CircuitOpenError",
     "DetachedCause",
     "DispatcherStoppedError",
+    "FramingError",
     "IsConnectionResetError",
     "IsNetworkError",
     "IsServiceError",
@@ -546,3 +547,36 @@ IsServiceError = is_service_error
 IsTemporaryError = is_temporary_error
 IsConnectionResetError = is_connection_reset_error
 IsStreamClosedError = is_stream_closed_error
+
+
+# --- framing (transport receiving side) ------------------------------------------------------------------
+
+
+class FramingError(VpnPacketError, ValueError):
+    """A stream breaks the wire protocol (a bad hello, or a frame length of 0 or above the maximum).
+
+    Raised by the native framing code (`FrameDecoder.feed`, `parse_hello`, `encode_frames`, `encode_hello`).
+    `reason` is a short stable name for counting: `zero_length`, `too_large` (frames); `bad_magic`,
+    `unsupported_version`, `empty_peer_id`, `peer_id_too_long`, `invalid_peer_id` (hello). `length` is the
+    offending frame length when there is one. `frames` holds the packets a `FrameDecoder.feed` call decoded
+    before the bad length prefix (so nothing well-framed is lost), else `None`. Not retriable: the stream
+    cannot be resynchronised and must be closed.
+    """
+
+    retriable = False
+
+    def __init__(
+        self,
+        message: str,
+        reason: str | None = None,
+        length: int | None = None,
+        frames: list[bytes] | None = None,
+    ) -> None:
+        super().__init__(message, reason, length, frames)
+        self.message = message
+        self.reason = reason
+        self.length = length
+        self.frames = frames
+
+    def __str__(self) -> str:
+        return self.message

@@ -70,3 +70,23 @@ pub fn os_error(err: std::io::Error, path: &std::path::Path) -> PyErr {
         None => PyErr::from(err),
     }
 }
+
+// --- framing (owned by transport receiving side) ---
+
+pyo3::import_exception!(vpn_packet.errors, FramingError);
+
+/// A `FramingError(message, reason, length, frames)`: `frames` are the packets decoded before the bad
+/// length prefix (a `list[bytes]`, or `None` when not decoding).
+pub fn framing_error(
+    py: Python<'_>,
+    err: &vpn_packet_core::framing::FramingError,
+    frames: Option<Bound<'_, pyo3::types::PyList>>,
+) -> PyErr {
+    let frames = frames.map_or_else(|| py.None(), |f| f.into_any().unbind());
+    FramingError::new_err((err.to_string(), err.reason(), err.length(), frames))
+}
+
+/// A `FramingError(message, reason)` for a hello that cannot be encoded or parsed.
+pub fn hello_error(err: &vpn_packet_core::framing::HelloError) -> PyErr {
+    FramingError::new_err((err.to_string(), err.reason()))
+}

@@ -6,9 +6,11 @@ use pyo3::prelude::*;
 mod buffer;
 mod capture;
 mod errors;
+mod framing;
 mod functions;
 mod packet_batch;
 mod packet_info;
+mod prefix;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -24,5 +26,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(packet_batch::parse_batch, m)?)?;
     m.add_function(wrap_pyfunction!(packet_batch::parse_batch_from_buffer, m)?)?;
     capture::register(m)?;
+    framing::register(m)?;
+    prefix::register(m)?;
     Ok(())
 }

@@ -1,0 +1,163 @@
+//! Stream framing for Python: `encode_frames`, `FrameDecoder`, `encode_hello`, `parse_hello`.
+//!
+//! The logic is `vpn_packet_core::framing`; this file converts buffers and errors. Packets come in as any
+//! C-contiguous byte buffer (read without copying) and go out as `bytes`.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+use vpn_packet_core::framing::{
+    self, FrameDecoder as CoreDecoder, HelloStatus, DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_SIZE_LIMIT,
+};
+
+use crate::buffer::with_bytes;
+use crate::errors::{framing_error, hello_error, no_panic};
+use crate::functions::for_each_item;
+
+// Signature defaults are literals (stubtest reads them); keep them equal to the core default.
+const _: () = assert!(DEFAULT_MAX_FRAME_SIZE == 65535);
+
+fn check_max(max_frame_size: usize) -> PyResult<()> {
+    if max_frame_size == 0 || max_frame_size > MAX_FRAME_SIZE_LIMIT {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "max_frame_size must be 1..={MAX_FRAME_SIZE_LIMIT}, got {max_frame_size}"
+        )));
+    }
+    Ok(())
+}
+
+/// The frames of `packets` (4-byte big-endian length, then the packet) in one `bytes`.
+///
+/// Raises `FramingError` for an empty packet or one above `max_frame_size` (what a receiver would refuse).
+#[pyfunction]
+#[pyo3(signature = (packets, max_frame_size = 65535))]
+pub fn encode_frames<'py>(
+    py: Python<'py>,
+    packets: &Bound<'py, PyAny>,
+    max_frame_size: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
+    no_panic(|| {
+        check_max(max_frame_size)?;
+        let mut out = Vec::new();
+        for_each_item(packets, |item| {
+            with_bytes(item, |bytes| {
+                framing::encode_frames_into([bytes], max_frame_size, &mut out)
+                    .map_err(|err| framing_error(py, &err, None))
+            })?
+        })?;
+        Ok(PyBytes::new(py, &out))
+    })
+}
+
+/// The hello that opens a stream: `b"VPNP"`, version 1, the id length, the UTF-8 peer id (1..=255 bytes).
+#[pyfunction]
+pub fn encode_hello<'py>(py: Python<'py>, peer_id: &str) -> PyResult<Bound<'py, PyBytes>> {
+    no_panic(|| {
+        let hello = framing::encode_hello(peer_id).map_err(|err| hello_error(&err))?;
+        Ok(PyBytes::new(py, &hello))
+    })
+}
+
+/// Parses a hello from the start of `data`: `(peer_id, consumed)` when complete, `(None, needed)` when at
+/// least `needed` more bytes are required. Raises `FramingError` as soon as the bytes cannot be a hello.
+#[pyfunction]
+pub fn parse_hello(data: &Bound<'_, PyAny>) -> PyResult<(Option<String>, usize)> {
+    no_panic(|| {
+        with_bytes(data, |bytes| match framing::parse_hello(bytes) {
+            Ok(HelloStatus::NeedMore { needed }) => Ok((None, needed)),
+            Ok(HelloStatus::Done { peer_id, consumed }) => Ok((Some(peer_id.to_owned()), consumed)),
+            Err(err) => Err(hello_error(&err)),
+        })?
+    })
+}
+
+/// Splits a byte stream into packets across any read boundaries; holds at most one partial frame.
+#[pyclass(module = "vpn_packet._native", name = "FrameDecoder")]
+pub struct FrameDecoder {
+    inner: CoreDecoder,
+}
+
+#[pymethods]
+impl FrameDecoder {
+    #[new]
+    #[pyo3(signature = (max_frame_size = 65535))]
+    fn new(max_frame_size: usize) -> PyResult<Self> {
+        check_max(max_frame_size)?;
+        Ok(FrameDecoder {
+            inner: CoreDecoder::new(max_frame_size),
+        })
+    }
+
+    /// The complete packets that `data` finishes, in order.
+    ///
+    /// A bad length prefix raises `FramingError` (its `frames` holds the packets that came before it in
+    /// `data`); the decoder is failed from then on and raises the same error on every call.
+    fn feed<'py>(&mut self, py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+        no_panic(|| {
+            let mut frames: Vec<Bound<'py, PyBytes>> = Vec::new();
+            let result = with_bytes(data, |bytes| {
+                self.inner
+                    .feed(bytes, |frame| frames.push(PyBytes::new(py, frame)))
+            })?;
+            let list = PyList::new(py, frames)?;
+            match result {
+                Ok(()) => Ok(list),
+                Err(err) => Err(framing_error(py, &err, Some(list))),
+            }
+        })
+    }
+
+    /// Bytes held of the unfinished frame (length prefix included); at most `max_frame_size + 4`.
+    #[getter]
+    fn buffered(&self) -> usize {
+        self.inner.buffered()
+    }
+
+    #[getter]
+    fn max_frame_size(&self) -> usize {
+        self.inner.max_frame_size()
+    }
+
+    /// Complete frames decoded so far.
+    #[getter]
+    fn frames(&self) -> u64 {
+        self.inner.frames()
+    }
+
+    /// Payload bytes of the frames decoded so far.
+    #[getter]
+    fn payload_bytes(&self) -> u64 {
+        self.inner.payload_bytes()
+    }
+
+    /// True when the stream may end here: no partial frame and no error.
+    #[getter]
+    fn at_boundary(&self) -> bool {
+        self.inner.is_at_boundary()
+    }
+
+    /// The reason of the error that failed the decoder (`zero_length`, `too_large`), or `None`.
+    #[getter]
+    fn error(&self) -> Option<&'static str> {
+        self.inner.error().map(|e| e.reason())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "FrameDecoder(max_frame_size={}, buffered={}, frames={}, error={})",
+            self.inner.max_frame_size(),
+            self.inner.buffered(),
+            self.inner.frames(),
+            self.inner
+                .error()
+                .map_or("None".to_owned(), |e| format!("'{}'", e.reason())),
+        )
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(encode_frames, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_hello, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_hello, m)?)?;
+    m.add_class::<FrameDecoder>()?;
+    Ok(())
+}

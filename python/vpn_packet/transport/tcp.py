@@ -1,0 +1,345 @@
+"""TCP streams to peers, on asyncio, with optional mutual TLS.
+
+`TcpStreamService.create_stream(peer_id)` resolves the peer's endpoint through the discovery, connects (with
+a timeout, `TCP_NODELAY` and a large send buffer), performs the TLS handshake when a client context is given
+(checking that the server's verified identity is `peer_id`), sends the hello (`encode_hello(local_peer_id)`)
+and returns a `TcpStream`.
+
+`TcpStream.write_many(packets)` is one native `encode_frames` call, one `transport.write` and, only when the
+transport's buffer is above its high-water mark, a wait for it to drain - bounded by `write_timeout`, so a
+peer that stops reading fails the write with a typed error instead of hanging. Streams are one-way: anything
+the peer sends back is ignored; its EOF or a reset marks the stream closed, and every later write raises
+`NetworkError` (classified as a reset or a closed stream, so the resilience layer retries on a fresh stream).
+
+Every failure is a `vpn_packet.errors.NetworkError(cause, peer_id=..., operation=...)` whose cause is the
+underlying exception (`ConnectionRefusedError`, `TimeoutError`, `ssl.SSLCertVerificationError`, ...), so
+`is_temporary_error`, `is_connection_reset_error` and `is_stream_closed_error` classify it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol
+
+from vpn_packet.errors import NetworkError
+from vpn_packet.transport.framing import encode_frames, encode_hello
+from vpn_packet.transport.tls import verify_server_identity
+
+__all__ = ["DEFAULT_SEND_BUFFER", "EndpointResolver", "TcpStream", "TcpStreamService"]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_SEND_BUFFER: Final = 4 * 1024 * 1024
+_HIGH_WATER: Final = 1024 * 1024  # transport buffer above which writes wait for it to drain
+
+
+class EndpointResolver(Protocol):
+    """What `TcpStreamService` needs from the discovery: the `(host, port)` to dial for a peer id."""
+
+    def endpoint(self, peer_id: str) -> tuple[str, int]: ...
+
+
+class _SenderProtocol(asyncio.Protocol):
+    """The protocol under a `TcpStream`: flow control and connection state, nothing per packet."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.paused = False
+        self.lost = False
+        self.exc: BaseException | None = None  # why the connection ended (None: clean EOF or local close)
+        self.peer_eof = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self._closed: asyncio.Future[None] | None = None
+        self.on_lost: Callable[[], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._closed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        pass  # one-way streams: the receiver sends nothing; ignore anything it does send
+
+    def eof_received(self) -> bool:
+        self.peer_eof = True
+        return False  # close our side too: the peer is gone
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.paused = False
+        if exc is not None:
+            self.exc = exc
+        self._wake(exc)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def _wake(self, exc: BaseException | None) -> None:
+        waiters = self._waiters
+        self._waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
+
+    def drain_waiter(self) -> asyncio.Future[None]:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
+    async def wait_closed(self) -> None:
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+
+
+class TcpStream:
+    """An ordered, one-way stream of framed packets to one peer over TCP (or TLS over TCP).
+
+    Implements `vpn_packet.api.Stream`. Not created directly: `TcpStreamService.create_stream` makes them.
+    Several coroutines may write to one stream; each `write_many` goes out as one contiguous write, so the
+    packets of one call are never interleaved with another's.
+    """
+
+    __slots__ = (
+        "_close_timeout",
+        "_local_close",
+        "_protocol",
+        "_transport",
+        "_write_timeout",
+        "bytes_sent",
+        "packets_sent",
+        "peer_id",
+        "sockname",
+        "writes",
+    )
+
+    def __init__(
+        self,
+        peer_id: str,
+        transport: asyncio.Transport,
+        protocol: _SenderProtocol,
+        *,
+        write_timeout: float,
+        close_timeout: float = 1.0,
+    ) -> None:
+        self.peer_id = peer_id
+        self._transport = transport
+        self._protocol = protocol
+        self._write_timeout = write_timeout
+        self._close_timeout = close_timeout
+        self._local_close = False
+        self.packets_sent = 0
+        self.bytes_sent = 0
+        self.writes = 0
+        self.sockname: Any = transport.get_extra_info("sockname")
+
+    @property
+    def closed(self) -> bool:
+        """True once the stream was closed locally, or the peer closed or reset it."""
+        return self._local_close or self._protocol.lost or self._protocol.peer_eof
+
+    async def write(self, packet: bytes) -> None:
+        """Send one packet (framed)."""
+        await self.write_many((packet,))
+
+    async def write_many(self, packets: Sequence[bytes]) -> None:
+        """Send `packets` in order as one framed write; waits (at most `write_timeout`) only under
+        backpressure. Raises `NetworkError` when the stream is closed, reset or stuck."""
+        if self._local_close or self._protocol.lost or self._protocol.peer_eof:
+            raise self._closed_error("write_many")
+        if not packets:
+            return
+        data = encode_frames(
+            packets
+        )  # raises FramingError (nothing written) for an empty or oversized packet
+        self._transport.write(data)
+        self.writes += 1
+        self.packets_sent += len(packets)
+        self.bytes_sent += len(data)
+        if self._protocol.paused:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        protocol = self._protocol
+        waiter = protocol.drain_waiter()
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await waiter
+        except TimeoutError as exc:
+            self._transport.abort()
+            cause = TimeoutError(
+                errno.ETIMEDOUT,
+                f"peer did not read for {self._write_timeout:g}s "
+                f"({self._transport.get_write_buffer_size()} bytes buffered)",
+            )
+            raise NetworkError(cause, peer_id=self.peer_id, operation="write") from exc
+        except OSError as exc:
+            raise NetworkError(exc, peer_id=self.peer_id, operation="write") from exc
+        if protocol.lost and (protocol.exc is not None or protocol.peer_eof):
+            raise self._closed_error("write")
+
+    def _closed_error(self, operation: str) -> NetworkError:
+        protocol = self._protocol
+        cause: BaseException
+        if protocol.exc is not None:
+            cause = protocol.exc
+        elif protocol.peer_eof:
+            cause = BrokenPipeError(errno.EPIPE, f"peer {self.peer_id} closed the stream")
+        else:
+            cause = OSError(errno.ESHUTDOWN, "stream is closed")
+        return NetworkError(cause, peer_id=self.peer_id, operation=operation)
+
+    def close_nowait(self) -> None:
+        """Start closing: what is buffered is still sent, then the connection closes. Idempotent."""
+        if not self._local_close:
+            self._local_close = True
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping anything still buffered."""
+        self._local_close = True
+        self._transport.abort()
+
+    async def close(self) -> None:
+        """Close gracefully (buffered data is flushed), waiting at most `close_timeout` before aborting.
+        Idempotent."""
+        self.close_nowait()
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await self._protocol.wait_closed()
+        except TimeoutError:
+            self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is gone (closed by either side)."""
+        await self._protocol.wait_closed()
+
+    def write_buffer_size(self) -> int:
+        """Bytes accepted but not yet handed to the kernel."""
+        return self._transport.get_write_buffer_size()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        tls = " tls" if self._transport.get_extra_info("ssl_object") is not None else ""
+        return (
+            f"<TcpStream to {self.peer_id} {state}{tls} local={self.sockname} "
+            f"packets={self.packets_sent} bytes={self.bytes_sent}>"
+        )
+
+
+class TcpStreamService:
+    """Opens `TcpStream`s to peers. Implements `vpn_packet.api.StreamService`.
+
+    - `discovery`: anything with `endpoint(peer_id) -> (host, port)` (a `StaticPeerDiscovery`).
+    - `local_peer_id`: our id, sent in the hello (and, with TLS, the identity in our certificate).
+    - `ssl_context`: a client context from `vpn_packet.transport.tls.client_context` for mutual TLS, or None.
+    - `connect_timeout`: seconds for TCP connect, TLS handshake and hello together.
+    - `write_timeout`: seconds a write may wait for a peer that does not read before failing.
+    - `send_buffer`: `SO_SNDBUF` in bytes (the kernel may cap it; None leaves the default).
+    """
+
+    def __init__(
+        self,
+        discovery: EndpointResolver,
+        local_peer_id: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float = 5.0,
+        write_timeout: float = 10.0,
+        send_buffer: int | None = DEFAULT_SEND_BUFFER,
+        high_water: int = _HIGH_WATER,
+    ) -> None:
+        if not connect_timeout > 0 or not write_timeout > 0:
+            raise ValueError("connect_timeout and write_timeout must be > 0 seconds")
+        self.discovery = discovery
+        self.local_peer_id = local_peer_id
+        self.ssl_context = ssl_context
+        self.connect_timeout = float(connect_timeout)
+        self.write_timeout = float(write_timeout)
+        self.send_buffer = send_buffer
+        self.high_water = high_water
+        self._hello = encode_hello(local_peer_id)
+        self.connects = 0
+        self.connect_failures = 0
+
+    async def create_stream(self, peer_id: str) -> TcpStream:
+        """A new connected stream to `peer_id` (hello sent). Raises `NetworkError` on any failure
+        (including an unknown peer's endpoint lookup error, which is re-raised as is)."""
+        host, port = self.discovery.endpoint(peer_id)
+        loop = asyncio.get_running_loop()
+        ctx = self.ssl_context
+        transport: asyncio.Transport | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                sock = await self._connect_socket(loop, host, port)
+                base, protocol = await loop.create_connection(
+                    _SenderProtocol,
+                    sock=sock,
+                    ssl=ctx,
+                    server_hostname=peer_id if ctx is not None else None,
+                    ssl_handshake_timeout=self.connect_timeout if ctx is not None else None,
+                )
+                assert isinstance(base, asyncio.Transport)
+                transport = base
+                if ctx is not None:
+                    verify_server_identity(ctx, transport.get_extra_info("ssl_object"), peer_id)
+                transport.set_write_buffer_limits(high=self.high_water)
+                transport.write(self._hello)
+        except BaseException as exc:
+            self.connect_failures += 1
+            if transport is not None:
+                transport.abort()
+            if isinstance(exc, (OSError, ssl.SSLError, TimeoutError, EOFError)):
+                if isinstance(exc, TimeoutError) and not exc.args:
+                    exc = TimeoutError(
+                        errno.ETIMEDOUT, f"connect to {host}:{port} timed out after {self.connect_timeout:g}s"
+                    )
+                raise NetworkError(exc, peer_id=peer_id, operation="connect") from exc
+            raise
+        self.connects += 1
+        return TcpStream(peer_id, transport, protocol, write_timeout=self.write_timeout)
+
+    async def _connect_socket(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        if not infos:  # pragma: no cover - getaddrinfo raises instead
+            raise OSError(errno.EHOSTUNREACH, f"no address for {host}")
+        error: OSError | None = None
+        for family, type_, proto, _name, address in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.send_buffer:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+                await loop.sock_connect(sock, address)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+            except BaseException:
+                sock.close()
+                raise
+        assert error is not None
+        raise error
+
+    def __repr__(self) -> str:
+        tls = "mutual-tls" if self.ssl_context is not None else "plain"
+        return (
+            f"<TcpStreamService {self.local_peer_id} {tls} connects={self.connects} "
+            f"failures={self.connect_failures}>"
+        )

@@ -1,0 +1,200 @@
+"""Framing: native encode/decode round trips, every chunking, bad lengths, the hello and `read_hello`."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import pickle
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vpn_packet.errors import FramingError, VpnPacketError
+from vpn_packet.transport.framing import (
+    MAX_HELLO_LEN,
+    FrameDecoder,
+    HelloTimeoutError,
+    encode_frames,
+    encode_hello,
+    parse_hello,
+    read_hello,
+)
+
+packets_st = st.lists(st.binary(min_size=1, max_size=300), max_size=40)
+
+
+def reference_encode(packets: list[bytes]) -> bytes:
+    return b"".join(struct.pack("!I", len(p)) + p for p in packets)
+
+
+def test_encode_matches_struct_and_takes_any_buffer() -> None:
+    packets = [b"a", b"hello", bytes(1400)]
+    assert encode_frames(packets) == reference_encode(packets)
+    assert encode_frames([bytearray(b"xy"), memoryview(b"z")]) == reference_encode([b"xy", b"z"])
+    assert encode_frames(iter([b"q"])) == reference_encode([b"q"])
+    assert encode_frames([]) == b""
+
+
+def test_encode_refuses_what_a_receiver_would() -> None:
+    with pytest.raises(FramingError) as info:
+        encode_frames([b"ok", b""])
+    assert info.value.reason == "zero_length"
+    with pytest.raises(FramingError) as info:
+        encode_frames([bytes(11)], max_frame_size=10)
+    assert (info.value.reason, info.value.length) == ("too_large", 11)
+    assert encode_frames([bytes(10)], max_frame_size=10) == reference_encode([bytes(10)])
+    with pytest.raises(TypeError):
+        encode_frames([1])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="max_frame_size"):
+        encode_frames([b"x"], max_frame_size=0)
+
+
+def test_decoder_splits_across_reads() -> None:
+    wire = encode_frames([b"abc", b"de", b"f"])
+    decoder = FrameDecoder()
+    assert decoder.feed(wire[:2]) == []
+    assert decoder.buffered == 2
+    assert decoder.feed(wire[2:9]) == [b"abc"]
+    assert decoder.feed(memoryview(wire)[9:]) == [b"de", b"f"]
+    assert (decoder.buffered, decoder.frames, decoder.payload_bytes, decoder.at_boundary) == (0, 3, 6, True)
+    assert decoder.error is None
+    assert "frames=3" in repr(decoder)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "reason", "length"),
+    [(b"\0\0\0\0", "zero_length", 0), (b"\xff\xff\xff\xff", "too_large", 0xFFFFFFFF)],
+)
+def test_bad_length_fails_at_once_keeping_earlier_frames(prefix: bytes, reason: str, length: int) -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(FramingError) as info:
+        decoder.feed(encode_frames([b"ok"]) + prefix + b"junk")
+    err = info.value
+    assert isinstance(err, VpnPacketError)
+    assert isinstance(err, ValueError)
+    assert (err.reason, err.length, err.frames) == (reason, length, [b"ok"])
+    assert not err.retriable
+    # Nothing of the announced frame is buffered, and the decoder stays failed.
+    assert decoder.buffered == 0
+    assert decoder.error == reason
+    assert not decoder.at_boundary
+    with pytest.raises(FramingError):
+        decoder.feed(b"")
+    again = pickle.loads(pickle.dumps(err))
+    assert (type(again), again.reason, again.length, str(again)) == (FramingError, reason, length, str(err))
+
+
+def test_configured_maximum() -> None:
+    decoder = FrameDecoder(max_frame_size=10)
+    assert decoder.max_frame_size == 10
+    assert decoder.feed(encode_frames([bytes(10)], max_frame_size=10)) == [bytes(10)]
+    with pytest.raises(FramingError, match="above the maximum frame size 10"):
+        decoder.feed(struct.pack("!I", 11))
+    with pytest.raises(ValueError, match="max_frame_size"):
+        FrameDecoder(max_frame_size=0)
+
+
+def test_partial_frame_is_the_only_memory() -> None:
+    decoder = FrameDecoder(max_frame_size=1000)
+    wire = encode_frames([bytes(1000)], max_frame_size=1000)
+    for i in range(len(wire) - 1):
+        assert decoder.feed(wire[i : i + 1]) == []
+        assert decoder.buffered == i + 1 <= 1004
+    assert decoder.feed(wire[-1:]) == [bytes(1000)]
+    assert decoder.buffered == 0
+
+
+@given(packets_st, st.lists(st.integers(min_value=0), max_size=20))
+def test_every_chunking_decodes_the_same(packets: list[bytes], cuts: list[int]) -> None:
+    wire = encode_frames(packets)
+    assert wire == reference_encode(packets)
+    points = sorted({0, len(wire), *(c % (len(wire) + 1) for c in cuts)})
+    decoder = FrameDecoder(max_frame_size=300)
+    out: list[bytes] = []
+    for a, b in itertools.pairwise(points):
+        out.extend(decoder.feed(wire[a:b]))
+        assert decoder.buffered <= 304
+    assert out == packets
+    assert decoder.at_boundary
+
+
+@given(st.binary(max_size=2000), st.integers(min_value=1, max_value=64))
+def test_random_bytes_give_frames_or_a_framing_error(data: bytes, step: int) -> None:
+    decoder = FrameDecoder(max_frame_size=500)
+    reason = None
+    for i in range(0, len(data), step):
+        try:
+            frames = decoder.feed(data[i : i + step])
+        except FramingError as exc:
+            reason = exc.reason
+            break
+        assert all(0 < len(f) <= 500 for f in frames)
+        assert decoder.buffered <= 504
+    assert reason in {None, "zero_length", "too_large"}
+    assert decoder.error == reason
+
+
+def test_hello_encoding() -> None:
+    assert encode_hello("node-b") == b"VPNP\x01\x06node-b"
+    assert len(encode_hello("x" * 255)) == MAX_HELLO_LEN
+    assert encode_hello("é") == b"VPNP\x01\x02\xc3\xa9"
+    for bad, reason in [("", "empty_peer_id"), ("x" * 256, "peer_id_too_long")]:
+        with pytest.raises(FramingError) as info:
+            encode_hello(bad)
+        assert info.value.reason == reason
+
+
+def test_parse_hello_incrementally() -> None:
+    hello = encode_hello("node-a")
+    for cut in range(len(hello)):
+        peer_id, needed = parse_hello(hello[:cut])
+        assert peer_id is None
+        assert needed >= 1
+    assert parse_hello(hello + b"\0\0\0\1x") == ("node-a", len(hello))
+    assert parse_hello(bytearray(b"VPNP\x01\x03ab")) == (None, 1)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"GET / HTTP/1.1", "bad_magic"),
+        (b"V\x00", "bad_magic"),
+        (b"VPNP\x02\x01a", "unsupported_version"),
+        (b"VPNP\x01\x00", "empty_peer_id"),
+        (b"VPNP\x01\x02\xff\xfe", "invalid_peer_id"),
+    ],
+)
+def test_parse_hello_errors(data: bytes, reason: str) -> None:
+    with pytest.raises(FramingError) as info:
+        parse_hello(data)
+    assert info.value.reason == reason
+
+
+def _reader(data: bytes, eof: bool = True) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    if eof:
+        reader.feed_eof()
+    return reader
+
+
+async def test_read_hello_leaves_the_frames() -> None:
+    frames = encode_frames([b"p1"])
+    reader = _reader(encode_hello("node-a") + frames)
+    assert await read_hello(reader, timeout=1.0) == "node-a"
+    assert await reader.read() == frames
+
+
+async def test_read_hello_errors() -> None:
+    with pytest.raises(FramingError) as info:
+        await read_hello(_reader(b"VPNP\x01\x05ab"), timeout=1.0)
+    assert info.value.reason == "hello_truncated"
+    with pytest.raises(FramingError) as info:
+        await read_hello(_reader(b"SSH-2.0", eof=False), timeout=1.0)
+    assert info.value.reason == "bad_magic"
+    with pytest.raises(HelloTimeoutError) as timeout_info:
+        await read_hello(_reader(b"VPNP", eof=False), timeout=0.01)
+    assert timeout_info.value.reason == "hello_timeout"
+    assert isinstance(timeout_info.value, FramingError)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import random
@@ -277,8 +278,13 @@ async def run_demo(
     seed: int = 1,
     progress: Any = None,
     delivery_timeout: float = 30.0,
+    stall_timeout: float = 2.0,
 ) -> DemoResult:
-    """Run the two-node demo; `progress(received, total)` is called as packets arrive (optional)."""
+    """Run the two-node demo; `progress(received, total)` is called as packets arrive (optional).
+
+    After the last packet is written, waits for B to receive everything: at most `delivery_timeout` seconds,
+    and no longer than `stall_timeout` seconds without any packet arriving.
+    """
     from vpn_packet.transport.discovery import Peer
     from vpn_packet.transport.node import Node
 
@@ -328,18 +334,21 @@ async def run_demo(
                 await node_a.flush()
                 done = verifier.done
                 assert done is not None
-                if verifier.received < packets:
-                    deadline = time.perf_counter() + delivery_timeout
-                    while verifier.received < packets and time.perf_counter() < deadline:
-                        if progress is not None:
-                            progress(verifier.received, packets)
-                        try:
-                            async with asyncio.timeout(0.1):
-                                await done.wait()
-                        except TimeoutError:
-                            pass
-                        if accepted < packets and not node_a.dispatcher.metrics().queued:
-                            break  # some were rejected: they will never arrive
+                # Everything is written to the socket; wait for B to take it in. Give up when nothing more
+                # arrives for `stall_timeout` seconds (lost packets never will), or after `delivery_timeout`.
+                deadline = time.perf_counter() + delivery_timeout
+                last, last_change = verifier.received, time.perf_counter()
+                while not done.is_set() and time.perf_counter() < deadline:
+                    if progress is not None:
+                        progress(verifier.received, packets)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.05):
+                            await done.wait()
+                    now = time.perf_counter()
+                    if verifier.received != last:
+                        last, last_change = verifier.received, now
+                    elif now - last_change > stall_timeout:
+                        break
                 elapsed = time.perf_counter() - start
                 if progress is not None:
                     progress(verifier.received, packets)

@@ -159,10 +159,10 @@ class Node:
 
     async def start(self) -> None:
         """Listen, then accept packets to send. Idempotent while running."""
-        if self._started:
-            return
         if self._stopped:
             raise RuntimeError("a stopped Node cannot be restarted; create a new one")
+        if self._started:
+            return
         await self.receiver.start()
         try:
             await self.pool.start()

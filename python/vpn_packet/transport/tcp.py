@@ -181,7 +181,7 @@ class TcpStream:
             async with asyncio.timeout(self._write_timeout):
                 await waiter
         except TimeoutError as exc:
-            self._transport.abort()
+            self.abort()
             cause = TimeoutError(
                 errno.ETIMEDOUT,
                 f"peer did not read for {self._write_timeout:g}s "

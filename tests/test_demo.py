@@ -1,0 +1,90 @@
+"""`vpn-packet demo`, run in-process with a small workload: exit status, summary, verification."""
+
+from __future__ import annotations
+
+import pytest
+
+from vpn_packet import demo
+from vpn_packet.cli import main
+
+
+def test_demo_plain_tcp(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["demo", "--packets", "4000", "--destinations", "120", "--seed", "3"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "OK: all 4,000 packets arrived intact and in order per destination" in out
+    assert "busiest workers" in out
+    assert "pps" in out
+    assert "Mbit/s" in out
+    assert "drops" in out
+
+
+def test_demo_mutual_tls(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["demo", "--packets", "1000", "--destinations", "50", "--tls"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "mutual TLS" in out
+    assert "OK: all 1,000 packets" in out
+
+
+async def test_run_demo_result() -> None:
+    result = await demo.run_demo(3000, 200, seed=5)
+    assert result.ok
+    assert result.received == 3000
+    assert (result.corrupt, result.out_of_order, result.missing) == (0, 0, 0)
+    assert not any(result.drops.values())
+    assert result.top_workers
+    assert result.top_workers[0][1] >= result.top_workers[-1][1]
+    assert result.receiver["receiver"]["packets_delivered"] == 3000
+
+
+def test_workload_is_realistic() -> None:
+    workload = demo.Workload(5000, 300, seed=1)
+    packets = [p for chunk in workload.chunks(1000) for p in chunk]
+    assert len(packets) == 5000
+    assert min(map(len, packets)) >= 40
+    assert max(map(len, packets)) <= 1400
+    assert {p[0] >> 4 for p in packets} == {4, 6}
+    assert {f.protocol for f in workload.flows} == {6, 17}
+    assert len({f.key for f in workload.flows}) == 300
+    assert sum(workload.sent) == 5000
+    assert sum(len(c) for c in workload.crcs) == 5000
+
+
+def test_a_lost_packet_fails_the_demo(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original = demo.Verifier.__call__
+    dropped: list[bool] = []
+
+    def lossy(self: demo.Verifier, peer_id: str, packets: list[bytes]) -> None:
+        if not dropped:
+            dropped.append(True)
+            packets = packets[1:]  # the first packet never "arrives"
+            self.target -= 1  # do not wait for it
+        original(self, peer_id, packets)
+
+    monkeypatch.setattr(demo.Verifier, "__call__", lossy)
+    status = main(["demo", "--packets", "500", "--destinations", "20"])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "FAILED" in out
+
+
+def test_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--packets", "0"]) == 2
+    assert main(["demo", "--destinations", "70000"]) == 2
+    assert "at most 60000" in capsys.readouterr().err
+
+
+async def test_lost_packets_are_detected_without_waiting_for_ever(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = demo.Verifier.__call__
+
+    def drop_first_of_each_batch(self: demo.Verifier, peer_id: str, packets: list[bytes]) -> None:
+        original(self, peer_id, packets[1:])
+
+    monkeypatch.setattr(demo.Verifier, "__call__", drop_first_of_each_batch)
+    result = await demo.run_demo(400, 10, stall_timeout=0.05)
+    assert not result.ok
+    assert result.received < 400
+    assert result.missing > 0 or result.out_of_order > 0

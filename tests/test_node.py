@@ -1,0 +1,190 @@
+"""Node: two real nodes on loopback (dispatcher, pool, TCP streams, receiver), a peer that disappears and
+comes back, lifecycle and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from vpn_packet.errors import VpnPacketError, is_network_error
+from vpn_packet.resilience import ResilienceConfig
+from vpn_packet.testutil.packets import TCP, UDP, ipv4_packet, ipv6_packet
+from vpn_packet.transport.discovery import Peer
+from vpn_packet.transport.node import Node
+from vpn_packet.transport.tcp import TcpStream
+
+A_NETS = ["10.1.0.0/16", "fd00:a::/64"]
+B_NETS = ["10.2.0.0/16", "fd00:b::/64"]
+FAST = ResilienceConfig(initial_interval=0.001, max_interval=0.002, failure_threshold=1000, max_attempts=3)
+
+
+@dataclass
+class Collector:
+    packets: list[bytes] = field(default_factory=list)
+    peers: set[str] = field(default_factory=set)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    want: int = 0
+
+    def __call__(self, peer_id: str, packets: list[bytes]) -> None:
+        self.peers.add(peer_id)
+        self.packets += packets
+        if len(self.packets) >= self.want:
+            self.event.set()
+
+    async def wait_for(self, n: int) -> None:
+        self.want = n
+        if len(self.packets) < n:
+            self.event.clear()
+            async with asyncio.timeout(10):  # a safety net, not a threshold
+                await self.event.wait()
+
+
+def packet(dst: int, seq: int, *, v6: bool = False) -> bytes:
+    payload = seq.to_bytes(4, "big")
+    if v6:
+        return ipv6_packet("fd00:a::1", f"fd00:b::{dst + 1:x}", TCP, 4000, 443, payload)
+    return ipv4_packet("10.1.0.1", f"10.2.0.{dst + 1}", UDP, 4000, 53, payload)
+
+
+async def make_b(sink: Collector, port: int = 0) -> Node:
+    node = Node("node-b", ("127.0.0.1", port), [Peer("node-a", "127.0.0.1:9", A_NETS)], sink)
+    await node.start()
+    return node
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Node, Node, Collector]]:
+    sink = Collector()
+    b = await make_b(sink)
+    a = Node("node-a", ("127.0.0.1", 0), [Peer("node-b", b.endpoint, B_NETS)], None, resilience=FAST)
+    await a.start()
+    yield a, b, sink
+    await a.stop()
+    await b.stop()
+
+
+async def test_packets_arrive_in_order_per_destination(pair: tuple[Node, Node, Collector]) -> None:
+    a, b, sink = pair
+    sent = [packet(d, s, v6=d % 3 == 0) for s in range(20) for d in range(40)]
+    assert a.send(sent[0])
+    assert a.send_batch(sent[1:]) == len(sent) - 1
+    assert await a.flush(10)
+    await sink.wait_for(len(sent))
+    assert sink.peers == {"node-a"}
+    per_dest: dict[bytes, list[int]] = {}
+    for p in sink.packets:
+        per_dest.setdefault(p[24:40] if p[0] >> 4 == 6 else p[16:20], []).append(
+            int.from_bytes(p[-4:], "big")
+        )
+    assert all(seqs == list(range(20)) for seqs in per_dest.values())
+    m = a.metrics()
+    assert m.dispatcher.sent == len(sent)
+    assert m.dispatcher.accounting_ok
+    assert m.pool.created >= 1
+    assert m.connects == m.pool.created
+    assert b.metrics().receiver.packets_delivered == len(sent)
+    assert "node-a" in repr(a)
+    assert m.as_dict()["pool"]["created"] == m.pool.created
+
+
+async def test_spoofed_source_is_dropped_by_the_receiver(pair: tuple[Node, Node, Collector]) -> None:
+    a, b, sink = pair
+    spoofed = ipv4_packet("10.9.0.1", "10.2.0.1", UDP, 1, 2, b"x")  # source outside node-a's prefixes
+    assert a.send(spoofed)
+    assert a.send(packet(0, 0))
+    await a.flush(10)
+    await sink.wait_for(1)
+    for _ in range(100):  # let the receiver count what came in the same read
+        if b.metrics().receiver.spoofed_dropped:
+            break
+        await asyncio.sleep(0)
+    assert b.metrics().receiver.spoofed_dropped == 1
+    assert sink.packets == [packet(0, 0)]
+
+
+async def test_unknown_destination_fails_with_no_peer(pair: tuple[Node, Node, Collector]) -> None:
+    a, _b, _sink = pair
+    assert a.send(ipv4_packet("10.1.0.1", "192.0.2.1", UDP, 1, 2))
+    await a.flush(10)
+    assert a.metrics().dispatcher.failed_by_reason["no_peer"] == 1
+
+
+async def test_peer_disappears_then_comes_back() -> None:
+    """Packets to a peer that went away fail with a typed error; once it is back, the same worker sends on a
+    new stream."""
+    sink = Collector()
+    b = await make_b(sink)
+    port = b.address[1] if b.address else 0
+    a = Node("node-a", ("127.0.0.1", 0), [Peer("node-b", b.endpoint, B_NETS)], None, resilience=FAST)
+    await a.start()
+    try:
+        key_packet = packet(7, 0)
+        assert a.send(key_packet)
+        await a.flush(10)
+        await sink.wait_for(1)
+        (old,) = a.pool.streams("node-b")
+        assert isinstance(old, TcpStream)
+
+        await b.stop()  # the peer disappears mid-stream
+        async with asyncio.timeout(10):
+            await old.wait_closed()
+        sync_key, dest_ip = "10.2.0.8:53", "10.2.0.8"
+        future = a.dispatcher.dispatch_packet_with_callback(sync_key, dest_ip, packet(7, 1))
+        with pytest.raises(VpnPacketError) as info:
+            async with asyncio.timeout(10):
+                await future
+        assert is_network_error(info.value)
+        failed = a.metrics().dispatcher.failed
+        assert failed == 1
+
+        sink2 = Collector()
+        b = await make_b(sink2, port)  # back, on the same address
+        future = a.dispatcher.dispatch_packet_with_callback(sync_key, dest_ip, packet(7, 2))
+        async with asyncio.timeout(10):
+            await future
+        await sink2.wait_for(1)
+        assert sink2.packets == [packet(7, 2)]
+        (new,) = a.pool.streams("node-b")
+        assert new is not old
+        assert a.pool.metrics().created == 2
+        workers = a.worker_metrics()
+        assert workers[sync_key].packet_count == 2
+        assert workers[sync_key].error_count == 1
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_lifecycle_leaves_no_task_behind() -> None:
+    before = asyncio.all_tasks()
+    sink = Collector()
+    b = await make_b(sink)
+    async with Node("node-a", ("127.0.0.1", 0), [Peer("node-b", b.endpoint, B_NETS)]) as a:
+        assert a.running
+        assert a.send_batch([packet(d, 0) for d in range(10)]) == 10
+        await a.flush(10)
+        await sink.wait_for(10)
+    assert not a.running
+    await a.stop()  # idempotent
+    with pytest.raises(RuntimeError, match="restarted"):
+        await a.start()
+    assert not a.send(packet(0, 1))
+    assert a.metrics().dispatcher.rejected_by_reason["stopped"] == 1
+    await b.stop()
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() - before == set()
+
+
+def test_tls_needs_both_contexts() -> None:
+    import ssl
+
+    with pytest.raises(ValueError, match="both"):
+        Node("a", ssl_client=ssl.create_default_context())
+    node = Node("a")
+    assert node.address is None
+    with pytest.raises(RuntimeError, match="not listening"):
+        _ = node.endpoint
+    assert "new" in repr(node)

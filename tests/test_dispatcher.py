@@ -64,6 +64,7 @@ def test_fakes_satisfy_the_protocols() -> None:
         {"max_workers": 0},
         {"max_consecutive_failures": 0},
         {"worker_idle_timeout": 0},
+        {"coalesce": -1},
     ],
 )
 def test_constructor_rejects_bad_settings(kwargs: dict[str, int]) -> None:
@@ -297,3 +298,42 @@ async def test_prometheus_collector(dispatcher: Dispatcher) -> None:
     assert registry.get_sample_value("vpn_packet_worker_bytes_total", {"sync_key": "k"}) == 3
     text = prometheus_client.generate_latest(registry).decode()
     assert 'vpn_packet_packets_rejected_total{reason="queue_full"} 0.0' in text
+
+
+async def test_a_lone_packet_is_not_held_back(dispatcher: Dispatcher, fake_pool: FakeStreamPool) -> None:
+    dispatcher.dispatch_packet("k", "10.0.0.1", b"x")
+    for _ in range(4):  # coalescing waits only while packets keep coming
+        await asyncio.sleep(0)
+    assert fake_pool.written() == [b"x"]
+
+
+async def test_a_steady_producer_gets_coalesced_writes(
+    dispatcher: Dispatcher, fake_stream_service: FakeStreamService
+) -> None:
+    for i in range(12):
+        dispatcher.dispatch_packet("k", "10.0.0.1", bytes([i]))
+        await asyncio.sleep(0)
+    await dispatcher.flush()
+    (stream,) = fake_stream_service.created
+    assert stream.written == [bytes([i]) for i in range(12)]
+    assert len(stream.batches) < 12  # several packets per write_many
+
+
+async def test_coalescing_stops_when_a_queue_is_half_full(dispatcher_factory: DispatcherFactory) -> None:
+    d = await dispatcher_factory(worker_buffer_size=8, coalesce=1000)
+    for i in range(100):
+        assert d.dispatch_packet("k", "10.0.0.1", bytes([i]))
+        await asyncio.sleep(0)
+    await d.flush()
+    assert d.check_accounting().sent == 100
+
+
+async def test_coalesce_zero_drains_at_once(
+    dispatcher_factory: DispatcherFactory, fake_stream_service: FakeStreamService
+) -> None:
+    d = await dispatcher_factory(coalesce=0)
+    for i in range(5):
+        d.dispatch_packet("k", "10.0.0.1", bytes([i]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    assert fake_stream_service.created[0].batches == [[bytes([i])] for i in range(5)]

@@ -47,9 +47,15 @@ _ops = st.lists(
 )
 
 
-@given(ops=_ops, suspend=st.booleans(), failure_rate=st.sampled_from([0.0, 0.2]), seed=st.integers(0, 99))
+@given(
+    ops=_ops,
+    suspend=st.booleans(),
+    failure_rate=st.sampled_from([0.0, 0.2]),
+    coalesce=st.sampled_from([0, 16]),
+    seed=st.integers(0, 99),
+)
 def test_order_per_key_under_random_interleavings(
-    ops: list[tuple[str, int, int]], suspend: bool, failure_rate: float, seed: int
+    ops: list[tuple[str, int, int]], suspend: bool, failure_rate: float, coalesce: int, seed: int
 ) -> None:
     """Whatever the interleaving of single, callback and batch dispatches, suspending writes and retried
     failures, the packets of one key reach the streams in dispatch order (failed ones are left out)."""
@@ -73,6 +79,7 @@ def test_order_per_key_under_random_interleavings(
             worker_buffer_size=10_000,
             resilience_service=resilience,
             clock=clock,
+            coalesce=coalesce,
         )
         dispatched: dict[int, list[int]] = defaultdict(list)
         seq = 0

@@ -5,8 +5,9 @@ How a packet travels:
 1. `dispatch_packet` (or `dispatch`, `dispatch_batch`) is synchronous and cheap: a dict lookup, a bounds
    check, a list append. A worker that was idle is marked busy and put on the *ready* deque; if no pump is
    free, one pump task is created. That is one task wake-up per burst of packets, not per packet.
-2. A pump task takes ready workers one by one and runs `Worker.drain()` eagerly (it steps the coroutine
-   itself): a drain whose writes complete without suspending (in-memory streams, a socket with room in its
+2. A pump task first lets the producer run a few more loop iterations while packets keep coming
+   (`coalesce`), so that each worker has several packets per write; then it takes ready workers one by one
+   and runs `Worker.drain()` eagerly (it steps the coroutine itself): a drain whose writes complete without suspending (in-memory streams, a socket with room in its
    buffer) costs no task switch at all. When a drain does suspend (a slow peer, a backoff, a blocked stream),
    the pump stays with it and hands the rest of the ready deque to a new pump: a stuck destination delays no
    other (isolation), and there are only as many pump tasks as drains currently waiting, plus one.
@@ -51,6 +52,7 @@ __all__ = ["Dispatcher", "DispatcherState", "NewDispatcher"]
 _log = logging.getLogger(__name__)
 
 DEFAULT_MAX_WORKERS: Final = 100_000
+DEFAULT_COALESCE: Final = 16
 
 
 class DispatcherState(enum.Enum):
@@ -108,6 +110,10 @@ class Dispatcher:
     - `max_consecutive_failures`: failed batches in a row after which a worker is recycled (drops its peer id
       and stream).
     - `clock`: time source for idle cleanup and activity stamps (default: the loop's clock).
+    - `coalesce`: how many loop iterations a woken pump may wait for more packets before draining, while
+      packets keep arriving (it drains at once when an iteration brings none, or when a queue is half full).
+      More packets per `write_many` cost less per packet; 0 drains at the first iteration. Under a steady
+      flood this adds at most that many loop iterations of latency; a lone packet waits one iteration.
     """
 
     _CANCEL_GRACE: Final = 1.0  # seconds granted to cancelled drains and stream closes at stop
@@ -125,12 +131,14 @@ class Dispatcher:
         max_workers: int = DEFAULT_MAX_WORKERS,
         max_consecutive_failures: int = 5,
         clock: Callable[[], float] | None = None,
-        coalesce: int = 0,
+        coalesce: int = DEFAULT_COALESCE,
     ) -> None:
         if worker_buffer_size < 1:
             raise ValueError(f"worker_buffer_size must be >= 1, got {worker_buffer_size!r}")
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers!r}")
+        if coalesce < 0:
+            raise ValueError(f"coalesce must be >= 0, got {coalesce!r}")
         if max_consecutive_failures < 1:
             raise ValueError(f"max_consecutive_failures must be >= 1, got {max_consecutive_failures!r}")
         if not worker_idle_timeout > 0 or not worker_cleanup_interval > 0:
@@ -274,6 +282,7 @@ class Dispatcher:
             worker._abandon_inflight()  # drains that ignored their cancellation
             worker.close()
         self._workers.clear()
+        self._ctx.idle_log.clear()
         self._ctx.busy = 0
         self._free_pumps = 0
         self._notify_idle()
@@ -448,23 +457,26 @@ class Dispatcher:
         if len(workers) >= self.max_workers and not self._evict_idle_worker():
             self._rejected["worker_limit"] += n
             return None
-        worker = Worker(sync_key, dest_ip, self._ctx, self._ctx.clock())
+        ctx = self._ctx
+        worker = Worker(sync_key, dest_ip, ctx, ctx.clock())
         workers[sync_key] = worker
+        ctx.log_limit += 2
+        ctx.log_idle(worker)
         self._workers_created += 1
         return worker
 
     def _evict_idle_worker(self) -> bool:
         """Remove the least recently active idle worker; False if every worker is busy."""
-        workers = self._workers
-        if self._ctx.busy >= len(workers):
+        ctx = self._ctx
+        if ctx.busy >= len(self._workers):
             return False
-        for sync_key, worker in workers.items():
-            if not worker.busy:
-                del workers[sync_key]
-                worker.close()
-                self._workers_evicted += 1
-                return True
-        return False  # pragma: no cover - busy < len(workers) guarantees an idle one
+        worker = ctx.pop_idle()
+        if worker is None:  # pragma: no cover - busy < len(workers) means an idle worker is logged
+            return False
+        del self._workers[worker.sync_key]
+        worker.close()
+        self._workers_evicted += 1
+        return True
 
     # --- draining -------------------------------------------------------------------------------------------
 
@@ -554,17 +566,13 @@ class Dispatcher:
         if now is None:
             now = self._ctx.clock()
         cutoff = now - self.worker_idle_timeout
-        victims = []
-        for sync_key, worker in self._workers.items():  # least recently active first
-            if worker.busy:
-                continue
-            if worker.last_activity > cutoff:
-                break
-            victims.append(sync_key)
-        for sync_key in victims:
-            self._workers.pop(sync_key).close()
-        self._workers_removed += len(victims)
-        return len(victims)
+        removed = 0
+        while (worker := self._ctx.pop_idle(cutoff)) is not None:  # least recently active first
+            del self._workers[worker.sync_key]
+            worker.close()
+            removed += 1
+        self._workers_removed += removed
+        return removed
 
     # --- metrics --------------------------------------------------------------------------------------------
 
@@ -619,7 +627,7 @@ class Dispatcher:
         return {key: worker.metrics() for key, worker in self._workers.items()}
 
     def workers(self) -> list[Worker]:
-        """The live workers, least recently active first (for inspection)."""
+        """The live workers, oldest first (for inspection)."""
         return list(self._workers.values())
 
     def __repr__(self) -> str:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ from vpn_packet.types import QueuedPacket
 __all__ = ["Worker", "WorkerMetrics"]
 
 _CREATE = ("stream_service", "create_stream")
+_NO_BATCH: Sequence[bytes] = ()
 _STREAM_SERVICES = ("stream_pool", "stream_service")
 
 _log = logging.getLogger(__name__)
@@ -81,6 +82,13 @@ class WorkerContext:
 
     Counters: `sent`/`bytes_sent` (written), `failed` and `discarded` (per reason), `recycled`. `busy` is the
     number of workers queued for, or in, a drain; `on_idle` is called when it falls to zero.
+
+    `idle_log` lists workers in the order they went idle (oldest first), for idle cleanup and eviction in
+    least-recently-active order without touching every worker. A worker is appended each time it goes idle
+    (and when it is created); `Worker.log_entries` counts its entries, so all but its last are known stale.
+    It is compacted once it holds more than twice as many entries as there are workers. (A plain dict plus
+    this log, rather than an `OrderedDict` moved-to-end per drain: the latter's per-entry nodes fragment
+    pymalloc arenas under create/remove churn, so that RSS creeps up cycle after cycle.)
     """
 
     __slots__ = (
@@ -91,6 +99,8 @@ class WorkerContext:
         "discarded",
         "discovery",
         "failed",
+        "idle_log",
+        "log_limit",
         "max_consecutive_failures",
         "on_idle",
         "pool",
@@ -124,7 +134,9 @@ class WorkerContext:
         self.spawn = spawn
         self.max_consecutive_failures = max_consecutive_failures
         self.capacity = capacity
-        self.workers: OrderedDict[str, Worker] = OrderedDict()  # least recently active first
+        self.workers: dict[str, Worker] = {}
+        self.idle_log: deque[Worker] = deque()
+        self.log_limit = 1024  # compact idle_log beyond this many entries
         self.busy = 0
         self.on_idle: Callable[[], None] | None = None
         self.sent = 0
@@ -132,6 +144,46 @@ class WorkerContext:
         self.failed = dict.fromkeys(FAILURE_REASONS, 0)
         self.discarded = dict.fromkeys(DISCARD_REASONS, 0)
         self.recycled = 0
+
+    def log_idle(self, worker: Worker) -> None:
+        """Note that `worker` just went idle (or was created). (`Worker.drain` has this inline.)"""
+        log = self.idle_log
+        log.append(worker)
+        worker.log_entries += 1
+        if len(log) > self.log_limit:
+            self.compact_log()
+
+    def compact_log(self) -> None:
+        """Keep only the last entry of each live worker, in order."""
+        kept: deque[Worker] = deque()
+        for worker in self.idle_log:
+            worker.log_entries -= 1
+            if worker.log_entries == 0 and not worker.closed:
+                kept.append(worker)
+        for worker in kept:
+            worker.log_entries = 1
+        self.idle_log = kept
+        self.log_limit = 2 * len(self.workers) + 1024
+
+    def pop_idle(self, cutoff: float | None = None) -> Worker | None:
+        """Take the least recently active idle worker off the log (if idle since `cutoff` or earlier).
+
+        Stale entries met on the way are dropped, and so are the entries of busy workers (a worker logs
+        itself again when its drain ends). None when there is no such worker.
+        """
+        log = self.idle_log
+        while log:
+            worker = log[0]
+            if worker.closed or worker.busy or worker.log_entries > 1:
+                log.popleft()
+                worker.log_entries -= 1
+                continue
+            if cutoff is not None and worker.last_activity > cutoff:
+                return None
+            log.popleft()
+            worker.log_entries -= 1
+            return worker
+        return None
 
     async def acquire(self, peer_id: str, worker: Worker) -> Stream:
         """A stream to `peer_id`: from the pool if there is one, else a new one. Raises `ServiceError`."""
@@ -221,9 +273,9 @@ class Worker:
         "discard_count",
         "drop_count",
         "error_count",
-        "in_flight",
         "last_activity",
         "limit",
+        "log_entries",
         "packet_count",
         "peer_id",
         "queue",
@@ -239,10 +291,9 @@ class Worker:
         # (index in `queue`, future) of packets dispatched with a callback; None while there are none.
         self._futures: list[tuple[int, asyncio.Future[None]]] | None = None
         self._inflight: list[bytes] | None = None
-        self.in_flight = 0  # len(self._inflight): packets taken from the queue and being written now
         self.limit = ctx.capacity  # room for the queue: capacity - in_flight
         self._inflight_futures: list[asyncio.Future[None]] | None = None
-        self._batch: list[bytes] = []
+        self._batch: Sequence[bytes] = _NO_BATCH
         self._stream: Stream | None = None
         self.peer_id: str | None = None
         self.busy = False
@@ -254,6 +305,7 @@ class Worker:
         self.discard_count = 0
         self.consecutive_failures = 0
         self.recycle_count = 0
+        self.log_entries = 0  # entries in the context's idle_log
         self.created_at = now
         self.last_activity = now
 
@@ -266,6 +318,12 @@ class Worker:
             futures = self._futures = []
         futures.append((len(self.queue), future))
         self.queue.append(data)
+
+    @property
+    def in_flight(self) -> int:
+        """Packets taken from the queue and being written now."""
+        inflight = self._inflight
+        return 0 if inflight is None else len(inflight)
 
     @property
     def idle(self) -> bool:
@@ -285,8 +343,12 @@ class Worker:
     # --- draining -------------------------------------------------------------------------------------------
 
     async def drain(self) -> None:
-        """Write everything queued, batch by batch, until the queue is empty (or the worker is closed)."""
+        """Write everything queued, batch by batch, until the queue is empty (or the worker is closed).
+
+        This is the hot path: one pass per batch, so the success path is kept inline.
+        """
         ctx = self._ctx
+        capacity = ctx.capacity
         try:
             while self.queue and not self.closed:
                 batch = self.queue
@@ -298,26 +360,51 @@ class Worker:
                         continue
                 self._inflight = batch
                 self._inflight_futures = futures
-                self.in_flight = n = len(batch)
-                self.limit = ctx.capacity - n
-                error = await self._deliver(batch)
+                self.limit = capacity - len(batch)
+                peer_id = self.peer_id
+                error = await self._lookup() if peer_id is None else None
+                if error is None:
+                    self._batch = batch
+                    try:
+                        await ctx.resilience.call(self.peer_id, self._attempt)  # type: ignore[arg-type]
+                    except asyncio.CancelledError as exc:
+                        if _really_cancelled():
+                            raise
+                        error = _stream_error(exc, self, self.peer_id or "")
+                    except Exception as exc:
+                        error = exc
+                    self._batch = _NO_BATCH
                 self._inflight = None
                 self._inflight_futures = None
-                self.in_flight = 0
-                self.limit = ctx.capacity
+                self.limit = capacity
                 if error is None:
-                    self._succeeded(batch, futures)
+                    n = len(batch)
+                    size = sum(map(len, batch))
+                    self.packet_count += n
+                    self.byte_count += size
+                    self.consecutive_failures = 0
+                    ctx.sent += n
+                    ctx.bytes_sent += size
+                    if futures:
+                        for future in futures:
+                            if not future.done():
+                                future.set_result(None)
                 else:
                     self._failed(batch, futures, error)
         except asyncio.CancelledError:
             self._abandon_inflight()
             raise
         finally:
+            self._batch = _NO_BATCH
             self.busy = False
             self.last_activity = ctx.clock()
             if not self.closed:  # a closed worker was already written off by stop()
                 ctx.busy -= 1
-                ctx.workers.move_to_end(self.sync_key)
+                log = ctx.idle_log
+                log.append(self)
+                self.log_entries += 1
+                if len(log) > ctx.log_limit:
+                    ctx.compact_log()
                 if ctx.busy == 0 and ctx.on_idle is not None:
                     ctx.on_idle()
 
@@ -335,35 +422,22 @@ class Worker:
             self._ctx.discarded["cancelled"] += skipped
         return batch, futures
 
-    async def _deliver(self, batch: list[bytes]) -> BaseException | None:
-        """Look up the peer and write `batch` under the resilience service; the final error, or None."""
-        peer_id = self.peer_id
-        ctx = self._ctx
-        if peer_id is None:
-            try:
-                peer_id = await ctx.discovery.get_peer_id(self.dest_ip)
-            except PeerNotFoundError as exc:
-                return exc
-            except asyncio.CancelledError as exc:
-                if _really_cancelled():
-                    raise
-                return ServiceError(exc, "peer_discovery", "get_peer_id", worker_id=self.sync_key)
-            except Exception as exc:
-                return ServiceError(
-                    exc, "peer_discovery", "get_peer_id", worker_id=self.sync_key, dest_ip=self.dest_ip
-                )
-            self.peer_id = peer_id
-        self._batch = batch
+    async def _lookup(self) -> BaseException | None:
+        """Find and cache the peer of `dest_ip`; the error (as the batch's failure) if there is none."""
         try:
-            await ctx.resilience.call(peer_id, self._attempt)
+            self.peer_id = await self._ctx.discovery.get_peer_id(self.dest_ip)
+        except PeerNotFoundError as exc:
+            return exc
         except asyncio.CancelledError as exc:
             if _really_cancelled():
                 raise
-            return _stream_error(exc, self, peer_id)
+            return ServiceError(
+                exc, "peer_discovery", "get_peer_id", worker_id=self.sync_key, dest_ip=self.dest_ip
+            )
         except Exception as exc:
-            return exc
-        finally:
-            self._batch = []
+            return ServiceError(
+                exc, "peer_discovery", "get_peer_id", worker_id=self.sync_key, dest_ip=self.dest_ip
+            )
         return None
 
     async def _attempt(self) -> None:
@@ -383,20 +457,6 @@ class Worker:
             if isinstance(exc, Exception) and not isinstance(exc, VpnPacketError):
                 raise _stream_error(exc, self, peer_id) from exc
             raise
-
-    def _succeeded(self, batch: list[bytes], futures: list[asyncio.Future[None]] | None) -> None:
-        n = len(batch)
-        size = sum(map(len, batch))
-        self.packet_count += n
-        self.byte_count += size
-        self.consecutive_failures = 0
-        ctx = self._ctx
-        ctx.sent += n
-        ctx.bytes_sent += size
-        if futures:
-            for future in futures:
-                if not future.done():
-                    future.set_result(None)
 
     def _failed(
         self, batch: list[bytes], futures: list[asyncio.Future[None]] | None, error: BaseException
@@ -436,7 +496,6 @@ class Worker:
         futures = self._inflight_futures
         self._inflight = None
         self._inflight_futures = None
-        self.in_flight = 0
         self.limit = self._ctx.capacity
         self._discard(len(batch), futures, "stopped")
 

@@ -38,7 +38,8 @@ SIZES = (64, 1400)
 ROUND = {64: 200_000, 1400: 40_000}
 BATCH = 1024
 DESTINATIONS = 16
-ROUNDS = 5
+ROUNDS = 7
+WINDOW = 8 * BATCH  # node-to-node: packets in flight at most
 A_NETS = ["10.1.0.0/16"]
 B_NETS = ["10.2.0.0/16"]
 
@@ -103,6 +104,18 @@ class _Target:
     async def wait(self) -> None:
         async with asyncio.timeout(60):
             await self.event.wait()
+
+    async def wait_for(self, count: int) -> None:
+        """Wait until at least `count` were counted (then the round's target applies again)."""
+        target = self.target
+        self.target = count
+        self.event.clear()
+        if self.count < count:
+            await self.wait()
+        self.target = target
+        self.event.clear()
+        if self.count >= target:
+            self.event.set()
 
 
 # --- raw asyncio sockets ---------------------------------------------------------------------------------
@@ -224,7 +237,10 @@ def test_vpn_packet_node_to_node(
         b = Node("node-b", ("127.0.0.1", 0), [Peer("node-a", "127.0.0.1:9", A_NETS)], sink)
         await b.start()
         a = Node(
-            "node-a", ("127.0.0.1", 0), [Peer("node-b", b.endpoint, B_NETS)], worker_buffer_size=8 * BATCH
+            "node-a",
+            ("127.0.0.1", 0),
+            [Peer("node-b", b.endpoint, B_NETS)],
+            worker_buffer_size=WINDOW + BATCH,
         )
         await a.start()
         return a, b
@@ -234,14 +250,15 @@ def test_vpn_packet_node_to_node(
 
     async def round_() -> None:
         target.expect(ROUND[size])
+        start = target.count
+        sent = 0
         for batch in batches:
             accepted = a.send_batch(batch)
             assert accepted == len(batch), dispatcher.metrics().rejected_by_reason
-            if (
-                dispatcher._ctx.busy
-                and sum(w.in_flight + len(w.queue) for w in dispatcher.workers()) > 2 * BATCH
-            ):
-                await a.flush()
+            sent += accepted
+            # A window, as a TUN reader would have: at most WINDOW packets between A's dispatch and B's sink.
+            if sent - (target.count - start) > WINDOW:
+                await target.wait_for(start + sent - WINDOW // 2)
             else:
                 await asyncio.sleep(0)
         await target.wait()

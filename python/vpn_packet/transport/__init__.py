@@ -16,21 +16,36 @@ from vpn_packet.transport.framing import (
     parse_hello,
     read_hello,
 )
+from vpn_packet.transport.node import Node, NodeMetrics
+from vpn_packet.transport.pool import PooledStream, StreamPool, StreamPoolMetrics
 from vpn_packet.transport.receiver import PeerReceiverMetrics, Receiver, ReceiverMetrics
+from vpn_packet.transport.tcp import TcpStream, TcpStreamService
+from vpn_packet.transport.tls import client_context, fingerprint, peer_identity, server_context
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "FrameDecoder",
     "FramingError",
     "HelloTimeoutError",
+    "Node",
+    "NodeMetrics",
     "Peer",
     "PeerReceiverMetrics",
+    "PooledStream",
     "Receiver",
     "ReceiverMetrics",
     "StaticPeerDiscovery",
+    "StreamPool",
+    "StreamPoolMetrics",
+    "TcpStream",
+    "TcpStreamService",
+    "client_context",
     "encode_frames",
     "encode_hello",
+    "fingerprint",
     "parse_endpoint",
     "parse_hello",
+    "peer_identity",
     "read_hello",
+    "server_context",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,14 +28,11 @@ from vpn_packet.metrics import DispatcherMetrics
 from vpn_packet.resilience import ResilienceConfig, ResilienceService
 from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
 from vpn_packet.transport.pool import StreamPool, StreamPoolMetrics
-from vpn_packet.transport.receiver import Receiver
+from vpn_packet.transport.receiver import Receiver, Sink
 from vpn_packet.transport.tcp import DEFAULT_SEND_BUFFER, TcpStreamService
 from vpn_packet.worker import WorkerMetrics
 
-__all__ = ["Node", "NodeMetrics", "Sink"]
-
-Sink = Callable[[str, list[bytes]], Awaitable[None] | None]
-"""Receives `(sending peer id, packets)`; may be a plain function or a coroutine function."""
+__all__ = ["Node", "NodeMetrics"]
 
 
 def _discard(peer_id: str, packets: list[bytes]) -> None:

@@ -14,6 +14,7 @@ from vpn_packet.api import Stream, StreamService
 from vpn_packet.errors import (
     FramingError,
     NetworkError,
+    ServiceError,
     is_connection_reset_error,
     is_network_error,
     is_retriable_error,
@@ -153,9 +154,12 @@ async def test_connection_refused_is_a_typed_network_error() -> None:
     assert service.connect_failures == 1
 
 
-async def test_unknown_peer_propagates_the_lookup_error() -> None:
-    with pytest.raises(KeyError):
+async def test_unknown_peer_is_a_typed_discovery_error() -> None:
+    with pytest.raises(ServiceError) as info:
         await TcpStreamService(Endpoints(), "a").create_stream("nobody")
+    assert info.value.service == "peer_discovery"
+    assert info.value.peer_id == "nobody"
+    assert not is_retriable_error(info.value)
 
 
 async def test_connect_timeout_is_temporary(peer: FakePeer) -> None:

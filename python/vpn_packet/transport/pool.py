@@ -12,6 +12,8 @@ batch, and each worker's packets stay in order.
   connection with no lease (reuse of an idle one), else to a new connection while under the bound, else to the
   least loaded connection with fewer than `max_leases_per_stream` leases. When none has room, the caller
   waits (at most `acquire_timeout`, then `ServiceError(TimeoutError)`, retriable) for a release.
+- A connection attempt that fails fails the callers waiting for it with the same error (one attempt per
+  wave, not one per waiting worker, towards a dead peer).
 - A healthy release returns the lease; a connection with no lease left becomes idle and is reused first.
 - An unhealthy release closes the connection at once and removes it; the other leases on it fail their next
   write with a `NetworkError` (stream closed: retriable), so their workers move to a fresh connection too.
@@ -145,6 +147,7 @@ class StreamPool:
     - `idle_timeout`: seconds a connection with no lease is kept; `cleanup_interval`: how often the
       background task checks (default: a quarter of `idle_timeout`, at most 30 s).
     - `acquire_timeout`: seconds `get_stream` waits for room before failing.
+    - `close_timeout`: seconds `stop()` grants each connection to flush and close.
     - `clock`: time source for idleness (default `time.monotonic`).
     """
 
@@ -157,6 +160,7 @@ class StreamPool:
         idle_timeout: float = 60.0,
         cleanup_interval: float | None = None,
         acquire_timeout: float = 10.0,
+        close_timeout: float = 2.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
         if max_streams_per_peer < 1:
@@ -174,6 +178,7 @@ class StreamPool:
             float(cleanup_interval) if cleanup_interval is not None else min(30.0, self.idle_timeout / 4)
         )
         self.acquire_timeout = float(acquire_timeout)
+        self.close_timeout = float(close_timeout)
         self._clock = clock if clock is not None else time.monotonic
         self._peers: dict[str, _Peer] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -205,15 +210,20 @@ class StreamPool:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        streams: list[Stream] = []
         for peer in self._peers.values():
             for waiter in peer.waiters:
                 if not waiter.done():
                     waiter.set_result(None)  # they wake, see the pool closed and raise
             for entry in peer.entries:
-                self._close_entry(entry)
+                entry.dead = True
+                streams.append(entry.stream)
             peer.entries.clear()
-        if self._closing:
-            await asyncio.gather(*list(self._closing), return_exceptions=True)
+        # Graceful closes, all at once, each bounded: buffered packets are flushed before the sockets close.
+        closes = [asyncio.ensure_future(self._close_bounded(stream)) for stream in streams]
+        closes += list(self._closing)
+        if closes:
+            await asyncio.gather(*closes, return_exceptions=True)
 
     async def __aenter__(self) -> StreamPool:
         await self.start()
@@ -269,6 +279,8 @@ class StreamPool:
             finally:
                 if not waiter.done():
                     waiter.cancel()
+                elif not waiter.cancelled():
+                    waiter.exception()  # retrieved, even when we were cancelled meanwhile
                 with contextlib.suppress(ValueError):
                     peer.waiters.remove(waiter)
 
@@ -299,9 +311,16 @@ class StreamPool:
         peer.connecting += 1
         try:
             stream = await self.stream_service.create_stream(peer_id)
-        except BaseException:
+        except Exception as exc:
             peer.connecting -= 1
             self.create_failures += 1
+            if peer.connecting or any(e.alive() for e in peer.entries):
+                self._wake(peer, everyone=True)
+            else:  # the waiters were waiting for this very connection: they share its verdict
+                self._fail_waiters(peer, exc)
+            raise
+        except BaseException:
+            peer.connecting -= 1
             self._wake(peer, everyone=True)
             raise
         peer.connecting -= 1
@@ -316,6 +335,12 @@ class StreamPool:
         lease = self._lease(entry)
         self._wake(peer, everyone=True)  # waiters may share the new connection
         return lease
+
+    def _fail_waiters(self, peer: _Peer, exc: Exception) -> None:
+        while peer.waiters:
+            waiter = peer.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(exc)
 
     def _lease(self, entry: _Entry) -> PooledStream:
         entry.leases += 1
@@ -373,6 +398,16 @@ class StreamPool:
     def _close_entry(self, entry: _Entry) -> None:
         entry.dead = True
         self._spawn_close(entry.stream)
+
+    async def _close_bounded(self, stream: Stream) -> None:
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await stream.close()
+        except Exception:
+            _log.debug("closing %r failed", stream, exc_info=True)
+            abort = getattr(stream, "abort", None)
+            if abort is not None:
+                abort()
 
     def _spawn_close(self, stream: Stream) -> None:
         close_nowait = getattr(stream, "close_nowait", None)

@@ -26,7 +26,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
-from vpn_packet.errors import NetworkError
+from vpn_packet.errors import NetworkError, ServiceError
 from vpn_packet.transport.framing import encode_frames, encode_hello
 from vpn_packet.transport.tls import verify_server_identity
 
@@ -279,8 +279,11 @@ class TcpStreamService:
 
     async def create_stream(self, peer_id: str) -> TcpStream:
         """A new connected stream to `peer_id` (hello sent). Raises `NetworkError` on any failure
-        (including an unknown peer's endpoint lookup error, which is re-raised as is)."""
-        host, port = self.discovery.endpoint(peer_id)
+        (an unknown peer: `ServiceError` of the discovery, not retriable)."""
+        try:
+            host, port = self.discovery.endpoint(peer_id)
+        except (KeyError, ValueError) as exc:
+            raise ServiceError(exc, "peer_discovery", "endpoint", peer_id=peer_id) from exc
         loop = asyncio.get_running_loop()
         ctx = self.ssl_context
         transport: asyncio.Transport | None = None

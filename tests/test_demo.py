@@ -88,3 +88,10 @@ async def test_lost_packets_are_detected_without_waiting_for_ever(monkeypatch: p
     assert not result.ok
     assert result.received < 400
     assert result.missing > 0 or result.out_of_order > 0
+
+
+def test_ipv6_keys_are_printed_verbatim(capsys: pytest.CaptureFixture[str]) -> None:
+    """Keys such as [fd00:b::1]:853 are neither rich markup nor emoji codes (":b:")."""
+    assert main(["demo", "--packets", "300", "--destinations", "4", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[fd00:b::" in out

@@ -463,7 +463,9 @@ def _run_demo_command(args: argparse.Namespace) -> int:
         from vpn_packet.cli import UsageError
 
         raise UsageError(f"--destinations: at most 60000, got {args.destinations}")
-    console = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 110)
+    console = Console(
+        file=sys.stdout, highlight=False, emoji=False, width=None if sys.stdout.isatty() else 110
+    )
     mode = "mutual TLS" if args.tls else "TCP"
     console.print(
         f"vpn-packet demo: node A -> node B over loopback {mode}, {args.packets:,} packets to "

@@ -80,8 +80,9 @@ class Node:
     - `ssl_server` / `ssl_client`: contexts from `vpn_packet.transport.tls` for mutual TLS (both or none).
     - sending options: `connect_timeout`, `write_timeout`, `send_buffer`, `max_streams_per_peer`,
       `stream_idle_timeout`; dispatcher options: `worker_buffer_size`, `worker_idle_timeout`,
-      `worker_cleanup_interval`, `max_workers`, `coalesce`; `resilience` (a config or a service);
-      `receiver_options` (extra keyword arguments for `Receiver`); `stop_timeout`: how long `stop()` drains.
+      `worker_cleanup_interval`, `max_workers`, `coalesce` (None: the dispatcher's default); `resilience`
+      (a config or a service); `receiver_options` (extra keyword arguments for `Receiver`); `stop_timeout`:
+      how long `stop()` drains.
     """
 
     def __init__(
@@ -102,7 +103,7 @@ class Node:
         worker_idle_timeout: float = 300.0,
         worker_cleanup_interval: float = 60.0,
         max_workers: int = DEFAULT_MAX_WORKERS,
-        coalesce: int = 0,
+        coalesce: int | None = None,
         resilience: ResilienceConfig | ResilienceService | None = None,
         receiver_options: Mapping[str, Any] | None = None,
         stop_timeout: float = 5.0,
@@ -129,6 +130,7 @@ class Node:
             self.resilience = resilience
         else:
             self.resilience = ResilienceService(resilience)
+        extra: dict[str, Any] = {} if coalesce is None else {"coalesce": coalesce}
         self.dispatcher = Dispatcher(
             self.discovery,
             self.stream_service,
@@ -138,7 +140,7 @@ class Node:
             worker_buffer_size=worker_buffer_size,
             resilience_service=self.resilience,
             max_workers=max_workers,
-            coalesce=coalesce,
+            **extra,
         )
         host, port = listen
         self.receiver = Receiver(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import ipaddress
 import random
 import struct
@@ -27,10 +26,13 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vpn_packet.cli import EXIT_OK, Subcommand, register
 from vpn_packet.testutil.packets import TCP, UDP, ipv4_packet, ipv6_packet
+
+if TYPE_CHECKING:
+    from vpn_packet.transport.receiver import ReceiverMetrics
 
 __all__ = ["DemoResult", "Flow", "Verifier", "Workload", "run_demo"]
 
@@ -249,24 +251,19 @@ def _tls_contexts(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return a_opts, b_opts
 
 
-def _receiver_drops(metrics: Any) -> dict[str, int]:
-    """Drop counters of a receiver's metrics, whatever their exact shape: every integer field named like a
-    drop, a rejection or an error, plus any per-reason mapping."""
-    drops: dict[str, int] = {}
-    data = (
-        dataclasses.asdict(metrics)
-        if dataclasses.is_dataclass(metrics) and not isinstance(metrics, type)
-        else {}
-    )
-    for name, value in data.items():
-        if isinstance(value, dict) and ("reason" in name or "drop" in name):
-            for reason, n in value.items():
-                if isinstance(n, int):
-                    drops[f"receiver {reason}"] = drops.get(f"receiver {reason}", 0) + n
-        elif isinstance(value, int) and any(
-            w in name for w in ("drop", "spoof", "reject", "error", "truncat")
-        ):
-            drops.setdefault(f"receiver {name}", value)
+def _receiver_drops(metrics: ReceiverMetrics) -> dict[str, int]:
+    """What node B's receiver refused or lost, by reason: packets (spoofed source, unparsable, refused by the
+    sink), protocol errors by reason and refused connections."""
+    drops = {
+        "receiver spoofed": metrics.spoofed_dropped,
+        "receiver unparsable": metrics.unparsable_dropped,
+        "receiver sink failed": metrics.sink_failed,
+        "receiver identity mismatch": metrics.identity_mismatch,
+        "receiver unknown peer": metrics.unknown_peer,
+        "receiver connections rejected": metrics.rejected_connections,
+    }
+    for reason, n in metrics.protocol_errors.items():
+        drops[f"receiver protocol {reason}"] = n
     return drops
 
 

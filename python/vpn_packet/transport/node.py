@@ -28,7 +28,7 @@ from vpn_packet.metrics import DispatcherMetrics
 from vpn_packet.resilience import ResilienceConfig, ResilienceService
 from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
 from vpn_packet.transport.pool import StreamPool, StreamPoolMetrics
-from vpn_packet.transport.receiver import Receiver, Sink
+from vpn_packet.transport.receiver import Receiver, ReceiverMetrics, Sink
 from vpn_packet.transport.tcp import DEFAULT_SEND_BUFFER, TcpStreamService
 from vpn_packet.worker import WorkerMetrics
 
@@ -49,7 +49,7 @@ class NodeMetrics:
     pool: StreamPoolMetrics
     connects: int
     connect_failures: int
-    receiver: Any
+    receiver: ReceiverMetrics
 
     def as_dict(self) -> dict[str, Any]:
         """Plain nested dicts (for JSON)."""
@@ -61,11 +61,7 @@ class NodeMetrics:
             "connects": self.connects,
             "connect_failures": self.connect_failures,
         }
-        receiver = self.receiver
-        if dataclasses.is_dataclass(receiver) and not isinstance(receiver, type):
-            out["receiver"] = dataclasses.asdict(receiver)
-        else:
-            out["receiver"] = receiver
+        out["receiver"] = dataclasses.asdict(self.receiver)
         return out
 
 

@@ -24,6 +24,7 @@ class FakeConn:
         self.closed = False
         self.written: list[bytes] = []
         self.fail = False
+        self.closed_event = asyncio.Event()
 
     async def write(self, packet: bytes) -> None:
         await self.write_many([packet])
@@ -35,9 +36,10 @@ class FakeConn:
 
     def close_nowait(self) -> None:
         self.closed = True
+        self.closed_event.set()
 
     async def close(self) -> None:
-        self.closed = True
+        self.close_nowait()
 
 
 class FakeService:
@@ -290,3 +292,16 @@ async def test_dispatcher_workers_keep_their_stream_and_stay_in_order() -> None:
     assert pool.metrics().in_use == 0
     assert pool.metrics().idle == 2
     await pool.stop()
+
+
+async def test_background_cleanup_runs_between_start_and_stop() -> None:
+    service = FakeService()
+    before = asyncio.all_tasks()
+    async with StreamPool(service, idle_timeout=0.001, cleanup_interval=0.001) as pool:
+        lease = await pool.get_stream("b")
+        pool.release_stream("b", lease, True)
+        async with asyncio.timeout(5):  # a safety net, not a threshold
+            await conn(lease).closed_event.wait()
+        assert pool.metrics().closed_idle == 1
+        assert pool.metrics().streams == 0
+    assert asyncio.all_tasks() - before == set()

@@ -237,3 +237,31 @@ async def test_concurrent_writers_never_interleave_inside_a_batch(peer: FakePeer
 def test_validation() -> None:
     with pytest.raises(ValueError, match="connect_timeout"):
         TcpStreamService(Endpoints(), "a", connect_timeout=0)
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+async def test_ipv6_loopback() -> None:
+    fake = FakePeer()
+    fake.server = await asyncio.start_server(fake.handle, "::1", 0)
+    try:
+
+        class V6:
+            def endpoint(self, peer_id: str) -> tuple[str, int]:
+                return ("::1", fake.port)
+
+        stream = await TcpStreamService(V6(), "a").create_stream("b")
+        await stream.write_many([b"six"])
+        await fake.wait_frames(1)
+        assert fake.frames == [b"six"]
+        await stream.close()
+    finally:
+        await fake.kill()

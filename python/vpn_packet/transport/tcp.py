@@ -164,9 +164,8 @@ class TcpStream:
             raise self._closed_error("write_many")
         if not packets:
             return
-        data = encode_frames(
-            packets
-        )  # raises FramingError (nothing written) for an empty or oversized packet
+        # One native call frames the whole batch; FramingError (nothing written) for an empty or oversized packet.
+        data = encode_frames(packets)
         self._transport.write(data)
         self.writes += 1
         self.packets_sent += len(packets)
@@ -188,7 +187,7 @@ class TcpStream:
                 f"({self._transport.get_write_buffer_size()} bytes buffered)",
             )
             raise NetworkError(cause, peer_id=self.peer_id, operation="write") from exc
-        except OSError as exc:
+        except Exception as exc:  # the connection was lost while we waited (reset, TLS failure, ...)
             raise NetworkError(exc, peer_id=self.peer_id, operation="write") from exc
         if protocol.lost and (protocol.exc is not None or protocol.peer_eof):
             raise self._closed_error("write")

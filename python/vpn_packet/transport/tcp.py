@@ -164,7 +164,7 @@ class TcpStream:
             raise self._closed_error("write_many")
         if not packets:
             return
-        # One native call frames the whole batch; FramingError (nothing written) for an empty or oversized packet.
+        # One native call frames the batch; FramingError (nothing written) for an empty or oversized packet.
         data = encode_frames(packets)
         self._transport.write(data)
         self.writes += 1

@@ -44,7 +44,13 @@ async def test_stress_100k_packets_1k_keys_with_failures_cancellations_and_stop(
         prefixes={f"10.{p}.0.0/16": f"peer-{p}" for p in range(PEERS)}, seed=1, sleep=sleep
     )
     discovery.failures.fail_randomly(0.02, lambda: PeerNotFoundError("?"))
-    service = FakeStreamService(seed=2, sleep=sleep, write_failure_rate=0.03)
+    errors = random.Random(5)
+    service = FakeStreamService(
+        seed=2,
+        sleep=sleep,
+        write_failure_rate=0.03,  # resets (retried on a fresh stream) and corrupt writes (not retried)
+        write_error=lambda: ConnectionResetError() if errors.random() < 0.7 else ValueError("corrupt"),
+    )
     pool = FakeStreamPool(service, seed=3, sleep=sleep)
     pool.failures.fail_randomly(0.01, TimeoutError)
     resilience = ResilienceService(

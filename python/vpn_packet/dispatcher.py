@@ -5,10 +5,11 @@ How a packet travels:
 1. `dispatch_packet` (or `dispatch`, `dispatch_batch`) is synchronous and cheap: a dict lookup, a bounds
    check, a list append. A worker that was idle is marked busy and put on the *ready* deque; if no pump is
    free, one pump task is created. That is one task wake-up per burst of packets, not per packet.
-2. A pump task first lets the producer run a few more loop iterations while packets keep coming
-   (`coalesce`), so that each worker has several packets per write; then it takes ready workers one by one
-   and runs `Worker.drain()` eagerly (it steps the coroutine itself): a drain whose writes complete without suspending (in-memory streams, a socket with room in its
-   buffer) costs no task switch at all. When a drain does suspend (a slow peer, a backoff, a blocked stream),
+2. The wake-up first lets the producer run a few more loop iterations while packets keep coming
+   (`coalesce`; plain `call_soon` callbacks), so that each worker has several packets per write. Then a pump
+   task takes ready workers one by one and runs `Worker.drain()` eagerly (it steps the coroutine itself):
+   a drain whose writes complete without suspending (in-memory streams, a socket with room in its buffer)
+   costs no task switch at all. When a drain does suspend (a slow peer, a backoff, a blocked stream),
    the pump stays with it and hands the rest of the ready deque to a new pump: a stuck destination delays no
    other (isolation), and there are only as many pump tasks as drains currently waiting, plus one.
 3. The drain writes everything the worker has queued with one `write_many` per batch, through the
@@ -166,7 +167,10 @@ class Dispatcher:
         self._ready: deque[Worker] = deque()
         self._free_pumps = 0
         self._idle_waiters: list[asyncio.Future[None]] = []
-        self._pressure = False  # a queue is half full: pumps stop waiting for more packets
+        self._pressure = False  # a queue is half full: stop waiting for more packets
+        self._tick_handle: asyncio.Handle | None = None  # a pending coalescing tick
+        self._coalesce_left = 0
+        self._seen = 0
         self._half = max(1, worker_buffer_size // 2)
         self.coalesce = coalesce
         self._tasks: set[asyncio.Task[None]] = set()
@@ -199,7 +203,9 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         self._loop = loop
         if self._clock_given is None:
-            self._ctx.clock = loop.time
+            # The loop's clock; the stock loop's `time()` is `time.monotonic()`, called directly to save a call.
+            stock = getattr(loop.time, "__func__", None) is asyncio.BaseEventLoop.time
+            self._ctx.clock = time.monotonic if stock else loop.time
         self._state = _RUNNING
         self._accepting = True
         self._arm_cleanup()
@@ -273,6 +279,9 @@ class Dispatcher:
             worker.discard_queue()
             worker.closed = True
         self._ready.clear()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
         pumps = list(self._pumps)
         for task in pumps:
             task.cancel()
@@ -486,11 +495,39 @@ class Dispatcher:
         self._ctx.busy += 1
         self._ready.append(worker)
         if self._free_pumps == 0:
-            self._spawn_pump()
+            self._wake()
+
+    def _wake(self) -> None:
+        """Get a pump going, after up to `coalesce` loop iterations (plain callbacks, no task) during which
+        the producer keeps adding packets; at once if there is pressure or nothing to wait for."""
+        self._free_pumps += 1  # the pending tick counts as a pump that will look at the ready deque
+        if self.coalesce and not self._pressure:
+            assert self._loop is not None
+            self._coalesce_left = self.coalesce
+            self._seen = self._accepted
+            self._tick_handle = self._loop.call_soon(self._tick)
+        else:
+            self._start_pump()
+
+    def _tick(self) -> None:
+        self._tick_handle = None
+        self._coalesce_left -= 1
+        more = self._accepted != self._seen  # the producer added packets since the last look
+        if more and self._coalesce_left > 0 and self._accepting and not self._pressure:
+            assert self._loop is not None
+            self._seen = self._accepted
+            self._tick_handle = self._loop.call_soon(self._tick)
+            return
+        self._start_pump()
 
     def _spawn_pump(self) -> None:
-        assert self._loop is not None
+        """A new pump for the rest of the ready deque (the current one is staying with a suspended drain)."""
         self._free_pumps += 1
+        self._start_pump()
+
+    def _start_pump(self) -> None:
+        assert self._loop is not None
+        self._pressure = False
         task = self._loop.create_task(self._pump())
         self._pumps.add(task)
         self._tasks.add(task)
@@ -513,14 +550,6 @@ class Dispatcher:
         suspends keeps this pump (and a new pump takes the rest of the ready deque)."""
         ready = self._ready
         try:
-            limit = self.coalesce
-            while limit and not self._pressure:
-                seen = self._accepted
-                await asyncio.sleep(0)
-                limit -= 1
-                if self._accepted == seen:
-                    break
-            self._pressure = False
             while ready:
                 worker = ready.popleft()
                 coro = worker.drain()

@@ -373,7 +373,6 @@ class Worker:
                         error = _stream_error(exc, self, self.peer_id or "")
                     except Exception as exc:
                         error = exc
-                    self._batch = _NO_BATCH
                 self._inflight = None
                 self._inflight_futures = None
                 self.limit = capacity

@@ -6,10 +6,11 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 use vpn_packet_core::framing::{
-    self, FrameDecoder as CoreDecoder, HelloStatus, DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_SIZE_LIMIT,
+    self, FrameDecoder as CoreDecoder, FramingError, HelloStatus, DEFAULT_MAX_FRAME_SIZE, LENGTH_PREFIX_LEN,
+    MAX_FRAME_SIZE_LIMIT,
 };
 
-use crate::buffer::with_bytes;
+use crate::buffer::{with_bytes, PacketBytes};
 use crate::errors::{framing_error, hello_error, no_panic};
 use crate::functions::for_each_item;
 
@@ -37,14 +38,39 @@ pub fn encode_frames<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     no_panic(|| {
         check_max(max_frame_size)?;
-        let mut out = Vec::new();
+        // Hold every packet's buffer (a bytearray cannot be resized meanwhile), size the result exactly,
+        // then write the frames straight into the new `bytes`: one copy of the payload.
+        let mut held: Vec<PacketBytes<'py>> = Vec::new();
+        let mut total = 0usize;
         for_each_item(packets, |item| {
-            with_bytes(item, |bytes| {
-                framing::encode_frames_into([bytes], max_frame_size, &mut out)
-                    .map_err(|err| framing_error(py, &err, None))
-            })?
+            let packet = PacketBytes::get(item)?;
+            let len = packet.as_slice().len();
+            if len == 0 || len > max_frame_size {
+                let err = if len == 0 {
+                    FramingError::ZeroLength
+                } else {
+                    FramingError::TooLarge {
+                        len: len as u64,
+                        max: max_frame_size,
+                    }
+                };
+                return Err(framing_error(py, &err, None));
+            }
+            total += LENGTH_PREFIX_LEN + len;
+            held.push(packet);
+            Ok(())
         })?;
-        Ok(PyBytes::new(py, &out))
+        PyBytes::new_with(py, total, |out| {
+            let mut pos = 0;
+            for packet in &held {
+                let bytes = packet.as_slice();
+                out[pos..pos + LENGTH_PREFIX_LEN].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
+                pos += LENGTH_PREFIX_LEN;
+                out[pos..pos + bytes.len()].copy_from_slice(bytes);
+                pos += bytes.len();
+            }
+            Ok(())
+        })
     })
 }
 

@@ -305,3 +305,18 @@ async def test_background_cleanup_runs_between_start_and_stop() -> None:
         assert pool.metrics().closed_idle == 1
         assert pool.metrics().streams == 0
     assert asyncio.all_tasks() - before == set()
+
+
+async def test_a_waiter_cancelled_after_its_wake_up_passes_it_on() -> None:
+    service = FakeService()
+    async with StreamPool(service, max_streams_per_peer=1, max_leases_per_stream=1) as pool:
+        held = await pool.get_stream("b")
+        first = asyncio.create_task(pool.get_stream("b"))
+        second = asyncio.create_task(pool.get_stream("b"))
+        await asyncio.sleep(0)
+        pool.release_stream("b", held, True)  # wakes `first` ...
+        first.cancel()  # ... which is cancelled before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        lease = await second
+        assert conn(lease) is conn(held)

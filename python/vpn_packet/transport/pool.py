@@ -265,9 +265,11 @@ class StreamPool:
                 deadline = loop.time() + self.acquire_timeout
             waiter: asyncio.Future[None] = loop.create_future()
             peer.waiters.append(waiter)
+            woken = False
             try:
                 async with asyncio.timeout_at(deadline):
                     await waiter
+                woken = True
             except TimeoutError as exc:
                 self.timeouts += 1
                 raise ServiceError(
@@ -279,8 +281,8 @@ class StreamPool:
             finally:
                 if not waiter.done():
                     waiter.cancel()
-                elif not waiter.cancelled():
-                    waiter.exception()  # retrieved, even when we were cancelled meanwhile
+                elif not woken and not waiter.cancelled() and waiter.exception() is None:
+                    self._wake(peer)  # woken, but cancelled or timed out before using it: pass it on
                 with contextlib.suppress(ValueError):
                     peer.waiters.remove(waiter)
 

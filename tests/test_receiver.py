@@ -285,6 +285,20 @@ async def test_max_connections(collector: Collector) -> None:
     assert collector.packets() == [pkt(A_SRC, 1)]
 
 
+async def test_max_connections_per_peer(collector: Collector) -> None:
+    async with Receiver(make_discovery(), collector, max_connections_per_peer=2) as rx:
+        held = [await connect(rx, encode_hello("node-a") + encode_frames([pkt(A_SRC, i)])) for i in range(2)]
+        await eventually(lambda: len(collector.calls) == 2)  # both are past their hello
+        third = await connect(rx, encode_hello("node-a") + encode_frames([pkt(A_SRC, 3)]))
+        await until_closed(*third, half_close=False)
+        await send_all(rx, "node-b", [pkt(B_SRC, 4)])  # other peers are not affected
+        for conn in held:
+            await until_closed(*conn, half_close=True)
+        peer = rx.peer_metrics()["node-a"]
+    assert (peer.connections, peer.rejected_connections, peer.packets_delivered) == (2, 1, 2)
+    assert sorted(collector.packets()) == sorted([pkt(A_SRC, 0), pkt(A_SRC, 1), pkt(B_SRC, 4)])
+
+
 async def test_stop_closes_everything_and_leaves_no_task() -> None:
     gate = asyncio.Event()
     sink = Collector(gate)
@@ -315,6 +329,8 @@ def test_constructor_validation() -> None:
         Receiver(discovery, lambda p, b: None, max_frame_size=0)
     with pytest.raises(ValueError, match="at least 1"):
         Receiver(discovery, lambda p, b: None, max_batch=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        Receiver(discovery, lambda p, b: None, max_connections_per_peer=0)
     with pytest.raises(ValueError, match="CERT_REQUIRED"):
         Receiver(
             discovery, lambda p, b: None, ssl_context=ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -25,7 +25,11 @@ that is the backpressure). While it waits, asyncio's stream flow control pauses 
 frame (`max_frame_size + 4` bytes) and refuses a bad length prefix before buffering any of it. So a connection
 holds O(read_size + max_frame_size) bytes: about the stream buffer (`read_size` plus one socket read), one
 chunk being decoded and its packets (`read_size` each), and the partial frame. `max_connections` caps the
-number of connections (beyond it new ones are closed at once and counted as `rejected_connections`).
+number of connections and `max_connections_per_peer` the connections of one peer (beyond them new ones are
+closed at once and counted as `rejected_connections`), so the whole receiver holds at most about
+`max_connections * (3 * read_size + 256 KiB + max_frame_size)` bytes, and one peer's connections at most
+`max_connections_per_peer` times the per-connection amount. Connections that have not sent their hello yet
+are bounded by `max_connections` and `hello_timeout`.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class PeerReceiverMetrics:
     unparsable_dropped: int = 0
     sink_failed: int = 0
     connection_errors: int = 0
+    rejected_connections: int = 0
     protocol_errors: dict[str, int] = field(default_factory=dict)
 
     def _copy(self) -> PeerReceiverMetrics:
@@ -80,12 +85,12 @@ class ReceiverMetrics(PeerReceiverMetrics):
 
     `connections` counts every accepted TCP connection (also the ones refused later); `protocol_errors`
     includes hello errors (`bad_magic`, `hello_timeout`, `hello_truncated`, ...); `identity_mismatch`,
-    `unknown_peer` and `rejected_connections` (over `max_connections`) count refused connections.
+    `unknown_peer` and `rejected_connections` (over `max_connections` or `max_connections_per_peer`) count
+    refused connections.
     """
 
     identity_mismatch: int = 0
     unknown_peer: int = 0
-    rejected_connections: int = 0
 
     def _copy(self) -> ReceiverMetrics:
         return dataclasses.replace(self, protocol_errors=dict(self.protocol_errors))
@@ -135,14 +140,17 @@ class Receiver:
         hello_timeout: float = 5.0,
         max_batch: int = 256,
         max_connections: int = 1024,
+        max_connections_per_peer: int = 16,
         read_size: int = 256 * 1024,
     ) -> None:
         if not 0 < max_frame_size <= 1 << 24:
             raise ValueError("max_frame_size must be 1..16 MiB")
         if hello_timeout <= 0:
             raise ValueError("hello_timeout must be positive")
-        if max_batch < 1 or max_connections < 1 or read_size < 1:
-            raise ValueError("max_batch, max_connections and read_size must be at least 1")
+        if min(max_batch, max_connections, max_connections_per_peer, read_size) < 1:
+            raise ValueError(
+                "max_batch, max_connections, max_connections_per_peer and read_size must be at least 1"
+            )
         if ssl_context is not None and ssl_context.verify_mode != ssl.CERT_REQUIRED:
             raise ValueError("ssl_context must require client certificates (verify_mode = CERT_REQUIRED)")
         self.discovery = discovery
@@ -154,6 +162,7 @@ class Receiver:
         self.hello_timeout = hello_timeout
         self.max_batch = max_batch
         self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
         self.read_size = read_size
         self._server: asyncio.Server | None = None
         self._address: tuple[str, int] | None = None
@@ -289,6 +298,11 @@ class Receiver:
         try:
             peer_id = await self._open(reader, writer)
             peer = self._per_peer.setdefault(peer_id, PeerReceiverMetrics())
+            if peer.active_connections >= self.max_connections_per_peer:
+                peer.rejected_connections += 1
+                self._totals.rejected_connections += 1
+                peer = None
+                raise _Refused
             peer.connections += 1
             peer.active_connections += 1
             decoder = FrameDecoder(self.max_frame_size)

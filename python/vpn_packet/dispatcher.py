@@ -53,7 +53,8 @@ __all__ = ["Dispatcher", "DispatcherState", "NewDispatcher"]
 _log = logging.getLogger(__name__)
 
 DEFAULT_MAX_WORKERS: Final = 100_000
-DEFAULT_COALESCE: Final = 16
+DEFAULT_COALESCE: Final = 32
+_PACKETS_PER_WRITE: Final = 32  # coalescing stops once the ready workers have this many packets each
 
 
 class DispatcherState(enum.Enum):
@@ -111,10 +112,11 @@ class Dispatcher:
     - `max_consecutive_failures`: failed batches in a row after which a worker is recycled (drops its peer id
       and stream).
     - `clock`: time source for idle cleanup and activity stamps (default: the loop's clock).
-    - `coalesce`: how many loop iterations a woken pump may wait for more packets before draining, while
-      packets keep arriving (it drains at once when an iteration brings none, or when a queue is half full).
-      More packets per `write_many` cost less per packet; 0 drains at the first iteration. Under a steady
-      flood this adds at most that many loop iterations of latency; a lone packet waits one iteration.
+    - `coalesce`: how many loop iterations a wake-up may wait for more packets before draining, while
+      packets keep arriving. It drains as soon as an iteration brings no packet, a queue is half full, or the
+      ready workers have 32 packets each on average. More packets per `write_many` cost less per packet;
+      0 drains at the first iteration. Under a steady flood this adds at most that many loop iterations of
+      latency; a lone packet waits one iteration.
     """
 
     _CANCEL_GRACE: Final = 1.0  # seconds granted to cancelled drains and stream closes at stop
@@ -171,6 +173,7 @@ class Dispatcher:
         self._tick_handle: asyncio.Handle | None = None  # a pending coalescing tick
         self._coalesce_left = 0
         self._seen = 0
+        self._woken_at = 0  # self._accepted when the pending wake-up began
         self._half = max(1, worker_buffer_size // 2)
         self.coalesce = coalesce
         self._tasks: set[asyncio.Task[None]] = set()
@@ -203,7 +206,7 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         self._loop = loop
         if self._clock_given is None:
-            # The loop's clock; the stock loop's `time()` is `time.monotonic()`, called directly to save a call.
+            # The loop's clock. The stock loop's `time()` is `time.monotonic()`: call that directly.
             stock = getattr(loop.time, "__func__", None) is asyncio.BaseEventLoop.time
             self._ctx.clock = time.monotonic if stock else loop.time
         self._state = _RUNNING
@@ -504,7 +507,7 @@ class Dispatcher:
         if self.coalesce and not self._pressure:
             assert self._loop is not None
             self._coalesce_left = self.coalesce
-            self._seen = self._accepted
+            self._seen = self._woken_at = self._accepted
             self._tick_handle = self._loop.call_soon(self._tick)
         else:
             self._start_pump()
@@ -512,8 +515,10 @@ class Dispatcher:
     def _tick(self) -> None:
         self._tick_handle = None
         self._coalesce_left -= 1
-        more = self._accepted != self._seen  # the producer added packets since the last look
-        if more and self._coalesce_left > 0 and self._accepting and not self._pressure:
+        accepted = self._accepted
+        more = accepted != self._seen  # the producer added packets since the last look
+        enough = accepted - self._woken_at >= _PACKETS_PER_WRITE * len(self._ready)
+        if more and not enough and self._coalesce_left > 0 and self._accepting and not self._pressure:
             assert self._loop is not None
             self._seen = self._accepted
             self._tick_handle = self._loop.call_soon(self._tick)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from vpn_packet import demo
@@ -95,3 +97,13 @@ def test_ipv6_keys_are_printed_verbatim(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["demo", "--packets", "300", "--destinations", "4", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "[fd00:b::" in out
+
+
+def test_demo_both_ways(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    status = main(["demo", "--packets", "2000", "--destinations", "60", "--both-ways"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "A -> B and B -> A" in out
+    assert "OK: all 4,000 packets" in out
+    # Nothing logged at ERROR level (both nodes stop sending before either receiver stops).
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -188,3 +188,14 @@ def test_tls_needs_both_contexts() -> None:
     with pytest.raises(RuntimeError, match="not listening"):
         _ = node.endpoint
     assert "new" in repr(node)
+
+
+async def test_stop_sending_keeps_receiving(pair: tuple[Node, Node, Collector]) -> None:
+    a, b, sink = pair
+    await b.stop_sending()
+    await b.stop_sending()  # idempotent
+    assert a.send(packet(1, 0))  # b still receives
+    await a.flush(10)
+    await sink.wait_for(1)
+    assert b.dispatcher.state.value == "stopped"
+    assert b.receiver.running

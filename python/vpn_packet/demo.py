@@ -17,13 +17,14 @@ import asyncio
 import contextlib
 import ipaddress
 import random
+import socket
 import struct
 import sys
 import tempfile
 import time
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from vpn_packet.cli import EXIT_OK, Subcommand, register
 from vpn_packet.testutil.packets import TCP, UDP, ipv4_packet, ipv6_packet
 
 if TYPE_CHECKING:
+    from vpn_packet.transport.node import Node
     from vpn_packet.transport.receiver import ReceiverMetrics
 
 __all__ = ["DemoResult", "Flow", "Verifier", "Workload", "run_demo"]
@@ -80,17 +82,26 @@ class Flow:
 class Workload:
     """`packets` packets over `destinations` flows, deterministic for a seed, built in chunks.
 
+    Sources are inside `src_prefixes`, destinations inside `dst_prefixes` (an IPv4 and an IPv6 prefix each).
+
     Destinations are weighted (a few busy ones, a long tail). `crcs[i][seq]` is the CRC-32 of packet `seq`
     of destination `i`, for the receiver's check.
     """
 
-    def __init__(self, packets: int, destinations: int, seed: int) -> None:
+    def __init__(
+        self,
+        packets: int,
+        destinations: int,
+        seed: int,
+        src_prefixes: Sequence[str] = A_PREFIXES,
+        dst_prefixes: Sequence[str] = B_PREFIXES,
+    ) -> None:
         self.total = packets
         self.rng = random.Random(seed)
         rng = self.rng
         self.flows: list[Flow] = []
-        a4, a6 = ipaddress.ip_network(A_PREFIXES[0]), ipaddress.ip_network(A_PREFIXES[1])
-        b4, b6 = ipaddress.ip_network(B_PREFIXES[0]), ipaddress.ip_network(B_PREFIXES[1])
+        a4, a6 = (ipaddress.ip_network(p) for p in src_prefixes)
+        b4, b6 = (ipaddress.ip_network(p) for p in dst_prefixes)
         for i in range(destinations):
             v6 = rng.random() < 0.4
             src_net, dst_net = (a6, b6) if v6 else (a4, b4)
@@ -147,9 +158,10 @@ class Workload:
 
 @dataclass
 class Verifier:
-    """Node B's sink: checks every packet against the workload."""
+    """The receiving node's sink: checks every packet against the workload of `sender`."""
 
     workload: Workload
+    sender: str = A_ID
     received: int = 0
     received_bytes: int = 0
     corrupt: int = 0
@@ -167,7 +179,7 @@ class Verifier:
         next_seq = self.next_seq
         flows = len(next_seq)
         unpack = _MARK.unpack_from
-        if peer_id != A_ID:
+        if peer_id != self.sender:
             self.wrong_peer += len(packets)
         for packet in packets:
             self.received += 1
@@ -192,11 +204,13 @@ class Verifier:
 
 @dataclass
 class DemoResult:
-    """What a run measured: the verifier, both nodes' metrics, the top workers and timings."""
+    """What a run measured (summed over the directions): the verifiers, both nodes' metrics, the top workers
+    and timings. `packets` is the total over all directions."""
 
     packets: int
     destinations: int
     tls: bool
+    both_ways: bool
     sent_accepted: int
     received: int
     received_bytes: int
@@ -267,124 +281,213 @@ def _receiver_drops(metrics: ReceiverMetrics) -> dict[str, int]:
     return drops
 
 
+def _free_ports(n: int) -> list[int]:
+    """`n` free TCP ports on 127.0.0.1 (bound to port 0, then released) for nodes that must know each other's
+    address before either listens."""
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@dataclass
+class _Direction:
+    """One sender -> receiver flow of the demo."""
+
+    name: str
+    workload: Workload
+    verifier: Verifier
+    accepted: int = 0
+    generate_time: float = 0.0
+
+
+async def _send(node: Node, direction: _Direction, report: Callable[[], None]) -> None:
+    """Push `direction`'s workload through `node`, keeping at most two chunks in flight (bounded memory, and
+    no queue can overflow), then wait until every packet was written to a stream."""
+    chunks = direction.workload.chunks()
+    while True:
+        t0 = time.perf_counter()
+        chunk = next(chunks, None)
+        direction.generate_time += time.perf_counter() - t0
+        if chunk is None:
+            break
+        direction.accepted += node.send_batch(chunk)
+        if node.dispatcher.metrics().queued > _CHUNK:
+            await node.flush()
+        else:
+            await asyncio.sleep(0)
+        report()
+    await node.flush()
+
+
+async def _await_delivery(
+    verifiers: list[Verifier], report: Callable[[], None], delivery_timeout: float, stall_timeout: float
+) -> None:
+    """Wait until every verifier has its target. Gives up when nothing arrives for `stall_timeout` seconds
+    (lost packets never will), or after `delivery_timeout`."""
+    deadline = time.perf_counter() + delivery_timeout
+
+    def received() -> int:
+        return sum(v.received for v in verifiers)
+
+    def complete() -> bool:
+        return all(v.done is not None and v.done.is_set() for v in verifiers)
+
+    last, last_change = received(), time.perf_counter()
+    while not complete() and time.perf_counter() < deadline:
+        report()
+        pending = [v.done for v in verifiers if v.done is not None and not v.done.is_set()]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await asyncio.gather(*(event.wait() for event in pending))
+        now = time.perf_counter()
+        if received() != last:
+            last, last_change = received(), now
+        elif now - last_change > stall_timeout:
+            break
+
+
+async def _quiesce(*nodes: Node) -> None:
+    """Wait (at most a second) until no peer connection is open on the nodes' receivers."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            while any(node.receiver.metrics().active_connections for node in nodes):  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+
+
 async def run_demo(
     packets: int = 200_000,
     destinations: int = 300,
     *,
     tls: bool = False,
     seed: int = 1,
-    progress: Any = None,
+    both_ways: bool = False,
+    progress: Callable[[int, int], None] | None = None,
     delivery_timeout: float = 30.0,
     stall_timeout: float = 2.0,
 ) -> DemoResult:
-    """Run the two-node demo; `progress(received, total)` is called as packets arrive (optional).
+    """Run the two-node demo: `packets` from A to B (and as many from B to A with `both_ways`).
 
-    After the last packet is written, waits for B to receive everything: at most `delivery_timeout` seconds,
-    and no longer than `stall_timeout` seconds without any packet arriving.
+    `progress(received, total)` is called as packets arrive (optional). After the last packet is written,
+    waits for the receivers to take everything in: at most `delivery_timeout` seconds, and no longer than
+    `stall_timeout` seconds without any packet arriving.
     """
     from vpn_packet.transport.discovery import Peer
     from vpn_packet.transport.node import Node
 
-    workload = Workload(packets, destinations, seed)
-    verifier = Verifier(workload, target=packets, done=asyncio.Event())
+    ab_load = Workload(packets, destinations, seed, A_PREFIXES, B_PREFIXES)
+    ab = _Direction("A -> B", ab_load, Verifier(ab_load, A_ID, target=packets, done=asyncio.Event()))
+    directions = [ab]
+    if both_ways:
+        ba_load = Workload(packets, destinations, seed + 1, B_PREFIXES, A_PREFIXES)
+        directions.append(
+            _Direction("B -> A", ba_load, Verifier(ba_load, B_ID, target=packets, done=asyncio.Event()))
+        )
+    total = packets * len(directions)
+    verifiers = [d.verifier for d in directions]
+
+    def report() -> None:
+        if progress is not None:
+            progress(sum(v.received for v in verifiers), total)
+
+    buffer = 4 * _CHUNK  # a worker never holds more than two chunks' worth: no queue_full by design
     with tempfile.TemporaryDirectory(prefix="vpn-packet-demo-") as tmp:
         a_tls, b_tls = _tls_contexts(Path(tmp)) if tls else ({}, {})
-        buffer = 4 * _CHUNK  # a worker never holds more than two chunks' worth: no queue_full by design
+        if both_ways:  # each node must know the other's address before either listens
+            port_a, port_b = _free_ports(2)
+            a_endpoint = f"127.0.0.1:{port_a}"
+        else:  # B never dials A; A's entry is there for B's anti-spoofing check of A's sources
+            port_a, port_b = 0, 0
+            a_endpoint = "127.0.0.1:9"
+        a_sink = directions[1].verifier if both_ways else None
         node_b = Node(
             B_ID,
-            ("127.0.0.1", 0),
-            # B never dials A in this demo; A's entry is there for B's anti-spoofing check of A's sources.
-            [Peer(A_ID, "127.0.0.1:9", A_PREFIXES)],
-            verifier,
+            ("127.0.0.1", port_b),
+            [Peer(A_ID, a_endpoint, A_PREFIXES)],
+            ab.verifier,
+            worker_buffer_size=buffer,
             **b_tls,
         )
         await node_b.start()
         try:
             node_a = Node(
                 A_ID,
-                ("127.0.0.1", 0),
+                ("127.0.0.1", port_a),
                 [Peer(B_ID, node_b.endpoint, B_PREFIXES)],
-                None,
+                a_sink,
                 worker_buffer_size=buffer,
                 **a_tls,
             )
             await node_a.start()
             try:
                 start = time.perf_counter()
-                generate = 0.0
-                accepted = 0
-                chunks = workload.chunks()
-                while True:
-                    t0 = time.perf_counter()
-                    chunk = next(chunks, None)
-                    generate += time.perf_counter() - t0
-                    if chunk is None:
-                        break
-                    accepted += node_a.send_batch(chunk)
-                    # Keep at most two chunks in flight: bounded memory, and no queue can overflow.
-                    if node_a.dispatcher.metrics().queued > _CHUNK:
-                        await node_a.flush()
-                    else:
-                        await asyncio.sleep(0)
-                    if progress is not None:
-                        progress(verifier.received, packets)
-                await node_a.flush()
-                done = verifier.done
-                assert done is not None
-                # Everything is written to the socket; wait for B to take it in. Give up when nothing more
-                # arrives for `stall_timeout` seconds (lost packets never will), or after `delivery_timeout`.
-                deadline = time.perf_counter() + delivery_timeout
-                last, last_change = verifier.received, time.perf_counter()
-                while not done.is_set() and time.perf_counter() < deadline:
-                    if progress is not None:
-                        progress(verifier.received, packets)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(0.05):
-                            await done.wait()
-                    now = time.perf_counter()
-                    if verifier.received != last:
-                        last, last_change = verifier.received, now
-                    elif now - last_change > stall_timeout:
-                        break
+                senders = [_send(node_a, ab, report)]
+                if both_ways:
+                    senders.append(_send(node_b, directions[1], report))
+                await asyncio.gather(*senders)
+                await _await_delivery(verifiers, report, delivery_timeout, stall_timeout)
                 elapsed = time.perf_counter() - start
-                if progress is not None:
-                    progress(verifier.received, packets)
-                workers = sorted(node_a.worker_metrics().values(), key=lambda w: -w.packet_count)
-                top = [(w.sync_key, w.packet_count, w.byte_count, w.error_count) for w in workers[:10]]
+                report()
+                workers = [(w, "") for w in node_a.worker_metrics().values()]
+                if both_ways:
+                    workers = [(w, "A ") for w, _ in workers]
+                    workers += [(w, "B ") for w in node_b.worker_metrics().values()]
+                workers.sort(key=lambda item: -item[0].packet_count)
+                top = [
+                    (tag + w.sync_key, w.packet_count, w.byte_count, w.error_count) for w, tag in workers[:10]
+                ]
             finally:
+                # Orderly: both stop sending (their streams close), the receivers see every stream end,
+                # then the nodes stop.
+                await node_a.stop_sending()
+                await node_b.stop_sending()
+                await _quiesce(node_a, node_b)
                 await node_a.stop()
-            sender = node_a.metrics()
+            metrics_a = node_a.metrics()
         finally:
             await node_b.stop()
-        receiver = node_b.metrics()
-    d = sender.dispatcher
+        metrics_b = node_b.metrics()
     drops: dict[str, int] = {}
-    for table, prefix in (
-        (d.rejected_by_reason, "rejected"),
-        (d.failed_by_reason, "failed"),
-        (d.discarded_by_reason, "discarded"),
-    ):
-        for reason, n in table.items():
-            drops[f"{prefix} {reason}"] = n
-    drops.update(_receiver_drops(receiver.receiver))
+    senders_metrics = [metrics_a, metrics_b] if both_ways else [metrics_a]
+    receivers_metrics = [metrics_b, metrics_a] if both_ways else [metrics_b]
+    for m in senders_metrics:
+        d = m.dispatcher
+        for table, prefix in (
+            (d.rejected_by_reason, "rejected"),
+            (d.failed_by_reason, "failed"),
+            (d.discarded_by_reason, "discarded"),
+        ):
+            for reason, n in table.items():
+                drops[f"{prefix} {reason}"] = drops.get(f"{prefix} {reason}", 0) + n
+    for m in receivers_metrics:
+        for reason, n in _receiver_drops(m.receiver).items():
+            drops[reason] = drops.get(reason, 0) + n
     return DemoResult(
-        packets=packets,
+        packets=total,
         destinations=destinations,
         tls=tls,
-        sent_accepted=accepted,
-        received=verifier.received,
-        received_bytes=verifier.received_bytes,
-        corrupt=verifier.corrupt,
-        out_of_order=verifier.out_of_order,
-        missing=verifier.missing,
-        wrong_peer=verifier.wrong_peer,
+        both_ways=both_ways,
+        sent_accepted=sum(d.accepted for d in directions),
+        received=sum(v.received for v in verifiers),
+        received_bytes=sum(v.received_bytes for v in verifiers),
+        corrupt=sum(v.corrupt for v in verifiers),
+        out_of_order=sum(v.out_of_order for v in verifiers),
+        missing=sum(v.missing for v in verifiers),
+        wrong_peer=sum(v.wrong_peer for v in verifiers),
         elapsed=elapsed,
-        generate_time=generate,
+        generate_time=sum(d.generate_time for d in directions),
         drops=drops,
         top_workers=top,
-        streams_created=sender.pool.created,
-        sender=sender.as_dict(),
-        receiver=receiver.as_dict(),
+        streams_created=metrics_a.pool.created + metrics_b.pool.created,
+        sender=metrics_a.as_dict(),
+        receiver=metrics_b.as_dict(),
     )
 
 
@@ -411,6 +514,11 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="destinations (default 300, max 60000)",
     )
     parser.add_argument("--tls", action="store_true", help="mutual TLS between the nodes (throwaway CA)")
+    parser.add_argument(
+        "--both-ways",
+        action="store_true",
+        help="B sends the same amount to A at the same time (verified too)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="random seed of the workload (default 1)")
 
 
@@ -433,7 +541,8 @@ def _print_report(result: DemoResult, console: Any) -> None:
     summary.add_column(justify="right")
     summary.add_column()
     mode = "mutual TLS" if result.tls else "plain TCP"
-    summary.add_row("transport", mode, f"{result.streams_created} stream(s) A -> B")
+    way = "A -> B and B -> A" if result.both_ways else "A -> B"
+    summary.add_row("transport", mode, f"{result.streams_created} stream(s) {way}")
     summary.add_row("destinations", f"{result.destinations:,}", "IPv4 + IPv6, TCP + UDP, 40..1400 bytes")
     summary.add_row("sent", f"{result.sent_accepted:,}", f"of {result.packets:,}")
     summary.add_row("received", f"{result.received:,}", f"{result.received_bytes:,} bytes")
@@ -464,8 +573,9 @@ def _run_demo_command(args: argparse.Namespace) -> int:
         file=sys.stdout, highlight=False, emoji=False, width=None if sys.stdout.isatty() else 110
     )
     mode = "mutual TLS" if args.tls else "TCP"
+    way = "node A <-> node B (each way)" if args.both_ways else "node A -> node B"
     console.print(
-        f"vpn-packet demo: node A -> node B over loopback {mode}, {args.packets:,} packets to "
+        f"vpn-packet demo: {way} over loopback {mode}, {args.packets:,} packets to "
         f"{args.destinations:,} destinations (seed {args.seed})"
     )
     with Progress(
@@ -476,13 +586,20 @@ def _run_demo_command(args: argparse.Namespace) -> int:
         console=console,
         transient=False,
     ) as bar:
-        task = bar.add_task("delivered", total=args.packets)
+        task = bar.add_task("delivered", total=args.packets * (2 if args.both_ways else 1))
 
         def progress(received: int, total: int) -> None:
-            bar.update(task, completed=received)
+            bar.update(task, completed=received, total=total)
 
         result = asyncio.run(
-            run_demo(args.packets, args.destinations, tls=args.tls, seed=args.seed, progress=progress)
+            run_demo(
+                args.packets,
+                args.destinations,
+                tls=args.tls,
+                seed=args.seed,
+                both_ways=args.both_ways,
+                progress=progress,
+            )
         )
     _print_report(result, console)
     if result.ok:
@@ -500,10 +617,11 @@ register(
         name="demo",
         help="run two nodes on loopback and push a verified workload through the real transport (no root)",
         description=(
-            "Starts node A and node B on 127.0.0.1 (ephemeral ports, no root, no configuration) and sends a\n"
-            "mixed workload from A to B through the dispatcher, the stream pool and TCP (or mutual TLS with\n"
-            "--tls): hundreds of destinations, IPv4 and IPv6, TCP and UDP, 40 to 1400 bytes. B checks every\n"
-            "packet: intact, in order per destination, none missing. Exit status 0 when all arrived, else 1."
+            "Starts node A and node B on 127.0.0.1 (ephemeral ports, no root, no configuration) and sends\n"
+            "a mixed workload from A to B through the dispatcher, the stream pool and TCP (or mutual TLS\n"
+            "with --tls): hundreds of destinations, IPv4 and IPv6, TCP and UDP, 40 to 1400 bytes; with\n"
+            "--both-ways B sends as much to A at the same time. The receiving side checks every packet:\n"
+            "intact, in order per destination, none missing. Exit status 0 when all arrived, else 1."
         ),
         add_arguments=_demo_arguments,
         run=_run_demo_command,

@@ -149,6 +149,7 @@ class Node:
         )
         self._started = False
         self._stopped = False
+        self._sending_stopped = False
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
@@ -168,19 +169,29 @@ class Node:
             raise
         self._started = True
 
+    async def stop_sending(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - like stop()
+        """Stop dispatching and drain for at most `timeout` (default `stop_timeout`) seconds, then close the
+        pool (buffered bytes are flushed). The receiver keeps running: peers may still send to us. Idempotent.
+
+        For an orderly shutdown of several nodes: `stop_sending()` on each, then `stop()` on each, so that no
+        receiver stops while a peer is still writing to it."""
+        if self._sending_stopped:
+            return
+        self._sending_stopped = True
+        try:
+            await self.dispatcher.stop(self.stop_timeout if timeout is None else timeout)
+        finally:
+            await self.pool.stop()
+
     async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - like Dispatcher.stop
-        """Stop dispatching and drain for at most `timeout` (default `stop_timeout`) seconds, close the
-        pool, stop the receiver. Idempotent."""
+        """`stop_sending(timeout)`, then stop the receiver. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
         try:
-            await self.dispatcher.stop(self.stop_timeout if timeout is None else timeout)
+            await self.stop_sending(timeout)
         finally:
-            try:
-                await self.pool.stop()
-            finally:
-                await self.receiver.stop()
+            await self.receiver.stop()
 
     async def __aenter__(self) -> Node:
         await self.start()

@@ -107,3 +107,13 @@ def test_demo_both_ways(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCa
     assert "OK: all 4,000 packets" in out
     # Nothing logged at ERROR level (both nodes stop sending before either receiver stops).
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_tls_without_cryptography_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vpn_packet.testutil.certs", None)  # import fails
+    assert main(["demo", "--packets", "10", "--tls"]) == 2
+    assert "cryptography" in capsys.readouterr().err

@@ -249,7 +249,16 @@ class DemoResult:
 
 
 def _tls_contexts(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from vpn_packet.testutil.certs import write_test_pki
+    """Mutual TLS contexts for both nodes from a throwaway CA (needs the `cryptography` package)."""
+    try:
+        from vpn_packet.testutil.certs import write_test_pki
+    except ImportError as exc:
+        from vpn_packet.cli import UsageError
+
+        raise UsageError(
+            "--tls generates a throwaway CA with the 'cryptography' package, which is not installed "
+            "(pip install cryptography)"
+        ) from exc
     from vpn_packet.transport.tls import client_context, server_context
 
     pki = write_test_pki(directory, [A_ID, B_ID])

@@ -5,10 +5,14 @@
   carries packets and bytes per round, so packets/s and MB/s follow from the mean.
 - longest-prefix match: `PrefixTable.lookup` with 10,000 IPv4 prefixes vs an `ipaddress`-based match that
   probes one dict per prefix length (the good plain-Python way; a linear scan would be far slower).
+- receiving over loopback TCP: `Receiver` (native decode + native source check, batches to a sink) vs a
+  plain asyncio receiver (`readexactly` per frame, `struct`, the dict-per-length match), 50,000 packets of one
+  sender per round, server start-up included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import random
 import struct
@@ -16,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from vpn_packet._native import FrameDecoder, PrefixTable, encode_frames
+from vpn_packet._native import FrameDecoder, PrefixTable, encode_frames, encode_hello
 
 PACKETS = 4096
 READ = 64 * 1024
@@ -154,3 +158,98 @@ def test_prefix_lookup(
     reference = PyPrefixTable(entries)
     assert [table.lookup(ip) for ip in addrs[:500]] == [reference.lookup(ip) for ip in addrs[:500]]
     benchmark(run)
+
+
+# --- receiving over loopback ------------------------------------------------------------------------------
+
+RECV_PACKETS = 50_000
+
+
+def _recv_packets(size: int) -> list[bytes]:
+    from vpn_packet.testutil.packets import ipv4_packet
+
+    return [
+        ipv4_packet("10.8.0.2", "10.8.0.1", src_port=i & 0xFFFF, dst_port=7, payload=bytes(size - 28))
+        for i in range(RECV_PACKETS)
+    ]
+
+
+async def _send(host: str, port: int, data: bytes) -> None:
+    _reader, writer = await asyncio.open_connection(host, port)
+    writer.write(data)
+    await writer.drain()
+    writer.close()
+
+
+async def _receive_native(wire: bytes) -> int:
+    from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
+    from vpn_packet.transport.receiver import Receiver
+
+    done = asyncio.Event()
+    count = 0
+
+    def sink(peer_id: str, packets: list[bytes]) -> None:
+        nonlocal count
+        count += len(packets)
+        if count >= RECV_PACKETS:
+            done.set()
+
+    discovery = StaticPeerDiscovery([Peer("node-a", "127.0.0.1:1", ["10.8.0.2/32"])])
+    async with Receiver(discovery, sink) as rx:
+        await _send(*rx.address, encode_hello("node-a") + wire)
+        await done.wait()
+    return count
+
+
+async def _receive_plain(wire: bytes) -> int:
+    """A plain asyncio receiver: readexactly per frame, struct lengths, source checked in a dict-per-length
+    longest-prefix match, batches of 256 to the sink."""
+    table = PyPrefixTable([("10.8.0.2/32", 0)])
+    done = asyncio.Event()
+    count = 0
+
+    def sink(peer_id: str, packets: list[bytes]) -> None:
+        nonlocal count
+        count += len(packets)
+        if count >= RECV_PACKETS:
+            done.set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        header = await reader.readexactly(6)
+        peer_id = (await reader.readexactly(header[5])).decode()
+        batch: list[bytes] = []
+        try:
+            while True:
+                (n,) = _LEN.unpack(await reader.readexactly(4))
+                if n == 0 or n > 65535:
+                    break
+                packet = await reader.readexactly(n)
+                src_ok = len(packet) >= 20 and packet[0] >> 4 == 4
+                if src_ok and table.lookup(str(ipaddress.IPv4Address(packet[12:16]))) == 0:
+                    batch.append(packet)
+                if len(batch) >= 256:
+                    sink(peer_id, batch)
+                    batch = []
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            if batch:
+                sink(peer_id, batch)
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        await _send(*server.sockets[0].getsockname()[:2], encode_hello("node-a") + wire)
+        await done.wait()
+    return count
+
+
+@pytest.mark.benchmark(group="receive-loopback")
+@pytest.mark.parametrize("size", [64, 1400])
+@pytest.mark.parametrize("impl", ["vpn_packet.Receiver", "plain-asyncio"])
+def test_receive(benchmark: Any, impl: str, size: int) -> None:
+    wire = encode_frames(_recv_packets(size))
+    run = _receive_native if impl.startswith("vpn_packet") else _receive_plain
+    benchmark.extra_info.update(packets_per_round=RECV_PACKETS, bytes_per_round=len(wire))
+    result = benchmark.pedantic(lambda: asyncio.run(run(wire)), rounds=3, iterations=1, warmup_rounds=1)
+    assert result == RECV_PACKETS

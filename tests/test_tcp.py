@@ -121,17 +121,20 @@ async def test_hello_then_frames_in_order(peer: FakePeer) -> None:
     assert info.value.stream_closed
 
 
+def _wmem_max() -> int:
+    try:
+        return int(Path("/proc/sys/net/core/wmem_max").read_text())
+    except OSError:  # pragma: no cover - not Linux
+        return 1 << 20
+
+
 async def test_socket_options(peer: FakePeer) -> None:
     service = TcpStreamService(Endpoints(b=peer.port), "a", send_buffer=1 << 20)
     stream = await service.create_stream("b")
     sock = stream._transport.get_extra_info("socket")
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     # Linux caps the request at net.core.wmem_max (without privileges), then doubles it.
-    try:
-        cap = int(Path("/proc/sys/net/core/wmem_max").read_text())
-    except OSError:  # pragma: no cover - not Linux
-        cap = 1 << 20
-    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= min(1 << 20, cap)
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= min(1 << 20, _wmem_max())
     await stream.close()
 
 

@@ -125,6 +125,18 @@ async def test_delivers_in_order_in_bounded_batches(receiver: Receiver, collecto
     assert "delivered=1001" in repr(receiver)
 
 
+async def test_any_read_boundaries(receiver: Receiver, collector: Collector) -> None:
+    packets = [pkt(A_SRC, 1), pkt("fd00::2", 2), pkt(A_SRC, 3)]
+    wire = encode_hello("node-a") + encode_frames(packets)
+    reader, writer = await connect(receiver, None)
+    for i in range(0, len(wire), 7):  # hello and frames split across many small TCP segments
+        writer.write(wire[i : i + 7])
+        await writer.drain()
+    await until_closed(reader, writer, half_close=True)
+    assert collector.packets() == packets
+    assert receiver.metrics().protocol_errors == {}
+
+
 async def test_spoofed_and_unparsable_sources_are_dropped_and_counted(
     receiver: Receiver, collector: Collector
 ) -> None:

@@ -67,8 +67,9 @@ async def read_hello(reader: asyncio.StreamReader, timeout: float | None) -> str
     stream that ends inside it (reason `hello_truncated`), and `HelloTimeoutError` (a `FramingError` and a
     `TimeoutError`) when it is not complete within `timeout` seconds (`None`: no limit).
     """
+    deadline = asyncio.timeout(timeout)
     try:
-        async with asyncio.timeout(timeout):
+        async with deadline:
             data = b""
             while True:
                 peer_id, count = parse_hello(data)
@@ -82,4 +83,6 @@ async def read_hello(reader: asyncio.StreamReader, timeout: float | None) -> str
                         "hello_truncated",
                     ) from None
     except TimeoutError:
+        if not deadline.expired():
+            raise  # a socket timeout (ETIMEDOUT), not ours
         raise HelloTimeoutError(timeout if timeout is not None else 0.0) from None

@@ -60,7 +60,14 @@ Sink = Callable[[str, list[bytes]], Awaitable[None] | None]
 
 @dataclass
 class PeerReceiverMetrics:
-    """Counters of one peer (from its connections after a valid hello), as plain data."""
+    """Counters of one peer (from its connections after a valid hello), as plain data.
+
+    `frames` and `bytes` count every decoded frame and its payload bytes (dropped ones included);
+    `packets_delivered` and `batches_delivered` what the sink took; `spoofed_dropped`, `unparsable_dropped`
+    and `sink_failed` (the sink raised) are packets dropped; `connection_errors` connections lost to a reset
+    or TLS error; `protocol_errors` counts wire-protocol violations by reason (`zero_length`, `too_large`,
+    `truncated`: the stream ended inside a frame).
+    """
 
     connections: int = 0
     active_connections: int = 0

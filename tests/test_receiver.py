@@ -424,6 +424,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "server": ca.issue("receiver", ["localhost"]),
         "node-a": ca.issue("whatever", ["node-a"]),  # identity from the subjectAltName
         "node-b-cn": ca.issue("node-b", []),  # no SAN: identity from the commonName
+        "node-a-cn-b": ca.issue("node-b", ["node-a"]),  # a SAN: the commonName does not count
         "rogue-node-a": rogue.issue("node-a", ["node-a"]),  # right name, wrong CA
     }
 
@@ -460,8 +461,13 @@ async def test_tls_identity_must_match_the_hello(pki: dict[str, Path], collector
             rx, encode_hello("node-b") + encode_frames([pkt(B_SRC, 3)]), client_context(pki, "node-a")
         )
         await until_closed(*conn, half_close=False)
+        # SAN node-a, CN node-b, claiming node-b: refused (with a SAN the commonName does not count).
+        conn = await connect(
+            rx, encode_hello("node-b") + encode_frames([pkt(B_SRC, 4)]), client_context(pki, "node-a-cn-b")
+        )
+        await until_closed(*conn, half_close=False)
         m = rx.metrics()
-    assert m.identity_mismatch == 1
+    assert m.identity_mismatch == 2
     assert collector.packets() == [pkt(A_SRC, 1), pkt(B_SRC, 2)]
 
 

@@ -6,7 +6,8 @@ Per connection (see `vpn_packet.transport.framing` for the wire protocol):
    within `hello_timeout`.
 2. The hello, within `hello_timeout`. The id must be a known peer (else the connection is closed and counted
    as `unknown_peer`). With TLS it must also be the identity of the client certificate: a subjectAltName DNS
-   entry equal to the id, else the certificate's commonName (else closed, counted as `identity_mismatch`).
+   entry equal to the id, or, for a certificate without DNS entries, its commonName (else closed, counted as
+   `identity_mismatch`).
    **Without TLS the id is unauthenticated**: anyone can claim any peer. What still holds is the anti-spoofing
    check below: a liar can only inject packets with sources inside the claimed peer's own prefixes.
 3. Frames, decoded natively across any read boundaries. Each decoded packet's source address is checked
@@ -119,8 +120,10 @@ def certificate_identities(cert: dict[str, Any] | None) -> tuple[list[str], list
 
 
 def _identity_matches(cert: dict[str, Any] | None, peer_id: str) -> bool:
+    """A subjectAltName DNS entry equals `peer_id`; the commonName counts only when there is no DNS entry
+    (RFC 6125, and what OpenSSL's host name check does on the connecting side)."""
     dns, common_names = certificate_identities(cert)
-    return peer_id in dns or peer_id in common_names
+    return peer_id in dns if dns else peer_id in common_names
 
 
 class _Refused(Exception):

@@ -104,7 +104,7 @@ async def test_stop_before_start_and_twice(
     await d.stop()
     assert d.state is DispatcherState.STOPPED
     assert d.dispatch_packet("k", "10.0.0.1", b"x") is False
-    assert d.metrics().rejected_by_reason["stopped"] == 1
+    assert d.check_accounting().rejected_by_reason["stopped"] == 1
 
 
 async def test_dispatch_before_start_is_refused_and_counted(

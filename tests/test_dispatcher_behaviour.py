@@ -442,7 +442,7 @@ async def test_idle_cleanup_runs_on_its_own_timer(
         clock.advance(4)
         await settle(3)
         assert d.worker_metrics() == {}
-        assert d.metrics().workers_removed == 1
+        assert d.check_accounting().workers_removed == 1
 
 
 # --- 7. peer lookup -----------------------------------------------------------------------------------------
@@ -553,6 +553,7 @@ async def test_stop_closes_streams_it_created_itself(
         await d.flush()
     assert len(fake_stream_service.created) == 3
     assert all(s.closed for s in fake_stream_service.created)
+    assert d.check_accounting().sent == 3
 
 
 async def test_stop_is_idempotent_and_concurrent_calls_wait(

@@ -323,7 +323,7 @@ async def test_an_idle_worker_costs_less_than_1_kib() -> None:
             after = tracemalloc.get_traced_memory()[0]
         finally:
             tracemalloc.stop()
-        assert d.metrics().workers == 2001
+        assert d.check_accounting().workers == 2001
         per_worker = (after - before) / len(keys)
         print(f"idle worker: {per_worker:.0f} bytes")
         assert per_worker <= 1024, per_worker

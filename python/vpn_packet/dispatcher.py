@@ -615,7 +615,8 @@ class Dispatcher:
         ctx = self._ctx
         queued = 0
         for worker in self._workers.values():
-            queued += len(worker.queue) + worker.in_flight
+            if worker.busy:  # an idle worker has nothing queued or in flight
+                queued += len(worker.queue) + worker.in_flight
         resilience: dict[str, Any] = {}
         snapshot = getattr(self.resilience, "metrics", None)
         if snapshot is not None:

@@ -327,3 +327,51 @@ async def test_an_idle_worker_costs_less_than_1_kib() -> None:
         per_worker = (after - before) / len(keys)
         print(f"idle worker: {per_worker:.0f} bytes")
         assert per_worker <= 1024, per_worker
+
+
+class _TimeoutStream:
+    """A stream whose writes use `asyncio.timeout`: the first one times out while suspended."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.calls = 0
+        self.never = asyncio.Event()
+
+    async def write(self, packet: bytes) -> None:
+        await self.write_many([packet])
+
+    async def write_many(self, packets: Sequence[bytes]) -> None:
+        self.calls += 1
+        async with asyncio.timeout(0 if self.calls == 1 else 60):
+            if self.calls == 1:
+                await self.never.wait()  # suspends; the timeout (due at once) cancels it
+            self.written.extend(packets)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_streams_may_use_asyncio_timeout_inside_drains(
+    fake_discovery: FakePeerDiscovery, manual_clock: ManualClock, recording_sleep: RecordingSleep
+) -> None:
+    """Drains run inside a pump task (never in a bare callback), so `asyncio.timeout` works in a stream,
+    whether the write completes at once or times out while suspended."""
+    stream = _TimeoutStream()
+
+    class Pool:
+        async def get_stream(self, peer_id: str) -> _TimeoutStream:
+            return stream
+
+        def release_stream(self, peer_id: str, s: object, healthy: bool) -> None:
+            return None
+
+    d = Dispatcher(
+        fake_discovery, None, Pool(), resilience_service=_resilience(manual_clock, recording_sleep)
+    )
+    async with d:
+        await d.dispatch_packet_with_callback("k", "10.0.0.1", b"1")  # timed out once, retried
+        await d.dispatch_packet_with_callback("k", "10.0.0.1", b"2")
+    assert stream.written == [b"1", b"2"]
+    assert stream.calls == 3
+    assert d.resilience.metrics().retries == 1
+    d.check_accounting()

@@ -19,6 +19,7 @@ from vpn_packet.transport.tls import (
     check_pinned,
     client_context,
     fingerprint,
+    identity_matches,
     normalize_fingerprint,
     peer_identity,
     server_context,
@@ -230,3 +231,13 @@ def test_identity_falls_back_to_the_common_name(tmp_path: Path) -> None:
 
     assert peer_identity(Fake()) == "node-x"
     assert peer_identity(WithSan()) == "node-y"
+    assert identity_matches(Fake(), "node-x")
+    assert identity_matches(WithSan(), "node-y")
+    assert not identity_matches(WithSan(), "cn")  # the common name counts only without DNS entries
+    assert not identity_matches(None, "node-x")
+
+    class TwoNames:
+        def getpeercert(self) -> dict[str, object]:
+            return {"subjectAltName": (("DNS", "other"), ("DNS", "node-z"))}
+
+    assert identity_matches(TwoNames(), "node-z")

@@ -30,6 +30,7 @@ __all__ = [
     "check_pinned",
     "client_context",
     "fingerprint",
+    "identity_matches",
     "normalize_fingerprint",
     "peer_identity",
     "server_context",
@@ -164,6 +165,20 @@ def peer_identity(ssl_object: Any) -> str | None:
     return None
 
 
+def identity_matches(ssl_object: Any, peer_id: str) -> bool:
+    """Whether the verified certificate of the other side is `peer_id`: one of its subjectAltName DNS entries
+    equals it, or - only when it has no DNS entry - its common name does (as OpenSSL checks a host name)."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        return False
+    dns = [str(value) for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
+    if dns:
+        return peer_id in dns
+    return any(
+        name == "commonName" and value == peer_id for rdn in cert.get("subject", ()) for name, value in rdn
+    )
+
+
 def check_pinned(ssl_object: Any, fingerprints: Iterable[str]) -> str:
     """Raise `ssl.SSLCertVerificationError` unless the peer's certificate has one of `fingerprints`;
     returns the fingerprint. Fails closed: no certificate, or no fingerprints, is a refusal."""
@@ -189,8 +204,8 @@ def verify_server_identity(ctx: ssl.SSLContext, ssl_object: Any, peer_id: str) -
             raise ssl.SSLCertVerificationError(f"no pinned certificate for peer {peer_id!r}")
         check_pinned(ssl_object, pins)
         return
-    identity = peer_identity(ssl_object)
-    if identity != peer_id:
+    if not identity_matches(ssl_object, peer_id):
         raise ssl.SSLCertVerificationError(
-            f"server identity {identity!r} does not match the peer id {peer_id!r} it was dialled as"
+            f"server identity {peer_identity(ssl_object)!r} does not match the peer id {peer_id!r} "
+            "it was dialled as"
         )

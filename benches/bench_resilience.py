@@ -43,7 +43,9 @@ def _tenacity_kwargs() -> dict[str, object]:
 
 
 def _record(benchmark: BenchmarkFixture, ops: int = OPS) -> None:
-    assert benchmark.stats is not None
+    benchmark.extra_info["ops_per_round"] = ops
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
+        return
     median = benchmark.stats.stats.median
     benchmark.extra_info["ops_per_round"] = ops
     benchmark.extra_info["us_per_op"] = round(median / ops * 1e6, 4)

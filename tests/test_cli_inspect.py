@@ -180,3 +180,12 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     assert proc.stdout == ""
     assert proc.stderr.startswith(f"vpn-packet inspect: error: {bad}: not a pcap or pcapng capture")
     assert "Traceback" not in proc.stderr
+
+
+def test_ipv6_keys_are_printed_literally(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Bracketed IPv6 keys are neither rich markup (`[fd00:b::1]` is a valid tag name) nor emoji (`:b:`)."""
+    packet = ipv6_packet("fd00::2", "fd00:b::1", UDP, 5000, 853)
+    path = tmp_path / "v6.pcap"
+    path.write_bytes(pcap_bytes([ethernet_frame(packet)]))
+    assert main(["inspect", str(path)]) == 0
+    assert "[fd00:b::1]:853" in capsys.readouterr().out

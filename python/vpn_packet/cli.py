@@ -148,12 +148,13 @@ def _print_table(summary: CaptureSummary, top: int) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 120)
+    console = Console(file=sys.stdout, highlight=False, emoji=False, width=None if sys.stdout.isatty() else 120)
     ranked = summary.top(top or None)
     count = len(summary.destinations)
     shown = f"top {len(ranked)} of {count:,}" if len(ranked) < count else f"{count:,}"
-    console.print(f"{summary.path}: {summary.format_detail}, {shown} destinations", soft_wrap=True)
+    console.print(Text(f"{summary.path}: {summary.format_detail}, {shown} destinations"), soft_wrap=True)
     table = Table(box=box.SIMPLE_HEAVY)
     table.add_column("#", justify="right", style="dim")
     table.add_column("destination", no_wrap=True)
@@ -162,7 +163,7 @@ def _print_table(summary: CaptureSummary, top: int) -> None:
     table.add_column("protocols")
     for rank, (key, stats) in enumerate(ranked, 1):
         names = " ".join(stats.protocol_names())
-        table.add_row(str(rank), key, f"{stats.packets:,}", f"{stats.bytes:,}", names)
+        table.add_row(str(rank), Text(key), f"{stats.packets:,}", f"{stats.bytes:,}", names)
     console.print(table)
 
     totals = Table.grid(padding=(0, 2))

@@ -49,7 +49,7 @@ class Subcommand:
 _SUBCOMMANDS: dict[str, Subcommand] = {}
 
 # Modules that register more subcommands when imported (for instance the node and demo commands).
-EXTENSION_MODULES: tuple[str, ...] = ("vpn_packet.demo",)
+EXTENSION_MODULES: tuple[str, ...] = ("vpn_packet.demo", "vpn_packet.tun_node")
 
 
 def register(command: Subcommand) -> Subcommand:

@@ -1,0 +1,424 @@
+"""Two network namespaces joined by a veth pair, a `vpn-packet node` in each: for the end-to-end test and the
+tunnel benchmark (root only).
+
+    with TunnelLab(tmp_path) as lab:      # namespaces, veth 172.31.255.1/30 <-> .2, nodes A and B started
+        lab.run_python(lab.ns_a, PING_SCRIPT, "10.8.0.2")
+        lab.metrics("b")                    # SIGUSR1 to node B, then its metrics file
+
+Everything is created with names unique to the process and removed on exit (also after a failure): node
+processes are terminated (then killed), the namespaces deleted (which deletes the veth pair and the TUNs).
+The underlay addresses exist only inside the two namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ICMP_ECHO_SCRIPT",
+    "SPOOF_SCRIPT",
+    "TCP_SINK_SCRIPT",
+    "TCP_SOURCE_SCRIPT",
+    "NodeProcess",
+    "TunnelLab",
+    "netns_unavailable",
+]
+
+UNDERLAY_A = "172.31.255.1"
+UNDERLAY_B = "172.31.255.2"
+TUNNEL_A = "10.8.0.1"
+TUNNEL_B = "10.8.0.2"
+PORT = 7000
+
+
+def netns_unavailable() -> str | None:
+    """Why the lab cannot run here (None when it can): no /dev/net/tun, not root, no `ip`, no netns."""
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun is missing"
+    if os.geteuid() != 0:
+        return "not root (network namespaces and TUN devices need root)"
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is missing"
+    name = f"vpnp-probe-{os.getpid()}"
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"ip netns add fails: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return None
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+@dataclass
+class NodeProcess:
+    """A `vpn-packet node` running in a namespace, its log in a file."""
+
+    name: str
+    netns: str
+    config: Path
+    log: Path
+    metrics_file: Path
+    process: subprocess.Popen[bytes] | None = None
+    exit_code: int | None = None
+    output: str = field(default="")
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def node_toml(
+    *,
+    node_id: str,
+    peer_id: str,
+    address: str,
+    listen: str,
+    peer_endpoint: str,
+    peer_allowed: str,
+    metrics_file: Path,
+    mtu: int,
+    extra: str = "",
+) -> str:
+    return f"""\
+[interface]
+name = "vpn0"
+address = "{address}/24"
+mtu = {mtu}
+txqueuelen = 4000
+
+[listen]
+address = "{listen}:{PORT}"
+
+[node]
+id = "{node_id}"
+log_level = "info"
+metrics_file = "{metrics_file}"
+shutdown_timeout = 5.0
+drop_log_interval = 2.0
+
+[[peers]]
+id = "{peer_id}"
+endpoint = "{peer_endpoint}:{PORT}"
+allowed_ips = ["{peer_allowed}/32"]
+{extra}"""
+
+
+# `python -m vpn_packet.cli` runs cli.py as `__main__`, a second module whose registry lacks the subcommands
+# of EXTENSION_MODULES (they register into `vpn_packet.cli`); this runs the real entry point.
+_CLI = "import sys; from vpn_packet.cli import main; sys.exit(main())"
+
+
+class TunnelLab:
+    """Namespaces `ns_a`/`ns_b`, veth underlay, a node in each (unless `start_nodes=False`)."""
+
+    def __init__(self, workdir: Path, *, mtu: int = 1400, start_nodes: bool = True, tuning: str = "") -> None:
+        tag = f"{os.getpid()}"
+        self.workdir = workdir
+        self.mtu = mtu
+        self.start_nodes = start_nodes
+        self.tuning = tuning
+        self.ns_a = f"vpnp-a-{tag}"
+        self.ns_b = f"vpnp-b-{tag}"
+        self.veth_a = f"vpa{tag}"[:15]
+        self.veth_b = f"vpb{tag}"[:15]
+        self.nodes: dict[str, NodeProcess] = {}
+        self._namespaces: list[str] = []
+
+    # --- setup and teardown ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> TunnelLab:
+        try:
+            self.setup()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cleanup()
+
+    def setup(self) -> None:
+        for ns in (self.ns_a, self.ns_b):
+            _ip("netns", "add", ns)
+            self._namespaces.append(ns)
+        _ip("link", "add", self.veth_a, "netns", self.ns_a, "type", "veth", "peer", "name", self.veth_b,
+            "netns", self.ns_b)  # fmt: skip
+        for ns, dev, addr in ((self.ns_a, self.veth_a, UNDERLAY_A), (self.ns_b, self.veth_b, UNDERLAY_B)):
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+        if self.start_nodes:
+            self.start_node("a")
+            self.start_node("b")
+            self.wait_ready("a")
+            self.wait_ready("b")
+
+    def start_node(self, which: str) -> NodeProcess:
+        a = which == "a"
+        metrics_file = self.workdir / f"metrics-{which}.json"
+        config = self.workdir / f"node-{which}.toml"
+        config.write_text(
+            node_toml(
+                node_id=f"node-{which}",
+                peer_id="node-b" if a else "node-a",
+                address=TUNNEL_A if a else TUNNEL_B,
+                listen=UNDERLAY_A if a else UNDERLAY_B,
+                peer_endpoint=UNDERLAY_B if a else UNDERLAY_A,
+                peer_allowed=TUNNEL_B if a else TUNNEL_A,
+                metrics_file=metrics_file,
+                mtu=self.mtu,
+                extra=self.tuning,
+            )
+        )
+        log = self.workdir / f"node-{which}.log"
+        node = NodeProcess(f"node-{which}", self.ns_a if a else self.ns_b, config, log, metrics_file)
+        with log.open("wb") as out:
+            node.process = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    node.netns,
+                    sys.executable,
+                    "-c",
+                    _CLI,
+                    "node",
+                    "--config",
+                    str(config),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.nodes[which] = node
+        return node
+
+    def wait_ready(self, which: str, timeout: float = 20.0) -> None:
+        """Until the node logs that it runs (its TUN is up and it listens); raises with its log if not."""
+        node = self.nodes[which]
+        assert node.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " running: " in node.log_text():
+                return
+            if node.process.poll() is not None:
+                raise RuntimeError(f"{node.name} exited with {node.process.returncode}:\n{node.log_text()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{node.name} not ready within {timeout}s:\n{node.log_text()}")
+
+    def stop_node(self, which: str, timeout: float = 10.0) -> int:
+        """SIGTERM, wait; returns the exit status (kills it after `timeout`)."""
+        node = self.nodes[which]
+        proc = node.process
+        if proc is None:
+            return -1
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        node.exit_code = proc.returncode
+        return proc.returncode
+
+    def cleanup(self) -> None:
+        for which in list(self.nodes):
+            with contextlib.suppress(Exception):
+                self.stop_node(which, timeout=8.0)
+        for ns in self._namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._namespaces.clear()
+
+    # --- running things in the namespaces -------------------------------------------------------------------
+
+    def python(self, netns: str, script: str, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", netns, sys.executable, "-c", script, *args]
+
+    def run_python(self, netns: str, script: str, *args: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Runs a script in the namespace; its last stdout line is JSON and is returned."""
+        result = subprocess.run(
+            self.python(netns, script, *args), capture_output=True, text=True, timeout=timeout
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"script failed ({result.returncode}): {result.stderr.strip()}")
+        return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    def start_python(self, netns: str, script: str, *args: str) -> subprocess.Popen[str]:
+        """Starts a script in the namespace (stdout piped, text)."""
+        return subprocess.Popen(
+            self.python(netns, script, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def metrics(self, which: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Asks the node for fresh metrics (SIGUSR1) and reads its metrics file."""
+        node = self.nodes[which]
+        assert node.process is not None
+        before = node.metrics_file.stat().st_mtime_ns if node.metrics_file.exists() else 0
+        node.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if node.metrics_file.exists() and node.metrics_file.stat().st_mtime_ns != before:
+                with contextlib.suppress(ValueError):
+                    return dict(json.loads(node.metrics_file.read_text()))
+            time.sleep(0.02)
+        raise RuntimeError(f"{node.name} wrote no metrics within {timeout}s:\n{node.log_text()}")
+
+
+def transfer(
+    lab: TunnelLab,
+    server_ip: str,
+    nbytes: int,
+    *,
+    port: int = 5001,
+    verify: bool = True,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """A TCP transfer of `nbytes` from namespace A to a server on `server_ip` in namespace B; returns
+    `{"sent": {...}, "received": {...}}` (bytes, sha256 when `verify`, seconds)."""
+    mode = "verify" if verify else "count"
+    server = lab.start_python(lab.ns_b, TCP_SINK_SCRIPT, server_ip, str(port), mode)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if "listening" not in line:
+            raise RuntimeError(
+                f"TCP sink did not start: {line!r} {server.stderr.read() if server.stderr else ''}"
+            )
+        sent = lab.run_python(
+            lab.ns_a, TCP_SOURCE_SCRIPT, server_ip, str(port), str(nbytes), mode, timeout=timeout
+        )
+        out, err = server.communicate(timeout=timeout)
+        if server.returncode != 0:
+            raise RuntimeError(f"TCP sink failed: {err.strip()}")
+        received = json.loads(out.strip().splitlines()[-1])
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    return {"sent": sent, "received": received}
+
+
+ICMP_ECHO_SCRIPT = r"""
+import json, os, socket, struct, sys, time
+dst, count, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+sock.settimeout(timeout)
+ident = os.getpid() & 0xFFFF
+rtts = []
+for seq in range(1, count + 1):
+    payload = b"vpn-packet-e2e" + struct.pack("!d", time.time())
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    packet = struct.pack("!BBHHH", 8, 0, checksum(header + payload), ident, seq) + payload
+    start = time.perf_counter()
+    sock.sendto(packet, (dst, 0))
+    while True:
+        try:
+            data, addr = sock.recvfrom(65535)
+        except socket.timeout:
+            break
+        ihl = (data[0] & 0x0F) * 4
+        kind, _code, _sum, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+        if kind == 0 and rid == ident and rseq == seq and addr[0] == dst:
+            rtts.append((time.perf_counter() - start) * 1000)
+            break
+print(json.dumps({"sent": count, "received": len(rtts), "rtt_ms": rtts}))
+"""
+
+TCP_SINK_SCRIPT = r"""
+import hashlib, json, socket, sys, time
+host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((host, port))
+srv.listen(1)
+srv.settimeout(60)
+print("listening", flush=True)
+conn, _ = srv.accept()
+conn.settimeout(60)
+digest = hashlib.sha256()
+buf = bytearray(1 << 20)
+view = memoryview(buf)
+total = 0
+start = None
+while True:
+    n = conn.recv_into(buf)
+    if not n:
+        break
+    if start is None:
+        start = time.perf_counter()
+    total += n
+    if mode == "verify":
+        digest.update(view[:n])
+seconds = time.perf_counter() - (start or time.perf_counter())
+result = {"bytes": total, "sha256": digest.hexdigest() if mode == "verify" else None, "seconds": seconds}
+print(json.dumps(result))
+"""
+
+TCP_SOURCE_SCRIPT = r"""
+import hashlib, json, random, socket, sys, time
+host, port, nbytes, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+chunk = 1 << 20
+rng = random.Random(20260)
+blocks = [rng.randbytes(chunk) for _ in range(4)] if mode == "verify" else [bytes(chunk)]
+digest = hashlib.sha256()
+sock = socket.create_connection((host, port), timeout=10)
+sock.settimeout(60)
+start = time.perf_counter()
+sent = 0
+i = 0
+while sent < nbytes:
+    block = blocks[i % len(blocks)][: nbytes - sent]
+    i += 1
+    if mode == "verify":
+        digest.update(block)
+    sock.sendall(block)
+    sent += len(block)
+sock.shutdown(socket.SHUT_WR)
+sock.recv(1)
+seconds = time.perf_counter() - start
+sock.close()
+result = {"bytes": sent, "sha256": digest.hexdigest() if mode == "verify" else None, "seconds": seconds}
+print(json.dumps(result))
+"""
+
+SPOOF_SCRIPT = r"""
+import json, socket, struct, sys
+from vpn_packet.transport.framing import encode_frames, encode_hello
+from vpn_packet.testutil.packets import UDP, ipv4_packet
+host, port, claimed_id, spoofed_src, dst = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
+packet = ipv4_packet(spoofed_src, dst, UDP, 4444, 5555, b"spoofed")
+sock = socket.create_connection((host, port), timeout=5)
+sock.sendall(encode_hello(claimed_id) + encode_frames([packet]))
+sock.shutdown(socket.SHUT_WR)
+sock.settimeout(5)
+try:
+    sock.recv(1)
+except OSError:
+    pass
+sock.close()
+print(json.dumps({"sent": 1, "src": spoofed_src, "dst": dst}))
+"""

@@ -1,0 +1,372 @@
+"""`vpn-packet node --config FILE.toml`: a VPN node on a Linux TUN device.
+
+`TunNode` = a `TunDevice` + a `vpn_packet.transport.node.Node`: every readiness event of the TUN reads all
+ready packets and hands them to `Node.send_batch` (the dispatcher: per-destination workers, stream pool, TCP
+or mutual-TLS streams to the peer owning each destination); the node's receiver checks each received packet's
+source against the sending peer's allowed prefixes and its sink writes the accepted batches to the TUN.
+
+Lifecycle: `start()` opens the TUN (so the interface and its addresses exist), starts the node (receiver
+first), then starts reading the TUN. `shutdown()` goes in order under one deadline (`node.shutdown_timeout`):
+stop reading the TUN, drain the dispatcher and close the streams (buffered bytes flushed), stop the receiver,
+close the TUN. The command runs until SIGINT or SIGTERM, logs live metrics on SIGUSR1 (and writes them to
+`node.metrics_file` when configured), warns about drops at most once per `node.drop_log_interval` and prints
+a metrics summary at exit. Exit status: 0 after a clean shutdown, 1 when the shutdown deadline was hit,
+2 for a bad configuration or a missing privilege (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vpn_packet.cli import EXIT_OK, Subcommand, UsageError, register
+from vpn_packet.node_config import LOG_LEVELS, ConfigError, NodeConfig, level_number, load_config
+
+if TYPE_CHECKING:
+    import ssl
+
+    from vpn_packet.transport.node import Node
+    from vpn_packet.transport.tun import TunDevice
+
+__all__ = ["TunNode", "drop_counters", "run_node"]
+
+_log = logging.getLogger("vpn_packet.node")
+
+EXIT_DEADLINE = 1
+
+
+def _tls_contexts(config: NodeConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(server, client) contexts from `[tls]`, or (None, None)."""
+    tls = config.tls
+    if tls is None:
+        return None, None
+    from vpn_packet.transport.tls import client_context, fingerprint, server_context
+
+    if tls.ca is not None:
+        return (
+            server_context(tls.cert, tls.key, ca=tls.ca),
+            client_context(tls.cert, tls.key, ca=tls.ca),
+        )
+    certs = {peer.id: peer.cert for peer in config.peers if peer.cert is not None}
+    return (
+        server_context(tls.cert, tls.key, pinned_certs=list(certs.values())),
+        client_context(tls.cert, tls.key, pinned={pid: fingerprint(path) for pid, path in certs.items()}),
+    )
+
+
+def drop_counters(metrics: dict[str, Any]) -> dict[str, int]:
+    """Every packet drop counter of a `TunNode.metrics()` snapshot, flattened (`rejected.queue_full`, ...)."""
+    out: dict[str, int] = {}
+    dispatcher = metrics["node"]["dispatcher"]
+    for group in ("rejected", "failed", "discarded"):
+        for reason, n in dispatcher[f"{group}_by_reason"].items():
+            out[f"{group}.{reason}"] = int(n)
+    receiver = metrics["node"]["receiver"]
+    for key in ("spoofed_dropped", "unparsable_dropped", "sink_failed"):
+        out[f"receiver.{key}"] = int(receiver[key])
+    tun = metrics["tun"]
+    if tun is not None:
+        out["tun.write_dropped"] = int(tun["write_dropped"])
+        out["tun.write_errors"] = int(tun["write_errors"])
+    return out
+
+
+class TunNode:
+    """A node on a TUN device, from a `NodeConfig`; see the module docstring.
+
+    `tun_factory` opens the device (default `TunDevice.open`; tests pass a fake).
+    """
+
+    def __init__(self, config: NodeConfig, *, tun_factory: Callable[..., TunDevice] | None = None) -> None:
+        from vpn_packet.transport.node import Node
+        from vpn_packet.transport.tun import TunDevice
+
+        self.config = config
+        self._tun_factory = tun_factory if tun_factory is not None else TunDevice.open
+        self.tun: TunDevice | None = None
+        t = config.tuning
+        ssl_server, ssl_client = _tls_contexts(config)
+        self.node: Node = Node(
+            config.node.id,
+            config.listen,
+            [peer.to_peer() for peer in config.peers],
+            self._sink,
+            ssl_server=ssl_server,
+            ssl_client=ssl_client,
+            connect_timeout=t.connect_timeout,
+            write_timeout=t.write_timeout,
+            send_buffer=t.send_buffer,
+            max_streams_per_peer=t.max_streams_per_peer,
+            stream_idle_timeout=t.stream_idle_timeout,
+            worker_buffer_size=t.worker_buffer_size,
+            max_workers=t.max_workers,
+            coalesce=t.coalesce,
+            receiver_options={
+                "max_batch": t.receive_batch,
+                "read_size": t.read_size,
+                "max_connections": t.max_connections,
+                "max_connections_per_peer": t.max_connections_per_peer,
+                "hello_timeout": t.hello_timeout,
+            },
+            stop_timeout=config.node.shutdown_timeout,
+        )
+        self._started_at: float | None = None
+        self._state = "new"
+        self._last_drops: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- data path ------------------------------------------------------------------------------------------
+
+    def _sink(self, peer_id: str, packets: list[bytes]) -> None:
+        tun = self.tun
+        if tun is not None:
+            tun.write_batch(packets)
+
+    def _on_tun_batch(self, packets: list[bytes]) -> None:
+        self.node.send_batch(packets)
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the TUN, start the node, start reading. On failure everything started is undone."""
+        if self._state != "new":
+            raise RuntimeError(f"TunNode is {self._state}; it is started once")
+        self._state = "starting"
+        iface = self.config.interface
+        self.tun = self._tun_factory(
+            iface.name,
+            address=list(iface.addresses),
+            mtu=iface.mtu,
+            txqueuelen=iface.txqueuelen,
+            max_backlog=self.config.tuning.write_backlog,
+        )
+        try:
+            await self.node.start()
+        except BaseException:
+            self.tun.close()
+            self._state = "stopped"
+            raise
+        self.tun.start_reading(self._on_tun_batch, max_packets=self.config.tuning.read_batch)
+        self._started_at = time.monotonic()
+        self._state = "running"
+        self._spawn(self._drop_logger())
+        if self.config.node.metrics_interval > 0 and self.config.node.metrics_file is not None:
+            self._spawn(self._metrics_writer())
+        _log.info(
+            "node %s running: %s on %s, listening on %s:%d, %d peers%s",
+            self.config.node.id,
+            ", ".join(iface.addresses),
+            self.tun.name,
+            *(self.node.address or self.config.listen),
+            len(self.config.peers),
+            ", mutual TLS" if self.config.tls is not None else "",
+        )
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - a deadline, documented
+        """Stop reading, drain and close the streams, stop the receiver, close the TUN - all within
+        `timeout` seconds (default `node.shutdown_timeout`). True when it finished in time. Idempotent."""
+        if self._state in ("stopping", "stopped"):
+            return True
+        self._state = "stopping"
+        timeout = self.config.node.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        clean = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self.tun is not None:
+            self.tun.stop_reading()
+        _log.info(
+            "shutting down: stopped reading %s, draining (deadline %gs)", self.config.interface.name, timeout
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                # Most of the deadline for the drain; the receiver and the rest get what is left.
+                await self.node.stop_sending(timeout * 0.8)
+                await self.node.stop(max(deadline - time.monotonic(), 0.01))
+        except TimeoutError:
+            clean = False
+            _log.error("shutdown deadline of %gs reached; closing what is left", timeout)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.node.receiver.stop(0.1), 0.5)
+        finally:
+            if self.tun is not None:
+                self.tun.close()
+            self._state = "stopped"
+        return clean
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    # --- metrics and logging --------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, Any]:
+        """Plain nested dicts: `node` (dispatcher, pool, connections, receiver), `tun`, uptime."""
+        node = self.node.metrics().as_dict()
+        node["receiver_peers"] = {
+            peer_id: dataclasses.asdict(m) for peer_id, m in self.node.receiver.peer_metrics().items()
+        }
+        return {
+            "id": self.config.node.id,
+            "state": self._state,
+            "uptime": 0.0 if self._started_at is None else round(time.monotonic() - self._started_at, 3),
+            "tun": dataclasses.asdict(self.tun.metrics()) if self.tun is not None else None,
+            "node": node,
+        }
+
+    def report_metrics(self) -> dict[str, Any]:
+        """Logs the live metrics (one JSON line) and writes `metrics_file` when configured."""
+        snapshot = self.metrics()
+        _log.info("metrics %s", json.dumps(snapshot, separators=(",", ":"), default=str))
+        self.write_metrics_file(snapshot)
+        return snapshot
+
+    def write_metrics_file(self, snapshot: dict[str, Any] | None = None) -> None:
+        path = self.config.node.metrics_file
+        if path is None:
+            return
+        snapshot = self.metrics() if snapshot is None else snapshot
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(snapshot, indent=1, default=str) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            _log.warning("cannot write metrics file %s: %s", path, exc)
+
+    def log_drops(self) -> dict[str, int]:
+        """Logs one warning with every drop counter that grew since the last call; returns the increases."""
+        current = drop_counters(self.metrics())
+        grown = {
+            k: v - self._last_drops.get(k, 0) for k, v in current.items() if v > self._last_drops.get(k, 0)
+        }
+        self._last_drops = current
+        if grown:
+            text = ", ".join(f"{k}={v}" for k, v in sorted(grown.items()))
+            _log.warning("dropped %d packets since the last report: %s", sum(grown.values()), text)
+        return grown
+
+    async def _drop_logger(self) -> None:
+        interval = self.config.node.drop_log_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.log_drops()
+
+    async def _metrics_writer(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.node.metrics_interval)
+            self.write_metrics_file()
+
+    def summary(self) -> str:
+        """A few human-readable lines: traffic both ways, drops, connections."""
+        m = self.metrics()
+        d = m["node"]["dispatcher"]
+        r = m["node"]["receiver"]
+        t = m["tun"] or {}
+        uptime = max(m["uptime"], 1e-9)
+        drops = {k: v for k, v in drop_counters(m).items() if v}
+        lines = [
+            f"node {m['id']}: up {m['uptime']:.1f}s",
+            f"  tun read    {t.get('packets_read', 0):>12,} packets {t.get('bytes_read', 0):>15,} bytes"
+            f"  ({t.get('bytes_read', 0) * 8 / uptime / 1e6:.1f} Mbit/s avg)",
+            f"  sent        {d['sent']:>12,} packets {d['bytes_sent']:>15,} bytes"
+            f"  (accepted {d['accepted']:,}, rejected {d['rejected']:,}, failed {d['failed']:,})",
+            f"  received    {r['packets_delivered']:>12,} packets {r['bytes']:>15,} bytes"
+            f"  (frames {r['frames']:,}, connections {r['connections']:,})",
+            f"  tun written {t.get('packets_written', 0):>12,} packets"
+            f" {t.get('bytes_written', 0):>15,} bytes",
+            f"  connects {m['node']['connects']:,}, connect failures {m['node']['connect_failures']:,}",
+            "  drops: " + (", ".join(f"{k}={v:,}" for k, v in sorted(drops.items())) if drops else "none"),
+        ]
+        return "\n".join(lines)
+
+
+async def run_node(config: NodeConfig, *, ready: Callable[[TunNode], None] | None = None) -> int:
+    """Runs a `TunNode` until SIGINT/SIGTERM; returns the exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    node = TunNode(config)
+    await node.start()
+    handled: list[signal.Signals] = []
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+        loop.add_signal_handler(signal.SIGUSR1, node.report_metrics)
+        handled.append(signal.SIGUSR1)
+        if ready is not None:
+            ready(node)
+        await stop.wait()
+        _log.info("signal received")
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        # A second SIGINT/SIGTERM during the shutdown ends the process the default way.
+        clean = await node.shutdown()
+        node.log_drops()
+        node.write_metrics_file()
+        print(node.summary(), flush=True)
+    return EXIT_OK if clean else EXIT_DEADLINE
+
+
+# --- the command ------------------------------------------------------------------------------------------
+
+
+def _node_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", type=Path, required=True, help="the node's TOML file")
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default=None, help="overrides node.log_level of the config"
+    )
+
+
+def _run_node_command(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise UsageError(f"{args.config}: {exc}" if exc.key else str(exc)) from None
+    level = args.log_level or config.node.log_level
+    logging.basicConfig(
+        level=level_number(level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if config.tls is not None:
+        try:
+            _tls_contexts(config)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise UsageError(f"{args.config}: tls: {exc}") from None
+    return asyncio.run(run_node(config))
+
+
+register(
+    Subcommand(
+        name="node",
+        help="run a VPN node on a TUN device (needs root or CAP_NET_ADMIN)",
+        description=(
+            "Creates the TUN interface of the config's [interface], listens on [listen].address for the\n"
+            "[[peers]], and forwards: packets read from the TUN go to the peer owning their destination\n"
+            "(longest prefix of its allowed_ips), packets received from a peer are written to the TUN when\n"
+            "their source is inside that peer's allowed_ips (else dropped and counted).\n\n"
+            "Runs until SIGINT or SIGTERM, then shuts down in order within node.shutdown_timeout and prints\n"
+            "a metrics summary. SIGUSR1 logs live metrics (and writes node.metrics_file when set).\n"
+            "Exit status: 0 clean shutdown, 1 shutdown deadline hit, 2 bad config or missing privilege."
+        ),
+        add_arguments=_node_arguments,
+        run=_run_node_command,
+    )
+)

@@ -13,6 +13,7 @@ The underlay addresses exist only inside the two namespaces.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -124,11 +125,14 @@ allowed_ips = ["{peer_allowed}/32"]
 _CLI = "import sys; from vpn_packet.cli import main; sys.exit(main())"
 
 
+_instances = itertools.count()
+
+
 class TunnelLab:
     """Namespaces `ns_a`/`ns_b`, veth underlay, a node in each (unless `start_nodes=False`)."""
 
     def __init__(self, workdir: Path, *, mtu: int = 1400, start_nodes: bool = True, tuning: str = "") -> None:
-        tag = f"{os.getpid()}"
+        tag = f"{os.getpid()}{next(_instances)}"  # unique per process and instance
         self.workdir = workdir
         self.mtu = mtu
         self.start_nodes = start_nodes

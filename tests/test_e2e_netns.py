@@ -15,6 +15,7 @@ where a missing prerequisite fails the test instead.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,14 +108,14 @@ def test_spoofed_packet_is_dropped_and_counted(lab: TunnelLab) -> None:
 
 
 def test_orderly_shutdown(lab: TunnelLab) -> None:
-    for which in ("a", "b"):
-        assert lab.stop_node(which) == 0, lab.nodes[which].log_text()
+    for which, sig in (("a", signal.SIGINT), ("b", signal.SIGTERM)):
+        assert lab.stop_node(which, sig=sig) == 0, lab.nodes[which].log_text()
         log = lab.nodes[which].log_text()
         assert "shutting down: stopped reading vpn0" in log
         assert f"node node-{which}: up" in log  # the summary
         assert "Traceback" not in log
-    summary_b = lab.nodes["b"].log_text()
-    assert "receiver.spoofed_dropped=1" in summary_b
+    assert "receiver.spoofed_dropped=1" in lab.nodes["b"].log_text()
+    assert "drops: none" in lab.nodes["a"].log_text()
 
 
 def test_nothing_left_behind(tmp_path: Path) -> None:

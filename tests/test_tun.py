@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -97,6 +98,49 @@ def test_not_root_is_a_clear_error() -> None:
     assert "needs root or CAP_NET_ADMIN" in text
 
 
+_NOT_ROOT_CONFIG = """\
+[interface]
+name = "vpnp-noroot"
+address = "10.99.0.1/24"
+
+[listen]
+address = "127.0.0.1:7999"
+
+[[peers]]
+id = "node-b"
+endpoint = "127.0.0.1:7998"
+allowed_ips = ["10.99.0.2/32"]
+"""
+
+
+@pytest.mark.skipif(not HAVE_TUN, reason="/dev/net/tun is missing")
+def test_cli_not_root_is_one_line_exit_2() -> None:
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:  # readable by nobody, unlike tmp_path
+        os.chmod(directory, 0o755)
+        config = Path(directory) / "node.toml"
+        config.write_text(_NOT_ROOT_CONFIG)
+        config.chmod(0o644)
+        result = _run_cli_unprivileged(config)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("vpn-packet node: error: ")
+    assert "needs root or CAP_NET_ADMIN" in result.stderr
+
+
+def _run_cli_unprivileged(config: Path) -> subprocess.CompletedProcess[str]:
+    # Everything is imported before dropping to nobody (who may not read the Python installation).
+    script = (
+        "import asyncio, os, sys\n"
+        "import vpn_packet.transport.node, vpn_packet.transport.tun\n"
+        "from vpn_packet.cli import build_parser, main\n"
+        "build_parser()\n"
+        "if os.geteuid() == 0:\n"
+        "    os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        f"sys.exit(main(['node', '--config', {str(config)!r}]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+
 # --- a real TUN in a throwaway namespace ------------------------------------------------------------------
 
 _IN_NAMESPACE = textwrap.dedent(
@@ -108,10 +152,6 @@ _IN_NAMESPACE = textwrap.dedent(
 
     N = 200
     out = {}
-    # This namespace only: no IPv6 link-local chatter (router solicitations, MLD) on the new interface.
-    for key in ("default", "all"):
-        with open(f"/proc/sys/net/ipv6/conf/{key}/disable_ipv6", "w") as f:
-            f.write("1")
     tun = TunDevice.open("vpnp-t0", address=["10.99.0.1/24"], mtu=1400, txqueuelen=5000, max_backlog=64)
     with IPRoute() as ipr:
         link = ipr.get_links(ifname="vpnp-t0")[0]
@@ -120,7 +160,9 @@ _IN_NAMESPACE = textwrap.dedent(
         out["flags_up"] = bool(link["flags"] & 1)
         out["addresses"] = [a.get("address") for a in ipr.get_addr(index=link["index"])
                             if a.get("family") == 2]
-    # Nothing to read yet.
+    # No IPv6 address configured: IPv6 is off, so no link-local chatter to read.
+    with open("/proc/sys/net/ipv6/conf/vpnp-t0/disable_ipv6") as f:
+        out["ipv6_disabled"] = f.read().strip() == "1"
     out["empty_read"] = tun.read_batch()
     requests = [ipv4_packet("10.99.0.2", "10.99.0.1", ICMP, transport=icmp_echo(7, seq, b"x" * 56))
                 for seq in range(N)]
@@ -194,6 +236,7 @@ def test_real_tun_round_trip(netns: str) -> None:
     assert out["txqlen"] == 5000
     assert out["flags_up"]
     assert out["addresses"] == ["10.99.0.1"]
+    assert out["ipv6_disabled"]
     assert out["empty_read"] == []
     assert out["written"] == 200
     assert out["replies"] == 200

@@ -226,14 +226,14 @@ class TunnelLab:
             time.sleep(0.05)
         raise RuntimeError(f"{node.name} not ready within {timeout}s:\n{node.log_text()}")
 
-    def stop_node(self, which: str, timeout: float = 10.0) -> int:
-        """SIGTERM, wait; returns the exit status (kills it after `timeout`)."""
+    def stop_node(self, which: str, timeout: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Sends `sig` (SIGTERM), waits; returns the exit status (kills it after `timeout`)."""
         node = self.nodes[which]
         proc = node.process
         if proc is None:
             return -1
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:

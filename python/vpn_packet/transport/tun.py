@@ -6,8 +6,10 @@
     tun.close()                          # idempotent; the device disappears with its file descriptor
 
 `open` creates the interface (ioctl `TUNSETIFF`), makes the descriptor non-blocking and configures the
-interface with `pyroute2` (address, MTU, `txqueuelen`, up). It needs root or `CAP_NET_ADMIN`: without, it
-raises `PermissionError` saying so; without `/dev/net/tun` it raises `FileNotFoundError` saying so.
+interface with `pyroute2` (address, MTU, `txqueuelen`, up). An interface given no IPv6 address has IPv6
+disabled (no link-local address, so no router solicitations or MLD reports sent into the tunnel). It needs
+root or `CAP_NET_ADMIN`: without, it raises `PermissionError` saying so; without `/dev/net/tun` it raises
+`FileNotFoundError` saying so.
 
 Reading: on each readiness event `read_batch` reads until `EAGAIN` (or `max_packets` / `max_bytes`), and the
 callback gets the whole batch at once (for `Dispatcher.dispatch_batch`). Every read is one `os.read` system
@@ -370,9 +372,22 @@ def _configure_sync(name: str, interfaces: Interfaces, mtu: int, txqueuelen: int
             ipr.link("set", index=index, mtu=mtu, txqlen=txqueuelen)
             for interface in interfaces:
                 ipr.addr("add", index=index, address=str(interface.ip), prefixlen=interface.network.prefixlen)
+            if not any(interface.version == 6 for interface in interfaces):
+                _disable_ipv6(name)
             ipr.link("set", index=index, state="up")
     except NetlinkError as exc:
         code = int(exc.code)
         if code in (errno.EPERM, errno.EACCES):
             raise PermissionError(code, f"configuring interface {name!r} {_NEEDS_ROOT}") from None
         raise OSError(code, f"configuring interface {name!r}: {os.strerror(code)}") from None
+
+
+def _disable_ipv6(name: str) -> None:
+    """No IPv6 on an interface configured without IPv6 addresses: otherwise the kernel gives it a link-local
+    address and sends router solicitations and MLD reports into the tunnel, which no peer owns (each would be
+    counted as a `no_peer` failure). Best effort: without IPv6 in the kernel there is nothing to disable."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("1")
+    except OSError as exc:
+        _log.debug("TUN %s: cannot disable IPv6: %s", name, exc)

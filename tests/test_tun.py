@@ -320,23 +320,47 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _config(
-    me: str, other: str, my_ip: str, other_ip: str, port: int, other_port: int, tmp: Path
+    me: str,
+    other: str,
+    my_ip: str,
+    other_ip: str,
+    port: int,
+    other_port: int,
+    tmp: Path,
+    tls: tuple[str, Any] | None = None,
 ) -> NodeConfig:
-    return parse_config(
-        {
-            "interface": {"name": f"tun-{me}", "address": f"{my_ip}/24", "mtu": 1400},
-            "listen": {"address": f"127.0.0.1:{port}"},
-            "node": {"id": me, "metrics_file": f"metrics-{me}.json", "shutdown_timeout": 3},
-            "peers": [
-                {"id": other, "endpoint": f"127.0.0.1:{other_port}", "allowed_ips": [f"{other_ip}/32"]}
-            ],
-            "tuning": {"connect_timeout": 2},
-        },
-        base=tmp,
-    )
+    peer: dict[str, Any] = {
+        "id": other,
+        "endpoint": f"127.0.0.1:{other_port}",
+        "allowed_ips": [f"{other_ip}/32"],
+    }
+    data: dict[str, Any] = {
+        "interface": {"name": f"tun-{me}", "address": f"{my_ip}/24", "mtu": 1400},
+        "listen": {"address": f"127.0.0.1:{port}"},
+        "node": {"id": me, "metrics_file": f"metrics-{me}.json", "shutdown_timeout": 3},
+        "peers": [peer],
+        "tuning": {"connect_timeout": 2},
+    }
+    if tls is not None:  # (mode, TestPki)
+        mode, pki = tls
+        data["tls"] = {"cert": str(pki.nodes[me].cert), "key": str(pki.nodes[me].key)}
+        if mode == "ca":
+            data["tls"]["ca"] = str(pki.ca_cert)
+        else:
+            peer["cert"] = str(pki.nodes[other].cert)
+    return parse_config(data, base=tmp)
 
 
-async def test_tun_nodes_over_loopback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("tls", [None, "ca", "pinned"])
+async def test_tun_nodes_over_loopback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls: str | None
+) -> None:
+    if tls is not None:
+        from vpn_packet.testutil.certs import write_test_pki
+
+        settings: tuple[str, Any] | None = (tls, write_test_pki(tmp_path / "pki", ["node-a", "node-b"]))
+    else:
+        settings = None
     port_a, port_b = _free_ports(2)
     tuns: dict[str, FakeTun] = {}
 
@@ -345,16 +369,20 @@ async def test_tun_nodes_over_loopback(tmp_path: Path, caplog: pytest.LogCapture
         return tuns[name]
 
     a = TunNode(
-        _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port_a, port_b, tmp_path), tun_factory=factory
+        _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port_a, port_b, tmp_path, settings),
+        tun_factory=factory,
     )
     b = TunNode(
-        _config("node-b", "node-a", "10.8.0.2", "10.8.0.1", port_b, port_a, tmp_path), tun_factory=factory
+        _config("node-b", "node-a", "10.8.0.2", "10.8.0.1", port_b, port_a, tmp_path, settings),
+        tun_factory=factory,
     )
     await a.start()
     await b.start()
     try:
         assert a.running
         assert b.running
+        assert (a.node.stream_service.ssl_context is not None) == (tls is not None)
+        assert (b.node.receiver.ssl_context is not None) == (tls is not None)
         assert tuns["tun-node-a"].kwargs == {
             "address": ["10.8.0.1/24"],
             "mtu": 1400,

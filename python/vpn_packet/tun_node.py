@@ -144,13 +144,17 @@ class TunNode:
             raise RuntimeError(f"TunNode is {self._state}; it is started once")
         self._state = "starting"
         iface = self.config.interface
-        self.tun = self._tun_factory(
-            iface.name,
-            address=list(iface.addresses),
-            mtu=iface.mtu,
-            txqueuelen=iface.txqueuelen,
-            max_backlog=self.config.tuning.write_backlog,
-        )
+        try:
+            self.tun = self._tun_factory(
+                iface.name,
+                address=list(iface.addresses),
+                mtu=iface.mtu,
+                txqueuelen=iface.txqueuelen,
+                max_backlog=self.config.tuning.write_backlog,
+            )
+        except BaseException:
+            self._state = "stopped"
+            raise
         try:
             await self.node.start()
         except BaseException:

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from vpn_packet.cli import main
 from vpn_packet.node_config import NodeConfig, parse_config
 from vpn_packet.testutil.packets import ICMP, UDP, icmp_echo, ipv4_packet
 from vpn_packet.transport.tun import TunDevice, TunMetrics
@@ -38,8 +39,26 @@ IS_ROOT = os.geteuid() == 0
 
 
 def test_missing_device_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"no-tun is missing: the TUN driver is not available"):
+    with pytest.raises(FileNotFoundError, match=r"the TUN device is missing: no TUN driver here") as info:
         TunDevice.open("vpnp0", address="10.99.0.1/24", path=str(tmp_path / "no-tun"))
+    assert info.value.filename == str(tmp_path / "no-tun")
+
+
+def test_cli_missing_device_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(_NOT_ROOT_CONFIG)
+    original = TunDevice.open.__func__  # type: ignore[attr-defined]
+
+    def open_missing(cls: type[TunDevice], name: str, **kwargs: Any) -> TunDevice:
+        return original(cls, name, path=str(tmp_path / "no-tun"), **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(TunDevice, "open", classmethod(open_missing))
+    assert main(["node", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    missing = "the TUN device is missing: no TUN driver here (modprobe tun)"
+    assert err == f"vpn-packet node: error: {tmp_path / 'no-tun'}: {missing}\n"
 
 
 @pytest.mark.parametrize(

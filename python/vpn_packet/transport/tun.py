@@ -123,10 +123,10 @@ class TunDevice:
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise FileNotFoundError(
-                errno.ENOENT, f"{path} is missing: the TUN driver is not available (modprobe tun)", path
+                errno.ENOENT, "the TUN device is missing: no TUN driver here (modprobe tun)", path
             ) from None
         except PermissionError:
-            raise PermissionError(errno.EACCES, f"cannot open {path}: {_NEEDS_ROOT}", path) from None
+            raise PermissionError(errno.EACCES, f"cannot open the TUN device: {_NEEDS_ROOT}", path) from None
         try:
             ifr = struct.pack("16sH22x", encoded, _IFF_TUN | _IFF_NO_PI)
             try:

@@ -496,3 +496,23 @@ async def test_tls_certificate_from_another_ca_is_refused(pki: dict[str, Path], 
         m = rx.metrics()
     assert collector.calls == []
     assert (m.packets_delivered, m.connections) == (0, 0)
+
+
+async def test_stop_with_a_connected_peer_logs_no_error(
+    collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An orderly stop with a peer still connected ends its connection task without an error log line."""
+    rx = Receiver(make_discovery(), collector)
+    await rx.start()
+    _reader, writer = await connect(rx, encode_hello("node-a"))
+    writer.write(encode_frames([ipv4_packet(A_SRC, "10.9.0.1", 17, 1, 2)]))
+    async with asyncio.timeout(10):  # a bound for a broken build, not a timing assertion
+        await collector.called.wait()
+    assert rx.metrics().active_connections == 1
+    assert rx.peer_metrics()["node-a"].active_connections == 1
+    with caplog.at_level("WARNING"):
+        await rx.stop()
+        await asyncio.sleep(0)
+    writer.close()
+    assert [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")] == []
+    assert rx.metrics().active_connections == 0

@@ -315,11 +315,18 @@ class Receiver:
                 raise _Refused
             peer.connections += 1
             peer.active_connections += 1
+            self._totals.active_connections += 1
             decoder = FrameDecoder(self.max_frame_size)
             self._readers[task] = (reader, decoder)
             clean = await self._pump(peer_id, peer, reader, decoder)
         except _Refused:
             pass
+        except asyncio.CancelledError:
+            if self._state != "stopped":
+                raise
+            # Cancelled by our own stop(): end normally. Python 3.11's stream protocol logs a cancelled
+            # connection task as an error in a done callback ("Exception in callback ..."), which would turn
+            # every orderly shutdown with a connected peer into an alarming log line.
         except (ConnectionError, OSError) as exc:
             # Reset, broken pipe, TLS failure: the peer's side went away, not a protocol violation.
             _log.debug("receiver connection error: %r", exc)
@@ -331,6 +338,7 @@ class Receiver:
             self._readers.pop(task, None)
             if peer is not None:
                 peer.active_connections -= 1
+                self._totals.active_connections -= 1
             if clean:
                 writer.close()
             else:

@@ -113,7 +113,7 @@ def test_orderly_shutdown(lab: TunnelLab) -> None:
         log = lab.nodes[which].log_text()
         assert "shutting down: stopped reading vpn0" in log
         assert f"node node-{which}: up" in log  # the summary
-        assert "Traceback" not in log
+        assert "Traceback" not in log, log
     assert "receiver.spoofed_dropped=1" in lab.nodes["b"].log_text()
     assert "drops: none" in lab.nodes["a"].log_text()
 

@@ -11,6 +11,9 @@ A drain looks the peer up (`PeerDiscovery.get_peer_id`, cached per worker), then
 on a fresh stream (a failed stream is released as unhealthy). A batch that still fails fails its packets;
 retries are not counted as errors. After `max_consecutive_failures` failed batches in a row, the worker is
 recycled: it forgets its peer id and stream and looks both up again.
+
+A worker keeps its stream while writes on it succeed (so its packets never race each other over two
+connections) and gives it back, healthy, when it is removed (idle cleanup, eviction, `stop()`).
 """
 
 from __future__ import annotations
@@ -362,15 +365,18 @@ class Worker:
                 self._inflight_futures = futures
                 self.limit = capacity - len(batch)
                 peer_id = self.peer_id
-                error = await self._lookup() if peer_id is None else None
-                if error is None:
+                error = None
+                if peer_id is None:
+                    error = await self._lookup()
+                    peer_id = self.peer_id  # None if the lookup failed
+                if peer_id is not None:
                     self._batch = batch
                     try:
-                        await ctx.resilience.call(self.peer_id, self._attempt)  # type: ignore[arg-type]
+                        await ctx.resilience.call(peer_id, self._attempt)
                     except asyncio.CancelledError as exc:
                         if _really_cancelled():
                             raise
-                        error = _stream_error(exc, self, self.peer_id or "")
+                        error = _stream_error(exc, self, peer_id)
                     except Exception as exc:
                         error = exc
                 self._inflight = None

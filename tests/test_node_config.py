@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from vpn_packet.cli import main
-from vpn_packet.node_config import ConfigError, Tuning, load_config, parse_config
+from vpn_packet.node_config import NODE_RESILIENCE, ConfigError, Tuning, load_config, parse_config
 
 CONTRACT = """\
 [interface]
@@ -147,6 +147,11 @@ _DELETE = object()
         ("tls", {"key": "k.pem"}, "tls.cert: missing"),
         ("tls", {"cert": "nope.pem", "key": "k.pem"}, "tls.cert: file not found"),
         ("extra", 1, "extra: unknown key"),
+        ("resilience", {"reset_timeout": -1}, "resilience.reset_timeout: -1 must be 0 or more"),
+        ("resilience", {"max_attempts": 0}, "resilience.max_attempts: 0 is out of range"),
+        ("resilience", {"max_interval": 0.01}, "resilience.max_interval: must be at least"),
+        ("resilience", {"max_elapsed": 0}, "resilience.max_elapsed: 0 must be positive"),
+        ("resilience", {"jitter": 1}, "resilience.jitter: unknown key"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, path: str, value: object, message: str) -> None:
@@ -156,6 +161,16 @@ def test_errors_name_the_key(tmp_path: Path, path: str, value: object, message: 
         parse_config(data, base=tmp_path)
     assert str(info.value).startswith(message), str(info.value)
     assert info.value.key == message.split(":")[0]
+
+
+def test_resilience_defaults_and_keys(tmp_path: Path) -> None:
+    config = parse_config(base(), base=tmp_path)
+    assert config.resilience == NODE_RESILIENCE
+    assert config.resilience.reset_timeout == 2.0  # a restarted peer is found again within seconds
+    data = base()
+    data["resilience"] = {"failure_threshold": 3, "reset_timeout": 0.5, "max_attempts": 1, "max_elapsed": 4}
+    r = parse_config(data, base=tmp_path).resilience
+    assert (r.failure_threshold, r.reset_timeout, r.max_attempts, r.max_elapsed) == (3, 0.5, 1, 4.0)
 
 
 def test_tls_pinned_needs_every_peer_cert(tmp_path: Path) -> None:

@@ -112,6 +112,7 @@ class TunNode:
             worker_buffer_size=t.worker_buffer_size,
             max_workers=t.max_workers,
             coalesce=t.coalesce,
+            resilience=config.resilience,
             receiver_options={
                 "max_batch": t.receive_batch,
                 "read_size": t.read_size,

@@ -150,7 +150,9 @@ def _print_table(summary: CaptureSummary, top: int) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(file=sys.stdout, highlight=False, emoji=False, width=None if sys.stdout.isatty() else 120)
+    console = Console(
+        file=sys.stdout, highlight=False, emoji=False, width=None if sys.stdout.isatty() else 120
+    )
     ranked = summary.top(top or None)
     count = len(summary.destinations)
     shown = f"top {len(ranked)} of {count:,}" if len(ranked) < count else f"{count:,}"

@@ -415,3 +415,17 @@ def test_parse_batch_by_destination_aggregates_in_first_seen_order() -> None:
     ]
     with pytest.raises(ValueError, match="add up to"):
         parse_batch_from_buffer(b"", [1])
+
+
+def test_keys_are_shared_per_destination_and_stay_right_past_the_cache_bound() -> None:
+    packet = ipv4_packet("10.0.0.1", "10.0.0.2", TCP, 1, 80)
+    first = destination_key_and_ip(packet)
+    again = destination_key_and_ip(bytearray(packet))
+    assert first == ("10.0.0.2:80", "10.0.0.2")
+    assert again[0] is first[0]  # one str per destination: dict lookups reuse its hash
+    groups, _ = group_by_destination([packet])
+    assert groups[0][0] is first[0]
+    # More distinct destinations than the cache holds (16,384): every key is still the right one.
+    for i in range(20_000):
+        dst = f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}"
+        assert destination_key_and_ip(ipv4_packet("10.0.0.1", dst, UDP, 1, 53)) == (f"{dst}:53", dst)

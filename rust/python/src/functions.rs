@@ -2,11 +2,11 @@
 
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString, PyTuple};
-use vpn_packet_core::key::addr_text;
 use vpn_packet_core::{destination, extract, group_by_destination as group_core, split_by_lengths};
 
 use crate::buffer::{with_bytes, PacketBytes};
 use crate::errors::{no_panic, parse_error, parse_error_value, split_error};
+use crate::key_cache::key_and_ip;
 use crate::packet_info::PacketInfo;
 
 /// Parses one raw IP packet.
@@ -35,10 +35,7 @@ pub fn destination_key_and_ip<'py>(
 ) -> PyResult<(Bound<'py, PyString>, Bound<'py, PyString>)> {
     no_panic(|| {
         let dest = with_bytes(packet, destination)?.map_err(|e| parse_error(&e))?;
-        Ok((
-            PyString::new(py, dest.key_text().as_str()),
-            PyString::new(py, addr_text(dest.addr).as_str()),
-        ))
+        Ok(key_and_ip(py, &dest))
     })
 }
 
@@ -125,8 +122,7 @@ pub fn group_by_destination<'py>(
         let groups = PyList::empty(py);
         for group in &grouped.groups {
             let members = PyList::new(py, group.members.iter().map(|&i| &objects[i]))?;
-            let key = PyString::new(py, group.destination.key_text().as_str());
-            let ip = PyString::new(py, addr_text(group.destination.addr).as_str());
+            let (key, ip) = key_and_ip(py, &group.destination);
             groups.append((key, ip, members))?;
         }
         let rejected = PyList::empty(py);

@@ -8,6 +8,7 @@ mod capture;
 mod errors;
 mod framing;
 mod functions;
+mod key_cache;
 mod packet_batch;
 mod packet_info;
 mod prefix;

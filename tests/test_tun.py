@@ -221,6 +221,15 @@ _IN_NAMESPACE = textwrap.dedent(
     out["after_close_dropped"] = (tun.write_batch([requests[0]]), tun.metrics().write_dropped)
     with IPRoute() as ipr:
         out["gone"] = not ipr.link_lookup(ifname="vpnp-t0")
+    # Dual stack: both addresses, IPv6 left on.
+    tun6 = TunDevice.open("vpnp-t6", address=["10.98.0.1/24", "fd00:98::1/64"], mtu=1500)
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname="vpnp-t6")[0]
+        out["dual"] = sorted(a.get("address") for a in ipr.get_addr(index=index) if a.get("prefixlen") != 64
+                             or not a.get("address", "").startswith("fe80"))
+    with open("/proc/sys/net/ipv6/conf/vpnp-t6/disable_ipv6") as f:
+        out["dual_ipv6_on"] = f.read().strip() == "0"
+    tun6.close()
     print(json.dumps(out))
     """
 )
@@ -271,6 +280,8 @@ def test_real_tun_round_trip(netns: str) -> None:
     assert out["closed"]
     assert out["after_close_dropped"] == [0, 1]
     assert out["gone"]
+    assert out["dual"] == ["10.98.0.1", "fd00:98::1"]
+    assert out["dual_ipv6_on"]
 
 
 # --- TunNode with fake devices (no root) ------------------------------------------------------------------
@@ -452,6 +463,31 @@ async def test_tun_nodes_over_loopback(
     assert "failed.no_peer=1" in summary
     assert not a.running
     assert a.metrics()["state"] == "stopped"
+
+
+async def test_shutdown_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port_a, port_b = _free_ports(2)
+    tuns: list[FakeTun] = []
+
+    def factory(name: str, **kwargs: Any) -> Any:
+        tuns.append(FakeTun(name, **kwargs))
+        return tuns[-1]
+
+    node = TunNode(
+        _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port_a, port_b, tmp_path), tun_factory=factory
+    )
+    await node.start()
+
+    async def stuck(timeout: float | None = None) -> None:  # noqa: ASYNC109 - the signature it replaces
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(node.node, "stop_sending", stuck)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await node.shutdown(timeout=0.3) is False
+    assert loop.time() - started < 2.0
+    assert tuns[0].closed
+    assert not node.node.receiver.running
 
 
 async def test_start_failure_closes_the_tun(tmp_path: Path) -> None:

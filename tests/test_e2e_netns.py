@@ -145,3 +145,17 @@ def test_nothing_left_behind(tmp_path: Path) -> None:
         )
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(n in listing for n in names)
+
+
+def test_tun_deleted_under_the_node(lab: TunnelLab) -> None:
+    """Someone deletes the node's interface: the node notices (no busy loop on the dead descriptor), shuts
+    down and exits with status 1."""
+    node = lab.start_node("a")
+    lab.wait_ready("a")
+    subprocess.run(["ip", "-n", lab.ns_a, "link", "del", "vpn0"], check=True)
+    assert node.process is not None
+    assert node.process.wait(timeout=15) == 1
+    log = node.log_text()
+    assert "TUN vpn0 failed" in log
+    assert "node node-a: up" in log  # still the ordered shutdown and its summary
+    assert "Traceback" not in log, log

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -230,6 +231,24 @@ _IN_NAMESPACE = textwrap.dedent(
     with open("/proc/sys/net/ipv6/conf/vpnp-t6/disable_ipv6") as f:
         out["dual_ipv6_on"] = f.read().strip() == "0"
     tun6.close()
+    # Deleted under us: reading stops and on_error is called once, no busy loop on the dead descriptor.
+    dead = TunDevice.open("vpnp-td", address="10.97.0.1/24")
+
+    async def deleted():
+        failed = asyncio.Event()
+        errors = []
+        def on_error(exc):
+            errors.append(exc.errno)
+            failed.set()
+        dead.start_reading(lambda packets: None, on_error=on_error)
+        subprocess.run(["ip", "link", "del", "vpnp-td"], check=True)
+        await asyncio.wait_for(failed.wait(), 5)
+        await asyncio.sleep(0.2)  # would be thousands of read events if it spun
+        return errors
+
+    out["deleted_errors"] = asyncio.run(deleted())
+    out["deleted_read_events"] = dead.read_events
+    dead.close()
     print(json.dumps(out))
     """
 )
@@ -282,6 +301,8 @@ def test_real_tun_round_trip(netns: str) -> None:
     assert out["gone"]
     assert out["dual"] == ["10.98.0.1", "fd00:98::1"]
     assert out["dual_ipv6_on"]
+    assert out["deleted_errors"] == [errno.EBADFD]
+    assert out["deleted_read_events"] <= 2
 
 
 # --- TunNode with fake devices (no root) ------------------------------------------------------------------
@@ -296,13 +317,21 @@ class FakeTun:
         self.kwargs = kwargs
         self.written: list[bytes] = []
         self.on_batch: Callable[[list[bytes]], object] | None = None
+        self.on_error: Callable[[OSError], object] | None = None
         self.closed = False
         self.reading = False
         self.events: list[str] = []
         self.arrived = asyncio.Event()
 
-    def start_reading(self, on_batch: Callable[[list[bytes]], object], *, max_packets: int = 256) -> None:
+    def start_reading(
+        self,
+        on_batch: Callable[[list[bytes]], object],
+        *,
+        max_packets: int = 256,
+        on_error: Callable[[OSError], object] | None = None,
+    ) -> None:
         self.on_batch = on_batch
+        self.on_error = on_error
         self.reading = True
         self.events.append("start_reading")
 

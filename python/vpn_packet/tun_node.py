@@ -10,8 +10,9 @@ first), then starts reading the TUN. `shutdown()` goes in order under one deadli
 stop reading the TUN, drain the dispatcher and close the streams (buffered bytes flushed), stop the receiver,
 close the TUN. The command runs until SIGINT or SIGTERM, logs live metrics on SIGUSR1 (and writes them to
 `node.metrics_file` when configured), warns about drops at most once per `node.drop_log_interval` and prints
-a metrics summary at exit. Exit status: 0 after a clean shutdown, 1 when the shutdown deadline was hit,
-2 for a bad configuration or a missing privilege (one line on stderr).
+a metrics summary at exit. Exit status: 0 after a clean shutdown, 1 when the shutdown deadline was hit or the
+TUN device failed (deleted under the node), 2 for a bad configuration or a missing privilege (one line on
+stderr).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = ["TunNode", "drop_counters", "run_node"]
 _log = logging.getLogger("vpn_packet.node")
 
 EXIT_DEADLINE = 1
+EXIT_FAILED = 1
 
 
 def _tls_contexts(config: NodeConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -126,6 +128,8 @@ class TunNode:
         self._state = "new"
         self._last_drops: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.error: OSError | None = None  # the TUN failed for good
+        self.failed = asyncio.Event()  # set when it does
 
     # --- data path ------------------------------------------------------------------------------------------
 
@@ -136,6 +140,11 @@ class TunNode:
 
     def _on_tun_batch(self, packets: list[bytes]) -> None:
         self.node.send_batch(packets)
+
+    def _on_tun_error(self, error: OSError) -> None:
+        """The TUN device is gone (deleted under us): the node cannot work; `failed` is set."""
+        self.error = error
+        self.failed.set()
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
@@ -162,7 +171,9 @@ class TunNode:
             self.tun.close()
             self._state = "stopped"
             raise
-        self.tun.start_reading(self._on_tun_batch, max_packets=self.config.tuning.read_batch)
+        self.tun.start_reading(
+            self._on_tun_batch, max_packets=self.config.tuning.read_batch, on_error=self._on_tun_error
+        )
         self._started_at = time.monotonic()
         self._state = "running"
         self._spawn(self._drop_logger())
@@ -316,8 +327,14 @@ async def run_node(config: NodeConfig, *, ready: Callable[[TunNode], None] | Non
         handled.append(signal.SIGUSR1)
         if ready is not None:
             ready(node)
-        await stop.wait()
-        _log.info("signal received")
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(node.failed.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        if node.error is not None:
+            _log.error("TUN %s failed (%s); shutting down", config.interface.name, node.error)
+        else:
+            _log.info("signal received")
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
@@ -326,6 +343,8 @@ async def run_node(config: NodeConfig, *, ready: Callable[[TunNode], None] | Non
         node.log_drops()
         node.write_metrics_file()
         print(node.summary(), flush=True)
+    if node.error is not None:
+        return EXIT_FAILED
     return EXIT_OK if clean else EXIT_DEADLINE
 
 
@@ -369,7 +388,8 @@ register(
             "their source is inside that peer's allowed_ips (else dropped and counted).\n\n"
             "Runs until SIGINT or SIGTERM, then shuts down in order within node.shutdown_timeout and prints\n"
             "a metrics summary. SIGUSR1 logs live metrics (and writes node.metrics_file when set).\n"
-            "Exit status: 0 clean shutdown, 1 shutdown deadline hit, 2 bad config or missing privilege."
+            "Exit status: 0 clean shutdown, 1 shutdown deadline hit or TUN device failed, 2 bad config or\n"
+            "missing privilege."
         ),
         add_arguments=_node_arguments,
         run=_run_node_command,

@@ -46,6 +46,8 @@ _IFF_TUN: Final = 0x0001
 _IFF_NO_PI: Final = 0x1000
 _IFNAMSIZ: Final = 16
 _NEEDS_ROOT: Final = "needs root or CAP_NET_ADMIN"
+# The device is gone (deleted with `ip link del`, or the descriptor is closed): reading cannot recover.
+_FATAL: Final = frozenset({errno.EBADFD, errno.EBADF, errno.EIO, errno.ENXIO, errno.ENODEV})
 
 BatchCallback = Callable[[list[bytes]], object]
 
@@ -80,6 +82,8 @@ class TunDevice:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
         self._on_batch: BatchCallback | None = None
+        self._on_error: Callable[[OSError], object] | None = None
+        self.error: OSError | None = None  # set when reading failed for good
         self._max_packets = 256
         self._max_bytes = 4 << 20
         self._backlog: deque[bytes] = deque()
@@ -169,7 +173,8 @@ class TunDevice:
                 continue
             except OSError as exc:
                 self.read_errors += 1
-                if exc.errno in (errno.EBADFD, errno.EBADF, errno.EIO):
+                if exc.errno in _FATAL:
+                    self.error = exc
                     break
                 _log.debug("TUN %s read error: %r", self.name, exc)
                 continue
@@ -186,13 +191,22 @@ class TunDevice:
         return packets
 
     def start_reading(
-        self, on_batch: BatchCallback, *, max_packets: int = 256, max_bytes: int = 4 << 20
+        self,
+        on_batch: BatchCallback,
+        *,
+        max_packets: int = 256,
+        max_bytes: int = 4 << 20,
+        on_error: Callable[[OSError], object] | None = None,
     ) -> None:
-        """On every readiness event: `on_batch(read_batch(...))` (only with at least one packet)."""
+        """On every readiness event: `on_batch(read_batch(...))` (only with at least one packet).
+
+        When the device fails for good (it was deleted: `EBADFD`; `EIO`, ...) reading stops, `error` is set
+        and `on_error(error)` is called once (otherwise the error state would wake the loop forever)."""
         if self._closed:
             raise RuntimeError(f"TUN {self.name} is closed")
         self._loop = asyncio.get_running_loop()
         self._on_batch = on_batch
+        self._on_error = on_error
         self._max_packets = max_packets
         self._max_bytes = max_bytes
         if not self._reading:
@@ -214,6 +228,11 @@ class TunDevice:
                 self._on_batch(packets)
             except Exception:
                 _log.exception("TUN %s: batch callback failed on %d packets", self.name, len(packets))
+        if self.error is not None:
+            self.stop_reading()
+            _log.error("TUN %s failed: %s; stopped reading", self.name, self.error)
+            if self._on_error is not None:
+                self._on_error(self.error)
 
     # --- writing --------------------------------------------------------------------------------------------
 

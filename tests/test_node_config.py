@@ -79,6 +79,9 @@ def test_optional_tables(tmp_path: Path) -> None:
     assert config.node.log_level == "debug"
     assert config.node.metrics_file == tmp_path / "m.json"
     assert config.node.shutdown_timeout == 2.0
+    assert config.node.metrics_listen is None
+    data["node"]["metrics_listen"] = "127.0.0.1:9108"
+    assert parse_config(data, base=tmp_path).node.metrics_listen == ("127.0.0.1", 9108)
     assert config.tuning.worker_buffer_size == 8192
     assert config.tuning.read_batch == 64
     assert config.tuning.coalesce == 0
@@ -141,6 +144,11 @@ _DELETE = object()
         ("node.log_level", "loud", "node.log_level: 'loud': expected one of"),
         ("node.shutdown_timeout", 0, "node.shutdown_timeout: 0 must be positive"),
         ("node.metrics_interval", -1, "node.metrics_interval: -1 must be 0 or more"),
+        (
+            "node.metrics_listen",
+            "localhost:9108",
+            "node.metrics_listen: 'localhost:9108' is not an IP address",
+        ),
         ("tuning", {"worker_buffer_size": 0}, "tuning.worker_buffer_size: 0 is out of range"),
         ("tuning", {"write_timeout": "fast"}, "tuning.write_timeout: expected a number of seconds"),
         ("tuning", {"turbo": True}, "tuning.turbo: unknown key"),

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
@@ -492,6 +493,52 @@ async def test_tun_nodes_over_loopback(
     assert "failed.no_peer=1" in summary
     assert not a.running
     assert a.metrics()["state"] == "stopped"
+
+
+async def _http_get(address: tuple[str, int], path: str) -> tuple[str, bytes]:
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0].decode(), body
+
+
+async def test_metrics_endpoint(tmp_path: Path) -> None:
+    port_a, port_b, port_m = _free_ports(3)
+    config = _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port_a, port_b, tmp_path)
+    config = dataclasses.replace(
+        config, node=dataclasses.replace(config.node, metrics_listen=("127.0.0.1", port_m))
+    )
+    tuns: list[FakeTun] = []
+
+    def factory(name: str, **kwargs: Any) -> Any:
+        tuns.append(FakeTun(name, **kwargs))
+        return tuns[-1]
+
+    node = TunNode(config, tun_factory=factory)
+    await node.start()
+    try:
+        assert node.metrics_address == ("127.0.0.1", port_m)
+        tuns[0].inject([ipv4_packet("10.8.0.1", "10.77.0.1", UDP, 1, 2, b"no peer")])
+        await eventually(lambda: node.metrics()["node"]["dispatcher"]["failed"] == 1)
+        status, body = await _http_get(node.metrics_address, "/metrics")
+        assert status == "HTTP/1.0 200 OK"
+        text = body.decode()
+        assert "# TYPE vpn_packet_packets_failed_total counter" in text
+        assert 'vpn_packet_packets_failed_total{reason="no_peer"} 1' in text
+        assert "vpn_packet_receiver_spoofed_dropped_total 0" in text
+        assert "vpn_packet_tun_packets_written_total 0" in text
+        status, body = await _http_get(node.metrics_address, "/metrics.json")
+        assert status == "HTTP/1.0 200 OK"
+        assert json.loads(body)["node"]["dispatcher"]["failed_by_reason"]["no_peer"] == 1
+        status, _ = await _http_get(node.metrics_address, "/other")
+        assert status == "HTTP/1.0 404 Not Found"
+    finally:
+        assert await node.shutdown()
+    with pytest.raises(ConnectionRefusedError):
+        await _http_get(("127.0.0.1", port_m), "/metrics")
 
 
 async def test_shutdown_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,7 @@ Optional tables::
     log_level = "info"               # debug, info, warning, error
     metrics_file = "/run/vpn0.json"  # written on SIGUSR1, every metrics_interval seconds and at exit
     metrics_interval = 0             # seconds; 0: only on SIGUSR1 and at exit
+    metrics_listen = "127.0.0.1:9108"  # optional HTTP endpoint: /metrics (Prometheus text), /metrics.json
     shutdown_timeout = 5.0           # seconds for the whole ordered shutdown
     drop_log_interval = 5.0          # at most one drop warning per interval
 
@@ -122,6 +123,7 @@ class NodeSection:
     log_level: str = "info"
     metrics_file: Path | None = None
     metrics_interval: float = 0.0
+    metrics_listen: tuple[str, int] | None = None
     shutdown_timeout: float = 5.0
     drop_log_interval: float = 5.0
 
@@ -283,16 +285,20 @@ def _interface(data: Mapping[str, Any]) -> InterfaceConfig:
     return InterfaceConfig(name, tuple(addresses), mtu, txqueuelen)
 
 
-def _listen(data: Mapping[str, Any]) -> tuple[str, int]:
-    table = _table(data, "listen", required=True)
-    _unknown(table, "listen", {"address"})
-    value = _str(table, "address", "listen.address")
+def _address(table: Mapping[str, Any], key: str, where: str) -> tuple[str, int]:
+    value = _str(table, key, where)
     try:
         host, port = parse_endpoint(value)
         ipaddress.ip_address(host)
     except ValueError as exc:
-        raise ConfigError("listen.address", f"{value!r} is not an IP address and port ({exc})") from None
+        raise ConfigError(where, f"{value!r} is not an IP address and port ({exc})") from None
     return host, port
+
+
+def _listen(data: Mapping[str, Any]) -> tuple[str, int]:
+    table = _table(data, "listen", required=True)
+    _unknown(table, "listen", {"address"})
+    return _address(table, "address", "listen.address")
 
 
 def _peers(data: Mapping[str, Any], base: Path | None) -> tuple[PeerConfig, ...]:
@@ -364,6 +370,9 @@ def _node(data: Mapping[str, Any], base: Path | None) -> NodeSection:
         log_level=level,
         metrics_file=metrics_file,
         metrics_interval=_float(table, "metrics_interval", "node.metrics_interval", 0.0, zero=True),
+        metrics_listen=_address(table, "metrics_listen", "node.metrics_listen")
+        if "metrics_listen" in table
+        else None,
         shutdown_timeout=_float(table, "shutdown_timeout", "node.shutdown_timeout", 5.0),
         drop_log_interval=_float(table, "drop_log_interval", "node.drop_log_interval", 5.0),
     )

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from vpn_packet.transport.node import Node
     from vpn_packet.transport.tun import TunDevice
 
-__all__ = ["TunNode", "drop_counters", "run_node"]
+__all__ = ["TunNode", "drop_counters", "prometheus_text", "run_node"]
 
 _log = logging.getLogger("vpn_packet.node")
 
@@ -82,6 +82,63 @@ def drop_counters(metrics: dict[str, Any]) -> dict[str, int]:
         out["tun.write_dropped"] = int(tun["write_dropped"])
         out["tun.write_errors"] = int(tun["write_errors"])
     return out
+
+
+def prometheus_text(metrics: dict[str, Any], prefix: str = "vpn_packet") -> str:
+    """A `TunNode.metrics()` snapshot in the Prometheus text exposition format: the dispatcher's samples
+    (`vpn_packet.metrics.prometheus_samples`), the receiver's and the TUN device's counters."""
+    from vpn_packet.metrics import DispatcherMetrics, prometheus_samples
+
+    node = metrics["node"]
+    dispatcher = DispatcherMetrics(**node["dispatcher"])
+    samples: list[tuple[str, str, dict[str, str], float]] = list(
+        prometheus_samples(dispatcher, prefix=prefix)
+    )
+    receiver = node["receiver"]
+    for key in (
+        "connections",
+        "frames",
+        "bytes",
+        "packets_delivered",
+        "spoofed_dropped",
+        "unparsable_dropped",
+        "sink_failed",
+        "connection_errors",
+        "rejected_connections",
+        "identity_mismatch",
+        "unknown_peer",
+    ):
+        samples.append((f"{prefix}_receiver_{key}_total", "counter", {}, receiver[key]))
+    samples.append((f"{prefix}_receiver_active_connections", "gauge", {}, receiver["active_connections"]))
+    for reason, n in receiver["protocol_errors"].items():
+        samples.append((f"{prefix}_receiver_protocol_errors_total", "counter", {"reason": reason}, n))
+    tun = metrics["tun"] or {}
+    for key in (
+        "packets_read",
+        "bytes_read",
+        "read_events",
+        "read_errors",
+        "packets_written",
+        "bytes_written",
+        "write_errors",
+        "write_dropped",
+    ):
+        if key in tun:
+            samples.append((f"{prefix}_tun_{key}_total", "counter", {}, tun[key]))
+    if "backlog" in tun:
+        samples.append((f"{prefix}_tun_write_backlog", "gauge", {}, tun["backlog"]))
+    samples.append((f"{prefix}_connects_total", "counter", {}, node["connects"]))
+    samples.append((f"{prefix}_connect_failures_total", "counter", {}, node["connect_failures"]))
+    samples.append((f"{prefix}_uptime_seconds", "gauge", {}, metrics["uptime"]))
+    lines: list[str] = []
+    typed: set[str] = set()
+    for name, kind, labels, value in samples:
+        if name not in typed:
+            typed.add(name)
+            lines.append(f"# TYPE {name} {kind}")
+        label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        lines.append(f"{name}{{{label_text}}} {value:g}" if label_text else f"{name} {value:g}")
+    return "\n".join(lines) + "\n"
 
 
 class TunNode:
@@ -129,6 +186,7 @@ class TunNode:
         self._last_drops: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.error: OSError | None = None  # the TUN failed for good
+        self._metrics_server: asyncio.Server | None = None
         self.failed = asyncio.Event()  # set when it does
 
     # --- data path ------------------------------------------------------------------------------------------
@@ -177,6 +235,12 @@ class TunNode:
         self._started_at = time.monotonic()
         self._state = "running"
         self._spawn(self._drop_logger())
+        if self.config.node.metrics_listen is not None:
+            try:
+                await self._start_metrics_server(*self.config.node.metrics_listen)
+            except BaseException:
+                await self.shutdown()
+                raise
         if self.config.node.metrics_interval > 0 and self.config.node.metrics_file is not None:
             self._spawn(self._metrics_writer())
         _log.info(
@@ -205,6 +269,8 @@ class TunNode:
         clean = True
         for task in list(self._tasks):
             task.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         if self.tun is not None:
             self.tun.stop_reading()
         _log.info(
@@ -287,6 +353,47 @@ class TunNode:
         while True:
             await asyncio.sleep(self.config.node.metrics_interval)
             self.write_metrics_file()
+
+    # --- metrics endpoint -----------------------------------------------------------------------------------
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the metrics endpoint listens (`node.metrics_listen`, port 0 resolved), or None."""
+        if self._metrics_server is None or not self._metrics_server.sockets:
+            return None
+        name = self._metrics_server.sockets[0].getsockname()
+        return name[0], name[1]
+
+    async def _start_metrics_server(self, host: str, port: int) -> None:
+        self._metrics_server = await asyncio.start_server(self._serve_metrics, host, port)
+        _log.info(
+            "metrics on http://%s:%d/metrics (and /metrics.json)", *(self.metrics_address or (host, port))
+        )
+
+    async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A minimal HTTP/1.0 responder: GET /metrics (Prometheus text format) and GET /metrics.json."""
+        try:
+            async with asyncio.timeout(5):
+                request = await reader.readuntil(b"\r\n\r\n")
+            parts = request.split(b"\r\n", 1)[0].split()
+            path = parts[1].decode("ascii", "replace").split("?", 1)[0] if len(parts) >= 2 else ""
+            if len(parts) < 2 or parts[0] != b"GET":
+                status, kind, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == "/metrics":
+                status, kind = "200 OK", "text/plain; version=0.0.4"
+                body = prometheus_text(self.metrics()).encode()
+            elif path == "/metrics.json":
+                status, kind = "200 OK", "application/json"
+                body = json.dumps(self.metrics(), default=str).encode()
+            else:
+                status, kind, body = "404 Not Found", "text/plain", b"try /metrics or /metrics.json\n"
+            head = f"HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
 
     def summary(self) -> str:
         """A few human-readable lines: traffic both ways, drops, connections."""

@@ -9,10 +9,11 @@ Lifecycle: `start()` opens the TUN (so the interface and its addresses exist), s
 first), then starts reading the TUN. `shutdown()` goes in order under one deadline (`node.shutdown_timeout`):
 stop reading the TUN, drain the dispatcher and close the streams (buffered bytes flushed), stop the receiver,
 close the TUN. The command runs until SIGINT or SIGTERM, logs live metrics on SIGUSR1 (and writes them to
-`node.metrics_file` when configured), warns about drops at most once per `node.drop_log_interval` and prints
-a metrics summary at exit. Exit status: 0 after a clean shutdown, 1 when the shutdown deadline was hit or the
-TUN device failed (deleted under the node), 2 for a bad configuration or a missing privilege (one line on
-stderr).
+`node.metrics_file` when configured; `node.metrics_listen` serves them over HTTP as /metrics in the
+Prometheus text format and /metrics.json), warns about drops at most once per `node.drop_log_interval` and
+prints a metrics summary at exit. Exit status: 0 after a clean shutdown, 1 when the shutdown deadline was
+hit or the TUN device failed (deleted under the node), 2 for a bad configuration or a missing privilege (one
+line on stderr).
 """
 
 from __future__ import annotations
@@ -494,7 +495,8 @@ register(
             "(longest prefix of its allowed_ips), packets received from a peer are written to the TUN when\n"
             "their source is inside that peer's allowed_ips (else dropped and counted).\n\n"
             "Runs until SIGINT or SIGTERM, then shuts down in order within node.shutdown_timeout and prints\n"
-            "a metrics summary. SIGUSR1 logs live metrics (and writes node.metrics_file when set).\n"
+            "a metrics summary. SIGUSR1 logs live metrics (and writes node.metrics_file when set);\n"
+            "node.metrics_listen serves them over HTTP (/metrics, /metrics.json).\n"
             "Exit status: 0 clean shutdown, 1 shutdown deadline hit or TUN device failed, 2 bad config or\n"
             "missing privilege."
         ),

@@ -189,3 +189,13 @@ def test_ipv6_keys_are_printed_literally(tmp_path: Path, capsys: pytest.CaptureF
     path.write_bytes(pcap_bytes([ethernet_frame(packet)]))
     assert main(["inspect", str(path)]) == 0
     assert "[fd00:b::1]:853" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module", ["vpn_packet", "vpn_packet.cli"])
+def test_python_dash_m_lists_every_subcommand(module: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0
+    for command in ["inspect", "sample-capture", "demo", "node"]:
+        assert command in result.stdout

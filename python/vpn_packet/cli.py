@@ -266,4 +266,8 @@ register(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: subcommands (`node`, `demo`) register into `vpn_packet.cli`, which is a
+    # different module object from this `__main__`.
+    from vpn_packet.cli import main as _main
+
+    sys.exit(_main())

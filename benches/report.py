@@ -21,12 +21,11 @@ def _per_item_ns(bench: dict[str, Any]) -> float:
 
 
 def _name(bench: dict[str, Any]) -> str:
-    param = bench.get("param")
-    return str(param) if param else str(bench["name"]).removeprefix("test_")
+    return str(bench["name"]).removeprefix("test_")
 
 
 def _is_ours(bench: dict[str, Any]) -> bool:
-    return _name(bench).startswith("vpn_packet") or bool(bench.get("extra_info", {}).get("ours"))
+    return "vpn_packet" in _name(bench) or bool(bench.get("extra_info", {}).get("ours"))
 
 
 def render(paths: list[str]) -> str:

@@ -30,7 +30,6 @@ import os
 import random
 import struct
 import time
-import tracemalloc
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from vpn_packet.dispatcher import Dispatcher
+from vpn_packet.testutil.memory import idle_worker_bytes
 from vpn_packet.testutil.packets import UDP, ipv4_packet
 from vpn_packet.utils import destination_key_and_ip
 
@@ -391,24 +391,10 @@ def _rss_bytes() -> int:
 @pytest.mark.benchmark(group="memory (bytes, not time)")
 def test_idle_worker_bytes(benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop) -> None:
     """Bytes per idle worker (worker, its empty queue, its dict slot), by tracemalloc over 10,000 workers."""
-    keys = [(f"10.{i >> 8 & 255}.{i & 255}.1:443", f"10.{i >> 8 & 255}.{i & 255}.1") for i in range(10_000)]
 
     async def measure() -> float:
         async with _dispatcher(MemPool()) as d:
-            d.dispatch_packet("warm", "10.0.0.1", b"x")  # the dispatcher's own one-off allocations
-            await d.flush()
-            gc.collect()
-            tracemalloc.start()
-            try:
-                before = tracemalloc.get_traced_memory()[0]
-                for key, ip in keys:
-                    d.dispatch_packet(key, ip, b"x")
-                await d.flush()
-                gc.collect()
-                after = tracemalloc.get_traced_memory()[0]
-            finally:
-                tracemalloc.stop()
-            return (after - before) / len(keys)
+            return await idle_worker_bytes(d, 10_000)
 
     per_worker = benchmark.pedantic(  # type: ignore[no-untyped-call]
         lambda: loop.run_until_complete(measure()), rounds=1, iterations=1

@@ -6,9 +6,7 @@ fresh stream for retriable errors only), retries not counted as errors, recyclin
 from __future__ import annotations
 
 import asyncio
-import gc
 import random
-import tracemalloc
 from collections.abc import Sequence
 
 from vpn_packet.dispatcher import Dispatcher
@@ -22,6 +20,7 @@ from vpn_packet.testutil.fakes import (
     RecordingSleep,
 )
 from vpn_packet.testutil.fixtures import *
+from vpn_packet.testutil.memory import idle_worker_bytes
 from vpn_packet.worker import Worker
 
 
@@ -303,28 +302,8 @@ class _SharedPool:
 
 async def test_an_idle_worker_costs_less_than_1_kib() -> None:
     async with Dispatcher(FakePeerDiscovery(default="p"), None, _SharedPool()) as d:
-        keys = [
-            (
-                f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:443",
-                f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
-            )
-            for i in range(2000)
-        ]
-        d.dispatch_packet("warm", "10.0.0.1", b"x")
-        await d.flush()
-        gc.collect()
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            for key, ip in keys:
-                d.dispatch_packet(key, ip, b"x")
-            await d.flush()
-            gc.collect()
-            after = tracemalloc.get_traced_memory()[0]
-        finally:
-            tracemalloc.stop()
+        per_worker = await idle_worker_bytes(d, 2000)
         assert d.check_accounting().workers == 2001
-        per_worker = (after - before) / len(keys)
         print(f"idle worker: {per_worker:.0f} bytes")
         assert per_worker <= 1024, per_worker
 

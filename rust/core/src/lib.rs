@@ -10,7 +10,7 @@ pub mod parse;
 pub use batch::{
     group_by_destination, split_by_lengths, tally_by_destination, Group, Grouped, SplitError, Tally,
 };
-pub use parse::{destination, extract, protocol_has_ports, Destination, PacketSummary, ParseError};
+pub use parse::{destination, extract, protocol_has_ports, source, Destination, PacketSummary, ParseError};
 
 pub mod framing;
 pub mod prefix;

@@ -136,16 +136,51 @@ impl std::error::Error for ParseError {}
 /// Parses a raw IPv4 or IPv6 packet (no link-layer header).
 #[inline]
 pub fn extract(packet: &[u8]) -> Result<PacketSummary, ParseError> {
+    match check_fixed_header(packet)? {
+        4 => extract_v4(packet),
+        _ => extract_v6(packet),
+    }
+}
+
+/// The source address alone, under the same rules as `extract` (for anti-spoofing checks, which need no
+/// more than the fixed header).
+#[inline]
+pub fn source(packet: &[u8]) -> Result<IpAddr, ParseError> {
+    Ok(match check_fixed_header(packet)? {
+        4 => IpAddr::V4(Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15])),
+        _ => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&packet[8..24]);
+            IpAddr::V6(octets.into())
+        }
+    })
+}
+
+/// What makes a packet's addresses trustworthy: version 4 or 6, the whole fixed header, and (IPv4) an IHL
+/// of at least 5. Returns the version; the one place these rules live.
+#[inline]
+fn check_fixed_header(packet: &[u8]) -> Result<u8, ParseError> {
     let Some(&first) = packet.first() else {
         return Err(ParseError::Empty);
     };
+    let len = packet.len();
     match first >> 4 {
-        4 => extract_v4(packet),
-        6 => extract_v6(packet),
-        version => Err(ParseError::UnsupportedVersion {
-            version,
-            len: packet.len(),
+        4 if len < IPV4_MIN_HEADER_LEN => Err(ParseError::Truncated {
+            version: 4,
+            len,
+            required: IPV4_MIN_HEADER_LEN,
         }),
+        4 if first & 0x0f < 5 => Err(ParseError::InvalidIhl {
+            ihl: first & 0x0f,
+            len,
+        }),
+        6 if len < IPV6_HEADER_LEN => Err(ParseError::Truncated {
+            version: 6,
+            len,
+            required: IPV6_HEADER_LEN,
+        }),
+        version @ (4 | 6) => Ok(version),
+        version => Err(ParseError::UnsupportedVersion { version, len }),
     }
 }
 
@@ -169,20 +204,10 @@ fn read_ports(packet: &[u8], offset: usize, end: usize, protocol: u8) -> (Option
     }
 }
 
+/// IPv4 past `check_fixed_header`: 20 bytes present, IHL at least 5.
 fn extract_v4(packet: &[u8]) -> Result<PacketSummary, ParseError> {
     let len = packet.len();
-    if len < IPV4_MIN_HEADER_LEN {
-        return Err(ParseError::Truncated {
-            version: 4,
-            len,
-            required: IPV4_MIN_HEADER_LEN,
-        });
-    }
-    let ihl = packet[0] & 0x0f;
-    if ihl < 5 {
-        return Err(ParseError::InvalidIhl { ihl, len });
-    }
-    let header_len = usize::from(ihl) * 4;
+    let header_len = usize::from(packet[0] & 0x0f) * 4;
     match Ipv4HeaderSlice::from_slice(packet) {
         Ok(header) => {
             let total_len = usize::from(header.total_len());
@@ -201,7 +226,7 @@ fn extract_v4(packet: &[u8]) -> Result<PacketSummary, ParseError> {
                 protocol,
             })
         }
-        // Version, IHL and the 20 fixed bytes were checked above, so the only failure left is options
+        // Version, IHL and the 20 fixed bytes were checked by `check_fixed_header`, so the only failure left is options
         // running past the buffer: the fixed fields stand, and there is no transport header to read.
         Err(_) => Ok(PacketSummary {
             src: IpAddr::V4(Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15])),
@@ -220,6 +245,7 @@ struct WalkEnd {
     transport_offset: Option<usize>,
 }
 
+/// IPv6 past `check_fixed_header`: 40 bytes present.
 fn extract_v6(packet: &[u8]) -> Result<PacketSummary, ParseError> {
     let len = packet.len();
     let header = Ipv6HeaderSlice::from_slice(packet).map_err(|_| ParseError::Truncated {

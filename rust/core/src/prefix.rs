@@ -254,17 +254,7 @@ impl<V: Copy + PartialEq> PrefixTable<V> {
 /// [`crate::extract`]: IPv4 needs 20 bytes and IHL >= 5, IPv6 needs 40 bytes). `None` when unparsable.
 #[inline]
 pub fn source_address(packet: &[u8]) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 if packet.len() >= 20 && packet[0] & 0x0F >= 5 => Some(IpAddr::V4(Ipv4Addr::new(
-            packet[12], packet[13], packet[14], packet[15],
-        ))),
-        6 if packet.len() >= 40 => {
-            let mut octets = [0u8; 16];
-            octets.copy_from_slice(&packet[8..24]);
-            Some(IpAddr::V6(Ipv6Addr::from(octets)))
-        }
-        _ => None,
-    }
+    crate::parse::source(packet).ok()
 }
 
 /// The outcome of checking a received packet's source against its sender.

@@ -46,6 +46,11 @@ proptest! {
     }
 
     #[test]
+    fn source_agrees_with_extract(packet in ip_like()) {
+        prop_assert_eq!(vpn_packet_core::source(&packet), extract(&packet).map(|s| s.src));
+    }
+
+    #[test]
     fn truncation_never_changes_addresses(packet in ip_like(), cut in 0usize..300) {
         if let Ok(whole) = extract(&packet) {
             let fixed = if whole.version() == 4 { 20 } else { 40 };

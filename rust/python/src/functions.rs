@@ -2,7 +2,9 @@
 
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString, PyTuple};
-use vpn_packet_core::{destination, extract, group_by_destination as group_core, split_by_lengths};
+use vpn_packet_core::{
+    destination, extract, group_by_destination as group_core, split_by_lengths, PacketSummary, ParseError,
+};
 
 use crate::buffer::{with_bytes, PacketBytes};
 use crate::errors::{no_panic, parse_error, parse_error_value, split_error};
@@ -60,10 +62,14 @@ pub fn for_each_item<'py>(
     Ok(())
 }
 
-fn summary_or_error<'py>(py: Python<'py>, packet: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    match extract(packet) {
-        Ok(summary) => Ok(PacketInfo::new_untracked(py, summary)?.into_any()),
-        Err(err) => Ok(parse_error_value(py, &err)),
+/// A parse result as a batch item: a `PacketInfo`, or the `PacketError` instance in its place.
+pub fn result_object<'py>(
+    py: Python<'py>,
+    result: &Result<PacketSummary, ParseError>,
+) -> PyResult<Bound<'py, PyAny>> {
+    match result {
+        Ok(summary) => Ok(PacketInfo::new_untracked(py, *summary)?.into_any()),
+        Err(err) => Ok(parse_error_value(py, err)),
     }
 }
 
@@ -73,7 +79,7 @@ pub fn extract_batch<'py>(py: Python<'py>, packets: &Bound<'py, PyAny>) -> PyRes
     no_panic(|| {
         let out = PyList::empty(py);
         for_each_item(packets, |item| {
-            out.append(with_bytes(item, |bytes| summary_or_error(py, bytes))??)
+            out.append(with_bytes(item, |bytes| result_object(py, &extract(bytes)))??)
         })?;
         Ok(out)
     })
@@ -91,7 +97,7 @@ pub fn extract_batch_from_buffer<'py>(
         let packets = split_by_lengths(held.as_slice(), &lengths).map_err(|e| split_error(&e))?;
         let items = packets
             .into_iter()
-            .map(|p| summary_or_error(py, p))
+            .map(|p| result_object(py, &extract(p)))
             .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, items)
     })

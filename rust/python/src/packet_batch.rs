@@ -13,8 +13,7 @@ use vpn_packet_core::{extract, split_by_lengths, tally_by_destination, PacketSum
 
 use crate::buffer::PacketBytes;
 use crate::errors::{no_panic, parse_error_value, split_error};
-use crate::functions::for_each_item;
-use crate::packet_info::PacketInfo;
+use crate::functions::{for_each_item, result_object};
 
 /// One parsed packet: its summary or why it has none, and its size in bytes.
 struct Item {
@@ -39,13 +38,6 @@ impl PacketBatch {
             .collect();
         PacketBatch { items }
     }
-
-    fn item_object<'py>(py: Python<'py>, item: &Item) -> PyResult<Bound<'py, PyAny>> {
-        match &item.result {
-            Ok(summary) => Ok(PacketInfo::new_untracked(py, *summary)?.into_any()),
-            Err(err) => Ok(parse_error_value(py, err)),
-        }
-    }
 }
 
 #[pymethods]
@@ -63,7 +55,7 @@ impl PacketBatch {
                 "batch index {index} out of range for {len} packets"
             )));
         }
-        Self::item_object(py, &self.items[position as usize])
+        result_object(py, &self.items[position as usize].result)
     }
 
     /// Number of packets that parsed.
@@ -89,7 +81,7 @@ impl PacketBatch {
         let objects = self
             .items
             .iter()
-            .map(|i| Self::item_object(py, i))
+            .map(|i| result_object(py, &i.result))
             .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, objects)
     }

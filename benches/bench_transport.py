@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from vpn_packet.node.node import Node
 from vpn_packet.testutil.packets import UDP, ipv4_packet
 from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
 from vpn_packet.transport.framing import encode_frames, encode_hello
-from vpn_packet.transport.node import Node
 from vpn_packet.transport.receiver import Receiver
 from vpn_packet.transport.tcp import TcpStreamService
 

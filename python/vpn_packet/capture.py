@@ -19,35 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vpn_packet._native import CaptureReader, link_type_name, parse_batch_from_buffer
-from vpn_packet.errors import VpnPacketError
+from vpn_packet.errors import CaptureError
 
 __all__ = [
     "PROTOCOL_NAMES",
-    "CaptureError",
     "CaptureReader",
     "CaptureSummary",
     "DestinationStats",
     "protocol_name",
     "summarize_capture",
 ]
-
-
-class CaptureError(VpnPacketError, ValueError):
-    """A capture file cannot be read (further): not a pcap/pcapng file, truncated, or corrupt.
-
-    `kind` is a short stable name (`not_a_capture`, `truncated_header`, `truncated`, `corrupt`,
-    `record_too_large`); `offset` is the byte offset in the file the error is about, when there is one.
-    Raised by the native `CaptureReader` (see rust/python/src/errors.rs).
-    """
-
-    def __init__(self, message: str, kind: str | None = None, offset: int | None = None) -> None:
-        super().__init__(message, kind, offset)
-        self.message = message
-        self.kind = kind
-        self.offset = offset
-
-    def __str__(self) -> str:
-        return self.message
 
 
 PROTOCOL_NAMES: dict[int, str] = {

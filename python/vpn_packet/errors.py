@@ -32,10 +32,13 @@ from asyncio import IncompleteReadError
 from typing import Any, Final, TypeVar
 
 __all__ = [
+    "CaptureError",
     "CircuitOpenError",
+    "ConfigError",
     "DetachedCause",
     "DispatcherStoppedError",
     "FramingError",
+    "HelloTimeoutError",
     "IsConnectionResetError",
     "IsNetworkError",
     "IsServiceError",
@@ -46,6 +49,7 @@ __all__ = [
     "PeerNotFoundError",
     "QueueFullError",
     "ServiceError",
+    "UsageError",
     "VpnPacketError",
     "WorkerLimitError",
     "is_connection_reset_error",
@@ -580,3 +584,49 @@ class FramingError(VpnPacketError, ValueError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class HelloTimeoutError(FramingError, TimeoutError):
+    """No complete hello within the allowed time (reason `hello_timeout`)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"no complete hello within {timeout:g}s", "hello_timeout")
+        self.timeout = timeout
+
+
+# --- captures, configuration, command line -----------------------------------------------------------------
+
+
+class CaptureError(VpnPacketError, ValueError):
+    """A capture file cannot be read (further): not a pcap/pcapng file, truncated, or corrupt.
+
+    `kind` is a short stable name (`not_a_capture`, `truncated_header`, `truncated`, `corrupt`,
+    `record_too_large`); `offset` is the byte offset in the file the error is about, when there is one.
+    Raised by the native `CaptureReader` (see rust/python/src/errors.rs).
+    """
+
+    def __init__(self, message: str, kind: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message, kind, offset)
+        self.message = message
+        self.kind = kind
+        self.offset = offset
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(VpnPacketError, ValueError):
+    """A bad node configuration; `key` is where (`"peers[1].allowed_ips[0]"`), and the message starts with
+    it. A file that cannot be read or parsed has an empty `key`."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        text = str(self)
+        return (ConfigError, (self.key, text[len(self.key) + 2 :] if self.key else text))
+
+
+class UsageError(VpnPacketError):
+    """A bad argument or input noticed by a `vpn-packet` command: reported on one line, exit status 2."""

@@ -16,7 +16,6 @@ from vpn_packet.transport.framing import (
     parse_hello,
     read_hello,
 )
-from vpn_packet.transport.node import Node, NodeMetrics
 from vpn_packet.transport.pool import PooledStream, StreamPool, StreamPoolMetrics
 from vpn_packet.transport.receiver import PeerReceiverMetrics, Receiver, ReceiverMetrics
 from vpn_packet.transport.tcp import TcpStream, TcpStreamService
@@ -27,8 +26,6 @@ __all__ = [
     "FrameDecoder",
     "FramingError",
     "HelloTimeoutError",
-    "Node",
-    "NodeMetrics",
     "Peer",
     "PeerReceiverMetrics",
     "PooledStream",

@@ -26,7 +26,7 @@ import asyncio
 from typing import Final
 
 from vpn_packet._native import FrameDecoder, encode_frames, encode_hello, parse_hello
-from vpn_packet.errors import FramingError
+from vpn_packet.errors import FramingError, HelloTimeoutError
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -49,14 +49,6 @@ HELLO_MAGIC: Final = b"VPNP"
 HELLO_VERSION: Final = 1
 HELLO_HEADER_LEN: Final = 6
 MAX_HELLO_LEN: Final = HELLO_HEADER_LEN + 255
-
-
-class HelloTimeoutError(FramingError, TimeoutError):
-    """No complete hello within the allowed time (reason `hello_timeout`)."""
-
-    def __init__(self, timeout: float) -> None:
-        super().__init__(f"no complete hello within {timeout:g}s", "hello_timeout")
-        self.timeout = timeout
 
 
 async def read_hello(reader: asyncio.StreamReader, timeout: float | None) -> str:  # noqa: ASYNC109

@@ -44,7 +44,7 @@ pub fn no_panic<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
 
 // --- capture (owned by capture reader) ---
 
-pyo3::import_exception!(vpn_packet.capture, CaptureError);
+pyo3::import_exception!(vpn_packet.errors, CaptureError);
 
 /// A `CaptureError(message, kind, offset)` for a capture that cannot be read (further), or the `OSError`
 /// behind an I/O failure. The message starts with the path.

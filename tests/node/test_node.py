@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from vpn_packet.errors import VpnPacketError, is_network_error
+from vpn_packet.node.node import Node
 from vpn_packet.resilience import ResilienceConfig
 from vpn_packet.testutil.packets import TCP, UDP, ipv4_packet, ipv6_packet
 from vpn_packet.transport.discovery import Peer
-from vpn_packet.transport.node import Node
 from vpn_packet.transport.tcp import TcpStream
 
 A_NETS = ["10.1.0.0/16", "fd00:a::/64"]

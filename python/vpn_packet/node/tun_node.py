@@ -1,6 +1,6 @@
 """`vpn-packet node --config FILE.toml`: a VPN node on a Linux TUN device.
 
-`TunNode` = a `TunDevice` + a `vpn_packet.transport.node.Node`: every readiness event of the TUN reads all
+`TunNode` = a `TunDevice` + a `vpn_packet.node.node.Node`: every readiness event of the TUN reads all
 ready packets and hands them to `Node.send_batch` (the dispatcher: per-destination workers, stream pool, TCP
 or mutual-TLS streams to the peer owning each destination); the node's receiver checks each received packet's
 source against the sending peer's allowed prefixes and its sink writes the accepted batches to the TUN.
@@ -18,7 +18,6 @@ line on stderr).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -26,30 +25,29 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vpn_packet.cli import EXIT_OK, Subcommand, UsageError, register
-from vpn_packet.node_config import LOG_LEVELS, ConfigError, NodeConfig, level_number, load_config
+from vpn_packet.node.config import NodeConfig
 
 if TYPE_CHECKING:
     import ssl
 
-    from vpn_packet.transport.node import Node
+    from vpn_packet.node.node import Node
     from vpn_packet.transport.tun import TunDevice
 
-__all__ = ["TunNode", "drop_counters", "prometheus_text", "run_node"]
+__all__ = ["TunNode", "drop_counters", "prometheus_text", "run_node", "tls_contexts"]
 
 _log = logging.getLogger("vpn_packet.node")
 
+#: `run_node` exit statuses (the command's): 0 clean, 1 shutdown deadline hit or TUN device failed.
+EXIT_OK = 0
 EXIT_DEADLINE = 1
 EXIT_FAILED = 1
 
 
-def _tls_contexts(config: NodeConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+def tls_contexts(config: NodeConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
     """(server, client) contexts from `[tls]`, or (None, None)."""
     tls = config.tls
     if tls is None:
@@ -149,14 +147,14 @@ class TunNode:
     """
 
     def __init__(self, config: NodeConfig, *, tun_factory: Callable[..., TunDevice] | None = None) -> None:
-        from vpn_packet.transport.node import Node
+        from vpn_packet.node.node import Node
         from vpn_packet.transport.tun import TunDevice
 
         self.config = config
         self._tun_factory = tun_factory if tun_factory is not None else TunDevice.open
         self.tun: TunDevice | None = None
         t = config.tuning
-        ssl_server, ssl_client = _tls_contexts(config)
+        ssl_server, ssl_client = tls_contexts(config)
         self.node: Node = Node(
             config.node.id,
             config.listen,
@@ -454,53 +452,3 @@ async def run_node(config: NodeConfig, *, ready: Callable[[TunNode], None] | Non
     if node.error is not None:
         return EXIT_FAILED
     return EXIT_OK if clean else EXIT_DEADLINE
-
-
-# --- the command ------------------------------------------------------------------------------------------
-
-
-def _node_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", type=Path, required=True, help="the node's TOML file")
-    parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, default=None, help="overrides node.log_level of the config"
-    )
-
-
-def _run_node_command(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        raise UsageError(f"{args.config}: {exc}" if exc.key else str(exc)) from None
-    level = args.log_level or config.node.log_level
-    logging.basicConfig(
-        level=level_number(level),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if config.tls is not None:
-        try:
-            _tls_contexts(config)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise UsageError(f"{args.config}: tls: {exc}") from None
-    return asyncio.run(run_node(config))
-
-
-register(
-    Subcommand(
-        name="node",
-        help="run a VPN node on a TUN device (needs root or CAP_NET_ADMIN)",
-        description=(
-            "Creates the TUN interface of the config's [interface], listens on [listen].address for the\n"
-            "[[peers]], and forwards: packets read from the TUN go to the peer owning their destination\n"
-            "(longest prefix of its allowed_ips), packets received from a peer are written to the TUN when\n"
-            "their source is inside that peer's allowed_ips (else dropped and counted).\n\n"
-            "Runs until SIGINT or SIGTERM, then shuts down in order within node.shutdown_timeout and prints\n"
-            "a metrics summary. SIGUSR1 logs live metrics (and writes node.metrics_file when set);\n"
-            "node.metrics_listen serves them over HTTP (/metrics, /metrics.json).\n"
-            "Exit status: 0 clean shutdown, 1 shutdown deadline hit or TUN device failed, 2 bad config or\n"
-            "missing privilege."
-        ),
-        add_arguments=_node_arguments,
-        run=_run_node_command,
-    )
-)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from vpn_packet.cli import main
-from vpn_packet.node_config import NODE_RESILIENCE, ConfigError, Tuning, load_config, parse_config
+from vpn_packet.node.config import NODE_RESILIENCE, ConfigError, Tuning, load_config, parse_config
 
 CONTRACT = """\
 [interface]
@@ -59,7 +59,7 @@ def test_contract_example_parses(tmp_path: Path) -> None:
 
 
 def test_examples_parse() -> None:
-    examples = Path(__file__).resolve().parent.parent / "examples"
+    examples = Path(__file__).resolve().parents[2] / "examples"
     a = load_config(examples / "node-a.toml")
     b = load_config(examples / "node-b.toml")
     assert (a.node.id, b.node.id) == ("node-a", "node-b")

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from vpn_packet.errors import ConfigError
 from vpn_packet.resilience import ResilienceConfig
 from vpn_packet.transport.discovery import Peer, parse_endpoint
 
@@ -81,14 +82,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 #: The node's breaker and retry defaults: the library's, except that an open breaker probes again after 2 s
 #: instead of 30 s, so a peer that restarts is reachable again within seconds.
 NODE_RESILIENCE = ResilienceConfig(reset_timeout=2.0)
-
-
-class ConfigError(ValueError):
-    """A bad configuration; `key` is where (`"peers[1].allowed_ips[0]"`), the message starts with it."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}" if key else message)
-        self.key = key
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from vpn_packet import demo
+from vpn_packet.node import demo
 from vpn_packet.cli import main
 
 

@@ -28,10 +28,10 @@ from typing import Any
 import pytest
 
 from vpn_packet.cli import main
-from vpn_packet.node_config import NodeConfig, parse_config
+from vpn_packet.node.config import NodeConfig, parse_config
+from vpn_packet.node.tun_node import TunNode, drop_counters
 from vpn_packet.testutil.packets import ICMP, UDP, icmp_echo, ipv4_packet
 from vpn_packet.transport.tun import TunDevice, TunMetrics
-from vpn_packet.tun_node import TunNode, drop_counters
 
 HAVE_TUN = os.path.exists("/dev/net/tun")
 IS_ROOT = os.geteuid() == 0
@@ -152,7 +152,7 @@ def _run_cli_unprivileged(config: Path) -> subprocess.CompletedProcess[str]:
     # Everything is imported before dropping to nobody (who may not read the Python installation).
     script = (
         "import asyncio, os, sys\n"
-        "import vpn_packet.transport.node, vpn_packet.transport.tun\n"
+        "import vpn_packet.node.node, vpn_packet.transport.tun\n"
         "from vpn_packet.cli import build_parser, main\n"
         "build_parser()\n"
         "if os.geteuid() == 0:\n"

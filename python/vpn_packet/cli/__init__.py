@@ -1,0 +1,81 @@
+"""The `vpn-packet` command: one module per subcommand, listed in `COMMAND_MODULES`.
+
+Each command module defines `COMMAND` (a `Subcommand`) and imports what it needs inside its handler.
+Exit status: 0 success, 1 the command ran and failed (see the command), 2 bad usage, configuration or input
+(one line on stderr, no traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib import import_module
+
+from vpn_packet.cli._command import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, Subcommand
+from vpn_packet.errors import CaptureError, ConfigError, UsageError
+
+__all__ = ["COMMAND_MODULES", "Subcommand", "build_parser", "commands", "main"]
+
+#: The subcommands, in the order `--help` lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "vpn_packet.cli.node",
+    "vpn_packet.cli.demo",
+    "vpn_packet.cli.inspect",
+    "vpn_packet.cli.sample_capture",
+)
+
+
+def commands() -> dict[str, Subcommand]:
+    """Every subcommand by name."""
+    found: dict[str, Subcommand] = {}
+    for name in COMMAND_MODULES:
+        command: Subcommand = import_module(name).COMMAND
+        found[command.name] = command
+    return found
+
+
+def build_parser(available: dict[str, Subcommand] | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="The packet layer of a VPN data plane: tools around the vpn-packet library."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in (commands() if available is None else available).values():
+        sub = subparsers.add_parser(
+            command.name,
+            help=command.help,
+            description=command.description or command.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(sub)
+    return parser
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line for an input error: `CaptureError` messages already name the file; `OSError` gets it."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `vpn-packet` with `argv` (default: the process arguments); returns the exit status."""
+    available = commands()
+    parser = build_parser(available)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already reported
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    command = available[args.command]
+    try:
+        return command.run(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Output piped into something that stopped reading (`| head`): not an error worth a traceback.
+        sys.stderr.close()
+        return EXIT_OK
+    except (CaptureError, ConfigError, UsageError, OSError) as exc:
+        print(f"{PROG} {command.name}: error: {_error_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE

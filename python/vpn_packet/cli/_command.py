@@ -1,0 +1,60 @@
+"""What every `vpn-packet` command module shares: the `Subcommand` record, exit statuses, argument types.
+
+A command module defines `COMMAND = Subcommand(...)` and keeps its heavy imports inside `run`, so building
+the parser (which imports every command module) stays cheap: `vpn-packet inspect` does not pay for what
+`node` imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "PROG",
+    "Subcommand",
+    "non_negative_int",
+    "positive_int",
+]
+
+PROG = "vpn-packet"
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command ran and the outcome is bad (packets lost, a node that failed)
+EXIT_USAGE = 2  # bad arguments, configuration or input file; missing privilege (one line on stderr)
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True, slots=True)
+class Subcommand:
+    """One `vpn-packet` subcommand: its name, help, arguments and the function that runs it."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number, 1 or more."""
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected 1 or more, got 0")
+    return value

@@ -36,10 +36,10 @@ from typing import Any
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from vpn_packet._native import destination_key_and_ip
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.testutil.memory import idle_worker_bytes
 from vpn_packet.testutil.packets import UDP, ipv4_packet
-from vpn_packet.utils import destination_key_and_ip
 
 DESTINATIONS = 100
 ROUND = 20_000

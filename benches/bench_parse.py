@@ -14,15 +14,8 @@ import pytest
 
 from conftest import routed_mix
 from peers_parse import dpkt_extract, key_of, scapy_extract, struct_full, struct_minimal
-from vpn_packet import (
-    destination_key,
-    extract_batch,
-    extract_batch_from_buffer,
-    extract_ip_and_ports,
-    group_by_destination,
-    parse_batch,
-    parse_batch_from_buffer,
-)
+from vpn_packet import destination_key, extract_ip_and_ports, group_by_destination, parse_batch
+from vpn_packet._native import extract_batch, extract_batch_from_buffer, parse_batch_from_buffer
 from vpn_packet.testutil.reference import reference_destination_key
 
 SINGLE: dict[str, Callable[[bytes], Any]] = {

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, TypeVar, final
+from typing import Any, Final, TypeVar, final
 
 from typing_extensions import Buffer
 
@@ -140,16 +140,16 @@ def link_type_name(link: int) -> str | None: ...
 
 # --- framing and prefix match (transport receiving side) ---
 
-__all__ += ["FrameDecoder", "PrefixTable", "encode_frames", "encode_hello", "filter_sources", "parse_hello"]
+__all__ += ["FrameDecoder", "PrefixTable", "encode_frames", "filter_sources"]
+__all__ += ["DEFAULT_MAX_FRAME_SIZE", "LENGTH_PREFIX_LEN", "MAX_FRAME_SIZE_LIMIT"]
+
+# The wire constants of `vpn_packet_core::framing` (values in the comments, for readers of this stub).
+DEFAULT_MAX_FRAME_SIZE: Final[int]  # 65535: the largest IP packet without jumbograms
+MAX_FRAME_SIZE_LIMIT: Final[int]  # 1 << 24: the largest max_frame_size a decoder accepts
+LENGTH_PREFIX_LEN: Final[int]  # 4: big-endian length before each frame
 
 def encode_frames(packets: Iterable[Buffer], max_frame_size: int = 65535) -> bytes:
     """The frames of `packets` (4-byte big-endian length, then the packet); raises `FramingError`."""
-
-def encode_hello(peer_id: str) -> bytes:
-    """`b"VPNP"`, version 1, the id length, the UTF-8 id (1..255 bytes); raises `FramingError`."""
-
-def parse_hello(data: Buffer) -> tuple[str | None, int]:
-    """`(peer_id, consumed)` for a complete hello, `(None, needed)` for a valid beginning."""
 
 @final
 class FrameDecoder:
@@ -183,3 +183,63 @@ class PrefixTable:
 
 def filter_sources(packets: Iterable[_P], table: PrefixTable, peer: int) -> tuple[list[_P], int, int]:
     """`(accepted, spoofed, unparsable)`: the packets whose source's longest prefix maps to `peer`."""
+
+# --- the connection handshake (rust/core/src/handshake.rs draws the messages) ---
+
+__all__ += [
+    "ANSWER_REASONS",
+    "CHALLENGE_LEN",
+    "MAX_ANSWER_LEN",
+    "MAX_HELLO_LEN",
+    "MAX_PEER_ID_LEN",
+    "NONCE_LEN",
+    "PROTOCOL_MAGIC",
+    "PROTOCOL_VERSION",
+    "PUBLIC_KEY_LEN",
+    "SIGNATURE_LEN",
+    "encode_answer",
+    "encode_challenge",
+    "encode_hello",
+    "hello_transcript",
+    "parse_answer",
+    "parse_challenge",
+    "parse_hello",
+]
+
+PROTOCOL_MAGIC: Final[bytes]  # b"VPNP": every handshake message starts with it
+PROTOCOL_VERSION: Final[int]  # 2
+NONCE_LEN: Final[int]  # 32
+CHALLENGE_LEN: Final[int]  # 38: header and nonce
+PUBLIC_KEY_LEN: Final[int]  # 32: Ed25519
+SIGNATURE_LEN: Final[int]  # 64: Ed25519
+MAX_PEER_ID_LEN: Final[int]  # 255 bytes of UTF-8
+MAX_HELLO_LEN: Final[int]  # the longest hello
+MAX_ANSWER_LEN: Final[int]  # the longest answer
+ANSWER_REASONS: Final[tuple[str, ...]]  # answer code -> reason name; 0 is "accepted"
+
+def encode_challenge(nonce: bytes) -> bytes:
+    """The challenge a server sends first, carrying 32 random bytes."""
+
+def parse_challenge(data: Buffer) -> tuple[bytes | None, int]:
+    """`(nonce, consumed)` for a complete challenge, `(None, needed)` for a valid beginning."""
+
+def encode_hello(
+    peer_id: str, epoch: int, public_key: bytes | None = None, signature: bytes | None = None
+) -> bytes:
+    """A hello; `public_key` (32 bytes) and `signature` (64 bytes) in key mode. Raises `FramingError`."""
+
+def parse_hello(
+    data: Buffer,
+) -> tuple[tuple[str, int, bytes | None, bytes | None] | None, int]:
+    """`((peer_id, epoch, public_key, signature), consumed)` or `(None, needed)`; raises `FramingError`."""
+
+def hello_transcript(
+    nonce: bytes, server_public_key: bytes, peer_id: str, epoch: int, client_public_key: bytes
+) -> bytes:
+    """The exact bytes a client signs in its hello."""
+
+def encode_answer(code: int, text: str) -> bytes:
+    """An answer: `code` (0 accepts, else an index of `ANSWER_REASONS`) and a text of at most 255 bytes."""
+
+def parse_answer(data: Buffer) -> tuple[tuple[int, str] | None, int]:
+    """`((code, text), consumed)` or `(None, needed)`; raises `FramingError`."""

@@ -38,7 +38,7 @@ __all__ = [
     "DetachedCause",
     "DispatcherStoppedError",
     "FramingError",
-    "HelloTimeoutError",
+    "HandshakeRefusedError",
     "IsConnectionResetError",
     "IsNetworkError",
     "IsServiceError",
@@ -53,6 +53,7 @@ __all__ = [
     "VpnPacketError",
     "WorkerLimitError",
     "is_connection_reset_error",
+    "is_handshake_refused_error",
     "is_network_error",
     "is_retriable_error",
     "is_service_error",
@@ -70,6 +71,7 @@ _TEMPORARY: Final = 2
 _RESET: Final = 4
 _CLOSED: Final = 8
 _SERVICE: Final = 16
+_REFUSED: Final = 32
 _RETRIABLE_KINDS: Final = _TEMPORARY | _RESET | _CLOSED
 
 
@@ -328,6 +330,54 @@ class PeerNotFoundError(VpnPacketError, LookupError):
         return f"no peer found for destination {self.dest_ip}"
 
 
+class HandshakeRefusedError(VpnPacketError):
+    """`peer_id` answered our handshake with a refusal: `reason` is its stable name (`unknown_peer`,
+    `key_mismatch`, `bad_signature`, `unsupported_version`, `too_many_connections`, `identity_mismatch`,
+    `shutting_down`, `key_required`, `bad_hello`), `detail` what the peer said.
+
+    Retriable only when the refusal is passing (`too_many_connections`, `shutting_down`): a wrong key or an
+    unknown id stays wrong until someone changes a config, and retrying would only hammer the peer.
+    """
+
+    _PASSING: Final = frozenset({"too_many_connections", "shutting_down"})
+    _EXPLAINED: Final = {
+        "unknown_peer": "it has no peer {us}",
+        "key_mismatch": "our key is not the one it has for {local_id}",
+        "bad_signature": "our hello's signature did not verify",
+        "unsupported_version": "it speaks another protocol version",
+        "too_many_connections": "it is at its connection limit",
+        "identity_mismatch": "our certificate does not name us as {local_id} alone",
+        "shutting_down": "it is shutting down",
+        "key_required": "it authenticates peers by key and we sent none (are we insecure?)",
+        "bad_hello": "our hello was malformed",
+    }
+
+    def __init__(self, peer_id: str, reason: str, detail: str = "", *, local_id: str | None = None) -> None:
+        super().__init__(peer_id, reason, detail)
+        self.peer_id = peer_id
+        self.reason = reason
+        self.detail = detail
+        self.local_id = local_id
+
+    @property
+    def retriable(self) -> bool:  # type: ignore[override]
+        return self.reason in self._PASSING
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_refusal, (self.peer_id, self.reason, self.detail, self.local_id))
+
+    def __str__(self) -> str:
+        us = f"{self.local_id!r}" if self.local_id else "with our key"
+        template = self._EXPLAINED.get(self.reason, "reason {reason}")
+        explained = template.format(us=us, local_id=self.local_id or "us", reason=self.reason)
+        extra = f" ({self.detail})" if self.detail else ""
+        return f"{self.peer_id} refused us: {explained}{extra}"
+
+
+def _rebuild_refusal(peer_id: str, reason: str, detail: str, local_id: str | None) -> HandshakeRefusedError:
+    return HandshakeRefusedError(peer_id, reason, detail, local_id=local_id)
+
+
 class CircuitOpenError(VpnPacketError):
     """The circuit breaker of `peer_id` rejects calls; `retry_after` (seconds) says when it may admit one.
 
@@ -449,6 +499,8 @@ def _kinds_of(exc: BaseException) -> int:
             kinds |= extra
     if isinstance(exc, _WrappedError):
         return kinds | exc._own_kind | exc._cause_kinds
+    if isinstance(exc, HandshakeRefusedError):
+        return kinds | _REFUSED
     if isinstance(exc, DetachedCause):
         return kinds | exc.kinds
     if isinstance(exc, ssl.SSLError):
@@ -530,6 +582,11 @@ def is_stream_closed_error(exc: BaseException | None) -> bool:
     return bool(_chain_kinds(exc, _CLOSED) & _CLOSED)
 
 
+def is_handshake_refused_error(exc: BaseException | None) -> bool:
+    """A peer answered our handshake with a refusal anywhere in the chain (`HandshakeRefusedError`)."""
+    return bool(_chain_kinds(exc, _REFUSED) & _REFUSED)
+
+
 def is_retriable_error(exc: BaseException | None) -> bool:
     """Whether retrying the operation (on a fresh stream) may succeed.
 
@@ -584,14 +641,6 @@ class FramingError(VpnPacketError, ValueError):
 
     def __str__(self) -> str:
         return self.message
-
-
-class HelloTimeoutError(FramingError, TimeoutError):
-    """No complete hello within the allowed time (reason `hello_timeout`)."""
-
-    def __init__(self, timeout: float) -> None:
-        super().__init__(f"no complete hello within {timeout:g}s", "hello_timeout")
-        self.timeout = timeout
 
 
 # --- captures, configuration, command line -----------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Plain-data metrics of the dispatcher and its workers, and an optional Prometheus export.
 
 The dispatcher and workers count with integer increments on their own slots (nothing is allocated per
-packet); `Dispatcher.metrics()` and `Dispatcher.worker_metrics()` copy those counters into frozen dataclasses:
-`DispatcherMetrics` here, `WorkerMetrics` in `vpn_packet.worker`.
+packet); `Dispatcher.metrics()` and `Dispatcher.worker_metrics()` copy those counters into the snapshot
+classes defined here, `DispatcherMetrics` and `WorkerMetrics`. This module is plain data and imports nothing
+of the package: the dispatcher and the worker import their reason names and snapshot classes from it, never
+the other way round (`vpn_packet.worker` re-exports `WorkerMetrics`, where the contract names it).
 
 Accounting (see `DispatcherMetrics`): every packet offered to `dispatch_*` is either *rejected* (never queued,
 counted by reason) or *accepted*; an accepted packet is, at any instant, exactly one of *sent* (written to a
@@ -19,10 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from vpn_packet.worker import WorkerMetrics
+from typing import Any
 
 __all__ = [
     "DISCARD_REASONS",
@@ -30,13 +29,18 @@ __all__ = [
     "REJECT_REASONS",
     "DispatcherMetrics",
     "PrometheusCollector",
+    "WorkerMetrics",
     "prometheus_samples",
 ]
 
+# The reason names, in one place: the counters are dicts built from these tuples (`dict.fromkeys`), so every
+# reason is present from the start (a zero is exported, not a missing series) and a misspelt reason fails with
+# a KeyError at the spot that counts it rather than adding a stray key.
+
 #: Why a packet was not accepted by `dispatch_*`.
 REJECT_REASONS = ("not_started", "stopped", "queue_full", "worker_limit", "invalid_packet")
-#: Why an accepted packet could not be written.
-FAILURE_REASONS = ("no_peer", "circuit_open", "discovery_error", "stream_error", "write_error")
+#: Why an accepted packet could not be written (`refused`: the peer answered our handshake with a refusal).
+FAILURE_REASONS = ("no_peer", "circuit_open", "refused", "discovery_error", "stream_error", "write_error")
 #: Why an accepted packet was dropped without a failed write.
 DISCARD_REASONS = ("cancelled", "stopped")
 
@@ -83,6 +87,36 @@ class DispatcherMetrics:
             and sum(self.failed_by_reason.values()) == self.failed
             and sum(self.discarded_by_reason.values()) == self.discarded
         )
+
+
+@dataclass(slots=True)
+class WorkerMetrics:
+    """A snapshot of one worker (one sync key): a copy, so changing it changes nothing. (Not frozen: a frozen
+    dataclass costs 7x more to build, and `worker_metrics()` builds one per worker.)
+
+    `packet_count`/`byte_count`: packets and bytes written; `error_count`: packets that failed after all
+    retries (a retry that later succeeds is not an error); `drop_count`: packets rejected because the queue
+    was full; `discard_count`: packets dropped unsent (cancelled by their caller, or failed at stop);
+    `queue_depth`: packets waiting; `in_flight`: packets being written now; `last_activity`: clock time of the
+    last drain (or of creation); `consecutive_failures`: failed batches since the last success;
+    `recycle_count`: times the worker dropped its peer and stream after too many consecutive failures.
+    """
+
+    sync_key: str
+    dest_ip: str
+    peer_id: str | None
+    packet_count: int
+    byte_count: int
+    error_count: int
+    drop_count: int
+    discard_count: int
+    queue_depth: int
+    in_flight: int
+    busy: bool
+    last_activity: float
+    created_at: float
+    consecutive_failures: int
+    recycle_count: int
 
 
 Sample = tuple[str, str, dict[str, str], float]

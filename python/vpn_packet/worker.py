@@ -22,7 +22,6 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vpn_packet.api import PeerDiscovery, Stream, StreamPoolService, StreamService
@@ -33,11 +32,14 @@ from vpn_packet.errors import (
     PeerNotFoundError,
     ServiceError,
     VpnPacketError,
+    is_handshake_refused_error,
     is_network_error,
 )
-from vpn_packet.metrics import DISCARD_REASONS, FAILURE_REASONS
+from vpn_packet.metrics import DISCARD_REASONS, FAILURE_REASONS, WorkerMetrics
 from vpn_packet.types import QueuedPacket
 
+# `WorkerMetrics` is defined in `vpn_packet.metrics` (plain data that depends on nothing here) and is
+# re-exported here, where the contract (DESIGN section 4) names it.
 __all__ = ["Worker", "WorkerMetrics"]
 
 _CREATE = ("stream_service", "create_stream")
@@ -45,36 +47,6 @@ _NO_BATCH: Sequence[bytes] = ()
 _STREAM_SERVICES = ("stream_pool", "stream_service")
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class WorkerMetrics:
-    """A snapshot of one worker (one sync key): a copy, so changing it changes nothing. (Not frozen: a frozen
-    dataclass costs 7x more to build, and `worker_metrics()` builds one per worker.)
-
-    `packet_count`/`byte_count`: packets and bytes written; `error_count`: packets that failed after all
-    retries (a retry that later succeeds is not an error); `drop_count`: packets rejected because the queue
-    was full; `discard_count`: packets dropped unsent (cancelled by their caller, or failed at stop);
-    `queue_depth`: packets waiting; `in_flight`: packets being written now; `last_activity`: clock time of the
-    last drain (or of creation); `consecutive_failures`: failed batches since the last success;
-    `recycle_count`: times the worker dropped its peer and stream after too many consecutive failures.
-    """
-
-    sync_key: str
-    dest_ip: str
-    peer_id: str | None
-    packet_count: int
-    byte_count: int
-    error_count: int
-    drop_count: int
-    discard_count: int
-    queue_depth: int
-    in_flight: int
-    busy: bool
-    last_activity: float
-    created_at: float
-    consecutive_failures: int
-    recycle_count: int
 
 
 class _Resilience(Protocol):
@@ -212,14 +184,88 @@ class WorkerContext:
             except Exception:
                 _log.exception("release_stream(%r) failed", peer_id)
         else:
-            self.spawn(_close_quietly(stream))
+            self.spawn(close_quietly(stream))
 
 
-async def _close_quietly(stream: Stream) -> None:
+# --- background tasks and stream closes, shared with `vpn_packet.transport.pool` --------------------------
+
+
+class TaskSet:
+    """The background tasks of one owner (a dispatcher, a stream pool), so that its `stop()` can end them all.
+
+    Why not `asyncio.TaskGroup`: these tasks are started from synchronous code (`dispatch_packet`, a loop
+    callback, `release_stream`) at any time between the owner's `start()` and `stop()`, two separate
+    coroutines, so no ``async with`` block spans their lifetime; and a TaskGroup cancels every task when one
+    fails, whereas here one stuck or failing destination must not touch the others. What a TaskGroup gives
+    and we keep: a strong reference to each task until it ends (the loop holds only weak ones, so an
+    unreferenced task can be garbage-collected mid-flight), errors that are reported rather than lost, and a
+    `close()` that leaves no task behind.
+    """
+
+    __slots__ = ("_tasks",)
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(
+        self, coro: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop | None = None
+    ) -> asyncio.Task[None]:
+        """Run `coro` as a task of this set (on `loop`, default the running loop); callable from sync code."""
+        task = (loop if loop is not None else asyncio.get_running_loop()).create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+        return task
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Nobody awaits these tasks for a result: an escaped error is a bug, to be seen in the logs.
+            _log.error("background task %r failed", task, exc_info=exc)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __repr__(self) -> str:
+        return f"<TaskSet {self._tasks!r}>"
+
+    def cancel(self) -> None:
+        """Request cancellation of every task (they end at their next suspension point)."""
+        for task in self._tasks:
+            task.cancel()
+
+    async def wait(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - a bound, like stop()
+        """Wait until the tasks running now have ended, at most `timeout` seconds; True if they all did."""
+        if not self._tasks:
+            return True
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        return not pending
+
+    async def close(self, grace: float) -> None:
+        """End every task: let them finish for `grace` seconds, then cancel the rest and grant them `grace`
+        more. Tasks that ignore even that are logged (and stay referenced here), not waited for forever."""
+        if await self.wait(grace):
+            return
+        self.cancel()
+        if not await self.wait(grace):
+            _log.warning("%d background task(s) ignored cancellation: %r", len(self._tasks), self._tasks)
+
+
+async def close_quietly(stream: Stream, close_timeout: float | None = None) -> None:
+    """Close `stream` in the background: a failure is logged, not raised, and the stream aborted if it can be.
+
+    Why quietly: nobody awaits a background close for its result, and a stream being given up on (failed,
+    idle, or at stop) has nothing left to report. With `close_timeout`, a close that takes longer (a peer
+    that stops reading while buffered data is flushed) is abandoned, so that a `stop()` waiting for it is
+    bounded.
+    """
     try:
-        await stream.close()
+        async with asyncio.timeout(close_timeout):
+            await stream.close()
     except Exception:
-        _log.debug("closing a stream failed", exc_info=True)
+        _log.debug("closing %r failed", stream, exc_info=True)
+        abort: Callable[[], object] | None = getattr(stream, "abort", None)
+        if abort is not None:
+            abort()
 
 
 def _stream_error(exc: BaseException, worker: Worker, peer_id: str) -> VpnPacketError:
@@ -239,6 +285,8 @@ def _failure_reason(exc: BaseException) -> str:
         return "no_peer"
     if isinstance(exc, CircuitOpenError):
         return "circuit_open"
+    if is_handshake_refused_error(exc):
+        return "refused"
     if isinstance(exc, ServiceError):
         if exc.service == "peer_discovery":
             return "discovery_error"
@@ -315,13 +363,16 @@ class Worker:
 
     # --- queueing (called by the dispatcher) ---------------------------------------------------------------
 
-    def add_future(self, data: bytes, future: asyncio.Future[None]) -> None:
-        """Queue `data` with a future resolved when it is written (or fails)."""
+    def attach_future(self, future: asyncio.Future[None]) -> None:
+        """Tie `future` to the packet queued last, to be resolved when that packet is written (or fails).
+
+        Futures are kept apart from the queue, by index, so that the queue stays a plain list of bytes: the
+        common case (no future) costs nothing per packet and a drain hands the list to `write_many` as is.
+        """
         futures = self._futures
         if futures is None:
             futures = self._futures = []
-        futures.append((len(self.queue), future))
-        self.queue.append(data)
+        futures.append((len(self.queue) - 1, future))
 
     @property
     def in_flight(self) -> int:

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from vpn_packet.node import demo
 from vpn_packet.cli import main
+from vpn_packet.node import demo
 
 
 def test_demo_plain_tcp(capsys: pytest.CaptureFixture[str]) -> None:

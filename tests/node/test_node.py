@@ -174,7 +174,7 @@ async def test_lifecycle_leaves_no_task_behind() -> None:
     assert not a.send(packet(0, 1))
     assert a.metrics().dispatcher.rejected_by_reason["stopped"] == 1
     await b.stop()
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop iteration: the tasks the stops cancelled finish
     assert asyncio.all_tasks() - before == set()
 
 
@@ -199,3 +199,32 @@ async def test_stop_sending_keeps_receiving(pair: tuple[Node, Node, Collector]) 
     await sink.wait_for(1)
     assert b.dispatcher.state.value == "stopped"
     assert b.receiver.running
+
+
+def test_node_takes_its_knobs_from_one_tuning() -> None:
+    """Every part of the node gets the value of the `Tuning` (the config's), not a default of its own."""
+    from vpn_packet.tuning import DEFAULT_TUNING, NODE_RESILIENCE, Tuning
+
+    node = Node("a")
+    assert node.tuning == DEFAULT_TUNING
+    assert node.dispatcher.worker_buffer_size == DEFAULT_TUNING.worker_buffer_size
+    assert node.dispatcher.max_workers == DEFAULT_TUNING.max_workers
+    assert node.resilience.config == NODE_RESILIENCE  # the config file's default too
+    tuning = Tuning(worker_buffer_size=7, max_workers=9, write_timeout=1.5, hello_timeout=0.5, read_size=4096)
+    node = Node("a", tuning=tuning, max_streams_per_peer=2)  # a field name changes that field
+    assert node.tuning == Tuning(
+        worker_buffer_size=7,
+        max_workers=9,
+        write_timeout=1.5,
+        hello_timeout=0.5,
+        read_size=4096,
+        max_streams_per_peer=2,
+    )
+    assert (node.dispatcher.worker_buffer_size, node.dispatcher.max_workers) == (7, 9)
+    assert node.stream_service.write_timeout == 1.5
+    assert node.pool.max_streams_per_peer == 2
+    assert (node.receiver.hello_timeout, node.receiver.read_size) == (0.5, 4096)
+    with pytest.raises(TypeError):
+        Node("a", turbo=True)
+    with pytest.raises(ValueError, match="worker_buffer_size: 0 is out of range"):
+        Node("a", worker_buffer_size=0)

@@ -111,7 +111,7 @@ async def test_concurrent_first_requests_share_the_connections_being_opened() ->
     service.gate = asyncio.Event()
     async with StreamPool(service, max_streams_per_peer=2) as pool:
         tasks = [asyncio.create_task(pool.get_stream("b")) for _ in range(50)]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop iteration: every task asks for its stream
         assert pool.metrics().waiting == 48
         service.gate.set()
         leases = await asyncio.gather(*tasks)
@@ -136,7 +136,7 @@ async def test_waiters_time_out_with_a_typed_retriable_error() -> None:
         assert pool.metrics().timeouts == 1
         # A release hands the connection to the next waiter.
         waiter = asyncio.create_task(pool.get_stream("b"))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop iteration: the waiter queues
         pool.release_stream("b", held, True)
         assert conn(await waiter) is conn(held)
 
@@ -207,7 +207,7 @@ async def test_connect_failure_propagates_and_wakes_waiters() -> None:
     async with StreamPool(service, max_streams_per_peer=1) as pool:
         first = asyncio.create_task(pool.get_stream("b"))
         second = asyncio.create_task(pool.get_stream("b"))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop iteration: both tasks ask for their stream
         service.gate.set()
         with pytest.raises(NetworkError):
             await first
@@ -225,7 +225,7 @@ async def test_stop_closes_everything_fails_waiters_and_leaves_no_task() -> None
     await pool.start()
     held = await pool.get_stream("b")
     waiter = asyncio.create_task(pool.get_stream("b"))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop iteration: the waiter queues
     await pool.stop()
     with pytest.raises(ServiceError):
         await waiter
@@ -276,7 +276,7 @@ async def test_dispatcher_workers_keep_their_stream_and_stay_in_order() -> None:
     ]
     for i in range(0, len(packets), 100):
         assert dispatcher.dispatch_batch(packets[i : i + 100]) == 100
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop iteration: the workers start their drains
     assert await dispatcher.flush(5)
     assert len(service.made) == 2
     assert pool.metrics().in_use == 300  # each worker holds its lease
@@ -313,7 +313,7 @@ async def test_a_waiter_cancelled_after_its_wake_up_passes_it_on() -> None:
         held = await pool.get_stream("b")
         first = asyncio.create_task(pool.get_stream("b"))
         second = asyncio.create_task(pool.get_stream("b"))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop iteration: both tasks ask for their stream
         pool.release_stream("b", held, True)  # wakes `first` ...
         first.cancel()  # ... which is cancelled before it runs
         with pytest.raises(asyncio.CancelledError):

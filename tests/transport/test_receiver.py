@@ -10,11 +10,12 @@ import asyncio
 import datetime
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from vpn_packet.testutil.fixtures import wait_until
 from vpn_packet.testutil.packets import ipv4_packet, ipv6_packet
 from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
 from vpn_packet.transport.framing import encode_frames, encode_hello
@@ -47,12 +48,20 @@ class Collector:
         self.calls: list[tuple[str, list[bytes]]] = []
         self.gate = gate
         self.called = asyncio.Event()
+        self._changed = asyncio.Condition()
 
     async def __call__(self, peer_id: str, packets: list[bytes]) -> None:
         self.calls.append((peer_id, list(packets)))
         self.called.set()
+        async with self._changed:
+            self._changed.notify_all()
         if self.gate is not None:
             await self.gate.wait()
+
+    async def wait_calls(self, n: int) -> None:
+        """Until the sink has been called `n` times (for TLS, where the sender cannot half-close)."""
+        async with asyncio.timeout(10), self._changed:  # the timeout is a hang guard
+            await self._changed.wait_for(lambda: len(self.calls) >= n)
 
     def packets(self, peer_id: str | None = None) -> list[bytes]:
         return [p for who, batch in self.calls if peer_id in (None, who) for p in batch]
@@ -94,15 +103,6 @@ async def until_closed(
         pass
     finally:
         writer.close()
-
-
-async def eventually(predicate: Callable[[], bool], polls: int = 400) -> None:
-    """Yields to the loop until `predicate()` holds (for TLS, where the sender cannot half-close)."""
-    for _ in range(polls):
-        if predicate():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition not reached")
 
 
 async def send_all(rx: Receiver, peer_id: str, packets: list[bytes]) -> None:
@@ -264,16 +264,17 @@ async def test_flood_while_the_sink_blocks_stays_bounded() -> None:
                 sent += 1
 
         flooding = asyncio.create_task(flood())
-        await asyncio.wait_for(sink.called.wait(), 5)
-        # Wait until the sender is stuck: no progress across several polls.
-        last, still = -1, 0
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            still = still + 1 if sent == last else 0
-            last = sent
-            if still >= 10:
-                break
-        assert still >= 10, "the sender never stalled"
+        await asyncio.wait_for(sink.called.wait(), 5)  # a hang guard
+        # The receiver's connection stops reading the socket (its stream buffer is full while the sink
+        # blocks) and the sender's writes back up above their high-water mark. Both last while the gate is
+        # closed: nothing reads the socket, so the flood is stuck for good.
+        assert len(rx._readers) == 1
+        ((rx_stream, _),) = rx._readers.values()
+        rx_transport = rx_stream._transport  # type: ignore[attr-defined]
+        await wait_until(
+            lambda: not rx_transport.is_reading() and writer.transport.get_write_buffer_size() > 64 * 1024
+        )
+        assert not flooding.done()
         assert sent < total_chunks
         assert len(sink.calls) == 1  # one read's packets, waiting in the sink
         assert sum(map(len, sink.calls[0][1])) <= read_size
@@ -300,7 +301,7 @@ async def test_max_connections(collector: Collector) -> None:
 async def test_max_connections_per_peer(collector: Collector) -> None:
     async with Receiver(make_discovery(), collector, max_connections_per_peer=2) as rx:
         held = [await connect(rx, encode_hello("node-a") + encode_frames([pkt(A_SRC, i)])) for i in range(2)]
-        await eventually(lambda: len(collector.calls) == 2)  # both are past their hello
+        await collector.wait_calls(2)  # both are past their hello
         third = await connect(rx, encode_hello("node-a") + encode_frames([pkt(A_SRC, 3)]))
         await until_closed(*third, half_close=False)
         await send_all(rx, "node-b", [pkt(B_SRC, 4)])  # other peers are not affected
@@ -449,12 +450,12 @@ async def test_tls_identity_must_match_the_hello(pki: dict[str, Path], collector
         # SAN matches the hello: accepted.
         hello_a = encode_hello("node-a") + encode_frames([pkt(A_SRC, 1)])
         conn = await connect(rx, hello_a, client_context(pki, "node-a"))
-        await eventually(lambda: len(collector.calls) == 1)
+        await collector.wait_calls(1)
         conn[1].close()
         # A CN-only certificate for node-b: accepted as node-b.
         hello_b = encode_hello("node-b") + encode_frames([pkt(B_SRC, 2)])
         conn = await connect(rx, hello_b, client_context(pki, "node-b-cn"))
-        await eventually(lambda: len(collector.calls) == 2)
+        await collector.wait_calls(2)
         conn[1].close()
         # node-a's valid certificate, claiming to be node-b: refused.
         conn = await connect(
@@ -512,7 +513,7 @@ async def test_stop_with_a_connected_peer_logs_no_error(
     assert rx.peer_metrics()["node-a"].active_connections == 1
     with caplog.at_level("WARNING"):
         await rx.stop()
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop iteration: a cancelled connection task would log now
     writer.close()
     assert [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")] == []
     assert rx.metrics().active_connections == 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from vpn_packet import PacketError, PacketInfo, destination_key, extract_batch, extract_ip_and_ports
+from vpn_packet import PacketError, PacketInfo, destination_key, extract_ip_and_ports
+from vpn_packet._native import extract_batch
 from vpn_packet.testutil.reference import ReferenceError, reference_extract
 
 

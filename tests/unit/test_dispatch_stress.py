@@ -1,4 +1,4 @@
-"""Stress (issue 4, item 7): 100,000 packets over 1,000 keys with random write failures, peer-lookup failures,
+"""Stress: 100,000 packets over 1,000 keys with random write failures, peer-lookup failures,
 caller cancellations, a blocked peer and a `stop()` in the middle. Every future resolves exactly once, the
 accounting identity is exact, every stream goes back to the pool and no task is left behind."""
 
@@ -9,6 +9,7 @@ import random
 from collections import Counter
 from collections.abc import Callable
 
+from vpn_packet._native import destination_key_and_ip
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.errors import PeerNotFoundError, VpnPacketError
 from vpn_packet.resilience import ResilienceConfig, ResilienceService
@@ -20,7 +21,6 @@ from vpn_packet.testutil.fakes import (
     RecordingSleep,
 )
 from vpn_packet.testutil.packets import UDP, ipv4_packet
-from vpn_packet.utils import destination_key_and_ip
 
 PACKETS = 100_000
 KEYS = 1_000
@@ -99,7 +99,7 @@ async def test_stress_100k_packets_1k_keys_with_failures_cancellations_and_stop(
             elif roll < 0.83 and futures:
                 rng.choice(futures).cancel()
             elif roll < 0.90:
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # one loop iteration: drains progress
                 clock.advance(0.05)
             if stopping is None and offered >= STOP_AT:
                 stopping = asyncio.create_task(dispatcher.stop(timeout=0.05))

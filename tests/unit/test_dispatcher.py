@@ -1,4 +1,4 @@
-"""Dispatcher API and lifecycle: names, signatures, states, dispatch forms, metrics (issue 4, items 1, 5)."""
+"""Dispatcher API and lifecycle: names, signatures, states, dispatch forms, metrics."""
 
 # ruff: noqa: F403, F405
 from __future__ import annotations
@@ -239,8 +239,8 @@ async def test_worker_inspection_and_reprs(
 ) -> None:
     fake_stream_service.gate_for("peer-1").close()
     dispatcher.dispatch_packet("k", "10.0.0.1", b"first")
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    for _ in range(2):  # two loop iterations: the drain starts and blocks on the gate with "first" in flight
+        await asyncio.sleep(0)
     future = dispatcher.dispatch_packet_with_callback("k", "10.0.0.1", b"second")
     (worker,) = dispatcher.workers()
     assert isinstance(worker, Worker)
@@ -312,7 +312,7 @@ async def test_a_steady_producer_gets_coalesced_writes(
 ) -> None:
     for i in range(12):
         dispatcher.dispatch_packet("k", "10.0.0.1", bytes([i]))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop iteration per packet: a steady producer
     await dispatcher.flush()
     (stream,) = fake_stream_service.created
     assert stream.written == [bytes([i]) for i in range(12)]
@@ -323,7 +323,7 @@ async def test_coalescing_stops_when_a_queue_is_half_full(dispatcher_factory: Di
     d = await dispatcher_factory(worker_buffer_size=8, coalesce=1000)
     for i in range(100):
         assert d.dispatch_packet("k", "10.0.0.1", bytes([i]))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop iteration per packet: a steady producer
     await d.flush()
     assert d.check_accounting().sent == 100
 
@@ -334,6 +334,6 @@ async def test_coalesce_zero_drains_at_once(
     d = await dispatcher_factory(coalesce=0)
     for i in range(5):
         d.dispatch_packet("k", "10.0.0.1", bytes([i]))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        for _ in range(2):  # two loop iterations: this packet's drain runs before the next packet comes
+            await asyncio.sleep(0)
     assert fake_stream_service.created[0].batches == [[bytes([i])] for i in range(5)]

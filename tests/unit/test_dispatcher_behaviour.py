@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vpn_packet._native import destination_key_and_ip
 from vpn_packet.dispatcher import Dispatcher, DispatcherState
 from vpn_packet.errors import DispatcherStoppedError, PeerNotFoundError, ServiceError
 from vpn_packet.resilience import ResilienceConfig, ResilienceService
@@ -26,7 +27,6 @@ from vpn_packet.testutil.fakes import (
 )
 from vpn_packet.testutil.fixtures import *
 from vpn_packet.testutil.packets import UDP, ipv4_packet
-from vpn_packet.utils import destination_key_and_ip
 
 # --- 1. order per key ---------------------------------------------------------------------------------------
 
@@ -86,7 +86,7 @@ def test_order_per_key_under_random_interleavings(
         async with d:
             for op, dest, n in ops:
                 if op == "yield":
-                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)  # one loop iteration: pending drains progress
                     continue
                 packets = []
                 for _ in range(n):
@@ -346,7 +346,7 @@ async def test_accounting_identity_holds_at_every_step(
         elif roll < 0.8:
             gate.close() if gate.is_open else gate.open()
         else:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one loop iteration: pending drains progress
         d.check_accounting()
         if step == 700:
             await d.stop(timeout=0)

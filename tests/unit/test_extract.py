@@ -14,12 +14,14 @@ from vpn_packet import (
     PacketInfo,
     VpnPacketError,
     destination_key,
-    destination_key_and_ip,
-    extract_batch,
-    extract_batch_from_buffer,
     extract_ip_and_ports,
     group_by_destination,
     parse_batch,
+)
+from vpn_packet._native import (
+    destination_key_and_ip,
+    extract_batch,
+    extract_batch_from_buffer,
     parse_batch_from_buffer,
 )
 from vpn_packet.testutil.packets import (

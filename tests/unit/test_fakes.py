@@ -1,4 +1,4 @@
-"""The fakes and fixtures of vpn_packet.testutil (issue 4, item 6)."""
+"""The fakes and fixtures of vpn_packet.testutil."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ async def test_fake_stream_records_fails_and_blocks() -> None:
     assert stream.written == [b"a", b"b", b"c"]  # a failed call writes nothing
     stream.gate.close()
     pending = asyncio.ensure_future(stream.write(b"e"))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop iteration: the write starts and blocks on the gate
     assert not pending.done()
     assert stream.gate.waiting == 1
     stream.gate.open()

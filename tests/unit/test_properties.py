@@ -12,11 +12,10 @@ from vpn_packet import (
     PacketError,
     PacketInfo,
     destination_key,
-    extract_batch,
-    extract_batch_from_buffer,
     extract_ip_and_ports,
     group_by_destination,
 )
+from vpn_packet._native import extract_batch, extract_batch_from_buffer
 from vpn_packet.testutil.packets import (
     AH,
     DEST_OPTIONS,

@@ -51,7 +51,7 @@ class FakeSleep:
     async def __call__(self, seconds: float) -> None:
         self.delays.append(seconds)
         self.clock.advance(seconds)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # yields once, as a real sleep would
 
 
 def cycle(values: Iterable[float]) -> Callable[[], float]:
@@ -281,7 +281,7 @@ RESET = 10.0
 
 
 class BreakerModel:
-    """The state machine of the issue, written plainly: what the breaker must do."""
+    """The breaker state machine of DESIGN.md, written plainly: what the breaker must do."""
 
     def __init__(self, failure_threshold: int, success_threshold: int, max_probes: int) -> None:
         self.failure_threshold = failure_threshold
@@ -660,7 +660,7 @@ async def test_half_open_admits_one_probe_at_a_time_through_the_service() -> Non
         return "ok"
 
     probe = asyncio.create_task(service.call("p", slow))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop iteration: the probe starts and takes the half-open slot
     with pytest.raises(CircuitOpenError) as info:
         await service.call("p", Script("ok"))
     assert info.value.retry_after is None  # half-open, probe slot taken
@@ -701,11 +701,19 @@ async def test_cancellation_is_not_retried_nor_counted_and_releases_the_probe() 
 
 async def test_cancellation_during_backoff_propagates() -> None:
     clock = FakeClock()
-    service = ResilienceService(ResilienceConfig(failure_threshold=10), clock=clock, sleep=asyncio.sleep)
+    backoff_started = asyncio.Event()
+    delays: list[float] = []
+
+    async def endless_backoff(delay: float) -> None:
+        delays.append(delay)
+        backoff_started.set()
+        await asyncio.Event().wait()  # only the cancellation ends this backoff
+
+    service = ResilienceService(ResilienceConfig(failure_threshold=10), clock=clock, sleep=endless_backoff)
     op = Script(TimeoutError())
     task = asyncio.create_task(service.call("p", op))
-    for _ in range(3):  # let the first attempt fail and the (real, 0.1 s max) backoff sleep start
-        await asyncio.sleep(0)
+    await backoff_started.wait()
+    assert len(delays) == 1
     assert op.calls == 1
     assert not task.done()
     task.cancel()
@@ -724,7 +732,7 @@ async def test_outcome_of_a_call_admitted_before_the_breaker_opened_is_ignored()
         return "late"
 
     old = asyncio.create_task(service.call("p", slow))  # admitted while closed
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop iteration: the call starts and waits on its gate
     with pytest.raises(TimeoutError):
         await service.call("p", Script(TimeoutError()))  # opens the breaker
     clock.advance(5.0)
@@ -735,7 +743,7 @@ async def test_outcome_of_a_call_admitted_before_the_breaker_opened_is_ignored()
         return "probe"
 
     probe = asyncio.create_task(service.call("p", probe_op))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop iteration: the probe starts and takes the half-open slot
     breaker = service.breaker("p")
     assert breaker.probes_in_flight == 1
     gate.set()

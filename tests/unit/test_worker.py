@@ -1,6 +1,6 @@
 """Workers: batching with write_many, the ResilienceService they are given (breaker per peer, retry on a
 fresh stream for retriable errors only), retries not counted as errors, recycling after consecutive failures
-(issue 4, item 3), and what an idle worker costs."""
+and what an idle worker costs."""
 
 # ruff: noqa: F403, F405
 from __future__ import annotations
@@ -20,7 +20,7 @@ from vpn_packet.testutil.fakes import (
     RecordingSleep,
 )
 from vpn_packet.testutil.fixtures import *
-from vpn_packet.testutil.memory import idle_worker_bytes
+from vpn_packet.testutil.memory import idle_worker_footprint
 from vpn_packet.worker import Worker
 
 
@@ -300,12 +300,18 @@ class _SharedPool:
         return None
 
 
-async def test_an_idle_worker_costs_less_than_1_kib() -> None:
+async def test_an_idle_worker_is_small_and_holds_no_task() -> None:
+    """Counted structurally (objects only the worker references, `sys.getsizeof`), not by tracemalloc, whose
+    figure depends on the Python version's allocator: the worker itself, its empty queue, its two key strings
+    and its two timestamps; no task, future, coroutine or packet; under 1 KiB with its table slots."""
     async with Dispatcher(FakePeerDiscovery(default="p"), None, _SharedPool()) as d:
-        per_worker = await idle_worker_bytes(d, 2000)
+        footprint = await idle_worker_footprint(d, 2000)
         assert d.check_accounting().workers == 2001
-        print(f"idle worker: {per_worker:.0f} bytes")
-        assert per_worker <= 1024, per_worker
+    assert footprint.workers == 2000
+    assert footprint.tasks_added == 0
+    assert footprint.owned_types <= {"Worker", "list", "str", "float"}, footprint.owned_types
+    assert footprint.max_objects <= 6, footprint
+    assert footprint.bytes_per_worker <= 1024, footprint
 
 
 class _TimeoutStream:

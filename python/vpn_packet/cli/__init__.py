@@ -21,6 +21,8 @@ __all__ = ["COMMAND_MODULES", "Subcommand", "build_parser", "commands", "main"]
 COMMAND_MODULES: tuple[str, ...] = (
     "vpn_packet.cli.node",
     "vpn_packet.cli.demo",
+    "vpn_packet.cli.genkey",
+    "vpn_packet.cli.pubkey",
     "vpn_packet.cli.inspect",
     "vpn_packet.cli.sample_capture",
 )
@@ -40,6 +42,7 @@ def build_parser(available: dict[str, Subcommand] | None = None) -> argparse.Arg
     parser = argparse.ArgumentParser(
         prog=PROG, description="The packet layer of a VPN data plane: tools around the vpn-packet library."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in (commands() if available is None else available).values():
         sub = subparsers.add_parser(
@@ -50,6 +53,17 @@ def build_parser(available: dict[str, Subcommand] | None = None) -> argparse.Arg
         )
         command.add_arguments(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vpn-packet")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        from vpn_packet._native import __version__
+
+        return __version__
 
 
 def _error_line(exc: BaseException) -> str:

@@ -25,7 +25,11 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         default=300,
         help="destinations (default 300, max 60000)",
     )
-    parser.add_argument("--tls", action="store_true", help="mutual TLS between the nodes (throwaway CA)")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext and unauthenticated, for comparison (default: TLS 1.3 with throwaway keys)",
+    )
     parser.add_argument(
         "--both-ways",
         action="store_true",
@@ -52,7 +56,7 @@ def _print_report(result: DemoResult, console: Any) -> None:
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     summary.add_column()
-    mode = "mutual TLS" if result.tls else "plain TCP"
+    mode = "TLS 1.3, keys" if result.secure else "PLAINTEXT, unauthenticated"
     way = "A -> B and B -> A" if result.both_ways else "A -> B"
     summary.add_row("transport", mode, f"{result.streams_created} stream(s) {way}")
     summary.add_row("destinations", f"{result.destinations:,}", "IPv4 + IPv6, TCP + UDP, 40..1400 bytes")
@@ -84,7 +88,7 @@ def _run_demo_command(args: argparse.Namespace) -> int:
     console = Console(
         file=sys.stdout, highlight=False, emoji=False, width=None if sys.stdout.isatty() else 110
     )
-    mode = "mutual TLS" if args.tls else "TCP"
+    mode = "TLS 1.3 (throwaway keys)" if not args.insecure else "plaintext TCP (--insecure)"
     way = "node A <-> node B (each way)" if args.both_ways else "node A -> node B"
     console.print(
         f"vpn-packet demo: {way} over loopback {mode}, {args.packets:,} packets to "
@@ -107,7 +111,7 @@ def _run_demo_command(args: argparse.Namespace) -> int:
             run_demo(
                 args.packets,
                 args.destinations,
-                tls=args.tls,
+                secure=not args.insecure,
                 seed=args.seed,
                 both_ways=args.both_ways,
                 progress=progress,
@@ -129,8 +133,9 @@ COMMAND = Subcommand(
     help="run two nodes on loopback and push a verified workload through the real transport (no root)",
     description=(
         "Starts node A and node B on 127.0.0.1 (ephemeral ports, no root, no configuration) and sends\n"
-        "a mixed workload from A to B through the dispatcher, the stream pool and TCP (or mutual TLS\n"
-        "with --tls): hundreds of destinations, IPv4 and IPv6, TCP and UDP, 40 to 1400 bytes; with\n"
+        "a mixed workload from A to B through the dispatcher, the stream pool and TLS 1.3 with throwaway\n"
+        "keys (plaintext with --insecure, for comparison): hundreds of destinations, IPv4 and IPv6, TCP\n"
+        "and UDP, 40 to 1400 bytes; with\n"
         "--both-ways B sends as much to A at the same time. The receiving side checks every packet:\n"
         "intact, in order per destination, none missing. Exit status 0 when all arrived, else 1."
     ),

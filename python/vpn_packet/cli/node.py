@@ -24,7 +24,7 @@ def _node_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_node_command(args: argparse.Namespace) -> int:
     from vpn_packet.node.config import level_number, load_config
-    from vpn_packet.node.tun_node import run_node, tls_contexts
+    from vpn_packet.node.tun_node import run_node
 
     try:
         config = load_config(args.config)
@@ -38,7 +38,7 @@ def _run_node_command(args: argparse.Namespace) -> int:
     )
     if config.tls is not None:
         try:
-            tls_contexts(config)
+            config.security()  # loads the certificates now: a bad file is a one-line error, not a traceback
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise UsageError(f"{args.config}: tls: {exc}") from None
     return asyncio.run(run_node(config))

@@ -11,16 +11,23 @@ The contract (DESIGN.md section 6)::
     [listen]
     address = "0.0.0.0:7000"
 
+    [node]
+    id = "node-a"                    # optional with a key: the name `genkey` put in it
+    key = "node-a.key"               # written by `vpn-packet genkey node-a`
+    # insecure = true                # plaintext, unauthenticated: for tests only, warned at every start
+
     [[peers]]
     id = "node-b"
     endpoint = "192.168.77.2:7000"
     allowed_ips = ["10.8.0.2/32"]
-    cert = "node-b.pem"              # optional: pinned TLS, this peer's certificate
+    public_key = "..."               # the last line `vpn-packet genkey node-b` printed
 
-Optional tables::
+A node is secure unless it says otherwise: it needs `[node] key` and a `public_key` for every peer, or a CA
+(`[tls]` with `ca`, `cert`, `key` and `[node] id`, the name its certificate carries), or
+`[node] insecure = true`. Without any of them the file is refused with a line that says how to make keys.
 
-    [node]
-    id = "node-a"                    # our peer id, sent in the hello (default: the host name)
+Optional keys of `[node]`::
+
     log_level = "info"               # debug, info, warning, error
     metrics_file = "/run/vpn0.json"  # written on SIGUSR1, every metrics_interval seconds and at exit
     metrics_interval = 0             # seconds; 0: only on SIGUSR1 and at exit
@@ -28,12 +35,12 @@ Optional tables::
     shutdown_timeout = 5.0           # seconds for the whole ordered shutdown
     drop_log_interval = 5.0          # at most one drop warning per interval
 
-    [tls]                            # mutual TLS: cert + key, and ca or every peer's `cert` (pinned)
-    cert = "node-a.pem"
-    key = "node-a.key"
+    [tls]                            # instead of keys: mutual TLS with certificates from a CA
+    cert = "node-a.pem"              # names this node's id (subjectAltName DNS, else common name)
+    key = "node-a-cert.key"
     ca = "ca.pem"
 
-    [tuning]                         # see `Tuning`
+    [tuning]                         # see `vpn_packet.tuning.Tuning`: every field, with its range
 
     [resilience]                     # per-peer circuit breaker and retry (vpn_packet.resilience)
     failure_threshold = 5            # consecutive failures that open a peer's breaker
@@ -46,23 +53,30 @@ Optional tables::
 
 Relative file paths are relative to the configuration file. `load_config(path)` raises `ConfigError` whose
 message starts with the key, e.g. ``peers[1].allowed_ips[0]: '10.8.0.300/32' is not an IP prefix``.
+
+This module only maps TOML onto the settings: every default and every rule (ranges, interface name, MTU,
+peer id, endpoint, prefix, seconds) is `vpn_packet.tuning`'s, the same ones `Node`, `TunNode`, `Peer` and
+`TunDevice` apply, so a value the file accepts is one the node runs with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
-import math
-import socket
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from vpn_packet import tuning
 from vpn_packet.errors import ConfigError
 from vpn_packet.resilience import ResilienceConfig
-from vpn_packet.transport.discovery import Peer, parse_endpoint
+from vpn_packet.transport.discovery import Peer
+from vpn_packet.transport.handshake import Security, SecurityMode
+from vpn_packet.transport.identity import NodeIdentity, decode_public_key, load_identity
+from vpn_packet.tuning import NODE_RESILIENCE, Tuning, parse_endpoint
 
 __all__ = [
     "ConfigError",
@@ -79,17 +93,15 @@ __all__ = [
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-#: The node's breaker and retry defaults: the library's, except that an open breaker probes again after 2 s
-#: instead of 30 s, so a peer that restarts is reachable again within seconds.
-NODE_RESILIENCE = ResilienceConfig(reset_timeout=2.0)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
 class InterfaceConfig:
     name: str
     addresses: tuple[str, ...]
-    mtu: int = 1400
-    txqueuelen: int = 1000
+    mtu: int = tuning.MTU
+    txqueuelen: int = tuning.TXQUEUELEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +109,7 @@ class PeerConfig:
     id: str
     endpoint: str
     allowed_ips: tuple[str, ...]
-    cert: Path | None = None
+    public_key: bytes | None = None  # raw Ed25519 key (key mode)
 
     def to_peer(self) -> Peer:
         return Peer(self.id, self.endpoint, self.allowed_ips)
@@ -105,51 +117,24 @@ class PeerConfig:
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
+    """CA mode: this node's CA-issued certificate and key, and the CA that peers' certificates chain to."""
+
     cert: Path
     key: Path
-    ca: Path | None = None  # None: pinned mode, every peer has `cert`
+    ca: Path
 
 
 @dataclass(frozen=True, slots=True)
 class NodeSection:
     id: str
+    key: Path | None = None
+    insecure: bool = False
     log_level: str = "info"
     metrics_file: Path | None = None
     metrics_interval: float = 0.0
     metrics_listen: tuple[str, int] | None = None
-    shutdown_timeout: float = 5.0
+    shutdown_timeout: float = tuning.SHUTDOWN_TIMEOUT
     drop_log_interval: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Tuning:
-    """Performance knobs, all optional.
-
-    - `worker_buffer_size`: packets a destination worker holds; `max_workers`: destinations at once.
-    - `coalesce`: dispatcher loop iterations to wait for more packets (None: its default).
-    - `read_batch`: TUN packets read per readiness event at most; `write_backlog`: TUN packets waiting for a
-      writable device at most (beyond: dropped, counted).
-    - `max_streams_per_peer`, `send_buffer` (SO_SNDBUF bytes), `connect_timeout`, `write_timeout`,
-      `stream_idle_timeout`: the TCP side.
-    - `receive_batch` (packets per sink call), `read_size` (bytes per socket read), `max_connections`,
-      `max_connections_per_peer`, `hello_timeout`: the receiver.
-    """
-
-    worker_buffer_size: int = 4096
-    max_workers: int = 10_000
-    coalesce: int | None = None
-    read_batch: int = 256
-    write_backlog: int = 4096
-    max_streams_per_peer: int = 4
-    send_buffer: int = 4 * 1024 * 1024
-    connect_timeout: float = 5.0
-    write_timeout: float = 10.0
-    stream_idle_timeout: float = 60.0
-    receive_batch: int = 256
-    read_size: int = 256 * 1024
-    max_connections: int = 1024
-    max_connections_per_peer: int = 16
-    hello_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +147,24 @@ class NodeConfig:
     tuning: Tuning = field(default_factory=Tuning)
     path: Path | None = None
     resilience: ResilienceConfig = field(default_factory=lambda: NODE_RESILIENCE)
+    identity: NodeIdentity | None = field(default=None, repr=False)
+
+    @property
+    def mode(self) -> SecurityMode:
+        """How peers are authenticated: `key`, `ca` or `insecure`."""
+        if self.node.insecure:
+            return "insecure"
+        return "ca" if self.tls is not None else "key"
+
+    def security(self) -> Security:
+        """The `Security` this configuration describes (builds the TLS contexts)."""
+        if self.mode == "insecure":
+            return Security.insecure(self.node.id)
+        if self.tls is not None:
+            return Security.with_ca(self.node.id, self.tls.cert, self.tls.key, self.tls.ca)
+        assert self.identity is not None
+        keys = {peer.id: peer.public_key for peer in self.peers if peer.public_key is not None}
+        return Security.with_keys(self.identity, keys, self.node.id)
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -201,22 +204,28 @@ def _str(table: Mapping[str, Any], key: str, where: str, default: str | None = N
     return value
 
 
+def _checked(where: str, rule: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """`rule(*args, **kwargs)` (a `vpn_packet.tuning` rule), a `ValueError` turned into a `ConfigError`."""
+    try:
+        return rule(*args, **kwargs)
+    except ValueError as exc:
+        raise ConfigError(where, str(exc)) from None
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of dataclass field `name`: the parser never restates a default."""
+    for f in fields(cls):
+        if f.name == name and f.default is not MISSING:
+            return f.default
+    raise KeyError(name)  # pragma: no cover - a programming error
+
+
 def _int(table: Mapping[str, Any], key: str, where: str, default: int, low: int, high: int) -> int:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(where, f"expected an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(where, f"{value} is out of range {low}..{high}")
-    return value
+    return _checked(where, tuning.check_int, table.get(key, default), low, high)
 
 
-def _float(table: Mapping[str, Any], key: str, where: str, default: float, *, zero: bool = False) -> float:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(where, f"expected a number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and not zero):
-        raise ConfigError(where, f"{value} must be {'0 or more' if zero else 'positive'}")
-    return float(value)
+def _seconds(table: Mapping[str, Any], key: str, where: str, default: float, *, zero: bool = False) -> float:
+    return _checked(where, tuning.check_seconds, table.get(key, default), zero=zero)
 
 
 def _path(base: Path | None, value: object, where: str) -> Path:
@@ -241,11 +250,7 @@ def _existing(base: Path | None, value: object, where: str) -> Path:
 def _interface(data: Mapping[str, Any]) -> InterfaceConfig:
     table = _table(data, "interface", required=True)
     _unknown(table, "interface", {"name", "address", "mtu", "txqueuelen"})
-    name = _str(table, "name", "interface.name")
-    if len(name.encode()) > 15 or "/" in name or any(c.isspace() for c in name):
-        raise ConfigError(
-            "interface.name", f"{name!r} is not an interface name (1..15 bytes, no '/' or spaces)"
-        )
+    name = _checked("interface.name", tuning.check_interface_name, _str(table, "name", "interface.name"))
     if "address" not in table:
         raise ConfigError("interface.address", "missing")
     raw = table["address"]
@@ -271,10 +276,11 @@ def _interface(data: Mapping[str, Any]) -> InterfaceConfig:
         if "/" not in value:
             raise ConfigError(where, f"{value!r} needs a prefix length, like '10.8.0.1/24'")
         addresses.append(str(interface))
-    mtu = _int(table, "mtu", "interface.mtu", 1400, 576, 65535)
-    if any(":" in a for a in addresses) and mtu < 1280:
-        raise ConfigError("interface.mtu", f"{mtu} is below 1280, the IPv6 minimum")
-    txqueuelen = _int(table, "txqueuelen", "interface.txqueuelen", 1000, 1, 1_000_000)
+    ipv6 = any(":" in a for a in addresses)
+    mtu = _checked("interface.mtu", tuning.check_mtu, table.get("mtu", tuning.MTU), ipv6=ipv6)
+    txqueuelen = _int(
+        table, "txqueuelen", "interface.txqueuelen", tuning.TXQUEUELEN, 1, tuning.MAX_TXQUEUELEN
+    )
     return InterfaceConfig(name, tuple(addresses), mtu, txqueuelen)
 
 
@@ -305,18 +311,13 @@ def _peers(data: Mapping[str, Any], base: Path | None) -> tuple[PeerConfig, ...]
         where = f"peers[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(where, "expected a table")
-        _unknown(entry, where, {"id", "endpoint", "allowed_ips", "cert"})
-        peer_id = _str(entry, "id", f"{where}.id")
-        if len(peer_id.encode()) > 255:
-            raise ConfigError(f"{where}.id", "at most 255 bytes of UTF-8")
+        _unknown(entry, where, {"id", "endpoint", "allowed_ips", "public_key"})
+        peer_id = _checked(f"{where}.id", tuning.check_peer_id, _str(entry, "id", f"{where}.id"))
         if peer_id in seen_ids:
             raise ConfigError(f"{where}.id", f"{peer_id!r} is already the id of peers[{seen_ids[peer_id]}]")
         seen_ids[peer_id] = i
         endpoint = _str(entry, "endpoint", f"{where}.endpoint")
-        try:
-            parse_endpoint(endpoint)
-        except ValueError as exc:
-            raise ConfigError(f"{where}.endpoint", str(exc)) from None
+        _checked(f"{where}.endpoint", parse_endpoint, endpoint)
         allowed = entry.get("allowed_ips")
         if allowed is None:
             raise ConfigError(f"{where}.allowed_ips", "missing (the prefixes this peer owns)")
@@ -325,23 +326,16 @@ def _peers(data: Mapping[str, Any], base: Path | None) -> tuple[PeerConfig, ...]
         prefixes = []
         for j, prefix in enumerate(allowed):
             key = f"{where}.allowed_ips[{j}]"
-            if not isinstance(prefix, str):
-                raise ConfigError(key, f"{prefix!r} is not an IP prefix")
-            try:
-                network = ipaddress.ip_network(prefix, strict=True)
-            except ValueError:
-                try:
-                    loose = ipaddress.ip_network(prefix, strict=False)
-                except ValueError:
-                    raise ConfigError(key, f"{prefix!r} is not an IP prefix") from None
-                raise ConfigError(key, f"{prefix!r} has host bits set (did you mean {loose}?)") from None
-            text = str(network)
+            text = _checked(key, tuning.check_prefix, prefix)
             if text in owners:
                 raise ConfigError(key, f"{text} is already given to peer {owners[text]!r}")
             owners[text] = peer_id
             prefixes.append(text)
-        cert = _existing(base, entry["cert"], f"{where}.cert") if "cert" in entry else None
-        peers.append(PeerConfig(peer_id, endpoint, tuple(prefixes), cert))
+        public_key = None
+        if "public_key" in entry:
+            key_text = _str(entry, "public_key", f"{where}.public_key")
+            public_key = _checked(f"{where}.public_key", decode_public_key, key_text)
+        peers.append(PeerConfig(peer_id, endpoint, tuple(prefixes), public_key))
     return tuple(peers)
 
 
@@ -349,9 +343,11 @@ def _node(data: Mapping[str, Any], base: Path | None) -> NodeSection:
     table = _table(data, "node", required=False)
     known = {f.name for f in fields(NodeSection)}
     _unknown(table, "node", known)
-    peer_id = _str(table, "id", "node.id", socket.gethostname() or "node")
-    if len(peer_id.encode()) > 255:
-        raise ConfigError("node.id", "at most 255 bytes of UTF-8")
+    insecure = table.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError("node.insecure", f"expected true or false, got {insecure!r}")
+    key = _existing(base, table["key"], "node.key") if "key" in table else None
+    peer_id = _checked("node.id", tuning.check_peer_id, table["id"]) if "id" in table else ""
     level = _str(table, "log_level", "node.log_level", "info").lower()
     if level not in LOG_LEVELS:
         raise ConfigError("node.log_level", f"{level!r}: expected one of {', '.join(LOG_LEVELS)}")
@@ -360,66 +356,107 @@ def _node(data: Mapping[str, Any], base: Path | None) -> NodeSection:
     )
     return NodeSection(
         id=peer_id,
+        key=key,
+        insecure=insecure,
         log_level=level,
         metrics_file=metrics_file,
-        metrics_interval=_float(table, "metrics_interval", "node.metrics_interval", 0.0, zero=True),
+        metrics_interval=_seconds(
+            table,
+            "metrics_interval",
+            "node.metrics_interval",
+            _default(NodeSection, "metrics_interval"),
+            zero=True,
+        ),
         metrics_listen=_address(table, "metrics_listen", "node.metrics_listen")
         if "metrics_listen" in table
         else None,
-        shutdown_timeout=_float(table, "shutdown_timeout", "node.shutdown_timeout", 5.0),
-        drop_log_interval=_float(table, "drop_log_interval", "node.drop_log_interval", 5.0),
+        shutdown_timeout=_seconds(
+            table, "shutdown_timeout", "node.shutdown_timeout", _default(NodeSection, "shutdown_timeout")
+        ),
+        drop_log_interval=_seconds(
+            table, "drop_log_interval", "node.drop_log_interval", _default(NodeSection, "drop_log_interval")
+        ),
     )
 
 
-def _tls(data: Mapping[str, Any], base: Path | None, peers: tuple[PeerConfig, ...]) -> TlsConfig | None:
+def _tls(data: Mapping[str, Any], base: Path | None) -> TlsConfig | None:
     if "tls" not in data:
         return None
     table = _table(data, "tls", required=True)
     _unknown(table, "tls", {"cert", "key", "ca"})
-    for key in ("cert", "key"):
+    for key in ("cert", "key", "ca"):
         if key not in table:
-            raise ConfigError(f"tls.{key}", "missing")
-    cert_path = _existing(base, table["cert"], "tls.cert")
-    key_path = _existing(base, table["key"], "tls.key")
-    ca = _existing(base, table["ca"], "tls.ca") if "ca" in table else None
-    if ca is None:
+            what = "the CA that peers' certificates chain to" if key == "ca" else f"this node's {key}"
+            raise ConfigError(
+                f"tls.{key}", f"missing ({what}); or drop [tls] and use keys (vpn-packet genkey)"
+            )
+    return TlsConfig(
+        _existing(base, table["cert"], "tls.cert"),
+        _existing(base, table["key"], "tls.key"),
+        _existing(base, table["ca"], "tls.ca"),
+    )
+
+
+_NO_IDENTITY = (
+    "missing: this node has no identity. Make one with `vpn-packet genkey NAME` and set "
+    'key = "NAME.key" in [node]; or set insecure = true to run plaintext and unauthenticated (tests only)'
+)
+
+
+def _security(
+    node: NodeSection, tls: TlsConfig | None, peers: tuple[PeerConfig, ...]
+) -> tuple[NodeSection, NodeIdentity | None]:
+    """Checks that the file describes exactly one way to authenticate, and completes `[node] id`.
+
+    Key mode (the default): `[node] key` and every peer's `public_key`; the id defaults to the name in the
+    key file. CA mode (`[tls]`): `[node] id`, the name the certificate carries; no public keys. Insecure:
+    `[node] id` (peers know an insecure node only by the id it claims), no key, no `[tls]`.
+    """
+    if node.insecure:
+        for name, present in (("node.key", node.key is not None), ("tls", tls is not None)):
+            if present:
+                raise ConfigError(name, "set, but node.insecure = true turns authentication off: pick one")
         for i, peer in enumerate(peers):
-            if peer.cert is None:
-                raise ConfigError(
-                    f"peers[{i}].cert", "missing: [tls] without ca pins every peer's certificate"
-                )
-        if not peers:
-            raise ConfigError("tls.ca", "missing: without ca, peers must give their pinned cert")
-    return TlsConfig(cert_path, key_path, ca)
-
-
-_TUNING_INT: dict[str, tuple[int, int]] = {
-    "worker_buffer_size": (1, 1 << 20),
-    "max_workers": (1, 1 << 24),
-    "read_batch": (1, 1 << 16),
-    "write_backlog": (1, 1 << 22),
-    "max_streams_per_peer": (1, 1024),
-    "send_buffer": (4096, 1 << 30),
-    "receive_batch": (1, 1 << 16),
-    "read_size": (1024, 1 << 26),
-    "max_connections": (1, 1 << 20),
-    "max_connections_per_peer": (1, 1 << 16),
-}
-_TUNING_FLOAT = ("connect_timeout", "write_timeout", "stream_idle_timeout", "hello_timeout")
+            if peer.public_key is not None:
+                raise ConfigError(f"peers[{i}].public_key", "set, but node.insecure = true ignores keys")
+        if not node.id:
+            raise ConfigError(
+                "node.id", "missing: an insecure node is known to its peers by the id it claims"
+            )
+        return node, None
+    if tls is not None:
+        if node.key is not None:
+            raise ConfigError("node.key", "set together with [tls]: use keys or a CA, not both")
+        for i, peer in enumerate(peers):
+            if peer.public_key is not None:
+                raise ConfigError(f"peers[{i}].public_key", "set, but [tls] trusts peers through its CA")
+        if not node.id:
+            raise ConfigError("node.id", "missing: with [tls] it is the name this node's certificate carries")
+        return node, None
+    if node.key is None:
+        raise ConfigError("node.key", _NO_IDENTITY)
+    identity = _checked("node.key", load_identity, node.key)
+    owners: dict[bytes, str] = {identity.public_key_bytes: "this node ([node] key)"}
+    for i, peer in enumerate(peers):
+        where = f"peers[{i}].public_key"
+        if peer.public_key is None:
+            raise ConfigError(where, f"missing: the key string `vpn-packet genkey` printed for {peer.id}")
+        if peer.public_key in owners:
+            raise ConfigError(where, f"the same key as {owners[peer.public_key]}")
+        owners[peer.public_key] = f"peer {peer.id!r}"
+    if not node.id:
+        node = dataclasses.replace(node, id=_checked("node.id", tuning.check_peer_id, identity.name))
+    return node, identity
 
 
 def _tuning(data: Mapping[str, Any]) -> Tuning:
+    """Each key is checked by the field's own rule (`Tuning.spec`), so the error names `tuning.<key>`."""
     table = _table(data, "tuning", required=False)
-    known = {f.name for f in fields(Tuning)}
-    _unknown(table, "tuning", known)
-    defaults = Tuning()
-    values: dict[str, Any] = {}
-    for key, (low, high) in _TUNING_INT.items():
-        values[key] = _int(table, key, f"tuning.{key}", getattr(defaults, key), low, high)
-    for key in _TUNING_FLOAT:
-        values[key] = _float(table, key, f"tuning.{key}", getattr(defaults, key))
-    if "coalesce" in table:
-        values["coalesce"] = _int(table, "coalesce", "tuning.coalesce", 0, 0, 10_000)
+    names = Tuning.names()
+    _unknown(table, "tuning", set(names))
+    values = {
+        key: _checked(f"tuning.{key}", Tuning.spec(key).check, table[key]) for key in names if key in table
+    }
     return Tuning(**values)
 
 
@@ -439,7 +476,7 @@ def _resilience(data: Mapping[str, Any]) -> ResilienceConfig:
         values[key] = _int(table, key, f"resilience.{key}", getattr(NODE_RESILIENCE, key), low, high)
     for key in _RESILIENCE_FLOAT:
         zero = key != "max_elapsed"
-        values[key] = _float(table, key, f"resilience.{key}", getattr(NODE_RESILIENCE, key), zero=zero)
+        values[key] = _seconds(table, key, f"resilience.{key}", getattr(NODE_RESILIENCE, key), zero=zero)
     if values["max_interval"] < values["initial_interval"]:
         raise ConfigError("resilience.max_interval", "must be at least resilience.initial_interval")
     try:
@@ -463,13 +500,13 @@ def parse_config(
     interface = _interface(data)
     listen = _listen(data)
     peers = _peers(data, base)
-    node = _node(data, base)
+    tls = _tls(data, base)
+    node, identity = _security(_node(data, base), tls, peers)
     if node.id in {p.id for p in peers}:
         raise ConfigError("node.id", f"{node.id!r} is also the id of a peer")
-    tls = _tls(data, base, peers)
     tuning = _tuning(data)
     resilience = _resilience(data)
-    return NodeConfig(interface, listen, peers, node, tls, tuning, path, resilience)
+    return NodeConfig(interface, listen, peers, node, tls, tuning, path, resilience, identity)
 
 
 def load_config(path: str | Path) -> NodeConfig:

@@ -3,11 +3,13 @@
 No root and no configuration: node A and node B listen on 127.0.0.1 (ephemeral ports); B's sink is an
 in-process callback. A sends a mixed workload - hundreds of destinations inside B's prefixes, IPv4 and IPv6,
 TCP and UDP, packets of 40 to 1400 bytes, from source addresses inside A's prefixes (so B's anti-spoofing
-check accepts them) - through its dispatcher, stream pool and TCP streams (optionally mutual TLS with a
-throwaway CA). Every packet ends with its destination's index and a per-destination sequence number; B's
-sink checks that each one arrives intact (CRC-32 of the whole packet) and in order per destination, and that
-none is missing. A progress bar runs meanwhile; the end is a table of the busiest workers, throughput and
-drops by reason. Exit status 0 only when every packet arrived intact and in order; 1 otherwise.
+check accepts them) - through its dispatcher, stream pool and TCP streams: TLS 1.3 with throwaway keys, each
+node trusting the other's public key, as a real node does (or plaintext and unauthenticated with
+`secure=False`, for comparison). Every packet ends with its destination's index and a per-destination
+sequence number; B's sink checks that each one arrives intact (CRC-32 of the whole packet) and in order per
+destination, and that none is missing. A progress bar runs meanwhile; the end is a table of the busiest
+workers, throughput and drops by reason. Exit status 0 only when every packet arrived intact and in order;
+1 otherwise.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from vpn_packet.packets import TCP, UDP, ipv4_packet, ipv6_packet
 
 if TYPE_CHECKING:
     from vpn_packet.node.node import Node
+    from vpn_packet.transport.handshake import Security
     from vpn_packet.transport.receiver import ReceiverMetrics
 
 __all__ = ["DemoResult", "Flow", "Verifier", "Workload", "run_demo"]
@@ -206,7 +209,7 @@ class DemoResult:
 
     packets: int
     destinations: int
-    tls: bool
+    secure: bool
     both_ways: bool
     sent_accepted: int
     received: int
@@ -245,45 +248,37 @@ class DemoResult:
         return self.received_bytes * 8 / self.transfer_time / 1e6
 
 
-def _tls_contexts(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Mutual TLS contexts for both nodes from a throwaway CA (needs the `cryptography` package)."""
-    try:
-        from vpn_packet.testutil.certs import write_test_pki
-    except ImportError as exc:
-        from vpn_packet.errors import UsageError
+def _securities(directory: Path, *, secure: bool) -> tuple[Security, Security]:
+    """Both nodes' `Security`: throwaway keys (each trusts the other's public key), or insecure plaintext."""
+    from vpn_packet.transport.handshake import Security
+    from vpn_packet.transport.identity import generate_identity
 
-        raise UsageError(
-            "--tls generates a throwaway CA with the 'cryptography' package, which is not installed "
-            "(pip install cryptography)"
-        ) from exc
-    from vpn_packet.transport.tls import client_context, server_context
-
-    pki = write_test_pki(directory, [A_ID, B_ID])
-    a, b = pki.nodes[A_ID], pki.nodes[B_ID]
-    a_opts = {
-        "ssl_client": client_context(a.cert, a.key, ca=pki.ca_cert),
-        "ssl_server": server_context(a.cert, a.key, ca=pki.ca_cert),
-    }
-    b_opts = {
-        "ssl_client": client_context(b.cert, b.key, ca=pki.ca_cert),
-        "ssl_server": server_context(b.cert, b.key, ca=pki.ca_cert),
-    }
-    return a_opts, b_opts
+    if not secure:
+        return Security.insecure(A_ID), Security.insecure(B_ID)
+    a = generate_identity(A_ID, directory)
+    b = generate_identity(B_ID, directory)
+    return (
+        Security.with_keys(a, {B_ID: b.public_key_bytes}),
+        Security.with_keys(b, {A_ID: a.public_key_bytes}),
+    )
 
 
 def _receiver_drops(metrics: ReceiverMetrics) -> dict[str, int]:
     """What node B's receiver refused or lost, by reason: packets (spoofed source, unparsable, refused by the
-    sink), protocol errors by reason and refused connections."""
+    sink), protocol errors, refused connections and failed handshakes by reason."""
     drops = {
         "receiver spoofed": metrics.spoofed_dropped,
         "receiver unparsable": metrics.unparsable_dropped,
         "receiver sink failed": metrics.sink_failed,
-        "receiver identity mismatch": metrics.identity_mismatch,
-        "receiver unknown peer": metrics.unknown_peer,
-        "receiver connections rejected": metrics.rejected_connections,
+        "receiver pending connections rejected": metrics.rejected_pending + metrics.evicted_pending,
     }
-    for reason, n in metrics.protocol_errors.items():
-        drops[f"receiver protocol {reason}"] = n
+    for label, counts in (
+        ("protocol", metrics.protocol_errors),
+        ("refused", metrics.refused),
+        ("handshake", metrics.handshake_failures),
+    ):
+        for reason, n in counts.items():
+            drops[f"receiver {label} {reason}"] = n
     return drops
 
 
@@ -372,14 +367,15 @@ async def run_demo(
     packets: int = 200_000,
     destinations: int = 300,
     *,
-    tls: bool = False,
+    secure: bool = True,
     seed: int = 1,
     both_ways: bool = False,
     progress: Callable[[int, int], None] | None = None,
     delivery_timeout: float = 30.0,
     stall_timeout: float = 2.0,
 ) -> DemoResult:
-    """Run the two-node demo: `packets` from A to B (and as many from B to A with `both_ways`).
+    """Run the two-node demo: `packets` from A to B (and as many from B to A with `both_ways`), over TLS
+with throwaway keys unless `secure=False` (plaintext, unauthenticated: for comparison).
 
     `progress(received, total)` is called as packets arrive (optional). After the last packet is written,
     waits for the receivers to take everything in: at most `delivery_timeout` seconds, and no longer than
@@ -405,7 +401,7 @@ async def run_demo(
 
     buffer = 4 * _CHUNK  # a worker never holds more than two chunks' worth: no queue_full by design
     with tempfile.TemporaryDirectory(prefix="vpn-packet-demo-") as tmp:
-        a_tls, b_tls = _tls_contexts(Path(tmp)) if tls else ({}, {})
+        a_security, b_security = _securities(Path(tmp), secure=secure)
         if both_ways:  # each node must know the other's address before either listens
             port_a, port_b = _free_ports(2)
             a_endpoint = f"127.0.0.1:{port_a}"
@@ -414,22 +410,20 @@ async def run_demo(
             a_endpoint = "127.0.0.1:9"
         a_sink = directions[1].verifier if both_ways else None
         node_b = Node(
-            B_ID,
+            b_security,
             ("127.0.0.1", port_b),
             [Peer(A_ID, a_endpoint, A_PREFIXES)],
             ab.verifier,
             worker_buffer_size=buffer,
-            **b_tls,
         )
         await node_b.start()
         try:
             node_a = Node(
-                A_ID,
+                a_security,
                 ("127.0.0.1", port_a),
                 [Peer(B_ID, node_b.endpoint, B_PREFIXES)],
                 a_sink,
                 worker_buffer_size=buffer,
-                **a_tls,
             )
             await node_a.start()
             try:
@@ -478,7 +472,7 @@ async def run_demo(
     return DemoResult(
         packets=total,
         destinations=destinations,
-        tls=tls,
+        secure=secure,
         both_ways=both_ways,
         sent_accepted=sum(d.accepted for d in directions),
         received=sum(v.received for v in verifiers),

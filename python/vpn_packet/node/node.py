@@ -2,13 +2,19 @@
 
 `Node` wires a `StaticPeerDiscovery` (the peers and their allowed prefixes), a `TcpStreamService` and a
 `StreamPool` (sending), a `ResilienceService` and a `Dispatcher` (per-destination ordering, retry, breaker),
-and a `Receiver` (listening, framing, anti-spoofing) that hands received packets to `sink`. A TUN-backed
-node (a later issue) wraps one: its TUN reader calls `send_batch`, its sink writes to the device.
+and a `Receiver` (listening, framing, anti-spoofing) that hands received packets to `sink`. It is apart from
+the TUN device so that it runs without root (the demo, the tests and the benchmarks use it on loopback);
+`vpn_packet.node.tun_node.TunNode` wraps one: its TUN reader calls `send_batch`, its sink writes to the
+device.
 
-    node = Node("node-a", ("127.0.0.1", 7000), peers=[Peer("node-b", "127.0.0.1:7001", ["10.8.0.2/32"])],
-                sink=on_packets)
+    security = Security.with_keys(load_identity("node-a.key"), {"node-b": decode_public_key("...")})
+    node = Node(security, ("127.0.0.1", 7000), peers=[Peer("node-b", "127.0.0.1:7001", ["10.8.0.2/32"])],
+                sink=on_packets, tuning=Tuning(write_timeout=2.0))
     async with node:
         node.send_batch(packets)
+
+Every knob comes from one `vpn_packet.tuning.Tuning`, the object the config file fills, so a `Node` built
+in Python and one built from a config file with the same values behave the same.
 
 `start()` brings the parts up receiver first; `stop()` takes them down in the order that loses nothing
 still deliverable: stop dispatching and drain the workers (bounded by `stop_timeout`), close the pool
@@ -18,18 +24,19 @@ still deliverable: stop dispatching and drain the workers (bounded by `stop_time
 from __future__ import annotations
 
 import dataclasses
-import ssl
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vpn_packet.dispatcher import DEFAULT_MAX_WORKERS, Dispatcher
+from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.metrics import DispatcherMetrics
 from vpn_packet.resilience import ResilienceConfig, ResilienceService
 from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
+from vpn_packet.transport.handshake import Security
 from vpn_packet.transport.pool import StreamPool, StreamPoolMetrics
 from vpn_packet.transport.receiver import Receiver, ReceiverMetrics, Sink
-from vpn_packet.transport.tcp import DEFAULT_SEND_BUFFER, TcpStreamService
+from vpn_packet.transport.tcp import TcpStreamService
+from vpn_packet.tuning import DEFAULT_TUNING, NODE_RESILIENCE, SHUTDOWN_TIMEOUT, Tuning
 from vpn_packet.worker import WorkerMetrics
 
 __all__ = ["Node", "NodeMetrics"]
@@ -49,6 +56,7 @@ class NodeMetrics:
     pool: StreamPoolMetrics
     connects: int
     connect_failures: int
+    refusals: dict[str, int]
     receiver: ReceiverMetrics
 
     def as_dict(self) -> dict[str, Any]:
@@ -60,6 +68,7 @@ class NodeMetrics:
             "pool": dataclasses.asdict(self.pool),
             "connects": self.connects,
             "connect_failures": self.connect_failures,
+            "refusals": dict(self.refusals),
         }
         out["receiver"] = dataclasses.asdict(self.receiver)
         return out
@@ -68,75 +77,65 @@ class NodeMetrics:
 class Node:
     """One host of the data plane: sends to peers through a dispatcher, receives from them into `sink`.
 
-    - `peer_id`, `listen`: our id and the `(host, port)` the receiver binds (port 0: any free port; see
-      `address` after `start()`).
+    - `security`: who we are and how peers prove who they are (`vpn_packet.transport.handshake.Security`:
+      keys, a CA, or explicitly insecure); its `local_id` is our id.
+    - `listen`: the `(host, port)` the receiver binds (port 0: any free port; see `address` after `start()`).
     - `peers`: the other nodes (id, endpoint, allowed prefixes): where to send a destination, and which
       source addresses each may use when it sends to us.
     - `sink`: gets `(peer_id, packets)` for what arrives (default: discarded).
-    - `ssl_server` / `ssl_client`: contexts from `vpn_packet.transport.tls` for mutual TLS (both or none).
-    - sending options: `connect_timeout`, `write_timeout`, `send_buffer`, `max_streams_per_peer`,
-      `stream_idle_timeout`; dispatcher options: `worker_buffer_size`, `worker_idle_timeout`,
-      `worker_cleanup_interval`, `max_workers`, `coalesce` (None: the dispatcher's default); `resilience`
-      (a config or a service); `receiver_options` (extra keyword arguments for `Receiver`); `stop_timeout`:
-      how long `stop()` drains.
+    - `tuning`: every knob of the dispatcher, the stream pool, the TCP streams and the receiver (a
+      `vpn_packet.tuning.Tuning`; default `DEFAULT_TUNING`, what a config file without `[tuning]` gives).
+      Keyword arguments named like its fields (`worker_buffer_size=...`) change those fields of it.
+    - `resilience`: a `ResilienceConfig` or a shared `ResilienceService` (default `NODE_RESILIENCE`, the
+      config file's default too).
+    - `stop_timeout`: how long `stop()` drains (the config's `node.shutdown_timeout`).
     """
 
     def __init__(
         self,
-        peer_id: str,
+        security: Security,
         listen: tuple[str, int] = ("127.0.0.1", 0),
         peers: Iterable[Peer] = (),
         sink: Sink | None = None,
         *,
-        ssl_server: ssl.SSLContext | None = None,
-        ssl_client: ssl.SSLContext | None = None,
-        connect_timeout: float = 5.0,
-        write_timeout: float = 10.0,
-        send_buffer: int | None = DEFAULT_SEND_BUFFER,
-        max_streams_per_peer: int = 4,
-        stream_idle_timeout: float = 60.0,
-        worker_buffer_size: int = 1024,
-        worker_idle_timeout: float = 300.0,
-        worker_cleanup_interval: float = 60.0,
-        max_workers: int = DEFAULT_MAX_WORKERS,
-        coalesce: int | None = None,
+        tuning: Tuning = DEFAULT_TUNING,
         resilience: ResilienceConfig | ResilienceService | None = None,
-        receiver_options: Mapping[str, Any] | None = None,
-        stop_timeout: float = 5.0,
+        stop_timeout: float = SHUTDOWN_TIMEOUT,
+        **changes: Any,
     ) -> None:
-        if (ssl_server is None) != (ssl_client is None):
-            raise ValueError("mutual TLS needs both ssl_server and ssl_client (or neither)")
-        self.peer_id = peer_id
+        t = self.tuning = tuning.with_changes(**changes)
+        self.security = security
+        self.peer_id = security.local_id
         self.listen = listen
         self.peers: list[Peer] = list(peers)
         self.stop_timeout = stop_timeout
         self.discovery = StaticPeerDiscovery(self.peers)
         self.stream_service = TcpStreamService(
             self.discovery,
-            peer_id,
-            ssl_context=ssl_client,
-            connect_timeout=connect_timeout,
-            write_timeout=write_timeout,
-            send_buffer=send_buffer,
+            security,
+            connect_timeout=t.connect_timeout,
+            write_timeout=t.write_timeout,
+            send_buffer=t.send_buffer,
         )
         self.pool = StreamPool(
-            self.stream_service, max_streams_per_peer=max_streams_per_peer, idle_timeout=stream_idle_timeout
+            self.stream_service,
+            max_streams_per_peer=t.max_streams_per_peer,
+            idle_timeout=t.stream_idle_timeout,
         )
         if isinstance(resilience, ResilienceService):
             self.resilience = resilience
         else:
-            self.resilience = ResilienceService(resilience)
-        extra: dict[str, Any] = {} if coalesce is None else {"coalesce": coalesce}
+            self.resilience = ResilienceService(NODE_RESILIENCE if resilience is None else resilience)
         self.dispatcher = Dispatcher(
             self.discovery,
             self.stream_service,
             self.pool,
-            worker_idle_timeout=worker_idle_timeout,
-            worker_cleanup_interval=worker_cleanup_interval,
-            worker_buffer_size=worker_buffer_size,
+            worker_idle_timeout=t.worker_idle_timeout,
+            worker_cleanup_interval=t.worker_cleanup_interval,
+            worker_buffer_size=t.worker_buffer_size,
             resilience_service=self.resilience,
-            max_workers=max_workers,
-            **extra,
+            max_workers=t.max_workers,
+            coalesce=t.coalesce,
         )
         host, port = listen
         self.receiver = Receiver(
@@ -144,8 +143,15 @@ class Node:
             sink if sink is not None else _discard,
             host=host,
             port=port,
-            ssl_context=ssl_server,
-            **dict(receiver_options or {}),
+            security=security,
+            hello_timeout=t.hello_timeout,
+            idle_timeout=t.idle_timeout,
+            max_pending=t.max_pending,
+            max_pending_per_source=t.max_pending_per_source,
+            max_batch=t.receive_batch,
+            max_connections=t.max_connections,
+            max_connections_per_peer=t.max_connections_per_peer,
+            read_size=t.read_size,
         )
         self._started = False
         self._stopped = False
@@ -245,6 +251,7 @@ class Node:
             pool=self.pool.metrics(),
             connects=self.stream_service.connects,
             connect_failures=self.stream_service.connect_failures,
+            refusals=dict(self.stream_service.refusals),
             receiver=self.receiver.metrics(),
         )
 

@@ -9,11 +9,16 @@ Lifecycle: `start()` opens the TUN (so the interface and its addresses exist), s
 first), then starts reading the TUN. `shutdown()` goes in order under one deadline (`node.shutdown_timeout`):
 stop reading the TUN, drain the dispatcher and close the streams (buffered bytes flushed), stop the receiver,
 close the TUN. The command runs until SIGINT or SIGTERM, logs live metrics on SIGUSR1 (and writes them to
-`node.metrics_file` when configured; `node.metrics_listen` serves them over HTTP as /metrics in the
-Prometheus text format and /metrics.json), warns about drops at most once per `node.drop_log_interval` and
-prints a metrics summary at exit. Exit status: 0 after a clean shutdown, 1 when the shutdown deadline was
-hit or the TUN device failed (deleted under the node), 2 for a bad configuration or a missing privilege (one
-line on stderr).
+`node.metrics_file` when configured; `node.metrics_listen` serves them over HTTP, see
+`vpn_packet.node.metrics_endpoint`), warns about drops at most once per `node.drop_log_interval` and
+prints a metrics summary at exit.
+
+The periodic jobs (drop warnings, the metrics file) run in one `asyncio.TaskGroup` owned by one background
+task: `shutdown()` cancels that task and so every job, and a job that fails takes the others down with it
+(logged) instead of dying unnoticed. Every knob comes from the config's `vpn_packet.tuning.Tuning`.
+
+Exit status: 0 after a clean shutdown, 1 when the shutdown deadline was hit or the TUN device failed
+(deleted under the node), 2 for a bad configuration or a missing privilege (one line on stderr).
 """
 
 from __future__ import annotations
@@ -32,12 +37,11 @@ from typing import TYPE_CHECKING, Any
 from vpn_packet.node.config import NodeConfig
 
 if TYPE_CHECKING:
-    import ssl
-
+    from vpn_packet.node.metrics_endpoint import MetricsEndpoint
     from vpn_packet.node.node import Node
     from vpn_packet.transport.tun import TunDevice
 
-__all__ = ["TunNode", "drop_counters", "prometheus_text", "run_node", "tls_contexts"]
+__all__ = ["INSECURE_WARNING", "TunNode", "drop_counters", "run_node"]
 
 _log = logging.getLogger("vpn_packet.node")
 
@@ -46,28 +50,18 @@ EXIT_OK = 0
 EXIT_DEADLINE = 1
 EXIT_FAILED = 1
 
-
-def tls_contexts(config: NodeConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-    """(server, client) contexts from `[tls]`, or (None, None)."""
-    tls = config.tls
-    if tls is None:
-        return None, None
-    from vpn_packet.transport.tls import client_context, fingerprint, server_context
-
-    if tls.ca is not None:
-        return (
-            server_context(tls.cert, tls.key, ca=tls.ca),
-            client_context(tls.cert, tls.key, ca=tls.ca),
-        )
-    certs = {peer.id: peer.cert for peer in config.peers if peer.cert is not None}
-    return (
-        server_context(tls.cert, tls.key, pinned_certs=list(certs.values())),
-        client_context(tls.cert, tls.key, pinned={pid: fingerprint(path) for pid, path in certs.items()}),
-    )
+#: Logged at every start of an insecure node, so that nobody runs one without knowing what it gives up.
+INSECURE_WARNING = (
+    "INSECURE: [node] insecure = true. Traffic is plaintext, and anyone who reaches the listen port can "
+    "claim to be a peer and inject packets with its addresses. Use keys (vpn-packet genkey) outside of tests."
+)
 
 
 def drop_counters(metrics: dict[str, Any]) -> dict[str, int]:
-    """Every packet drop counter of a `TunNode.metrics()` snapshot, flattened (`rejected.queue_full`, ...)."""
+    """Every drop counter of a `TunNode.metrics()` snapshot, flattened (`rejected.queue_full`, ...): packets,
+    and connections refused either way (`refused_by_peer.key_mismatch`: a peer refused us;
+    `receiver.refused.unknown_peer`: we refused a connection), so that a tunnel that never came up cannot
+    end with `drops: none`."""
     out: dict[str, int] = {}
     dispatcher = metrics["node"]["dispatcher"]
     for group in ("rejected", "failed", "discarded"):
@@ -76,68 +70,16 @@ def drop_counters(metrics: dict[str, Any]) -> dict[str, int]:
     receiver = metrics["node"]["receiver"]
     for key in ("spoofed_dropped", "unparsable_dropped", "sink_failed"):
         out[f"receiver.{key}"] = int(receiver[key])
+    for family in ("refused", "handshake_failures"):
+        for reason, n in receiver[family].items():
+            out[f"receiver.{family}.{reason}"] = int(n)
+    for reason, n in metrics["node"]["refusals"].items():
+        out[f"refused_by_peer.{reason}"] = int(n)
     tun = metrics["tun"]
     if tun is not None:
         out["tun.write_dropped"] = int(tun["write_dropped"])
         out["tun.write_errors"] = int(tun["write_errors"])
     return out
-
-
-def prometheus_text(metrics: dict[str, Any], prefix: str = "vpn_packet") -> str:
-    """A `TunNode.metrics()` snapshot in the Prometheus text exposition format: the dispatcher's samples
-    (`vpn_packet.metrics.prometheus_samples`), the receiver's and the TUN device's counters."""
-    from vpn_packet.metrics import DispatcherMetrics, prometheus_samples
-
-    node = metrics["node"]
-    dispatcher = DispatcherMetrics(**node["dispatcher"])
-    samples: list[tuple[str, str, dict[str, str], float]] = list(
-        prometheus_samples(dispatcher, prefix=prefix)
-    )
-    receiver = node["receiver"]
-    for key in (
-        "connections",
-        "frames",
-        "bytes",
-        "packets_delivered",
-        "spoofed_dropped",
-        "unparsable_dropped",
-        "sink_failed",
-        "connection_errors",
-        "rejected_connections",
-        "identity_mismatch",
-        "unknown_peer",
-    ):
-        samples.append((f"{prefix}_receiver_{key}_total", "counter", {}, receiver[key]))
-    samples.append((f"{prefix}_receiver_active_connections", "gauge", {}, receiver["active_connections"]))
-    for reason, n in receiver["protocol_errors"].items():
-        samples.append((f"{prefix}_receiver_protocol_errors_total", "counter", {"reason": reason}, n))
-    tun = metrics["tun"] or {}
-    for key in (
-        "packets_read",
-        "bytes_read",
-        "read_events",
-        "read_errors",
-        "packets_written",
-        "bytes_written",
-        "write_errors",
-        "write_dropped",
-    ):
-        if key in tun:
-            samples.append((f"{prefix}_tun_{key}_total", "counter", {}, tun[key]))
-    if "backlog" in tun:
-        samples.append((f"{prefix}_tun_write_backlog", "gauge", {}, tun["backlog"]))
-    samples.append((f"{prefix}_connects_total", "counter", {}, node["connects"]))
-    samples.append((f"{prefix}_connect_failures_total", "counter", {}, node["connect_failures"]))
-    samples.append((f"{prefix}_uptime_seconds", "gauge", {}, metrics["uptime"]))
-    lines: list[str] = []
-    typed: set[str] = set()
-    for name, kind, labels, value in samples:
-        if name not in typed:
-            typed.add(name)
-            lines.append(f"# TYPE {name} {kind}")
-        label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        lines.append(f"{name}{{{label_text}}} {value:g}" if label_text else f"{name} {value:g}")
-    return "\n".join(lines) + "\n"
 
 
 class TunNode:
@@ -153,39 +95,21 @@ class TunNode:
         self.config = config
         self._tun_factory = tun_factory if tun_factory is not None else TunDevice.open
         self.tun: TunDevice | None = None
-        t = config.tuning
-        ssl_server, ssl_client = tls_contexts(config)
         self.node: Node = Node(
-            config.node.id,
+            config.security(),
             config.listen,
             [peer.to_peer() for peer in config.peers],
             self._sink,
-            ssl_server=ssl_server,
-            ssl_client=ssl_client,
-            connect_timeout=t.connect_timeout,
-            write_timeout=t.write_timeout,
-            send_buffer=t.send_buffer,
-            max_streams_per_peer=t.max_streams_per_peer,
-            stream_idle_timeout=t.stream_idle_timeout,
-            worker_buffer_size=t.worker_buffer_size,
-            max_workers=t.max_workers,
-            coalesce=t.coalesce,
+            tuning=config.tuning,
             resilience=config.resilience,
-            receiver_options={
-                "max_batch": t.receive_batch,
-                "read_size": t.read_size,
-                "max_connections": t.max_connections,
-                "max_connections_per_peer": t.max_connections_per_peer,
-                "hello_timeout": t.hello_timeout,
-            },
             stop_timeout=config.node.shutdown_timeout,
         )
         self._started_at: float | None = None
         self._state = "new"
         self._last_drops: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background: asyncio.Task[None] | None = None  # runs the TaskGroup of the periodic jobs
         self.error: OSError | None = None  # the TUN failed for good
-        self._metrics_server: asyncio.Server | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self.failed = asyncio.Event()  # set when it does
 
     # --- data path ------------------------------------------------------------------------------------------
@@ -233,29 +157,41 @@ class TunNode:
         )
         self._started_at = time.monotonic()
         self._state = "running"
-        self._spawn(self._drop_logger())
+        self._background = asyncio.get_running_loop().create_task(self._run_jobs(), name="tun-node-jobs")
         if self.config.node.metrics_listen is not None:
+            from vpn_packet.node.metrics_endpoint import MetricsEndpoint
+
+            self._metrics_endpoint = MetricsEndpoint(self.metrics)
             try:
-                await self._start_metrics_server(*self.config.node.metrics_listen)
+                await self._metrics_endpoint.start(*self.config.node.metrics_listen)
             except BaseException:
                 await self.shutdown()
                 raise
-        if self.config.node.metrics_interval > 0 and self.config.node.metrics_file is not None:
-            self._spawn(self._metrics_writer())
+        if self.config.mode == "insecure":
+            _log.warning(INSECURE_WARNING)
+        peers = len(self.config.peers)
         _log.info(
-            "node %s running: %s on %s, listening on %s:%d, %d peers%s",
+            "node %s running: %s on %s, listening on %s:%d, %d peer%s, %s",
             self.config.node.id,
             ", ".join(iface.addresses),
             self.tun.name,
             *(self.node.address or self.config.listen),
-            len(self.config.peers),
-            ", mutual TLS" if self.config.tls is not None else "",
+            peers,
+            "" if peers == 1 else "s",
+            self.node.security.describe(),
         )
 
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _run_jobs(self) -> None:
+        """The periodic jobs, in one task group: cancelled together by `shutdown()`."""
+        try:
+            async with asyncio.TaskGroup() as jobs:
+                jobs.create_task(self._drop_logger())
+                if self.config.node.metrics_interval > 0 and self.config.node.metrics_file is not None:
+                    jobs.create_task(self._metrics_writer())
+        except Exception:
+            _log.exception(
+                "a periodic job of node %s failed; drop warnings and metrics file stop", self.config.node.id
+            )
 
     async def shutdown(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - a deadline, documented
         """Stop reading, drain and close the streams, stop the receiver, close the TUN - all within
@@ -266,10 +202,14 @@ class TunNode:
         timeout = self.config.node.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         clean = True
-        for task in list(self._tasks):
-            task.cancel()
-        if self._metrics_server is not None:
-            self._metrics_server.close()
+        background, self._background = self._background, None
+        if background is not None:
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
+        endpoint, self._metrics_endpoint = self._metrics_endpoint, None
+        if endpoint is not None:
+            await endpoint.stop()
         if self.tun is not None:
             self.tun.stop_reading()
         _log.info(
@@ -353,46 +293,10 @@ class TunNode:
             await asyncio.sleep(self.config.node.metrics_interval)
             self.write_metrics_file()
 
-    # --- metrics endpoint -----------------------------------------------------------------------------------
-
     @property
     def metrics_address(self) -> tuple[str, int] | None:
         """Where the metrics endpoint listens (`node.metrics_listen`, port 0 resolved), or None."""
-        if self._metrics_server is None or not self._metrics_server.sockets:
-            return None
-        name = self._metrics_server.sockets[0].getsockname()
-        return name[0], name[1]
-
-    async def _start_metrics_server(self, host: str, port: int) -> None:
-        self._metrics_server = await asyncio.start_server(self._serve_metrics, host, port)
-        _log.info(
-            "metrics on http://%s:%d/metrics (and /metrics.json)", *(self.metrics_address or (host, port))
-        )
-
-    async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A minimal HTTP/1.0 responder: GET /metrics (Prometheus text format) and GET /metrics.json."""
-        try:
-            async with asyncio.timeout(5):
-                request = await reader.readuntil(b"\r\n\r\n")
-            parts = request.split(b"\r\n", 1)[0].split()
-            path = parts[1].decode("ascii", "replace").split("?", 1)[0] if len(parts) >= 2 else ""
-            if len(parts) < 2 or parts[0] != b"GET":
-                status, kind, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
-            elif path == "/metrics":
-                status, kind = "200 OK", "text/plain; version=0.0.4"
-                body = prometheus_text(self.metrics()).encode()
-            elif path == "/metrics.json":
-                status, kind = "200 OK", "application/json"
-                body = json.dumps(self.metrics(), default=str).encode()
-            else:
-                status, kind, body = "404 Not Found", "text/plain", b"try /metrics or /metrics.json\n"
-            head = f"HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n\r\n"
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        return None if self._metrics_endpoint is None else self._metrics_endpoint.address
 
     def summary(self) -> str:
         """A few human-readable lines: traffic both ways, drops, connections."""

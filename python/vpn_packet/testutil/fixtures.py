@@ -17,7 +17,9 @@ Load it from your root ``conftest.py``::
 - `make_packet`: ``make_packet("10.0.0.2", 80)`` builds an IPv4 or IPv6 UDP (or `protocol=TCP`) packet.
 - `no_task_leaks`: fails the test if it leaves an asyncio task behind.
 
-And a helper: ``await settle()`` lets the loop run a few dozen iterations, without time passing.
+And two helpers: ``await settle()`` lets the loop run a few dozen iterations, without time passing;
+``await wait_until(predicate)`` runs the loop one iteration at a time until a condition holds (for counters
+that grow on real I/O and have no event to wait on), with a hang guard only.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ __all__ = [
     "no_task_leaks",
     "recording_sleep",
     "settle",
+    "wait_until",
 ]
 
 DispatcherFactory = Callable[..., Awaitable[Dispatcher]]
@@ -66,6 +69,19 @@ async def settle(rounds: int = 50) -> None:
     """Let the event loop run `rounds` iterations (no time passes): pending drains get to run."""
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+async def wait_until(predicate: Callable[[], bool], *, hang_guard: float = 10.0) -> None:
+    """Runs the event loop one iteration at a time (no sleeping) until `predicate()` holds.
+
+    For conditions with no event to wait on, such as a counter that grows when real I/O arrives. `hang_guard`
+    (seconds) is not an assertion: reaching it raises `TimeoutError` because the condition never came.
+    """
+    async with asyncio.timeout(hang_guard):
+        while True:
+            if predicate():
+                return
+            await asyncio.sleep(0)  # one loop iteration: I/O callbacks and ready tasks run
 
 
 @pytest.fixture
@@ -166,7 +182,7 @@ async def no_task_leaks() -> AsyncIterator[None]:
     """Fails the test if an asyncio task it started is still pending at the end."""
     before = set(asyncio.all_tasks())
     yield
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop iteration: tasks cancelled at the end of the test finish
     left = {t for t in asyncio.all_tasks() if not t.done()} - before - {asyncio.current_task()}
     if left:
         pytest.fail(f"{len(left)} task(s) left behind: {left!r}")

@@ -8,6 +8,10 @@ tunnel benchmark (root only).
 Everything is created with names unique to the process and removed on exit (also after a failure): node
 processes are terminated (then killed), the namespaces deleted (which deletes the veth pair and the TUNs).
 The underlay addresses exist only inside the two namespaces.
+
+A node's output goes through a pipe read by a thread that copies it to the node's log file and wakes whoever
+waits for a line: `wait_ready` waits for the "running" line and `metrics` for the "metrics {...}" line that
+SIGUSR1 makes the node log, instead of polling files.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 
 __all__ = [
     "ICMP_ECHO_SCRIPT",
@@ -33,6 +39,7 @@ __all__ = [
     "NodeProcess",
     "TunnelLab",
     "netns_unavailable",
+    "skip_or_fail",
 ]
 
 UNDERLAY_A = "172.31.255.1"
@@ -58,6 +65,16 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skips the calling test because `reason` (root, TUN, netns missing) - or fails it when `CI=true`, where
+    every prerequisite must be there (a skipped privileged test must not pass CI unnoticed)."""
+    import pytest
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but this test cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def _ip(*args: str) -> None:
     result = subprocess.run(["ip", *args], capture_output=True, text=True)
     if result.returncode != 0:
@@ -66,7 +83,7 @@ def _ip(*args: str) -> None:
 
 @dataclass
 class NodeProcess:
-    """A `vpn-packet node` running in a namespace, its log in a file."""
+    """A `vpn-packet node` running in a namespace; its output is copied, line by line, to a log file."""
 
     name: str
     netns: str
@@ -76,12 +93,65 @@ class NodeProcess:
     process: subprocess.Popen[bytes] | None = None
     exit_code: int | None = None
     output: str = field(default="")
+    _lines: list[str] = field(default_factory=list, repr=False)
+    _eof: bool = field(default=False, repr=False)
+    _changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _copier: threading.Thread | None = field(default=None, repr=False)
 
     def log_text(self) -> str:
         try:
             return self.log.read_text(errors="replace")
         except OSError:
             return ""
+
+    def follow(self, pipe: IO[bytes]) -> None:
+        """Starts the thread copying `pipe` (the process's output) to the log file, one line at a time."""
+        self._copier = threading.Thread(target=self._copy, args=(pipe,), name=f"log-{self.name}", daemon=True)
+        self._copier.start()
+
+    def _copy(self, pipe: IO[bytes]) -> None:
+        with pipe, self.log.open("ab") as out:
+            for raw in iter(pipe.readline, b""):
+                out.write(raw)
+                out.flush()
+                with self._changed:
+                    self._lines.append(raw.decode(errors="replace"))
+                    self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    def line_count(self) -> int:
+        """Lines logged so far (pass it as `after` to wait for a line logged from now on)."""
+        with self._changed:
+            return len(self._lines)
+
+    def wait_for_line(self, predicate: Callable[[str], bool], *, after: int = 0, timeout: float) -> str:
+        """The first line from index `after` on that satisfies `predicate`, waiting for it to be logged.
+
+        Raises `RuntimeError` (with the log) when the output ends (the process exited) or after `timeout`
+        seconds (a hang guard: the line never came)."""
+        index = after
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                while index < len(self._lines):
+                    line = self._lines[index]
+                    index += 1
+                    if predicate(line):
+                        return line
+                if self._eof:
+                    raise RuntimeError(f"{self.name} exited ({self.exit_code_now()}):\n{self.log_text()}")
+                if not self._changed.wait(deadline - time.monotonic()):
+                    raise RuntimeError(f"{self.name}: no such line within {timeout}s:\n{self.log_text()}")
+
+    def exit_code_now(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def wait_output_closed(self, timeout: float = 10.0) -> None:
+        """After the process exits: until every line it wrote is in the log file."""
+        if self._copier is not None:
+            self._copier.join(timeout)
 
 
 def node_toml(
@@ -192,39 +262,33 @@ class TunnelLab:
         )
         log = self.workdir / f"node-{which}.log"
         node = NodeProcess(f"node-{which}", self.ns_a if a else self.ns_b, config, log, metrics_file)
-        with log.open("wb") as out:
-            node.process = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    node.netns,
-                    sys.executable,
-                    "-c",
-                    _CLI,
-                    "node",
-                    "--config",
-                    str(config),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+        log.write_bytes(b"")
+        node.process = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                node.netns,
+                sys.executable,
+                "-c",
+                _CLI,
+                "node",
+                "--config",
+                str(config),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        assert node.process.stdout is not None
+        node.follow(node.process.stdout)
         self.nodes[which] = node
         return node
 
     def wait_ready(self, which: str, timeout: float = 20.0) -> None:
-        """Until the node logs that it runs (its TUN is up and it listens); raises with its log if not."""
-        node = self.nodes[which]
-        assert node.process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if " running: " in node.log_text():
-                return
-            if node.process.poll() is not None:
-                raise RuntimeError(f"{node.name} exited with {node.process.returncode}:\n{node.log_text()}")
-            time.sleep(0.05)
-        raise RuntimeError(f"{node.name} not ready within {timeout}s:\n{node.log_text()}")
+        """Until the node logs that it runs (its TUN is up and it listens); raises with its log if it exits
+        first (or, as a hang guard, after `timeout` seconds)."""
+        self.nodes[which].wait_for_line(lambda line: " running: " in line, timeout=timeout)
 
     def stop_node(self, which: str, timeout: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> int:
         """Sends `sig` (SIGTERM), waits; returns the exit status (kills it after `timeout`)."""
@@ -239,6 +303,7 @@ class TunnelLab:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        node.wait_output_closed()
         node.exit_code = proc.returncode
         return proc.returncode
 
@@ -270,19 +335,18 @@ class TunnelLab:
             self.python(netns, script, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
 
-    def metrics(self, which: str, timeout: float = 5.0) -> dict[str, Any]:
-        """Asks the node for fresh metrics (SIGUSR1) and reads its metrics file."""
+    def metrics(self, which: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Fresh metrics: sends SIGUSR1 and waits for the "metrics {...}" line the node logs in answer (it
+        then writes the same snapshot to its metrics file). `timeout` is a hang guard."""
         node = self.nodes[which]
         assert node.process is not None
-        before = node.metrics_file.stat().st_mtime_ns if node.metrics_file.exists() else 0
+        after = node.line_count()
         node.process.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if node.metrics_file.exists() and node.metrics_file.stat().st_mtime_ns != before:
-                with contextlib.suppress(ValueError):
-                    return dict(json.loads(node.metrics_file.read_text()))
-            time.sleep(0.02)
-        raise RuntimeError(f"{node.name} wrote no metrics within {timeout}s:\n{node.log_text()}")
+        line = node.wait_for_line(lambda text: _METRICS_MARK in text, after=after, timeout=timeout)
+        return dict(json.loads(line[line.index(_METRICS_MARK) + len("metrics ") :]))
+
+
+_METRICS_MARK = "metrics {"
 
 
 def transfer(

@@ -1,48 +1,37 @@
-"""Real data plane transports: framing, static peer discovery and the receiving side.
+"""Moving bytes between nodes, and nothing else: the handshake and identities, framing, TCP/TLS streams,
+the stream pool, static peer discovery, the receiving side and the TUN device.
 
-TCP/TLS client streams and the stream pool live in `transport.tcp`, `transport.tls`, `transport.pool`.
+Assembling them into a node is `vpn_packet.node`'s job.
 """
 
 from __future__ import annotations
 
 from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery, parse_endpoint
-from vpn_packet.transport.framing import (
-    DEFAULT_MAX_FRAME_SIZE,
-    FrameDecoder,
-    FramingError,
-    HelloTimeoutError,
-    encode_frames,
-    encode_hello,
-    parse_hello,
-    read_hello,
-)
+from vpn_packet.transport.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, FramingError, encode_frames
+from vpn_packet.transport.handshake import Security
+from vpn_packet.transport.identity import NodeIdentity, generate_identity, load_identity
 from vpn_packet.transport.pool import PooledStream, StreamPool, StreamPoolMetrics
 from vpn_packet.transport.receiver import PeerReceiverMetrics, Receiver, ReceiverMetrics
 from vpn_packet.transport.tcp import TcpStream, TcpStreamService
-from vpn_packet.transport.tls import client_context, fingerprint, peer_identity, server_context
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "FrameDecoder",
     "FramingError",
-    "HelloTimeoutError",
+    "NodeIdentity",
     "Peer",
     "PeerReceiverMetrics",
     "PooledStream",
     "Receiver",
     "ReceiverMetrics",
+    "Security",
     "StaticPeerDiscovery",
     "StreamPool",
     "StreamPoolMetrics",
     "TcpStream",
     "TcpStreamService",
-    "client_context",
     "encode_frames",
-    "encode_hello",
-    "fingerprint",
+    "generate_identity",
+    "load_identity",
     "parse_endpoint",
-    "parse_hello",
-    "peer_identity",
-    "read_hello",
-    "server_context",
 ]

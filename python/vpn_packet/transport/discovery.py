@@ -8,42 +8,22 @@ from peer P is accepted only when its source's longest match is one of P's prefi
 Prefixes are strict: host bits set (`10.0.0.1/24`) is a configuration error (`ValueError`), as is the same
 prefix given to two peers. Overlapping prefixes of different lengths are fine (the longest wins).
 IPv4 and IPv6 are separate spaces: an IPv4-mapped IPv6 address matches IPv6 prefixes only.
+
+The rules for a peer's id, endpoint and prefixes are `vpn_packet.tuning`'s (`check_peer_id`,
+`parse_endpoint`, `check_prefix`), the ones the node configuration applies too.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from vpn_packet._native import PrefixTable
 from vpn_packet.errors import PeerNotFoundError
+from vpn_packet.tuning import check_peer_id, check_prefix, parse_endpoint
 
 __all__ = ["Peer", "StaticPeerDiscovery", "parse_endpoint"]
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """`"host:port"` or `"[v6]:port"` as `(host, port)`; raises `ValueError` when malformed."""
-    if not isinstance(endpoint, str):
-        raise TypeError(f"endpoint must be a str, got {type(endpoint).__name__}")
-    if endpoint.startswith("["):
-        host, sep, port_text = endpoint[1:].partition("]:")
-        if not sep or not host:
-            raise ValueError(f"endpoint {endpoint!r}: expected [ipv6]:port")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"endpoint {endpoint!r}: {host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = endpoint.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"endpoint {endpoint!r}: expected host:port")
-        if ":" in host:
-            raise ValueError(f"endpoint {endpoint!r}: write an IPv6 address in brackets, [addr]:port")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"endpoint {endpoint!r}: port must be 1..65535")
-    return host, int(port_text)
 
 
 @dataclass(frozen=True)
@@ -57,18 +37,18 @@ class Peer:
     allowed_ips: Sequence[str] = field(default=())
 
     def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not self.id:
-            raise ValueError("peer id must be a non-empty str")
-        if len(self.id.encode()) > 255:
-            raise ValueError(f"peer id {self.id[:20]!r}...: at most 255 bytes of UTF-8")
+        try:
+            check_peer_id(self.id)
+        except ValueError as exc:
+            raise ValueError(f"peer id: {exc}") from None
         parse_endpoint(self.endpoint)
         if isinstance(self.allowed_ips, str):
             raise TypeError(f"peer {self.id}: allowed_ips is a sequence of prefixes, not one str")
         normalised = []
         for prefix in self.allowed_ips:
             try:
-                normalised.append(str(ipaddress.ip_network(prefix, strict=True)))
-            except (ValueError, TypeError) as exc:
+                normalised.append(check_prefix(prefix))
+            except ValueError as exc:
                 raise ValueError(f"peer {self.id}: allowed_ips: {exc}") from None
         object.__setattr__(self, "allowed_ips", tuple(normalised))
 

@@ -35,10 +35,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from vpn_packet import tuning
 from vpn_packet.api import Stream, StreamService
 from vpn_packet.errors import ServiceError
+from vpn_packet.worker import TaskSet, close_quietly
 
 __all__ = ["PooledStream", "StreamPool", "StreamPoolMetrics"]
 
@@ -155,9 +156,9 @@ class StreamPool:
         self,
         stream_service: StreamService,
         *,
-        max_streams_per_peer: int = 4,
+        max_streams_per_peer: int = tuning.MAX_STREAMS_PER_PEER,
         max_leases_per_stream: int | None = None,
-        idle_timeout: float = 60.0,
+        idle_timeout: float = tuning.STREAM_IDLE_TIMEOUT,
         cleanup_interval: float | None = None,
         acquire_timeout: float = 10.0,
         close_timeout: float = 2.0,
@@ -181,7 +182,7 @@ class StreamPool:
         self.close_timeout = float(close_timeout)
         self._clock = clock if clock is not None else time.monotonic
         self._peers: dict[str, _Peer] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()  # the cleanup loop and background closes: `stop()` ends them all
         self._cleanup_task: asyncio.Task[None] | None = None
         self._closed = False
         self.created = 0
@@ -199,7 +200,7 @@ class StreamPool:
         if self._closed:
             raise RuntimeError("a stopped StreamPool cannot be restarted")
         if self._cleanup_task is None:
-            self._cleanup_task = asyncio.get_running_loop().create_task(self._cleanup_loop())
+            self._cleanup_task = self._tasks.spawn(self._cleanup_loop())
 
     async def stop(self) -> None:
         """Stop the cleanup task, fail waiters, close every connection (buffered data is flushed). Leases
@@ -209,7 +210,6 @@ class StreamPool:
         self._cleanup_task = None
         if task is not None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
         streams: list[Stream] = []
         for peer in self._peers.values():
             for waiter in peer.waiters:
@@ -220,10 +220,10 @@ class StreamPool:
                 streams.append(entry.stream)
             peer.entries.clear()
         # Graceful closes, all at once, each bounded: buffered packets are flushed before the sockets close.
-        closes = [asyncio.ensure_future(self._close_bounded(stream)) for stream in streams]
-        closes += list(self._closing)
-        if closes:
-            await asyncio.gather(*closes, return_exceptions=True)
+        # No grace period on top: every close is bounded by `close_timeout` already.
+        for stream in streams:
+            self._tasks.spawn(close_quietly(stream, self.close_timeout))
+        await self._tasks.wait()
 
     async def __aenter__(self) -> StreamPool:
         await self.start()
@@ -401,17 +401,11 @@ class StreamPool:
         entry.dead = True
         self._spawn_close(entry.stream)
 
-    async def _close_bounded(self, stream: Stream) -> None:
-        try:
-            async with asyncio.timeout(self.close_timeout):
-                await stream.close()
-        except Exception:
-            _log.debug("closing %r failed", stream, exc_info=True)
-            abort = getattr(stream, "abort", None)
-            if abort is not None:
-                abort()
-
     def _spawn_close(self, stream: Stream) -> None:
+        """Start closing `stream` without waiting: called from `release_stream`, which is synchronous.
+
+        A TCP stream can start its graceful close on the spot (`close_nowait`); any other gets a background
+        close, bounded by `close_timeout`, that `stop()` waits for."""
         close_nowait = getattr(stream, "close_nowait", None)
         if close_nowait is not None:
             try:
@@ -423,9 +417,7 @@ class StreamPool:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover - release outside a loop: nothing we can await
             return
-        task = loop.create_task(_close_quietly(stream))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._tasks.spawn(close_quietly(stream, self.close_timeout), loop)
 
     # --- idle cleanup ---------------------------------------------------------------------------------------
 
@@ -493,10 +485,3 @@ class StreamPool:
             f"<StreamPool {state} peers={m.peers} streams={m.streams} in_use={m.in_use} idle={m.idle} "
             f"created={m.created} reused={m.reused} max_per_peer={self.max_streams_per_peer}>"
         )
-
-
-async def _close_quietly(stream: Any) -> None:
-    try:
-        await stream.close()
-    except Exception:
-        _log.debug("closing a stream failed", exc_info=True)

@@ -1,36 +1,40 @@
-"""The receiving side of the data plane: accepts peer streams and hands their packets to a sink.
+"""The receiving side of the data plane: accepts peer connections, proves who they are, and hands their
+packets to a sink.
 
-Per connection (see `vpn_packet.transport.framing` for the wire protocol):
+Per connection (the wire messages are drawn in `rust/core/src/handshake.rs` and `framing`):
 
-1. TLS, when an `ssl.SSLContext` is given (it must require client certificates): the handshake must succeed
-   within `hello_timeout`.
-2. The hello, within `hello_timeout`. The id must be a known peer (else the connection is closed and counted
-   as `unknown_peer`). With TLS it must also be the identity of the client certificate: a subjectAltName DNS
-   entry equal to the id, or, for a certificate without DNS entries, its commonName (else closed, counted as
-   `identity_mismatch`).
-   **Without TLS the id is unauthenticated**: anyone can claim any peer. What still holds is the anti-spoofing
-   check below: a liar can only inject packets with sources inside the claimed peer's own prefixes.
-3. Frames, decoded natively across any read boundaries. Each decoded packet's source address is checked
+1. **Pending** (not authenticated yet): from TCP accept to an accepting answer. Pending connections are
+   counted and capped (`max_pending` in all, `max_pending_per_source` per source address: beyond the
+   first, new ones are closed at once; beyond the second, the oldest pending connection is closed to make
+   room, so a flood of silent connections cannot keep a real peer out), and time-limited (`hello_timeout`
+   covers TLS, challenge and hello together). Memory per pending connection is bounded: asyncio's TLS
+   buffer (256 KiB once TLS starts) and at most one hello (`MAX_HANDSHAKE_HELLO_LEN` bytes).
+2. **Handshake**: TLS when the `Security` has a server context; then the challenge, the hello, the
+   verdict (`vpn_packet.transport.handshake.judge_hello`), and the answer, sent before closing a refused
+   connection so the sender knows why. A refusal is counted by reason (`refused`) and logged at WARNING
+   once per reason and address per interval; so is a failed handshake (`handshake_failures`: `timeout`,
+   `tls_failed`, `closed_early`, wire errors such as `bad_magic`). The peer is the one its key (or CA
+   certificate) proved, never the id it claims.
+3. **Frames**, decoded natively across any read boundaries. Each decoded packet's source address is checked
    natively against the peer table: a packet whose source's longest prefix is not one of the sending peer's is
    dropped and counted (`spoofed_dropped`); one without a readable IP header is dropped and counted
    (`unparsable_dropped`). Accepted packets go to `sink(peer_id, packets)` in batches of at most `max_batch`,
-   in stream order.
+   in stream order. A connection that sends nothing for `idle_timeout` seconds is closed (`idle_closed`).
 
-A protocol error (bad hello, frame length 0 or above `max_frame_size`, a stream ending inside a frame) is
-counted by reason and closes that connection only; packets framed correctly before it are still delivered.
+Connection slots are held only by authenticated connections: at most `max_connections` in all (beyond: the
+new one is refused, `too_many_connections`), and `max_connections_per_peer` per peer, where a new
+connection of a peer at its limit closes that peer's oldest one (the peer proved its key; a fresh connection
+means it lost an old one), so nobody else can lock a peer out.
 
-Memory is bounded per connection: the receiver reads at most `read_size` bytes at a time and does not read
-again until the sink has taken the packets of that read (when the sink returns an awaitable, it is awaited:
-that is the backpressure). While it waits, asyncio's stream flow control pauses the socket once about
-`read_size` bytes are buffered, so TCP pushes back on the sender. The native decoder holds at most one partial
-frame (`max_frame_size + 4` bytes) and refuses a bad length prefix before buffering any of it. So a connection
-holds O(read_size + max_frame_size) bytes: about the stream buffer (`read_size` plus one socket read), one
-chunk being decoded and its packets (`read_size` each), and the partial frame. `max_connections` caps the
-number of connections and `max_connections_per_peer` the connections of one peer (beyond them new ones are
-closed at once and counted as `rejected_connections`), so the whole receiver holds at most about
-`max_connections * (3 * read_size + 256 KiB + max_frame_size)` bytes, and one peer's connections at most
-`max_connections_per_peer` times the per-connection amount. Connections that have not sent their hello yet
-are bounded by `max_connections` and `hello_timeout`.
+A protocol error (frame length 0 or above `max_frame_size`, a stream ending inside a frame) is counted by
+reason and closes that connection only; packets framed correctly before it are still delivered.
+
+Memory is bounded per authenticated connection: the receiver reads at most `read_size` bytes at a time and
+does not read again until the sink has taken the packets of that read (an awaitable sink is awaited: that
+is the backpressure). While it waits, asyncio's stream flow control pauses the socket once about
+`read_size` bytes are buffered, so TCP pushes back on the sender. The native decoder holds at most one
+partial frame (`max_frame_size + 4` bytes). So a connection holds about `3 * read_size + 256 KiB (TLS) +
+max_frame_size` bytes, and the receiver at most `max_connections` times that plus the pending ones.
 """
 
 from __future__ import annotations
@@ -41,17 +45,20 @@ import dataclasses
 import inspect
 import logging
 import ssl
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
 
+from vpn_packet import tuning
 from vpn_packet._native import FrameDecoder, filter_sources
 from vpn_packet.errors import FramingError
+from vpn_packet.ratelimit import LogLimiter
 from vpn_packet.transport.discovery import StaticPeerDiscovery
-from vpn_packet.transport.framing import DEFAULT_MAX_FRAME_SIZE, read_hello
+from vpn_packet.transport.framing import DEFAULT_MAX_FRAME_SIZE
+from vpn_packet.transport.handshake import Security, Verdict, server_handshake
 
-__all__ = ["PeerReceiverMetrics", "Receiver", "ReceiverMetrics", "Sink", "certificate_identities"]
+__all__ = ["PeerReceiverMetrics", "Receiver", "ReceiverMetrics", "Sink"]
 
 _log = logging.getLogger(__name__)
 
@@ -59,15 +66,20 @@ Sink = Callable[[str, list[bytes]], Awaitable[None] | None]
 """`sink(peer_id, packets)`: takes a batch of accepted packets; may return an awaitable (awaited)."""
 
 
+def _bump(counts: dict[str, int], reason: str, n: int = 1) -> None:
+    counts[reason] = counts.get(reason, 0) + n
+
+
 @dataclass
 class PeerReceiverMetrics:
-    """Counters of one peer (from its connections after a valid hello), as plain data.
+    """Counters of one authenticated peer, as plain data.
 
     `frames` and `bytes` count every decoded frame and its payload bytes (dropped ones included);
     `packets_delivered` and `batches_delivered` what the sink took; `spoofed_dropped`, `unparsable_dropped`
     and `sink_failed` (the sink raised) are packets dropped; `connection_errors` connections lost to a reset
-    or TLS error; `protocol_errors` counts wire-protocol violations by reason (`zero_length`, `too_large`,
-    `truncated`: the stream ended inside a frame).
+    or TLS error; `idle_closed` connections closed for sending nothing for `idle_timeout`; `superseded`
+    connections closed because the peer opened a new one at its limit; `protocol_errors` counts
+    wire-protocol violations by reason (`zero_length`, `too_large`, `truncated`).
     """
 
     connections: int = 0
@@ -80,7 +92,8 @@ class PeerReceiverMetrics:
     unparsable_dropped: int = 0
     sink_failed: int = 0
     connection_errors: int = 0
-    rejected_connections: int = 0
+    idle_closed: int = 0
+    superseded: int = 0
     protocol_errors: dict[str, int] = field(default_factory=dict)
 
     def _copy(self) -> PeerReceiverMetrics:
@@ -89,19 +102,27 @@ class PeerReceiverMetrics:
 
 @dataclass
 class ReceiverMetrics(PeerReceiverMetrics):
-    """Totals over all connections, plus what happens before a peer is known.
+    """Totals over all connections, plus what happens before a peer is proven.
 
-    `connections` counts every accepted TCP connection (also the ones refused later); `protocol_errors`
-    includes hello errors (`bad_magic`, `hello_timeout`, `hello_truncated`, ...); `identity_mismatch`,
-    `unknown_peer` and `rejected_connections` (over `max_connections` or `max_connections_per_peer`) count
-    refused connections.
+    `connections` counts every accepted TCP connection; `pending` the connections not authenticated yet
+    (now), `rejected_pending` those closed at accept for the pending limits and `evicted_pending` those
+    closed to make room; `handshake_failures` counts handshakes that ended without a verdict, by reason;
+    `refused` counts hellos refused with an answer, by reason (`unknown_peer`, `key_mismatch`, ...).
     """
 
-    identity_mismatch: int = 0
-    unknown_peer: int = 0
+    pending: int = 0
+    rejected_pending: int = 0
+    evicted_pending: int = 0
+    handshake_failures: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)
 
     def _copy(self) -> ReceiverMetrics:
-        return dataclasses.replace(self, protocol_errors=dict(self.protocol_errors))
+        return dataclasses.replace(
+            self,
+            protocol_errors=dict(self.protocol_errors),
+            handshake_failures=dict(self.handshake_failures),
+            refused=dict(self.refused),
+        )
 
     @property
     def dropped(self) -> int:
@@ -109,33 +130,35 @@ class ReceiverMetrics(PeerReceiverMetrics):
         return self.spoofed_dropped + self.unparsable_dropped + self.sink_failed
 
 
-def certificate_identities(cert: dict[str, Any] | None) -> tuple[list[str], list[str]]:
-    """The subjectAltName DNS entries and the commonNames of a certificate as `SSLSocket.getpeercert()`
-    decodes it (`({}, {})` shapes tolerated)."""
-    if not cert:
-        return [], []
-    dns = [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
-    common_names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
-    return dns, common_names
+class _Failed(Exception):
+    """A handshake that ended without a verdict; `reason` is already counted."""
 
 
-def _identity_matches(cert: dict[str, Any] | None, peer_id: str) -> bool:
-    """A subjectAltName DNS entry equals `peer_id`; the commonName counts only when there is no DNS entry
-    (RFC 6125, and what OpenSSL's host name check does on the connecting side)."""
-    dns, common_names = certificate_identities(cert)
-    return peer_id in dns if dns else peer_id in common_names
+@dataclass(eq=False, slots=True)
+class _Connection:
+    """One accepted connection, as the receiver tracks it."""
 
+    writer: asyncio.StreamWriter
+    reader: asyncio.StreamReader
+    source: str
+    task: asyncio.Task[None]
+    peer_id: str | None = None
+    decoder: FrameDecoder | None = None
+    closed_because: str | None = None
 
-class _Refused(Exception):
-    """A connection refused during its opening; the reason is already counted."""
+    def close(self, because: str) -> None:
+        """Close at once (nothing of ours is buffered that matters): another connection needs the slot."""
+        self.closed_because = because
+        self.writer.transport.abort()
 
 
 class Receiver:
-    """Accepts peer streams on `host:port` and delivers their packets to `sink(peer_id, packets)`.
+    """Accepts peer connections on `host:port` and delivers their packets to `sink(peer_id, packets)`.
 
-    Lifecycle: `await start()` binds (then `address` is the bound `(host, port)`), `await stop()` closes the
-    listener and every connection and leaves no task; `stop` is idempotent, and `async with Receiver(...)`
-    does both. A receiver is started once.
+    `security` says how peers prove who they are (`vpn_packet.transport.handshake.Security`). Lifecycle:
+    `await start()` binds (then `address` is the bound `(host, port)`), `await stop()` closes the listener
+    and every connection and leaves no task; `stop` is idempotent, and `async with Receiver(...)` does both.
+    A receiver is started once.
     """
 
     def __init__(
@@ -143,42 +166,51 @@ class Receiver:
         discovery: StaticPeerDiscovery,
         sink: Sink,
         *,
+        security: Security,
         host: str = "127.0.0.1",
         port: int = 0,
-        ssl_context: ssl.SSLContext | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        hello_timeout: float = 5.0,
-        max_batch: int = 256,
-        max_connections: int = 1024,
-        max_connections_per_peer: int = 16,
-        read_size: int = 256 * 1024,
+        hello_timeout: float = tuning.HELLO_TIMEOUT,
+        idle_timeout: float = tuning.RECEIVE_IDLE_TIMEOUT,
+        max_batch: int = tuning.RECEIVE_BATCH,
+        max_connections: int = tuning.MAX_CONNECTIONS,
+        max_connections_per_peer: int = tuning.MAX_CONNECTIONS_PER_PEER,
+        max_pending: int = tuning.MAX_PENDING,
+        max_pending_per_source: int = tuning.MAX_PENDING_PER_SOURCE,
+        read_size: int = tuning.READ_SIZE,
+        log_interval: float = tuning.LOG_INTERVAL,
     ) -> None:
         if not 0 < max_frame_size <= 1 << 24:
             raise ValueError("max_frame_size must be 1..16 MiB")
-        if hello_timeout <= 0:
-            raise ValueError("hello_timeout must be positive")
-        if min(max_batch, max_connections, max_connections_per_peer, read_size) < 1:
-            raise ValueError(
-                "max_batch, max_connections, max_connections_per_peer and read_size must be at least 1"
-            )
-        if ssl_context is not None and ssl_context.verify_mode != ssl.CERT_REQUIRED:
-            raise ValueError("ssl_context must require client certificates (verify_mode = CERT_REQUIRED)")
+        if hello_timeout <= 0 or idle_timeout <= 0:
+            raise ValueError("hello_timeout and idle_timeout must be positive")
+        limits = (max_batch, max_connections, max_connections_per_peer, max_pending, max_pending_per_source)
+        if min(*limits, read_size) < 1:
+            raise ValueError("batch, connection and pending limits and read_size must be at least 1")
         self.discovery = discovery
         self.sink = sink
+        self.security = security
         self.host = host
         self.port = port
-        self.ssl_context = ssl_context
         self.max_frame_size = max_frame_size
         self.hello_timeout = hello_timeout
+        self.idle_timeout = idle_timeout
         self.max_batch = max_batch
         self.max_connections = max_connections
         self.max_connections_per_peer = max_connections_per_peer
+        self.max_pending = max_pending
+        self.max_pending_per_source = max_pending_per_source
         self.read_size = read_size
+        self._warn = LogLimiter(_log, log_interval)
         self._server: asyncio.Server | None = None
         self._address: tuple[str, int] | None = None
         self._state = "new"  # new -> running -> stopped
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._readers: dict[asyncio.Task[None], tuple[asyncio.StreamReader, FrameDecoder | None]] = {}
+        # Every connection task, pending (oldest first) or authenticated (per peer, oldest first).
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
+        self._pending: OrderedDict[asyncio.Task[None], _Connection] = OrderedDict()
+        self._pending_by_source: dict[str, int] = {}
+        self._by_peer: dict[str, OrderedDict[asyncio.Task[None], _Connection]] = {}
+        self._authenticated = 0
         self._totals = ReceiverMetrics()
         self._per_peer: dict[str, PeerReceiverMetrics] = {}
 
@@ -190,12 +222,12 @@ class Receiver:
             raise RuntimeError(f"receiver is {self._state}; a receiver is started once")
         self._state = "running"
         try:
+            # No ssl= here: TLS starts per connection once it is counted as pending (see _on_connection),
+            # so that connections which never finish TLS are bounded like every other pending one.
             self._server = await asyncio.start_server(
                 self._on_connection,
                 self.host,
                 self.port,
-                ssl=self.ssl_context,
-                ssl_handshake_timeout=self.hello_timeout if self.ssl_context is not None else None,
                 # The stream pauses the socket above 2 * limit buffered bytes.
                 limit=max(self.read_size // 2, 1024),
             )
@@ -204,9 +236,9 @@ class Receiver:
             raise
         sockname = self._server.sockets[0].getsockname()
         self._address = (sockname[0], sockname[1])
-        _log.debug("receiver listening on %s:%d", *self._address)
+        _log.debug("receiver listening on %s:%d (%s)", *self._address, self.security.describe())
 
-    async def stop(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - like Dispatcher.stop
+    async def stop(self, timeout: float = tuning.SHUTDOWN_TIMEOUT) -> None:  # noqa: ASYNC109 - like Dispatcher.stop
         """Stops listening, closes every connection and waits (at most `timeout` seconds) for their tasks.
 
         Idempotent. A sink call in progress is cancelled.
@@ -221,7 +253,7 @@ class Receiver:
         # Connections accepted just now have their task created but not started: let them start (they see
         # the stopped state and leave at once), then cancel the rest.
         await asyncio.sleep(0)
-        tasks = set(self._tasks)
+        tasks = set(self._connections)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -261,29 +293,30 @@ class Receiver:
 
     def metrics(self) -> ReceiverMetrics:
         """A snapshot of the totals."""
-        return self._totals._copy()
+        snapshot = self._totals._copy()
+        snapshot.pending = len(self._pending)
+        return snapshot
 
     def peer_metrics(self) -> dict[str, PeerReceiverMetrics]:
-        """A snapshot of the counters of every peer that has had a connection."""
+        """A snapshot of the counters of every peer that has had an authenticated connection."""
         return {peer_id: m._copy() for peer_id, m in self._per_peer.items()}
 
     def buffered_bytes(self) -> int:
         """Bytes the open connections hold right now: stream buffers plus partial frames (introspection)."""
         total = 0
-        for reader, decoder in self._readers.values():
-            total += len(getattr(reader, "_buffer", b""))
-            if decoder is not None:
-                total += decoder.buffered
+        for conn in self._connections.values():
+            total += len(getattr(conn.reader, "_buffer", b""))
+            if conn.decoder is not None:
+                total += conn.decoder.buffered
         return total
 
     def __repr__(self) -> str:
         where = f"{self._address[0]}:{self._address[1]}" if self._address else f"{self.host}:{self.port}"
         t = self._totals
         return (
-            f"<Receiver {self._state} on {where} tls={self.ssl_context is not None} "
-            f"peers={len(self.discovery)} active={len(self._tasks)} connections={t.connections} "
-            f"delivered={t.packets_delivered} spoofed={t.spoofed_dropped} unparsable={t.unparsable_dropped} "
-            f"protocol_errors={sum(t.protocol_errors.values())}>"
+            f"<Receiver {self._state} on {where} {self.security.mode} peers={len(self.discovery)} "
+            f"pending={len(self._pending)} authenticated={self._authenticated} connections={t.connections} "
+            f"delivered={t.packets_delivered} spoofed={t.spoofed_dropped} refused={sum(t.refused.values())}>"
         )
 
     # --- connections -----------------------------------------------------------------------------------
@@ -291,35 +324,79 @@ class Receiver:
     def _protocol_error(self, peer: PeerReceiverMetrics | None, reason: str) -> None:
         for m in (self._totals, peer):
             if m is not None:
-                m.protocol_errors[reason] = m.protocol_errors.get(reason, 0) + 1
+                _bump(m.protocol_errors, reason)
+
+    def _admit_pending(self, conn: _Connection) -> bool:
+        """Counts `conn` as pending, within the limits; False when it must be closed at once."""
+        if self._pending_by_source.get(conn.source, 0) >= self.max_pending_per_source:
+            self._totals.rejected_pending += 1
+            self._warn.warning(
+                ("pending", conn.source),
+                "receiver: %s holds %d unauthenticated connections (the limit per address); closing new ones",
+                conn.source,
+                self.max_pending_per_source,
+            )
+            return False
+        if len(self._pending) >= self.max_pending:
+            oldest = next(iter(self._pending.values()))
+            self._leave_pending(oldest)
+            oldest.close("evicted_pending")
+            self._totals.evicted_pending += 1
+            self._warn.warning(
+                "evicted_pending",
+                "receiver: %d unauthenticated connections (the limit); closing the oldest to make room",
+                self.max_pending,
+            )
+        self._pending[conn.task] = conn
+        self._pending_by_source[conn.source] = self._pending_by_source.get(conn.source, 0) + 1
+        return True
+
+    def _leave_pending(self, conn: _Connection) -> None:
+        """Stops counting `conn` as pending (idempotent: eviction and the task's own exit both call it)."""
+        if self._pending.pop(conn.task, None) is None:
+            return
+        left = self._pending_by_source.get(conn.source, 0) - 1
+        if left > 0:
+            self._pending_by_source[conn.source] = left
+        else:
+            self._pending_by_source.pop(conn.source, None)
+
+    def _handshake_failed(self, conn: _Connection, reason: str, detail: object) -> _Failed:
+        _bump(self._totals.handshake_failures, reason)
+        self._warn.warning(
+            ("failed", conn.source, reason),
+            "receiver: handshake from %s failed (%s): %s",
+            conn.source,
+            reason,
+            detail,
+        )
+        return _Failed(reason)
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._totals.connections += 1
-        if self._state != "running" or len(self._tasks) >= self.max_connections:
-            self._totals.rejected_connections += 1
+        peername = writer.get_extra_info("peername")
+        conn = _Connection(writer, reader, str(peername[0]) if peername else "?", task)
+        if self._state != "running" or not self._admit_pending(conn):
             writer.transport.abort()
             return
-        self._tasks.add(task)
-        self._readers[task] = (reader, None)
+        self._connections[task] = conn
         peer: PeerReceiverMetrics | None = None
         clean = False
         try:
-            peer_id = await self._open(reader, writer)
-            peer = self._per_peer.setdefault(peer_id, PeerReceiverMetrics())
-            if peer.active_connections >= self.max_connections_per_peer:
-                peer.rejected_connections += 1
-                self._totals.rejected_connections += 1
-                peer = None
-                raise _Refused
-            peer.connections += 1
-            peer.active_connections += 1
-            self._totals.active_connections += 1
-            decoder = FrameDecoder(self.max_frame_size)
-            self._readers[task] = (reader, decoder)
-            clean = await self._pump(peer_id, peer, reader, decoder)
-        except _Refused:
+            try:
+                verdict = await self._authenticate(conn)
+            finally:
+                self._leave_pending(conn)
+            if not verdict.accepted:
+                clean = True  # close gracefully: the answer must reach the client
+                return
+            assert verdict.peer_id is not None
+            peer = self._enter_peer(conn, verdict.peer_id)
+            conn.decoder = FrameDecoder(self.max_frame_size)
+            clean = await self._pump(conn, peer)
+        except _Failed:
             pass
         except asyncio.CancelledError:
             if self._state != "stopped":
@@ -328,57 +405,121 @@ class Receiver:
             # connection task as an error in a done callback ("Exception in callback ..."), which would turn
             # every orderly shutdown with a connected peer into an alarming log line.
         except (ConnectionError, OSError) as exc:
-            # Reset, broken pipe, TLS failure: the peer's side went away, not a protocol violation.
-            _log.debug("receiver connection error: %r", exc)
-            self._totals.connection_errors += 1
-            if peer is not None:
-                peer.connection_errors += 1
+            if conn.closed_because is None:
+                # Reset, broken pipe, TLS failure: the peer's side went away, not a protocol violation.
+                _log.debug("receiver connection error from %s: %r", conn.source, exc)
+                self._totals.connection_errors += 1
+                if peer is not None:
+                    peer.connection_errors += 1
         finally:
-            self._tasks.discard(task)
-            self._readers.pop(task, None)
-            if peer is not None:
-                peer.active_connections -= 1
-                self._totals.active_connections -= 1
+            self._connections.pop(task, None)
+            if conn.peer_id is not None:
+                self._leave_peer(conn)
             if clean:
                 writer.close()
             else:
                 writer.transport.abort()
 
-    async def _open(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
-        """Reads the hello and checks who is talking; returns the peer id or raises `_Refused` (counted)."""
+    async def _authenticate(self, conn: _Connection) -> Verdict:
+        """TLS (when configured), challenge, hello, verdict and answer, within `hello_timeout`."""
+        security = self.security
+        known = self.discovery.__contains__
+        refuse = None if self._authenticated < self.max_connections else "too_many_connections"
+        if self._state != "running":
+            refuse = "shutting_down"
         try:
-            peer_id = await read_hello(reader, self.hello_timeout)
-        except FramingError as exc:
-            self._protocol_error(None, exc.reason or "bad_hello")
-            _log.debug("receiver: refused a connection: %s", exc)
-            raise _Refused from None
-        if peer_id not in self.discovery:
-            self._totals.unknown_peer += 1
-            _log.debug("receiver: refused unknown peer %r", peer_id)
-            raise _Refused
-        if self.ssl_context is not None:
-            cert = writer.get_extra_info("peercert")
-            if not _identity_matches(cert, peer_id):
-                self._totals.identity_mismatch += 1
-                dns, common_names = certificate_identities(cert)
-                _log.warning(
-                    "receiver: hello says %r but the client certificate is DNS=%s CN=%s; refused",
-                    peer_id,
-                    dns,
-                    common_names,
+            async with asyncio.timeout(self.hello_timeout):
+                if security.server_context is not None:
+                    await conn.writer.start_tls(security.server_context)
+                cert = conn.writer.get_extra_info("peercert") if security.mode == "ca" else None
+                verdict, hello = await server_handshake(
+                    security, conn.reader.readexactly, conn.writer.write, known, cert, refuse=refuse
                 )
-                raise _Refused
-        return peer_id
+        except TimeoutError as exc:
+            raise self._handshake_failed(
+                conn, "timeout", f"no complete handshake within {self.hello_timeout:g}s"
+            ) from exc
+        except FramingError as exc:
+            raise self._handshake_failed(conn, exc.reason or "bad_hello", exc) from exc
+        except ssl.SSLError as exc:
+            raise self._handshake_failed(conn, "tls_failed", exc.reason or exc) from exc
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            if conn.closed_because is not None:
+                raise _Failed(conn.closed_because) from exc
+            raise self._handshake_failed(
+                conn, "closed_early", "the connection ended inside the handshake"
+            ) from exc
+        if not verdict.accepted:
+            _bump(self._totals.refused, verdict.reason)
+            claimed = hello.peer_id if hello is not None else "?"
+            self._warn.warning(
+                ("refused", conn.source, verdict.reason),
+                "receiver: refused %s (calls itself %r): %s: %s",
+                conn.source,
+                claimed,
+                verdict.reason,
+                verdict.detail,
+            )
+        elif hello is not None and hello.peer_id != verdict.peer_id:
+            _log.info("peer %s connects under the name %r (its key decides)", verdict.peer_id, hello.peer_id)
+        return verdict
 
-    async def _pump(
-        self, peer_id: str, peer: PeerReceiverMetrics, reader: asyncio.StreamReader, decoder: FrameDecoder
-    ) -> bool:
+    def _enter_peer(self, conn: _Connection, peer_id: str) -> PeerReceiverMetrics:
+        """Counts `conn` as `peer_id`'s; at the peer's limit its oldest connection is closed."""
+        peer = self._per_peer.setdefault(peer_id, PeerReceiverMetrics())
+        held = self._by_peer.setdefault(peer_id, OrderedDict())
+        if len(held) >= self.max_connections_per_peer:
+            _task, oldest = held.popitem(last=False)
+            oldest.close("superseded")
+            peer.superseded += 1
+            self._totals.superseded += 1
+        conn.peer_id = peer_id
+        held[conn.task] = conn
+        self._authenticated += 1
+        peer.connections += 1
+        peer.active_connections += 1
+        self._totals.active_connections += 1
+        _log.info(
+            "peer %s connected from %s (%s)",
+            peer_id,
+            conn.source,
+            "TLS" if self.security.encrypted else "plaintext",
+        )
+        return peer
+
+    def _leave_peer(self, conn: _Connection) -> None:
+        assert conn.peer_id is not None
+        held = self._by_peer.get(conn.peer_id)
+        if held is not None:
+            held.pop(conn.task, None)
+        self._authenticated -= 1
+        peer = self._per_peer[conn.peer_id]
+        peer.active_connections -= 1
+        self._totals.active_connections -= 1
+        _log.info(
+            "peer %s disconnected from %s%s",
+            conn.peer_id,
+            conn.source,
+            f" ({conn.closed_because})" if conn.closed_because else "",
+        )
+
+    async def _pump(self, conn: _Connection, peer: PeerReceiverMetrics) -> bool:
         """Reads, decodes, filters and delivers until the stream ends; True when it ended cleanly."""
+        assert conn.peer_id is not None
+        assert conn.decoder is not None
+        peer_id, reader, decoder = conn.peer_id, conn.reader, conn.decoder
         table = self.discovery.table
         index = self.discovery.index_of(peer_id)
         totals = self._totals
         while True:
-            data = await reader.read(self.read_size)
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    data = await reader.read(self.read_size)
+            except TimeoutError:
+                peer.idle_closed += 1
+                totals.idle_closed += 1
+                conn.closed_because = "idle"
+                return True
             if not data:
                 if decoder.buffered:
                     self._protocol_error(peer, "truncated")
@@ -409,7 +550,7 @@ class Receiver:
                     await self._deliver(peer_id, peer, accepted)
             if error is not None:
                 self._protocol_error(peer, error.reason or "framing")
-                _log.debug("receiver: peer %s: %s; connection closed", peer_id, error)
+                _log.warning("receiver: peer %s broke the framing (%s); connection closed", peer_id, error)
                 return False
 
     async def _deliver(self, peer_id: str, peer: PeerReceiverMetrics, packets: list[bytes]) -> None:

@@ -1,41 +1,51 @@
 """TCP streams to peers, on asyncio, with optional mutual TLS.
 
-`TcpStreamService.create_stream(peer_id)` resolves the peer's endpoint through the discovery, connects (with
-a timeout, `TCP_NODELAY` and a large send buffer), performs the TLS handshake when a client context is given
-(checking that the server's verified identity is `peer_id`), sends the hello (`encode_hello(local_peer_id)`)
-and returns a `TcpStream`.
+`TcpStreamService.create_stream(peer_id)` resolves the peer's endpoint through the discovery (an IP literal
+without a thread-pool `getaddrinfo`), connects (with a timeout, `TCP_NODELAY` and a large send buffer),
+performs the TLS handshake of its `Security` (checking that the server holds the key configured for
+`peer_id`, or, with a CA, that its certificate names `peer_id`), then the vpn-packet handshake: it reads the
+server's challenge, sends its hello (signed with this node's key) and waits for the answer. Only an
+accepted connection becomes a `TcpStream`; a refusal raises `HandshakeRefusedError` with the server's
+reason (logged once per peer and reason per interval), before any packet is counted as sent.
 
 `TcpStream.write_many(packets)` is one native `encode_frames` call, one `transport.write` and, only when the
 transport's buffer is above its high-water mark, a wait for it to drain - bounded by `write_timeout`, so a
-peer that stops reading fails the write with a typed error instead of hanging. Streams are one-way: anything
-the peer sends back is ignored; its EOF or a reset marks the stream closed, and every later write raises
-`NetworkError` (classified as a reset or a closed stream, so the resilience layer retries on a fresh stream).
+peer that stops reading fails the write with a typed error instead of hanging. After the handshake the
+stream is one-way: anything the peer sends back is ignored; its EOF or a reset marks the stream closed,
+and every later write raises `NetworkError` (classified as a reset or a closed stream, so the resilience
+layer retries on a fresh stream).
 
-Every failure is a `vpn_packet.errors.NetworkError(cause, peer_id=..., operation=...)` whose cause is the
-underlying exception (`ConnectionRefusedError`, `TimeoutError`, `ssl.SSLCertVerificationError`, ...), so
-`is_temporary_error`, `is_connection_reset_error` and `is_stream_closed_error` classify it.
+Every failure but a refusal is a `vpn_packet.errors.NetworkError(cause, peer_id=..., operation=...)` whose
+cause is the underlying exception (`ConnectionRefusedError`, `TimeoutError`,
+`ssl.SSLCertVerificationError`, ...), so `is_temporary_error`, `is_connection_reset_error` and
+`is_stream_closed_error` classify it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
-from vpn_packet.errors import NetworkError, ServiceError
-from vpn_packet.transport.framing import encode_frames, encode_hello
-from vpn_packet.transport.tls import verify_server_identity
+from vpn_packet import tuning
+from vpn_packet.errors import FramingError, HandshakeRefusedError, NetworkError, ServiceError
+from vpn_packet.ratelimit import LogLimiter
+from vpn_packet.transport.framing import encode_frames
+from vpn_packet.transport.handshake import Security, client_handshake, new_epoch, server_public_key
+from vpn_packet.transport.tls import check_server_key, verify_server_name
 
 __all__ = ["DEFAULT_SEND_BUFFER", "EndpointResolver", "TcpStream", "TcpStreamService"]
 
 _log = logging.getLogger(__name__)
 
-DEFAULT_SEND_BUFFER: Final = 4 * 1024 * 1024
+DEFAULT_SEND_BUFFER: Final = tuning.SEND_BUFFER
 _HIGH_WATER: Final = 1024 * 1024  # transport buffer above which writes wait for it to drain
+_MAX_INBOX: Final = 4096  # bytes of handshake a server may send before we read them (an answer is < 300)
 
 
 class EndpointResolver(Protocol):
@@ -56,6 +66,11 @@ class _SenderProtocol(asyncio.Protocol):
         self._waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] | None = None
         self.on_lost: Callable[[], None] | None = None
+        # The handshake's replies, read with `read_exactly` until the handshake is done; after it the
+        # peer has nothing to say on this connection and what it sends is ignored.
+        self._inbox = bytearray()
+        self._handshaking = True
+        self._inbox_waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -63,11 +78,37 @@ class _SenderProtocol(asyncio.Protocol):
         self._closed = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
-        pass  # one-way streams: the receiver sends nothing; ignore anything it does send
+        if not self._handshaking:
+            return  # one-way after the handshake: ignore anything the receiver sends
+        self._inbox += data
+        if len(self._inbox) > _MAX_INBOX and self.transport is not None:
+            self.transport.abort()  # a server flooding its handshake replies is not a vpn-packet node
+        self._wake_reader()
 
     def eof_received(self) -> bool:
         self.peer_eof = True
+        self._wake_reader()
         return False  # close our side too: the peer is gone
+
+    def _wake_reader(self) -> None:
+        waiter, self._inbox_waiter = self._inbox_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read_exactly(self, n: int) -> bytes:
+        """`n` bytes of the server's handshake replies; `asyncio.IncompleteReadError` when it closes first."""
+        while len(self._inbox) < n:
+            if self.lost or self.peer_eof:
+                raise asyncio.IncompleteReadError(bytes(self._inbox), n)
+            self._inbox_waiter = asyncio.get_running_loop().create_future()
+            await self._inbox_waiter
+        out = bytes(self._inbox[:n])
+        del self._inbox[:n]
+        return out
+
+    def handshake_done(self) -> None:
+        self._handshaking = False
+        self._inbox = bytearray()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -82,6 +123,7 @@ class _SenderProtocol(asyncio.Protocol):
         if exc is not None:
             self.exc = exc
         self._wake(exc)
+        self._wake_reader()
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
         if self.on_lost is not None:
@@ -242,87 +284,148 @@ class TcpStream:
 
 
 class TcpStreamService:
-    """Opens `TcpStream`s to peers. Implements `vpn_packet.api.StreamService`.
+    """Opens `TcpStream`s to peers, each behind an answered handshake. Implements
+    `vpn_packet.api.StreamService`.
 
     - `discovery`: anything with `endpoint(peer_id) -> (host, port)` (a `StaticPeerDiscovery`).
-    - `local_peer_id`: our id, sent in the hello (and, with TLS, the identity in our certificate).
-    - `ssl_context`: a client context from `vpn_packet.transport.tls.client_context` for mutual TLS, or None.
-    - `connect_timeout`: seconds for TCP connect, TLS handshake and hello together.
+    - `security`: how we prove ourselves and check the server (`vpn_packet.transport.handshake.Security`);
+      its `local_id` is the id our hello announces.
+    - `connect_timeout`: seconds for TCP connect, TLS and the handshake together.
     - `write_timeout`: seconds a write may wait for a peer that does not read before failing.
     - `send_buffer`: `SO_SNDBUF` in bytes (the kernel may cap it; None leaves the default).
+
+    Counters: `connects`, `connect_failures`, and `refusals` (by the server's reason).
     """
 
     def __init__(
         self,
         discovery: EndpointResolver,
-        local_peer_id: str,
+        security: Security,
         *,
-        ssl_context: ssl.SSLContext | None = None,
-        connect_timeout: float = 5.0,
-        write_timeout: float = 10.0,
+        connect_timeout: float = tuning.CONNECT_TIMEOUT,
+        write_timeout: float = tuning.WRITE_TIMEOUT,
         send_buffer: int | None = DEFAULT_SEND_BUFFER,
         high_water: int = _HIGH_WATER,
+        log_interval: float = tuning.LOG_INTERVAL,
     ) -> None:
         if not connect_timeout > 0 or not write_timeout > 0:
             raise ValueError("connect_timeout and write_timeout must be > 0 seconds")
         self.discovery = discovery
-        self.local_peer_id = local_peer_id
-        self.ssl_context = ssl_context
+        self.security = security
         self.connect_timeout = float(connect_timeout)
         self.write_timeout = float(write_timeout)
         self.send_buffer = send_buffer
         self.high_water = high_water
-        self._hello = encode_hello(local_peer_id)
         self.connects = 0
         self.connect_failures = 0
+        self.refusals: dict[str, int] = {}
+        self._warn = LogLimiter(_log, log_interval)
+
+    @property
+    def local_peer_id(self) -> str:
+        """The id our hello announces."""
+        return self.security.local_id
 
     async def create_stream(self, peer_id: str) -> TcpStream:
-        """A new connected stream to `peer_id` (hello sent). Raises `NetworkError` on any failure
-        (an unknown peer: `ServiceError` of the discovery, not retriable)."""
+        """A new stream to `peer_id`, accepted by it. Raises `HandshakeRefusedError` when the peer refused
+        us (its reason inside), `NetworkError` on any other failure, and `ServiceError` of the discovery for
+        an unknown peer (not retriable)."""
         try:
             host, port = self.discovery.endpoint(peer_id)
         except (KeyError, ValueError) as exc:
             raise ServiceError(exc, "peer_discovery", "endpoint", peer_id=peer_id) from exc
         loop = asyncio.get_running_loop()
-        ctx = self.ssl_context
         transport: asyncio.Transport | None = None
+        operation = "connect"
         try:
             async with asyncio.timeout(self.connect_timeout):
                 sock = await self._connect_socket(loop, host, port)
                 base, protocol = await loop.create_connection(
                     _SenderProtocol,
                     sock=sock,
-                    ssl=ctx,
-                    server_hostname=peer_id if ctx is not None else None,
-                    ssl_handshake_timeout=self.connect_timeout if ctx is not None else None,
+                    ssl=self.security.client_context,
+                    # CA mode: OpenSSL checks that the certificate names the peer dialled. Key mode: no name
+                    # to check ("" turns SNI and the name check off); _check_server checks the key.
+                    server_hostname=self._server_hostname(peer_id),
+                    ssl_handshake_timeout=self.connect_timeout if self.security.encrypted else None,
                 )
                 assert isinstance(base, asyncio.Transport)
                 transport = base
-                if ctx is not None:
-                    verify_server_identity(ctx, transport.get_extra_info("ssl_object"), peer_id)
+                operation = "handshake"
+                server_key = self._check_server(transport, peer_id)
+                await client_handshake(
+                    self.security, peer_id, protocol.read_exactly, transport.write, server_key, new_epoch()
+                )
+                protocol.handshake_done()
                 transport.set_write_buffer_limits(high=self.high_water)
-                transport.write(self._hello)
+        except HandshakeRefusedError as exc:
+            self.connect_failures += 1
+            self.refusals[exc.reason] = self.refusals.get(exc.reason, 0) + 1
+            self._warn.warning((peer_id, exc.reason), "%s", exc)
+            if transport is not None:
+                transport.abort()
+            raise
         except BaseException as exc:
             self.connect_failures += 1
             if transport is not None:
                 transport.abort()
-            if isinstance(exc, (OSError, ssl.SSLError, TimeoutError, EOFError)):
-                if isinstance(exc, TimeoutError) and not exc.args:
-                    exc = TimeoutError(
-                        errno.ETIMEDOUT, f"connect to {host}:{port} timed out after {self.connect_timeout:g}s"
-                    )
-                raise NetworkError(exc, peer_id=peer_id, operation="connect") from exc
+            if isinstance(exc, (OSError, ssl.SSLError, TimeoutError, EOFError, FramingError)):
+                raise NetworkError(
+                    self._explain(exc, host, port, operation), peer_id=peer_id, operation=operation
+                ) from exc
             raise
         self.connects += 1
         return TcpStream(peer_id, transport, protocol, write_timeout=self.write_timeout)
 
+    def _server_hostname(self, peer_id: str) -> str | None:
+        mode = self.security.mode
+        return peer_id if mode == "ca" else "" if mode == "key" else None
+
+    def _check_server(self, transport: asyncio.Transport, peer_id: str) -> bytes | None:
+        """The server's key as TLS proved it (key mode), checked against `peer_id`'s configured key; or, with
+        a CA, that its certificate names `peer_id`. Raises `ssl.SSLCertVerificationError` (fail closed)."""
+        security = self.security
+        ssl_object = transport.get_extra_info("ssl_object")
+        if security.mode == "key":
+            expected = security.peer_keys.get(peer_id)
+            if expected is None:
+                raise ssl.SSLCertVerificationError(f"no public_key is configured for peer {peer_id!r}")
+            check_server_key(ssl_object, expected, peer_id)
+            return server_public_key(ssl_object)
+        if security.mode == "ca":
+            verify_server_name(ssl_object, peer_id)
+        return None
+
+    def _explain(self, exc: BaseException, host: str, port: int, operation: str) -> BaseException:
+        """A cause that says what happened, for the bare exceptions that do not."""
+        if isinstance(exc, TimeoutError) and not exc.args:
+            what = "connect to" if operation == "connect" else "no handshake answer from"
+            hint = ""
+            if operation == "handshake" and not self.security.encrypted:
+                hint = " (this node is insecure: does the peer expect TLS?)"
+            return TimeoutError(
+                errno.ETIMEDOUT, f"{what} {host}:{port} within {self.connect_timeout:g}s{hint}"
+            )
+        if isinstance(exc, asyncio.IncompleteReadError):
+            return ConnectionResetError(
+                errno.ECONNRESET, f"{host}:{port} closed the connection during the handshake"
+            )
+        return exc
+
     async def _connect_socket(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-        if not infos:  # pragma: no cover - getaddrinfo raises instead
+        addresses: list[tuple[socket.AddressFamily, Any]]
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+            addresses = [(info[0], info[4]) for info in infos]
+        else:  # an IP literal needs no resolver (getaddrinfo runs in a thread: ~0.1 ms and a context switch)
+            addresses = [(socket.AF_INET6 if literal.version == 6 else socket.AF_INET, (host, port))]
+        if not addresses:  # pragma: no cover - getaddrinfo raises instead
             raise OSError(errno.EHOSTUNREACH, f"no address for {host}")
         error: OSError | None = None
-        for family, type_, proto, _name, address in infos:
-            sock = socket.socket(family, type_, proto)
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -340,8 +443,7 @@ class TcpStreamService:
         raise error
 
     def __repr__(self) -> str:
-        tls = "mutual-tls" if self.ssl_context is not None else "plain"
         return (
-            f"<TcpStreamService {self.local_peer_id} {tls} connects={self.connects} "
-            f"failures={self.connect_failures}>"
+            f"<TcpStreamService {self.local_peer_id} {self.security.mode} connects={self.connects} "
+            f"failures={self.connect_failures} refusals={sum(self.refusals.values())}>"
         )

@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from vpn_packet import tuning
+
 __all__ = ["TUN_PATH", "TunDevice", "TunMetrics"]
 
 _log = logging.getLogger(__name__)
@@ -44,7 +46,6 @@ TUN_PATH: Final = "/dev/net/tun"
 _TUNSETIFF: Final = 0x400454CA
 _IFF_TUN: Final = 0x0001
 _IFF_NO_PI: Final = 0x1000
-_IFNAMSIZ: Final = 16
 _NEEDS_ROOT: Final = "needs root or CAP_NET_ADMIN"
 # The device is gone (deleted with `ip link del`, or the descriptor is closed): reading cannot recover.
 _FATAL: Final = frozenset({errno.EBADFD, errno.EBADF, errno.EIO, errno.ENXIO, errno.ENODEV})
@@ -72,7 +73,7 @@ class TunMetrics:
 class TunDevice:
     """An open TUN interface; see the module docstring. Create it with `TunDevice.open`."""
 
-    def __init__(self, fd: int, name: str, *, mtu: int, max_backlog: int = 4096) -> None:
+    def __init__(self, fd: int, name: str, *, mtu: int, max_backlog: int = tuning.WRITE_BACKLOG) -> None:
         self.fd = fd
         self.name = name
         self.mtu = mtu
@@ -84,7 +85,7 @@ class TunDevice:
         self._on_batch: BatchCallback | None = None
         self._on_error: Callable[[OSError], object] | None = None
         self.error: OSError | None = None  # set when reading failed for good
-        self._max_packets = 256
+        self._max_packets = tuning.READ_BATCH
         self._max_bytes = 4 << 20
         self._backlog: deque[bytes] = deque()
         self._writer_armed = False
@@ -106,23 +107,30 @@ class TunDevice:
         name: str,
         *,
         address: str | Iterable[str] | None = None,
-        mtu: int = 1400,
-        txqueuelen: int = 1000,
-        max_backlog: int = 4096,
+        mtu: int = tuning.MTU,
+        txqueuelen: int = tuning.TXQUEUELEN,
+        max_backlog: int = tuning.WRITE_BACKLOG,
         path: str = TUN_PATH,
     ) -> TunDevice:
         """Creates the TUN interface `name`, configures it (addresses like `"10.8.0.1/24"`, MTU,
         `txqueuelen`) and brings it up. Raises `PermissionError` without root/`CAP_NET_ADMIN`,
-        `FileNotFoundError` without `/dev/net/tun`, `ValueError` for a bad name, address or MTU."""
-        encoded = name.encode()
-        if not encoded or len(encoded) >= _IFNAMSIZ or "/" in name or any(c.isspace() for c in name):
-            raise ValueError(f"interface name {name!r}: 1..15 bytes, no '/' or spaces")
-        if not 68 <= mtu <= 65535:
-            raise ValueError(f"mtu {mtu}: must be 68..65535")
-        if txqueuelen < 1:
-            raise ValueError(f"txqueuelen {txqueuelen}: must be at least 1")
+        `FileNotFoundError` without `/dev/net/tun`, `ValueError` for a bad name, address or MTU (the rules
+        of `vpn_packet.tuning`, the same as the node configuration's)."""
+        try:
+            tuning.check_interface_name(name)
+        except ValueError as exc:
+            raise ValueError(f"interface name: {exc}") from None
         addresses = [address] if isinstance(address, str) else list(address or ())
         interfaces = [ipaddress.ip_interface(a) for a in addresses]  # ValueError for a bad one
+        try:
+            tuning.check_mtu(mtu, ipv6=any(i.version == 6 for i in interfaces))
+        except ValueError as exc:
+            raise ValueError(f"mtu {exc}") from None
+        try:
+            tuning.check_int(txqueuelen, 1, tuning.MAX_TXQUEUELEN)
+        except ValueError as exc:
+            raise ValueError(f"txqueuelen {exc}") from None
+        encoded = name.encode()
         try:
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -141,7 +149,7 @@ class TunDevice:
                 if exc.errno == errno.EBUSY:
                     raise OSError(errno.EBUSY, f"TUN interface {name!r} is already in use") from None
                 raise
-            actual = result[:_IFNAMSIZ].rstrip(b"\0").decode()
+            actual = result[: tuning.IFNAMSIZ].rstrip(b"\0").decode()
             _configure(actual, interfaces, mtu, txqueuelen)
         except BaseException:
             os.close(fd)
@@ -157,7 +165,7 @@ class TunDevice:
 
     # --- reading --------------------------------------------------------------------------------------------
 
-    def read_batch(self, max_packets: int = 256, max_bytes: int = 4 << 20) -> list[bytes]:
+    def read_batch(self, max_packets: int = tuning.READ_BATCH, max_bytes: int = 4 << 20) -> list[bytes]:
         """Every packet ready now (until `EAGAIN`), at most `max_packets` or about `max_bytes`."""
         fd = self.fd
         size = self._read_size
@@ -194,7 +202,7 @@ class TunDevice:
         self,
         on_batch: BatchCallback,
         *,
-        max_packets: int = 256,
+        max_packets: int = tuning.READ_BATCH,
         max_bytes: int = 4 << 20,
         on_error: Callable[[OSError], object] | None = None,
     ) -> None:

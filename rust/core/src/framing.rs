@@ -1,9 +1,8 @@
-//! Stream framing: a 4-byte big-endian length and the packet, and the connection hello.
+//! Stream framing: a 4-byte big-endian length and the packet.
 //!
-//! Wire format of one one-way stream (the receiver never writes):
+//! After the handshake ([`crate::handshake`]) the connecting side sends frames:
 //!
 //! ```text
-//! hello:  b"VPNP" | version (1 byte, = 1) | L (1 byte, 1..=255) | L bytes of peer id (UTF-8)
 //! frame:  N (4 bytes, big-endian, 1..=max_frame_size) | N bytes (one IP packet)
 //! ```
 //!
@@ -20,17 +19,6 @@ pub const LENGTH_PREFIX_LEN: usize = 4;
 pub const DEFAULT_MAX_FRAME_SIZE: usize = 65_535;
 /// The largest `max_frame_size` a decoder accepts (16 MiB), so that its memory bound stays a bound.
 pub const MAX_FRAME_SIZE_LIMIT: usize = 1 << 24;
-
-/// The first bytes of a hello.
-pub const HELLO_MAGIC: &[u8; 4] = b"VPNP";
-/// The only protocol version.
-pub const HELLO_VERSION: u8 = 1;
-/// Bytes of a hello before the peer id: magic, version, id length.
-pub const HELLO_HEADER_LEN: usize = 6;
-/// The longest peer id, in bytes.
-pub const MAX_PEER_ID_LEN: usize = 255;
-/// The longest hello.
-pub const MAX_HELLO_LEN: usize = HELLO_HEADER_LEN + MAX_PEER_ID_LEN;
 
 /// A frame that cannot be encoded or decoded. Decoding errors end the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,116 +253,6 @@ impl FrameDecoder {
     }
 }
 
-/// A hello that cannot be encoded or parsed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HelloError {
-    /// The stream does not start with `b"VPNP"`.
-    BadMagic,
-    /// A version other than [`HELLO_VERSION`].
-    UnsupportedVersion(u8),
-    /// A peer id of 0 bytes.
-    EmptyPeerId,
-    /// A peer id longer than 255 bytes (encoding only).
-    PeerIdTooLong(usize),
-    /// A peer id that is not UTF-8.
-    InvalidPeerId,
-}
-
-impl HelloError {
-    /// A short stable name, for counting.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            HelloError::BadMagic => "bad_magic",
-            HelloError::UnsupportedVersion(_) => "unsupported_version",
-            HelloError::EmptyPeerId => "empty_peer_id",
-            HelloError::PeerIdTooLong(_) => "peer_id_too_long",
-            HelloError::InvalidPeerId => "invalid_peer_id",
-        }
-    }
-}
-
-impl fmt::Display for HelloError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HelloError::BadMagic => write!(f, "hello does not start with b\"VPNP\""),
-            HelloError::UnsupportedVersion(v) => {
-                write!(f, "hello version {v} is not supported (expected {HELLO_VERSION})")
-            }
-            HelloError::EmptyPeerId => write!(f, "hello peer id is empty"),
-            HelloError::PeerIdTooLong(n) => {
-                write!(
-                    f,
-                    "peer id is {n} bytes long, at most {MAX_PEER_ID_LEN} fit in a hello"
-                )
-            }
-            HelloError::InvalidPeerId => write!(f, "hello peer id is not valid UTF-8"),
-        }
-    }
-}
-
-impl std::error::Error for HelloError {}
-
-/// The hello announcing `peer_id` (1..=255 bytes of UTF-8).
-pub fn encode_hello(peer_id: &str) -> Result<Vec<u8>, HelloError> {
-    let id = peer_id.as_bytes();
-    if id.is_empty() {
-        return Err(HelloError::EmptyPeerId);
-    }
-    if id.len() > MAX_PEER_ID_LEN {
-        return Err(HelloError::PeerIdTooLong(id.len()));
-    }
-    let mut out = Vec::with_capacity(HELLO_HEADER_LEN + id.len());
-    out.extend_from_slice(HELLO_MAGIC);
-    out.push(HELLO_VERSION);
-    out.push(id.len() as u8);
-    out.extend_from_slice(id);
-    Ok(out)
-}
-
-/// Progress of parsing a hello from the start of a stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HelloStatus<'a> {
-    /// The bytes so far are a valid beginning; at least `needed` more bytes are required.
-    NeedMore { needed: usize },
-    /// A complete hello of `consumed` bytes; frames start right after it.
-    Done { peer_id: &'a str, consumed: usize },
-}
-
-/// Parses a hello from the start of `buf`, incrementally: call again with more bytes on `NeedMore`.
-///
-/// Errors are reported as early as the bytes allow (a wrong first magic byte fails at once).
-pub fn parse_hello(buf: &[u8]) -> Result<HelloStatus<'_>, HelloError> {
-    let magic_seen = buf.len().min(HELLO_MAGIC.len());
-    if buf[..magic_seen] != HELLO_MAGIC[..magic_seen] {
-        return Err(HelloError::BadMagic);
-    }
-    if let Some(&version) = buf.get(4) {
-        if version != HELLO_VERSION {
-            return Err(HelloError::UnsupportedVersion(version));
-        }
-    }
-    let Some(&id_len) = buf.get(5) else {
-        return Ok(HelloStatus::NeedMore {
-            needed: HELLO_HEADER_LEN - buf.len(),
-        });
-    };
-    if id_len == 0 {
-        return Err(HelloError::EmptyPeerId);
-    }
-    let total = HELLO_HEADER_LEN + usize::from(id_len);
-    if buf.len() < total {
-        return Ok(HelloStatus::NeedMore {
-            needed: total - buf.len(),
-        });
-    }
-    let peer_id =
-        std::str::from_utf8(&buf[HELLO_HEADER_LEN..total]).map_err(|_| HelloError::InvalidPeerId)?;
-    Ok(HelloStatus::Done {
-        peer_id,
-        consumed: total,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,42 +366,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn hello_round_trip_and_errors() {
-        let hello = encode_hello("node-b").unwrap();
-        assert_eq!(hello, b"VPNP\x01\x06node-b");
-        for cut in 0..hello.len() {
-            assert!(
-                matches!(parse_hello(&hello[..cut]), Ok(HelloStatus::NeedMore { .. })),
-                "{cut}"
-            );
-        }
-        let mut with_frames = hello.clone();
-        with_frames.extend_from_slice(&[0, 0, 0, 1, 9]);
-        assert_eq!(
-            parse_hello(&with_frames),
-            Ok(HelloStatus::Done {
-                peer_id: "node-b",
-                consumed: 12
-            })
-        );
-        assert_eq!(parse_hello(b"X"), Err(HelloError::BadMagic));
-        assert_eq!(parse_hello(b"VPNQ"), Err(HelloError::BadMagic));
-        assert_eq!(parse_hello(b"VPNP\x02"), Err(HelloError::UnsupportedVersion(2)));
-        assert_eq!(parse_hello(b"VPNP\x01\x00"), Err(HelloError::EmptyPeerId));
-        assert_eq!(parse_hello(b"VPNP\x01\x01\xff"), Err(HelloError::InvalidPeerId));
-        assert_eq!(
-            parse_hello(b"VPNP\x01\x03ab"),
-            Ok(HelloStatus::NeedMore { needed: 1 })
-        );
-        assert_eq!(encode_hello(""), Err(HelloError::EmptyPeerId));
-        assert_eq!(
-            encode_hello(&"x".repeat(256)),
-            Err(HelloError::PeerIdTooLong(256))
-        );
-        assert_eq!(encode_hello(&"x".repeat(255)).unwrap().len(), MAX_HELLO_LEN);
-    }
-
     proptest! {
         #[test]
         fn every_chunking_decodes_the_same(
@@ -558,7 +400,6 @@ mod tests {
                     prop_assert_eq!(d.buffered(), 0);
                 }
             }
-            let _ = parse_hello(&data);
         }
     }
 }

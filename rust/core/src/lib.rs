@@ -13,10 +13,9 @@ pub use batch::{
 pub use parse::{destination, extract, protocol_has_ports, source, Destination, PacketSummary, ParseError};
 
 pub mod framing;
+pub mod handshake;
 pub mod prefix;
 
-pub use framing::{
-    encode_frames, encode_frames_into, encode_hello, parse_hello, FrameDecoder, FramingError, HelloError,
-    HelloStatus,
-};
+pub use framing::{encode_frames, encode_frames_into, FrameDecoder, FramingError};
+pub use handshake::{Answer, HandshakeError, Hello, Parsed};
 pub use prefix::{check_source, parse_prefix, source_address, PrefixError, PrefixTable, SourceCheck};

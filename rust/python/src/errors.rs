@@ -86,7 +86,7 @@ pub fn framing_error(
     FramingError::new_err((err.to_string(), err.reason(), err.length(), frames))
 }
 
-/// A `FramingError(message, reason)` for a hello that cannot be encoded or parsed.
-pub fn hello_error(err: &vpn_packet_core::framing::HelloError) -> PyErr {
+/// A `FramingError(message, reason)` for bytes that are not a valid handshake message.
+pub fn handshake_error(err: &vpn_packet_core::handshake::HandshakeError) -> PyErr {
     FramingError::new_err((err.to_string(), err.reason()))
 }

@@ -1,4 +1,4 @@
-//! Stream framing for Python: `encode_frames`, `FrameDecoder`, `encode_hello`, `parse_hello`.
+//! Stream framing for Python: `encode_frames` and `FrameDecoder`.
 //!
 //! The logic is `vpn_packet_core::framing`; this file converts buffers and errors. Packets come in as any
 //! C-contiguous byte buffer (read without copying) and go out as `bytes`.
@@ -6,12 +6,12 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 use vpn_packet_core::framing::{
-    self, FrameDecoder as CoreDecoder, FramingError, HelloStatus, DEFAULT_MAX_FRAME_SIZE, LENGTH_PREFIX_LEN,
+    FrameDecoder as CoreDecoder, FramingError, DEFAULT_MAX_FRAME_SIZE, LENGTH_PREFIX_LEN,
     MAX_FRAME_SIZE_LIMIT,
 };
 
 use crate::buffer::{with_bytes, PacketBytes};
-use crate::errors::{framing_error, hello_error, no_panic};
+use crate::errors::{framing_error, no_panic};
 use crate::functions::for_each_item;
 
 // Signature defaults are literals (stubtest reads them); keep them equal to the core default.
@@ -71,28 +71,6 @@ pub fn encode_frames<'py>(
             }
             Ok(())
         })
-    })
-}
-
-/// The hello that opens a stream: `b"VPNP"`, version 1, the id length, the UTF-8 peer id (1..=255 bytes).
-#[pyfunction]
-pub fn encode_hello<'py>(py: Python<'py>, peer_id: &str) -> PyResult<Bound<'py, PyBytes>> {
-    no_panic(|| {
-        let hello = framing::encode_hello(peer_id).map_err(|err| hello_error(&err))?;
-        Ok(PyBytes::new(py, &hello))
-    })
-}
-
-/// Parses a hello from the start of `data`: `(peer_id, consumed)` when complete, `(None, needed)` when at
-/// least `needed` more bytes are required. Raises `FramingError` as soon as the bytes cannot be a hello.
-#[pyfunction]
-pub fn parse_hello(data: &Bound<'_, PyAny>) -> PyResult<(Option<String>, usize)> {
-    no_panic(|| {
-        with_bytes(data, |bytes| match framing::parse_hello(bytes) {
-            Ok(HelloStatus::NeedMore { needed }) => Ok((None, needed)),
-            Ok(HelloStatus::Done { peer_id, consumed }) => Ok((Some(peer_id.to_owned()), consumed)),
-            Err(err) => Err(hello_error(&err)),
-        })?
     })
 }
 
@@ -180,10 +158,13 @@ impl FrameDecoder {
     }
 }
 
+/// Registers the functions, the decoder class and the wire constants. The constants are the core's, so
+/// Python never restates the wire format (`vpn_packet.transport.framing` re-exports them).
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("DEFAULT_MAX_FRAME_SIZE", DEFAULT_MAX_FRAME_SIZE)?;
+    m.add("MAX_FRAME_SIZE_LIMIT", MAX_FRAME_SIZE_LIMIT)?;
+    m.add("LENGTH_PREFIX_LEN", LENGTH_PREFIX_LEN)?;
     m.add_function(wrap_pyfunction!(encode_frames, m)?)?;
-    m.add_function(wrap_pyfunction!(encode_hello, m)?)?;
-    m.add_function(wrap_pyfunction!(parse_hello, m)?)?;
     m.add_class::<FrameDecoder>()?;
     Ok(())
 }

@@ -8,6 +8,7 @@ mod capture;
 mod errors;
 mod framing;
 mod functions;
+mod handshake;
 mod key_cache;
 mod packet_batch;
 mod packet_info;
@@ -28,6 +29,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(packet_batch::parse_batch_from_buffer, m)?)?;
     capture::register(m)?;
     framing::register(m)?;
+    handshake::register(m)?;
     prefix::register(m)?;
     Ok(())
 }

@@ -1,0 +1,327 @@
+"""Who is talking: the handshake that opens every node-to-node connection, and the policy that judges it.
+
+The messages (challenge, hello, answer) are encoded and parsed natively; `rust/core/src/handshake.rs` draws
+them and is the one description of the wire format. This module holds what is not bytes:
+
+- `Security`: how this node proves itself and how it trusts its peers, one object that both the sending
+  side (`TcpStreamService`) and the receiving side (`Receiver`) take. Three modes:
+  - `key` (the default of `vpn-packet node`): TLS 1.3 for secrecy, each node an Ed25519 key
+    (`vpn_packet.transport.identity`), each peer trusted by its public key string. The client checks the
+    server's key in TLS; the server checks the client's key by the signature in the hello. A peer is who its
+    key proves: the id in a hello is only a label.
+  - `ca`: mutual TLS with certificates issued by a CA; a peer is the one identity its certificate names
+    (`vpn_packet.transport.tls.certificate_names`).
+  - `insecure`: plaintext, and a peer is whoever it claims to be. Only on explicit request
+    (`[node] insecure = true`, `Security.insecure()`), and said loudly.
+- `judge_hello`: the receiving side's verdict on a hello (an `Answer` with a reason), pure and testable.
+- `client_handshake` / `server_handshake`: the exchanges over asyncio, each bounded in time and bytes.
+
+A refused client gets the reason on the wire before the connection closes, so both sides can say why
+(`HandshakeRefusedError` on the sending side, a counter and a rate-limited WARNING on the receiving side).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from vpn_packet._native import (
+    ANSWER_REASONS,
+    CHALLENGE_LEN,
+    MAX_ANSWER_LEN,
+    MAX_HELLO_LEN,
+    NONCE_LEN,
+    encode_answer,
+    encode_challenge,
+    encode_hello,
+    hello_transcript,
+    parse_answer,
+    parse_challenge,
+    parse_hello,
+)
+from vpn_packet.errors import FramingError, HandshakeRefusedError
+from vpn_packet.transport.identity import NodeIdentity, certificate_public_key, verify_signature
+from vpn_packet.transport.tls import certificate_names
+
+__all__ = [
+    "ACCEPTED",
+    "Hello",
+    "Security",
+    "SecurityMode",
+    "Verdict",
+    "client_handshake",
+    "judge_hello",
+    "new_epoch",
+    "read_message",
+    "server_handshake",
+]
+
+SecurityMode = Literal["key", "ca", "insecure"]
+
+ACCEPTED: Final = "accepted"
+_CODES: Final = {reason: code for code, reason in enumerate(ANSWER_REASONS)}
+
+# Epochs order the connections of one sender (a later connection supersedes an earlier one): nanoseconds
+# of wall-clock time at the first connection, then +1 per connection, so they grow across restarts too.
+_epochs = itertools.count(time.time_ns())
+
+
+def new_epoch() -> int:
+    """A fresh connection epoch, larger than any this process gave before."""
+    return next(_epochs)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A parsed hello: the id the client claims, its connection epoch, and with keys its public key and
+    signature (raw bytes)."""
+
+    peer_id: str
+    epoch: int
+    public_key: bytes | None
+    signature: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The receiving side's answer to a hello: `reason` is `"accepted"` or a refusal reason of
+    `ANSWER_REASONS`; `peer_id` is the configured peer it proved to be (None when refused); `detail` is
+    for the logs and is sent to the client."""
+
+    reason: str
+    peer_id: str | None = None
+    detail: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason == ACCEPTED
+
+
+@dataclass(frozen=True, slots=True)
+class Security:
+    """How a node proves itself and trusts its peers; see the module docstring. Build one with
+    `Security.with_keys`, `Security.with_ca` or `Security.insecure`.
+
+    - `local_id`: the id this node announces (a label in key mode);
+    - `identity`: this node's key (key mode);
+    - `peer_keys`: peer id -> raw public key (key mode);
+    - `server_context` / `client_context`: TLS contexts from `vpn_packet.transport.tls` (None: plaintext).
+    """
+
+    mode: SecurityMode
+    local_id: str
+    identity: NodeIdentity | None = None
+    peer_keys: Mapping[str, bytes] = field(default_factory=dict)
+    server_context: ssl.SSLContext | None = field(default=None, repr=False)
+    client_context: ssl.SSLContext | None = field(default=None, repr=False)
+    _ids_by_key: dict[bytes, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode == "key" and self.identity is None:
+            raise ValueError("key mode needs this node's identity")
+        if (self.server_context is None) != (self.mode == "insecure"):
+            raise ValueError(f"{self.mode} mode {'needs' if self.mode != 'insecure' else 'has no'} TLS")
+        by_key: dict[bytes, str] = {}
+        for peer_id, key in self.peer_keys.items():
+            if key in by_key:
+                raise ValueError(f"peers {by_key[key]!r} and {peer_id!r} have the same public key")
+            by_key[key] = peer_id
+        self._ids_by_key.update(by_key)
+
+    @classmethod
+    def with_keys(
+        cls, identity: NodeIdentity, peer_keys: Mapping[str, bytes], local_id: str | None = None
+    ) -> Security:
+        """Key mode: TLS 1.3 with this node's key, peers trusted by their public keys."""
+        from vpn_packet.transport.tls import key_client_context, key_server_context
+
+        return cls(
+            "key",
+            local_id or identity.name,
+            identity,
+            dict(peer_keys),
+            key_server_context(identity),
+            key_client_context(identity),
+        )
+
+    @classmethod
+    def with_ca(
+        cls,
+        local_id: str,
+        cert: str | os.PathLike[str],
+        key: str | os.PathLike[str],
+        ca: str | os.PathLike[str],
+    ) -> Security:
+        """CA mode: mutual TLS, certificates chained to `ca` and naming their node's id."""
+        from vpn_packet.transport.tls import ca_client_context, ca_server_context
+
+        return cls(
+            "ca", local_id, None, {}, ca_server_context(cert, key, ca), ca_client_context(cert, key, ca)
+        )
+
+    @classmethod
+    def insecure(cls, local_id: str) -> Security:
+        """Plaintext and unauthenticated: a peer is whoever it claims to be. For tests and comparisons."""
+        return cls("insecure", local_id)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.mode != "insecure"
+
+    def peer_of_key(self, public_key: bytes) -> str | None:
+        """The configured peer that has `public_key`, if any."""
+        return self._ids_by_key.get(public_key)
+
+    def describe(self) -> str:
+        """One phrase for logs: what protects a connection."""
+        return {
+            "key": "TLS 1.3, peers authenticated by public key",
+            "ca": "mutual TLS, peers authenticated by CA certificate",
+            "insecure": "PLAINTEXT, peers NOT authenticated",
+        }[self.mode]
+
+
+def judge_hello(
+    security: Security,
+    hello: Hello,
+    nonce: bytes,
+    known_peer: Callable[[str], bool],
+    peer_certificate: dict[str, Any] | None = None,
+) -> Verdict:
+    """The verdict on `hello`, received on a connection whose challenge carried `nonce`.
+
+    `known_peer(id)` says whether an id is a configured peer; `peer_certificate` is the client's verified
+    TLS certificate as `getpeercert()` decodes it (CA mode). Pure: no I/O, no counters.
+    """
+    if security.mode == "key":
+        return _judge_by_key(security, hello, nonce)
+    if not known_peer(hello.peer_id):
+        return Verdict("unknown_peer", detail=f"no peer {hello.peer_id!r} is configured here")
+    if security.mode == "ca":
+        names = certificate_names(peer_certificate)
+        if hello.peer_id not in names:
+            return Verdict(
+                "identity_mismatch",
+                detail=f"the certificate names {', '.join(names) or 'nobody'}, not {hello.peer_id!r}",
+            )
+        others = [n for n in names if n != hello.peer_id and known_peer(n)]
+        if others:
+            return Verdict(
+                "identity_mismatch",
+                detail=f"the certificate also names peer {others[0]!r}: one certificate, one peer",
+            )
+    return Verdict(ACCEPTED, hello.peer_id)
+
+
+def _judge_by_key(security: Security, hello: Hello, nonce: bytes) -> Verdict:
+    assert security.identity is not None
+    if hello.public_key is None or hello.signature is None:
+        return Verdict("key_required", detail="this node authenticates peers by key; the hello has none")
+    peer_id = security.peer_of_key(hello.public_key)
+    if peer_id is None:
+        if hello.peer_id in security.peer_keys:
+            return Verdict(
+                "key_mismatch",
+                detail=f"your key is not the one configured here for {hello.peer_id!r}",
+            )
+        return Verdict(
+            "unknown_peer", detail=f"no peer here has your key (you call yourself {hello.peer_id!r})"
+        )
+    transcript = hello_transcript(
+        nonce, security.identity.public_key_bytes, hello.peer_id, hello.epoch, hello.public_key
+    )
+    if not verify_signature(hello.public_key, transcript, hello.signature):
+        return Verdict("bad_signature", detail="the hello's signature does not verify with its key")
+    return Verdict(ACCEPTED, peer_id)
+
+
+# --- the exchanges --------------------------------------------------------------------------------------
+
+
+async def read_message(
+    read: Callable[[int], Awaitable[bytes]],
+    parse: Callable[[bytes], tuple[Any, int]],
+    limit: int,
+) -> tuple[Any, int]:
+    """Reads one handshake message with `read(n)` (exactly n bytes or an exception), parsing as bytes come:
+    never more than `limit` bytes, never a byte past the message. Returns `(message, consumed)`."""
+    data = b""
+    while True:
+        message, count = parse(data)
+        if message is not None:
+            return message, count
+        if len(data) + count > limit:  # pragma: no cover - the parsers' own bounds come first
+            raise FramingError(f"handshake message longer than {limit} bytes", "too_large")
+        data += await read(count)
+
+
+async def server_handshake(
+    security: Security,
+    read: Callable[[int], Awaitable[bytes]],
+    write: Callable[[bytes], None],
+    known_peer: Callable[[str], bool],
+    peer_certificate: dict[str, Any] | None = None,
+    *,
+    refuse: str | None = None,
+) -> tuple[Verdict, Hello | None]:
+    """The receiving side: challenge, read the hello, judge it, answer. Returns the verdict (and the hello
+    when one was read). `refuse` forces a refusal reason (e.g. `too_many_connections`) after reading the
+    hello, so that the client is told why. Raises `FramingError` for bytes that are not a hello of this
+    version (after answering `unsupported_version` when that is what they are)."""
+    nonce = os.urandom(NONCE_LEN)
+    write(encode_challenge(nonce))
+    try:
+        raw, _ = await read_message(read, parse_hello, MAX_HELLO_LEN)
+    except FramingError as exc:
+        if exc.reason == "unsupported_version":
+            write(encode_answer(_CODES["unsupported_version"], str(exc)))
+        elif exc.reason not in ("tls_expected_plaintext", "bad_magic"):
+            write(encode_answer(_CODES["bad_hello"], str(exc)))
+        raise
+    hello = Hello(*raw)
+    if refuse is not None:
+        verdict = Verdict(refuse, detail=refuse.replace("_", " "))
+    else:
+        verdict = judge_hello(security, hello, nonce, known_peer, peer_certificate)
+    text = security.local_id if verdict.accepted else verdict.detail
+    write(encode_answer(_CODES[verdict.reason], text))
+    return verdict, hello
+
+
+def server_public_key(ssl_object: Any) -> bytes | None:
+    """The raw Ed25519 key of the server certificate a TLS client connection saw (key mode)."""
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return certificate_public_key(der)
+
+
+async def client_handshake(
+    security: Security,
+    peer_id: str,
+    read: Callable[[int], Awaitable[bytes]],
+    write: Callable[[bytes], None],
+    server_key: bytes | None,
+    epoch: int,
+) -> str:
+    """The sending side, after TLS (whose server key the caller already checked): read the challenge,
+    send the hello (signed in key mode), read the answer. Returns the server's own id when accepted;
+    raises `HandshakeRefusedError` (with the server's reason) when refused, `FramingError` for bytes that
+    are not this protocol."""
+    nonce, _ = await read_message(read, parse_challenge, CHALLENGE_LEN)
+    identity = security.identity
+    if security.mode == "key":
+        assert identity is not None
+        assert server_key is not None
+        transcript = hello_transcript(nonce, server_key, security.local_id, epoch, identity.public_key_bytes)
+        write(encode_hello(security.local_id, epoch, identity.public_key_bytes, identity.sign(transcript)))
+    else:
+        write(encode_hello(security.local_id, epoch))
+    (code, text), _ = await read_message(read, parse_answer, MAX_ANSWER_LEN)
+    if code == 0:
+        return str(text)
+    reason = ANSWER_REASONS[code] if code < len(ANSWER_REASONS) else f"refused_{code}"
+    raise HandshakeRefusedError(peer_id, reason, str(text), local_id=security.local_id)

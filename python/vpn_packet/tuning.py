@@ -1,0 +1,324 @@
+"""Every tunable default and every validation rule of a setting, in one file.
+
+Why one file: the node configuration parser, `Node`, `TunNode` and the library classes (dispatcher, stream
+pool, TCP streams, receiver, TUN device) used to state their defaults and range checks each on its own, and
+they drifted apart (an MTU floor of 576 in one place and 68 in another, three different worker buffer
+sizes). Here each value is picked once, with the reason for it, and each rule is one function; the other
+layers import them. (wireguard-go keeps its tunables in `device/constants.go` for the same reason.)
+
+- `Tuning`: the performance knobs of a node, one dataclass. Each field carries its range (`spec(name)`),
+  and `Tuning(...)` checks every value against it, so a bad value fails the same way from a config file
+  (`tuning.write_timeout: ...`, the parser names the key) or from Python (`ValueError`).
+- Library defaults (`WORKER_BUFFER_SIZE`, `MAX_WORKERS`, ...): what the classes use when given nothing.
+  They equal `Tuning`'s, except where a node needs more (`NODE_WORKER_BUFFER_SIZE`, `NODE_RESILIENCE`).
+- Rules: `check_int`, `check_seconds`, `check_interface_name`, `check_mtu`, `check_peer_id`,
+  `parse_endpoint`, `check_prefix`. Each raises `ValueError` with a message that does not name the setting,
+  so that the caller can put its own name in front (`interface.mtu: 100 is out of range 576..65535`).
+
+The wire format's constants (frame size, hello) are not here: they are the Rust core's, exported through
+`vpn_packet.transport.framing`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
+
+from vpn_packet._native import MAX_PEER_ID_LEN
+from vpn_packet.resilience import ResilienceConfig
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "COALESCE",
+    "DEFAULT_TUNING",
+    "HELLO_TIMEOUT",
+    "LOG_INTERVAL",
+    "IFNAMSIZ",
+    "IPV6_MIN_MTU",
+    "MAX_CONNECTIONS",
+    "MAX_CONNECTIONS_PER_PEER",
+    "MAX_MTU",
+    "MAX_PENDING",
+    "MAX_PENDING_PER_SOURCE",
+    "MAX_STREAMS_PER_PEER",
+    "MAX_TXQUEUELEN",
+    "MAX_WORKERS",
+    "MIN_MTU",
+    "MTU",
+    "NODE_RESILIENCE",
+    "NODE_WORKER_BUFFER_SIZE",
+    "READ_BATCH",
+    "READ_SIZE",
+    "RECEIVE_IDLE_TIMEOUT",
+    "RECEIVE_BATCH",
+    "SEND_BUFFER",
+    "SHUTDOWN_TIMEOUT",
+    "STREAM_IDLE_TIMEOUT",
+    "Spec",
+    "TXQUEUELEN",
+    "Tuning",
+    "WORKER_BUFFER_SIZE",
+    "WORKER_CLEANUP_INTERVAL",
+    "WORKER_IDLE_TIMEOUT",
+    "WRITE_BACKLOG",
+    "WRITE_TIMEOUT",
+    "check_int",
+    "check_interface_name",
+    "check_mtu",
+    "check_peer_id",
+    "check_prefix",
+    "check_seconds",
+    "parse_endpoint",
+]
+
+# --- the values -------------------------------------------------------------------------------------------
+
+#: Packets one destination worker holds (DESIGN section 4: the `Dispatcher` contract's default).
+WORKER_BUFFER_SIZE: Final = 100
+#: A node's worker buffer: one TUN read hands up to `READ_BATCH` packets at once, often all for one
+#: destination (a single TCP flow), so a buffer smaller than a few reads would reject most of a burst.
+NODE_WORKER_BUFFER_SIZE: Final = 4096
+#: Destination workers at once. Idle ones are evicted first; an idle worker costs about a kilobyte, so the
+#: cap bounds memory at about 100 MB while leaving room for a gateway with many destinations.
+MAX_WORKERS: Final = 100_000
+#: Dispatcher loop iterations to wait for more packets before writing (batches form under load).
+COALESCE: Final = 32
+#: Seconds without traffic before a worker is removed, and how often that is checked.
+WORKER_IDLE_TIMEOUT: Final = 300.0
+WORKER_CLEANUP_INTERVAL: Final = 60.0
+
+#: Streams a node keeps per peer; a worker keeps its stream while healthy, so this bounds parallelism.
+MAX_STREAMS_PER_PEER: Final = 4
+#: Seconds a pooled stream may stay unused before it is closed.
+STREAM_IDLE_TIMEOUT: Final = 60.0
+#: SO_SNDBUF: about 30 ms at 1 Gbit/s, so one writer keeps a fast link busy (the kernel may cap it).
+SEND_BUFFER: Final = 4 * 1024 * 1024
+#: Seconds for TCP connect, TLS handshake and hello together.
+CONNECT_TIMEOUT: Final = 5.0
+#: Seconds a write may wait for a peer that does not read before the stream counts as failed.
+WRITE_TIMEOUT: Final = 10.0
+
+#: Packets per sink call on the receiving side, bytes per socket read.
+RECEIVE_BATCH: Final = 256
+READ_SIZE: Final = 256 * 1024
+#: Connections the receiver accepts at once, in total and from one peer (a peer uses `MAX_STREAMS_PER_PEER`;
+#: the margin covers reconnects whose old connection is not closed yet).
+MAX_CONNECTIONS: Final = 1024
+MAX_CONNECTIONS_PER_PEER: Final = 16
+#: Seconds a new connection has for TLS, challenge and hello together: a real peer needs milliseconds.
+HELLO_TIMEOUT: Final = 5.0
+#: Connections not authenticated yet, in all and from one source address. Each may hold asyncio's 256 KiB
+#: TLS buffer, so 128 bound them to about 32 MiB; at the first limit the oldest pending one is closed to make
+#: room (a flood cannot keep a real peer out), at the second new ones from that address are closed.
+MAX_PENDING: Final = 128
+MAX_PENDING_PER_SOURCE: Final = 16
+#: Seconds an authenticated connection may send nothing before the receiver closes it. Above the sender's
+#: `STREAM_IDLE_TIMEOUT`, so a healthy sender closes its unused streams first.
+RECEIVE_IDLE_TIMEOUT: Final = 180.0
+#: Seconds between two warnings about the same peer/address and reason (refusals, failed handshakes).
+LOG_INTERVAL: Final = 10.0
+
+#: TUN packets read per readiness event at most (one `dispatch_batch` call).
+READ_BATCH: Final = 256
+#: TUN packets waiting for a writable device at most; beyond, dropped and counted.
+WRITE_BACKLOG: Final = 4096
+
+#: The interface: a common tunnel MTU (1500 minus outer IP/TCP/TLS overhead) and queue length.
+MTU: Final = 1400
+TXQUEUELEN: Final = 1000
+MAX_TXQUEUELEN: Final = 1_000_000
+#: The lowest MTU accepted: 576, the datagram size every IPv4 host must accept (RFC 791). The kernel would
+#: take 68, but a tunnel below 576 breaks ordinary traffic (DNS over UDP, TCP handshakes with options).
+MIN_MTU: Final = 576
+MAX_MTU: Final = 65535
+#: IPv6 needs links of at least 1280 bytes (RFC 8200).
+IPV6_MIN_MTU: Final = 1280
+#: Linux's IFNAMSIZ: an interface name is at most 15 bytes and a NUL.
+IFNAMSIZ: Final = 16
+
+#: Seconds for the whole ordered shutdown of a node (and `Node.stop`'s drain).
+SHUTDOWN_TIMEOUT: Final = 5.0
+
+#: The node's breaker and retry defaults: the library's, except that an open breaker probes again after 2 s
+#: instead of 30 s, so a peer that restarts is reachable again within seconds.
+NODE_RESILIENCE: Final = ResilienceConfig(reset_timeout=2.0)
+
+# --- the rules --------------------------------------------------------------------------------------------
+
+
+def check_int(value: object, low: int, high: int) -> int:
+    """`value` when it is an integer (not a bool) in `low..high`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{value} is out of range {low}..{high}")
+    return value
+
+
+def check_seconds(value: object, *, zero: bool = False) -> float:
+    """`value` as float when it is a finite number of seconds, positive (or 0 or more with `zero`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"expected a number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{value} must be {'0 or more' if zero else 'positive'}")
+    return float(value)
+
+
+def check_interface_name(name: object) -> str:
+    """A Linux interface name: 1..15 bytes, no '/' and no white space (what the kernel accepts)."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name.encode()) >= IFNAMSIZ
+        or "/" in name
+        or any(c.isspace() for c in name)
+    ):
+        raise ValueError(f"{name!r} is not an interface name (1..{IFNAMSIZ - 1} bytes, no '/' or spaces)")
+    return name
+
+
+def check_mtu(mtu: object, *, ipv6: bool = False) -> int:
+    """An interface MTU in `MIN_MTU..MAX_MTU`, at least `IPV6_MIN_MTU` when the interface has IPv6."""
+    value = check_int(mtu, MIN_MTU, MAX_MTU)
+    if ipv6 and value < IPV6_MIN_MTU:
+        raise ValueError(f"{value} is below {IPV6_MIN_MTU}, the IPv6 minimum")
+    return value
+
+
+def check_peer_id(peer_id: object) -> str:
+    """A peer id: a non-empty string of at most `MAX_PEER_ID_LEN` bytes of UTF-8 (it goes in the hello)."""
+    if not isinstance(peer_id, str) or not peer_id:
+        raise ValueError(f"expected a non-empty string, got {peer_id!r}")
+    if len(peer_id.encode()) > MAX_PEER_ID_LEN:
+        raise ValueError(f"{peer_id[:20]!r}...: at most {MAX_PEER_ID_LEN} bytes of UTF-8")
+    return peer_id
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """`"host:port"` or `"[v6]:port"` as `(host, port)`; raises `ValueError` when malformed."""
+    if not isinstance(endpoint, str):
+        raise TypeError(f"endpoint must be a str, got {type(endpoint).__name__}")
+    if endpoint.startswith("["):
+        host, sep, port_text = endpoint[1:].partition("]:")
+        if not sep or not host:
+            raise ValueError(f"endpoint {endpoint!r}: expected [ipv6]:port")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"endpoint {endpoint!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = endpoint.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"endpoint {endpoint!r}: expected host:port")
+        if ":" in host:
+            raise ValueError(f"endpoint {endpoint!r}: write an IPv6 address in brackets, [addr]:port")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"endpoint {endpoint!r}: port must be 1..65535")
+    return host, int(port_text)
+
+
+def check_prefix(prefix: object) -> str:
+    """An IP prefix in `ipaddress` text (`"10.8.0.0/24"`); host bits set is an error, not rounded away."""
+    if not isinstance(prefix, str):
+        raise ValueError(f"{prefix!r} is not an IP prefix")
+    try:
+        return str(ipaddress.ip_network(prefix, strict=True))
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(prefix, strict=False)
+        except ValueError:
+            raise ValueError(f"{prefix!r} is not an IP prefix") from None
+        raise ValueError(f"{prefix!r} has host bits set (did you mean {loose}?)") from None
+
+
+# --- Tuning -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """The rule of one `Tuning` field: an integer in `low..high`, or positive seconds (`seconds=True`)."""
+
+    low: int = 0
+    high: int = 0
+    seconds: bool = False
+    doc: str = ""
+
+    def check(self, value: object) -> Any:
+        """The value, checked (a float for seconds); raises `ValueError` without the field's name."""
+        return check_seconds(value) if self.seconds else check_int(value, self.low, self.high)
+
+
+def _int(default: int, low: int, high: int, doc: str) -> Any:
+    return field(default=default, metadata={"spec": Spec(low, high, doc=doc)})
+
+
+def _seconds(default: float, doc: str) -> Any:
+    return field(default=default, metadata={"spec": Spec(seconds=True, doc=doc)})
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """The performance knobs of a node (the `[tuning]` table of its config), all optional.
+
+    Defaults are the constants above; each field's range is `Tuning.spec(name)`. Construction checks every
+    value (`ValueError` naming the field), so an instance is always valid. `dataclasses.replace` or
+    `with_changes(**changes)` make a changed copy.
+    """
+
+    # the dispatcher
+    worker_buffer_size: int = _int(NODE_WORKER_BUFFER_SIZE, 1, 1 << 20, "packets a destination worker holds")
+    max_workers: int = _int(MAX_WORKERS, 1, 1 << 24, "destination workers at once")
+    coalesce: int = _int(COALESCE, 0, 10_000, "dispatcher loop iterations to wait for more packets")
+    worker_idle_timeout: float = _seconds(WORKER_IDLE_TIMEOUT, "seconds before an idle worker goes")
+    worker_cleanup_interval: float = _seconds(WORKER_CLEANUP_INTERVAL, "seconds between idle checks")
+    # the TUN device
+    read_batch: int = _int(READ_BATCH, 1, 1 << 16, "TUN packets read per readiness event at most")
+    write_backlog: int = _int(WRITE_BACKLOG, 1, 1 << 22, "TUN packets waiting for a writable device")
+    # sending: the stream pool and TCP
+    max_streams_per_peer: int = _int(MAX_STREAMS_PER_PEER, 1, 1024, "streams per peer")
+    send_buffer: int = _int(SEND_BUFFER, 4096, 1 << 30, "SO_SNDBUF bytes")
+    connect_timeout: float = _seconds(CONNECT_TIMEOUT, "seconds for connect, handshake and hello")
+    write_timeout: float = _seconds(WRITE_TIMEOUT, "seconds a write may wait for a peer that does not read")
+    stream_idle_timeout: float = _seconds(STREAM_IDLE_TIMEOUT, "seconds before an unused stream is closed")
+    # receiving
+    receive_batch: int = _int(RECEIVE_BATCH, 1, 1 << 16, "packets per sink call")
+    read_size: int = _int(READ_SIZE, 1024, 1 << 26, "bytes per socket read")
+    max_connections: int = _int(MAX_CONNECTIONS, 1, 1 << 20, "connections accepted at once")
+    max_connections_per_peer: int = _int(MAX_CONNECTIONS_PER_PEER, 1, 1 << 16, "connections from one peer")
+    hello_timeout: float = _seconds(HELLO_TIMEOUT, "seconds a new connection has for TLS and its hello")
+    max_pending: int = _int(MAX_PENDING, 1, 1 << 16, "connections not authenticated yet, in all")
+    max_pending_per_source: int = _int(MAX_PENDING_PER_SOURCE, 1, 1 << 16, "pending connections per address")
+    idle_timeout: float = _seconds(RECEIVE_IDLE_TIMEOUT, "seconds an authenticated connection may be silent")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            try:
+                value = f.metadata["spec"].check(getattr(self, f.name))
+            except ValueError as exc:
+                raise ValueError(f"{f.name}: {exc}") from None
+            object.__setattr__(self, f.name, value)
+
+    @staticmethod
+    def spec(name: str) -> Spec:
+        """The rule of field `name`; raises `KeyError` for a name that is not a field."""
+        for f in fields(Tuning):
+            if f.name == name:
+                spec: Spec = f.metadata["spec"]
+                return spec
+        raise KeyError(name)
+
+    @staticmethod
+    def names() -> tuple[str, ...]:
+        """The field names, in order."""
+        return tuple(f.name for f in fields(Tuning))
+
+    def with_changes(self, **changes: Any) -> Tuning:
+        """A copy with `changes` (field names) applied and checked; `TypeError` for an unknown name."""
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+#: The node's tuning when nothing is configured.
+DEFAULT_TUNING: Final = Tuning()

@@ -1,0 +1,383 @@
+"""`TunNode` and `vpn-packet node` around the TUN device (the device itself: tests/transport/test_tun.py).
+
+- The command's errors are one line and exit status 2: no TUN driver, not root.
+- Two `TunNode`s on loopback with fake TUN devices (no root): what one "reads" the other writes, a spoofed
+  packet is dropped and counted, the shutdown is ordered and clean, drops are logged once per report.
+- The metrics endpoint, the shutdown deadline, a start failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vpn_packet.cli import main
+from vpn_packet.node.config import NodeConfig, parse_config
+from vpn_packet.node.tun_node import TunNode, drop_counters
+from vpn_packet.testutil.fixtures import wait_until
+from vpn_packet.testutil.netns import skip_or_fail
+from vpn_packet.testutil.packets import ICMP, UDP, icmp_echo, ipv4_packet
+from vpn_packet.transport.tun import TunDevice, TunMetrics
+
+HAVE_TUN = os.path.exists("/dev/net/tun")
+
+
+# --- the command's errors ---------------------------------------------------------------------------------
+
+_NOT_ROOT_CONFIG = """\
+[interface]
+name = "vpnp-noroot"
+address = "10.99.0.1/24"
+
+[listen]
+address = "127.0.0.1:7999"
+
+[[peers]]
+id = "node-b"
+endpoint = "127.0.0.1:7998"
+allowed_ips = ["10.99.0.2/32"]
+"""
+
+
+def test_cli_missing_device_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(_NOT_ROOT_CONFIG)
+    original = TunDevice.open.__func__  # type: ignore[attr-defined]
+
+    def open_missing(cls: type[TunDevice], name: str, **kwargs: Any) -> TunDevice:
+        return original(cls, name, path=str(tmp_path / "no-tun"), **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(TunDevice, "open", classmethod(open_missing))
+    assert main(["node", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    missing = "the TUN device is missing: no TUN driver here (modprobe tun)"
+    assert err == f"vpn-packet node: error: {tmp_path / 'no-tun'}: {missing}\n"
+
+
+def test_cli_not_root_is_one_line_exit_2() -> None:
+    if not HAVE_TUN:
+        skip_or_fail("/dev/net/tun is missing")
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:  # readable by nobody, unlike tmp_path
+        os.chmod(directory, 0o755)
+        config = Path(directory) / "node.toml"
+        config.write_text(_NOT_ROOT_CONFIG)
+        config.chmod(0o644)
+        result = _run_cli_unprivileged(config)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("vpn-packet node: error: ")
+    assert "needs root or CAP_NET_ADMIN" in result.stderr
+
+
+def _run_cli_unprivileged(config: Path) -> subprocess.CompletedProcess[str]:
+    # Everything is imported before dropping to nobody (who may not read the Python installation).
+    script = (
+        "import asyncio, os, sys\n"
+        "import vpn_packet.node.node, vpn_packet.transport.tun\n"
+        "from vpn_packet.cli import build_parser, main\n"
+        "build_parser()\n"
+        "if os.geteuid() == 0:\n"
+        "    os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        f"sys.exit(main(['node', '--config', {str(config)!r}]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+
+# --- TunNode with fake devices (no root) ------------------------------------------------------------------
+
+
+class FakeTun:
+    """Stands in for `TunDevice`: `inject` is what the kernel would have routed into it; `written` what the
+    node wrote to it."""
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        self.name = name
+        self.kwargs = kwargs
+        self.written: list[bytes] = []
+        self.on_batch: Callable[[list[bytes]], object] | None = None
+        self.on_error: Callable[[OSError], object] | None = None
+        self.closed = False
+        self.reading = False
+        self.events: list[str] = []
+        self.arrived = asyncio.Event()
+
+    def start_reading(
+        self,
+        on_batch: Callable[[list[bytes]], object],
+        *,
+        max_packets: int = 256,
+        on_error: Callable[[OSError], object] | None = None,
+    ) -> None:
+        self.on_batch = on_batch
+        self.on_error = on_error
+        self.reading = True
+        self.events.append("start_reading")
+
+    def stop_reading(self) -> None:
+        self.reading = False
+        self.events.append("stop_reading")
+
+    def inject(self, packets: list[bytes]) -> None:
+        assert self.reading
+        assert self.on_batch is not None
+        self.on_batch(packets)
+
+    def write_batch(self, packets: Iterable[bytes]) -> int:
+        packets = list(packets)
+        self.written += packets
+        self.arrived.set()
+        return len(packets)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.events.append("close")
+        self.closed = True
+
+    def metrics(self) -> TunMetrics:
+        return TunMetrics(self.name, 0, 0, 0, 0, len(self.written), 0, 0, 0, 0, 0)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _config(
+    me: str,
+    other: str,
+    my_ip: str,
+    other_ip: str,
+    port: int,
+    other_port: int,
+    tmp: Path,
+    tls: tuple[str, Any] | None = None,
+) -> NodeConfig:
+    peer: dict[str, Any] = {
+        "id": other,
+        "endpoint": f"127.0.0.1:{other_port}",
+        "allowed_ips": [f"{other_ip}/32"],
+    }
+    data: dict[str, Any] = {
+        "interface": {"name": f"tun-{me}", "address": f"{my_ip}/24", "mtu": 1400},
+        "listen": {"address": f"127.0.0.1:{port}"},
+        "node": {"id": me, "metrics_file": f"metrics-{me}.json", "shutdown_timeout": 3},
+        "peers": [peer],
+        "tuning": {"connect_timeout": 2},
+    }
+    if tls is not None:  # (mode, TestPki)
+        mode, pki = tls
+        data["tls"] = {"cert": str(pki.nodes[me].cert), "key": str(pki.nodes[me].key)}
+        if mode == "ca":
+            data["tls"]["ca"] = str(pki.ca_cert)
+        else:
+            peer["cert"] = str(pki.nodes[other].cert)
+    return parse_config(data, base=tmp)
+
+
+@pytest.mark.parametrize("tls", [None, "ca", "pinned"])
+async def test_tun_nodes_over_loopback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls: str | None
+) -> None:
+    if tls is not None:
+        from vpn_packet.testutil.certs import write_test_pki
+
+        settings: tuple[str, Any] | None = (tls, write_test_pki(tmp_path / "pki", ["node-a", "node-b"]))
+    else:
+        settings = None
+    port_a, port_b = _free_ports(2)
+    tuns: dict[str, FakeTun] = {}
+
+    def factory(name: str, **kwargs: Any) -> Any:
+        tuns[name] = FakeTun(name, **kwargs)
+        return tuns[name]
+
+    a = TunNode(
+        _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port_a, port_b, tmp_path, settings),
+        tun_factory=factory,
+    )
+    b = TunNode(
+        _config("node-b", "node-a", "10.8.0.2", "10.8.0.1", port_b, port_a, tmp_path, settings),
+        tun_factory=factory,
+    )
+    await a.start()
+    await b.start()
+    try:
+        assert a.running
+        assert b.running
+        assert (a.node.stream_service.ssl_context is not None) == (tls is not None)
+        assert (b.node.receiver.ssl_context is not None) == (tls is not None)
+        assert tuns["tun-node-a"].kwargs == {
+            "address": ["10.8.0.1/24"],
+            "mtu": 1400,
+            "txqueuelen": 1000,
+            "max_backlog": 4096,
+        }
+        good = [ipv4_packet("10.8.0.1", "10.8.0.2", UDP, 1000 + i, 53, bytes([i]) * 100) for i in range(50)]
+        no_peer = ipv4_packet("10.8.0.1", "10.77.0.9", UDP, 1, 2, b"nowhere")
+        tuns["tun-node-a"].inject([*good, no_peer])
+        tun_b = tuns["tun-node-b"]
+        async with asyncio.timeout(5):
+            while len(tun_b.written) < 50:
+                tun_b.arrived.clear()
+                await tun_b.arrived.wait()
+        assert tun_b.written == good
+
+        # B answers; A gets it.
+        reply = ipv4_packet("10.8.0.2", "10.8.0.1", ICMP, transport=icmp_echo(1, 1))
+        tuns["tun-node-b"].inject([reply])
+        await wait_until(lambda: bool(tuns["tun-node-a"].written))
+        assert tuns["tun-node-a"].written == [reply]
+
+        # A packet whose source is B's address, sent by A: B refuses it.
+        spoofed = ipv4_packet("10.8.0.2", "10.8.0.2", UDP, 9, 9, b"spoof")
+        tuns["tun-node-a"].inject([spoofed])
+        await wait_until(lambda: b.metrics()["node"]["receiver"]["spoofed_dropped"] >= 1)
+        assert tun_b.written == good
+
+        with caplog.at_level(logging.WARNING, logger="vpn_packet.node"):
+            assert b.log_drops() == {"receiver.spoofed_dropped": 1}
+            assert b.log_drops() == {}  # nothing new: no second line
+        assert sum("receiver.spoofed_dropped=1" in r.getMessage() for r in caplog.records) == 1
+        await wait_until(lambda: a.metrics()["node"]["dispatcher"]["failed"] >= 1)
+        assert drop_counters(a.metrics())["failed.no_peer"] == 1
+
+        snapshot = b.report_metrics()
+        on_disk = json.loads((tmp_path / "metrics-node-b.json").read_text())
+        assert on_disk["node"]["receiver"]["spoofed_dropped"] == 1
+        assert snapshot["node"]["receiver_peers"]["node-a"]["packets_delivered"] == 50
+    finally:
+        assert await a.shutdown()
+        assert await b.shutdown()
+    assert await a.shutdown()  # idempotent
+    for tun in tuns.values():
+        assert tun.events == ["start_reading", "stop_reading", "close"]
+    summary = a.summary()
+    assert "node node-a" in summary
+    assert "failed.no_peer=1" in summary
+    assert not a.running
+    assert a.metrics()["state"] == "stopped"
+
+
+async def _http_get(address: tuple[str, int], path: str) -> tuple[str, bytes]:
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0].decode(), body
+
+
+async def test_metrics_endpoint(tmp_path: Path) -> None:
+    port_a, port_b, port_m = _free_ports(3)
+    config = _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port_a, port_b, tmp_path)
+    config = dataclasses.replace(
+        config, node=dataclasses.replace(config.node, metrics_listen=("127.0.0.1", port_m))
+    )
+    tuns: list[FakeTun] = []
+
+    def factory(name: str, **kwargs: Any) -> Any:
+        tuns.append(FakeTun(name, **kwargs))
+        return tuns[-1]
+
+    node = TunNode(config, tun_factory=factory)
+    await node.start()
+    try:
+        assert node.metrics_address == ("127.0.0.1", port_m)
+        tuns[0].inject([ipv4_packet("10.8.0.1", "10.77.0.1", UDP, 1, 2, b"no peer")])
+        await wait_until(lambda: node.metrics()["node"]["dispatcher"]["failed"] == 1)
+        status, body = await _http_get(node.metrics_address, "/metrics")
+        assert status == "HTTP/1.0 200 OK"
+        text = body.decode()
+        assert "# TYPE vpn_packet_packets_failed_total counter" in text
+        assert 'vpn_packet_packets_failed_total{reason="no_peer"} 1' in text
+        assert "vpn_packet_receiver_spoofed_dropped_total 0" in text
+        assert "vpn_packet_tun_packets_written_total 0" in text
+        status, body = await _http_get(node.metrics_address, "/metrics.json")
+        assert status == "HTTP/1.0 200 OK"
+        assert json.loads(body)["node"]["dispatcher"]["failed_by_reason"]["no_peer"] == 1
+        status, _ = await _http_get(node.metrics_address, "/other")
+        assert status == "HTTP/1.0 404 Not Found"
+    finally:
+        assert await node.shutdown()
+    with pytest.raises(ConnectionRefusedError):
+        await _http_get(("127.0.0.1", port_m), "/metrics")
+
+
+async def test_shutdown_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A drain that never ends (a peer that never takes its packets): `shutdown` gives up at its deadline and
+    says so (False, an error line), cancels the drain, and still stops the receiver and closes the TUN."""
+    port_a, port_b = _free_ports(2)
+    tuns: list[FakeTun] = []
+
+    def factory(name: str, **kwargs: Any) -> Any:
+        tuns.append(FakeTun(name, **kwargs))
+        return tuns[-1]
+
+    node = TunNode(
+        _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port_a, port_b, tmp_path), tun_factory=factory
+    )
+    await node.start()
+    drain_cancelled = asyncio.Event()
+
+    async def never_drains(timeout: float | None = None) -> None:  # noqa: ASYNC109 - the signature it replaces
+        try:
+            await asyncio.Event().wait()  # nobody sets it: only the shutdown deadline ends this
+        except asyncio.CancelledError:
+            drain_cancelled.set()
+            raise
+
+    monkeypatch.setattr(node.node, "stop_sending", never_drains)
+    with caplog.at_level(logging.ERROR, logger="vpn_packet.node"):
+        # A hang guard only: without its deadline the shutdown would wait for the drain forever.
+        async with asyncio.timeout(30):
+            assert await node.shutdown(timeout=0.05) is False
+    assert drain_cancelled.is_set()
+    assert "shutdown deadline of 0.05s reached" in caplog.text
+    assert tuns[0].closed
+    assert not node.node.receiver.running
+    assert not node.running
+
+
+async def test_start_failure_closes_the_tun(tmp_path: Path) -> None:
+    (port,) = _free_ports(1)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    tuns: list[FakeTun] = []
+
+    def factory(name: str, **kwargs: Any) -> Any:
+        tuns.append(FakeTun(name, **kwargs))
+        return tuns[-1]
+
+    try:
+        node = TunNode(
+            _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port, port, tmp_path), tun_factory=factory
+        )
+        with pytest.raises(OSError, match=r"address already in use|Errno 98"):
+            await node.start()
+    finally:
+        blocker.close()
+    assert tuns[0].closed

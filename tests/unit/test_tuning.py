@@ -1,0 +1,142 @@
+"""`vpn_packet.tuning`: one place for each default and each rule, and every layer reading it."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+
+import pytest
+
+from vpn_packet import _native, tuning
+from vpn_packet.dispatcher import Dispatcher
+from vpn_packet.transport import framing
+from vpn_packet.transport.discovery import Peer
+from vpn_packet.transport.pool import StreamPool
+from vpn_packet.transport.receiver import Receiver
+from vpn_packet.transport.tcp import TcpStreamService
+from vpn_packet.transport.tun import TunDevice
+from vpn_packet.tuning import Tuning
+
+
+def _default(func: object, name: str) -> object:
+    return inspect.signature(func).parameters[name].default  # type: ignore[arg-type]
+
+
+def test_library_defaults_are_the_tuning_constants() -> None:
+    """The classes' keyword defaults are read from `tuning`, and equal a default `Tuning`'s except the
+    documented node-only difference (the worker buffer)."""
+    t = Tuning()
+    assert _default(Dispatcher, "worker_buffer_size") == tuning.WORKER_BUFFER_SIZE == 100  # DESIGN contract
+    assert t.worker_buffer_size == tuning.NODE_WORKER_BUFFER_SIZE >= t.read_batch
+    pairs = [
+        (Dispatcher, "max_workers", t.max_workers),
+        (Dispatcher, "coalesce", t.coalesce),
+        (Dispatcher, "worker_idle_timeout", t.worker_idle_timeout),
+        (Dispatcher, "worker_cleanup_interval", t.worker_cleanup_interval),
+        (StreamPool, "max_streams_per_peer", t.max_streams_per_peer),
+        (StreamPool, "idle_timeout", t.stream_idle_timeout),
+        (TcpStreamService, "connect_timeout", t.connect_timeout),
+        (TcpStreamService, "write_timeout", t.write_timeout),
+        (TcpStreamService, "send_buffer", t.send_buffer),
+        (Receiver, "hello_timeout", t.hello_timeout),
+        (Receiver, "max_batch", t.receive_batch),
+        (Receiver, "max_connections", t.max_connections),
+        (Receiver, "max_connections_per_peer", t.max_connections_per_peer),
+        (Receiver, "read_size", t.read_size),
+        (TunDevice.open, "max_backlog", t.write_backlog),
+        (TunDevice.open, "mtu", tuning.MTU),
+        (TunDevice.open, "txqueuelen", tuning.TXQUEUELEN),
+        (TunDevice.start_reading, "max_packets", t.read_batch),
+    ]
+    for cls, name, expected in pairs:
+        assert _default(cls, name) == expected, (cls, name)
+
+
+def test_tuning_checks_every_field_against_its_spec() -> None:
+    for name in Tuning.names():
+        spec = Tuning.spec(name)
+        bad: object = 0 if spec.seconds else spec.high + 1
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            Tuning(**{name: bad})  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            Tuning(**{name: True})
+    assert Tuning(write_timeout=2).write_timeout == 2.0
+    assert isinstance(Tuning(write_timeout=2).write_timeout, float)
+    with pytest.raises(ValueError, match="expected a number of seconds"):
+        Tuning(write_timeout=math.inf)
+    with pytest.raises(KeyError):
+        Tuning.spec("turbo")
+    assert Tuning().with_changes(coalesce=0) == dataclasses.replace(Tuning(), coalesce=0)
+    with pytest.raises(TypeError):
+        Tuning().with_changes(turbo=1)
+
+
+@pytest.mark.parametrize(
+    ("rule", "value", "message"),
+    [
+        (tuning.check_interface_name, "x" * 16, "is not an interface name"),
+        (tuning.check_interface_name, "a b", "is not an interface name"),
+        (tuning.check_interface_name, "", "is not an interface name"),
+        (tuning.check_mtu, 575, "575 is out of range 576..65535"),
+        (tuning.check_mtu, 65536, "out of range"),
+        (tuning.check_mtu, "1400", "expected an integer"),
+        (tuning.check_peer_id, "", "non-empty"),
+        (tuning.check_peer_id, "x" * 256, "at most 255 bytes"),
+        (tuning.check_prefix, "10.0.0.1/24", "has host bits set \\(did you mean 10.0.0.0/24\\?\\)"),
+        (tuning.check_prefix, "10.0.0.300/32", "is not an IP prefix"),
+        (tuning.parse_endpoint, "10.0.0.1", "expected host:port"),
+        (tuning.check_seconds, -1, "must be positive"),
+        (tuning.check_seconds, float("nan"), "expected a number of seconds"),
+    ],
+)
+def test_rules(rule: object, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        rule(value)  # type: ignore[operator]
+
+
+def test_rules_accept() -> None:
+    assert tuning.check_mtu(576) == 576
+    assert tuning.check_mtu(1280, ipv6=True) == 1280
+    with pytest.raises(ValueError, match="IPv6 minimum"):
+        tuning.check_mtu(1279, ipv6=True)
+    assert tuning.check_interface_name("x" * 15) == "x" * 15
+    assert tuning.check_peer_id("x" * 255) == "x" * 255
+    assert tuning.check_prefix("FD00::/64") == "fd00::/64"
+    assert tuning.check_seconds(0, zero=True) == 0.0
+
+
+def test_the_same_rules_in_every_layer() -> None:
+    """The TUN device and a `Peer` refuse what the config file refuses, with the same words."""
+    with pytest.raises(ValueError, match=r"mtu 575 is out of range 576\.\.65535"):
+        TunDevice.open("ok", mtu=575, path="/nonexistent/tun")
+    with pytest.raises(ValueError, match="IPv6 minimum"):
+        TunDevice.open("ok", address="fd00::1/64", mtu=1200, path="/nonexistent/tun")
+    with pytest.raises(ValueError, match="is not an interface name"):
+        TunDevice.open("x" * 16, path="/nonexistent/tun")
+    with pytest.raises(ValueError, match="at most 255 bytes"):
+        Peer("x" * 256, "10.0.0.1:1")
+    with pytest.raises(ValueError, match=r"did you mean 10\.0\.0\.0/24"):
+        Peer("p", "10.0.0.1:1", ["10.0.0.1/24"])
+
+
+def test_framing_constants_come_from_rust() -> None:
+    names = [
+        "DEFAULT_MAX_FRAME_SIZE",
+        "LENGTH_PREFIX_LEN",
+        "HELLO_MAGIC",
+        "HELLO_VERSION",
+        "HELLO_HEADER_LEN",
+        "MAX_PEER_ID_LEN",
+        "MAX_HELLO_LEN",
+        "MAX_FRAME_SIZE_LIMIT",
+    ]
+    for name in names:
+        assert getattr(framing, name) is getattr(_native, name), name
+    assert (framing.DEFAULT_MAX_FRAME_SIZE, framing.LENGTH_PREFIX_LEN) == (65535, 4)
+    assert (framing.HELLO_MAGIC, framing.HELLO_VERSION) == (b"VPNP", 1)
+    assert framing.MAX_HELLO_LEN == framing.HELLO_HEADER_LEN + framing.MAX_PEER_ID_LEN == 261
+    hello = framing.encode_hello("x" * framing.MAX_PEER_ID_LEN)
+    assert len(hello) == framing.MAX_HELLO_LEN
+    assert hello.startswith(framing.HELLO_MAGIC + bytes([framing.HELLO_VERSION]))
+    assert len(framing.encode_frames([b"ab"])) == framing.LENGTH_PREFIX_LEN + 2

@@ -1,6 +1,8 @@
 """Tunnel goodput under pytest: one round of `tunnel_goodput.py` (two namespaces, a node in each, bulk TCP
 through the tunnel beside the bare veth pair), so the CI benchmark smoke run exercises it too.
 
+Both node modes run: `key` (the default, TLS with keys) and `insecure` (plaintext); the key-mode run's
+`extra_info` has `ratio_to_insecure` when the insecure one ran first at that MTU.
 The numbers go into `extra_info` (`tunnel_gbps`, `veth_gbps`, `fraction`); the benchmark's own time includes
 starting the namespaces and nodes and is not the quantity of interest. For the table, run the script:
 `python benches/tunnel_goodput.py`. Skipped without root, `/dev/net/tun` or `ip netns`.
@@ -19,14 +21,26 @@ from vpn_packet.testutil.netns import netns_unavailable
 NBYTES = int(float(os.environ.get("VPN_PACKET_TUNNEL_BYTES", "50e6")))
 
 
+_tunnel: dict[tuple[int, str], float] = {}  # (mtu, mode) -> tunnel Gbit/s
+
+
+@pytest.mark.parametrize("mode", ["insecure", "key"])
 @pytest.mark.parametrize("mtu", [1400, 9000])
-def test_tunnel_goodput(benchmark: BenchmarkFixture, mtu: int) -> None:
+def test_tunnel_goodput(benchmark: BenchmarkFixture, mtu: int, mode: str) -> None:
     reason = netns_unavailable()
     if reason is not None:
         pytest.skip(reason)
-    result = benchmark.pedantic(run_mtu, args=(mtu, NBYTES, 1), rounds=1, iterations=1)
+    result = benchmark.pedantic(run_mtu, args=(mtu, NBYTES, 1), kwargs={"mode": mode}, rounds=1, iterations=1)
     tunnel, veth = result["tunnel"][0], result["veth"][0]
+    _tunnel[(mtu, mode)] = tunnel
     benchmark.extra_info.update(
         tunnel_gbps=round(tunnel, 3), veth_gbps=round(veth, 3), fraction=round(tunnel / veth, 4), ours=True
     )
-    print(f"\nMTU {mtu}: tunnel {tunnel:.2f} Gbit/s, bare veth {veth:.2f} Gbit/s ({tunnel / veth:.1%})")
+    ratio = ""
+    if mode == "key" and (mtu, "insecure") in _tunnel:
+        benchmark.extra_info["ratio_to_insecure"] = round(tunnel / _tunnel[(mtu, "insecure")], 4)
+        ratio = f", {tunnel / _tunnel[(mtu, 'insecure')]:.1%} of insecure"
+    print(
+        f"\nMTU {mtu} {mode}: tunnel {tunnel:.2f} Gbit/s, bare veth {veth:.2f} Gbit/s "
+        f"({tunnel / veth:.1%}{ratio})"
+    )

@@ -48,8 +48,9 @@ from vpn_packet.errors import (
 )
 from vpn_packet.metrics import REJECT_REASONS, DispatcherMetrics
 from vpn_packet.resilience import ResilienceService
+from vpn_packet.tasks import TaskSet
 from vpn_packet.utils import destination_key_and_ip, group_by_destination
-from vpn_packet.worker import TaskSet, Worker, WorkerContext, WorkerMetrics
+from vpn_packet.worker import Worker, WorkerContext, WorkerMetrics
 
 __all__ = ["Dispatcher", "DispatcherState", "NewDispatcher"]
 

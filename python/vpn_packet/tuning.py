@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_TUNING",
     "HELLO_TIMEOUT",
     "LOG_INTERVAL",
+    "LOG_LEVELS",
     "IFNAMSIZ",
     "IPV6_MIN_MTU",
     "MAX_CONNECTIONS",
@@ -138,6 +139,9 @@ MAX_MTU: Final = 65535
 IPV6_MIN_MTU: Final = 1280
 #: Linux's IFNAMSIZ: an interface name is at most 15 bytes and a NUL.
 IFNAMSIZ: Final = 16
+
+#: The node's log levels (`[node] log_level`, `vpn-packet node --log-level`).
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 #: Seconds for the whole ordered shutdown of a node (and `Node.stop`'s drain).
 SHUTDOWN_TIMEOUT: Final = 5.0

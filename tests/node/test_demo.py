@@ -10,7 +10,12 @@ from vpn_packet.cli import main
 from vpn_packet.node import demo
 
 
-def test_demo_plain_tcp(capsys: pytest.CaptureFixture[str]) -> None:
+def _transport_line(out: str) -> str:
+    (line,) = [line for line in out.splitlines() if line.startswith("transport")]
+    return line
+
+
+def test_demo_is_secure_by_default(capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["demo", "--packets", "4000", "--destinations", "120", "--seed", "3"])
     out = capsys.readouterr().out
     assert status == 0, out
@@ -19,18 +24,32 @@ def test_demo_plain_tcp(capsys: pytest.CaptureFixture[str]) -> None:
     assert "pps" in out
     assert "Mbit/s" in out
     assert "drops" in out
+    transport = _transport_line(out)
+    assert "TLS 1.3, keys" in transport
+    assert "PLAINTEXT" not in out
+    assert "TLS 1.3 (throwaway keys)" in out.splitlines()[0]
 
 
-def test_demo_mutual_tls(capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["demo", "--packets", "1000", "--destinations", "50", "--tls"])
+def test_demo_insecure_runs_plaintext_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["demo", "--packets", "1000", "--destinations", "50", "--insecure"])
     out = capsys.readouterr().out
     assert status == 0, out
-    assert "mutual TLS" in out
     assert "OK: all 1,000 packets" in out
+    transport = _transport_line(out)
+    assert "PLAINTEXT, unauthenticated" in transport
+    assert "TLS" not in transport
+    assert "plaintext TCP (--insecure)" in out.splitlines()[0]
 
 
-async def test_run_demo_result() -> None:
-    result = await demo.run_demo(3000, 200, seed=5)
+def test_the_old_tls_flag_is_gone(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--packets", "10", "--tls"]) == 2  # TLS is the default now
+    assert "--tls" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("secure", [True, False])
+async def test_run_demo_result(secure: bool) -> None:
+    result = await demo.run_demo(3000, 200, seed=5, secure=secure)
+    assert result.secure is secure
     assert result.ok
     assert result.received == 3000
     assert (result.corrupt, result.out_of_order, result.missing) == (0, 0, 0)
@@ -38,6 +57,12 @@ async def test_run_demo_result() -> None:
     assert result.top_workers
     assert result.top_workers[0][1] >= result.top_workers[-1][1]
     assert result.receiver["receiver"]["packets_delivered"] == 3000
+    assert result.receiver["receiver"]["refused"] == {}
+    assert result.receiver["receiver"]["handshake_failures"] == {}
+
+
+async def test_run_demo_is_secure_unless_asked() -> None:
+    assert (await demo.run_demo(50, 5)).secure is True
 
 
 def test_workload_is_realistic() -> None:
@@ -107,13 +132,3 @@ def test_demo_both_ways(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCa
     assert "OK: all 4,000 packets" in out
     # Nothing logged at ERROR level (both nodes stop sending before either receiver stops).
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
-
-
-def test_tls_without_cryptography_is_a_usage_error(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import sys
-
-    monkeypatch.setitem(sys.modules, "vpn_packet.testutil.certs", None)  # import fails
-    assert main(["demo", "--packets", "10", "--tls"]) == 2
-    assert "cryptography" in capsys.readouterr().err

@@ -35,7 +35,17 @@ def _snapshot() -> dict[str, Any]:
         "workers_recycled": 0,
         "resilience": {},
     }
-    receiver = {"connections": 2, "frames": 5, "active_connections": 1, "protocol_errors": {"too_large": 1}}
+    receiver = {
+        "connections": 2,
+        "frames": 5,
+        "active_connections": 1,
+        "pending": 3,
+        "rejected_pending": 4,
+        "idle_closed": 6,
+        "protocol_errors": {"too_large": 1},
+        "refused": {"key_mismatch": 7, "unknown_peer": 8},
+        "handshake_failures": {"tls_failed": 9},
+    }
     return {
         "id": "node-a",
         "uptime": 1.5,
@@ -60,6 +70,13 @@ def test_samples_reuse_the_dispatcher_builder() -> None:
     assert samples[("vpn_packet_packets_failed_total", (("reason", "no_peer"),))] == 1
     assert samples[("vpn_packet_receiver_frames_total", ())] == 5
     assert samples[("vpn_packet_receiver_protocol_errors_total", (("reason", "too_large"),))] == 1
+    # Connections refused or failed before authentication (issue 10): counted by reason, and the pending ones.
+    assert samples[("vpn_packet_receiver_refused_total", (("reason", "key_mismatch"),))] == 7
+    assert samples[("vpn_packet_receiver_refused_total", (("reason", "unknown_peer"),))] == 8
+    assert samples[("vpn_packet_receiver_handshake_failures_total", (("reason", "tls_failed"),))] == 9
+    assert samples[("vpn_packet_receiver_pending_connections", ())] == 3
+    assert samples[("vpn_packet_receiver_rejected_pending_total", ())] == 4
+    assert samples[("vpn_packet_receiver_idle_closed_total", ())] == 6
     assert samples[("vpn_packet_tun_packets_read_total", ())] == 4
     assert samples[("vpn_packet_uptime_seconds", ())] == 1.5
 
@@ -72,6 +89,7 @@ def test_collector_in_a_registry() -> None:
     assert "# TYPE vpn_packet_packets_failed_total counter" in text
     assert 'vpn_packet_packets_failed_total{reason="no_peer"} 1.0' in text
     assert "vpn_packet_tun_write_backlog 0.0" in text
+    assert 'vpn_packet_receiver_refused_total{reason="key_mismatch"} 7.0' in text
 
 
 async def test_endpoint_serves_a_snapshot_taken_on_the_loop() -> None:

@@ -1,16 +1,29 @@
 """Node configuration: the DESIGN.md section 6 contract parses; every bad value is refused with the key named;
-`vpn-packet node` turns a bad file into one line on stderr and exit status 2."""
+`vpn-packet node` turns a bad file into one line on stderr and exit status 2.
+
+Secure by default (issue 10): a node needs `[node] key` and every peer's `public_key`, or a CA (`[tls]` with
+`ca`, `cert`, `key` and `[node] id`), or `[node] insecure = true` (which the node warns about at every
+start); a file with none of them is refused with a line that says how to make keys."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import shutil
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from vpn_packet.cli import main
 from vpn_packet.node.config import NODE_RESILIENCE, ConfigError, Tuning, load_config, parse_config
+from vpn_packet.node.tun_node import INSECURE_WARNING, TunNode
+from vpn_packet.transport.identity import NodeIdentity, generate_identity, load_identity
+from vpn_packet.transport.tun import TunDevice, TunMetrics
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 CONTRACT = """\
 [interface]
@@ -21,29 +34,59 @@ mtu = 1400
 [listen]
 address = "0.0.0.0:7000"
 
+[node]
+key = "node-a.key"
+
 [[peers]]
 id = "node-b"
 endpoint = "192.168.77.2:7000"
 allowed_ips = ["10.8.0.2/32"]
+public_key = "{public_key}"
 """
 
 
-def base() -> dict[str, Any]:
+def _identity(directory: Path, name: str) -> NodeIdentity:
+    """`directory/name.key`, made on first use."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.key"
+    return load_identity(path) if path.exists() else generate_identity(name, directory)
+
+
+def contract(directory: Path) -> Path:
+    """The contract file in `directory`, node-a.key beside it, node-b's real public key (its key file is
+    on the other host: `directory/elsewhere`) in it."""
+    _identity(directory, "node-a")
+    path = directory / "node.toml"
+    path.write_text(CONTRACT.format(public_key=_identity(directory / "elsewhere", "node-b").public_key))
+    return path
+
+
+def base(directory: Path) -> dict[str, Any]:
+    """Parsed TOML of a valid key-mode config (node-a.key in `directory`) with two peers and their keys."""
+    _identity(directory, "node-a")
     return {
         "interface": {"name": "vpn0", "address": "10.8.0.1/24", "mtu": 1400},
         "listen": {"address": "0.0.0.0:7000"},
-        "node": {"id": "node-a"},
+        "node": {"key": "node-a.key"},
         "peers": [
-            {"id": "node-b", "endpoint": "192.168.77.2:7000", "allowed_ips": ["10.8.0.2/32"]},
-            {"id": "node-c", "endpoint": "[fd00::3]:7000", "allowed_ips": ["10.8.0.3/32", "fd00:8::/64"]},
+            {
+                "id": "node-b",
+                "endpoint": "192.168.77.2:7000",
+                "allowed_ips": ["10.8.0.2/32"],
+                "public_key": _identity(directory / "peers", "node-b").public_key,
+            },
+            {
+                "id": "node-c",
+                "endpoint": "[fd00::3]:7000",
+                "allowed_ips": ["10.8.0.3/32", "fd00:8::/64"],
+                "public_key": _identity(directory / "peers", "node-c").public_key,
+            },
         ],
     }
 
 
 def test_contract_example_parses(tmp_path: Path) -> None:
-    path = tmp_path / "node.toml"
-    path.write_text(CONTRACT)
-    config = load_config(path)
+    config = load_config(contract(tmp_path))
     assert config.interface.name == "vpn0"
     assert config.interface.addresses == ("10.8.0.1/24",)
     assert config.interface.mtu == 1400
@@ -52,23 +95,56 @@ def test_contract_example_parses(tmp_path: Path) -> None:
     assert [(p.id, p.endpoint, p.allowed_ips) for p in config.peers] == [
         ("node-b", "192.168.77.2:7000", ("10.8.0.2/32",))
     ]
-    assert config.node.id  # the host name by default
+    assert config.node.id == "node-a"  # no [node] id: the name genkey put in the key file
+    assert config.node.key == tmp_path / "node-a.key"  # relative to the config file
+    assert config.mode == "key"
     assert config.tls is None
     assert config.tuning == Tuning()
     assert config.peers[0].to_peer().allowed_ips == ("10.8.0.2/32",)
+    node_b = load_identity(tmp_path / "elsewhere" / "node-b.key")
+    assert config.peers[0].public_key == node_b.public_key_bytes
+    security = config.security()
+    assert (security.mode, security.local_id, security.encrypted) == ("key", "node-a", True)
+    assert security.identity is not None
+    assert security.identity.public_key == load_identity(tmp_path / "node-a.key").public_key
+    assert security.peer_keys == {"node-b": node_b.public_key_bytes}
+    assert security.peer_of_key(node_b.public_key_bytes) == "node-b"
 
 
-def test_examples_parse() -> None:
-    examples = Path(__file__).resolve().parents[2] / "examples"
-    a = load_config(examples / "node-a.toml")
-    b = load_config(examples / "node-b.toml")
+def test_examples_parse_once_keys_are_filled_in(tmp_path: Path) -> None:
+    """examples/node-a.toml and node-b.toml, as a user would use them: genkey on each host, the other's
+    public key pasted over the placeholder line."""
+    keys = {name: generate_identity(name, tmp_path) for name in ("node-a", "node-b")}
+    configs = {}
+    for me, other in (("node-a", "node-b"), ("node-b", "node-a")):
+        text = (EXAMPLES / f"{me}.toml").read_text()
+        lines = text.splitlines(keepends=True)
+        placeholders = [i for i, line in enumerate(lines) if "PASTE" in line]
+        assert len(placeholders) == 1, text
+        assert lines[placeholders[0]].startswith("public_key = ")
+        lines[placeholders[0]] = f'public_key = "{keys[other].public_key}"\n'
+        path = tmp_path / f"{me}.toml"
+        path.write_text("".join(lines))
+        configs[me] = load_config(path)
+    a, b = configs["node-a"], configs["node-b"]
     assert (a.node.id, b.node.id) == ("node-a", "node-b")
+    assert (a.mode, b.mode) == ("key", "key")
     assert a.peers[0].id == b.node.id
     assert b.peers[0].id == a.node.id
+    assert a.peers[0].public_key == keys["node-b"].public_key_bytes
+    assert b.peers[0].public_key == keys["node-a"].public_key_bytes
+    assert a.security().peer_keys == {"node-b": keys["node-b"].public_key_bytes}
+
+
+def test_examples_as_shipped_are_refused_naming_the_placeholder(tmp_path: Path) -> None:
+    shutil.copy(EXAMPLES / "node-a.toml", tmp_path)
+    generate_identity("node-a", tmp_path)
+    with pytest.raises(ConfigError, match=r"^peers\[0\]\.public_key: .*is not a public key"):
+        load_config(tmp_path / "node-a.toml")
 
 
 def test_optional_tables(tmp_path: Path) -> None:
-    data = base()
+    data = base(tmp_path)
     data["interface"]["address"] = ["10.8.0.1/24", "fd00:8::1/64"]
     data["interface"]["txqueuelen"] = 5000
     data["node"].update(log_level="DEBUG", metrics_file="m.json", shutdown_timeout=2, drop_log_interval=1.5)
@@ -141,6 +217,13 @@ _DELETE = object()
         ("listen.address", "0.0.0.0", "listen.address: '0.0.0.0' is not an IP address and port"),
         ("listen.address", "example.org:7000", "listen.address: 'example.org:7000' is not an IP address"),
         ("node.id", "node-b", "node.id: 'node-b' is also the id of a peer"),
+        ("node.key", "absent.key", "node.key: file not found"),
+        ("node.insecure", "yes", "node.insecure: expected true or false"),
+        ("peers.0.public_key", _DELETE, "peers[0].public_key: missing"),
+        ("peers.1.public_key", "", "peers[1].public_key: expected a non-empty string"),
+        ("peers.0.public_key", "bm90IGEga2V5", "peers[0].public_key: 'bm90IGEga2V5' decodes to 9 bytes"),
+        ("peers.0.public_key", "not a key!", "peers[0].public_key: 'not a key!' is not a public key"),
+        ("peers.0.cert", "node-b.pem", "peers[0].cert: unknown key"),
         ("node.log_level", "loud", "node.log_level: 'loud': expected one of"),
         ("node.shutdown_timeout", 0, "node.shutdown_timeout: 0 must be positive"),
         ("node.metrics_interval", -1, "node.metrics_interval: -1 must be 0 or more"),
@@ -152,8 +235,8 @@ _DELETE = object()
         ("tuning", {"worker_buffer_size": 0}, "tuning.worker_buffer_size: 0 is out of range"),
         ("tuning", {"write_timeout": "fast"}, "tuning.write_timeout: expected a number of seconds"),
         ("tuning", {"turbo": True}, "tuning.turbo: unknown key"),
-        ("tls", {"key": "k.pem"}, "tls.cert: missing"),
-        ("tls", {"cert": "nope.pem", "key": "k.pem"}, "tls.cert: file not found"),
+        ("tls", {"key": "k.pem", "ca": "ca.pem"}, "tls.cert: missing"),
+        ("tls", {"cert": "nope.pem", "key": "k.pem", "ca": "ca.pem"}, "tls.cert: file not found"),
         ("extra", 1, "extra: unknown key"),
         ("resilience", {"reset_timeout": -1}, "resilience.reset_timeout: -1 must be 0 or more"),
         ("resilience", {"max_attempts": 0}, "resilience.max_attempts: 0 is out of range"),
@@ -163,7 +246,7 @@ _DELETE = object()
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, path: str, value: object, message: str) -> None:
-    data = base()
+    data = base(tmp_path)
     _set(data, path, value)
     with pytest.raises(ConfigError) as info:
         parse_config(data, base=tmp_path)
@@ -172,31 +255,226 @@ def test_errors_name_the_key(tmp_path: Path, path: str, value: object, message: 
 
 
 def test_resilience_defaults_and_keys(tmp_path: Path) -> None:
-    config = parse_config(base(), base=tmp_path)
+    config = parse_config(base(tmp_path), base=tmp_path)
     assert config.resilience == NODE_RESILIENCE
     assert config.resilience.reset_timeout == 2.0  # a restarted peer is found again within seconds
-    data = base()
+    data = base(tmp_path)
     data["resilience"] = {"failure_threshold": 3, "reset_timeout": 0.5, "max_attempts": 1, "max_elapsed": 4}
     r = parse_config(data, base=tmp_path).resilience
     assert (r.failure_threshold, r.reset_timeout, r.max_attempts, r.max_elapsed) == (3, 0.5, 1, 4.0)
 
 
-def test_tls_pinned_needs_every_peer_cert(tmp_path: Path) -> None:
-    for name in ("a.pem", "a.key", "b.pem"):
-        (tmp_path / name).write_text("x")
-    data = base()
-    data["tls"] = {"cert": "a.pem", "key": "a.key"}
-    data["peers"][0]["cert"] = "b.pem"
-    with pytest.raises(ConfigError, match=r"^peers\[1\]\.cert: missing"):
-        parse_config(data, base=tmp_path)
-    data["peers"].pop()
+# --- secure by default ------------------------------------------------------------------------------------
+
+
+def _refused(data: dict[str, Any], directory: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, base=directory)
+    return info.value
+
+
+def test_no_identity_is_refused_saying_how_to_make_keys(tmp_path: Path) -> None:
+    data = base(tmp_path)
+    del data["node"]["key"]
+    for peer in data["peers"]:
+        del peer["public_key"]
+    error = _refused(data, tmp_path)
+    assert error.key == "node.key"
+    assert "vpn-packet genkey" in str(error)
+    assert "insecure = true" in str(error)
+    assert "\n" not in str(error)
+
+
+def test_cli_without_keys_is_one_line_that_says_how_to_make_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = CONTRACT.replace('key = "node-a.key"\n', "").replace('public_key = "{public_key}"\n', "")
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    assert "key" not in text.replace("[node]", "")
+    assert main(["node", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"vpn-packet node: error: {path}: node.key: missing")
+    assert "vpn-packet genkey" in err
+    assert "insecure" in err
+
+
+def test_a_peer_without_public_key_is_refused(tmp_path: Path) -> None:
+    data = base(tmp_path)
+    del data["peers"][0]["public_key"]
+    error = _refused(data, tmp_path)
+    assert error.key == "peers[0].public_key"
+    assert str(error).startswith("peers[0].public_key: missing")
+    assert "node-b" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ("AAAA", "decodes to 3 bytes"),
+        ("@" * 44, "is not a public key"),
+        ("A" * 43 + "=" + "A", "is not a public key"),
+        ("QUFB" * 12, "decodes to 36 bytes"),
+    ],
+)
+def test_a_malformed_public_key_is_refused(tmp_path: Path, bad: str, expected: str) -> None:
+    data = base(tmp_path)
+    data["peers"][1]["public_key"] = bad
+    error = _refused(data, tmp_path)
+    assert error.key == "peers[1].public_key"
+    assert expected in str(error)
+
+
+def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
+    data = base(tmp_path)
+    data["peers"][1]["public_key"] = data["peers"][0]["public_key"]
+    error = _refused(data, tmp_path)
+    assert (error.key, str(error)) == (
+        "peers[1].public_key",
+        "peers[1].public_key: the same key as peer 'node-b'",
+    )
+    data = base(tmp_path)
+    data["peers"][0]["public_key"] = load_identity(tmp_path / "node-a.key").public_key
+    error = _refused(data, tmp_path)
+    assert error.key == "peers[0].public_key"
+    assert "the same key as this node" in str(error)
+
+
+def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    data = base(tmp_path)
+    key = tmp_path / "node-a.key"
+    key.chmod(0o644)
+    error = _refused(data, tmp_path)
+    assert error.key == "node.key"
+    assert "permissions -rw-r--r--" in str(error)
+    assert f"chmod 600 {key}" in str(error)
+    key.chmod(0o600)
+    assert parse_config(data, base=tmp_path).mode == "key"
+
+
+def test_node_id_defaults_to_the_name_in_the_key_file(tmp_path: Path) -> None:
+    generate_identity("alpha", tmp_path)
+    data = base(tmp_path)
+    data["node"]["key"] = "alpha.key"
+    assert parse_config(data, base=tmp_path).node.id == "alpha"
+    data["node"]["id"] = "node-a"  # an explicit id wins: the key proves who we are, the id is a label
     config = parse_config(data, base=tmp_path)
+    assert config.node.id == "node-a"
+    assert config.security().local_id == "node-a"
+    data["node"]["id"] = "node-c"
+    assert _refused(data, tmp_path).key == "node.id"  # still not a peer's id
+
+
+def test_ca_mode_needs_ca_cert_key_and_node_id(tmp_path: Path) -> None:
+    from vpn_packet.testutil.certs import write_test_pki
+
+    pki = write_test_pki(tmp_path / "pki", ["node-a", "node-b"])
+    creds = pki.nodes["node-a"]
+    tls = {"cert": str(creds.cert), "key": str(creds.key), "ca": str(pki.ca_cert)}
+    data = base(tmp_path)
+    del data["node"]["key"]
+    for peer in data["peers"]:
+        del peer["public_key"]
+    data["node"]["id"] = "node-a"
+    data["tls"] = dict(tls)
+    config = parse_config(data, base=tmp_path)
+    assert config.mode == "ca"
     assert config.tls is not None
-    assert config.tls.ca is None
-    assert config.peers[0].cert == tmp_path / "b.pem"
-    data["tls"]["ca"] = "missing-ca.pem"
-    with pytest.raises(ConfigError, match=r"^tls\.ca: file not found"):
-        parse_config(data, base=tmp_path)
+    assert config.tls.ca == pki.ca_cert
+    security = config.security()
+    assert (security.mode, security.local_id, security.encrypted) == ("ca", "node-a", True)
+    for missing in ("ca", "cert", "key"):
+        data["tls"] = {k: v for k, v in tls.items() if k != missing}
+        error = _refused(data, tmp_path)
+        assert error.key == f"tls.{missing}"
+        assert str(error).startswith(f"tls.{missing}: missing")
+    data["tls"] = dict(tls)
+    del data["node"]["id"]
+    error = _refused(data, tmp_path)
+    assert error.key == "node.id"
+    assert "certificate" in str(error)
+    data["node"]["id"] = "node-a"
+    data["node"]["key"] = "node-a.key"
+    assert _refused(data, tmp_path).key == "node.key"  # keys or a CA, not both
+    del data["node"]["key"]
+    data["peers"][0]["public_key"] = load_identity(tmp_path / "peers" / "node-b.key").public_key
+    assert _refused(data, tmp_path).key == "peers[0].public_key"
+
+
+def test_insecure_is_accepted_with_an_id_and_nothing_else(tmp_path: Path) -> None:
+    data = base(tmp_path)
+    data["node"] = {"id": "node-a", "insecure": True}
+    for peer in data["peers"]:
+        del peer["public_key"]
+    config = parse_config(data, base=tmp_path)
+    assert config.mode == "insecure"
+    assert config.identity is None
+    security = config.security()
+    assert (security.mode, security.local_id, security.encrypted) == ("insecure", "node-a", False)
+    assert security.server_context is None
+    assert security.client_context is None
+
+    data["node"]["key"] = "node-a.key"  # insecure + key: which one is meant?
+    error = _refused(data, tmp_path)
+    assert error.key == "node.key"
+    assert "insecure" in str(error)
+    del data["node"]["key"]
+    data["peers"][0]["public_key"] = load_identity(tmp_path / "peers" / "node-b.key").public_key
+    assert _refused(data, tmp_path).key == "peers[0].public_key"
+    del data["peers"][0]["public_key"]
+    del data["node"]["id"]
+    assert _refused(data, tmp_path).key == "node.id"
+
+
+class _QuietTun:
+    """A TUN device that never reads or writes anything (what an insecure node's start needs)."""
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        self.name = name
+
+    def start_reading(self, on_batch: Any, **kwargs: Any) -> None:
+        return None
+
+    def stop_reading(self) -> None:
+        return None
+
+    def write_batch(self, packets: Any) -> int:
+        return 0
+
+    def close(self) -> None:
+        return None
+
+    def metrics(self) -> TunMetrics:
+        return TunMetrics(self.name, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("insecure", [True, False])
+async def test_an_insecure_node_warns_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, insecure: bool
+) -> None:
+    data = base(tmp_path)
+    if insecure:
+        data["node"] = {"id": "node-a", "insecure": True}
+        for peer in data["peers"]:
+            del peer["public_key"]
+    config = dataclasses.replace(parse_config(data, base=tmp_path), listen=("127.0.0.1", 0))  # any free port
+    node = TunNode(config, tun_factory=cast("Callable[..., TunDevice]", _QuietTun))
+    with caplog.at_level(logging.INFO, logger="vpn_packet.node"):
+        await node.start()
+        try:
+            assert node.running
+        finally:
+            assert await node.shutdown()
+    warnings = [r for r in caplog.records if r.getMessage() == INSECURE_WARNING]
+    assert [r.levelno for r in warnings] == ([logging.WARNING] if insecure else [])
+    assert "plaintext" in INSECURE_WARNING
+    assert "vpn-packet genkey" in INSECURE_WARNING
+    running = [r.getMessage() for r in caplog.records if " running: " in r.getMessage()]
+    assert len(running) == 1
+    assert ("PLAINTEXT" in running[0]) == insecure
 
 
 def test_file_errors(tmp_path: Path) -> None:
@@ -213,6 +491,8 @@ def test_file_errors(tmp_path: Path) -> None:
     [
         (CONTRACT.replace('"10.8.0.2/32"', '"10.8.0.300/32"'), "peers[0].allowed_ips[0]: '10.8.0.300/32'"),
         (CONTRACT.replace("mtu = 1400", "mtu = 1"), "interface.mtu: 1 is out of range"),
+        (CONTRACT.replace("{public_key}", "short"), "peers[0].public_key: 'short' is not a public key"),
+        (CONTRACT.replace("node-a.key", "absent.key"), "node.key: file not found"),
         ("[interface\n", "not valid TOML"),
     ],
 )
@@ -220,6 +500,8 @@ def test_cli_bad_config_is_one_line_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
 ) -> None:
     path = tmp_path / "node.toml"
+    text = text.replace("{public_key}", _identity(tmp_path / "elsewhere", "node-b").public_key)
+    _identity(tmp_path, "node-a")
     path.write_text(textwrap.dedent(text))
     assert main(["node", "--config", str(path)]) == 2
     err = capsys.readouterr().err

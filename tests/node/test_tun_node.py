@@ -1,8 +1,9 @@
 """`TunNode` and `vpn-packet node` around the TUN device (the device itself: tests/transport/test_tun.py).
 
 - The command's errors are one line and exit status 2: no TUN driver, not root.
-- Two `TunNode`s on loopback with fake TUN devices (no root): what one "reads" the other writes, a spoofed
-  packet is dropped and counted, the shutdown is ordered and clean, drops are logged once per report.
+- Two `TunNode`s on loopback with fake TUN devices (no root), in each security mode (keys, the default; a
+  CA; insecure, which warns): what one "reads" the other writes, a spoofed packet is dropped and counted,
+  the shutdown is ordered and clean, drops are logged once per report.
 - The metrics endpoint, the shutdown deadline, a start failure.
 """
 
@@ -25,10 +26,11 @@ import pytest
 
 from vpn_packet.cli import main
 from vpn_packet.node.config import NodeConfig, parse_config
-from vpn_packet.node.tun_node import TunNode, drop_counters
+from vpn_packet.node.tun_node import INSECURE_WARNING, TunNode, drop_counters
 from vpn_packet.testutil.fixtures import wait_until
 from vpn_packet.testutil.netns import skip_or_fail
 from vpn_packet.testutil.packets import ICMP, UDP, icmp_echo, ipv4_packet
+from vpn_packet.transport.identity import NodeIdentity, generate_identity, load_identity
 from vpn_packet.transport.tun import TunDevice, TunMetrics
 
 HAVE_TUN = os.path.exists("/dev/net/tun")
@@ -44,21 +46,32 @@ address = "10.99.0.1/24"
 [listen]
 address = "127.0.0.1:7999"
 
+[node]
+key = "node-a.key"
+
 [[peers]]
 id = "node-b"
 endpoint = "127.0.0.1:7998"
 allowed_ips = ["10.99.0.2/32"]
+public_key = "{public_key}"
 """
+
+
+def _write_not_root_config(directory: Path) -> Path:
+    """The contract config (keys) in `directory`, with node-a.key beside it."""
+    generate_identity("node-a", directory)
+    config = directory / "node.toml"
+    config.write_text(_NOT_ROOT_CONFIG.format(public_key=generate_identity("node-b", directory).public_key))
+    return config
 
 
 def test_cli_missing_device_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = tmp_path / "node.toml"
-    config.write_text(_NOT_ROOT_CONFIG)
+    config = _write_not_root_config(tmp_path)
     original = TunDevice.open.__func__  # type: ignore[attr-defined]
 
-    def open_missing(cls: type[TunDevice], name: str, **kwargs: Any) -> TunDevice:
+    def open_missing(cls: type[TunDevice], /, name: str, **kwargs: Any) -> TunDevice:
         return original(cls, name, path=str(tmp_path / "no-tun"), **kwargs)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(TunDevice, "open", classmethod(open_missing))
@@ -73,9 +86,10 @@ def test_cli_not_root_is_one_line_exit_2() -> None:
         skip_or_fail("/dev/net/tun is missing")
     with tempfile.TemporaryDirectory(dir="/tmp") as directory:  # readable by nobody, unlike tmp_path
         os.chmod(directory, 0o755)
-        config = Path(directory) / "node.toml"
-        config.write_text(_NOT_ROOT_CONFIG)
+        config = _write_not_root_config(Path(directory))
         config.chmod(0o644)
+        if os.geteuid() == 0:  # the key stays 0600, owned by the user the command runs as (nobody)
+            os.chown(Path(directory) / "node-a.key", 65534, 65534)
         result = _run_cli_unprivileged(config)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
@@ -87,7 +101,8 @@ def _run_cli_unprivileged(config: Path) -> subprocess.CompletedProcess[str]:
     # Everything is imported before dropping to nobody (who may not read the Python installation).
     script = (
         "import asyncio, os, sys\n"
-        "import vpn_packet.node.node, vpn_packet.transport.tun\n"
+        "import vpn_packet.node.config, vpn_packet.node.node, vpn_packet.node.tun_node\n"
+        "import vpn_packet.transport.tls, vpn_packet.transport.tun\n"
         "from vpn_packet.cli import build_parser, main\n"
         "build_parser()\n"
         "if os.geteuid() == 0:\n"
@@ -162,6 +177,15 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _identity(tmp: Path, name: str) -> NodeIdentity:
+    """`name`'s key file under `tmp` (made on first use: both nodes' configs share it)."""
+    path = tmp / "keys" / f"{name}.key"
+    if path.exists():
+        return load_identity(path)
+    path.parent.mkdir(exist_ok=True)
+    return generate_identity(name, path.parent)
+
+
 def _config(
     me: str,
     other: str,
@@ -170,40 +194,44 @@ def _config(
     port: int,
     other_port: int,
     tmp: Path,
-    tls: tuple[str, Any] | None = None,
+    mode: str = "key",
+    pki: Any = None,
 ) -> NodeConfig:
+    """`me`'s config: keys (the default; no [node] id, it comes from the key file), a CA (`pki`, a
+    `TestPki`), or insecure."""
     peer: dict[str, Any] = {
         "id": other,
         "endpoint": f"127.0.0.1:{other_port}",
         "allowed_ips": [f"{other_ip}/32"],
     }
+    node: dict[str, Any] = {"metrics_file": f"metrics-{me}.json", "shutdown_timeout": 3}
     data: dict[str, Any] = {
         "interface": {"name": f"tun-{me}", "address": f"{my_ip}/24", "mtu": 1400},
         "listen": {"address": f"127.0.0.1:{port}"},
-        "node": {"id": me, "metrics_file": f"metrics-{me}.json", "shutdown_timeout": 3},
+        "node": node,
         "peers": [peer],
         "tuning": {"connect_timeout": 2},
     }
-    if tls is not None:  # (mode, TestPki)
-        mode, pki = tls
-        data["tls"] = {"cert": str(pki.nodes[me].cert), "key": str(pki.nodes[me].key)}
-        if mode == "ca":
-            data["tls"]["ca"] = str(pki.ca_cert)
-        else:
-            peer["cert"] = str(pki.nodes[other].cert)
-    return parse_config(data, base=tmp)
+    if mode == "key":
+        node["key"] = str(_identity(tmp, me).path)
+        peer["public_key"] = _identity(tmp, other).public_key
+    elif mode == "ca":
+        node["id"] = me
+        data["tls"] = {"cert": str(pki.nodes[me].cert), "key": str(pki.nodes[me].key), "ca": str(pki.ca_cert)}
+    else:
+        node.update(id=me, insecure=True)
+    config = parse_config(data, base=tmp)
+    assert (config.node.id, config.mode) == (me, mode)
+    return config
 
 
-@pytest.mark.parametrize("tls", [None, "ca", "pinned"])
-async def test_tun_nodes_over_loopback(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls: str | None
-) -> None:
-    if tls is not None:
+@pytest.mark.parametrize("mode", ["key", "ca", "insecure"])
+async def test_tun_nodes_over_loopback(tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: str) -> None:
+    pki = None
+    if mode == "ca":
         from vpn_packet.testutil.certs import write_test_pki
 
-        settings: tuple[str, Any] | None = (tls, write_test_pki(tmp_path / "pki", ["node-a", "node-b"]))
-    else:
-        settings = None
+        pki = write_test_pki(tmp_path / "pki", ["node-a", "node-b"])
     port_a, port_b = _free_ports(2)
     tuns: dict[str, FakeTun] = {}
 
@@ -212,20 +240,29 @@ async def test_tun_nodes_over_loopback(
         return tuns[name]
 
     a = TunNode(
-        _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port_a, port_b, tmp_path, settings),
+        _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port_a, port_b, tmp_path, mode, pki),
         tun_factory=factory,
     )
     b = TunNode(
-        _config("node-b", "node-a", "10.8.0.2", "10.8.0.1", port_b, port_a, tmp_path, settings),
+        _config("node-b", "node-a", "10.8.0.2", "10.8.0.1", port_b, port_a, tmp_path, mode, pki),
         tun_factory=factory,
     )
-    await a.start()
-    await b.start()
+    with caplog.at_level(logging.INFO, logger="vpn_packet.node"):
+        await a.start()
+        await b.start()
+    warned = [r for r in caplog.records if r.getMessage() == INSECURE_WARNING]
+    assert [r.levelno for r in warned] == ([logging.WARNING] * 2 if mode == "insecure" else [])
+    running = [r.getMessage() for r in caplog.records if " running: " in r.getMessage()]
+    assert len(running) == 2
+    assert all(a.node.security.describe() in line for line in running), running
+    caplog.clear()
     try:
         assert a.running
         assert b.running
-        assert (a.node.stream_service.ssl_context is not None) == (tls is not None)
-        assert (b.node.receiver.ssl_context is not None) == (tls is not None)
+        assert a.node.security.mode == b.node.security.mode == mode
+        assert a.node.stream_service.security is a.node.receiver.security is a.node.security
+        assert (a.node.security.client_context is not None) == (mode != "insecure")
+        assert (b.node.security.server_context is not None) == (mode != "insecure")
         assert tuns["tun-node-a"].kwargs == {
             "address": ["10.8.0.1/24"],
             "mtu": 1400,

@@ -1,13 +1,17 @@
-"""The receiver over real loopback TCP (and TLS): delivery, anti-spoofing, protocol errors, bounds, lifecycle.
+"""The receiver over real loopback TCP (and key-mode TLS): delivery, anti-spoofing, protocol errors, the
+handshake's refusals and failures, pending and connection limits, idle connections, bounds, lifecycle.
 
-A fake sender is `asyncio.open_connection` writing a hello and `encode_frames`. To know the receiver is done
-with a connection without sleeping, the sender half-closes and reads until the receiver closes its side.
+Tests that are not about authentication run the receiver insecure (`Security.insecure`): a fake sender is
+`asyncio.open_connection` doing the plaintext handshake by hand (read the challenge, send a hello, read the
+answer) and writing `encode_frames`. The key-mode tests at the end use the real client handshake over TLS.
+To know the receiver is done with a connection without sleeping, the sender half-closes and reads until the
+receiver closes its side.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
+import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -15,14 +19,32 @@ from pathlib import Path
 
 import pytest
 
+from vpn_packet._native import (
+    ANSWER_REASONS,
+    CHALLENGE_LEN,
+    MAX_ANSWER_LEN,
+    encode_hello,
+    parse_answer,
+    parse_challenge,
+)
+from vpn_packet.errors import HandshakeRefusedError
 from vpn_packet.testutil.fixtures import wait_until
+from vpn_packet.testutil.keys import key_securities
 from vpn_packet.testutil.packets import ipv4_packet, ipv6_packet
 from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
-from vpn_packet.transport.framing import encode_frames, encode_hello
+from vpn_packet.transport.framing import encode_frames
+from vpn_packet.transport.handshake import (
+    Security,
+    client_handshake,
+    new_epoch,
+    read_message,
+    server_public_key,
+)
 from vpn_packet.transport.receiver import Receiver
 
 A_SRC = "10.8.0.2"
 B_SRC = "10.8.0.3"
+INSECURE = Security.insecure("node-r")
 
 
 def pkt(src: str, seq: int = 0, size: int = 0) -> bytes:
@@ -74,40 +96,79 @@ async def collector() -> Collector:
 
 @pytest.fixture
 async def receiver(collector: Collector) -> AsyncIterator[Receiver]:
-    async with Receiver(make_discovery(), collector, max_batch=64, hello_timeout=2.0) as rx:
+    async with Receiver(
+        make_discovery(), collector, security=INSECURE, max_batch=64, hello_timeout=5.0
+    ) as rx:
         yield rx
 
 
 async def connect(
-    rx: Receiver, hello: bytes | None, ssl_ctx: ssl.SSLContext | None = None
+    rx: Receiver, ssl_ctx: ssl.SSLContext | None = None, *, source: str | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, port = rx.address
-    reader, writer = await asyncio.open_connection(
-        host, port, ssl=ssl_ctx, server_hostname="localhost" if ssl_ctx else None
-    )
-    if hello is not None:
-        writer.write(hello)
+    async with asyncio.timeout(10):  # a hang guard
+        return await asyncio.open_connection(
+            host, port, ssl=ssl_ctx, local_addr=(source, 0) if source else None
+        )
+
+
+async def challenge(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(10):  # a hang guard
+        nonce, _ = await read_message(reader.readexactly, parse_challenge, CHALLENGE_LEN)
+    assert isinstance(nonce, bytes)
+    return nonce
+
+
+async def answer(reader: asyncio.StreamReader) -> tuple[str, str]:
+    """The receiver's answer: `(reason, text)`."""
+    async with asyncio.timeout(10):  # a hang guard
+        (code, text), _ = await read_message(reader.readexactly, parse_answer, MAX_ANSWER_LEN)
+    return ANSWER_REASONS[code], text
+
+
+async def hello(
+    rx: Receiver, peer_id: str, frames: bytes = b"", *, source: str | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str, str]:
+    """Connects, does the plaintext handshake as `peer_id` and, when accepted, writes `frames`."""
+    reader, writer = await connect(rx, source=source)
+    await challenge(reader)
+    writer.write(encode_hello(peer_id, new_epoch()))
+    reason, text = await answer(reader)
+    if reason == "accepted":
+        writer.write(frames)
+    return reader, writer, reason, text
+
+
+async def open_as(
+    rx: Receiver, peer_id: str, frames: bytes = b""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer, reason, text = await hello(rx, peer_id, frames)
+    assert (reason, text) == ("accepted", rx.security.local_id)
     return reader, writer
 
 
 async def until_closed(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, half_close: bool
-) -> None:
-    """Waits until the receiver closes the connection (EOF or reset); `half_close` first signals our end."""
+) -> bytes:
+    """Waits until the receiver closes the connection (EOF or reset); `half_close` first signals our end.
+    Returns what the receiver still sent (nothing, after the handshake)."""
+    rest = b""
     try:
         if half_close and writer.can_write_eof():
             await writer.drain()
             writer.write_eof()
-        assert await reader.read() == b""
+        async with asyncio.timeout(10):  # a hang guard
+            rest = await reader.read()
     except (ConnectionError, ssl.SSLError):
         pass
     finally:
         writer.close()
+    return rest
 
 
 async def send_all(rx: Receiver, peer_id: str, packets: list[bytes]) -> None:
-    reader, writer = await connect(rx, encode_hello(peer_id) + encode_frames(packets))
-    await until_closed(reader, writer, half_close=True)
+    reader, writer = await open_as(rx, peer_id, encode_frames(packets))
+    assert await until_closed(reader, writer, half_close=True) == b""
 
 
 async def test_delivers_in_order_in_bounded_batches(receiver: Receiver, collector: Collector) -> None:
@@ -127,11 +188,13 @@ async def test_delivers_in_order_in_bounded_batches(receiver: Receiver, collecto
 
 async def test_any_read_boundaries(receiver: Receiver, collector: Collector) -> None:
     packets = [pkt(A_SRC, 1), pkt("fd00::2", 2), pkt(A_SRC, 3)]
-    wire = encode_hello("node-a") + encode_frames(packets)
-    reader, writer = await connect(receiver, None)
+    reader, writer = await connect(receiver)
+    await challenge(reader)
+    wire = encode_hello("node-a", new_epoch()) + encode_frames(packets)
     for i in range(0, len(wire), 7):  # hello and frames split across many small TCP segments
         writer.write(wire[i : i + 7])
         await writer.drain()
+    assert await answer(reader) == ("accepted", "node-r")
     await until_closed(reader, writer, half_close=True)
     assert collector.packets() == packets
     assert receiver.metrics().protocol_errors == {}
@@ -176,9 +239,7 @@ async def test_bad_length_prefix_cuts_the_peer_off(
     receiver: Receiver, collector: Collector, prefix: bytes, reason: str
 ) -> None:
     first = pkt(A_SRC, 1)
-    reader, writer = await connect(
-        receiver, encode_hello("node-a") + encode_frames([first]) + prefix + b"\x45" * 100
-    )
+    reader, writer = await open_as(receiver, "node-a", encode_frames([first]) + prefix + b"\x45" * 100)
     # No half-close: the receiver closes on its own, without waiting for the 4 GB it was promised.
     await until_closed(reader, writer, half_close=False)
     assert collector.packets() == [first]
@@ -189,31 +250,96 @@ async def test_bad_length_prefix_cuts_the_peer_off(
     assert peer.active_connections == 0
 
 
-async def test_unknown_peer_and_bad_hello_are_refused(receiver: Receiver, collector: Collector) -> None:
-    reader, writer = await connect(receiver, encode_hello("mallory") + encode_frames([pkt(A_SRC)]))
-    await until_closed(reader, writer, half_close=False)
-    reader, writer = await connect(receiver, b"GET / HTTP/1.1\r\n\r\n")
-    await until_closed(reader, writer, half_close=False)
-    reader, writer = await connect(receiver, b"VPNP\x01\x05no")
-    await until_closed(reader, writer, half_close=True)
+async def test_an_unknown_peer_is_refused_with_an_answer(
+    receiver: Receiver, collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="vpn_packet.transport.receiver"):
+        for _ in range(2):
+            reader, writer, reason, text = await hello(receiver, "mallory", encode_frames([pkt(A_SRC)]))
+            assert reason == "unknown_peer"
+            assert "mallory" in text
+            assert await until_closed(reader, writer, half_close=False) == b""
     m = receiver.metrics()
-    assert (m.unknown_peer, m.connections, m.packets_delivered) == (1, 3, 0)
-    assert m.protocol_errors == {"bad_magic": 1, "hello_truncated": 1}
+    assert (m.refused, m.handshake_failures, m.connections, m.packets_delivered) == (
+        {"unknown_peer": 2},
+        {},
+        2,
+        0,
+    )
+    assert (m.pending, m.active_connections) == (0, 0)
     assert receiver.peer_metrics() == {}
+    assert collector.calls == []
+    # One WARNING line per reason and address per interval, naming both.
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 1
+    assert "unknown_peer" in lines[0]
+    assert "127.0.0.1" in lines[0]
+    assert "mallory" in lines[0]
+    assert "refused=2" in repr(receiver)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason", "answered"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", "bad_magic", None),  # not a vpn-packet node: no answer
+        # A TLS client: the start of its ClientHello record.
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), "tls_expected_plaintext", None),
+        # A v1 node (its hello, then frames at once): told why.
+        (b"VPNP\x01\x06node-a" + encode_frames([pkt(A_SRC)]), "unsupported_version", "unsupported_version"),
+        (b"VPNP\x02H" + bytes(8) + b"\x01a\x05" + bytes(5), "bad_field_length", "bad_hello"),
+    ],
+)
+async def test_a_bad_hello_is_counted_by_reason(
+    receiver: Receiver, collector: Collector, data: bytes, reason: str, answered: str | None
+) -> None:
+    reader, writer = await connect(receiver)
+    await challenge(reader)
+    writer.write(data)
+    rest = await until_closed(reader, writer, half_close=False)
+    if answered is None:
+        assert rest == b""
+    else:
+        parsed, _ = parse_answer(rest)
+        assert parsed is not None
+        assert ANSWER_REASONS[parsed[0]] == answered
+    m = receiver.metrics()
+    assert (m.handshake_failures, m.refused, m.pending, m.packets_delivered) == ({reason: 1}, {}, 0, 0)
     assert collector.calls == []
 
 
+async def test_a_connection_closed_inside_the_hello_is_counted(receiver: Receiver) -> None:
+    reader, writer = await connect(receiver)
+    await challenge(reader)
+    writer.write(encode_hello("node-a", 1)[:9])
+    await until_closed(reader, writer, half_close=True)
+    assert receiver.metrics().handshake_failures == {"closed_early": 1}
+
+
 async def test_hello_timeout(collector: Collector) -> None:
-    async with Receiver(make_discovery(), collector, hello_timeout=0.05) as rx:
-        reader, writer = await connect(rx, b"VPNP")  # a valid start, then silence
+    async with Receiver(make_discovery(), collector, security=INSECURE, hello_timeout=0.05) as rx:
+        reader, writer = await connect(rx)
+        await challenge(reader)
+        writer.write(b"VPNP")  # a valid start, then silence
         await until_closed(reader, writer, half_close=False)
-        assert rx.metrics().protocol_errors == {"hello_timeout": 1}
+        m = rx.metrics()
+    assert (m.handshake_failures, m.pending) == ({"timeout": 1}, 0)
+
+
+async def test_an_authenticated_connection_that_goes_silent_is_closed(collector: Collector) -> None:
+    async with Receiver(make_discovery(), collector, security=INSECURE, idle_timeout=0.05) as rx:
+        reader, writer = await open_as(rx, "node-a", encode_frames([pkt(A_SRC, 1)]))
+        await until_closed(reader, writer, half_close=False)  # we never send again: the receiver closes
+        peer = rx.peer_metrics()["node-a"]
+        m = rx.metrics()
+    assert (peer.idle_closed, peer.active_connections, peer.packets_delivered) == (1, 0, 1)
+    assert m.idle_closed == 1
+    assert m.protocol_errors == {}
 
 
 async def test_disconnect_mid_frame_is_counted_and_isolated(receiver: Receiver, collector: Collector) -> None:
-    b_reader, b_writer = await connect(receiver, encode_hello("node-b") + encode_frames([pkt(B_SRC, 1)]))
+    b_reader, b_writer = await open_as(receiver, "node-b", encode_frames([pkt(B_SRC, 1)]))
     wire = encode_frames([pkt(A_SRC, 1), pkt(A_SRC, 2)])
-    a_reader, a_writer = await connect(receiver, encode_hello("node-a") + wire[:-10])
+    a_reader, a_writer = await open_as(receiver, "node-a", wire[:-10])
     await until_closed(a_reader, a_writer, half_close=True)
     assert receiver.peer_metrics()["node-a"].protocol_errors == {"truncated": 1}
     assert collector.packets("node-a") == [pkt(A_SRC, 1)]
@@ -232,7 +358,7 @@ async def test_sink_errors_are_counted_and_the_stream_goes_on() -> None:
             raise RuntimeError("sink down")
         seen.extend(packets)
 
-    async with Receiver(make_discovery(), sink, max_batch=1) as rx:
+    async with Receiver(make_discovery(), sink, security=INSECURE, max_batch=1) as rx:
         await send_all(rx, "node-a", [pkt(A_SRC, 1), pkt(A_SRC, 2)])
         m = rx.metrics()
     assert seen == [pkt(A_SRC, 2)]
@@ -243,12 +369,12 @@ async def test_flood_while_the_sink_blocks_stays_bounded() -> None:
     gate = asyncio.Event()
     sink = Collector(gate)
     read_size = 64 * 1024
-    async with Receiver(make_discovery(), sink, read_size=read_size, max_batch=1024) as rx:
+    async with Receiver(make_discovery(), sink, security=INSECURE, read_size=read_size, max_batch=1024) as rx:
         # Small kernel buffers on both sides (accepted sockets inherit the listener's), so that TCP pushes
         # back soon; without this, loopback autotuning can absorb megabytes before the sender notices.
         assert rx._server is not None
         rx._server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        reader, writer = await connect(rx, encode_hello("node-a"))
+        reader, writer = await open_as(rx, "node-a")
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         writer.transport.set_write_buffer_limits(high=64 * 1024)
         chunk_packets = [pkt(A_SRC, i, size=1400) for i in range(256)]
@@ -268,9 +394,10 @@ async def test_flood_while_the_sink_blocks_stays_bounded() -> None:
         # The receiver's connection stops reading the socket (its stream buffer is full while the sink
         # blocks) and the sender's writes back up above their high-water mark. Both last while the gate is
         # closed: nothing reads the socket, so the flood is stuck for good.
-        assert len(rx._readers) == 1
-        ((rx_stream, _),) = rx._readers.values()
-        rx_transport = rx_stream._transport  # type: ignore[attr-defined]
+        (conn,) = rx._connections.values()
+        assert conn.peer_id == "node-a"
+        rx_transport = conn.writer.transport
+        assert isinstance(rx_transport, asyncio.Transport)
         await wait_until(
             lambda: not rx_transport.is_reading() and writer.transport.get_write_buffer_size() > 64 * 1024
         )
@@ -287,43 +414,88 @@ async def test_flood_while_the_sink_blocks_stays_bounded() -> None:
     assert rx.metrics().packets_delivered == 256 * total_chunks
 
 
-async def test_max_connections(collector: Collector) -> None:
-    async with Receiver(make_discovery(), collector, max_connections=1) as rx:
-        first = await connect(rx, encode_hello("node-a"))
-        second = await connect(rx, encode_hello("node-b"))
-        await until_closed(*second, half_close=False)
-        assert rx.metrics().rejected_connections == 1
+async def test_max_connections_refuses_with_an_answer(collector: Collector) -> None:
+    async with Receiver(make_discovery(), collector, security=INSECURE, max_connections=1) as rx:
+        first = await open_as(rx, "node-a")
+        reader, writer, reason, _text = await hello(rx, "node-b", encode_frames([pkt(B_SRC, 1)]))
+        assert reason == "too_many_connections"
+        await until_closed(reader, writer, half_close=False)
+        assert rx.metrics().refused == {"too_many_connections": 1}
         first[1].write(encode_frames([pkt(A_SRC, 1)]))
         await until_closed(*first, half_close=True)
     assert collector.packets() == [pkt(A_SRC, 1)]
 
 
-async def test_max_connections_per_peer(collector: Collector) -> None:
-    async with Receiver(make_discovery(), collector, max_connections_per_peer=2) as rx:
-        held = [await connect(rx, encode_hello("node-a") + encode_frames([pkt(A_SRC, i)])) for i in range(2)]
+async def test_a_new_connection_of_a_peer_at_its_limit_supersedes_its_oldest(collector: Collector) -> None:
+    async with Receiver(make_discovery(), collector, security=INSECURE, max_connections_per_peer=2) as rx:
+        held = [await open_as(rx, "node-a", encode_frames([pkt(A_SRC, i)])) for i in range(2)]
         await collector.wait_calls(2)  # both are past their hello
-        third = await connect(rx, encode_hello("node-a") + encode_frames([pkt(A_SRC, 3)]))
-        await until_closed(*third, half_close=False)
+        third = await open_as(rx, "node-a", encode_frames([pkt(A_SRC, 3)]))
+        await until_closed(*held[0], half_close=False)  # the oldest was closed to make room
+        await collector.wait_calls(3)
         await send_all(rx, "node-b", [pkt(B_SRC, 4)])  # other peers are not affected
-        for conn in held:
+        for conn in (held[1], third):
             await until_closed(*conn, half_close=True)
         peer = rx.peer_metrics()["node-a"]
-    assert (peer.connections, peer.rejected_connections, peer.packets_delivered) == (2, 1, 2)
-    assert sorted(collector.packets()) == sorted([pkt(A_SRC, 0), pkt(A_SRC, 1), pkt(B_SRC, 4)])
+        m = rx.metrics()
+    assert (peer.connections, peer.superseded, peer.packets_delivered, peer.active_connections) == (
+        3,
+        1,
+        3,
+        0,
+    )
+    assert (m.superseded, m.refused) == (1, {})
+    assert sorted(collector.packets()) == sorted([pkt(A_SRC, 0), pkt(A_SRC, 1), pkt(A_SRC, 3), pkt(B_SRC, 4)])
+
+
+async def test_pending_connections_per_source_are_capped(collector: Collector) -> None:
+    async with Receiver(
+        make_discovery(), collector, security=INSECURE, max_pending_per_source=2, max_pending=16
+    ) as rx:
+        silent = [await connect(rx, source="127.0.0.2") for _ in range(2)]
+        await wait_until(lambda: rx.metrics().pending == 2)
+        extra = await connect(rx, source="127.0.0.2")  # a third from that address: closed at once
+        assert await until_closed(*extra, half_close=False) == b""  # not even a challenge
+        assert rx.metrics().rejected_pending == 1
+        await send_all(rx, "node-a", [pkt(A_SRC, 1)])  # another address still gets in
+        m = rx.metrics()
+        assert (m.pending, m.rejected_pending, m.packets_delivered) == (2, 1, 1)
+        for conn in silent:
+            conn[1].close()
+    assert collector.packets() == [pkt(A_SRC, 1)]
+
+
+async def test_a_flood_of_silent_connections_cannot_keep_a_peer_out(collector: Collector) -> None:
+    async with Receiver(
+        make_discovery(), collector, security=INSECURE, max_pending=4, max_pending_per_source=64
+    ) as rx:
+        silent = [await connect(rx) for _ in range(4)]
+        await wait_until(lambda: rx.metrics().pending == 4)
+        await send_all(rx, "node-a", [pkt(A_SRC, 1)])  # evicts the oldest silent one to get a place
+        # The oldest got its challenge, then the receiver closed it (a hang here: it was never closed).
+        assert (await until_closed(*silent[0], half_close=False)).startswith(b"VPNP")
+        m = rx.metrics()
+        assert (m.evicted_pending, m.rejected_pending, m.packets_delivered) == (1, 0, 1)
+        assert m.pending == 3
+        for conn in silent[1:]:
+            conn[1].close()
+    assert collector.packets() == [pkt(A_SRC, 1)]
 
 
 async def test_stop_closes_everything_and_leaves_no_task() -> None:
     gate = asyncio.Event()
     sink = Collector(gate)
-    rx = Receiver(make_discovery(), sink)
+    rx = Receiver(make_discovery(), sink, security=INSECURE)
     with pytest.raises(RuntimeError, match="not started"):
         _ = rx.address
     await rx.start()
     assert rx.running
-    busy = await connect(rx, encode_hello("node-a") + encode_frames([pkt(A_SRC, 1)]))  # sink blocked
-    idle = await connect(rx, encode_hello("node-b") + encode_frames([pkt(B_SRC, 1)])[:7])  # mid-frame
-    silent = await connect(rx, None)  # no hello yet
+    busy = await open_as(rx, "node-a", encode_frames([pkt(A_SRC, 1)]))  # sink blocked
+    idle = await open_as(rx, "node-b", encode_frames([pkt(B_SRC, 1)])[:7])  # mid-frame
+    silent = await connect(rx)  # no hello yet
+    await challenge(silent[0])
     await asyncio.wait_for(sink.called.wait(), 5)
+    assert rx.metrics().pending == 1
     await rx.stop(timeout=2.0)
     assert asyncio.all_tasks() == {asyncio.current_task()}
     assert not rx.running
@@ -338,174 +510,35 @@ async def test_stop_closes_everything_and_leaves_no_task() -> None:
 
 def test_constructor_validation() -> None:
     discovery = make_discovery()
+
+    def sink(peer_id: str, packets: list[bytes]) -> None:
+        pass
+
     with pytest.raises(ValueError, match="max_frame_size"):
-        Receiver(discovery, lambda p, b: None, max_frame_size=0)
-    with pytest.raises(ValueError, match="at least 1"):
-        Receiver(discovery, lambda p, b: None, max_batch=0)
-    with pytest.raises(ValueError, match="at least 1"):
-        Receiver(discovery, lambda p, b: None, max_connections_per_peer=0)
-    with pytest.raises(ValueError, match="CERT_REQUIRED"):
-        Receiver(
-            discovery, lambda p, b: None, ssl_context=ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        )
-
-
-# --- TLS ---------------------------------------------------------------------------------------------------
-
-
-class Pki:
-    """A throwaway CA that issues certificates into a directory (ECDSA P-256: fast)."""
-
-    def __init__(self, directory: Path, name: str) -> None:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        self.x509, self.hashes, self.ec, self.NameOID = x509, hashes, ec, NameOID
-        self.directory = directory
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        self.validity = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1))
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(self.name)
-            .issuer_name(self.name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self.validity[0])
-            .not_valid_after(self.validity[1])
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.ca_file = self._write(f"{name}.pem", [self.cert])
-
-    def _write(self, filename: str, certs: list[object], key: object = None) -> Path:
-        from cryptography.hazmat.primitives import serialization
-
-        path = self.directory / filename
-        data = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)  # type: ignore[attr-defined]
-        if key is not None:
-            data += key.private_bytes(  # type: ignore[attr-defined]
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        path.write_bytes(data)
-        return path
-
-    def issue(self, common_name: str, dns: list[str]) -> Path:
-        """A PEM file with the certificate and its key."""
-        x509 = self.x509
-        key = self.ec.generate_private_key(self.ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(self.NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(self.name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self.validity[0])
-            .not_valid_after(self.validity[1])
-        )
-        if dns:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(name) for name in dns]), critical=False
-            )
-        cert = builder.sign(self.key, self.hashes.SHA256())
-        return self._write(f"{self.name.rfc4514_string()}-{common_name}-{len(dns)}.pem", [cert], key)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    pytest.importorskip("cryptography")
-    directory = tmp_path_factory.mktemp("pki")
-    ca = Pki(directory, "test-ca")
-    rogue = Pki(directory, "rogue-ca")
-    return {
-        "ca": ca.ca_file,
-        "server": ca.issue("receiver", ["localhost"]),
-        "node-a": ca.issue("whatever", ["node-a"]),  # identity from the subjectAltName
-        "node-b-cn": ca.issue("node-b", []),  # no SAN: identity from the commonName
-        "node-a-cn-b": ca.issue("node-b", ["node-a"]),  # a SAN: the commonName does not count
-        "rogue-node-a": rogue.issue("node-a", ["node-a"]),  # right name, wrong CA
-    }
-
-
-def server_context(pki: dict[str, Path]) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki["ca"]))
-    ctx.load_cert_chain(pki["server"])
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def client_context(pki: dict[str, Path], cert: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
-    ctx.load_cert_chain(pki[cert])
-    return ctx
-
-
-async def test_tls_identity_must_match_the_hello(pki: dict[str, Path], collector: Collector) -> None:
-    async with Receiver(
-        make_discovery(), collector, ssl_context=server_context(pki), hello_timeout=2.0
-    ) as rx:
-        # SAN matches the hello: accepted.
-        hello_a = encode_hello("node-a") + encode_frames([pkt(A_SRC, 1)])
-        conn = await connect(rx, hello_a, client_context(pki, "node-a"))
-        await collector.wait_calls(1)
-        conn[1].close()
-        # A CN-only certificate for node-b: accepted as node-b.
-        hello_b = encode_hello("node-b") + encode_frames([pkt(B_SRC, 2)])
-        conn = await connect(rx, hello_b, client_context(pki, "node-b-cn"))
-        await collector.wait_calls(2)
-        conn[1].close()
-        # node-a's valid certificate, claiming to be node-b: refused.
-        conn = await connect(
-            rx, encode_hello("node-b") + encode_frames([pkt(B_SRC, 3)]), client_context(pki, "node-a")
-        )
-        await until_closed(*conn, half_close=False)
-        # SAN node-a, CN node-b, claiming node-b: refused (with a SAN the commonName does not count).
-        conn = await connect(
-            rx, encode_hello("node-b") + encode_frames([pkt(B_SRC, 4)]), client_context(pki, "node-a-cn-b")
-        )
-        await until_closed(*conn, half_close=False)
-        m = rx.metrics()
-    assert m.identity_mismatch == 2
-    assert collector.packets() == [pkt(A_SRC, 1), pkt(B_SRC, 2)]
-
-
-async def test_tls_certificate_from_another_ca_is_refused(pki: dict[str, Path], collector: Collector) -> None:
-    async with Receiver(
-        make_discovery(), collector, ssl_context=server_context(pki), hello_timeout=2.0
-    ) as rx:
-        try:
-            conn = await connect(
-                rx,
-                encode_hello("node-a") + encode_frames([pkt(A_SRC, 1)]),
-                client_context(pki, "rogue-node-a"),
-            )
-        except (ssl.SSLError, ConnectionError):
-            pass  # refused during the handshake (TLS 1.2 style)
-        else:
-            await until_closed(*conn, half_close=False)  # TLS 1.3: refused right after the client's finish
-        # Without a client certificate at all: refused too.
-        plain = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
-        try:
-            conn = await connect(rx, encode_hello("node-a") + encode_frames([pkt(A_SRC, 2)]), plain)
-        except (ssl.SSLError, ConnectionError):
-            pass
-        else:
-            await until_closed(*conn, half_close=False)
-        m = rx.metrics()
-    assert collector.calls == []
-    assert (m.packets_delivered, m.connections) == (0, 0)
+        Receiver(discovery, sink, security=INSECURE, max_frame_size=0)
+    for name in (
+        "max_batch",
+        "max_connections_per_peer",
+        "max_pending",
+        "max_pending_per_source",
+        "read_size",
+    ):
+        with pytest.raises(ValueError, match="at least 1"):
+            Receiver(discovery, sink, security=INSECURE, **{name: 0})  # type: ignore[arg-type]
+    for name in ("hello_timeout", "idle_timeout"):
+        with pytest.raises(ValueError, match="must be positive"):
+            Receiver(discovery, sink, security=INSECURE, **{name: 0})  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Receiver(discovery, sink)  # type: ignore[call-arg]  # no default security: a choice, said out loud
 
 
 async def test_stop_with_a_connected_peer_logs_no_error(
     collector: Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An orderly stop with a peer still connected ends its connection task without an error log line."""
-    rx = Receiver(make_discovery(), collector)
+    rx = Receiver(make_discovery(), collector, security=INSECURE)
     await rx.start()
-    _reader, writer = await connect(rx, encode_hello("node-a"))
+    _reader, writer = await open_as(rx, "node-a")
     writer.write(encode_frames([ipv4_packet(A_SRC, "10.9.0.1", 17, 1, 2)]))
     async with asyncio.timeout(10):  # a bound for a broken build, not a timing assertion
         await collector.called.wait()
@@ -517,3 +550,125 @@ async def test_stop_with_a_connected_peer_logs_no_error(
     writer.close()
     assert [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")] == []
     assert rx.metrics().active_connections == 0
+
+
+# --- key mode (the default): a peer is who its key proves --------------------------------------------------
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, Security]:
+    return key_securities(tmp_path, "node-r", "node-a", "node-b")
+
+
+async def key_client(rx: Receiver, security: Security) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """TLS with `security`'s client context, then the real client handshake (a signed hello) as
+    `security.local_id`. Raises `HandshakeRefusedError` when refused."""
+    reader, writer = await connect(rx, security.client_context)
+    server_key = server_public_key(writer.get_extra_info("ssl_object"))
+    assert server_key == rx.security.identity.public_key_bytes  # type: ignore[union-attr]
+    try:
+        async with asyncio.timeout(10):  # a hang guard
+            await client_handshake(
+                security, "node-r", reader.readexactly, writer.write, server_key, new_epoch()
+            )
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
+async def test_key_mode_delivers_as_the_peer_the_key_proves(
+    keys: dict[str, Security], collector: Collector
+) -> None:
+    async with Receiver(make_discovery(), collector, security=keys["node-r"]) as rx:
+        _reader, writer = await key_client(rx, keys["node-a"])
+        assert writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+        writer.write(encode_frames([pkt(A_SRC, 1), pkt("fd00::2", 2)]))
+        await collector.wait_calls(1)
+        writer.close()
+        # node-b's key, calling itself node-a: the id is a label, the key decides. Its packets are node-b's,
+        # so node-a's source addresses are spoofed from it.
+        b_as_a = Security.with_keys(
+            keys["node-b"].identity,  # type: ignore[arg-type]
+            keys["node-b"].peer_keys,
+            local_id="node-a",
+        )
+        _reader, writer = await key_client(rx, b_as_a)
+        writer.write(encode_frames([pkt(A_SRC, 3), pkt(B_SRC, 4)]))
+        await collector.wait_calls(2)
+        writer.close()
+        await wait_until(lambda: rx.metrics().active_connections == 0)
+        peers = rx.peer_metrics()
+    assert collector.calls == [("node-a", [pkt(A_SRC, 1), pkt("fd00::2", 2)]), ("node-b", [pkt(B_SRC, 4)])]
+    assert (peers["node-b"].spoofed_dropped, peers["node-a"].spoofed_dropped) == (1, 0)
+    assert rx.metrics().refused == {}
+
+
+async def test_key_mode_refuses_a_claimed_id_without_its_key(
+    keys: dict[str, Security], collector: Collector, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client claiming node-a without node-a's key injects nothing, over TLS with its own key or without."""
+    stranger = key_securities(tmp_path / "stranger", "node-a")["node-a"]  # another key, named node-a
+    stranger = Security.with_keys(stranger.identity, keys["node-a"].peer_keys)  # type: ignore[arg-type]
+    nobody = Security.with_keys(stranger.identity, keys["node-a"].peer_keys, local_id="mallory")  # type: ignore[arg-type]
+    async with Receiver(make_discovery(), collector, security=keys["node-r"]) as rx:
+        with caplog.at_level(logging.WARNING, logger="vpn_packet.transport.receiver"):
+            with pytest.raises(HandshakeRefusedError) as info:
+                await key_client(rx, stranger)
+            assert info.value.reason == "key_mismatch"
+            with pytest.raises(HandshakeRefusedError) as info:
+                await key_client(rx, nobody)
+            assert info.value.reason == "unknown_peer"
+            # TLS, but an unsigned hello (an insecure or CA node): the key is required.
+            reader, writer = await connect(rx, keys["node-a"].client_context)
+            await challenge(reader)
+            writer.write(encode_hello("node-a", new_epoch()) + encode_frames([pkt(A_SRC, 1)]))
+            assert (await answer(reader))[0] == "key_required"
+            await until_closed(reader, writer, half_close=False)
+        m = rx.metrics()
+    assert m.refused == {"key_mismatch": 1, "unknown_peer": 1, "key_required": 1}
+    assert (m.packets_delivered, m.active_connections, m.pending) == (0, 0, 0)
+    assert rx.peer_metrics() == {}
+    assert collector.calls == []
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    for reason in ("key_mismatch", "unknown_peer", "key_required"):
+        assert reason in warned
+
+
+async def test_key_mode_counts_a_plaintext_client_as_a_failed_tls_handshake(
+    keys: dict[str, Security], collector: Collector
+) -> None:
+    async with Receiver(make_discovery(), collector, security=keys["node-r"]) as rx:
+        reader, writer = await connect(rx)
+        writer.write(encode_hello("node-a", new_epoch()) + encode_frames([pkt(A_SRC, 1)]))
+        rest = await until_closed(reader, writer, half_close=False)
+        m = rx.metrics()
+    assert not rest.startswith(b"VPNP")  # no challenge in plaintext: TLS comes first
+    assert m.handshake_failures == {"tls_failed": 1}
+    assert (m.packets_delivered, m.refused) == (0, {})
+
+
+async def test_key_mode_slots_of_a_peer_are_held_by_its_key_only(
+    keys: dict[str, Security], collector: Collector, tmp_path: Path
+) -> None:
+    """Connections claiming node-a without its key take none of node-a's slots; node-a's own new connection
+    at its limit supersedes its oldest."""
+    stranger = key_securities(tmp_path / "stranger", "node-a")["node-a"]
+    stranger = Security.with_keys(stranger.identity, keys["node-a"].peer_keys)  # type: ignore[arg-type]
+    async with Receiver(
+        make_discovery(), collector, security=keys["node-r"], max_connections_per_peer=1
+    ) as rx:
+        for _ in range(3):
+            with pytest.raises(HandshakeRefusedError):
+                await key_client(rx, stranger)
+        first = await key_client(rx, keys["node-a"])
+        second = await key_client(rx, keys["node-a"])
+        await until_closed(*first, half_close=False)  # superseded by node-a's own new connection
+        second[1].write(encode_frames([pkt(A_SRC, 7)]))
+        await collector.wait_calls(1)
+        second[1].close()
+        peer = rx.peer_metrics()["node-a"]
+        refused = rx.metrics().refused
+    assert (peer.connections, peer.superseded) == (2, 1)
+    assert refused == {"key_mismatch": 3}
+    assert collector.packets() == [pkt(A_SRC, 7)]

@@ -1,9 +1,14 @@
-"""TcpStreamService and TcpStream against a plain asyncio server that reads frames back with `struct`."""
+"""TcpStreamService and TcpStream: against a fake peer (a plain asyncio server that speaks the v2 handshake
+in plaintext and reads frames back with `struct`) for the stream mechanics, and against the real `Receiver`
+over key-mode TLS (the default) for what the handshake proves and refuses."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,35 +16,54 @@ from pathlib import Path
 
 import pytest
 
+from vpn_packet._native import ANSWER_REASONS, MAX_HELLO_LEN, encode_answer, encode_challenge, parse_hello
 from vpn_packet.api import Stream, StreamService
 from vpn_packet.errors import (
     FramingError,
+    HandshakeRefusedError,
     NetworkError,
     ServiceError,
     is_connection_reset_error,
+    is_handshake_refused_error,
     is_network_error,
     is_retriable_error,
     is_temporary_error,
 )
+from vpn_packet.testutil.keys import key_securities
+from vpn_packet.testutil.packets import UDP, ipv4_packet
+from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
+from vpn_packet.transport.handshake import Security, read_message
+from vpn_packet.transport.identity import encode_public_key
+from vpn_packet.transport.receiver import Receiver
 from vpn_packet.transport.tcp import TcpStream, TcpStreamService
+
+A = Security.insecure("node-a")
 
 
 class Endpoints:
     """A discovery stand-in: peer id -> (host, port)."""
 
-    def __init__(self, **ports: int) -> None:
+    def __init__(self, host: str = "127.0.0.1", **ports: int) -> None:
+        self.host = host
         self.ports = ports
 
     def endpoint(self, peer_id: str) -> tuple[str, int]:
-        return ("127.0.0.1", self.ports[peer_id])
+        return (self.host, self.ports[peer_id])
 
 
 @dataclass
 class FakePeer:
-    """A server that records the hello and the frames of each connection (a test fake, not the Receiver)."""
+    """A plaintext server that speaks the handshake and records the hello and frames of each connection
+    (a test fake, not the Receiver).
 
+    `answer`: a reason of `ANSWER_REASONS` ("accepted" or a refusal), "silent" (no challenge, ever),
+    "hang" (reads the hello, never answers), "close" (closes after the hello) or "garbage" (answers with
+    bytes that are not the protocol). `read=False`: after accepting, never reads again.
+    """
+
+    answer: str = "accepted"
     read: bool = True
-    hellos: list[bytes] = field(default_factory=list)
+    hellos: list[tuple[str, int, bytes | None, bytes | None]] = field(default_factory=list)
     frames: list[bytes] = field(default_factory=list)
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
     server: asyncio.Server | None = None
@@ -53,8 +77,25 @@ class FakePeer:
         self.tasks.add(task)
         self.writers.append(writer)
         try:
-            head = await reader.readexactly(6)
-            self.hellos.append(head + await reader.readexactly(head[5]))
+            if self.answer == "silent":
+                await self.stopping.wait()
+                return
+            writer.write(encode_challenge(os.urandom(32)))
+            hello, _ = await read_message(reader.readexactly, parse_hello, MAX_HELLO_LEN)
+            self.hellos.append(hello)
+            if self.answer == "hang":
+                await self.stopping.wait()
+                return
+            if self.answer == "close":
+                return
+            if self.answer == "garbage":
+                writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+                await self.stopping.wait()
+                return
+            code = ANSWER_REASONS.index(self.answer)
+            writer.write(encode_answer(code, "fake-b" if code == 0 else f"the fake says {self.answer}"))
+            if code != 0:
+                return
             if not self.read:
                 await self.stopping.wait()  # never read again
             while True:
@@ -74,9 +115,10 @@ class FakePeer:
         return port
 
     async def wait_frames(self, n: int) -> None:
-        while len(self.frames) < n:
-            self.got_frame.clear()
-            await self.got_frame.wait()
+        async with asyncio.timeout(10):  # a hang guard
+            while len(self.frames) < n:
+                self.got_frame.clear()
+                await self.got_frame.wait()
 
     async def kill(self) -> None:
         """The peer goes away: listener and connections closed."""
@@ -89,17 +131,23 @@ class FakePeer:
         await self.server.wait_closed()
 
 
+async def start_fake(host: str = "127.0.0.1", **options: object) -> FakePeer:
+    fake = FakePeer(**options)  # type: ignore[arg-type]
+    fake.server = await asyncio.start_server(fake.handle, host, 0)
+    return fake
+
+
 @pytest.fixture
 async def peer() -> AsyncIterator[FakePeer]:
-    fake = FakePeer()
-    fake.server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
+    fake = await start_fake()
     yield fake
     await fake.kill()
 
 
 async def test_hello_then_frames_in_order(peer: FakePeer) -> None:
-    service = TcpStreamService(Endpoints(b=peer.port), "node-a")
+    service = TcpStreamService(Endpoints(b=peer.port), A)
     assert isinstance(service, StreamService)
+    assert service.local_peer_id == "node-a"
     stream = await service.create_stream("b")
     assert isinstance(stream, Stream)
     assert stream.peer_id == "b"
@@ -107,11 +155,18 @@ async def test_hello_then_frames_in_order(peer: FakePeer) -> None:
     await stream.write_many([b"\x45" * 40, b"x" * 1400, b"y"])
     await stream.write_many([])
     await peer.wait_frames(4)
-    assert peer.hellos == [b"VPNP\x01\x06node-a"]
+    ((peer_id, epoch, key, signature),) = peer.hellos
+    assert (peer_id, key, signature) == ("node-a", None, None)  # insecure: no key, no signature
     assert peer.frames == [b"first", b"\x45" * 40, b"x" * 1400, b"y"]
     assert (stream.packets_sent, stream.writes) == (4, 2)
     assert "TcpStream to b open" in repr(stream)
-    assert "plain" in repr(service)
+    assert " tls" not in repr(stream)
+    assert "insecure" in repr(service)
+    # A later connection carries a larger epoch (the receiver orders a sender's connections by it).
+    second = await service.create_stream("b")
+    assert peer.hellos[1][1] > epoch
+    assert (service.connects, service.connect_failures, service.refusals) == (2, 0, {})
+    await second.close()
     await stream.close()
     await stream.close()  # idempotent
     assert stream.closed
@@ -129,7 +184,7 @@ def _wmem_max() -> int:
 
 
 async def test_socket_options(peer: FakePeer) -> None:
-    service = TcpStreamService(Endpoints(b=peer.port), "a", send_buffer=1 << 20)
+    service = TcpStreamService(Endpoints(b=peer.port), A, send_buffer=1 << 20)
     stream = await service.create_stream("b")
     sock = stream._transport.get_extra_info("socket")
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
@@ -139,7 +194,7 @@ async def test_socket_options(peer: FakePeer) -> None:
 
 
 async def test_bad_packet_is_refused_before_writing(peer: FakePeer) -> None:
-    stream = await TcpStreamService(Endpoints(b=peer.port), "a").create_stream("b")
+    stream = await TcpStreamService(Endpoints(b=peer.port), A).create_stream("b")
     with pytest.raises(FramingError):
         await stream.write_many([b"ok", b""])
     await stream.write(b"after")
@@ -152,7 +207,7 @@ async def test_connection_refused_is_a_typed_network_error() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # bound, not listening: connecting is refused
-        service = TcpStreamService(Endpoints(b=port), "a")
+        service = TcpStreamService(Endpoints(b=port), A)
         with pytest.raises(NetworkError) as info:
             await service.create_stream("b")
     err = info.value
@@ -165,27 +220,112 @@ async def test_connection_refused_is_a_typed_network_error() -> None:
 
 async def test_unknown_peer_is_a_typed_discovery_error() -> None:
     with pytest.raises(ServiceError) as info:
-        await TcpStreamService(Endpoints(), "a").create_stream("nobody")
+        await TcpStreamService(Endpoints(), A).create_stream("nobody")
     assert info.value.service == "peer_discovery"
     assert info.value.peer_id == "nobody"
     assert not is_retriable_error(info.value)
 
 
-async def test_connect_timeout_is_temporary(peer: FakePeer) -> None:
-    """A server that accepts TCP but never answers the TLS handshake: the connect times out."""
-    import ssl
+async def test_a_server_that_never_starts_the_handshake_times_out(tmp_path: Path) -> None:
+    """A server that accepts TCP but says nothing: without TLS no challenge comes, with TLS no ServerHello;
+    either way the connect times out, as a temporary error that says what was waited for."""
+    silent = await start_fake(answer="silent")
+    try:
+        plain = TcpStreamService(Endpoints(b=silent.port), A, connect_timeout=0.05)
+        with pytest.raises(NetworkError) as info:
+            await plain.create_stream("b")
+        assert (info.value.operation, is_temporary_error(info.value)) == ("handshake", True)
+        assert is_retriable_error(info.value)
+        assert "no handshake answer from" in str(info.value)
+        assert "does the peer expect TLS?" in str(info.value)  # the hint for an insecure node
+        sec = key_securities(tmp_path, "a", "b")["a"]
+        tls = TcpStreamService(Endpoints(b=silent.port), sec, connect_timeout=0.05)
+        with pytest.raises(NetworkError) as info:
+            await tls.create_stream("b")
+        assert is_temporary_error(info.value)
+        assert "within 0.05s" in str(info.value)
+        assert (plain.connect_failures, tls.connect_failures) == (1, 1)
+    finally:
+        await silent.kill()
 
-    ctx = ssl.create_default_context()
-    service = TcpStreamService(Endpoints(b=peer.port), "a", ssl_context=ctx, connect_timeout=0.05)
-    with pytest.raises(NetworkError) as info:
-        await service.create_stream("b")
-    assert is_temporary_error(info.value)
-    assert is_retriable_error(info.value)
-    assert "timed out" in str(info.value)
+
+async def test_a_server_that_reads_the_hello_and_never_answers_times_out() -> None:
+    fake = await start_fake(answer="hang")
+    try:
+        service = TcpStreamService(Endpoints(b=fake.port), A, connect_timeout=0.05)
+        with pytest.raises(NetworkError) as info:
+            await service.create_stream("b")
+        assert fake.hellos[0][0] == "node-a"  # the hello went out; the answer never came
+        assert is_temporary_error(info.value)
+        assert not is_handshake_refused_error(info.value)
+    finally:
+        await fake.kill()
+
+
+async def test_refusal_is_typed_counted_logged_once_and_not_retried(caplog: pytest.LogCaptureFixture) -> None:
+    fake = await start_fake(answer="key_mismatch")
+    try:
+        service = TcpStreamService(Endpoints(b=fake.port), A, log_interval=3600)
+        with caplog.at_level(logging.WARNING, logger="vpn_packet.transport.tcp"):
+            for _ in range(3):
+                with pytest.raises(HandshakeRefusedError) as info:
+                    await service.create_stream("b")
+        err = info.value
+        assert (err.peer_id, err.reason, err.local_id) == ("b", "key_mismatch", "node-a")
+        assert err.detail == "the fake says key_mismatch"
+        assert str(err).startswith("b refused us: our key is not the one it has for node-a")
+        assert is_handshake_refused_error(err)
+        assert not is_retriable_error(err)  # a wrong key stays wrong: the breaker, not a retry loop
+        assert (service.connects, service.connect_failures, service.refusals) == (0, 3, {"key_mismatch": 3})
+        assert "refusals=3" in repr(service)
+        lines = [r.getMessage() for r in caplog.records if r.name == "vpn_packet.transport.tcp"]
+        assert lines == [str(err)]  # one line per peer and reason per interval
+        assert caplog.records[0].levelno == logging.WARNING
+        assert fake.frames == []
+    finally:
+        await fake.kill()
+
+
+async def test_a_passing_refusal_is_retriable() -> None:
+    fake = await start_fake(answer="too_many_connections")
+    try:
+        with pytest.raises(HandshakeRefusedError) as info:
+            await TcpStreamService(Endpoints(b=fake.port), A).create_stream("b")
+        assert info.value.reason == "too_many_connections"
+        assert is_retriable_error(info.value)
+    finally:
+        await fake.kill()
+
+
+async def test_a_server_closing_inside_the_handshake_is_a_reset() -> None:
+    fake = await start_fake(answer="close")
+    try:
+        with pytest.raises(NetworkError) as info:
+            await TcpStreamService(Endpoints(b=fake.port), A).create_stream("b")
+        err = info.value
+        assert err.operation == "handshake"
+        assert isinstance(err.cause, ConnectionResetError)
+        assert "closed the connection during the handshake" in str(err)
+        assert is_connection_reset_error(err)
+        assert is_retriable_error(err)
+    finally:
+        await fake.kill()
+
+
+async def test_a_server_that_is_not_a_vpn_packet_node_is_a_framing_error() -> None:
+    fake = await start_fake(answer="garbage")
+    try:
+        with pytest.raises(NetworkError) as info:
+            await TcpStreamService(Endpoints(b=fake.port), A).create_stream("b")
+        assert isinstance(info.value.cause, FramingError)
+        assert info.value.cause.reason == "bad_magic"
+        assert info.value.operation == "handshake"
+    finally:
+        await fake.kill()
 
 
 async def test_peer_gone_mid_stream_fails_the_next_write(peer: FakePeer) -> None:
-    stream = await TcpStreamService(Endpoints(b=peer.port), "a").create_stream("b")
+    stream = await TcpStreamService(Endpoints(b=peer.port), A).create_stream("b")
     await stream.write_many([b"one", b"two"])
     await peer.wait_frames(2)
     await peer.kill()
@@ -201,11 +341,10 @@ async def test_peer_gone_mid_stream_fails_the_next_write(peer: FakePeer) -> None
 
 
 async def test_peer_that_stops_reading_fails_the_write_instead_of_hanging() -> None:
-    fake = FakePeer(read=False)
-    fake.server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
+    fake = await start_fake(read=False)
     try:
         service = TcpStreamService(
-            Endpoints(b=fake.port), "a", write_timeout=0.05, send_buffer=64 * 1024, high_water=64 * 1024
+            Endpoints(b=fake.port), A, write_timeout=0.05, send_buffer=64 * 1024, high_water=64 * 1024
         )
         stream = await service.create_stream("b")
         batch = [bytes(1400)] * 256
@@ -224,7 +363,7 @@ async def test_peer_that_stops_reading_fails_the_write_instead_of_hanging() -> N
 
 
 async def test_concurrent_writers_never_interleave_inside_a_batch(peer: FakePeer) -> None:
-    stream: TcpStream = await TcpStreamService(Endpoints(b=peer.port), "a").create_stream("b")
+    stream: TcpStream = await TcpStreamService(Endpoints(b=peer.port), A).create_stream("b")
 
     async def writer(tag: int) -> None:
         for i in range(50):
@@ -245,7 +384,9 @@ async def test_concurrent_writers_never_interleave_inside_a_batch(peer: FakePeer
 
 def test_validation() -> None:
     with pytest.raises(ValueError, match="connect_timeout"):
-        TcpStreamService(Endpoints(), "a", connect_timeout=0)
+        TcpStreamService(Endpoints(), A, connect_timeout=0)
+    with pytest.raises(ValueError, match="write_timeout"):
+        TcpStreamService(Endpoints(), A, write_timeout=0)
 
 
 def _has_ipv6_loopback() -> bool:
@@ -259,18 +400,111 @@ def _has_ipv6_loopback() -> bool:
 
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
 async def test_ipv6_loopback() -> None:
-    fake = FakePeer()
-    fake.server = await asyncio.start_server(fake.handle, "::1", 0)
+    fake = await start_fake("::1")
     try:
-
-        class V6:
-            def endpoint(self, peer_id: str) -> tuple[str, int]:
-                return ("::1", fake.port)
-
-        stream = await TcpStreamService(V6(), "a").create_stream("b")
+        stream = await TcpStreamService(Endpoints("::1", b=fake.port), A).create_stream("b")
         await stream.write_many([b"six"])
         await fake.wait_frames(1)
         assert fake.frames == [b"six"]
         await stream.close()
     finally:
         await fake.kill()
+
+
+# --- key mode (the default) against the real receiver ------------------------------------------------------
+
+A_SRC = "10.8.0.2"
+
+
+def discovery() -> StaticPeerDiscovery:
+    return StaticPeerDiscovery(
+        [Peer("node-a", "127.0.0.1:9", [f"{A_SRC}/32"]), Peer("node-b", "127.0.0.1:9", ["10.8.0.3/32"])]
+    )
+
+
+class Delivered:
+    def __init__(self) -> None:
+        self.packets: list[tuple[str, bytes]] = []
+        self._changed = asyncio.Condition()
+
+    async def __call__(self, peer_id: str, packets: list[bytes]) -> None:
+        async with self._changed:
+            self.packets += [(peer_id, p) for p in packets]
+            self._changed.notify_all()
+
+    async def wait(self, n: int) -> None:
+        async with asyncio.timeout(10), self._changed:  # a hang guard
+            await self._changed.wait_for(lambda: len(self.packets) >= n)
+
+
+def node_b_at(port: int) -> Endpoints:
+    endpoints = Endpoints()
+    endpoints.ports["node-b"] = port
+    return endpoints
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, Security]:
+    return key_securities(tmp_path, "node-a", "node-b", "node-x")
+
+
+async def test_key_mode_stream_is_encrypted_and_delivered(keys: dict[str, Security]) -> None:
+    sink = Delivered()
+    async with Receiver(discovery(), sink, security=keys["node-b"]) as rx:
+        service = TcpStreamService(node_b_at(rx.address[1]), keys["node-a"])
+        stream = await service.create_stream("node-b")
+        ssl_object = stream._transport.get_extra_info("ssl_object")
+        assert ssl_object.version() == "TLSv1.3"
+        assert " tls " in repr(stream)
+        assert "key" in repr(service)
+        packets = [ipv4_packet(A_SRC, "10.8.0.3", UDP, 1000, i, bytes(100)) for i in range(500)]
+        for start in range(0, 500, 50):
+            await stream.write_many(packets[start : start + 50])
+        await sink.wait(500)
+        await stream.close()
+        assert sink.packets == [("node-a", p) for p in packets]
+        assert rx.metrics().refused == {}
+
+
+async def test_key_mode_refuses_a_server_with_another_key(keys: dict[str, Security], tmp_path: Path) -> None:
+    """The server presents node-x's key where node-b's is configured: refused in TLS, before any hello."""
+    sink = Delivered()
+    async with Receiver(discovery(), sink, security=keys["node-x"]) as rx:
+        service = TcpStreamService(node_b_at(rx.address[1]), keys["node-a"])
+        with pytest.raises(NetworkError) as info:
+            await service.create_stream("node-b")
+        err = info.value
+        assert isinstance(err.cause, ssl.SSLCertVerificationError)
+        assert err.operation == "handshake"
+        assert encode_public_key(keys["node-x"].identity.public_key_bytes) in str(err)  # type: ignore[union-attr]
+        assert encode_public_key(keys["node-a"].peer_keys["node-b"]) in str(err)
+        assert is_network_error(err)
+        assert not is_retriable_error(err)
+        assert rx.metrics().packets_delivered == 0
+
+
+async def test_key_mode_without_a_configured_key_fails_closed(keys: dict[str, Security]) -> None:
+    async with Receiver(discovery(), Delivered(), security=keys["node-b"]) as rx:
+        only_x = Security.with_keys(keys["node-a"].identity, {"node-x": keys["node-a"].peer_keys["node-x"]})  # type: ignore[arg-type]
+        service = TcpStreamService(node_b_at(rx.address[1]), only_x)
+        with pytest.raises(NetworkError, match="no public_key is configured for peer 'node-b'"):
+            await service.create_stream("node-b")
+
+
+async def test_a_key_the_receiver_does_not_have_is_refused_on_both_sides(
+    keys: dict[str, Security], tmp_path: Path
+) -> None:
+    """node-a's key is not the one node-b has for node-a: both sides say so, with the reason, and count it."""
+    impostor = key_securities(tmp_path / "other", "node-a")["node-a"]
+    # The impostor trusts node-b's real key (it checks the server like any client would).
+    impostor = Security.with_keys(impostor.identity, {"node-b": keys["node-a"].peer_keys["node-b"]})  # type: ignore[arg-type]
+    sink = Delivered()
+    async with Receiver(discovery(), sink, security=keys["node-b"]) as rx:
+        service = TcpStreamService(node_b_at(rx.address[1]), impostor)
+        with pytest.raises(HandshakeRefusedError) as info:
+            await service.create_stream("node-b")
+        assert info.value.reason == "key_mismatch"
+        assert service.refusals == {"key_mismatch": 1}
+        assert rx.metrics().refused == {"key_mismatch": 1}
+        assert rx.peer_metrics() == {}
+        assert sink.packets == []

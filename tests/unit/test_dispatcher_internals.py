@@ -25,7 +25,7 @@ from vpn_packet.testutil.fakes import FakePeerDiscovery, FakeStreamPool, FakeStr
 from vpn_packet.testutil.fixtures import *
 from vpn_packet.testutil.packets import UDP, ipv4_packet
 from vpn_packet.utils import destination_key_and_ip
-from vpn_packet.worker import TaskSet, close_quietly
+from vpn_packet.tasks import TaskSet, close_quietly
 
 # --- one enqueue path ---------------------------------------------------------------------------------------
 
@@ -173,7 +173,7 @@ async def test_a_failing_background_task_is_logged_not_lost(caplog: pytest.LogCa
     async def boom() -> None:
         raise RuntimeError("boom")
 
-    with caplog.at_level(logging.ERROR, logger="vpn_packet.worker"):
+    with caplog.at_level(logging.ERROR, logger="vpn_packet.tasks"):
         tasks.spawn(boom())
         await tasks.wait()
         await asyncio.sleep(0)  # one loop iteration: the done callback runs

@@ -25,6 +25,7 @@ from vpn_packet import (
     ServiceError,
     VpnPacketError,
     WorkerLimitError,
+    _native,
     is_connection_reset_error,
     is_network_error,
     is_retriable_error,
@@ -34,6 +35,7 @@ from vpn_packet import (
     register_error_kind,
     unregister_error_kind,
 )
+from vpn_packet.errors import HandshakeRefusedError, is_handshake_refused_error
 
 PREDICATES = {
     "network": is_network_error,
@@ -94,6 +96,51 @@ def test_every_class_says_whether_it_is_retriable() -> None:
     assert issubclass(PeerNotFoundError, LookupError)
     for cls in (NetworkError, ServiceError, DetachedCause):
         assert issubclass(cls, VpnPacketError)
+
+
+ANSWER_REFUSALS = [reason for reason in _native.ANSWER_REASONS if reason != "accepted"]
+
+
+@pytest.mark.parametrize("reason", ANSWER_REFUSALS)
+def test_a_refusal_is_retriable_only_when_it_passes(reason: str) -> None:
+    """Every refusal reason the wire can carry: only a full or stopping peer is worth retrying."""
+    exc = HandshakeRefusedError("node-b", reason, "what it said", local_id="node-a")
+    passing = reason in ("too_many_connections", "shutting_down")
+    assert exc.retriable is passing
+    assert is_retriable_error(exc) is passing
+    assert isinstance(exc, VpnPacketError)
+    assert (exc.peer_id, exc.reason, exc.detail, exc.local_id) == ("node-b", reason, "what it said", "node-a")
+    text = str(exc)
+    assert text.startswith("node-b refused us: ")
+    assert text.endswith("(what it said)")
+    assert is_handshake_refused_error(exc)
+    assert kinds(exc) == set()  # a refusal is an answer, not a network failure
+
+
+def test_a_refusal_says_why_in_words() -> None:
+    mismatch = HandshakeRefusedError("node-b", "key_mismatch", local_id="node-a")
+    assert str(mismatch) == "node-b refused us: our key is not the one it has for node-a"
+    assert str(HandshakeRefusedError("node-b", "unknown_peer", local_id="node-a")) == (
+        "node-b refused us: it has no peer 'node-a'"
+    )
+    # A reason this version does not know is still named.
+    assert "refused_42" in str(HandshakeRefusedError("node-b", "refused_42"))
+    assert not HandshakeRefusedError("node-b", "refused_42").retriable
+
+
+def test_a_refusal_is_found_anywhere_in_a_chain() -> None:
+    refusal = HandshakeRefusedError("node-b", "key_mismatch", local_id="node-a")
+    assert is_handshake_refused_error(raised_from(RuntimeError("open failed"), refusal))
+    assert is_handshake_refused_error(raised_during(KeyError("k"), refusal))
+    wrapped = NetworkError(refusal, peer_id="node-b", operation="handshake")
+    assert is_handshake_refused_error(wrapped)
+    assert is_handshake_refused_error(ServiceError(wrapped, "pool", "get_stream", peer_id="node-b"))
+    # The wrapper defers to the refusal: a wrong key does not get better on a fresh stream.
+    assert not wrapped.retriable
+    assert not is_retriable_error(ServiceError(wrapped, "pool", "get_stream"))
+    assert NetworkError(HandshakeRefusedError("node-b", "too_many_connections")).retriable
+    assert not is_handshake_refused_error(NetworkError(ConnectionResetError()))
+    assert not is_handshake_refused_error(CircuitOpenError("node-b"))
 
 
 def test_network_error_fields_flags_and_message() -> None:
@@ -216,6 +263,8 @@ def _same(a: BaseException, b: BaseException) -> None:
         CircuitOpenError("p", 1.5),
         CircuitOpenError("p"),
         DetachedCause("mod.Type", "text", 4),
+        HandshakeRefusedError("node-b", "key_mismatch", "not your key", local_id="node-a"),
+        HandshakeRefusedError("node-b", "too_many_connections"),
     ],
     ids=repr,
 )
@@ -241,6 +290,18 @@ def test_network_error_with_cause_pickles_round_trip() -> None:
     assert copy.__cause__ is copy.cause
     assert copy.temporary
     assert copy.retriable
+    assert str(copy) == str(exc)
+
+
+def test_network_error_around_a_refusal_pickles_round_trip() -> None:
+    exc = NetworkError(
+        HandshakeRefusedError("node-b", "key_mismatch", "x", local_id="node-a"), peer_id="node-b"
+    )
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy.cause) is HandshakeRefusedError
+    assert (copy.cause.reason, copy.cause.local_id) == ("key_mismatch", "node-a")
+    assert is_handshake_refused_error(copy)
+    assert not copy.retriable
     assert str(copy) == str(exc)
 
 
@@ -354,7 +415,7 @@ def test_message_text_is_never_used(message: str) -> None:
 
 
 def test_predicates_accept_none() -> None:
-    for predicate in (*PREDICATES.values(), is_service_error, is_retriable_error):
+    for predicate in (*PREDICATES.values(), is_service_error, is_retriable_error, is_handshake_refused_error):
         assert predicate(None) is False
 
 

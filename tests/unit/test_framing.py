@@ -1,8 +1,8 @@
-"""Framing: native encode/decode round trips, every chunking, bad lengths, the hello and `read_hello`."""
+"""Framing: native encode/decode round trips, every chunking, bad lengths (the handshake before the frames
+is tested in test_handshake_codec)."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import pickle
 import struct
@@ -12,15 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vpn_packet.errors import FramingError, VpnPacketError
-from vpn_packet.transport.framing import (
-    MAX_HELLO_LEN,
-    FrameDecoder,
-    HelloTimeoutError,
-    encode_frames,
-    encode_hello,
-    parse_hello,
-    read_hello,
-)
+from vpn_packet.transport.framing import FrameDecoder, encode_frames
 
 packets_st = st.lists(st.binary(min_size=1, max_size=300), max_size=40)
 
@@ -134,67 +126,3 @@ def test_random_bytes_give_frames_or_a_framing_error(data: bytes, step: int) -> 
         assert decoder.buffered <= 504
     assert reason in {None, "zero_length", "too_large"}
     assert decoder.error == reason
-
-
-def test_hello_encoding() -> None:
-    assert encode_hello("node-b") == b"VPNP\x01\x06node-b"
-    assert len(encode_hello("x" * 255)) == MAX_HELLO_LEN
-    assert encode_hello("é") == b"VPNP\x01\x02\xc3\xa9"
-    for bad, reason in [("", "empty_peer_id"), ("x" * 256, "peer_id_too_long")]:
-        with pytest.raises(FramingError) as info:
-            encode_hello(bad)
-        assert info.value.reason == reason
-
-
-def test_parse_hello_incrementally() -> None:
-    hello = encode_hello("node-a")
-    for cut in range(len(hello)):
-        peer_id, needed = parse_hello(hello[:cut])
-        assert peer_id is None
-        assert needed >= 1
-    assert parse_hello(hello + b"\0\0\0\1x") == ("node-a", len(hello))
-    assert parse_hello(bytearray(b"VPNP\x01\x03ab")) == (None, 1)
-
-
-@pytest.mark.parametrize(
-    ("data", "reason"),
-    [
-        (b"GET / HTTP/1.1", "bad_magic"),
-        (b"V\x00", "bad_magic"),
-        (b"VPNP\x02\x01a", "unsupported_version"),
-        (b"VPNP\x01\x00", "empty_peer_id"),
-        (b"VPNP\x01\x02\xff\xfe", "invalid_peer_id"),
-    ],
-)
-def test_parse_hello_errors(data: bytes, reason: str) -> None:
-    with pytest.raises(FramingError) as info:
-        parse_hello(data)
-    assert info.value.reason == reason
-
-
-def _reader(data: bytes, eof: bool = True) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader()
-    reader.feed_data(data)
-    if eof:
-        reader.feed_eof()
-    return reader
-
-
-async def test_read_hello_leaves_the_frames() -> None:
-    frames = encode_frames([b"p1"])
-    reader = _reader(encode_hello("node-a") + frames)
-    assert await read_hello(reader, timeout=1.0) == "node-a"
-    assert await reader.read() == frames
-
-
-async def test_read_hello_errors() -> None:
-    with pytest.raises(FramingError) as info:
-        await read_hello(_reader(b"VPNP\x01\x05ab"), timeout=1.0)
-    assert info.value.reason == "hello_truncated"
-    with pytest.raises(FramingError) as info:
-        await read_hello(_reader(b"SSH-2.0", eof=False), timeout=1.0)
-    assert info.value.reason == "bad_magic"
-    with pytest.raises(HelloTimeoutError) as timeout_info:
-        await read_hello(_reader(b"VPNP", eof=False), timeout=0.01)
-    assert timeout_info.value.reason == "hello_timeout"
-    assert isinstance(timeout_info.value, FramingError)

@@ -10,6 +10,7 @@ import pytest
 
 from vpn_packet import _native, tuning
 from vpn_packet.dispatcher import Dispatcher
+from vpn_packet.errors import FramingError
 from vpn_packet.transport import framing
 from vpn_packet.transport.discovery import Peer
 from vpn_packet.transport.pool import StreamPool
@@ -44,6 +45,11 @@ def test_library_defaults_are_the_tuning_constants() -> None:
         (Receiver, "max_connections", t.max_connections),
         (Receiver, "max_connections_per_peer", t.max_connections_per_peer),
         (Receiver, "read_size", t.read_size),
+        (Receiver, "max_pending", t.max_pending),
+        (Receiver, "max_pending_per_source", t.max_pending_per_source),
+        (Receiver, "idle_timeout", t.idle_timeout),
+        (Receiver, "log_interval", tuning.LOG_INTERVAL),
+        (TcpStreamService, "log_interval", tuning.LOG_INTERVAL),
         (TunDevice.open, "max_backlog", t.write_backlog),
         (TunDevice.open, "mtu", tuning.MTU),
         (TunDevice.open, "txqueuelen", tuning.TXQUEUELEN),
@@ -120,23 +126,28 @@ def test_the_same_rules_in_every_layer() -> None:
         Peer("p", "10.0.0.1:1", ["10.0.0.1/24"])
 
 
-def test_framing_constants_come_from_rust() -> None:
-    names = [
-        "DEFAULT_MAX_FRAME_SIZE",
-        "LENGTH_PREFIX_LEN",
-        "HELLO_MAGIC",
-        "HELLO_VERSION",
-        "HELLO_HEADER_LEN",
-        "MAX_PEER_ID_LEN",
-        "MAX_HELLO_LEN",
-        "MAX_FRAME_SIZE_LIMIT",
-    ]
-    for name in names:
+def test_wire_constants_come_from_rust() -> None:
+    """Framing and handshake constants are the Rust core's, re-exported, never restated in Python."""
+    for name in ("DEFAULT_MAX_FRAME_SIZE", "LENGTH_PREFIX_LEN", "MAX_FRAME_SIZE_LIMIT"):
         assert getattr(framing, name) is getattr(_native, name), name
     assert (framing.DEFAULT_MAX_FRAME_SIZE, framing.LENGTH_PREFIX_LEN) == (65535, 4)
-    assert (framing.HELLO_MAGIC, framing.HELLO_VERSION) == (b"VPNP", 1)
-    assert framing.MAX_HELLO_LEN == framing.HELLO_HEADER_LEN + framing.MAX_PEER_ID_LEN == 261
-    hello = framing.encode_hello("x" * framing.MAX_PEER_ID_LEN)
-    assert len(hello) == framing.MAX_HELLO_LEN
-    assert hello.startswith(framing.HELLO_MAGIC + bytes([framing.HELLO_VERSION]))
     assert len(framing.encode_frames([b"ab"])) == framing.LENGTH_PREFIX_LEN + 2
+    # The v1 hello and its constants are gone from framing: the handshake (v2) owns the hello.
+    for gone in ("HELLO_MAGIC", "HELLO_VERSION", "HELLO_HEADER_LEN", "MAX_HELLO_LEN", "encode_hello"):
+        assert not hasattr(framing, gone), gone
+    assert (_native.PROTOCOL_MAGIC, _native.PROTOCOL_VERSION) == (b"VPNP", 2)
+    assert _native.MAX_PEER_ID_LEN == 255
+    longest = _native.encode_hello(
+        "x" * _native.MAX_PEER_ID_LEN,
+        2**64 - 1,
+        bytes(_native.PUBLIC_KEY_LEN),
+        bytes(_native.SIGNATURE_LEN),
+    )
+    assert len(longest) == _native.MAX_HELLO_LEN
+    assert longest.startswith(_native.PROTOCOL_MAGIC + bytes([_native.PROTOCOL_VERSION]))
+    # The config's peer id rule is the hello's: the same limit, read from the same constant.
+    assert tuning.check_peer_id("é" * (_native.MAX_PEER_ID_LEN // 2)) == "é" * (_native.MAX_PEER_ID_LEN // 2)
+    with pytest.raises(ValueError, match=f"at most {_native.MAX_PEER_ID_LEN} bytes"):
+        tuning.check_peer_id("é" * (_native.MAX_PEER_ID_LEN // 2 + 1))  # 256 bytes in 128 characters
+    with pytest.raises(FramingError):
+        _native.encode_hello("x" * (_native.MAX_PEER_ID_LEN + 1), 0)

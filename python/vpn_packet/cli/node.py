@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vpn_packet.cli._command import Subcommand
 from vpn_packet.errors import ConfigError, UsageError
-from vpn_packet.node.config import LOG_LEVELS
+from vpn_packet.tuning import LOG_LEVELS
 
 __all__ = ["COMMAND"]
 

@@ -76,7 +76,7 @@ from vpn_packet.resilience import ResilienceConfig
 from vpn_packet.transport.discovery import Peer
 from vpn_packet.transport.handshake import Security, SecurityMode
 from vpn_packet.transport.identity import NodeIdentity, decode_public_key, load_identity
-from vpn_packet.tuning import NODE_RESILIENCE, Tuning, parse_endpoint
+from vpn_packet.tuning import LOG_LEVELS, NODE_RESILIENCE, Tuning, parse_endpoint
 
 __all__ = [
     "ConfigError",
@@ -91,7 +91,6 @@ __all__ = [
     "parse_config",
 ]
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _T = TypeVar("_T")
 

@@ -375,11 +375,11 @@ async def run_demo(
     stall_timeout: float = 2.0,
 ) -> DemoResult:
     """Run the two-node demo: `packets` from A to B (and as many from B to A with `both_ways`), over TLS
-with throwaway keys unless `secure=False` (plaintext, unauthenticated: for comparison).
+    with throwaway keys unless `secure=False` (plaintext, unauthenticated: for comparison).
 
-    `progress(received, total)` is called as packets arrive (optional). After the last packet is written,
-    waits for the receivers to take everything in: at most `delivery_timeout` seconds, and no longer than
-    `stall_timeout` seconds without any packet arriving.
+        `progress(received, total)` is called as packets arrive (optional). After the last packet is written,
+        waits for the receivers to take everything in: at most `delivery_timeout` seconds, and no longer than
+        `stall_timeout` seconds without any packet arriving.
     """
     from vpn_packet.node.node import Node
     from vpn_packet.transport.discovery import Peer

@@ -83,6 +83,8 @@ def node_samples(snapshot: Mapping[str, Any], prefix: str = "vpn_packet") -> Ite
         yield f"{prefix}_tun_write_backlog", "gauge", {}, tun["backlog"]
     yield f"{prefix}_connects_total", "counter", {}, node["connects"]
     yield f"{prefix}_connect_failures_total", "counter", {}, node["connect_failures"]
+    for reason, n in node.get("refusals", {}).items():  # peers that refused our handshake, by their reason
+        yield f"{prefix}_refused_by_peer_total", "counter", {"reason": reason}, n
     yield f"{prefix}_uptime_seconds", "gauge", {}, snapshot["uptime"]
 
 

@@ -1,16 +1,20 @@
 """Throwaway PKI for tests and the demo: a CA and node certificates, made with the `cryptography` package.
 
+For CA mode (`vpn_packet.transport.handshake.Security.with_ca`; `vpn_packet.testutil.keys.ca_securities`
+builds the `Security` objects from it). Key mode needs no PKI: see `vpn_packet.testutil.keys`.
+
 `cryptography` is a test dependency (the `test` extra), not a runtime one: import this module only where it
 is installed. Keys are ECDSA P-256 (fast to generate); certificates are valid from an hour ago for a day.
 
     pki = write_test_pki(tmp_path, ["node-a", "node-b"])
-    pki.ca_cert, pki.nodes["node-a"].cert, pki.nodes["node-a"].key, pki.nodes["node-a"].fingerprint
+    pki.ca_cert, pki.nodes["node-a"].cert, pki.nodes["node-a"].key
+    CertificateAuthority().issue("two-names", tmp_path, names=["node-a", "node-b"])  # several SAN names
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CertificateAuthority", "NodeCredentials", "TestPki", "write_self_signed", "write_test_pki"]
+__all__ = ["CertificateAuthority", "NodeCredentials", "TestPki", "write_test_pki"]
 
 
 def _name(common_name: str) -> x509.Name:
@@ -39,12 +43,11 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 @dataclass(frozen=True)
 class NodeCredentials:
-    """A node's certificate and key files, and the certificate's SHA-256 fingerprint (hex)."""
+    """A node's certificate and key files (PEM)."""
 
     peer_id: str
     cert: Path
     key: Path
-    fingerprint: str
 
 
 @dataclass
@@ -88,11 +91,17 @@ class CertificateAuthority:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(
-        self, peer_id: str, directory: Path, *, san: bool = True, common_name: str | None = None
+        self,
+        peer_id: str,
+        directory: Path,
+        *,
+        san: bool = True,
+        common_name: str | None = None,
+        names: Sequence[str] | None = None,
     ) -> NodeCredentials:
-        """Write `<peer_id>.crt` and `<peer_id>.key` to `directory`: a certificate for `peer_id` (as a SAN DNS
-        name when `san`, and as the common name unless `common_name` overrides it), usable as client and
-        server."""
+        """Write `<peer_id>.crt` and `<peer_id>.key` to `directory`: a certificate usable as client and
+        server, whose subjectAltName DNS entries are `names` (default: `[peer_id]`; none when `san` is
+        False) and whose common name is `common_name` (default: `peer_id`)."""
         key = ec.generate_private_key(ec.SECP256R1())
         start, end = _validity()
         builder = (
@@ -109,9 +118,10 @@ class CertificateAuthority:
                 critical=False,
             )
         )
-        if san:
+        dns = list(names) if names is not None else [peer_id]
+        if san and dns:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(peer_id)]), critical=False
+                x509.SubjectAlternativeName([x509.DNSName(name) for name in dns]), critical=False
             )
         cert = builder.sign(self.key, hashes.SHA256())
         return _write(directory, peer_id, cert, key)
@@ -133,30 +143,7 @@ def _write(
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(_key_pem(key))
     key_path.chmod(0o600)
-    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-    return NodeCredentials(peer_id, cert_path, key_path, digest)
-
-
-def write_self_signed(peer_id: str, directory: Path) -> NodeCredentials:
-    """A self-signed certificate for `peer_id` (for pinned mode), written to `directory`."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    start, end = _validity()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(peer_id))
-        .issuer_name(_name(peer_id))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(peer_id)]), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return _write(directory, peer_id, cert, key)
+    return NodeCredentials(peer_id, cert_path, key_path)
 
 
 @dataclass(frozen=True)

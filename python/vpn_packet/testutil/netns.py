@@ -2,8 +2,13 @@
 tunnel benchmark (root only).
 
     with TunnelLab(tmp_path) as lab:      # namespaces, veth 172.31.255.1/30 <-> .2, nodes A and B started
-        lab.run_python(lab.ns_a, PING_SCRIPT, "10.8.0.2")
+        lab.run_python(lab.ns_a, ICMP_ECHO_SCRIPT, "10.8.0.2", "1", "2")
         lab.metrics("b")                    # SIGUSR1 to node B, then its metrics file
+
+The nodes run the contract config (DESIGN.md section 6): each has a key made with `vpn-packet genkey`
+(`lab.keys`: node name -> public key string), `[node] key`, and its peer's `public_key`; no `[node] id` (it
+comes from the key file). `TunnelLab(..., insecure=True)` runs them with `[node] insecure = true` instead
+(plaintext, for comparisons).
 
 Everything is created with names unique to the process and removed on exit (also after a failure): node
 processes are terminated (then killed), the namespaces deleted (which deletes the veth pair and the TUNs).
@@ -33,9 +38,11 @@ from typing import IO, Any, NoReturn
 
 __all__ = [
     "ICMP_ECHO_SCRIPT",
-    "SPOOF_SCRIPT",
+    "IMPOSTOR_SCRIPT",
+    "RAW_SEND_SCRIPT",
     "TCP_SINK_SCRIPT",
     "TCP_SOURCE_SCRIPT",
+    "UDP_SINK_SCRIPT",
     "NodeProcess",
     "TunnelLab",
     "netns_unavailable",
@@ -164,8 +171,20 @@ def node_toml(
     peer_allowed: str,
     metrics_file: Path,
     mtu: int,
+    key: str | None = None,
+    peer_public_key: str | None = None,
     extra: str = "",
 ) -> str:
+    """A node's TOML: the contract config with `key` (this node's key file; its id is the name in it) and
+    the peer's `peer_public_key`; without them `[node] insecure = true` and `id = node_id`."""
+    if key is not None:
+        if peer_public_key is None:
+            raise ValueError("key mode needs the peer's public key")
+        identity = f'key = "{key}"'
+        peer_key = f'public_key = "{peer_public_key}"\n'
+    else:
+        identity = f'id = "{node_id}"\ninsecure = true'
+        peer_key = ""
     return f"""\
 [interface]
 name = "vpn0"
@@ -177,7 +196,7 @@ txqueuelen = 4000
 address = "{listen}:{PORT}"
 
 [node]
-id = "{node_id}"
+{identity}
 log_level = "info"
 metrics_file = "{metrics_file}"
 shutdown_timeout = 5.0
@@ -187,7 +206,7 @@ drop_log_interval = 2.0
 id = "{peer_id}"
 endpoint = "{peer_endpoint}:{PORT}"
 allowed_ips = ["{peer_allowed}/32"]
-{extra}"""
+{peer_key}{extra}"""
 
 
 # `python -m vpn_packet.cli` runs cli.py as `__main__`, a second module whose registry lacks the subcommands
@@ -201,12 +220,22 @@ _instances = itertools.count()
 class TunnelLab:
     """Namespaces `ns_a`/`ns_b`, veth underlay, a node in each (unless `start_nodes=False`)."""
 
-    def __init__(self, workdir: Path, *, mtu: int = 1400, start_nodes: bool = True, tuning: str = "") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        mtu: int = 1400,
+        start_nodes: bool = True,
+        tuning: str = "",
+        insecure: bool = False,
+    ) -> None:
         tag = f"{os.getpid()}{next(_instances)}"  # unique per process and instance
         self.workdir = workdir
         self.mtu = mtu
         self.start_nodes = start_nodes
         self.tuning = tuning
+        self.insecure = insecure
+        self.keys: dict[str, str] = {}  # "node-a" -> its public key string (what genkey printed)
         self.ns_a = f"vpnp-a-{tag}"
         self.ns_b = f"vpnp-b-{tag}"
         self.veth_a = f"vpa{tag}"[:15]
@@ -227,7 +256,22 @@ class TunnelLab:
     def __exit__(self, *exc_info: object) -> None:
         self.cleanup()
 
+    def genkey(self, name: str) -> str:
+        """`vpn-packet genkey NAME --dir WORKDIR`, as a user runs it; returns the public key printed last."""
+        result = subprocess.run(
+            [sys.executable, "-c", _CLI, "genkey", name, "--dir", str(self.workdir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"vpn-packet genkey {name} failed: {result.stderr.strip()}")
+        return result.stdout.strip().splitlines()[-1]
+
     def setup(self) -> None:
+        if not self.insecure:
+            for name in ("node-a", "node-b"):
+                self.keys[name] = self.genkey(name)
         for ns in (self.ns_a, self.ns_b):
             _ip("netns", "add", ns)
             self._namespaces.append(ns)
@@ -245,18 +289,21 @@ class TunnelLab:
 
     def start_node(self, which: str) -> NodeProcess:
         a = which == "a"
+        me, peer = ("node-a", "node-b") if a else ("node-b", "node-a")
         metrics_file = self.workdir / f"metrics-{which}.json"
         config = self.workdir / f"node-{which}.toml"
         config.write_text(
             node_toml(
-                node_id=f"node-{which}",
-                peer_id="node-b" if a else "node-a",
+                node_id=me,
+                peer_id=peer,
                 address=TUNNEL_A if a else TUNNEL_B,
                 listen=UNDERLAY_A if a else UNDERLAY_B,
                 peer_endpoint=UNDERLAY_B if a else UNDERLAY_A,
                 peer_allowed=TUNNEL_B if a else TUNNEL_A,
                 metrics_file=metrics_file,
                 mtu=self.mtu,
+                key=None if self.insecure else f"{me}.key",  # relative to the config file, beside it
+                peer_public_key=self.keys.get(peer),
                 extra=self.tuning,
             )
         )
@@ -473,20 +520,85 @@ result = {"bytes": sent, "sha256": digest.hexdigest() if mode == "verify" else N
 print(json.dumps(result))
 """
 
-SPOOF_SCRIPT = r"""
-import json, socket, struct, sys
-from vpn_packet.transport.framing import encode_frames, encode_hello
-from vpn_packet.testutil.packets import UDP, ipv4_packet
-host, port, claimed_id, spoofed_src, dst = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
-packet = ipv4_packet(spoofed_src, dst, UDP, 4444, 5555, b"spoofed")
-sock = socket.create_connection((host, port), timeout=5)
-sock.sendall(encode_hello(claimed_id) + encode_frames([packet]))
-sock.shutdown(socket.SHUT_WR)
-sock.settimeout(5)
-try:
-    sock.recv(1)
-except OSError:
-    pass
-sock.close()
-print(json.dumps({"sent": 1, "src": spoofed_src, "dst": dst}))
+UDP_SINK_SCRIPT = r"""
+import json, socket, sys
+host, port, count, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((host, port))
+sock.settimeout(timeout)
+print("listening", flush=True)
+got = []
+while len(got) < count:
+    try:
+        data, addr = sock.recvfrom(65535)
+    except socket.timeout:
+        break
+    got.append({"from": addr[0], "payload": data.decode(errors="replace")})
+print(json.dumps({"datagrams": got}))
+"""
+
+# Raw IPv4 packets built here (source address included: IP_HDRINCL), sent into the routing table of the
+# namespace: with a destination in the tunnel's subnet they go into the TUN device, so the node reads them
+# as it reads anything a local program sends. Arguments: dst, then (src, dport, payload) triples.
+RAW_SEND_SCRIPT = r"""
+import json, socket, sys
+from vpn_packet.packets import UDP, ipv4_packet
+dst, rest = sys.argv[1], sys.argv[2:]
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+sock.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+sent = []
+for i in range(0, len(rest), 3):
+    src, dport, payload = rest[i], int(rest[i + 1]), rest[i + 2].encode()
+    sock.sendto(ipv4_packet(src, dst, UDP, 40000 + i // 3, dport, payload), (dst, 0))
+    sent.append(src)
+print(json.dumps({"sent": sent}))
+"""
+
+# What an attacker on the underlay can do against a node in key mode: connect with TLS, present its own key
+# (any key file), claim a configured peer's id in a signed hello, and send a data frame right behind the
+# hello without waiting for the answer (so a receiver that read frames before judging the hello would be
+# caught). Prints the answer's reason and then waits until the node closes the connection (refused) or, when
+# accepted, closes it itself after the frame. Arguments: host, port, key file, claimed id, src, dst, dport.
+IMPOSTOR_SCRIPT = r"""
+import json, socket, sys
+from vpn_packet._native import ANSWER_REASONS, encode_hello, hello_transcript, parse_answer, parse_challenge
+from vpn_packet.packets import UDP, ipv4_packet
+from vpn_packet.transport.framing import encode_frames
+from vpn_packet.transport.handshake import new_epoch
+from vpn_packet.transport.identity import certificate_public_key, load_identity
+from vpn_packet.transport.tls import key_client_context
+host, port, key_file, claimed_id, src, dst, dport = sys.argv[1:8]
+identity = load_identity(key_file)
+packet = ipv4_packet(src, dst, UDP, 4444, int(dport), b"injected")
+conn = key_client_context(identity).wrap_socket(
+    socket.create_connection((host, int(port)), timeout=10), server_hostname=None
+)
+def read_message(parse):
+    data = b""
+    while True:
+        message, needed = parse(data)
+        if message is not None:
+            return message
+        while needed:
+            chunk = conn.recv(needed)
+            if not chunk:
+                raise EOFError("closed during the handshake")
+            data += chunk
+            needed -= len(chunk)
+nonce = read_message(parse_challenge)
+server_key = certificate_public_key(conn.getpeercert(binary_form=True))
+epoch = new_epoch()
+transcript = hello_transcript(nonce, server_key, claimed_id, epoch, identity.public_key_bytes)
+hello = encode_hello(claimed_id, epoch, identity.public_key_bytes, identity.sign(transcript))
+conn.sendall(hello + encode_frames([packet]))
+code, text = read_message(parse_answer)
+reason = ANSWER_REASONS[code]
+closed_by_peer = False
+if reason != "accepted":
+    try:
+        closed_by_peer = conn.recv(1) == b""
+    except (ConnectionError, OSError):
+        closed_by_peer = True
+conn.close()
+print(json.dumps({"answer": reason, "text": text, "closed_by_peer": closed_by_peer}))
 """

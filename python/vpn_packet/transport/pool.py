@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from vpn_packet import tuning
 from vpn_packet.api import Stream, StreamService
 from vpn_packet.errors import ServiceError
-from vpn_packet.worker import TaskSet, close_quietly
+from vpn_packet.tasks import TaskSet, close_quietly
 
 __all__ = ["PooledStream", "StreamPool", "StreamPoolMetrics"]
 

@@ -131,7 +131,12 @@ class ReceiverMetrics(PeerReceiverMetrics):
 
 
 class _Failed(Exception):
-    """A handshake that ended without a verdict; `reason` is already counted."""
+    """A handshake that ended without a verdict; `reason` is already counted. `answered`: an answer saying
+    why may be on its way to the client, so the connection is closed gracefully (flushed), not reset."""
+
+    def __init__(self, reason: str, *, answered: bool = False) -> None:
+        super().__init__(reason)
+        self.answered = answered
 
 
 @dataclass(eq=False, slots=True)
@@ -147,9 +152,17 @@ class _Connection:
     closed_because: str | None = None
 
     def close(self, because: str) -> None:
-        """Close at once (nothing of ours is buffered that matters): another connection needs the slot."""
+        """Close at once (nothing of ours is buffered that matters): another connection needs the slot.
+
+        A pending connection's task is cancelled rather than its transport aborted: it may be inside
+        `start_tls`, which Python 3.11 does not survive having its transport aborted underneath it (the task
+        dies with an AttributeError that asyncio logs); the cancellation ends it cleanly and its own exit
+        path closes the transport."""
         self.closed_because = because
-        self.writer.transport.abort()
+        if self.peer_id is None:
+            self.task.cancel()
+        else:
+            self.writer.transport.abort()
 
 
 class Receiver:
@@ -361,7 +374,9 @@ class Receiver:
         else:
             self._pending_by_source.pop(conn.source, None)
 
-    def _handshake_failed(self, conn: _Connection, reason: str, detail: object) -> _Failed:
+    def _handshake_failed(
+        self, conn: _Connection, reason: str, detail: object, *, answered: bool = False
+    ) -> _Failed:
         _bump(self._totals.handshake_failures, reason)
         self._warn.warning(
             ("failed", conn.source, reason),
@@ -370,7 +385,7 @@ class Receiver:
             reason,
             detail,
         )
-        return _Failed(reason)
+        return _Failed(reason, answered=answered)
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -396,14 +411,14 @@ class Receiver:
             peer = self._enter_peer(conn, verdict.peer_id)
             conn.decoder = FrameDecoder(self.max_frame_size)
             clean = await self._pump(conn, peer)
-        except _Failed:
-            pass
+        except _Failed as failed:
+            clean = failed.answered
         except asyncio.CancelledError:
-            if self._state != "stopped":
+            if self._state != "stopped" and conn.closed_because is None:
                 raise
-            # Cancelled by our own stop(): end normally. Python 3.11's stream protocol logs a cancelled
-            # connection task as an error in a done callback ("Exception in callback ..."), which would turn
-            # every orderly shutdown with a connected peer into an alarming log line.
+            # Cancelled by our own stop() or to make room (`_Connection.close`): end normally. Python 3.11's
+            # stream protocol logs a cancelled connection task as an error in a done callback ("Exception in
+            # callback ..."), which would turn every orderly shutdown or eviction into an alarming log line.
         except (ConnectionError, OSError) as exc:
             if conn.closed_because is None:
                 # Reset, broken pipe, TLS failure: the peer's side went away, not a protocol violation.
@@ -439,8 +454,8 @@ class Receiver:
             raise self._handshake_failed(
                 conn, "timeout", f"no complete handshake within {self.hello_timeout:g}s"
             ) from exc
-        except FramingError as exc:
-            raise self._handshake_failed(conn, exc.reason or "bad_hello", exc) from exc
+        except FramingError as exc:  # server_handshake answered it when the bytes were a hello at all
+            raise self._handshake_failed(conn, exc.reason or "bad_hello", exc, answered=True) from exc
         except ssl.SSLError as exc:
             raise self._handshake_failed(conn, "tls_failed", exc.reason or exc) from exc
         except (asyncio.IncompleteReadError, ConnectionError) as exc:

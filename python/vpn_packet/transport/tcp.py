@@ -283,6 +283,14 @@ class TcpStream:
         )
 
 
+def _failure_kind(exc: BaseException) -> str:
+    """A short name for a connect failure: the errno's name (`ECONNREFUSED`), else the exception type's."""
+    code = getattr(exc, "errno", None)
+    if not isinstance(exc, ssl.SSLError) and isinstance(code, int) and code in errno.errorcode:
+        return errno.errorcode[code]
+    return type(exc).__name__
+
+
 class TcpStreamService:
     """Opens `TcpStream`s to peers, each behind an answered handshake. Implements
     `vpn_packet.api.StreamService`.
@@ -340,6 +348,7 @@ class TcpStreamService:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 sock = await self._connect_socket(loop, host, port)
+                operation = "tls" if self.security.encrypted else "handshake"
                 base, protocol = await loop.create_connection(
                     _SenderProtocol,
                     sock=sock,
@@ -370,9 +379,19 @@ class TcpStreamService:
             if transport is not None:
                 transport.abort()
             if isinstance(exc, (OSError, ssl.SSLError, TimeoutError, EOFError, FramingError)):
-                raise NetworkError(
-                    self._explain(exc, host, port, operation), peer_id=peer_id, operation=operation
-                ) from exc
+                cause = self._explain(exc, host, port, operation)
+                # One line per peer and kind of failure per interval: a peer that is down, or whose key we
+                # do not accept, must show in the log without a line per retry.
+                self._warn.warning(
+                    (peer_id, _failure_kind(cause)),
+                    "cannot open a stream to %s at %s:%d (%s): %s",
+                    peer_id,
+                    host,
+                    port,
+                    operation,
+                    cause,
+                )
+                raise NetworkError(cause, peer_id=peer_id, operation=operation) from exc
             raise
         self.connects += 1
         return TcpStream(peer_id, transport, protocol, write_timeout=self.write_timeout)
@@ -399,7 +418,11 @@ class TcpStreamService:
     def _explain(self, exc: BaseException, host: str, port: int, operation: str) -> BaseException:
         """A cause that says what happened, for the bare exceptions that do not."""
         if isinstance(exc, TimeoutError) and not exc.args:
-            what = "connect to" if operation == "connect" else "no handshake answer from"
+            what = {
+                "connect": "connect to",
+                "tls": "no TLS handshake with",
+                "handshake": "no handshake answer from",
+            }[operation]
             hint = ""
             if operation == "handshake" and not self.security.encrypted:
                 hint = " (this node is insecure: does the peer expect TLS?)"

@@ -237,6 +237,15 @@ fn check_header(buf: &[u8], kind: u8) -> Result<bool, HandshakeError> {
     }
 }
 
+/// While the header is incomplete, ask for the rest of the header only: the header alone decides whether
+/// the bytes are this protocol and version, so a short message of another version (a v1 hello is 7 bytes and
+/// up) is answered at once instead of waiting for bytes that will never come.
+fn header_needed<T>(buf: &[u8]) -> Parsed<T> {
+    Parsed::NeedMore {
+        needed: HEADER_LEN - buf.len(),
+    }
+}
+
 fn need(buf: &[u8], total: usize) -> Option<usize> {
     (buf.len() < total).then(|| total - buf.len())
 }
@@ -251,7 +260,9 @@ pub fn encode_challenge(nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
 
 /// Parses a challenge from the start of `buf`.
 pub fn parse_challenge(buf: &[u8]) -> Result<Parsed<[u8; NONCE_LEN]>, HandshakeError> {
-    check_header(buf, KIND_CHALLENGE)?;
+    if !check_header(buf, KIND_CHALLENGE)? {
+        return Ok(header_needed(buf));
+    }
     if let Some(needed) = need(buf, CHALLENGE_LEN) {
         return Ok(Parsed::NeedMore { needed });
     }
@@ -306,9 +317,21 @@ fn field(buf: &[u8], at: usize) -> Result<(&[u8], usize), usize> {
     }
 }
 
+fn check_length_byte(buf: &[u8], at: usize, field: &'static str, len: usize) -> Result<(), HandshakeError> {
+    match buf.get(at) {
+        Some(&n) if n != 0 && usize::from(n) != len => Err(HandshakeError::BadFieldLength {
+            field,
+            len: usize::from(n),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Parses a hello from the start of `buf`, incrementally.
 pub fn parse_hello(buf: &[u8]) -> Result<Parsed<Hello<'_>>, HandshakeError> {
-    check_header(buf, KIND_HELLO)?;
+    if !check_header(buf, KIND_HELLO)? {
+        return Ok(header_needed(buf));
+    }
     let id_at = HEADER_LEN + 8;
     if let Some(needed) = need(buf, id_at) {
         return Ok(Parsed::NeedMore { needed });
@@ -321,18 +344,20 @@ pub fn parse_hello(buf: &[u8]) -> Result<Parsed<Hello<'_>>, HandshakeError> {
     };
     let peer_id = std::str::from_utf8(id).map_err(|_| HandshakeError::InvalidUtf8)?;
     check_peer_id(peer_id)?;
+    // A key or signature length other than 0 or the algorithm's fails as soon as its byte arrives, so a
+    // bad hello never makes the server wait for (or buffer) bytes it would refuse anyway.
+    check_length_byte(buf, key_at, "public key", PUBLIC_KEY_LEN)?;
     let (key, sig_at) = match field(buf, key_at) {
         Ok(found) => found,
         Err(needed) => return Ok(Parsed::NeedMore { needed }),
     };
     let public_key = (!key.is_empty()).then_some(key);
-    check_optional("public key", public_key, PUBLIC_KEY_LEN)?;
+    check_length_byte(buf, sig_at, "signature", SIGNATURE_LEN)?;
     let (sig, end) = match field(buf, sig_at) {
         Ok(found) => found,
         Err(needed) => return Ok(Parsed::NeedMore { needed }),
     };
     let signature = (!sig.is_empty()).then_some(sig);
-    check_optional("signature", signature, SIGNATURE_LEN)?;
     Ok(Parsed::Done {
         message: Hello {
             peer_id,
@@ -382,7 +407,9 @@ pub fn encode_answer(code: u8, text: &str) -> Vec<u8> {
 
 /// Parses an answer from the start of `buf`: `(code, text)`.
 pub fn parse_answer(buf: &[u8]) -> Result<Parsed<(u8, &str)>, HandshakeError> {
-    check_header(buf, KIND_ANSWER)?;
+    if !check_header(buf, KIND_ANSWER)? {
+        return Ok(header_needed(buf));
+    }
     let Some(&code) = buf.get(HEADER_LEN) else {
         return Ok(Parsed::NeedMore {
             needed: HEADER_LEN + 2 - buf.len(),
@@ -477,6 +504,9 @@ mod tests {
             parse_hello(b"VPNP\x01\x06node-a").unwrap_err(),
             HandshakeError::UnsupportedVersion(1)
         );
+        // Before the header is complete, only the header's bytes are asked for.
+        assert_eq!(parse_hello(b"VP").unwrap(), Parsed::NeedMore { needed: 4 });
+        assert_eq!(parse_hello(b"").unwrap(), Parsed::NeedMore { needed: HEADER_LEN });
         assert_eq!(
             parse_challenge(&encode_answer(0, "")).unwrap_err().reason(),
             "unexpected_message"
@@ -514,10 +544,34 @@ mod tests {
 
     proptest! {
         #[test]
-        fn parsers_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400)) {
-            let _ = parse_hello(&data);
+        fn parsers_never_panic_and_stay_bounded(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+            match parse_hello(&data) {
+                Ok(Parsed::Done { message, consumed }) => {
+                    prop_assert!(consumed <= MAX_HELLO_LEN);
+                    prop_assert_eq!(encode_hello(&message).unwrap(), &data[..consumed]);
+                }
+                Ok(Parsed::NeedMore { needed }) => prop_assert!(data.len() + needed <= MAX_HELLO_LEN),
+                Err(_) => {}
+            }
             let _ = parse_challenge(&data);
             let _ = parse_answer(&data);
+        }
+
+        #[test]
+        fn hello_prefixes_never_ask_past_the_bound(
+            head in proptest::collection::vec(any::<u8>(), 0..8), id_len in 1u8..=255, key_len: u8
+        ) {
+            // A valid header, then arbitrary epoch bytes, an id of id_len bytes and a key length byte.
+            let mut data = b"VPNP\x02H".to_vec();
+            data.extend(head.iter().chain(std::iter::repeat(&0u8)).take(8));
+            data.push(id_len);
+            data.extend(std::iter::repeat(b'a').take(usize::from(id_len)));
+            data.push(key_len);
+            match parse_hello(&data) {
+                Ok(Parsed::NeedMore { needed }) => prop_assert!(data.len() + needed <= MAX_HELLO_LEN),
+                Ok(Parsed::Done { .. }) => {}
+                Err(err) => prop_assert_eq!(err.reason(), "bad_field_length"),
+            }
         }
 
         #[test]

@@ -39,6 +39,7 @@ from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
 from typing import Any, Final
 
 from vpn_packet import tuning
+from vpn_packet._native import destination_key_and_ip, group_by_destination
 from vpn_packet.api import PeerDiscovery, StreamPoolService, StreamService
 from vpn_packet.errors import (
     DispatcherStoppedError,
@@ -49,7 +50,6 @@ from vpn_packet.errors import (
 from vpn_packet.metrics import REJECT_REASONS, DispatcherMetrics
 from vpn_packet.resilience import ResilienceService
 from vpn_packet.tasks import TaskSet
-from vpn_packet.utils import destination_key_and_ip, group_by_destination
 from vpn_packet.worker import Worker, WorkerContext, WorkerMetrics
 
 __all__ = ["Dispatcher", "DispatcherState", "NewDispatcher"]

@@ -24,9 +24,6 @@ from vpn_packet._native import (
     parse_batch,
 )
 
-# Not public: `vpn_packet.dispatcher` still imports it from here (its home is `vpn_packet._native`).
-from vpn_packet._native import destination_key_and_ip as destination_key_and_ip
-
 __all__ = [
     "extract_ip_and_ports",
     "destination_key",

@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 
 import vpn_packet.metrics
 import vpn_packet.worker
+from vpn_packet._native import destination_key_and_ip
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.metrics import WorkerMetrics
+from vpn_packet.tasks import TaskSet, close_quietly
 from vpn_packet.testutil.fakes import FakePeerDiscovery, FakeStreamPool, FakeStreamService
 from vpn_packet.testutil.fixtures import *
 from vpn_packet.testutil.packets import UDP, ipv4_packet
-from vpn_packet.utils import destination_key_and_ip
-from vpn_packet.tasks import TaskSet, close_quietly
 
 # --- one enqueue path ---------------------------------------------------------------------------------------
 

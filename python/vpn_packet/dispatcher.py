@@ -140,16 +140,15 @@ class Dispatcher:
         clock: Callable[[], float] | None = None,
         coalesce: int = DEFAULT_COALESCE,
     ) -> None:
-        if worker_buffer_size < 1:
-            raise ValueError(f"worker_buffer_size must be >= 1, got {worker_buffer_size!r}")
-        if max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1, got {max_workers!r}")
-        if coalesce < 0:
-            raise ValueError(f"coalesce must be >= 0, got {coalesce!r}")
+        tuning.Tuning.check_fields(
+            worker_buffer_size=worker_buffer_size,
+            max_workers=max_workers,
+            coalesce=coalesce,
+            worker_idle_timeout=worker_idle_timeout,
+            worker_cleanup_interval=worker_cleanup_interval,
+        )
         if max_consecutive_failures < 1:
             raise ValueError(f"max_consecutive_failures must be >= 1, got {max_consecutive_failures!r}")
-        if not worker_idle_timeout > 0 or not worker_cleanup_interval > 0:
-            raise ValueError("worker_idle_timeout and worker_cleanup_interval must be > 0 seconds")
         self.worker_idle_timeout = float(worker_idle_timeout)
         self.worker_cleanup_interval = float(worker_cleanup_interval)
         self.worker_buffer_size = worker_buffer_size

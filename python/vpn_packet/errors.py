@@ -39,6 +39,7 @@ __all__ = [
     "DispatcherStoppedError",
     "FramingError",
     "HandshakeRefusedError",
+    "IdentityError",
     "IsConnectionResetError",
     "IsNetworkError",
     "IsServiceError",
@@ -679,3 +680,8 @@ class ConfigError(VpnPacketError, ValueError):
 
 class UsageError(VpnPacketError):
     """A bad argument or input noticed by a `vpn-packet` command: reported on one line, exit status 2."""
+
+
+class IdentityError(UsageError, ValueError):
+    """A key file or public key string that cannot be used (`vpn_packet.transport.identity`); the message says
+    which and why. A `UsageError`, so the `vpn-packet` commands report it on one line."""

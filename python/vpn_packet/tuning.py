@@ -315,6 +315,17 @@ class Tuning:
         raise KeyError(name)
 
     @staticmethod
+    def check_fields(**values: object) -> None:
+        """Checks keyword values against the rules of the `Tuning` fields of the same names; raises
+        `ValueError` naming the first bad one. The library classes call it in their constructors, so a
+        setting has one rule whether it comes from a config file, a `Tuning` or a constructor argument."""
+        for name, value in values.items():
+            try:
+                Tuning.spec(name).check(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+
+    @staticmethod
     def names() -> tuple[str, ...]:
         """The field names, in order."""
         return tuple(f.name for f in fields(Tuning))

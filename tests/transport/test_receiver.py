@@ -516,17 +516,18 @@ def test_constructor_validation() -> None:
 
     with pytest.raises(ValueError, match="max_frame_size"):
         Receiver(discovery, sink, security=INSECURE, max_frame_size=0)
-    for name in (
-        "max_batch",
-        "max_connections_per_peer",
-        "max_pending",
-        "max_pending_per_source",
-        "read_size",
+    # The rules are the `Tuning` fields' (one source): the message names the setting and its range.
+    for name, setting in (
+        ("max_batch", "receive_batch"),
+        ("max_connections_per_peer", "max_connections_per_peer"),
+        ("max_pending", "max_pending"),
+        ("max_pending_per_source", "max_pending_per_source"),
+        ("read_size", "read_size"),
     ):
-        with pytest.raises(ValueError, match="at least 1"):
+        with pytest.raises(ValueError, match=rf"^{setting}: 0 is out of range"):
             Receiver(discovery, sink, security=INSECURE, **{name: 0})  # type: ignore[arg-type]
     for name in ("hello_timeout", "idle_timeout"):
-        with pytest.raises(ValueError, match="must be positive"):
+        with pytest.raises(ValueError, match=rf"^{name}: 0 must be positive"):
             Receiver(discovery, sink, security=INSECURE, **{name: 0})  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         Receiver(discovery, sink)  # type: ignore[call-arg]  # no default security: a choice, said out loud

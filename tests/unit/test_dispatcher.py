@@ -68,7 +68,8 @@ def test_fakes_satisfy_the_protocols() -> None:
     ],
 )
 def test_constructor_rejects_bad_settings(kwargs: dict[str, int]) -> None:
-    with pytest.raises(ValueError, match="must be"):
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=rf"^{name}(:| must)"):  # the setting is named first
         Dispatcher(FakePeerDiscovery(), FakeStreamService(), None, **kwargs)  # type: ignore[arg-type]
 
 

@@ -294,3 +294,31 @@ def test_the_parser_check_sees_a_module_loaded_in_a_fresh_interpreter() -> None:
     script = "import json, sys\nimport vpn_packet.transport.tun\nprint(json.dumps(sorted(sys.modules)))\n"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "vpn_packet.transport.tun" in json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- every exception in one module -------------------------------------------------------------------------
+
+
+def exception_classes_outside_errors(modules: dict[str, Path], package: str = PACKAGE) -> list[str]:
+    """Public classes outside `vpn_packet.errors` (and testutil) that derive from an exception: by name, a base
+    ending in `Error` or `Exception`, or `Warning`. Private ones (`_Failed`) are internal control flow."""
+    found = []
+    for name, path in modules.items():
+        if name == f"{package}.errors" or name.startswith(TESTUTIL):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ClassDef) or node.name.startswith("_"):
+                continue
+            bases = [ast.unparse(base).rsplit(".", 1)[-1] for base in node.bases]
+            if any(b.endswith(("Error", "Exception", "Warning")) for b in bases):
+                found.append(f"{name}.{node.name}")
+    return found
+
+
+def test_every_exception_is_defined_in_errors() -> None:
+    assert exception_classes_outside_errors(source_modules()) == []
+
+
+def test_the_exception_check_sees_a_stray_class(tmp_path: Path) -> None:
+    tree = _tree(tmp_path, {"errors.py": "class A(Exception): ...\n", "x.py": "class B(ValueError): ...\n"})
+    assert exception_classes_outside_errors(tree, "pkg") == ["pkg.x.B"]

@@ -34,7 +34,6 @@ from vpn_packet.packets import TCP, UDP, ipv4_packet, ipv6_packet
 if TYPE_CHECKING:
     from vpn_packet.node.node import Node
     from vpn_packet.transport.handshake import Security
-    from vpn_packet.transport.receiver import ReceiverMetrics
 
 __all__ = ["DemoResult", "Flow", "Verifier", "Workload", "run_demo"]
 
@@ -263,25 +262,6 @@ def _securities(directory: Path, *, secure: bool) -> tuple[Security, Security]:
     )
 
 
-def _receiver_drops(metrics: ReceiverMetrics) -> dict[str, int]:
-    """What node B's receiver refused or lost, by reason: packets (spoofed source, unparsable, refused by the
-    sink), protocol errors, refused connections and failed handshakes by reason."""
-    drops = {
-        "receiver spoofed": metrics.spoofed_dropped,
-        "receiver unparsable": metrics.unparsable_dropped,
-        "receiver sink failed": metrics.sink_failed,
-        "receiver pending connections rejected": metrics.rejected_pending + metrics.evicted_pending,
-    }
-    for label, counts in (
-        ("protocol", metrics.protocol_errors),
-        ("refused", metrics.refused),
-        ("handshake", metrics.handshake_failures),
-    ):
-        for reason, n in counts.items():
-            drops[f"receiver {label} {reason}"] = n
-    return drops
-
-
 def _free_ports(n: int) -> list[int]:
     """`n` free TCP ports on 127.0.0.1 (bound to port 0, then released) for nodes that must know each other's
     address before either listens."""
@@ -381,7 +361,7 @@ async def run_demo(
         waits for the receivers to take everything in: at most `delivery_timeout` seconds, and no longer than
         `stall_timeout` seconds without any packet arriving.
     """
-    from vpn_packet.node.node import Node
+    from vpn_packet.node.node import Node, node_drops
     from vpn_packet.transport.discovery import Peer
 
     ab_load = Workload(packets, destinations, seed, A_PREFIXES, B_PREFIXES)
@@ -455,19 +435,8 @@ async def run_demo(
             await node_b.stop()
         metrics_b = node_b.metrics()
     drops: dict[str, int] = {}
-    senders_metrics = [metrics_a, metrics_b] if both_ways else [metrics_a]
-    receivers_metrics = [metrics_b, metrics_a] if both_ways else [metrics_b]
-    for m in senders_metrics:
-        d = m.dispatcher
-        for table, prefix in (
-            (d.rejected_by_reason, "rejected"),
-            (d.failed_by_reason, "failed"),
-            (d.discarded_by_reason, "discarded"),
-        ):
-            for reason, n in table.items():
-                drops[f"{prefix} {reason}"] = drops.get(f"{prefix} {reason}", 0) + n
-    for m in receivers_metrics:
-        for reason, n in _receiver_drops(m.receiver).items():
+    for m in (metrics_a, metrics_b):  # a node that only sends or only receives adds zeros
+        for reason, n in node_drops(m.as_dict()).items():
             drops[reason] = drops.get(reason, 0) + n
     return DemoResult(
         packets=total,

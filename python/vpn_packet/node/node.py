@@ -24,7 +24,7 @@ still deliverable: stop dispatching and drain the workers (bounded by `stop_time
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +72,31 @@ class NodeMetrics:
         }
         out["receiver"] = dataclasses.asdict(self.receiver)
         return out
+
+
+def node_drops(metrics: Mapping[str, Any]) -> dict[str, int]:
+    """Every drop counter of a node, from `NodeMetrics.as_dict()`, flattened (`rejected.queue_full`, ...):
+    packets (rejected, failed, discarded by the dispatcher; spoofed, unparsable, refused by the sink at the
+    receiver) and connections refused either way (`refused_by_peer.key_mismatch`: a peer refused us;
+    `receiver.refused.unknown_peer`: we refused a connection; `receiver.handshake_failures.timeout`), so that
+    a tunnel that never came up cannot end with `drops: none`. The one place drops are summed up (the node's
+    summary, its warnings and the demo's table read it)."""
+    out: dict[str, int] = {}
+    dispatcher = metrics["dispatcher"]
+    for group in ("rejected", "failed", "discarded"):
+        for reason, n in dispatcher[f"{group}_by_reason"].items():
+            out[f"{group}.{reason}"] = int(n)
+    receiver = metrics["receiver"]
+    for key in ("spoofed_dropped", "unparsable_dropped", "sink_failed"):
+        out[f"receiver.{key}"] = int(receiver[key])
+    for family in ("protocol_errors", "refused", "handshake_failures"):
+        for reason, n in receiver[family].items():
+            out[f"receiver.{family}.{reason}"] = int(n)
+    for key in ("rejected_pending", "evicted_pending"):
+        out[f"receiver.{key}"] = int(receiver[key])
+    for reason, n in metrics["refusals"].items():
+        out[f"refused_by_peer.{reason}"] = int(n)
+    return out
 
 
 class Node:

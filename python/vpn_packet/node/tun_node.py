@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vpn_packet.node.config import NodeConfig
+from vpn_packet.node.node import node_drops
 
 if TYPE_CHECKING:
     from vpn_packet.node.metrics_endpoint import MetricsEndpoint
@@ -58,23 +59,9 @@ INSECURE_WARNING = (
 
 
 def drop_counters(metrics: dict[str, Any]) -> dict[str, int]:
-    """Every drop counter of a `TunNode.metrics()` snapshot, flattened (`rejected.queue_full`, ...): packets,
-    and connections refused either way (`refused_by_peer.key_mismatch`: a peer refused us;
-    `receiver.refused.unknown_peer`: we refused a connection), so that a tunnel that never came up cannot
-    end with `drops: none`."""
-    out: dict[str, int] = {}
-    dispatcher = metrics["node"]["dispatcher"]
-    for group in ("rejected", "failed", "discarded"):
-        for reason, n in dispatcher[f"{group}_by_reason"].items():
-            out[f"{group}.{reason}"] = int(n)
-    receiver = metrics["node"]["receiver"]
-    for key in ("spoofed_dropped", "unparsable_dropped", "sink_failed"):
-        out[f"receiver.{key}"] = int(receiver[key])
-    for family in ("refused", "handshake_failures"):
-        for reason, n in receiver[family].items():
-            out[f"receiver.{family}.{reason}"] = int(n)
-    for reason, n in metrics["node"]["refusals"].items():
-        out[f"refused_by_peer.{reason}"] = int(n)
+    """Every drop counter of a `TunNode.metrics()` snapshot, flattened: the node's (`node_drops`) and the TUN
+    device's (`tun.write_dropped`, `tun.write_errors`)."""
+    out = node_drops(metrics["node"])
     tun = metrics["tun"]
     if tun is not None:
         out["tun.write_dropped"] = int(tun["write_dropped"])

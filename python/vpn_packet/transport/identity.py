@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
-from vpn_packet.errors import UsageError
+from vpn_packet.errors import IdentityError
 
 __all__ = [
     "KEY_FILE_SUFFIX",
@@ -63,10 +63,6 @@ _PEM_CERT_MARK: Final = b"-----BEGIN CERTIFICATE-----"
 # time, so that no clock skew or expiry ever breaks a tunnel (trust is the key, checked by value).
 _NOT_BEFORE: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _NOT_AFTER: Final = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
-
-
-class IdentityError(UsageError, ValueError):
-    """A key file or public key string that cannot be used; the message says which and why."""
 
 
 def encode_public_key(raw: bytes) -> str:

@@ -164,12 +164,13 @@ class StreamPool:
         close_timeout: float = 2.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        if max_streams_per_peer < 1:
-            raise ValueError(f"max_streams_per_peer must be >= 1, got {max_streams_per_peer!r}")
+        tuning.Tuning.check_fields(
+            max_streams_per_peer=max_streams_per_peer, stream_idle_timeout=idle_timeout
+        )
         if max_leases_per_stream is not None and max_leases_per_stream < 1:
             raise ValueError(f"max_leases_per_stream must be >= 1 or None, got {max_leases_per_stream!r}")
-        if not idle_timeout > 0 or not acquire_timeout > 0:
-            raise ValueError("idle_timeout and acquire_timeout must be > 0 seconds")
+        if not acquire_timeout > 0:
+            raise ValueError("acquire_timeout must be > 0 seconds")
         self.stream_service = stream_service
         self.max_streams_per_peer = max_streams_per_peer
         self.max_leases_per_stream = max_leases_per_stream

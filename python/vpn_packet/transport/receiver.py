@@ -195,11 +195,16 @@ class Receiver:
     ) -> None:
         if not 0 < max_frame_size <= 1 << 24:
             raise ValueError("max_frame_size must be 1..16 MiB")
-        if hello_timeout <= 0 or idle_timeout <= 0:
-            raise ValueError("hello_timeout and idle_timeout must be positive")
-        limits = (max_batch, max_connections, max_connections_per_peer, max_pending, max_pending_per_source)
-        if min(*limits, read_size) < 1:
-            raise ValueError("batch, connection and pending limits and read_size must be at least 1")
+        tuning.Tuning.check_fields(
+            hello_timeout=hello_timeout,
+            idle_timeout=idle_timeout,
+            receive_batch=max_batch,
+            max_connections=max_connections,
+            max_connections_per_peer=max_connections_per_peer,
+            max_pending=max_pending,
+            max_pending_per_source=max_pending_per_source,
+            read_size=read_size,
+        )
         self.discovery = discovery
         self.sink = sink
         self.security = security

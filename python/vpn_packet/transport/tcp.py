@@ -316,8 +316,7 @@ class TcpStreamService:
         high_water: int = _HIGH_WATER,
         log_interval: float = tuning.LOG_INTERVAL,
     ) -> None:
-        if not connect_timeout > 0 or not write_timeout > 0:
-            raise ValueError("connect_timeout and write_timeout must be > 0 seconds")
+        tuning.Tuning.check_fields(connect_timeout=connect_timeout, write_timeout=write_timeout)
         self.discovery = discovery
         self.security = security
         self.connect_timeout = float(connect_timeout)

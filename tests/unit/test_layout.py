@@ -300,8 +300,8 @@ def test_the_parser_check_sees_a_module_loaded_in_a_fresh_interpreter() -> None:
 
 
 def exception_classes_outside_errors(modules: dict[str, Path], package: str = PACKAGE) -> list[str]:
-    """Public classes outside `vpn_packet.errors` (and testutil) that derive from an exception: by name, a base
-    ending in `Error` or `Exception`, or `Warning`. Private ones (`_Failed`) are internal control flow."""
+    """Public classes outside `vpn_packet.errors` (and testutil) that derive from an exception: by name, a
+    base ending in `Error`, `Exception` or `Warning`. Private ones (`_Failed`) are internal control flow."""
     found = []
     for name, path in modules.items():
         if name == f"{package}.errors" or name.startswith(TESTUTIL):

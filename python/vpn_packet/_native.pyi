@@ -243,3 +243,23 @@ def encode_answer(code: int, text: str) -> bytes:
 
 def parse_answer(data: Buffer) -> tuple[tuple[int, str] | None, int]:
     """`((code, text), consumed)` or `(None, needed)`; raises `FramingError`."""
+
+# --- acknowledgements (rust/core/src/ack.rs) ---
+
+__all__ += ["ACK_LEN", "AckDecoder", "encode_ack"]
+
+ACK_LEN: Final[int]  # 9: 'K' and the count
+
+def encode_ack(taken: int) -> bytes:
+    """The ack record for `taken` frames of a connection."""
+
+@final
+class AckDecoder:
+    """Reads ack records across any read boundaries; holds at most one partial record."""
+
+    def __new__(cls) -> AckDecoder: ...
+    def feed(self, data: Buffer) -> int: ...
+    @property
+    def taken(self) -> int: ...
+    @property
+    def buffered(self) -> int: ...

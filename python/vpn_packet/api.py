@@ -11,7 +11,7 @@ signatures). Fakes of all four, with failure injection, live in `vpn_packet.test
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Protocol, runtime_checkable
 
 __all__ = ["PeerDiscovery", "Stream", "StreamPoolService", "StreamService"]
@@ -30,12 +30,18 @@ class PeerDiscovery(Protocol):
 class Stream(Protocol):
     """An ordered channel of packets to one peer."""
 
-    async def write(self, packet: bytes) -> None:
-        """Send one packet."""
+    async def write(self, packet: bytes) -> Awaitable[int] | None:
+        """Send one packet; see `write_many`."""
         ...
 
-    async def write_many(self, packets: Sequence[bytes]) -> None:
-        """Send packets in order. After a failure it is unknown how many went out: the stream is unhealthy."""
+    async def write_many(self, packets: Sequence[bytes]) -> Awaitable[int] | None:
+        """Send packets in order. After a failure it is unknown how many went out: the stream is unhealthy.
+
+        A stream whose peer acknowledges what it received returns a receipt: an awaitable that resolves with
+        how many of these packets (from the first) the peer acknowledged; the dispatcher counts only those
+        as sent, the rest as failed (`lost_in_flight`). A stream without acknowledgements returns None, and
+        a packet written counts as sent.
+        """
         ...
 
     async def close(self) -> None:

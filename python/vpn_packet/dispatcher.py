@@ -252,10 +252,26 @@ class Dispatcher:
                 self._stopped.set_result(None)
 
     async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - like stop()
-        """Wait until nothing is queued or being written (every accepted packet resolved).
+        """Wait until every accepted packet is resolved: nothing queued, being written, or in flight (written
+        and waiting for the peer's acknowledgement).
 
         Returns False if `timeout` seconds passed first. Packets dispatched meanwhile are waited for too.
         """
+        loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            if not await self._wait_idle(None if deadline is None else max(deadline - loop.time(), 0.0)):
+                return False
+            receipts = self._ctx.receipts
+            if not receipts:
+                return True
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return False
+            await asyncio.wait(set(receipts), timeout=left)
+
+    async def _wait_idle(self, timeout: float | None) -> bool:  # noqa: ASYNC109 - a bound
+        """Wait until no worker is queued for or in a drain; False on timeout."""
         if not self._ctx.busy:
             return True
         loop = self._loop if self._loop is not None else asyncio.get_running_loop()
@@ -270,6 +286,21 @@ class Dispatcher:
                 self._idle_waiters.remove(waiter)
         return bool(done)
 
+    async def _give_up_receipts(self) -> None:
+        """Receipts still open at the end of `stop()`: the stream each was written on gives up on its
+        connection (a reset: the peer discards what it has not taken) and resolves them with what was
+        acknowledged; a receipt of another kind of stream is cancelled (counted as lost in flight)."""
+        receipts = set(self._ctx.receipts)
+        if not receipts:
+            return
+        for receipt in receipts:
+            give_up = getattr(receipt, "give_up", None)
+            if give_up is not None:
+                give_up()
+            else:
+                receipt.cancel()
+        await asyncio.wait(receipts)  # resolved above: this only lets their callbacks count them
+
     def _notify_idle(self) -> None:
         waiters = self._idle_waiters
         self._idle_waiters = []
@@ -279,7 +310,9 @@ class Dispatcher:
                 waiter.set_result(None)
 
     async def _shutdown(self) -> None:
-        """The forced part of `stop()`: fail the queues, cancel drains, release streams, await our tasks."""
+        """The forced part of `stop()`: fail the queues, cancel drains, give up on acknowledgements still
+        awaited (their packets count as lost in flight), release streams, await our tasks."""
+        await self._give_up_receipts()
         workers = list(self._workers.values())
         for worker in workers:
             worker.discard_queue()
@@ -614,6 +647,7 @@ class Dispatcher:
             discarded=sum(ctx.discarded.values()),
             queued=queued,
             rejected=sum(self._rejected.values()),
+            in_flight=ctx.unacknowledged,
             bytes_sent=ctx.bytes_sent,
             rejected_by_reason=dict(self._rejected),
             failed_by_reason=dict(ctx.failed),
@@ -631,8 +665,9 @@ class Dispatcher:
         if not m.accounting_ok:
             raise AssertionError(
                 f"accounting broken: accepted={m.accepted} sent={m.sent} failed={m.failed} "
-                f"discarded={m.discarded} queued={m.queued} (rejected={m.rejected_by_reason}, "
-                f"failed={m.failed_by_reason}, discarded={m.discarded_by_reason})"
+                f"discarded={m.discarded} queued={m.queued} in_flight={m.in_flight} "
+                f"(rejected={m.rejected_by_reason}, failed={m.failed_by_reason}, "
+                f"discarded={m.discarded_by_reason})"
             )
         return m
 

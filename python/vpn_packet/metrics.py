@@ -7,10 +7,12 @@ of the package: the dispatcher and the worker import their reason names and snap
 the other way round (`vpn_packet.worker` re-exports `WorkerMetrics`, where the contract names it).
 
 Accounting (see `DispatcherMetrics`): every packet offered to `dispatch_*` is either *rejected* (never queued,
-counted by reason) or *accepted*; an accepted packet is, at any instant, exactly one of *sent* (written to a
-stream), *failed* (could not be written: no peer, circuit open, write or stream error), *discarded* (dropped
-without a failed write: its caller cancelled it, or `stop()` gave up on it) or *queued* (waiting in a worker
-or being written right now).
+counted by reason) or *accepted*; an accepted packet is, at any instant, exactly one of *sent* (the peer
+acknowledged it; on a stream without acknowledgements, written), *in flight* (written, waiting for the
+peer's acknowledgement), *failed* (did not reach the peer: no peer, circuit open, refused, write or stream
+error, or lost in flight when its connection ended unacknowledged), *discarded* (dropped without a failed
+write: its caller cancelled it, or `stop()` gave up on it) or *queued* (waiting in a worker or being
+written right now).
 
 Prometheus: `PrometheusCollector(dispatcher)` is a custom collector for `prometheus_client` (an optional
 dependency, imported only when the collector is built); `prometheus_samples()` gives the same numbers as
@@ -39,8 +41,17 @@ __all__ = [
 
 #: Why a packet was not accepted by `dispatch_*`.
 REJECT_REASONS = ("not_started", "stopped", "queue_full", "worker_limit", "invalid_packet")
-#: Why an accepted packet could not be written (`refused`: the peer answered our handshake with a refusal).
-FAILURE_REASONS = ("no_peer", "circuit_open", "refused", "discovery_error", "stream_error", "write_error")
+#: Why an accepted packet did not reach the peer (`refused`: the peer answered our handshake with a
+#: refusal; `lost_in_flight`: written, but the connection ended before the peer acknowledged it).
+FAILURE_REASONS = (
+    "no_peer",
+    "circuit_open",
+    "refused",
+    "discovery_error",
+    "stream_error",
+    "write_error",
+    "lost_in_flight",
+)
 #: Why an accepted packet was dropped without a failed write.
 DISCARD_REASONS = ("cancelled", "stopped")
 
@@ -49,8 +60,9 @@ DISCARD_REASONS = ("cancelled", "stopped")
 class DispatcherMetrics:
     """A snapshot of a dispatcher's totals.
 
-    Identity (checked by `accounting_ok`): ``accepted == sent + failed + discarded + queued``, where `queued`
-    counts packets waiting in workers and packets being written. `rejected` packets were never accepted; the
+    Identity (checked by `accounting_ok`): ``accepted == sent + failed + discarded + queued + in_flight``,
+    where `queued` counts packets waiting in workers and packets being written, and `in_flight` packets
+    written and not yet acknowledged by the peer. `rejected` packets were never accepted; the
     per-reason dicts (`rejected_by_reason`, `failed_by_reason`, `discarded_by_reason`) add up to their totals.
     """
 
@@ -63,6 +75,7 @@ class DispatcherMetrics:
     discarded: int
     queued: int
     rejected: int
+    in_flight: int
     bytes_sent: int
     rejected_by_reason: Mapping[str, int]
     failed_by_reason: Mapping[str, int]
@@ -80,9 +93,9 @@ class DispatcherMetrics:
 
     @property
     def accounting_ok(self) -> bool:
-        """Whether accepted = sent + failed + discarded + queued and each reason table adds up."""
+        """Whether accepted = sent + failed + discarded + queued + in_flight and each reason table adds up."""
         return (
-            self.accepted == self.sent + self.failed + self.discarded + self.queued
+            self.accepted == self.sent + self.failed + self.discarded + self.queued + self.in_flight
             and sum(self.rejected_by_reason.values()) == self.rejected
             and sum(self.failed_by_reason.values()) == self.failed
             and sum(self.discarded_by_reason.values()) == self.discarded
@@ -138,6 +151,7 @@ def prometheus_samples(
     for reason, n in metrics.discarded_by_reason.items():
         yield f"{p}_packets_discarded_total", "counter", {"reason": reason}, n
     yield f"{p}_packets_queued", "gauge", {}, metrics.queued
+    yield f"{p}_packets_in_flight", "gauge", {}, metrics.in_flight
     yield f"{p}_workers", "gauge", {}, metrics.workers
     yield f"{p}_workers_busy", "gauge", {}, metrics.busy_workers
     yield f"{p}_workers_created_total", "counter", {}, metrics.workers_created

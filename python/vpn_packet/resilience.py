@@ -62,7 +62,12 @@ class ResilienceConfig:
     """Breaker and retry settings, in seconds. Every value here is the one used.
 
     - `failure_threshold`: consecutive failures that open a peer's breaker.
-    - `reset_timeout`: how long a breaker stays open before admitting probes (half-open).
+    - `reset_timeout`: how long a breaker stays open before admitting probes (half-open). 2 s: the
+      breaker's job is to stop hammering a failing peer (a connect attempt per packet batch), and one probe
+      every 2 s is not hammering; a longer wait only delays a peer that is back (with 30 s, a peer that came
+      up just after the node was first used half a minute later, and every packet meanwhile failed
+      `circuit_open`). So a peer back within a few seconds is used within a few seconds. The node uses this
+      default too (`vpn_packet.tuning.NODE_RESILIENCE`, `[resilience] reset_timeout`).
     - `success_threshold`: successful probes that close a half-open breaker.
     - `max_attempts`: attempts per call, the first one included (1 disables retry).
     - `initial_interval`, `max_interval`: backoff ceiling for retry n is
@@ -73,7 +78,7 @@ class ResilienceConfig:
     """
 
     failure_threshold: int = 5
-    reset_timeout: float = 30.0
+    reset_timeout: float = 2.0
     success_threshold: int = 2
     max_attempts: int = 3
     initial_interval: float = 0.1

@@ -10,10 +10,14 @@ layers import them. (wireguard-go keeps its tunables in `device/constants.go` fo
   and `Tuning(...)` checks every value against it, so a bad value fails the same way from a config file
   (`tuning.write_timeout: ...`, the parser names the key) or from Python (`ValueError`).
 - Library defaults (`WORKER_BUFFER_SIZE`, `MAX_WORKERS`, ...): what the classes use when given nothing.
-  They equal `Tuning`'s, except where a node needs more (`NODE_WORKER_BUFFER_SIZE`, `NODE_RESILIENCE`).
-- Rules: `check_int`, `check_seconds`, `check_interface_name`, `check_mtu`, `check_peer_id`,
-  `parse_endpoint`, `check_prefix`. Each raises `ValueError` with a message that does not name the setting,
-  so that the caller can put its own name in front (`interface.mtu: 100 is out of range 576..65535`).
+  They equal `Tuning`'s, except where a node needs more (`NODE_WORKER_BUFFER_SIZE`). `NODE_RESILIENCE` is
+  the library's `ResilienceConfig()` itself: the breaker and retry defaults have one source.
+- Rules: `check_int`, `check_seconds` (at most `MAX_SECONDS`), `check_interface_name`,
+  `check_interface_address`, `check_mtu`, `check_peer_id`, `parse_endpoint`, `check_prefix`. Each raises
+  `ValueError` with a message that does not name the setting, so that the caller can put its own name in
+  front (`interface.mtu: 100 is out of range 576..65535`). Rules between settings (a peer's prefix against
+  the node's own address, endpoints against the listen address) name several keys, so they live with the
+  parser that knows the keys (`vpn_packet.node.config`).
 
 The wire format's constants (frame size, hello) are not here: they are the Rust core's, exported through
 `vpn_packet.transport.framing`.
@@ -31,6 +35,7 @@ from vpn_packet._native import MAX_PEER_ID_LEN
 from vpn_packet.resilience import ResilienceConfig
 
 __all__ = [
+    "ACK_TIMEOUT",
     "CONNECT_TIMEOUT",
     "COALESCE",
     "DEFAULT_TUNING",
@@ -38,12 +43,14 @@ __all__ = [
     "LOG_INTERVAL",
     "LOG_LEVELS",
     "IFNAMSIZ",
+    "IN_FLIGHT_WINDOW",
     "IPV6_MIN_MTU",
     "MAX_CONNECTIONS",
     "MAX_CONNECTIONS_PER_PEER",
     "MAX_MTU",
     "MAX_PENDING",
     "MAX_PENDING_PER_SOURCE",
+    "MAX_SECONDS",
     "MAX_STREAMS_PER_PEER",
     "MAX_TXQUEUELEN",
     "MAX_WORKERS",
@@ -67,6 +74,7 @@ __all__ = [
     "WRITE_BACKLOG",
     "WRITE_TIMEOUT",
     "check_int",
+    "check_interface_address",
     "check_interface_name",
     "check_mtu",
     "check_peer_id",
@@ -101,6 +109,13 @@ SEND_BUFFER: Final = 4 * 1024 * 1024
 CONNECT_TIMEOUT: Final = 5.0
 #: Seconds a write may wait for a peer that does not read before the stream counts as failed.
 WRITE_TIMEOUT: Final = 10.0
+#: Seconds a peer may acknowledge nothing while packets are in flight before its connection is taken for
+#: dead (frozen, blackholed, not reading) and reset. A live receiver acknowledges every read (~ms); 2 s
+#: tolerates scheduling hiccups and still tells a user within seconds, not after 90 MB "sent".
+ACK_TIMEOUT: Final = 2.0
+#: Bytes written and not yet acknowledged, per connection, at most: the memory a dead peer can cost us.
+#: 4 MiB keeps a 1 Gbit/s link busy at 30 ms of round trip.
+IN_FLIGHT_WINDOW: Final = 4 * 1024 * 1024
 
 #: Packets per sink call on the receiving side, bytes per socket read.
 RECEIVE_BATCH: Final = 256
@@ -146,9 +161,16 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 #: Seconds for the whole ordered shutdown of a node (and `Node.stop`'s drain).
 SHUTDOWN_TIMEOUT: Final = 5.0
 
-#: The node's breaker and retry defaults: the library's, except that an open breaker probes again after 2 s
-#: instead of 30 s, so a peer that restarts is reachable again within seconds.
-NODE_RESILIENCE: Final = ResilienceConfig(reset_timeout=2.0)
+#: The node's breaker and retry defaults: the library's own (`ResilienceConfig()`, whose docstring gives the
+#: reasons; an open breaker probes again after 2 s, so a peer that restarts is reachable within seconds).
+#: Kept as a name for the node and its config parser, never as a second set of values.
+NODE_RESILIENCE: Final = ResilienceConfig()
+
+#: The longest duration any setting in seconds may have: one day. Larger values cannot be meant, and they
+#: break timers: `asyncio` (`call_at`, `wait_for`) adds them to the loop's clock, where 1e308 overflows to
+#: inf or raises `OverflowError` deep in the loop, and a timer of years never fires, so the setting is
+#: silently "off" instead of refused.
+MAX_SECONDS: Final = 86_400.0
 
 # --- the rules --------------------------------------------------------------------------------------------
 
@@ -163,11 +185,14 @@ def check_int(value: object, low: int, high: int) -> int:
 
 
 def check_seconds(value: object, *, zero: bool = False) -> float:
-    """`value` as float when it is a finite number of seconds, positive (or 0 or more with `zero`)."""
+    """`value` as float when it is a finite number of seconds, positive (or 0 or more with `zero`), and at
+    most `MAX_SECONDS` (one day)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"expected a number of seconds, got {value!r}")
     if value < 0 or (value == 0 and not zero):
         raise ValueError(f"{value} must be {'0 or more' if zero else 'positive'}")
+    if value > MAX_SECONDS:
+        raise ValueError(f"{value} is more than {MAX_SECONDS:g} seconds (one day), the most a timer may wait")
     return float(value)
 
 
@@ -182,6 +207,37 @@ def check_interface_name(name: object) -> str:
     ):
         raise ValueError(f"{name!r} is not an interface name (1..{IFNAMSIZ - 1} bytes, no '/' or spaces)")
     return name
+
+
+def check_interface_address(value: object) -> str:
+    """An address of this node's interface with its prefix length (`"10.8.0.1/24"`), normalized.
+
+    Refused, because the kernel cannot use them as a tunnel address: no prefix length; a /0 prefix (it
+    claims every address, so the interface route would swallow all traffic, the underlay included); the
+    unspecified address (0.0.0.0, ::), a loopback or multicast address; the network address of its prefix
+    (10.8.0.0/24: that names the network, not a host) and, for IPv4, the broadcast address (10.8.0.255/24).
+    /31, /32 (RFC 3021) and IPv6 /127, /128 have no network or broadcast address to avoid."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected an address with prefix length like '10.8.0.1/24', got {value!r}")
+    try:
+        interface = ipaddress.ip_interface(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an address with prefix length like '10.8.0.1/24'") from None
+    if "/" not in value:
+        raise ValueError(f"{value!r} needs a prefix length, like '10.8.0.1/24'")
+    ip, network = interface.ip, interface.network
+    if network.prefixlen == 0:
+        raise ValueError(f"{value!r}: a /0 prefix covers every address, the underlay's too")
+    if ip.is_unspecified:
+        raise ValueError(f"{value!r}: {ip} is the unspecified address, not one a host can have")
+    if ip.is_loopback or ip.is_multicast:
+        kind = "a loopback" if ip.is_loopback else "a multicast"
+        raise ValueError(f"{value!r}: {ip} is {kind} address, not one a tunnel can use")
+    if network.num_addresses > 2 and ip == network.network_address:
+        raise ValueError(f"{value!r}: {ip} is the network address of {network}, not a host's")
+    if ip.version == 4 and network.num_addresses > 2 and ip == network.broadcast_address:
+        raise ValueError(f"{value!r}: {ip} is the broadcast address of {network}, not a host's")
+    return str(interface)
 
 
 def check_mtu(mtu: object, *, ipv6: bool = False) -> int:
@@ -286,6 +342,8 @@ class Tuning:
     send_buffer: int = _int(SEND_BUFFER, 4096, 1 << 30, "SO_SNDBUF bytes")
     connect_timeout: float = _seconds(CONNECT_TIMEOUT, "seconds for connect, handshake and hello")
     write_timeout: float = _seconds(WRITE_TIMEOUT, "seconds a write may wait for a peer that does not read")
+    ack_timeout: float = _seconds(ACK_TIMEOUT, "seconds a peer may acknowledge nothing while packets are out")
+    window: int = _int(IN_FLIGHT_WINDOW, 64 * 1024, 1 << 30, "bytes in flight per connection at most")
     stream_idle_timeout: float = _seconds(STREAM_IDLE_TIMEOUT, "seconds before an unused stream is closed")
     # receiving
     receive_batch: int = _int(RECEIVE_BATCH, 1, 1 << 16, "packets per sink call")

@@ -19,6 +19,7 @@ connections) and gives it back, healthy, when it is removed (idle cleanup, evict
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -57,7 +58,9 @@ class _Resilience(Protocol):
 class WorkerContext:
     """What the workers of one dispatcher share: services, settings and outcome counters.
 
-    Counters: `sent`/`bytes_sent` (written), `failed` and `discarded` (per reason), `recycled`. `busy` is the
+    Counters: `sent`/`bytes_sent` (acknowledged by the peer, or written on a stream without acks),
+    `unacknowledged` (written, waiting for the peer's ack: its receipts are in `receipts`), `failed` and
+    `discarded` (per reason), `recycled`. `busy` is the
     number of workers queued for, or in, a drain; `on_idle` is called when it falls to zero.
 
     `idle_log` lists workers in the order they went idle (oldest first), for idle cleanup and eviction in
@@ -81,11 +84,13 @@ class WorkerContext:
         "max_consecutive_failures",
         "on_idle",
         "pool",
+        "receipts",
         "recycled",
         "resilience",
         "sent",
         "spawn",
         "stream_service",
+        "unacknowledged",
         "workers",
     )
 
@@ -118,6 +123,8 @@ class WorkerContext:
         self.on_idle: Callable[[], None] | None = None
         self.sent = 0
         self.bytes_sent = 0
+        self.unacknowledged = 0
+        self.receipts: set[asyncio.Future[int]] = set()
         self.failed = dict.fromkeys(FAILURE_REASONS, 0)
         self.discarded = dict.fromkeys(DISCARD_REASONS, 0)
         self.recycled = 0
@@ -232,9 +239,11 @@ class Worker:
     __slots__ = (
         "_batch",
         "_ctx",
+        "_future_positions",
         "_futures",
         "_inflight",
         "_inflight_futures",
+        "_receipt",
         "_stream",
         "busy",
         "byte_count",
@@ -265,7 +274,9 @@ class Worker:
         self._inflight: list[bytes] | None = None
         self.limit = ctx.capacity  # room for the queue: capacity - in_flight
         self._inflight_futures: list[asyncio.Future[None]] | None = None
+        self._future_positions: list[int] | None = None  # made by _take_futures; None keeps idle workers small
         self._batch: Sequence[bytes] = _NO_BATCH
+        self._receipt: Awaitable[int] | None = None  # what the last write_many returned
         self._stream: Stream | None = None
         self.peer_id: str | None = None
         self.busy = False
@@ -355,17 +366,12 @@ class Worker:
                 self._inflight_futures = None
                 self.limit = capacity
                 if error is None:
-                    n = len(batch)
-                    size = sum(map(len, batch))
-                    self.packet_count += n
-                    self.byte_count += size
                     self.consecutive_failures = 0
-                    ctx.sent += n
-                    ctx.bytes_sent += size
-                    if futures:
-                        for future in futures:
-                            if not future.done():
-                                future.set_result(None)
+                    receipt, self._receipt = self._receipt, None
+                    if receipt is None:  # a stream without acknowledgements: written is sent
+                        self._sent(batch, futures, len(batch))
+                    else:
+                        self._await_receipt(receipt, batch, futures)
                 else:
                     self._failed(batch, futures, error)
         except asyncio.CancelledError:
@@ -385,8 +391,64 @@ class Worker:
                 if ctx.busy == 0 and ctx.on_idle is not None:
                     ctx.on_idle()
 
+    def _sent(
+        self,
+        batch: Sequence[bytes],
+        futures: list[asyncio.Future[None]] | None,
+        taken: int,
+        positions: Sequence[int] = (),
+    ) -> None:
+        """The first `taken` packets of `batch` reached the peer; the rest (if any) were lost in flight.
+        `positions`: where each future's packet is in `batch` (needed only when some were lost)."""
+        ctx = self._ctx
+        size = sum(map(len, batch[:taken])) if taken < len(batch) else sum(map(len, batch))
+        self.packet_count += taken
+        self.byte_count += size
+        ctx.sent += taken
+        ctx.bytes_sent += size
+        lost = len(batch) - taken
+        if lost:
+            self.error_count += lost
+            ctx.failed["lost_in_flight"] += lost
+        if futures:
+            error = self._lost_error(lost) if lost else None
+            for i, future in enumerate(futures):
+                if not future.done():
+                    if error is None or positions[i] < taken:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+
+    def _lost_error(self, lost: int) -> NetworkError:
+        cause = ConnectionResetError(
+            errno.ECONNRESET, f"{lost} packet(s) written but never acknowledged: the connection ended"
+        )
+        return NetworkError(cause, worker_id=self.sync_key, peer_id=self.peer_id, dest_ip=self.dest_ip)
+
+    def _await_receipt(
+        self, receipt: Awaitable[int], batch: Sequence[bytes], futures: list[asyncio.Future[None]] | None
+    ) -> None:
+        """The batch is written; it counts as in flight until the peer acknowledges it (or the connection
+        ends). The worker goes on with its next batch meanwhile: the acks pipeline."""
+        ctx = self._ctx
+        future = asyncio.ensure_future(receipt)
+        n = len(batch)
+        positions = self._future_positions if futures and self._future_positions is not None else ()
+        ctx.unacknowledged += n
+        ctx.receipts.add(future)
+
+        def settled(done: asyncio.Future[int]) -> None:
+            ctx.receipts.discard(done)
+            ctx.unacknowledged -= n
+            taken = 0 if done.cancelled() or done.exception() is not None else min(done.result(), n)
+            self._sent(batch, futures, taken, positions)
+
+        future.add_done_callback(settled)
+
     def _take_futures(self, batch: list[bytes]) -> tuple[list[bytes], list[asyncio.Future[None]] | None]:
-        """Split off the futures of `batch`; packets whose future is already done (cancelled) are skipped."""
+        """Split off the futures of `batch`; packets whose future is already done (cancelled) are skipped.
+        `_future_positions` keeps where each remaining future's packet sits in the returned batch (a partial
+        acknowledgement resolves a future by its packet's position)."""
         pairs = self._futures
         assert pairs is not None
         self._futures = None
@@ -397,6 +459,10 @@ class Worker:
             batch = [data for i, data in enumerate(batch) if i not in dropped]
             self.discard_count += skipped
             self._ctx.discarded["cancelled"] += skipped
+            kept = [i for i, f in pairs if not f.done()]
+            self._future_positions = [i - sum(1 for d in dropped if d < i) for i in kept]
+        else:
+            self._future_positions = [i for i, _ in pairs]
         return batch, futures
 
     async def _lookup(self) -> BaseException | None:
@@ -426,7 +492,7 @@ class Worker:
         if stream is None:
             stream = self._stream = await self._ctx.acquire(peer_id, self)
         try:
-            await stream.write_many(self._batch)
+            self._receipt = await stream.write_many(self._batch)
         except BaseException as exc:
             if self._stream is stream:
                 self._stream = None

@@ -24,6 +24,7 @@ def _snapshot() -> dict[str, Any]:
         "failed": 1,
         "discarded": 0,
         "queued": 0,
+        "in_flight": 0,
         "rejected": 0,
         "bytes_sent": 200,
         "rejected_by_reason": dict.fromkeys(REJECT_REASONS, 0),

@@ -18,13 +18,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from vpn_packet.cli import main
+from vpn_packet.errors import ConfigError
 from vpn_packet.node.config import NodeConfig, parse_config
 from vpn_packet.node.tun_node import INSECURE_WARNING, TunNode, drop_counters
 from vpn_packet.testutil.fixtures import wait_until
@@ -399,7 +400,7 @@ async def test_shutdown_deadline(
 
 
 async def test_start_failure_closes_the_tun(tmp_path: Path) -> None:
-    (port,) = _free_ports(1)
+    port, other = _free_ports(2)
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", port))
     blocker.listen()
@@ -411,10 +412,130 @@ async def test_start_failure_closes_the_tun(tmp_path: Path) -> None:
 
     try:
         node = TunNode(
-            _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port, port, tmp_path), tun_factory=factory
+            _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port, other, tmp_path), tun_factory=factory
         )
-        with pytest.raises(OSError, match=r"address already in use|Errno 98"):
+        # The port in use is a configuration error naming the key and the address (issue 11).
+        in_use = rf"^listen\.address: 127\.0\.0\.1:{port} is in use \(EADDRINUSE\)$"
+        with pytest.raises(ConfigError, match=in_use):
             await node.start()
     finally:
         blocker.close()
     assert tuns[0].closed
+    assert not node.running
+
+
+# --- the host refuses a setting at start: port in use, interface name taken (issue 11) --------------------
+
+_IN_USE_CONFIG = """\
+[interface]
+name = "{name}"
+address = "10.99.0.1/24"
+
+[listen]
+address = "0.0.0.0:{port}"
+
+[node]
+id = "node-a"
+insecure = true
+
+[[peers]]
+id = "node-b"
+endpoint = "127.0.0.1:{other}"
+allowed_ips = ["10.99.0.2/32"]
+"""
+
+
+def test_cli_listen_port_in_use_is_one_line_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port, other = _free_ports(2)
+    config = tmp_path / "node.toml"
+    config.write_text(_IN_USE_CONFIG.format(name="vpnp-inuse", port=port, other=other))
+    tuns: list[FakeTun] = []
+
+    def open_fake(cls: type[TunDevice], /, name: str, **kwargs: Any) -> Any:
+        tuns.append(FakeTun(name, **kwargs))
+        return tuns[-1]
+
+    monkeypatch.setattr(TunDevice, "open", classmethod(open_fake))
+    with socket.socket() as blocker:  # a real socket holds the port
+        blocker.bind(("0.0.0.0", port))
+        blocker.listen()
+        assert main(["node", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vpn-packet node: error: {config}: listen.address: 0.0.0.0:{port} is in use (EADDRINUSE)\n"
+    assert tuns[0].closed
+
+
+async def test_metrics_listen_in_use_names_its_key(tmp_path: Path) -> None:
+    port_a, port_b, port_m = _free_ports(3)
+    config = _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port_a, port_b, tmp_path)
+    config = dataclasses.replace(
+        config, node=dataclasses.replace(config.node, metrics_listen=("127.0.0.1", port_m))
+    )
+    tuns: list[FakeTun] = []
+
+    def factory(name: str, **kwargs: Any) -> Any:
+        tuns.append(FakeTun(name, **kwargs))
+        return tuns[-1]
+
+    node = TunNode(config, tun_factory=factory)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", port_m))
+        blocker.listen()
+        with pytest.raises(ConfigError, match=rf"^node\.metrics_listen: 127\.0\.0\.1:{port_m} is in use"):
+            await node.start()
+    assert tuns[0].closed
+    assert not node.node.receiver.running
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A throwaway network namespace (root only), deleted with everything in it."""
+    if not HAVE_TUN:
+        skip_or_fail("/dev/net/tun is missing")
+    if os.geteuid() != 0:
+        skip_or_fail("needs root (network namespace)")
+    name = f"vpnp-tunnode-test-{os.getpid()}"
+    result = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if result.returncode != 0:
+        skip_or_fail(f"ip netns add fails: {result.stderr.strip()}")
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+# Runs `vpn-packet node` in the namespace; with a second argument, first opens a TUN of that name and holds
+# it: the node cannot attach to a TUN that is open already (EBUSY), as if another process had it.
+_RUN_NODE = """\
+import sys
+from vpn_packet.cli import main
+from vpn_packet.transport.tun import TunDevice
+holder = TunDevice.open(sys.argv[2]) if len(sys.argv) > 2 else None
+sys.exit(main(["node", "--config", sys.argv[1]]))
+"""
+
+
+def test_cli_interface_name_taken_is_one_line_naming_the_key(netns: str, tmp_path: Path) -> None:
+    subprocess.run(["ip", "-n", netns, "link", "add", "vpnp-dummy0", "type", "dummy"], check=True)
+    cases = [
+        ("vpnp-dummy0", [], "it is not a TUN device: EINVAL"),
+        ("vpnp-busy0", ["vpnp-busy0"], "a TUN device another process has open: EBUSY"),
+    ]
+    for name, holder, reason in cases:
+        config = tmp_path / f"{name}.toml"
+        config.write_text(_IN_USE_CONFIG.format(name=name, port=7000, other=7001))
+        result = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-c", _RUN_NODE, str(config), *holder],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == (
+            f"vpn-packet node: error: {config}: interface.name: {name} exists and is not ours ({reason})\n"
+        )
+    # The dummy device is left as it was: the node neither took nor deleted it.
+    link = subprocess.run(["ip", "-n", netns, "link", "show", "vpnp-dummy0"], capture_output=True, text=True)
+    assert link.returncode == 0, link.stderr

@@ -41,7 +41,10 @@ def _run_node_command(args: argparse.Namespace) -> int:
             config.security()  # loads the certificates now: a bad file is a one-line error, not a traceback
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise UsageError(f"{args.config}: tls: {exc}") from None
-    return asyncio.run(run_node(config))
+    try:
+        return asyncio.run(run_node(config))
+    except ConfigError as exc:  # the host refused a setting at start: the port is taken, the interface name
+        raise UsageError(f"{args.config}: {exc}") from None
 
 
 COMMAND = Subcommand(
@@ -55,8 +58,8 @@ COMMAND = Subcommand(
         "Runs until SIGINT or SIGTERM, then shuts down in order within node.shutdown_timeout and prints\n"
         "a metrics summary. SIGUSR1 logs live metrics (and writes node.metrics_file when set);\n"
         "node.metrics_listen serves them over HTTP (/metrics, /metrics.json).\n"
-        "Exit status: 0 clean shutdown, 1 shutdown deadline hit or TUN device failed, 2 bad config or\n"
-        "missing privilege."
+        "Exit status: 0 clean shutdown, 1 shutdown deadline hit or TUN device failed, 2 bad config,\n"
+        "missing privilege, listen port in use or interface name taken by another device."
     ),
     add_arguments=_node_arguments,
     run=_run_node_command,

@@ -44,7 +44,8 @@ Optional keys of `[node]`::
 
     [resilience]                     # per-peer circuit breaker and retry (vpn_packet.resilience)
     failure_threshold = 5            # consecutive failures that open a peer's breaker
-    reset_timeout = 2.0              # seconds open before probing again (a restarted peer is found again)
+    reset_timeout = 2.0              # seconds open before probing again (the library's default: a
+                                     # restarted peer is found again within seconds)
     success_threshold = 2
     max_attempts = 3                 # write attempts per batch, the first included
     initial_interval = 0.1           # retry backoff, seconds (full jitter)
@@ -61,6 +62,7 @@ peer id, endpoint, prefix, seconds) is `vpn_packet.tuning`'s, the same ones `Nod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -260,21 +262,7 @@ def _interface(data: Mapping[str, Any]) -> InterfaceConfig:
         items = [(f"interface.address[{i}]", a) for i, a in enumerate(raw)]
     else:
         items = [("interface.address", raw)]
-    addresses = []
-    for where, value in items:
-        if not isinstance(value, str):
-            raise ConfigError(
-                where, f"expected an address with prefix length like '10.8.0.1/24', got {value!r}"
-            )
-        try:
-            interface = ipaddress.ip_interface(value)
-        except ValueError:
-            raise ConfigError(
-                where, f"{value!r} is not an address with prefix length like '10.8.0.1/24'"
-            ) from None
-        if "/" not in value:
-            raise ConfigError(where, f"{value!r} needs a prefix length, like '10.8.0.1/24'")
-        addresses.append(str(interface))
+    addresses = [_checked(where, tuning.check_interface_address, value) for where, value in items]
     ipv6 = any(":" in a for a in addresses)
     mtu = _checked("interface.mtu", tuning.check_mtu, table.get("mtu", tuning.MTU), ipv6=ipv6)
     txqueuelen = _int(
@@ -300,9 +288,13 @@ def _listen(data: Mapping[str, Any]) -> tuple[str, int]:
 
 
 def _peers(data: Mapping[str, Any], base: Path | None) -> tuple[PeerConfig, ...]:
-    raw = data.get("peers", [])
+    if "peers" not in data:
+        raise ConfigError("peers", "missing: a node without [[peers]] has nobody to forward packets to")
+    raw = data["peers"]
     if not isinstance(raw, list):
         raise ConfigError("peers", "expected an array of tables ([[peers]])")
+    if not raw:
+        raise ConfigError("peers", "empty: a node without [[peers]] has nobody to forward packets to")
     peers: list[PeerConfig] = []
     seen_ids: dict[str, int] = {}
     owners: dict[str, str] = {}
@@ -322,6 +314,10 @@ def _peers(data: Mapping[str, Any], base: Path | None) -> tuple[PeerConfig, ...]
             raise ConfigError(f"{where}.allowed_ips", "missing (the prefixes this peer owns)")
         if not isinstance(allowed, list):
             raise ConfigError(f"{where}.allowed_ips", f"expected an array of prefixes, got {allowed!r}")
+        if not allowed:
+            raise ConfigError(
+                f"{where}.allowed_ips", "empty: a peer that owns no prefix is never sent to or accepted from"
+            )
         prefixes = []
         for j, prefix in enumerate(allowed):
             key = f"{where}.allowed_ips[{j}]"
@@ -336,6 +332,88 @@ def _peers(data: Mapping[str, Any], base: Path | None) -> tuple[PeerConfig, ...]
             public_key = _checked(f"{where}.public_key", decode_public_key, key_text)
         peers.append(PeerConfig(peer_id, endpoint, tuple(prefixes), public_key))
     return tuple(peers)
+
+
+def _endpoint_key(host: str, port: int) -> tuple[str, int]:
+    """An endpoint in one spelling, so that `[fd00::3]:7000` and `[fd00:0::3]:7000` compare equal."""
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        return host.lower().rstrip("."), port
+
+
+def _is_local(host: str, interface: InterfaceConfig) -> bool:
+    """Whether `host` is an address of this host that needs no configuration to exist: the unspecified
+    address (connecting to it reaches this host), a loopback address, `localhost`, or the interface's own."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    own = {ipaddress.ip_interface(a).ip for a in interface.addresses}
+    return ip.is_unspecified or ip.is_loopback or ip in own
+
+
+def _check_routes(interface: InterfaceConfig, listen: tuple[str, int], peers: tuple[PeerConfig, ...]) -> None:
+    """The rules between keys that each look fine alone but together cannot work (issue 11):
+
+    - a peer's endpoint is this node's own listen address (the same IP and port, or a local address on the
+      listen port when listening on 0.0.0.0 or ::): the node would connect to itself;
+    - two peers with the same endpoint: both would reach one node, which is only one of them;
+    - a peer's allowed_ips contains this node's own interface address: the peer could send packets from it,
+      which the kernel drops as martians while the peer counts them delivered;
+    - a peer's allowed_ips contains a peer's endpoint: the tunnel would route its own (underlay) traffic to
+      that peer into itself.
+    """
+    own = [ipaddress.ip_interface(a) for a in interface.addresses]
+    listen_ip = ipaddress.ip_address(listen[0])
+    endpoints: dict[tuple[str, int], int] = {}
+    underlay: list[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
+    for i, peer in enumerate(peers):
+        where = f"peers[{i}].endpoint"
+        host, port = parse_endpoint(peer.endpoint)
+        if port == listen[1]:
+            same = _endpoint_key(host, port) == _endpoint_key(listen[0], listen[1])
+            wildcard = listen_ip.is_unspecified and _is_local(host, interface)
+            if wildcard and listen_ip.version == 4 and ":" in host:
+                wildcard = False  # 0.0.0.0 does not accept IPv6 connections
+            if same or wildcard:
+                raise ConfigError(
+                    where,
+                    f"{peer.endpoint} is this node's own listen address ({listen_ip.compressed}:{listen[1]}, "
+                    "listen.address): the node would connect to itself",
+                )
+        key = _endpoint_key(host, port)
+        if key in endpoints:
+            k = endpoints[key]
+            raise ConfigError(
+                where,
+                f"{peer.endpoint} is already the endpoint of peers[{k}] ({peers[k].id!r}): one address "
+                "reaches one node",
+            )
+        endpoints[key] = i
+        with contextlib.suppress(ValueError):  # a host name: its address is only known when connecting
+            underlay.append((i, ipaddress.ip_address(host)))
+    for i, peer in enumerate(peers):
+        for j, prefix in enumerate(peer.allowed_ips):
+            where = f"peers[{i}].allowed_ips[{j}]"
+            network = ipaddress.ip_network(prefix)
+            for address in own:
+                if address.ip in network:
+                    raise ConfigError(
+                        where,
+                        f"{prefix} contains this node's own address {address.ip} (interface.address): "
+                        "packets from it would be dropped by the kernel as martians",
+                    )
+            for k, ip in underlay:
+                if ip in network:
+                    raise ConfigError(
+                        where,
+                        f"{prefix} contains {ip}, the endpoint of peer {peers[k].id!r} "
+                        f"(peers[{k}].endpoint): the tunnel would route its own traffic to that peer "
+                        "into itself",
+                    )
 
 
 def _node(data: Mapping[str, Any], base: Path | None) -> NodeSection:
@@ -499,6 +577,7 @@ def parse_config(
     interface = _interface(data)
     listen = _listen(data)
     peers = _peers(data, base)
+    _check_routes(interface, listen, peers)
     tls = _tls(data, base)
     node, identity = _security(_node(data, base), tls, peers)
     if node.id in {p.id for p in peers}:

@@ -18,7 +18,11 @@ task: `shutdown()` cancels that task and so every job, and a job that fails take
 (logged) instead of dying unnoticed. Every knob comes from the config's `vpn_packet.tuning.Tuning`.
 
 Exit status: 0 after a clean shutdown, 1 when the shutdown deadline was hit or the TUN device failed
-(deleted under the node), 2 for a bad configuration or a missing privilege (one line on stderr).
+(deleted under the node), 2 for a bad configuration or a missing privilege (one line on stderr). A start
+that fails because of the host's state is a `ConfigError` naming the key: the listen port is taken
+(`listen.address: 0.0.0.0:7000 is in use (EADDRINUSE)`, also `node.metrics_listen`), or the interface name
+is another device's (`interface.name: vpn0 exists and is not ours (...)`: not a TUN device, or a TUN another
+process has open).
 """
 
 from __future__ import annotations
@@ -26,14 +30,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
+from vpn_packet.errors import ConfigError
 from vpn_packet.node.config import NodeConfig
 from vpn_packet.node.node import node_drops
 
@@ -56,6 +63,38 @@ INSECURE_WARNING = (
     "INSECURE: [node] insecure = true. Traffic is plaintext, and anyone who reaches the listen port can "
     "claim to be a peer and inject packets with its addresses. Use keys (vpn-packet genkey) outside of tests."
 )
+
+
+#: `TUNSETIFF` errors on an interface name that existed before the node started: someone else's device.
+_TAKEN: Final = {
+    errno.EINVAL: "it is not a TUN device: EINVAL",
+    errno.EBUSY: "a TUN device another process has open: EBUSY",
+}
+#: Errors binding a listening socket that a configuration change fixes, and what they mean.
+_BIND_ERRORS: Final = {
+    errno.EADDRINUSE: "is in use",
+    errno.EADDRNOTAVAIL: "is not an address of this host",
+    errno.EACCES: "needs root or CAP_NET_BIND_SERVICE (a port below 1024)",
+}
+
+
+def _interface_exists(name: str) -> bool:
+    """Whether network interface `name` exists in this network namespace."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def _raise_bind_error(key: str, address: tuple[str, int], exc: OSError) -> None:
+    """A `ConfigError` naming `key` and the address for a bind error a config change fixes (the port is
+    taken, ...): `listen.address: 0.0.0.0:7000 is in use (EADDRINUSE)`. Other errors: returns."""
+    if exc.errno not in _BIND_ERRORS:
+        return
+    host, port = address
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    raise ConfigError(key, f"{shown} {_BIND_ERRORS[exc.errno]} ({errno.errorcode[exc.errno]})") from exc
 
 
 def drop_counters(metrics: dict[str, Any]) -> dict[str, int]:
@@ -122,6 +161,7 @@ class TunNode:
             raise RuntimeError(f"TunNode is {self._state}; it is started once")
         self._state = "starting"
         iface = self.config.interface
+        existed = _interface_exists(iface.name)
         try:
             self.tun = self._tun_factory(
                 iface.name,
@@ -130,14 +170,20 @@ class TunNode:
                 txqueuelen=iface.txqueuelen,
                 max_backlog=self.config.tuning.write_backlog,
             )
-        except BaseException:
+        except BaseException as exc:
             self._state = "stopped"
+            if existed and isinstance(exc, OSError) and exc.errno in _TAKEN:
+                raise ConfigError(
+                    "interface.name", f"{iface.name} exists and is not ours ({_TAKEN[exc.errno]})"
+                ) from exc
             raise
         try:
             await self.node.start()
-        except BaseException:
+        except BaseException as exc:
             self.tun.close()
             self._state = "stopped"
+            if isinstance(exc, OSError):
+                _raise_bind_error("listen.address", self.config.listen, exc)
             raise
         self.tun.start_reading(
             self._on_tun_batch, max_packets=self.config.tuning.read_batch, on_error=self._on_tun_error
@@ -151,8 +197,10 @@ class TunNode:
             self._metrics_endpoint = MetricsEndpoint(self.metrics)
             try:
                 await self._metrics_endpoint.start(*self.config.node.metrics_listen)
-            except BaseException:
+            except BaseException as exc:
                 await self.shutdown()
+                if isinstance(exc, OSError):
+                    _raise_bind_error("node.metrics_listen", self.config.node.metrics_listen, exc)
                 raise
         if self.config.mode == "insecure":
             _log.warning(INSECURE_WARNING)

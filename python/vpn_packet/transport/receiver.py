@@ -42,8 +42,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import inspect
 import logging
+import socket
 import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -51,7 +53,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from vpn_packet import tuning
-from vpn_packet._native import FrameDecoder, filter_sources
+from vpn_packet._native import FrameDecoder, encode_ack, filter_sources
 from vpn_packet.errors import FramingError
 from vpn_packet.ratelimit import LogLimiter
 from vpn_packet.transport.discovery import StaticPeerDiscovery
@@ -78,7 +80,8 @@ class PeerReceiverMetrics:
     `packets_delivered` and `batches_delivered` what the sink took; `spoofed_dropped`, `unparsable_dropped`
     and `sink_failed` (the sink raised) are packets dropped; `connection_errors` connections lost to a reset
     or TLS error; `idle_closed` connections closed for sending nothing for `idle_timeout`; `superseded`
-    connections closed because the peer opened a new one at its limit; `protocol_errors` counts
+    connections closed because the peer opened a new one at its limit; `discarded_after_reset` bytes read
+    but not delivered because the sender had reset the connection meanwhile; `protocol_errors` counts
     wire-protocol violations by reason (`zero_length`, `too_large`, `truncated`).
     """
 
@@ -94,6 +97,7 @@ class PeerReceiverMetrics:
     connection_errors: int = 0
     idle_closed: int = 0
     superseded: int = 0
+    discarded_after_reset: int = 0
     protocol_errors: dict[str, int] = field(default_factory=dict)
 
     def _copy(self) -> PeerReceiverMetrics:
@@ -128,6 +132,18 @@ class ReceiverMetrics(PeerReceiverMetrics):
     def dropped(self) -> int:
         """Packets received but not delivered: spoofed, unparsable or refused by the sink."""
         return self.spoofed_dropped + self.unparsable_dropped + self.sink_failed
+
+
+def _reset_by_peer(writer: asyncio.StreamWriter) -> bool:
+    """Whether the other side reset this connection (a pending `ECONNRESET` on the socket). Linux still
+    returns data queued before a reset, so a receiver that was frozen must ask before delivering it."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET)
+    except OSError:
+        return True
 
 
 class _Failed(Exception):
@@ -421,6 +437,7 @@ class Receiver:
         except asyncio.CancelledError:
             if self._state != "stopped" and conn.closed_because is None:
                 raise
+            clean = conn.closed_because is None  # our stop: close gracefully, so the last acks get out
             # Cancelled by our own stop() or to make room (`_Connection.close`): end normally. Python 3.11's
             # stream protocol logs a cancelled connection task as an error in a done callback ("Exception in
             # callback ..."), which would turn every orderly shutdown or eviction into an alarming log line.
@@ -545,6 +562,14 @@ class Receiver:
                     self._protocol_error(peer, "truncated")
                     return False
                 return True
+            if _reset_by_peer(conn.writer):
+                # The sender reset this connection after we read these bytes from the kernel (we were
+                # frozen or stalled, and it gave up waiting for our acks): it counts them lost, so they
+                # must not be delivered now - and never after packets of its next connection.
+                peer.discarded_after_reset += len(data)
+                totals.discarded_after_reset += len(data)
+                conn.closed_because = "reset by the sender"
+                return False
             error: FramingError | None = None
             frames_before = decoder.frames
             bytes_before = decoder.payload_bytes
@@ -568,6 +593,8 @@ class Receiver:
                     totals.unparsable_dropped += unparsable
                 if accepted:
                     await self._deliver(peer_id, peer, accepted)
+                # Taken (delivered, or dropped and counted): tell the sender, which counts them as sent now.
+                conn.writer.write(encode_ack(decoder.frames))
             if error is not None:
                 self._protocol_error(peer, error.reason or "framing")
                 _log.warning("receiver: peer %s broke the framing (%s); connection closed", peer_id, error)

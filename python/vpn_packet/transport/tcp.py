@@ -24,17 +24,21 @@ cause is the underlying exception (`ConnectionRefusedError`, `TimeoutError`,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
 import socket
 import ssl
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
 from vpn_packet import tuning
+from vpn_packet._native import AckDecoder
 from vpn_packet.errors import FramingError, HandshakeRefusedError, NetworkError, ServiceError
 from vpn_packet.ratelimit import LogLimiter
+from vpn_packet.transport.delivery import InFlight, Receipt
 from vpn_packet.transport.framing import encode_frames
 from vpn_packet.transport.handshake import Security, client_handshake, new_epoch, server_public_key
 from vpn_packet.transport.tls import check_server_key, verify_server_name
@@ -45,6 +49,7 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_SEND_BUFFER: Final = tuning.SEND_BUFFER
 _HIGH_WATER: Final = 1024 * 1024  # transport buffer above which writes wait for it to drain
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _MAX_INBOX: Final = 4096  # bytes of handshake a server may send before we read them (an answer is < 300)
 
 
@@ -66,8 +71,9 @@ class _SenderProtocol(asyncio.Protocol):
         self._waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] | None = None
         self.on_lost: Callable[[], None] | None = None
+        self.on_data: Callable[[bytes], None] | None = None  # after the handshake: the stream's ack reader
         # The handshake's replies, read with `read_exactly` until the handshake is done; after it the
-        # peer has nothing to say on this connection and what it sends is ignored.
+        # peer sends only acks, which go to `on_data`.
         self._inbox = bytearray()
         self._handshaking = True
         self._inbox_waiter: asyncio.Future[None] | None = None
@@ -79,7 +85,9 @@ class _SenderProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._handshaking:
-            return  # one-way after the handshake: ignore anything the receiver sends
+            if self.on_data is not None:
+                self.on_data(data)
+            return
         self._inbox += data
         if len(self._inbox) > _MAX_INBOX and self.transport is not None:
             self.transport.abort()  # a server flooding its handshake replies is not a vpn-packet node
@@ -106,9 +114,11 @@ class _SenderProtocol(asyncio.Protocol):
         del self._inbox[:n]
         return out
 
-    def handshake_done(self) -> None:
+    def handshake_done(self) -> bytes:
+        """The handshake is over; returns what the server sent after it (acks to come go to `on_data`)."""
         self._handshaking = False
-        self._inbox = bytearray()
+        rest, self._inbox = bytes(self._inbox), bytearray()
+        return rest
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -150,18 +160,35 @@ class _SenderProtocol(asyncio.Protocol):
 
 
 class TcpStream:
-    """An ordered, one-way stream of framed packets to one peer over TCP (or TLS over TCP).
+    """An ordered stream of framed packets to one peer over TCP (or TLS over TCP), acknowledged by the peer.
 
     Implements `vpn_packet.api.Stream`. Not created directly: `TcpStreamService.create_stream` makes them.
     Several coroutines may write to one stream; each `write_many` goes out as one contiguous write, so the
     packets of one call are never interleaved with another's.
+
+    `write_many` returns a `Receipt` (see `vpn_packet.transport.delivery`): it resolves with how many of the
+    batch's packets the peer acknowledged. The peer acknowledges what it has taken; at most `window` bytes
+    may be written and unacknowledged (a writer waits for acks beyond that, so memory stays bounded
+    whatever the peer does), and a peer that acknowledges nothing for `ack_timeout` seconds while something
+    is in flight is taken for dead (frozen, blackholed, or not reading): the connection is reset and every
+    receipt resolves with what was acknowledged. The reset matters: a peer that wakes up later finds its
+    connection reset and discards what it had not taken (`Receiver` checks before delivering), so a packet
+    counted lost is never delivered after all, and never after packets of a newer connection.
     """
 
     __slots__ = (
+        "_ack_timeout",
+        "_ack_waiters",
+        "_acks",
         "_close_timeout",
+        "_error",
+        "_inflight",
         "_local_close",
+        "_loop",
+        "_progress_at",
         "_protocol",
         "_transport",
+        "_watchdog",
         "_write_timeout",
         "bytes_sent",
         "packets_sent",
@@ -178,42 +205,152 @@ class TcpStream:
         *,
         write_timeout: float,
         close_timeout: float = 1.0,
+        window: int = tuning.IN_FLIGHT_WINDOW,
+        ack_timeout: float = tuning.ACK_TIMEOUT,
+        early: bytes = b"",
     ) -> None:
         self.peer_id = peer_id
         self._transport = transport
         self._protocol = protocol
+        self._loop = asyncio.get_running_loop()
         self._write_timeout = write_timeout
         self._close_timeout = close_timeout
+        self._ack_timeout = ack_timeout
         self._local_close = False
-        self.packets_sent = 0
+        self._error: BaseException | None = None  # why the stream gave up on the connection, if it did
+        self._inflight = InFlight(window)
+        self._acks = AckDecoder()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._progress_at = 0.0
+        self._ack_waiters: list[asyncio.Future[None]] = []  # woken by ack progress, failed at the end
+        self.packets_sent = 0  # written (handed to the kernel); the peer's acks say what it has
         self.bytes_sent = 0
         self.writes = 0
         self.sockname: Any = transport.get_extra_info("sockname")
+        protocol.on_data = self._on_data
+        protocol.on_lost = self._on_lost
+        if early:
+            self._on_data(early)
 
     @property
     def closed(self) -> bool:
         """True once the stream was closed locally, or the peer closed or reset it."""
         return self._local_close or self._protocol.lost or self._protocol.peer_eof
 
-    async def write(self, packet: bytes) -> None:
-        """Send one packet (framed)."""
-        await self.write_many((packet,))
+    @property
+    def in_flight(self) -> int:
+        """Packets written and not acknowledged yet."""
+        return self._inflight.frames
 
-    async def write_many(self, packets: Sequence[bytes]) -> None:
-        """Send `packets` in order as one framed write; waits (at most `write_timeout`) only under
-        backpressure. Raises `NetworkError` when the stream is closed, reset or stuck."""
-        if self._local_close or self._protocol.lost or self._protocol.peer_eof:
+    @property
+    def acknowledged(self) -> int:
+        """Packets the peer acknowledged on this connection."""
+        return self._inflight.acked
+
+    async def write(self, packet: bytes) -> Receipt:
+        """Send one packet (framed); see `write_many`."""
+        return await self.write_many((packet,))
+
+    async def write_many(self, packets: Sequence[bytes]) -> Receipt:
+        """Send `packets` in order as one framed write. Waits (bounded) only while the in-flight window is
+        full or the transport pushes back. Returns the batch's `Receipt`; raises `NetworkError` when the
+        stream is closed, reset or stuck (nothing of the batch was written then)."""
+        if self.closed:
             raise self._closed_error("write_many")
+        if self._inflight.full:
+            await self._wait_for_space()
+        receipt = Receipt(self._give_up, loop=self._loop)
         if not packets:
-            return
+            receipt.set_result(0)
+            return receipt
         # One native call frames the batch; FramingError (nothing written) for an empty or oversized packet.
         data = encode_frames(packets)
         self._transport.write(data)
+        if not self._inflight.frames:
+            self._progress_at = self._loop.time()  # the ack clock starts with the first unacked frame
+        self._inflight.add(len(packets), len(data), receipt)
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_at(self._progress_at + self._ack_timeout, self._check_acks)
         self.writes += 1
         self.packets_sent += len(packets)
         self.bytes_sent += len(data)
         if self._protocol.paused:
             await self._drain()
+        return receipt
+
+    # --- acknowledgements -----------------------------------------------------------------------------------
+
+    def _on_data(self, data: bytes) -> None:
+        try:
+            taken = self._acks.feed(data)
+            if self._inflight.ack(taken):
+                self._progress_at = self._loop.time()
+                self._wake_ack_waiters()
+        except (FramingError, ValueError) as exc:  # not acks, or acks beyond what we wrote: a broken peer
+            self._give_up_because(exc)
+
+    def _check_acks(self) -> None:
+        """The watchdog: while something is in flight, acks must progress within `ack_timeout`."""
+        self._watchdog = None
+        if not self._inflight.frames or self.closed:
+            return
+        due = self._progress_at + self._ack_timeout
+        if self._loop.time() < due:
+            self._watchdog = self._loop.call_at(due, self._check_acks)
+            return
+        self._give_up_because(
+            TimeoutError(
+                errno.ETIMEDOUT,
+                f"{self.peer_id} acknowledged nothing for {self._ack_timeout:g}s "
+                f"({self._inflight.frames} packets in flight): taken for dead",
+            )
+        )
+
+    def _next_ack(self) -> asyncio.Future[None]:
+        """Resolves at the next ack progress; fails when the connection ends (the watchdog bounds it)."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._ack_waiters.append(waiter)
+        return waiter
+
+    async def _wait_for_space(self) -> None:
+        try:
+            while self._inflight.full:
+                await self._next_ack()
+        except Exception as exc:
+            raise NetworkError(exc, peer_id=self.peer_id, operation="write") from exc
+
+    def _wake_ack_waiters(self) -> None:
+        waiters, self._ack_waiters = self._ack_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _on_lost(self) -> None:
+        """The connection ended (either side): every open receipt resolves with what was acknowledged."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._inflight.fail()
+        error = (
+            self._error
+            or self._protocol.exc
+            or ConnectionResetError(errno.ECONNRESET, f"connection to {self.peer_id} closed")
+        )
+        waiters, self._ack_waiters = self._ack_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def _give_up_because(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+            _log.warning("stream to %s: %s; connection reset", self.peer_id, error)
+        self.abort()
+
+    def _give_up(self) -> None:
+        self._give_up_because(OSError(errno.ECANCELED, "gave up waiting for acknowledgements (stopping)"))
+
+    # --- closing --------------------------------------------------------------------------------------------
 
     async def _drain(self) -> None:
         protocol = self._protocol
@@ -222,12 +359,12 @@ class TcpStream:
             async with asyncio.timeout(self._write_timeout):
                 await waiter
         except TimeoutError as exc:
-            self.abort()
             cause = TimeoutError(
                 errno.ETIMEDOUT,
                 f"peer did not read for {self._write_timeout:g}s "
                 f"({self._transport.get_write_buffer_size()} bytes buffered)",
             )
+            self._give_up_because(cause)
             raise NetworkError(cause, peer_id=self.peer_id, operation="write") from exc
         except Exception as exc:  # the connection was lost while we waited (reset, TLS failure, ...)
             raise NetworkError(exc, peer_id=self.peer_id, operation="write") from exc
@@ -237,7 +374,9 @@ class TcpStream:
     def _closed_error(self, operation: str) -> NetworkError:
         protocol = self._protocol
         cause: BaseException
-        if protocol.exc is not None:
+        if self._error is not None:
+            cause = self._error
+        elif protocol.exc is not None:
             cause = protocol.exc
         elif protocol.peer_eof:
             cause = BrokenPipeError(errno.EPIPE, f"peer {self.peer_id} closed the stream")
@@ -246,25 +385,39 @@ class TcpStream:
         return NetworkError(cause, peer_id=self.peer_id, operation=operation)
 
     def close_nowait(self) -> None:
-        """Start closing: what is buffered is still sent, then the connection closes. Idempotent."""
+        """Start closing: what is buffered is still sent, then the connection closes. Idempotent. Packets
+        not acknowledged by then resolve as lost; `close()` waits for their acks first."""
         if not self._local_close:
             self._local_close = True
             self._transport.close()
 
     def abort(self) -> None:
-        """Close at once, dropping anything still buffered."""
+        """Reset the connection at once (RST, not FIN: the peer discards what it has not taken yet)."""
         self._local_close = True
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         self._transport.abort()
 
     async def close(self) -> None:
-        """Close gracefully (buffered data is flushed), waiting at most `close_timeout` before aborting.
-        Idempotent."""
-        self.close_nowait()
+        """Close gracefully: wait (at most `close_timeout`) until the peer acknowledged everything written,
+        then close; reset the connection if it does not. Idempotent."""
         try:
             async with asyncio.timeout(self._close_timeout):
+                while self._inflight.frames and not self.closed:
+                    with contextlib.suppress(Exception):  # the connection ended: nothing left to wait for
+                        await self._next_ack()
+                self.close_nowait()
                 await self._protocol.wait_closed()
         except TimeoutError:
-            self._transport.abort()
+            self._give_up_because(
+                TimeoutError(
+                    errno.ETIMEDOUT,
+                    f"closing: {self._inflight.frames} packets still unacknowledged after "
+                    f"{self._close_timeout:g}s",
+                )
+            )
 
     async def wait_closed(self) -> None:
         """Wait until the connection is gone (closed by either side)."""
@@ -300,6 +453,9 @@ class TcpStreamService:
       its `local_id` is the id our hello announces.
     - `connect_timeout`: seconds for TCP connect, TLS and the handshake together.
     - `write_timeout`: seconds a write may wait for a peer that does not read before failing.
+    - `ack_timeout`: seconds a peer may acknowledge nothing while packets are in flight before its
+      connection is taken for dead and reset; `window`: bytes written and unacknowledged at most, per
+      connection (a writer waits beyond it).
     - `send_buffer`: `SO_SNDBUF` in bytes (the kernel may cap it; None leaves the default).
 
     Counters: `connects`, `connect_failures`, and `refusals` (by the server's reason).
@@ -312,11 +468,20 @@ class TcpStreamService:
         *,
         connect_timeout: float = tuning.CONNECT_TIMEOUT,
         write_timeout: float = tuning.WRITE_TIMEOUT,
+        ack_timeout: float = tuning.ACK_TIMEOUT,
+        window: int = tuning.IN_FLIGHT_WINDOW,
         send_buffer: int | None = DEFAULT_SEND_BUFFER,
         high_water: int = _HIGH_WATER,
         log_interval: float = tuning.LOG_INTERVAL,
     ) -> None:
-        tuning.Tuning.check_fields(connect_timeout=connect_timeout, write_timeout=write_timeout)
+        tuning.Tuning.check_fields(
+            connect_timeout=connect_timeout,
+            write_timeout=write_timeout,
+            ack_timeout=ack_timeout,
+            window=window,
+        )
+        self.ack_timeout = float(ack_timeout)
+        self.window = window
         self.discovery = discovery
         self.security = security
         self.connect_timeout = float(connect_timeout)
@@ -364,7 +529,7 @@ class TcpStreamService:
                 await client_handshake(
                     self.security, peer_id, protocol.read_exactly, transport.write, server_key, new_epoch()
                 )
-                protocol.handshake_done()
+                early = protocol.handshake_done()
                 transport.set_write_buffer_limits(high=self.high_water)
         except HandshakeRefusedError as exc:
             self.connect_failures += 1
@@ -393,7 +558,15 @@ class TcpStreamService:
                 raise NetworkError(cause, peer_id=peer_id, operation=operation) from exc
             raise
         self.connects += 1
-        return TcpStream(peer_id, transport, protocol, write_timeout=self.write_timeout)
+        return TcpStream(
+            peer_id,
+            transport,
+            protocol,
+            write_timeout=self.write_timeout,
+            window=self.window,
+            ack_timeout=self.ack_timeout,
+            early=early,
+        )
 
     def _server_hostname(self, peer_id: str) -> str | None:
         mode = self.security.mode

@@ -147,7 +147,13 @@ class TunDevice:
                 raise PermissionError(errno.EPERM, f"creating TUN interface {name!r} {_NEEDS_ROOT}") from None
             except OSError as exc:
                 if exc.errno == errno.EBUSY:
-                    raise OSError(errno.EBUSY, f"TUN interface {name!r} is already in use") from None
+                    raise OSError(
+                        errno.EBUSY, f"TUN interface {name!r} is already open in another process"
+                    ) from None
+                if exc.errno == errno.EINVAL:  # the name is taken by a device that is not a TUN
+                    raise OSError(
+                        errno.EINVAL, f"interface {name!r} exists and is not a TUN device (Invalid argument)"
+                    ) from None
                 raise
             actual = result[: tuning.IFNAMSIZ].rstrip(b"\0").decode()
             _configure(actual, interfaces, mtu, txqueuelen)

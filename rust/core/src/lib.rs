@@ -12,6 +12,7 @@ pub use batch::{
 };
 pub use parse::{destination, extract, protocol_has_ports, source, Destination, PacketSummary, ParseError};
 
+pub mod ack;
 pub mod framing;
 pub mod handshake;
 pub mod prefix;

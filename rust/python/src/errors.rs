@@ -90,3 +90,8 @@ pub fn framing_error(
 pub fn handshake_error(err: &vpn_packet_core::handshake::HandshakeError) -> PyErr {
     FramingError::new_err((err.to_string(), err.reason()))
 }
+
+/// A `FramingError(message, reason)` for bytes that are not a valid stream of ack records.
+pub fn ack_error(err: &vpn_packet_core::ack::AckError) -> PyErr {
+    FramingError::new_err((err.to_string(), err.reason()))
+}

@@ -3,6 +3,7 @@
 
 use pyo3::prelude::*;
 
+mod ack;
 mod buffer;
 mod capture;
 mod errors;
@@ -30,6 +31,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     capture::register(m)?;
     framing::register(m)?;
     handshake::register(m)?;
+    ack::register(m)?;
     prefix::register(m)?;
     Ok(())
 }

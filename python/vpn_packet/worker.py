@@ -274,7 +274,8 @@ class Worker:
         self._inflight: list[bytes] | None = None
         self.limit = ctx.capacity  # room for the queue: capacity - in_flight
         self._inflight_futures: list[asyncio.Future[None]] | None = None
-        self._future_positions: list[int] | None = None  # made by _take_futures; None keeps idle workers small
+        # Made by _take_futures; None (not an empty list) keeps an idle worker small.
+        self._future_positions: list[int] | None = None
         self._batch: Sequence[bytes] = _NO_BATCH
         self._receipt: Awaitable[int] | None = None  # what the last write_many returned
         self._stream: Stream | None = None

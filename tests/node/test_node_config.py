@@ -20,6 +20,7 @@ import pytest
 from vpn_packet.cli import main
 from vpn_packet.node.config import NODE_RESILIENCE, ConfigError, Tuning, load_config, parse_config
 from vpn_packet.node.tun_node import INSECURE_WARNING, TunNode
+from vpn_packet.resilience import ResilienceConfig
 from vpn_packet.transport.identity import NodeIdentity, generate_identity, load_identity
 from vpn_packet.transport.tun import TunDevice, TunMetrics
 
@@ -145,12 +146,12 @@ def test_examples_as_shipped_are_refused_naming_the_placeholder(tmp_path: Path) 
 
 def test_optional_tables(tmp_path: Path) -> None:
     data = base(tmp_path)
-    data["interface"]["address"] = ["10.8.0.1/24", "fd00:8::1/64"]
+    data["interface"]["address"] = ["10.8.0.1/24", "fd00:9::1/64"]  # fd00:8::/64 is node-c's
     data["interface"]["txqueuelen"] = 5000
     data["node"].update(log_level="DEBUG", metrics_file="m.json", shutdown_timeout=2, drop_log_interval=1.5)
     data["tuning"] = {"worker_buffer_size": 8192, "read_batch": 64, "coalesce": 0, "write_timeout": 3}
     config = parse_config(data, base=tmp_path)
-    assert config.interface.addresses == ("10.8.0.1/24", "fd00:8::1/64")
+    assert config.interface.addresses == ("10.8.0.1/24", "fd00:9::1/64")
     assert config.interface.txqueuelen == 5000
     assert config.node.log_level == "debug"
     assert config.node.metrics_file == tmp_path / "m.json"
@@ -243,6 +244,70 @@ _DELETE = object()
         ("resilience", {"max_interval": 0.01}, "resilience.max_interval: must be at least"),
         ("resilience", {"max_elapsed": 0}, "resilience.max_elapsed: 0 must be positive"),
         ("resilience", {"jitter": 1}, "resilience.jitter: unknown key"),
+        # Values each fine alone that cannot work (issue 11).
+        ("interface.address", "0.0.0.0/0", "interface.address: '0.0.0.0/0': a /0 prefix covers every"),
+        ("interface.address", "10.8.0.1/0", "interface.address: '10.8.0.1/0': a /0 prefix"),
+        ("interface.address", ["10.8.0.1/24", "::/0"], "interface.address[1]: '::/0': a /0 prefix"),
+        ("interface.address", "0.0.0.0/8", "interface.address: '0.0.0.0/8': 0.0.0.0 is the unspecified"),
+        ("interface.address", "10.8.0.0/24", "interface.address: '10.8.0.0/24': 10.8.0.0 is the network"),
+        ("interface.address", "10.8.0.255/24", "interface.address: '10.8.0.255/24': 10.8.0.255 is the broad"),
+        ("interface.address", "fd00:9::/64", "interface.address: 'fd00:9::/64': fd00:9:: is the network"),
+        ("interface.address", "127.0.0.2/8", "interface.address: '127.0.0.2/8': 127.0.0.2 is a loopback"),
+        ("interface.address", "224.0.0.1/24", "interface.address: '224.0.0.1/24': 224.0.0.1 is a multicast"),
+        ("peers", [], "peers: empty: a node without [[peers]] has nobody to forward packets to"),
+        ("peers", _DELETE, "peers: missing: a node without [[peers]]"),
+        ("peers.0.allowed_ips", [], "peers[0].allowed_ips: empty: a peer that owns no prefix"),
+        (
+            "peers.0.allowed_ips",
+            ["10.8.0.0/24"],
+            "peers[0].allowed_ips[0]: 10.8.0.0/24 contains this node's own address 10.8.0.1 "
+            "(interface.address): packets from it would be dropped by the kernel as martians",
+        ),
+        (
+            "peers.1.allowed_ips",
+            ["10.8.0.3/32", "10.8.0.1/32"],
+            "peers[1].allowed_ips[1]: 10.8.0.1/32 contains this node's own address 10.8.0.1",
+        ),
+        (
+            "peers.0.allowed_ips",
+            ["10.8.0.2/32", "192.168.77.0/24"],
+            "peers[0].allowed_ips[1]: 192.168.77.0/24 contains 192.168.77.2, the endpoint of peer 'node-b' "
+            "(peers[0].endpoint): the tunnel would route its own traffic to that peer into itself",
+        ),
+        (
+            "peers.1.allowed_ips",
+            ["10.8.0.3/32", "192.168.0.0/16"],
+            "peers[1].allowed_ips[1]: 192.168.0.0/16 contains 192.168.77.2, the endpoint of peer 'node-b'",
+        ),
+        (
+            "peers.0.allowed_ips",
+            ["10.8.0.2/32", "fd00::/64"],
+            "peers[0].allowed_ips[1]: fd00::/64 contains fd00::3, the endpoint of peer 'node-c'",
+        ),
+        (
+            "peers.0.endpoint",
+            "127.0.0.1:7000",
+            "peers[0].endpoint: 127.0.0.1:7000 is this node's own listen address "
+            "(0.0.0.0:7000, listen.address): the node would connect to itself",
+        ),
+        ("peers.0.endpoint", "localhost:7000", "peers[0].endpoint: localhost:7000 is this node's own listen"),
+        ("peers.0.endpoint", "10.8.0.1:7000", "peers[0].endpoint: 10.8.0.1:7000 is this node's own listen"),
+        ("peers.1.endpoint", "0.0.0.0:7000", "peers[1].endpoint: 0.0.0.0:7000 is this node's own listen"),
+        ("listen.address", "192.168.77.2:7000", "peers[0].endpoint: 192.168.77.2:7000 is this node's own"),
+        (
+            "peers.1.endpoint",
+            "192.168.77.2:7000",
+            "peers[1].endpoint: 192.168.77.2:7000 is already the endpoint of peers[0] ('node-b')",
+        ),
+        (
+            "peers.0.endpoint",
+            "[fd00:0::3]:7000",
+            "peers[1].endpoint: [fd00::3]:7000 is already the endpoint of peers[0] ('node-b')",
+        ),
+        ("tuning", {"write_timeout": 1e308}, "tuning.write_timeout: 1e+308 is more than 86400 seconds"),
+        ("tuning", {"idle_timeout": 86401}, "tuning.idle_timeout: 86401 is more than 86400 seconds"),
+        ("node.shutdown_timeout", 1e9, "node.shutdown_timeout: 1000000000.0 is more than 86400 seconds"),
+        ("resilience", {"reset_timeout": 1e308}, "resilience.reset_timeout: 1e+308 is more than 86400"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, path: str, value: object, message: str) -> None:
@@ -254,9 +319,54 @@ def test_errors_name_the_key(tmp_path: Path, path: str, value: object, message: 
     assert info.value.key == message.split(":")[0]
 
 
+def test_what_can_work_is_still_accepted(tmp_path: Path) -> None:
+    """The issue-11 rules refuse only what cannot work: the neighbours of each refused case parse."""
+    accepted: list[tuple[str, object]] = [
+        ("interface.address", "10.8.0.1/32"),  # a host route
+        ("interface.address", "10.8.0.0/31"),  # RFC 3021: both addresses of a /31 are hosts
+        ("interface.address", ["10.8.0.1/24", "fd00:9::1/64"]),
+        ("peers.0.allowed_ips", ["10.8.0.2/32", "10.9.0.0/16"]),  # a routed network behind the peer
+        # A gateway peer: a prefix wider than our whole subnet holds our address, but the subnet's own
+        # route is more specific (only a peer forging our address as its source could be dropped).
+        ("peers.0.allowed_ips", ["10.0.0.0/8"]),
+        ("peers.0.endpoint", "127.0.0.1:7001"),  # another port on this host: another node
+        ("peers.0.endpoint", "node-b.example:7000"),  # a host name: checked when connecting
+        ("listen.address", "127.0.0.1:7000"),  # not the peers' addresses
+    ]
+    for path, value in accepted:
+        data = base(tmp_path)
+        _set(data, path, value)
+        parse_config(data, base=tmp_path)
+    data = base(tmp_path)
+    data["listen"]["address"] = "127.0.0.1:7000"
+    data["peers"][0]["endpoint"] = "127.0.0.2:7000"  # another loopback address: another socket
+    parse_config(data, base=tmp_path)
+    data["listen"]["address"] = "0.0.0.0:7000"
+    data["peers"][0]["endpoint"] = "[::1]:7000"  # 0.0.0.0 does not take IPv6 connections
+    parse_config(data, base=tmp_path)
+    data["tuning"] = {"write_timeout": 86400}  # one day is the most
+    assert parse_config(data, base=tmp_path).tuning.write_timeout == 86400.0
+
+
+def test_an_endpoint_on_the_wildcard_listen_port_is_this_node(tmp_path: Path) -> None:
+    """Listening on :: takes IPv4 connections too (dual stack): 127.0.0.1 on the listen port is this node."""
+    data = base(tmp_path)
+    data["listen"]["address"] = "[::]:7000"
+    data["peers"][1]["endpoint"] = "127.0.0.1:7000"
+    error = _refused(data, tmp_path)
+    assert error.key == "peers[1].endpoint"
+    assert str(error).startswith(
+        "peers[1].endpoint: 127.0.0.1:7000 is this node's own listen address ([::]:7000"
+    )
+    data["peers"][1]["endpoint"] = "[::1]:7000"
+    assert _refused(data, tmp_path).key == "peers[1].endpoint"
+    data["peers"][1]["endpoint"] = "[::1]:7001"
+    parse_config(data, base=tmp_path)
+
+
 def test_resilience_defaults_and_keys(tmp_path: Path) -> None:
     config = parse_config(base(tmp_path), base=tmp_path)
-    assert config.resilience == NODE_RESILIENCE
+    assert config.resilience == NODE_RESILIENCE == ResilienceConfig()  # one source: the library's default
     assert config.resilience.reset_timeout == 2.0  # a restarted peer is found again within seconds
     data = base(tmp_path)
     data["resilience"] = {"failure_threshold": 3, "reset_timeout": 0.5, "max_attempts": 1, "max_elapsed": 4}

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from vpn_packet._native import (
+    ACK_LEN,
     ANSWER_REASONS,
+    AckDecoder,
     CHALLENGE_LEN,
     MAX_ANSWER_LEN,
     encode_hello,
@@ -151,7 +153,7 @@ async def until_closed(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, half_close: bool
 ) -> bytes:
     """Waits until the receiver closes the connection (EOF or reset); `half_close` first signals our end.
-    Returns what the receiver still sent (nothing, after the handshake)."""
+    Returns what the receiver still sent (ack records only, after the handshake)."""
     rest = b""
     try:
         if half_close and writer.can_write_eof():
@@ -166,9 +168,21 @@ async def until_closed(
     return rest
 
 
+def acks(data: bytes) -> list[int]:
+    """The counts of the ack records in `data` (what a receiver sends after its answer), in order; fails
+    on anything that is not whole ack records."""
+    assert len(data) % ACK_LEN == 0, data
+    decoder = AckDecoder()
+    return [decoder.feed(data[i : i + ACK_LEN]) for i in range(0, len(data), ACK_LEN)]
+
+
 async def send_all(rx: Receiver, peer_id: str, packets: list[bytes]) -> None:
+    """Sends `packets` on a new connection of `peer_id` and waits until the receiver closed it; the
+    receiver acknowledged every frame it took (delivered or dropped and counted), and nothing else."""
     reader, writer = await open_as(rx, peer_id, encode_frames(packets))
-    assert await until_closed(reader, writer, half_close=True) == b""
+    counts = acks(await until_closed(reader, writer, half_close=True))
+    assert counts == sorted(counts)  # cumulative: never decreasing
+    assert counts[-1:] == [len(packets)]
 
 
 async def test_delivers_in_order_in_bounded_batches(receiver: Receiver, collector: Collector) -> None:

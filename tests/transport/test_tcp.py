@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from vpn_packet._native import ANSWER_REASONS, MAX_HELLO_LEN, encode_answer, encode_challenge, parse_hello
+from vpn_packet._native import (
+    ANSWER_REASONS,
+    MAX_HELLO_LEN,
+    encode_ack,
+    encode_answer,
+    encode_challenge,
+    parse_hello,
+)
 from vpn_packet.api import Stream, StreamService
 from vpn_packet.errors import (
     FramingError,
@@ -58,11 +65,13 @@ class FakePeer:
 
     `answer`: a reason of `ANSWER_REASONS` ("accepted" or a refusal), "silent" (no challenge, ever),
     "hang" (reads the hello, never answers), "close" (closes after the hello) or "garbage" (answers with
-    bytes that are not the protocol). `read=False`: after accepting, never reads again.
+    bytes that are not the protocol). `read=False`: after accepting, never reads again. `ack`: acknowledges
+    each frame it reads (as the receiver does per read), else never acknowledges anything.
     """
 
     answer: str = "accepted"
     read: bool = True
+    ack: bool = True
     hellos: list[tuple[str, int, bytes | None, bytes | None]] = field(default_factory=list)
     frames: list[bytes] = field(default_factory=list)
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -98,9 +107,13 @@ class FakePeer:
                 return
             if not self.read:
                 await self.stopping.wait()  # never read again
+            taken = 0
             while True:
                 (n,) = struct.unpack("!I", await reader.readexactly(4))
                 self.frames.append(await reader.readexactly(n))
+                taken += 1
+                if self.ack:
+                    writer.write(encode_ack(taken))
                 self.got_frame.set()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -151,10 +164,12 @@ async def test_hello_then_frames_in_order(peer: FakePeer) -> None:
     stream = await service.create_stream("b")
     assert isinstance(stream, Stream)
     assert stream.peer_id == "b"
-    await stream.write(b"first")
-    await stream.write_many([b"\x45" * 40, b"x" * 1400, b"y"])
-    await stream.write_many([])
+    first = await stream.write(b"first")
+    second = await stream.write_many([b"\x45" * 40, b"x" * 1400, b"y"])
+    assert await (await stream.write_many([])) == 0  # nothing written: resolved at once
     await peer.wait_frames(4)
+    assert (await first, await second) == (1, 3)  # the peer acknowledged every frame
+    assert (stream.acknowledged, stream.in_flight) == (4, 0)
     ((peer_id, epoch, key, signature),) = peer.hellos
     assert (peer_id, key, signature) == ("node-a", None, None)  # insecure: no key, no signature
     assert peer.frames == [b"first", b"\x45" * 40, b"x" * 1400, b"y"]
@@ -173,7 +188,7 @@ async def test_hello_then_frames_in_order(peer: FakePeer) -> None:
     assert "closed" in repr(stream)
     with pytest.raises(NetworkError) as info:
         await stream.write(b"late")
-    assert info.value.stream_closed
+    assert info.value.stream_closed  # closed by us, gracefully: not a reset for want of acks
 
 
 def _wmem_max() -> int:

@@ -262,12 +262,13 @@ def test_prometheus_samples_cover_the_totals() -> None:
         state="running",
         workers=1,
         busy_workers=0,
-        accepted=3,
+        accepted=5,
         sent=2,
         failed=1,
         discarded=0,
         queued=0,
         rejected=1,
+        in_flight=2,
         bytes_sent=20,
         rejected_by_reason={"queue_full": 1},
         failed_by_reason={"no_peer": 1},
@@ -281,7 +282,9 @@ def test_prometheus_samples_cover_the_totals() -> None:
     samples = {
         (name, tuple(labels.items())): value for name, _, labels, value in prometheus_samples(m, {"k": w})
     }
+    assert m.accounting_ok
     assert samples[("vpn_packet_packets_sent_total", ())] == 2
+    assert samples[("vpn_packet_packets_in_flight", ())] == 2  # written, not acknowledged yet
     assert samples[("vpn_packet_packets_rejected_total", (("reason", "queue_full"),))] == 1
     assert samples[("vpn_packet_packets_failed_total", (("reason", "no_peer"),))] == 1
     assert samples[("vpn_packet_worker_errors_total", (("sync_key", "k"),))] == 1

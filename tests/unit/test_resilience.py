@@ -98,11 +98,31 @@ def test_config_defaults_are_the_design_values() -> None:
         config.max_attempts,
         config.initial_interval,
         config.max_interval,
-    ) == (5, 30.0, 2, 3, 0.1, 2.0)
+    ) == (5, 2.0, 2, 3, 0.1, 2.0)  # reset_timeout 2 s, not DESIGN's 30 s: issue 11
     assert config.half_open_max_probes == 1
     assert config.max_elapsed == 10.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.failure_threshold = 1  # type: ignore[misc]
+
+
+def test_default_breaker_probes_a_peer_that_is_back_within_seconds() -> None:
+    """Issue 11: with the old 30 s default a peer that came up after the node was first reached after 29.5 s.
+    With the default now, a breaker opened by a dead peer admits a probe 2 s later, and a peer that is back
+    is used again at once (`success_threshold` probes)."""
+    breaker, clock = make_breaker()
+    for _ in range(ResilienceConfig().failure_threshold):
+        assert breaker.allow()
+        breaker.record_failure()
+    assert breaker.state is OPEN
+    assert breaker.retry_after() == pytest.approx(2.0)
+    clock.advance(1.9)
+    assert not breaker.allow()  # still no hammering
+    clock.advance(0.1)
+    assert breaker.allow()  # 2 s after opening: a probe
+    breaker.record_success()
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state is CLOSED
 
 
 @pytest.mark.parametrize(
@@ -457,7 +477,8 @@ def test_idle_eviction_spares_open_breakers_until_they_cool_down() -> None:
 
 def test_manager_is_bounded_and_evicts_least_recently_used_closed_first() -> None:
     clock = FakeClock()
-    manager = CircuitBreakerManager(ResilienceConfig(max_breakers=3, failure_threshold=1), clock)
+    config = ResilienceConfig(max_breakers=3, failure_threshold=1, reset_timeout=30.0)  # still open after 3 s
+    manager = CircuitBreakerManager(config, clock)
     manager.get("open-1").record_failure()  # least recently used, but open: kept
     clock.advance(1.0)
     manager.get("a")

@@ -11,6 +11,7 @@ import pytest
 from vpn_packet import _native, tuning
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.errors import FramingError
+from vpn_packet.resilience import ResilienceConfig
 from vpn_packet.transport import framing
 from vpn_packet.transport.discovery import Peer
 from vpn_packet.transport.pool import StreamPool
@@ -94,6 +95,20 @@ def test_tuning_checks_every_field_against_its_spec() -> None:
         (tuning.parse_endpoint, "10.0.0.1", "expected host:port"),
         (tuning.check_seconds, -1, "must be positive"),
         (tuning.check_seconds, float("nan"), "expected a number of seconds"),
+        (tuning.check_seconds, 1e308, "1e\\+308 is more than 86400 seconds \\(one day\\)"),
+        (tuning.check_seconds, 86400.5, "is more than 86400 seconds"),
+        (tuning.check_interface_address, "10.8.0.1", "needs a prefix length"),
+        (tuning.check_interface_address, "10.8.0.300/24", "is not an address with prefix length"),
+        (tuning.check_interface_address, 7, "expected an address with prefix length"),
+        (tuning.check_interface_address, "0.0.0.0/0", "a /0 prefix covers every address"),
+        (tuning.check_interface_address, "::/0", "a /0 prefix"),
+        (tuning.check_interface_address, "::/64", ":: is the unspecified address"),
+        (tuning.check_interface_address, "0.0.0.0/32", "0.0.0.0 is the unspecified address"),
+        (tuning.check_interface_address, "10.8.0.0/24", "10.8.0.0 is the network address of 10.8.0.0/24"),
+        (tuning.check_interface_address, "10.8.0.255/24", "10.8.0.255 is the broadcast address"),
+        (tuning.check_interface_address, "fd00::/64", "fd00:: is the network address"),
+        (tuning.check_interface_address, "::1/128", "::1 is a loopback address"),
+        (tuning.check_interface_address, "ff02::1/64", "ff02::1 is a multicast address"),
     ],
 )
 def test_rules(rule: object, value: object, message: str) -> None:
@@ -110,6 +125,32 @@ def test_rules_accept() -> None:
     assert tuning.check_peer_id("x" * 255) == "x" * 255
     assert tuning.check_prefix("FD00::/64") == "fd00::/64"
     assert tuning.check_seconds(0, zero=True) == 0.0
+    assert tuning.check_seconds(tuning.MAX_SECONDS) == 86400.0
+    assert tuning.check_interface_address("10.8.0.1/24") == "10.8.0.1/24"
+    assert tuning.check_interface_address("10.8.0.0/31") == "10.8.0.0/31"  # RFC 3021: no network address
+    assert tuning.check_interface_address("10.8.0.1/32") == "10.8.0.1/32"
+    assert tuning.check_interface_address("FD00::1/64") == "fd00::1/64"
+    assert tuning.check_interface_address("fd00::/127") == "fd00::/127"
+
+
+def test_seconds_have_an_upper_bound_everywhere() -> None:
+    """Issue 11: `write_timeout = 1e308` was accepted (a timer that overflows or never fires). Every seconds
+    field of `Tuning` refuses it, and so does `Tuning.check_fields`, the check of the library classes."""
+    for name in Tuning.names():
+        if Tuning.spec(name).seconds:
+            assert getattr(Tuning(**{name: tuning.MAX_SECONDS}), name) == tuning.MAX_SECONDS  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match=f"^{name}: 1e\\+308 is more than 86400 seconds"):
+                Tuning(**{name: 1e308})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"write_timeout: .* is more than 86400 seconds"):
+        Tuning.check_fields(write_timeout=1e308)
+    with pytest.raises(ValueError, match=r"worker_idle_timeout: .* is more than 86400 seconds"):
+        Tuning.check_fields(worker_idle_timeout=86401)
+
+
+def test_one_source_of_resilience_defaults() -> None:
+    """Issue 11: the node's breaker defaults are the library's (they were 2 s and 30 s)."""
+    assert ResilienceConfig() == tuning.NODE_RESILIENCE
+    assert ResilienceConfig().reset_timeout == tuning.NODE_RESILIENCE.reset_timeout == 2.0
 
 
 def test_the_same_rules_in_every_layer() -> None:

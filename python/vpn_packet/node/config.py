@@ -361,13 +361,15 @@ def _check_routes(interface: InterfaceConfig, listen: tuple[str, int], peers: tu
     - a peer's endpoint is this node's own listen address (the same IP and port, or a local address on the
       listen port when listening on 0.0.0.0 or ::): the node would connect to itself;
     - two peers with the same endpoint: both would reach one node, which is only one of them;
-    - a peer's allowed_ips contains this node's own interface address: the peer could send packets from it,
-      which the kernel drops as martians while the peer counts them delivered;
+    - a peer's allowed_ips contains this node's own interface address within the interface's subnet (a
+      wider prefix, like a gateway's 0.0.0.0/0, is fine): the peer could send packets from it, which the
+      kernel drops as martians while the peer counts them delivered;
     - a peer's allowed_ips contains a peer's endpoint: the tunnel would route its own (underlay) traffic to
       that peer into itself.
     """
     own = [ipaddress.ip_interface(a) for a in interface.addresses]
     listen_ip = ipaddress.ip_address(listen[0])
+    shown_listen = f"[{listen_ip}]:{listen[1]}" if listen_ip.version == 6 else f"{listen_ip}:{listen[1]}"
     endpoints: dict[tuple[str, int], int] = {}
     underlay: list[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
     for i, peer in enumerate(peers):
@@ -381,7 +383,7 @@ def _check_routes(interface: InterfaceConfig, listen: tuple[str, int], peers: tu
             if same or wildcard:
                 raise ConfigError(
                     where,
-                    f"{peer.endpoint} is this node's own listen address ({listen_ip.compressed}:{listen[1]}, "
+                    f"{peer.endpoint} is this node's own listen address ({shown_listen}, "
                     "listen.address): the node would connect to itself",
                 )
         key = _endpoint_key(host, port)
@@ -400,7 +402,14 @@ def _check_routes(interface: InterfaceConfig, listen: tuple[str, int], peers: tu
             where = f"peers[{i}].allowed_ips[{j}]"
             network = ipaddress.ip_network(prefix)
             for address in own:
-                if address.ip in network:
+                # A prefix wider than the interface's own subnet (a gateway peer's 0.0.0.0/0, 10.0.0.0/8)
+                # is fine: the subnet's connected route is more specific, and only a peer forging our own
+                # address as its source would be dropped. A prefix inside our subnet that holds our
+                # address hands our own address to that peer: refused.
+                wider = network.version == address.network.version and address.network.subnet_of(
+                    network  # type: ignore[arg-type]  # same version, checked just before
+                )
+                if address.ip in network and not (wider and network != address.network):
                     raise ConfigError(
                         where,
                         f"{prefix} contains this node's own address {address.ip} (interface.address): "

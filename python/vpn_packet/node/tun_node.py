@@ -346,7 +346,8 @@ class TunNode:
             f"  tun read    {t.get('packets_read', 0):>12,} packets {t.get('bytes_read', 0):>15,} bytes"
             f"  ({t.get('bytes_read', 0) * 8 / uptime / 1e6:.1f} Mbit/s avg)",
             f"  sent        {d['sent']:>12,} packets {d['bytes_sent']:>15,} bytes"
-            f"  (accepted {d['accepted']:,}, rejected {d['rejected']:,}, failed {d['failed']:,})",
+            f"  (acknowledged by the peers; accepted {d['accepted']:,}, rejected {d['rejected']:,},"
+            f" failed {d['failed']:,}, in flight {d.get('in_flight', 0):,})",
             f"  received    {r['packets_delivered']:>12,} packets {r['bytes']:>15,} bytes"
             f"  (frames {r['frames']:,}, connections {r['connections']:,})",
             f"  tun written {t.get('packets_written', 0):>12,} packets"

@@ -2,8 +2,11 @@
 
 - `FakePeerDiscovery`: exact addresses and prefixes (longest match) to peer ids, an optional default peer.
 - `FakeStream`: records what is written (`written`, `batches`); can fail, be slow or block.
-- `FakeStreamService`: creates `FakeStream`s and remembers them per peer; can make every stream it creates
-  fail writes at random (seeded).
+- `FakeAckingStream`: a `FakeStream` whose peer acknowledges, like a `TcpStream`'s: each write returns a
+  receipt; the test plays the peer (`ack`, `reset`), so partial acknowledgements, losses and stops can be
+  driven without sockets.
+- `FakeStreamService`: creates `FakeStream`s (or `FakeAckingStream`s, with `acks=True`) and remembers them
+  per peer; can make every stream it creates fail writes at random (seeded).
 - `FakeStreamPool`: lends streams (reusing healthy ones), records every release with its `healthy` flag and
   tracks `outstanding` streams so that a leak is visible.
 
@@ -24,9 +27,11 @@ from typing import TypeAlias
 
 from vpn_packet.api import Stream
 from vpn_packet.errors import PeerNotFoundError
+from vpn_packet.transport.delivery import Receipt
 
 __all__ = [
     "FailureInjector",
+    "FakeAckingStream",
     "FakePeerDiscovery",
     "FakeStream",
     "FakeStreamPool",
@@ -207,21 +212,18 @@ class FakeStream(_Injectable):
         self.closed = False
         self.close_calls = 0
 
-    async def write(self, packet: bytes) -> None:
-        await self._before()
-        self._check_open()
-        self.written.append(packet)
-        self.batches.append([packet])
-        if self.log is not None:
-            self.log.append(packet)
+    async def write(self, packet: bytes) -> Awaitable[int] | None:
+        return await self.write_many((packet,))
 
-    async def write_many(self, packets: Sequence[bytes]) -> None:
+    async def write_many(self, packets: Sequence[bytes]) -> Awaitable[int] | None:
+        """Records `packets`; None: no acknowledgements, written is sent."""
         await self._before()
         self._check_open()
         self.written.extend(packets)
         self.batches.append(list(packets))
         if self.log is not None:
             self.log.extend(packets)
+        return None
 
     async def close(self) -> None:
         self.closed = True
@@ -236,8 +238,139 @@ class FakeStream(_Injectable):
         return f"<FakeStream to {self.peer_id!r} {state} written={len(self.written)}>"
 
 
+class FakeAckingStream(FakeStream):
+    """A `FakeStream` whose peer acknowledges what it takes, as a `TcpStream`'s receiver does.
+
+    `write_many` returns a `vpn_packet.transport.delivery.Receipt`: it resolves with the batch's size once an
+    acknowledgement covers the batch, or, when the connection ends first, with how many of its packets (from
+    the first) were acknowledged by then. The test plays the peer:
+
+    - `ack(n)` acknowledges `n` more packets (default: everything written); `ack_to(total)` is the
+      cumulative form the wire uses (a stale or duplicate count changes nothing; beyond what was written
+      raises `ValueError`). With `auto_ack=True` every batch is acknowledged as it is written.
+    - `reset()` ends the connection (the peer died, or the watchdog gave up): open receipts resolve with
+      their acknowledged part and later writes raise `ConnectionResetError`. A stop's `Receipt.give_up()`
+      does the same (`gave_up` counts those), and so do `close()` and a pool's release as unhealthy
+      (`closed = True`), like a `TcpStream` closed with packets unacknowledged.
+
+    `acked` counts the packets acknowledged, `unacked` those written and not (yet) acknowledged, `lost` those
+    that were unacknowledged when the connection ended; `delivered` is what the peer has (`written[:acked]`),
+    and `receipts` every receipt returned, in order.
+    """
+
+    def __init__(
+        self,
+        peer_id: str = "",
+        *,
+        auto_ack: bool = False,
+        seed: int | None = None,
+        latency: float = 0.0,
+        sleep: Sleep | None = None,
+        gate: Gate | None = None,
+        log: list[bytes] | None = None,
+    ) -> None:
+        self._ended = False
+        self._open: deque[tuple[int, int, Receipt]] = deque()  # (written after the batch, size, receipt)
+        super().__init__(peer_id, seed=seed, latency=latency, sleep=sleep, gate=gate, log=log)
+        self.auto_ack = auto_ack
+        self.acked = 0
+        self.lost = 0
+        self.resets = 0
+        self.gave_up = 0
+        self.receipts: list[Receipt] = []
+
+    @property
+    def closed(self) -> bool:
+        return self._ended
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        if value:
+            self._end()
+
+    @property
+    def unacked(self) -> int:
+        return len(self.written) - self.acked
+
+    @property
+    def delivered(self) -> list[bytes]:
+        return self.written[: self.acked]
+
+    async def write_many(self, packets: Sequence[bytes]) -> Receipt:
+        """Records `packets` and returns their receipt (resolved at once for an empty batch)."""
+        await super().write_many(packets)
+        receipt = Receipt(self._give_up)
+        self.receipts.append(receipt)
+        if not packets:
+            receipt.set_result(0)
+            return receipt
+        self._open.append((len(self.written), len(packets), receipt))
+        if self.auto_ack:
+            self.ack()
+        return receipt
+
+    async def write(self, packet: bytes) -> Receipt:
+        return await self.write_many((packet,))
+
+    def ack(self, n: int | None = None) -> int:
+        """The peer acknowledges `n` more packets (all written ones when None); returns the new total."""
+        return self.ack_to(len(self.written) if n is None else self.acked + n)
+
+    def ack_to(self, total: int) -> int:
+        """The peer says it has taken `total` packets in all; returns the acknowledged total."""
+        if total > len(self.written):
+            raise ValueError(f"ack of {total} packets, only {len(self.written)} were written")
+        if self._ended or total <= self.acked:
+            return self.acked
+        self.acked = total
+        while self._open and self._open[0][0] <= total:
+            _end, size, receipt = self._open.popleft()
+            if not receipt.done():
+                receipt.set_result(size)
+        return self.acked
+
+    def reset(self) -> None:
+        """The connection ends now: what is unacknowledged is lost."""
+        self.resets += 1
+        self._end()
+
+    async def close(self) -> None:
+        self.close_calls += 1
+        self._end()
+
+    def _give_up(self) -> None:
+        self.gave_up += 1
+        self._end()
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self.lost += self.unacked
+        while self._open:
+            end, size, receipt = self._open.popleft()
+            if not receipt.done():
+                receipt.set_result(max(0, size - (end - self.acked)))
+
+    def _check_open(self) -> None:
+        if self._ended:
+            if self.close_calls:
+                raise BrokenPipeError(f"stream to {self.peer_id!r} is closed")
+            raise ConnectionResetError(f"connection to {self.peer_id!r} was reset")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._ended else "open"
+        return (
+            f"<FakeAckingStream to {self.peer_id!r} {state} written={len(self.written)} acked={self.acked} "
+            f"lost={self.lost}>"
+        )
+
+
 class FakeStreamService(_Injectable):
     """Creates `FakeStream`s; `failures`, `latency` and `gate` apply to `create_stream`.
+
+    With `acks=True` it creates `FakeAckingStream`s (acknowledging each batch as it is written when
+    `auto_ack` is true as well).
 
     `write_failure_rate` makes every stream it creates fail writes at random (with `write_error`), seeded from
     `seed`. Streams to one peer share the gate `gate_for(peer_id)` (close it to block that peer's writes), or
@@ -256,8 +389,12 @@ class FakeStreamService(_Injectable):
         write_error: ErrorSpec = ConnectionResetError,
         stream_gate: Gate | None = None,
         stream_latency: float = 0.0,
+        acks: bool = False,
+        auto_ack: bool = False,
     ) -> None:
         super().__init__(seed=seed, latency=latency, sleep=sleep, gate=gate)
+        self.acks = acks
+        self.auto_ack = auto_ack
         self._seeds = random.Random(seed)
         self.stream_latency = stream_latency
         self.log: list[bytes] = []
@@ -281,14 +418,26 @@ class FakeStreamService(_Injectable):
         self.calls.append(peer_id)
         await self._before()
         seed = self._seeds.randrange(2**32)
-        stream = FakeStream(
-            peer_id,
-            seed=seed,
-            latency=self.stream_latency,
-            sleep=self.sleep,
-            gate=self.gate_for(peer_id),
-            log=self.log,
-        )
+        stream: FakeStream
+        if self.acks:
+            stream = FakeAckingStream(
+                peer_id,
+                auto_ack=self.auto_ack,
+                seed=seed,
+                latency=self.stream_latency,
+                sleep=self.sleep,
+                gate=self.gate_for(peer_id),
+                log=self.log,
+            )
+        else:
+            stream = FakeStream(
+                peer_id,
+                seed=seed,
+                latency=self.stream_latency,
+                sleep=self.sleep,
+                gate=self.gate_for(peer_id),
+                log=self.log,
+            )
         if self.write_failure_rate:
             stream.failures.fail_randomly(self.write_failure_rate, self.write_error)
         self.created.append(stream)

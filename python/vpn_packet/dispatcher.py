@@ -312,7 +312,6 @@ class Dispatcher:
     async def _shutdown(self) -> None:
         """The forced part of `stop()`: fail the queues, cancel drains, give up on acknowledgements still
         awaited (their packets count as lost in flight), release streams, await our tasks."""
-        await self._give_up_receipts()
         workers = list(self._workers.values())
         for worker in workers:
             worker.discard_queue()
@@ -325,6 +324,9 @@ class Dispatcher:
         await self._pumps.wait(self._CANCEL_GRACE)
         for worker in workers:
             worker._abandon_inflight()  # drains that ignored their cancellation
+        # Only now, with no drain left to write another batch: every receipt still open is given up.
+        await self._give_up_receipts()
+        for worker in workers:
             worker.close()
         self._workers.clear()
         self._ctx.idle_log.clear()

@@ -38,6 +38,9 @@ class FakeConn:
         self.closed = True
         self.closed_event.set()
 
+    def abort(self) -> None:
+        self.close_nowait()
+
     async def close(self) -> None:
         self.close_nowait()
 
@@ -188,7 +191,8 @@ async def test_idle_cleanup_with_injected_clock() -> None:
         assert pool.run_cleanup() == 0
         clock.now += 1
         assert pool.run_cleanup() == 1  # a's connection idled 30 s; b's is leased
-        assert conn(a).closed
+        async with asyncio.timeout(10):  # a hang guard: the graceful close runs in the background
+            await conn(a).closed_event.wait()
         assert not conn(b).closed
         m = pool.metrics()
         assert (m.closed_idle, m.streams, m.in_use) == (1, 1, 1)
@@ -243,7 +247,8 @@ async def test_foreign_stream_is_closed_on_release() -> None:
     pool = StreamPool(FakeService())
     stranger = FakeConn("b", 99)
     pool.release_stream("b", stranger, True)
-    assert stranger.closed
+    async with asyncio.timeout(10):  # a hang guard: a healthy stream's close runs in the background
+        await stranger.closed_event.wait()
 
 
 def test_validation() -> None:

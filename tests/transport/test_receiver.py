@@ -22,9 +22,9 @@ import pytest
 from vpn_packet._native import (
     ACK_LEN,
     ANSWER_REASONS,
-    AckDecoder,
     CHALLENGE_LEN,
     MAX_ANSWER_LEN,
+    AckDecoder,
     encode_hello,
     parse_answer,
     parse_challenge,

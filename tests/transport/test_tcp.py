@@ -363,16 +363,25 @@ async def test_peer_that_stops_reading_fails_the_write_instead_of_hanging() -> N
         )
         stream = await service.create_stream("b")
         batch = [bytes(1400)] * 256
+        receipts = []
 
         async def fill() -> None:
             for _ in range(10_000):  # the kernel buffers fill up within a few dozen batches
-                await stream.write_many(batch)
+                receipts.append(await stream.write_many(batch))
 
         with pytest.raises(NetworkError) as info:
             await fill()
+        # A write that went out is never failed (its receipt says what the peer took); the stuck connection
+        # was reset after write_timeout, and the next write fails, naming why.
         assert is_temporary_error(info.value)
-        assert info.value.operation == "write"
-        assert stream.closed  # the stuck connection was aborted
+        assert info.value.operation == "write_many"
+        assert isinstance(info.value.cause, TimeoutError)
+        assert "did not read for 0.05s" in str(info.value.cause)
+        assert stream.closed
+        await stream.wait_closed()  # the connection is gone: every receipt resolved
+        assert receipts
+        assert [r.result() for r in receipts] == [0] * len(receipts)  # nothing acknowledged: all lost
+        assert stream.in_flight == 0
     finally:
         await fake.kill()
 

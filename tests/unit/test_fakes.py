@@ -221,3 +221,41 @@ def test_the_fixtures_plugin_works_in_a_users_suite(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+async def test_fake_acking_stream_resolves_receipts_like_a_tcp_stream() -> None:
+    from vpn_packet.testutil import FakeAckingStream
+
+    stream = FakeAckingStream("p")
+    first = await stream.write_many([b"a", b"b"])
+    second = await stream.write_many([b"c", b"d", b"e"])
+    assert await (await stream.write_many([])) == 0
+    assert stream.ack(1) == 1  # inside the first batch: nothing resolves yet
+    assert not first.done()
+    assert stream.ack_to(3) == 3  # covers the first batch, ends inside the second
+    assert (first.result(), second.done(), stream.unacked) == (2, False, 2)
+    assert stream.ack_to(2) == 3  # stale: changes nothing
+    with pytest.raises(ValueError, match="only 5"):
+        stream.ack_to(6)
+    second.give_up()  # a stop gives up: resolved with the acknowledged part, the rest lost
+    assert (second.result(), stream.lost, stream.gave_up, stream.delivered) == (1, 2, 1, [b"a", b"b", b"c"])
+    with pytest.raises(ConnectionResetError):
+        await stream.write(b"late")
+    auto = FakeAckingStream("p", auto_ack=True)
+    assert await (await auto.write_many([b"x", b"y"])) == 2
+    released = FakeAckingStream("p")
+    receipt = await released.write(b"z")
+    released.closed = True  # what a pool does with an unhealthy stream: the connection ends
+    assert (receipt.result(), released.lost) == (0, 1)
+    with pytest.raises(BrokenPipeError if released.close_calls else ConnectionResetError):
+        await released.write(b"late")
+
+
+async def test_fake_stream_service_makes_acking_streams() -> None:
+    from vpn_packet.testutil import FakeAckingStream
+
+    service = FakeStreamService(seed=0, acks=True, auto_ack=True)
+    stream = await service.create_stream("p")
+    assert isinstance(stream, FakeAckingStream)
+    assert await (await stream.write_many([b"x"])) == 1
+    assert service.log == [b"x"]

@@ -15,10 +15,11 @@ The child (`python -m vpn_packet.testutil.peer_process ...`) runs `Node` on 127.
 per destination: every test packet ends with two big-endian u32, its destination index and its sequence
 number within that destination (`mark_packet`, the layout of `vpn_packet.node.demo`'s workload); a sequence
 number at or below one already delivered for that destination is counted `out_of_order` (a gap is not: the
-sender counts the packets it lost). It writes one JSON line to stdout when ready, one per SIGUSR1, and a
-final one after SIGTERM/SIGINT; and it keeps `delivered` and `out_of_order` in a small shared file
-(`counts_path`) updated before each acknowledgement can leave, so that even after SIGKILL the test knows
-what the peer delivered.
+sender counts the packets it lost); `sink_work` makes it slower than its sender (CPU work per packet, not
+a sleep), so that its buffers hold data when it is stopped. It writes one JSON line to stdout when ready,
+one per SIGUSR1, and a final one after SIGTERM/SIGINT; and it keeps `delivered` and `out_of_order` in a
+small shared file (`counts_path`) updated before each acknowledgement can leave, so that even after SIGKILL
+the test knows what the peer delivered.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import signal
 import struct
 import sys
 import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,7 @@ class PeerSink:
     """Counts delivered packets per destination and checks their order; mirrors the totals into `shared`."""
 
     shared: mmap.mmap | None = None
+    work: int = 0  # CRC-32 passes over each packet: a peer that is slower than its sender
     delivered: int = 0
     out_of_order: int = 0
     gaps: int = 0
@@ -76,6 +79,8 @@ class PeerSink:
     def __call__(self, peer_id: str, packets: list[bytes]) -> None:
         per, last = self.per_destination, self.last_seq
         for packet in packets:
+            for _ in range(self.work):
+                zlib.crc32(packet)
             index, seq = unmark(packet)
             previous = last.get(index, -1)
             if seq <= previous:
@@ -123,7 +128,9 @@ async def _serve(args: argparse.Namespace) -> None:
     from vpn_packet.transport.identity import decode_public_key, load_identity
 
     if args.key:
-        security = Security.with_keys(load_identity(args.key), {args.sender: decode_public_key(args.peer_key)})
+        security = Security.with_keys(
+            load_identity(args.key), {args.sender: decode_public_key(args.peer_key)}
+        )
     else:
         security = Security.insecure(args.id)
     shared = None
@@ -134,7 +141,7 @@ async def _serve(args: argparse.Namespace) -> None:
             shared = mmap.mmap(fd, mmap.PAGESIZE)
         finally:
             os.close(fd)
-    sink = PeerSink(shared)
+    sink = PeerSink(shared, args.sink_work)
     changes = json.loads(args.tuning) if args.tuning else {}
     node = Node(
         security,
@@ -173,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sender-prefix", action="append", default=None)
     parser.add_argument("--counts", default="", help="shared counts file (survives SIGKILL)")
     parser.add_argument("--tuning", default="", help="JSON object of Tuning field changes")
+    parser.add_argument("--sink-work", type=int, default=0, help="CRC-32 passes per packet (a slow peer)")
     parser.add_argument("--key", default="", help="identity file (key mode); default: insecure")
     parser.add_argument("--peer-key", default="", help="the sender's public key (base64), with --key")
     args = parser.parse_args(argv)
@@ -182,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 class PeerProcess:
-    """The parent's handle on a peer subprocess (see the module docstring). Use `await PeerProcess.start()`."""
+    """The parent's handle on a peer subprocess (see the module docstring); `await PeerProcess.start()`."""
 
     def __init__(self, proc: asyncio.subprocess.Process, port: int, counts_path: Path, tmp: Any) -> None:
         self.proc = proc
@@ -201,6 +209,7 @@ class PeerProcess:
         tuning: dict[str, Any] | None = None,
         key: Path | None = None,
         peer_key: str = "",
+        sink_work: int = 0,
         ready_timeout: float = 30.0,
     ) -> PeerProcess:
         tmp = tempfile.TemporaryDirectory(prefix="vpn-packet-peer-")
@@ -209,6 +218,8 @@ class PeerProcess:
         for prefix in sender_prefixes:
             cmd += ["--sender-prefix", prefix]
         cmd += ["--counts", str(counts)]
+        if sink_work:
+            cmd += ["--sink-work", str(sink_work)]
         if tuning:
             cmd += ["--tuning", json.dumps(tuning)]
         if key is not None:

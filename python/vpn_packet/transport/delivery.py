@@ -75,6 +75,11 @@ class InFlight:
         """Whether the unacknowledged bytes reached the window: the writer must wait for acks."""
         return self.bytes >= self.window
 
+    def fits(self, size: int) -> bool:
+        """Whether a batch of `size` bytes may be written now without passing the window. A batch larger
+        than the whole window fits only when nothing is in flight (else it could never be written)."""
+        return not self.bytes or self.bytes + size <= self.window
+
     def __len__(self) -> int:
         """Open batches."""
         return len(self._batches)

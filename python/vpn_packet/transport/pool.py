@@ -381,7 +381,7 @@ class StreamPool:
                 else:
                     self.closed_unhealthy += 1
             peer.entries.remove(entry)
-            self._close_entry(entry)
+            self._close_entry(entry, reset=not healthy)
             self._wake(peer, everyone=True)  # room for a new connection
             return
         if entry.leases == 0:
@@ -398,21 +398,25 @@ class StreamPool:
                 self._close_entry(entry)
         peer.entries[:] = keep
 
-    def _close_entry(self, entry: _Entry) -> None:
+    def _close_entry(self, entry: _Entry, *, reset: bool = False) -> None:
         entry.dead = True
-        self._spawn_close(entry.stream)
+        self._spawn_close(entry.stream, reset=reset)
 
-    def _spawn_close(self, stream: Stream) -> None:
+    def _spawn_close(self, stream: Stream, *, reset: bool = False) -> None:
         """Start closing `stream` without waiting: called from `release_stream`, which is synchronous.
 
-        A TCP stream can start its graceful close on the spot (`close_nowait`); any other gets a background
-        close, bounded by `close_timeout`, that `stop()` waits for."""
-        close_nowait = getattr(stream, "close_nowait", None)
-        if close_nowait is not None:
+        `reset`: a connection released unhealthy (a write failed on it) is reset at once (`abort()`, where
+        the stream has one): the peer discards what it has not taken, as the sender counts it lost, and
+        the other leases fail over on their next write. Otherwise (idle, stopped, closed by the peer) the
+        full `close()` runs in the background, bounded by `close_timeout` (`stop()` waits for it): a TCP
+        stream's waits for the peer to acknowledge what is in flight first, so closing never turns packets
+        the peer has into "lost"."""
+        abort = getattr(stream, "abort", None) if reset else None
+        if abort is not None:
             try:
-                close_nowait()
+                abort()
             except Exception:  # pragma: no cover - closing must not raise into callers
-                _log.debug("close_nowait failed", exc_info=True)
+                _log.debug("abort failed", exc_info=True)
             return
         try:
             loop = asyncio.get_running_loop()

@@ -134,9 +134,16 @@ class ReceiverMetrics(PeerReceiverMetrics):
         return self.spoofed_dropped + self.unparsable_dropped + self.sink_failed
 
 
-def _reset_by_peer(writer: asyncio.StreamWriter) -> bool:
-    """Whether the other side reset this connection (a pending `ECONNRESET` on the socket). Linux still
-    returns data queued before a reset, so a receiver that was frozen must ask before delivering it."""
+def _abandoned(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Whether the sender reset this connection, so that what we read but have not processed is not to be
+    delivered. Linux still returns data queued before a reset, so a receiver that was frozen must ask
+    before delivering it: a pending `ECONNRESET` on the socket says so; or, when an ack we wrote met the
+    reset first (the failed send consumed the pending error), a transport already closing without a clean
+    end of stream. A graceful end (FIN, TLS close_notify) is not a reset: data before it is delivered."""
+    # `_eof` is set synchronously when the peer's clean EOF arrives (StreamReader.feed_eof); the public
+    # `at_eof()` also requires an empty buffer, which is exactly the case this must tell apart.
+    if writer.transport.is_closing() and not getattr(reader, "_eof", False):
+        return True
     sock = writer.get_extra_info("socket")
     if sock is None:
         return False
@@ -562,7 +569,7 @@ class Receiver:
                     self._protocol_error(peer, "truncated")
                     return False
                 return True
-            if _reset_by_peer(conn.writer):
+            if _abandoned(conn.reader, conn.writer):
                 # The sender reset this connection after we read these bytes from the kernel (we were
                 # frozen or stalled, and it gave up waiting for our acks): it counts them lost, so they
                 # must not be delivered now - and never after packets of its next connection.

@@ -258,16 +258,16 @@ class TcpStream:
         reset or stuck before writing (nothing of the batch was written then)."""
         if self.closed:
             raise self._closed_error("write_many")
-        if self._inflight.full:
-            await self._wait_for_space()
-            if self.closed:  # closed while we waited for acks
-                raise self._closed_error("write_many")
         receipt = Receipt(self._give_up, loop=self._loop)
         if not packets:
             receipt.set_result(0)
             return receipt
         # One native call frames the batch; FramingError (nothing written) for an empty or oversized packet.
         data = encode_frames(packets)
+        if not self._inflight.fits(len(data)):
+            await self._wait_for_space(len(data))
+            if self.closed:  # closed while we waited for acks
+                raise self._closed_error("write_many")
         self._transport.write(data)
         if not self._inflight.frames:
             self._progress_at = self._loop.time()  # the ack clock starts with the first unacked frame
@@ -315,9 +315,9 @@ class TcpStream:
         self._ack_waiters.append(waiter)
         return waiter
 
-    async def _wait_for_space(self) -> None:
+    async def _wait_for_space(self, size: int) -> None:
         try:
-            while self._inflight.full:
+            while not self._inflight.fits(size):
                 await self._next_ack()
         except Exception as exc:
             raise NetworkError(exc, peer_id=self.peer_id, operation="write") from exc

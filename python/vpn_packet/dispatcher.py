@@ -661,6 +661,12 @@ class Dispatcher:
             resilience=resilience,
         )
 
+    def invalidate_routes(self) -> None:
+        """The peers' prefixes changed (a reload): every worker looks its destination's owner up again before
+        its next batch, never in the middle of one, so a destination's packets stay in order while they move
+        to their new owner (or fail as `no_peer` when it has none)."""
+        self._ctx.route_epoch += 1
+
     def check_accounting(self) -> DispatcherMetrics:
         """Raise `AssertionError` unless accepted = sent + failed + discarded + queued; else the metrics."""
         m = self.metrics()

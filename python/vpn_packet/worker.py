@@ -87,6 +87,7 @@ class WorkerContext:
         "receipts",
         "recycled",
         "resilience",
+        "route_epoch",
         "sent",
         "spawn",
         "stream_service",
@@ -125,6 +126,8 @@ class WorkerContext:
         self.bytes_sent = 0
         self.unacknowledged = 0
         self.receipts: set[asyncio.Future[int]] = set()
+        # Bumped when peers' prefixes change (a reload): a worker whose lookup is older asks again.
+        self.route_epoch = 0
         self.failed = dict.fromkeys(FAILURE_REASONS, 0)
         self.discarded = dict.fromkeys(DISCARD_REASONS, 0)
         self.recycled = 0
@@ -244,6 +247,7 @@ class Worker:
         "_inflight",
         "_inflight_futures",
         "_receipt",
+        "_route_epoch",
         "_stream",
         "busy",
         "byte_count",
@@ -280,6 +284,7 @@ class Worker:
         self._receipt: Awaitable[int] | None = None  # what the last write_many returned
         self._stream: Stream | None = None
         self.peer_id: str | None = None
+        self._route_epoch = 0  # the context's route_epoch when `peer_id` was looked up
         self.busy = False
         self.closed = False
         self.packet_count = 0
@@ -348,6 +353,11 @@ class Worker:
                 self._inflight = batch
                 self._inflight_futures = futures
                 self.limit = capacity - len(batch)
+                if self._route_epoch != ctx.route_epoch and self.peer_id is not None:
+                    # The peers changed since our lookup: give the stream back (healthy: it is fine, it
+                    # may just not be our destination's any more) and ask again, between two batches.
+                    self._drop_stream(healthy=True)
+                    self.peer_id = None
                 peer_id = self.peer_id
                 error = None
                 if peer_id is None:
@@ -469,6 +479,7 @@ class Worker:
     async def _lookup(self) -> BaseException | None:
         """Find and cache the peer of `dest_ip`; the error (as the batch's failure) if there is none."""
         try:
+            self._route_epoch = self._ctx.route_epoch
             self.peer_id = await self._ctx.discovery.get_peer_id(self.dest_ip)
         except PeerNotFoundError as exc:
             return exc

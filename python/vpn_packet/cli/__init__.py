@@ -20,6 +20,9 @@ __all__ = ["COMMAND_MODULES", "Subcommand", "build_parser", "commands", "main"]
 #: The subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "vpn_packet.cli.node",
+    "vpn_packet.cli.status",
+    "vpn_packet.cli.reload",
+    "vpn_packet.cli.example_config",
     "vpn_packet.cli.demo",
     "vpn_packet.cli.genkey",
     "vpn_packet.cli.pubkey",

@@ -34,6 +34,7 @@ Optional keys of `[node]`::
     metrics_listen = "127.0.0.1:9108"  # optional HTTP endpoint: /metrics (Prometheus text), /metrics.json
     shutdown_timeout = 5.0           # seconds for the whole ordered shutdown
     drop_log_interval = 5.0          # at most one drop warning per interval
+    control_socket = "/run/vpn-packet/vpn0.sock"  # `vpn-packet status`/`reload` (default: by interface name)
 
     [tls]                            # instead of keys: mutual TLS with certificates from a CA
     cert = "node-a.pem"              # names this node's id (subjectAltName DNS, else common name)
@@ -89,6 +90,8 @@ __all__ = [
     "PeerConfig",
     "TlsConfig",
     "Tuning",
+    "ConfigDiff",
+    "diff_configs",
     "load_config",
     "parse_config",
 ]
@@ -136,6 +139,7 @@ class NodeSection:
     metrics_listen: tuple[str, int] | None = None
     shutdown_timeout: float = tuning.SHUTDOWN_TIMEOUT
     drop_log_interval: float = 5.0
+    control_socket: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,6 +466,9 @@ def _node(data: Mapping[str, Any], base: Path | None) -> NodeSection:
         drop_log_interval=_seconds(
             table, "drop_log_interval", "node.drop_log_interval", _default(NodeSection, "drop_log_interval")
         ),
+        control_socket=_path(base, table["control_socket"], "node.control_socket")
+        if "control_socket" in table
+        else None,
     )
 
 
@@ -616,3 +623,99 @@ def load_config(path: str | Path) -> NodeConfig:
 def level_number(level: str) -> int:
     """The `logging` level of a config level name."""
     return int(getattr(logging, level.upper()))
+
+
+# --- reload -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigDiff:
+    """What changed between a running configuration and a reloaded one (`diff_configs`).
+
+    `added`/`removed`: peer ids; `changed`: peer id -> the fields that changed (`endpoint`, `allowed_ips`,
+    `public_key`); `restart`: the keys outside `[[peers]]` that changed, which only a restart applies
+    (`interface.mtu`, `listen.address`, `node.key`, `tuning.*`, ...).
+    """
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    restart: tuple[str, ...] = ()
+
+    @property
+    def peers_changed(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "changed": {peer_id: list(keys) for peer_id, keys in self.changed.items()},
+            "restart_needed": list(self.restart),
+        }
+
+    def describe(self) -> str:
+        """One line: what changed (or `no change`)."""
+        parts = []
+        if self.added:
+            parts.append("added " + ", ".join(self.added))
+        if self.removed:
+            parts.append("removed " + ", ".join(self.removed))
+        for peer_id, keys in self.changed.items():
+            parts.append(f"{peer_id}: {', '.join(keys)} changed")
+        if self.restart:
+            parts.append(f"needs a restart: {', '.join(self.restart)}")
+        return "; ".join(parts) if parts else "no change"
+
+
+def _section_changes(prefix: str, old: object, new: object) -> list[str]:
+    """The dotted keys of dataclass section `prefix` whose values differ."""
+    if old == new:
+        return []
+    if dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new) and type(old) is type(new):
+        return [
+            f"{prefix}.{f.name}"
+            for f in fields(old)
+            if f.repr and getattr(old, f.name) != getattr(new, f.name)
+        ]
+    return [prefix]
+
+
+def diff_configs(old: NodeConfig, new: NodeConfig) -> ConfigDiff:
+    """What a reload from `old` to `new` changes: peers (applied live) and everything else (needs a
+    restart). The node's key counts as changed when its public key differs."""
+    restart: list[str] = []
+    restart += _section_changes("interface", old.interface, new.interface)
+    if old.listen != new.listen:
+        restart.append("listen.address")
+    restart += _section_changes("node", old.node, new.node)
+    old_key = old.identity.public_key_bytes if old.identity is not None else None
+    new_key = new.identity.public_key_bytes if new.identity is not None else None
+    if old_key != new_key and "node.key" not in restart:
+        restart.append("node.key")
+    if old.tls != new.tls:
+        restart.append("tls")
+    restart += _section_changes("tuning", old.tuning, new.tuning)
+    restart += _section_changes("resilience", old.resilience, new.resilience)
+    before = {peer.id: peer for peer in old.peers}
+    after = {peer.id: peer for peer in new.peers}
+    changed: dict[str, tuple[str, ...]] = {}
+    for peer_id in before.keys() & after.keys():
+        a, b = before[peer_id], after[peer_id]
+        keys = tuple(
+            key
+            for key, differs in (
+                ("endpoint", a.endpoint != b.endpoint),
+                ("allowed_ips", a.allowed_ips != b.allowed_ips),
+                ("public_key", a.public_key != b.public_key),
+            )
+            if differs
+        )
+        if keys:
+            changed[peer_id] = keys
+    return ConfigDiff(
+        added=tuple(p.id for p in new.peers if p.id not in before),
+        removed=tuple(p.id for p in old.peers if p.id not in after),
+        changed={peer_id: changed[peer_id] for peer_id in after if peer_id in changed},
+        restart=tuple(restart),
+    )

@@ -49,6 +49,7 @@ _RECEIVER_COUNTERS = (
     "rejected_pending",
     "evicted_pending",
 )
+_PEER_COUNTERS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes")
 _TUN_COUNTERS = (
     "packets_read",
     "bytes_read",
@@ -63,7 +64,7 @@ _TUN_COUNTERS = (
 
 def node_samples(snapshot: Mapping[str, Any], prefix: str = "vpn_packet") -> Iterator[Sample]:
     """The samples of a node snapshot: the dispatcher's (`prometheus_samples`), then the receiver's, the TUN
-    device's, connections and uptime."""
+    device's, connections, each peer's (labelled `peer`, from the snapshot's `peers`) and uptime."""
     node = snapshot["node"]
     yield from prometheus_samples(DispatcherMetrics(**node["dispatcher"]), prefix=prefix)
     receiver = node["receiver"]
@@ -85,6 +86,18 @@ def node_samples(snapshot: Mapping[str, Any], prefix: str = "vpn_packet") -> Ite
     yield f"{prefix}_connect_failures_total", "counter", {}, node["connect_failures"]
     for reason, n in node.get("refusals", {}).items():  # peers that refused our handshake, by their reason
         yield f"{prefix}_refused_by_peer_total", "counter", {"reason": reason}, n
+    for peer in snapshot.get("peers", ()):  # `Node.peer_status`: the snapshot `vpn-packet status` shows
+        labels = {"peer": peer["id"]}
+        for key in _PEER_COUNTERS:
+            yield f"{prefix}_peer_{key}_total", "counter", labels, peer[key]
+        yield f"{prefix}_peer_connected", "gauge", labels, int(peer["connected"])
+        for direction, n in peer["connections"].items():
+            yield f"{prefix}_peer_connections", "gauge", {**labels, "direction": direction}, n
+        for reason, n in peer["drops"].items():
+            yield f"{prefix}_peer_drops_total", "counter", {**labels, "reason": reason}, n
+        breaker = peer["breaker"]
+        for state in ("closed", "open", "half_open"):
+            yield f"{prefix}_peer_breaker_state", "gauge", {**labels, "state": state}, int(breaker == state)
     yield f"{prefix}_uptime_seconds", "gauge", {}, snapshot["uptime"]
 
 

@@ -19,13 +19,37 @@ in Python and one built from a config file with the same values behave the same.
 `start()` brings the parts up receiver first; `stop()` takes them down in the order that loses nothing
 still deliverable: stop dispatching and drain the workers (bounded by `stop_timeout`), close the pool
 (buffered bytes are flushed before the sockets close), then stop the receiver.
+
+Status: `peer_status()` is the one per-peer snapshot (`vpn-packet status`, the SIGUSR1 dump, the metrics
+file and endpoint all read it through `TunNode.metrics()`); `totals()` the node's own. Times are seconds
+since the event (`last_handshake`, `last_tx`, `last_rx`), None for never.
+
+Reload: `reconfigure(peers, peer_keys)` swaps the peer set while running (`vpn-packet reload`, SIGHUP).
+The dispatcher, its counters and every connection of an unchanged peer stay as they are, so traffic to
+unchanged peers keeps flowing in order and the accounting identity holds across it. Then:
+
+- removed peers: their connections are closed both ways (receiving: reset at once, the old key is refused
+  from now on; sending: no new writes, what is in flight may still be acknowledged, then closed); a worker
+  whose destination belonged to one fails its next batch as `no_peer` (counted) and looks up again.
+- a changed `public_key` or `endpoint`: the peer's connections are closed the same way and its breaker is
+  reset; the next batch connects anew with the new key or address.
+- changed `allowed_ips`: a worker whose destination now belongs to another peer (or none) gives its stream
+  back and writes its next batch to the new owner (`no_peer` if none); the receiver checks sources against
+  the new prefixes from its next read on.
+
+A worker in the middle of a batch is switched right before its next batch (`_Retarget`, between the
+dispatcher's workers and the resilience service), never inside one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
+import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vpn_packet.dispatcher import Dispatcher
@@ -39,7 +63,9 @@ from vpn_packet.transport.tcp import TcpStreamService
 from vpn_packet.tuning import DEFAULT_TUNING, NODE_RESILIENCE, SHUTDOWN_TIMEOUT, Tuning
 from vpn_packet.worker import WorkerMetrics
 
-__all__ = ["Node", "NodeMetrics"]
+__all__ = ["Node", "NodeMetrics", "PeerChanges", "node_drops"]
+
+_log = logging.getLogger("vpn_packet.node")
 
 
 def _discard(peer_id: str, packets: list[bytes]) -> None:
@@ -97,6 +123,32 @@ def node_drops(metrics: Mapping[str, Any]) -> dict[str, int]:
     for reason, n in metrics["refusals"].items():
         out[f"refused_by_peer.{reason}"] = int(n)
     return out
+
+
+def _ago(now: float, then: float | None) -> float | None:
+    return None if then is None else round(max(now - then, 0.0), 3)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerChanges:
+    """What `Node.reconfigure` changed: peer ids `added` and `removed`; `changed`: peer id -> the fields
+    (`endpoint`, `allowed_ips`, `public_key`); `closed`: connections closed (both ways); `retargeted`:
+    workers whose destination changed owner."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    closed: int = 0
+    retargeted: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "changed": {peer_id: list(keys) for peer_id, keys in self.changed.items()},
+            "connections_closed": self.closed,
+            "workers_retargeted": self.retargeted,
+        }
 
 
 class Node:
@@ -282,6 +334,151 @@ class Node:
 
     def worker_metrics(self) -> dict[str, WorkerMetrics]:
         return self.dispatcher.worker_metrics()
+
+    def peer_status(self) -> list[dict[str, Any]]:
+        """The per-peer snapshot, one plain dict per configured peer, in config order (see
+        `vpn_packet.cli.status` for the fields): the one source of `vpn-packet status`, the SIGUSR1 dump, the
+        metrics file and the metrics endpoint."""
+        now = time.monotonic()
+        received = self.receiver.peer_metrics()
+        sending = self.stream_service.peer_stats
+        breakers = self.resilience.breakers
+        out: list[dict[str, Any]] = []
+        for peer in self.peers:
+            tx = sending.get(peer.id)
+            rx = received.get(peer.id)
+            streams_out = len(tx.streams) if tx is not None else 0
+            streams_in = rx.active_connections if rx is not None else 0
+            drops: dict[str, int] = {}
+            if tx is not None:
+                drops["lost_in_flight"] = tx.lost_in_flight
+                for reason, n in tx.refusals.items():
+                    drops[f"refused_by_peer.{reason}"] = n
+                for kind, n in tx.failures.items():
+                    drops[f"connect_failed.{kind}"] = n
+            if rx is not None:
+                drops["spoofed"] = rx.spoofed_dropped
+                drops["unparsable"] = rx.unparsable_dropped
+                drops["sink_failed"] = rx.sink_failed
+                for reason, n in rx.protocol_errors.items():
+                    drops[f"protocol_error.{reason}"] = n
+            handshakes = [
+                t
+                for t in (tx.last_handshake if tx else None, rx.last_handshake if rx else None)
+                if t is not None
+            ]
+            breaker = breakers.peek(peer.id)
+            out.append(
+                {
+                    "id": peer.id,
+                    "endpoint": peer.endpoint,
+                    "allowed_ips": list(peer.allowed_ips),
+                    "connected": streams_out > 0 or streams_in > 0,
+                    "last_error": tx.last_error if tx is not None else None,
+                    "last_handshake": _ago(now, max(handshakes) if handshakes else None),
+                    "last_tx": _ago(now, tx.last_tx if tx is not None else None),
+                    "last_rx": _ago(now, rx.last_packet if rx is not None else None),
+                    "tx_packets": tx.tx_packets if tx is not None else 0,
+                    "tx_bytes": tx.tx_bytes if tx is not None else 0,
+                    "rx_packets": rx.frames if rx is not None else 0,
+                    "rx_bytes": rx.bytes if rx is not None else 0,
+                    "rx_delivered": rx.packets_delivered if rx is not None else 0,
+                    "drops": {k: v for k, v in drops.items() if v},
+                    "breaker": breaker.state.value if breaker is not None else "closed",
+                    "connections": {"out": streams_out, "in": streams_in},
+                    "connects": tx.connects if tx is not None else 0,
+                    "connect_failures": tx.connect_failures if tx is not None else 0,
+                }
+            )
+        return out
+
+    def totals(self, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The node's own totals (from `metrics().as_dict()`, taken now unless given): packets and bytes
+        each way, the dispatcher's accounting, every drop by reason (`node_drops`), connections open."""
+        m = self.metrics().as_dict() if metrics is None else metrics
+        d, r = m["dispatcher"], m["receiver"]
+        return {
+            "tx_packets": d["sent"],
+            "tx_bytes": d["bytes_sent"],
+            "rx_packets": r["frames"],
+            "rx_bytes": r["bytes"],
+            "rx_delivered": r["packets_delivered"],
+            "accepted": d["accepted"],
+            "rejected": d["rejected"],
+            "failed": d["failed"],
+            "discarded": d["discarded"],
+            "queued": d["queued"],
+            "in_flight": d["in_flight"],
+            "drops": {k: v for k, v in node_drops(m).items() if v},
+            "connections": {"out": m["pool"]["streams"], "in": r["active_connections"]},
+        }
+
+    # --- reload ---------------------------------------------------------------------------------------------
+
+    async def reconfigure(
+        self, peers: Iterable[Peer], peer_keys: Mapping[str, bytes] | None = None
+    ) -> PeerChanges:
+        """Swap in a new peer set while running (see the module docstring). `peer_keys` (key mode): the
+        public key of every peer, replacing the current ones. Raises `ValueError` (a prefix given twice, two
+        peers with one key, ...) before changing anything."""
+        new_peers = list(peers)
+        old = {peer.id: peer for peer in self.peers}
+        new = {peer.id: peer for peer in new_peers}
+        security = self.security
+        if peer_keys is not None and dict(peer_keys) != dict(security.peer_keys):
+            security = security.with_peer_keys(peer_keys)  # ValueError before anything changed
+        old_keys = self.security.peer_keys
+        removed = tuple(peer_id for peer_id in old if peer_id not in new)
+        added = tuple(peer_id for peer_id in new if peer_id not in old)
+        changed: dict[str, tuple[str, ...]] = {}
+        for peer_id in new.keys() & old.keys():
+            keys = tuple(
+                key
+                for key, differs in (
+                    ("endpoint", new[peer_id].endpoint != old[peer_id].endpoint),
+                    ("allowed_ips", new[peer_id].allowed_ips != old[peer_id].allowed_ips),
+                    ("public_key", security.peer_keys.get(peer_id) != old_keys.get(peer_id)),
+                )
+                if differs
+            )
+            if keys:
+                changed[peer_id] = keys
+        self.discovery.replace(new_peers)  # ValueError before anything changed
+        self.peers = new_peers
+        if security is not self.security:
+            self.security = security
+            self.stream_service.security = security
+            self.receiver.update_security(security)
+        rekeyed = {peer_id for peer_id, keys in changed.items() if "public_key" in keys}
+        moved = {peer_id for peer_id, keys in changed.items() if "endpoint" in keys}
+        closed = 0
+        for peer_id in (*removed, *sorted(rekeyed)):
+            closed += self.receiver.close_peer(peer_id, "removed" if peer_id in removed else "key changed")
+        # Workers whose destination changed owner, or whose peer's connections are about to close: every
+        # worker looks its destination's owner up again before its next batch (never in the middle of one).
+        stale = set(removed) | rekeyed | moved
+        retargeted = sum(
+            1
+            for worker in self.dispatcher.workers()
+            if worker.peer_id is not None
+            and not worker.closed
+            and (worker.peer_id in stale or self.discovery.lookup(worker.dest_ip) != worker.peer_id)
+        )
+        self.dispatcher.invalidate_routes()
+        for peer_id in rekeyed | moved:
+            breaker = self.resilience.breakers.peek(peer_id)
+            if breaker is not None:
+                breaker.reset()
+        retiring = [self.stream_service.retire_peer(peer_id, forget=True) for peer_id in removed]
+        retiring += [self.stream_service.retire_peer(peer_id) for peer_id in sorted(rekeyed | moved)]
+        if retiring:
+            closed += sum(await asyncio.gather(*retiring))
+        result = PeerChanges(added, removed, changed, closed, retargeted)
+        _log.info(
+            "peers reconfigured: %s",
+            json.dumps(result.as_dict(), separators=(",", ":")),
+        )
+        return result
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped" if self._stopped else "new"

@@ -13,6 +13,15 @@ close the TUN. The command runs until SIGINT or SIGTERM, logs live metrics on SI
 `vpn_packet.node.metrics_endpoint`), warns about drops at most once per `node.drop_log_interval` and
 prints a metrics summary at exit.
 
+Operating it: the node serves `vpn-packet status` and `vpn-packet reload` on its control socket
+(`vpn_packet.node.control`; `/run/vpn-packet/NAME.sock` or `node.control_socket`). `status` answers with
+`metrics()`, the same snapshot as the SIGUSR1 line, the metrics file and the metrics endpoint (`peers`: the
+per-peer snapshot of `Node.peer_status`; `totals`). `reload()` (also on SIGHUP) re-reads the config file
+and applies the difference in `[[peers]]` without a restart (`Node.reconfigure`); a file that does not
+validate is refused with the one-line error a start gives, and a change anywhere else (`[interface]`,
+`[listen]`, `[node]`, `[tls]`, `[tuning]`, `[resilience]`) refuses the whole reload, naming the keys that
+need a restart: nothing is half applied, and the running config stays as it was.
+
 The periodic jobs (drop warnings, the metrics file) run in one `asyncio.TaskGroup` owned by one background
 task: `shutdown()` cancels that task and so every job, and a job that fails takes the others down with it
 (logged) instead of dying unnoticed. Every knob comes from the config's `vpn_packet.tuning.Tuning`.
@@ -38,15 +47,18 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from vpn_packet.errors import ConfigError
-from vpn_packet.node.config import NodeConfig
+from vpn_packet.errors import ConfigError, UsageError
+from vpn_packet.node.config import NodeConfig, diff_configs, load_config
+from vpn_packet.node.control import ControlServer, default_socket_path
 from vpn_packet.node.node import node_drops
 
 if TYPE_CHECKING:
     from vpn_packet.node.metrics_endpoint import MetricsEndpoint
     from vpn_packet.node.node import Node
+    from vpn_packet.node.routes import PeerRoutes
     from vpn_packet.transport.tun import TunDevice
 
 __all__ = ["INSECURE_WARNING", "TunNode", "drop_counters", "run_node"]
@@ -97,6 +109,11 @@ def _raise_bind_error(key: str, address: tuple[str, int], exc: OSError) -> None:
     raise ConfigError(key, f"{shown} {_BIND_ERRORS[exc.errno]} ({errno.errorcode[exc.errno]})") from exc
 
 
+def _peer_prefixes(config: NodeConfig) -> dict[str, tuple[str, ...]]:
+    """Each peer's prefixes, in config order (route conflicts name `peers[i].allowed_ips[j]` by position)."""
+    return {peer.id: peer.allowed_ips for peer in config.peers}
+
+
 def drop_counters(metrics: dict[str, Any]) -> dict[str, int]:
     """Every drop counter of a `TunNode.metrics()` snapshot, flattened: the node's (`node_drops`) and the TUN
     device's (`tun.write_dropped`, `tun.write_errors`)."""
@@ -114,13 +131,23 @@ class TunNode:
     `tun_factory` opens the device (default `TunDevice.open`; tests pass a fake).
     """
 
-    def __init__(self, config: NodeConfig, *, tun_factory: Callable[..., TunDevice] | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        tun_factory: Callable[..., TunDevice] | None = None,
+        manage_routes: bool | None = None,
+    ) -> None:
         from vpn_packet.node.node import Node
         from vpn_packet.transport.tun import TunDevice
 
         self.config = config
         self._tun_factory = tun_factory if tun_factory is not None else TunDevice.open
         self.tun: TunDevice | None = None
+        # Routes through the TUN for peer prefixes outside the interface's subnets (`node.routes`). None: only
+        # for a real `TunDevice` (a fake one in tests has no interface to route through).
+        self._manage_routes = manage_routes
+        self.routes: PeerRoutes | None = None
         self.node: Node = Node(
             config.security(),
             config.listen,
@@ -136,6 +163,9 @@ class TunNode:
         self._background: asyncio.Task[None] | None = None  # runs the TaskGroup of the periodic jobs
         self.error: OSError | None = None  # the TUN failed for good
         self._metrics_endpoint: MetricsEndpoint | None = None
+        self._control: ControlServer | None = None
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[None]] = set()  # reloads started by SIGHUP
         self.failed = asyncio.Event()  # set when it does
 
     # --- data path ------------------------------------------------------------------------------------------
@@ -178,12 +208,24 @@ class TunNode:
                 ) from exc
             raise
         try:
-            await self.node.start()
-        except BaseException as exc:
+            from vpn_packet.transport.tun import TunDevice
+
+            manage = self._manage_routes
+            if manage if manage is not None else isinstance(self.tun, TunDevice):
+                from vpn_packet.node.routes import PeerRoutes
+
+                self.routes = PeerRoutes(self.tun.name, iface.addresses)
+                self.routes.apply(_peer_prefixes(self.config))  # ConfigError on a conflict, nothing left
+            try:
+                await self.node.start()
+            except OSError as exc:
+                _raise_bind_error("listen.address", self.config.listen, exc)
+                raise
+        except BaseException:
+            if self.routes is not None:
+                self.routes.remove_all()
             self.tun.close()
             self._state = "stopped"
-            if isinstance(exc, OSError):
-                _raise_bind_error("listen.address", self.config.listen, exc)
             raise
         self.tun.start_reading(
             self._on_tun_batch, max_packets=self.config.tuning.read_batch, on_error=self._on_tun_error
@@ -202,6 +244,7 @@ class TunNode:
                 if isinstance(exc, OSError):
                     _raise_bind_error("node.metrics_listen", self.config.node.metrics_listen, exc)
                 raise
+        await self._start_control()
         if self.config.mode == "insecure":
             _log.warning(INSECURE_WARNING)
         peers = len(self.config.peers)
@@ -215,6 +258,105 @@ class TunNode:
             "" if peers == 1 else "s",
             self.node.security.describe(),
         )
+
+    async def _start_control(self) -> None:
+        """The control socket. A configured path that cannot be served stops the start (a `ConfigError`
+        naming `node.control_socket`); the default one only warns: two nodes in two network namespaces may
+        well have the same interface name, and /run is shared."""
+        configured = self.config.node.control_socket
+        path = configured if configured is not None else default_socket_path(self.config.interface.name)
+        control = ControlServer(path, self._on_control)
+        try:
+            await control.start()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if configured is not None:
+                await self.shutdown()
+                raise ConfigError("node.control_socket", f"{path}: {reason}") from exc
+            _log.warning(
+                "no control socket (vpn-packet status and reload will not reach this node): %s: %s; "
+                "set node.control_socket to another path",
+                path,
+                reason,
+            )
+            return
+        self._control = control
+
+    @property
+    def control_path(self) -> Path | None:
+        """Where the control socket is (None: not serving)."""
+        return None if self._control is None else self._control.path
+
+    async def _on_control(self, command: str) -> dict[str, Any]:
+        if command == "status":
+            return {"status": self.metrics()}
+        if command == "reload":
+            return {"reload": await self.reload()}
+        raise UsageError(f"unknown command {command!r} (expected status or reload)")
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply the difference in `[[peers]]` (see the module docstring).
+        Returns what changed (`applied`, `message`, `added`, `removed`, `changed`, ...); raises
+        `UsageError` with one line when the file is refused (the running config stays)."""
+        async with self._reload_lock:
+            path = self.config.path
+            if path is None:
+                raise UsageError("this node was not started from a config file: nothing to reload")
+            if self._state != "running":
+                raise UsageError(f"the node is {self._state}")
+            try:
+                new = load_config(path)
+                if new.tls is not None:
+                    new.security()  # loads the certificates: a bad file is refused here, not half applied
+            except ConfigError as exc:
+                raise UsageError(f"{path}: {exc}" if exc.key else str(exc)) from None
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"{path}: tls: {exc}") from None
+            diff = diff_configs(self.config, new)
+            if diff.restart:
+                keys = ", ".join(diff.restart)
+                raise UsageError(
+                    f"{path}: not applied: {keys} changed, which needs a restart (the running config stays)"
+                )
+            answer: dict[str, Any] = {"applied": True, "message": diff.describe(), **diff.as_dict()}
+            if not diff.peers_changed:
+                self.config = new
+                return answer
+            peer_keys = (
+                {p.id: p.public_key for p in new.peers if p.public_key is not None}
+                if new.mode == "key"
+                else None
+            )
+            if self.routes is not None:
+                try:  # before the peers change: a conflict refuses the reload with the old routes intact
+                    answer["routes"] = self.routes.apply(_peer_prefixes(new)).describe()
+                except ConfigError as exc:
+                    raise UsageError(f"{path}: {exc}") from None
+            try:
+                changes = await self.node.reconfigure([p.to_peer() for p in new.peers], peer_keys)
+            except ValueError as exc:
+                raise UsageError(f"{path}: {exc}") from None
+            self.config = new
+            answer.update(changes.as_dict())
+            answer["message"] = diff.describe()
+            return answer
+
+    def reload_in_background(self) -> None:
+        """SIGHUP: `reload()` in a task; the outcome is logged (INFO what changed, ERROR why refused)."""
+
+        async def run() -> None:
+            try:
+                answer = await self.reload()
+            except UsageError as exc:
+                _log.error("reload refused: %s", exc)
+            except Exception:
+                _log.exception("reload failed")
+            else:
+                _log.info("reload applied: %s", answer["message"])
+
+        task = asyncio.get_running_loop().create_task(run(), name="tun-node-reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     async def _run_jobs(self) -> None:
         """The periodic jobs, in one task group: cancelled together by `shutdown()`."""
@@ -242,6 +384,11 @@ class TunNode:
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background
+        control, self._control = self._control, None
+        if control is not None:
+            await control.stop()
+        for task in list(self._reloads):
+            task.cancel()
         endpoint, self._metrics_endpoint = self._metrics_endpoint, None
         if endpoint is not None:
             await endpoint.stop()
@@ -261,6 +408,8 @@ class TunNode:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.node.receiver.stop(0.1), 0.5)
         finally:
+            if self.routes is not None:
+                self.routes.remove_all()  # before the TUN goes (with it, its routes would vanish unlogged)
             if self.tun is not None:
                 self.tun.close()
             self._state = "stopped"
@@ -273,18 +422,27 @@ class TunNode:
     # --- metrics and logging --------------------------------------------------------------------------------
 
     def metrics(self) -> dict[str, Any]:
-        """Plain nested dicts: `node` (dispatcher, pool, connections, receiver), `tun`, uptime."""
+        """The node's snapshot, plain nested dicts: `peers` (`Node.peer_status`) and `totals` (the stable
+        part, documented in `vpn_packet.cli.status`), then `node` (dispatcher, pool, connections, receiver)
+        and `tun` in detail. What `vpn-packet status`, SIGUSR1, the metrics file and endpoint show."""
         node = self.node.metrics().as_dict()
         node["receiver_peers"] = {
             peer_id: dataclasses.asdict(m) for peer_id, m in self.node.receiver.peer_metrics().items()
         }
-        return {
+        address = self.node.address or self.config.listen
+        snapshot: dict[str, Any] = {
             "id": self.config.node.id,
+            "interface": self.config.interface.name,
+            "listen": f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}",
             "state": self._state,
             "uptime": 0.0 if self._started_at is None else round(time.monotonic() - self._started_at, 3),
+            "peers": self.node.peer_status(),
+            "totals": self.node.totals(node),
             "tun": dataclasses.asdict(self.tun.metrics()) if self.tun is not None else None,
             "node": node,
         }
+        snapshot["totals"]["drops"] = {k: v for k, v in drop_counters(snapshot).items() if v}
+        return snapshot
 
     def report_metrics(self) -> dict[str, Any]:
         """Logs the live metrics (one JSON line) and writes `metrics_file` when configured."""
@@ -314,7 +472,9 @@ class TunNode:
         self._last_drops = current
         if grown:
             text = ", ".join(f"{k}={v}" for k, v in sorted(grown.items()))
-            _log.warning("dropped %d packets since the last report: %s", sum(grown.values()), text)
+            n = sum(grown.values())
+            what = "packet" if n == 1 else "packets"
+            _log.warning("dropped %d %s since the last report: %s", n, what, text)
         return grown
 
     async def _drop_logger(self) -> None:
@@ -359,12 +519,19 @@ class TunNode:
 
 
 async def run_node(config: NodeConfig, *, ready: Callable[[TunNode], None] | None = None) -> int:
-    """Runs a `TunNode` until SIGINT/SIGTERM; returns the exit status."""
+    """Runs a `TunNode` until SIGINT/SIGTERM (SIGHUP reloads the config, SIGUSR1 logs the metrics); returns
+    the exit status."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     node = TunNode(config)
-    await node.start()
-    handled: list[signal.Signals] = []
+    # SIGHUP reloads (no longer the default exit), from before the "running" line on.
+    loop.add_signal_handler(signal.SIGHUP, node.reload_in_background)
+    try:
+        await node.start()
+    except BaseException:
+        loop.remove_signal_handler(signal.SIGHUP)
+        raise
+    handled: list[signal.Signals] = [signal.SIGHUP]
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)

@@ -72,25 +72,41 @@ class StaticPeerDiscovery:
     """A fixed set of peers; longest-prefix match from destination address to peer id.
 
     Peers are numbered in the order given (`index_of`); the native `table` maps each allowed prefix to its
-    peer's index.
+    peer's index. `replace(peers)` swaps the whole set at once (a reload) and bumps `generation`: the table
+    and the indexes of before no longer apply.
     """
 
     def __init__(self, peers: Iterable[Peer]) -> None:
-        self._peers: tuple[Peer, ...] = tuple(peers)
-        self._index: dict[str, int] = {}
-        self._table = PrefixTable()
+        self._peers, self._index, self._table = self._build(peers)
+        self.generation = 0
+
+    @staticmethod
+    def _build(peers: Iterable[Peer]) -> tuple[tuple[Peer, ...], dict[str, int], PrefixTable]:
+        """The peers, their index and the native table; raises (`ValueError`, `TypeError`) before anything
+        is swapped in."""
+        listed: tuple[Peer, ...] = tuple(peers)
+        index: dict[str, int] = {}
+        table = PrefixTable()
         owner: dict[str, str] = {}
-        for index, peer in enumerate(self._peers):
+        for i, peer in enumerate(listed):
             if not isinstance(peer, Peer):
                 raise TypeError(f"expected Peer, got {type(peer).__name__}")
-            if peer.id in self._index:
+            if peer.id in index:
                 raise ValueError(f"duplicate peer id {peer.id!r}")
-            self._index[peer.id] = index
+            index[peer.id] = i
             for prefix in peer.allowed_ips:
                 if prefix in owner:
                     raise ValueError(f"prefix {prefix} is given to both {owner[prefix]!r} and {peer.id!r}")
                 owner[prefix] = peer.id
-                self._table.insert(prefix, index)
+                table.insert(prefix, i)
+        return listed, index, table
+
+    def replace(self, peers: Iterable[Peer]) -> None:
+        """Swap in a new set of peers at once (a reload): lookups after this call see only the new ones, and
+        `generation` grows by one so that holders of `table` or `index_of` results know to fetch them again.
+        Validated first: on `ValueError`/`TypeError` nothing changes."""
+        self._peers, self._index, self._table = self._build(peers)
+        self.generation += 1
 
     @classmethod
     def from_config(cls, entries: Iterable[Mapping[str, Any]]) -> StaticPeerDiscovery:

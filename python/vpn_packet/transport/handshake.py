@@ -22,6 +22,7 @@ A refused client gets the reason on the wire before the connection closes, so bo
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import ssl
@@ -168,6 +169,13 @@ class Security:
     def insecure(cls, local_id: str) -> Security:
         """Plaintext and unauthenticated: a peer is whoever it claims to be. For tests and comparisons."""
         return cls("insecure", local_id)
+
+    def with_peer_keys(self, peer_keys: Mapping[str, bytes]) -> Security:
+        """The same node and TLS contexts, trusting `peer_keys` instead (key mode; a reload that changes the
+        peers). Raises `ValueError` for two peers with one key, or outside key mode."""
+        if self.mode != "key":
+            raise ValueError(f"{self.mode} mode has no peer keys")
+        return dataclasses.replace(self, peer_keys=dict(peer_keys))
 
     @property
     def encrypted(self) -> bool:

@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from vpn_packet import tuning
@@ -115,11 +115,13 @@ class PooledStream:
         """True once released, or when the underlying connection is closed."""
         return self.released or not self._entry.alive()
 
-    async def write(self, packet: bytes) -> None:
-        await self._entry.stream.write(packet)
+    async def write(self, packet: bytes) -> Awaitable[int] | None:
+        return await self._entry.stream.write(packet)
 
-    async def write_many(self, packets: Sequence[bytes]) -> None:
-        await self._entry.stream.write_many(packets)
+    async def write_many(self, packets: Sequence[bytes]) -> Awaitable[int] | None:
+        """The connection's `write_many`, and its receipt: the pool lends connections, it does not stand
+        between a packet and its acknowledgement."""
+        return await self._entry.stream.write_many(packets)
 
     async def close(self) -> None:
         """Give the lease back as healthy (idempotent)."""

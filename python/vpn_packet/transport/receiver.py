@@ -47,6 +47,7 @@ import inspect
 import logging
 import socket
 import ssl
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -82,7 +83,9 @@ class PeerReceiverMetrics:
     or TLS error; `idle_closed` connections closed for sending nothing for `idle_timeout`; `superseded`
     connections closed because the peer opened a new one at its limit; `discarded_after_reset` bytes read
     but not delivered because the sender had reset the connection meanwhile; `protocol_errors` counts
-    wire-protocol violations by reason (`zero_length`, `too_large`, `truncated`).
+    wire-protocol violations by reason (`zero_length`, `too_large`, `truncated`); `last_handshake` and
+    `last_packet` are the `time.monotonic()` of the last accepted handshake and of the last frame received
+    (None: never).
     """
 
     connections: int = 0
@@ -99,6 +102,8 @@ class PeerReceiverMetrics:
     superseded: int = 0
     discarded_after_reset: int = 0
     protocol_errors: dict[str, int] = field(default_factory=dict)
+    last_handshake: float | None = None
+    last_packet: float | None = None
 
     def _copy(self) -> PeerReceiverMetrics:
         return dataclasses.replace(self, protocol_errors=dict(self.protocol_errors))
@@ -254,6 +259,7 @@ class Receiver:
         self._authenticated = 0
         self._totals = ReceiverMetrics()
         self._per_peer: dict[str, PeerReceiverMetrics] = {}
+        self._reloads = 0  # `update_security` calls: a handshake that spans one is not trusted
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -342,6 +348,23 @@ class Receiver:
         """A snapshot of the counters of every peer that has had an authenticated connection."""
         return {peer_id: m._copy() for peer_id, m in self._per_peer.items()}
 
+    def update_security(self, security: Security) -> None:
+        """A reload: judge handshakes from now on with `security` (new peer keys take effect at once; a
+        handshake in progress meanwhile is closed once it completes, and the peer connects again)."""
+        self.security = security
+        self._reloads += 1
+
+    def close_peer(self, peer_id: str, because: str = "reloaded") -> int:
+        """Reset every authenticated connection of `peer_id` now (a reload removed it or changed its key);
+        returns how many. What was read and not delivered yet is not acknowledged: the sender counts it."""
+        held = self._by_peer.get(peer_id)
+        if not held:
+            return 0
+        conns = list(held.values())
+        for conn in conns:
+            conn.close(because)
+        return len(conns)
+
     def buffered_bytes(self) -> int:
         """Bytes the open connections hold right now: stream buffers plus partial frames (introspection)."""
         total = 0
@@ -428,6 +451,7 @@ class Receiver:
         peer: PeerReceiverMetrics | None = None
         clean = False
         try:
+            reloads = self._reloads
             try:
                 verdict = await self._authenticate(conn)
             finally:
@@ -436,6 +460,9 @@ class Receiver:
                 clean = True  # close gracefully: the answer must reach the client
                 return
             assert verdict.peer_id is not None
+            if reloads != self._reloads or verdict.peer_id not in self.discovery:
+                conn.closed_because = "reloaded during the handshake"
+                return
             peer = self._enter_peer(conn, verdict.peer_id)
             conn.decoder = FrameDecoder(self.max_frame_size)
             clean = await self._pump(conn, peer)
@@ -522,6 +549,7 @@ class Receiver:
         self._authenticated += 1
         peer.connections += 1
         peer.active_connections += 1
+        peer.last_handshake = time.monotonic()
         self._totals.active_connections += 1
         _log.info(
             "peer %s connected from %s (%s)",
@@ -552,8 +580,10 @@ class Receiver:
         assert conn.peer_id is not None
         assert conn.decoder is not None
         peer_id, reader, decoder = conn.peer_id, conn.reader, conn.decoder
-        table = self.discovery.table
-        index = self.discovery.index_of(peer_id)
+        discovery = self.discovery
+        generation = discovery.generation
+        table = discovery.table
+        index = discovery.index_of(peer_id)
         totals = self._totals
         while True:
             try:
@@ -587,6 +617,15 @@ class Receiver:
                 error = exc
             frame_count = decoder.frames - frames_before
             payload = decoder.payload_bytes - bytes_before
+            if frame_count:
+                peer.last_packet = time.monotonic()
+            if discovery.generation != generation:  # a reload: the new table, and this peer's new index
+                if peer_id not in discovery:
+                    conn.closed_because = "peer removed"
+                    return False
+                generation = discovery.generation
+                table = discovery.table
+                index = discovery.index_of(peer_id)
             peer.frames += frame_count
             totals.frames += frame_count
             peer.bytes += payload

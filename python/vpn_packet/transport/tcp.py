@@ -28,10 +28,14 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import struct
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from vpn_packet import tuning
@@ -43,7 +47,7 @@ from vpn_packet.transport.framing import encode_frames
 from vpn_packet.transport.handshake import Security, client_handshake, new_epoch, server_public_key
 from vpn_packet.transport.tls import check_server_key, verify_server_name
 
-__all__ = ["DEFAULT_SEND_BUFFER", "EndpointResolver", "TcpStream", "TcpStreamService"]
+__all__ = ["DEFAULT_SEND_BUFFER", "EndpointResolver", "PeerSendStats", "TcpStream", "TcpStreamService"]
 
 _log = logging.getLogger(__name__)
 
@@ -57,6 +61,32 @@ class EndpointResolver(Protocol):
     """What `TcpStreamService` needs from the discovery: the `(host, port)` to dial for a peer id."""
 
     def endpoint(self, peer_id: str) -> tuple[str, int]: ...
+
+
+@dataclass(eq=False, slots=True)
+class PeerSendStats:
+    """The sending side's view of one peer, kept by `TcpStreamService` (live, not a copy).
+
+    `tx_packets`/`tx_bytes`: packets (and their bytes, without framing) the peer acknowledged, over all
+    connections; `lost_in_flight`: packets written that no ack covered when their connection ended;
+    `connects`/`connect_failures`: connection attempts, `refusals` the peer's refusals by reason and
+    `failures` the other failed attempts by kind (`ECONNREFUSED`, `TimeoutError`, ...); `streams`: the open
+    connections; `last_error`: the last connect, handshake or write failure (cleared by a successful
+    connect); `last_handshake`/`last_tx`: `time.monotonic()` of the last accepted handshake and of the
+    last acknowledgement (None: never).
+    """
+
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    lost_in_flight: int = 0
+    connects: int = 0
+    connect_failures: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+    last_handshake: float | None = None
+    last_tx: float | None = None
+    streams: set[TcpStream] = field(default_factory=set)
 
 
 class _SenderProtocol(asyncio.Protocol):
@@ -183,10 +213,15 @@ class TcpStream:
         "_close_timeout",
         "_error",
         "_inflight",
+        "_ledger",
+        "_ledger_bytes",
+        "_ledger_done",
         "_local_close",
         "_loop",
         "_progress_at",
         "_protocol",
+        "_retiring",
+        "_stats",
         "_transport",
         "_watchdog",
         "_write_timeout",
@@ -208,8 +243,16 @@ class TcpStream:
         window: int = tuning.IN_FLIGHT_WINDOW,
         ack_timeout: float = tuning.ACK_TIMEOUT,
         early: bytes = b"",
+        stats: PeerSendStats | None = None,
     ) -> None:
         self.peer_id = peer_id
+        self._stats = stats
+        # Per written batch (for the acknowledged bytes): (frame count after it, its packets, payload bytes);
+        # `_ledger_done`/`_ledger_bytes`: what of the oldest batch an ack already covered.
+        self._ledger: deque[tuple[int, Sequence[bytes], int]] = deque()
+        self._ledger_done = 0
+        self._ledger_bytes = 0
+        self._retiring = False
         self._transport = transport
         self._protocol = protocol
         self._loop = asyncio.get_running_loop()
@@ -229,12 +272,18 @@ class TcpStream:
         self.sockname: Any = transport.get_extra_info("sockname")
         protocol.on_data = self._on_data
         protocol.on_lost = self._on_lost
+        if stats is not None:
+            stats.streams.add(self)
         if early:
             self._on_data(early)
 
     @property
     def closed(self) -> bool:
-        """True once the stream was closed locally, or the peer closed or reset it."""
+        """True once the stream was closed locally (or is retiring), or the peer closed or reset it."""
+        return self._retiring or self._ended
+
+    @property
+    def _ended(self) -> bool:
         return self._local_close or self._protocol.lost or self._protocol.peer_eof
 
     @property
@@ -277,6 +326,8 @@ class TcpStream:
         self.writes += 1
         self.packets_sent += len(packets)
         self.bytes_sent += len(data)
+        if self._stats is not None:
+            self._ledger.append((self._inflight.written, packets, len(data) - 4 * len(packets)))
         if self._protocol.paused:
             await self._drain()
         return receipt
@@ -286,11 +337,40 @@ class TcpStream:
     def _on_data(self, data: bytes) -> None:
         try:
             taken = self._acks.feed(data)
-            if self._inflight.ack(taken):
+            newly = self._inflight.ack(taken)
+            if newly:
                 self._progress_at = self._loop.time()
+                if self._stats is not None:
+                    self._count_acked(taken, newly)
                 self._wake_ack_waiters()
         except (FramingError, ValueError) as exc:  # not acks, or acks beyond what we wrote: a broken peer
             self._give_up_because(exc)
+
+    def _count_acked(self, taken: int, newly: int) -> None:
+        """Adds the `newly` acknowledged packets (the peer has taken `taken` in all) and their bytes to the
+        peer's `PeerSendStats`: whole batches by their payload size, a batch an ack ends inside by its
+        packets' lengths."""
+        stats = self._stats
+        assert stats is not None
+        ledger = self._ledger
+        acked_bytes = 0
+        while ledger:
+            end, packets, payload = ledger[0]
+            if taken >= end:
+                ledger.popleft()
+                acked_bytes += payload - self._ledger_bytes
+                self._ledger_done = self._ledger_bytes = 0
+                continue
+            part = taken - (end - len(packets))
+            if part > self._ledger_done:
+                size = sum(map(len, packets[self._ledger_done : part]))
+                acked_bytes += size
+                self._ledger_bytes += size
+                self._ledger_done = part
+            break
+        stats.tx_packets += newly
+        stats.tx_bytes += acked_bytes
+        stats.last_tx = time.monotonic()
 
     def _check_acks(self) -> None:
         """The watchdog: while something is in flight, acks must progress within `ack_timeout`."""
@@ -333,12 +413,21 @@ class TcpStream:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        self._inflight.fail()
+        lost = self._inflight.fail()
         error = (
             self._error
             or self._protocol.exc
             or ConnectionResetError(errno.ECONNRESET, f"connection to {self.peer_id} closed")
         )
+        stats = self._stats
+        if stats is not None:
+            stats.streams.discard(self)
+            stats.lost_in_flight += lost
+            self._ledger.clear()
+            if self._error is not None or self._protocol.exc is not None:
+                stats.last_error = f"connection lost: {error}"
+            elif self._protocol.peer_eof and not self._local_close:
+                stats.last_error = "connection closed by the peer"
         waiters, self._ack_waiters = self._ack_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -411,7 +500,7 @@ class TcpStream:
         then close; reset the connection if it does not. Idempotent."""
         try:
             async with asyncio.timeout(self._close_timeout):
-                while self._inflight.frames and not self.closed:
+                while self._inflight.frames and not self._ended:
                     with contextlib.suppress(Exception):  # the connection ended: nothing left to wait for
                         await self._next_ack()
                 self.close_nowait()
@@ -424,6 +513,13 @@ class TcpStream:
                     f"{self._close_timeout:g}s",
                 )
             )
+
+    async def retire(self) -> None:
+        """Take no more writes (they fail as on a closed stream, so writers move to a fresh connection), let
+        the peer acknowledge what is in flight, then close: `close()` for a connection whose peer changed
+        (a reload) without turning packets the peer has into "lost"."""
+        self._retiring = True
+        await self.close()
 
     async def wait_closed(self) -> None:
         """Wait until the connection is gone (closed by either side)."""
@@ -450,6 +546,20 @@ def _failure_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _error_text(exc: BaseException) -> str:
+    """An error for people: `ECONNREFUSED (Connection refused)`, `ETIMEDOUT: no handshake answer from ...`,
+    else the exception's own text."""
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and code in errno.errorcode:
+        assert isinstance(code, int)
+        name, standard = errno.errorcode[code], os.strerror(code)
+        text = exc.strerror
+        if not text or text == standard or text.startswith("Connect call failed"):  # asyncio's wording
+            return f"{name} ({standard})"
+        return f"{name}: {text}"
+    return str(exc) or type(exc).__name__
+
+
 class TcpStreamService:
     """Opens `TcpStream`s to peers, each behind an answered handshake. Implements
     `vpn_packet.api.StreamService`.
@@ -464,7 +574,13 @@ class TcpStreamService:
       connection (a writer waits beyond it).
     - `send_buffer`: `SO_SNDBUF` in bytes (the kernel may cap it; None leaves the default).
 
-    Counters: `connects`, `connect_failures`, and `refusals` (by the server's reason).
+    Counters: `connects`, `connect_failures`, and `refusals` (by the server's reason); per peer,
+    `peer_stats` (`PeerSendStats`: what the peer acknowledged, its open connections, its last error).
+
+    A reload swaps `security` (`Security.with_peer_keys`) and the discovery's peers; `retire_peer(peer_id)`
+    then closes the connections of a peer that was removed or whose endpoint or key changed. A connection
+    that was being opened meanwhile is abandoned when it completes (`ConnectionAbortedError`): it was made
+    with what no longer applies.
     """
 
     def __init__(
@@ -497,7 +613,29 @@ class TcpStreamService:
         self.connects = 0
         self.connect_failures = 0
         self.refusals: dict[str, int] = {}
+        self.peer_stats: dict[str, PeerSendStats] = {}
         self._warn = LogLimiter(_log, log_interval)
+
+    def stats(self, peer_id: str) -> PeerSendStats:
+        """The live `PeerSendStats` of `peer_id` (created empty on first use)."""
+        stats = self.peer_stats.get(peer_id)
+        if stats is None:
+            stats = self.peer_stats[peer_id] = PeerSendStats()
+        return stats
+
+    async def retire_peer(self, peer_id: str, *, forget: bool = False) -> int:
+        """Close every open connection to `peer_id`, gracefully (`TcpStream.retire`: no new writes, what is
+        in flight may still be acknowledged, bounded by the close timeout); returns how many there were.
+        `forget`: drop the peer's stats too (it was removed)."""
+        stats = self.peer_stats.get(peer_id)
+        if stats is None:
+            return 0
+        streams = list(stats.streams)
+        if forget:
+            del self.peer_stats[peer_id]
+        if streams:
+            await asyncio.gather(*(stream.retire() for stream in streams), return_exceptions=True)
+        return len(streams)
 
     @property
     def local_peer_id(self) -> str:
@@ -515,6 +653,8 @@ class TcpStreamService:
         loop = asyncio.get_running_loop()
         transport: asyncio.Transport | None = None
         operation = "connect"
+        security = self.security
+        stats = self.stats(peer_id)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 sock = await self._connect_socket(loop, host, port)
@@ -537,33 +677,46 @@ class TcpStreamService:
                 )
                 early = protocol.handshake_done()
                 transport.set_write_buffer_limits(high=self.high_water)
+                self._check_unchanged(peer_id, host, port, security)
         except HandshakeRefusedError as exc:
             self.connect_failures += 1
             self.refusals[exc.reason] = self.refusals.get(exc.reason, 0) + 1
+            stats.connect_failures += 1
+            stats.refusals[exc.reason] = stats.refusals.get(exc.reason, 0) + 1
+            stats.last_error = f"refused by the peer: {exc.reason}: {exc}"
             self._warn.warning((peer_id, exc.reason), "%s", exc)
             if transport is not None:
                 transport.abort()
             raise
         except BaseException as exc:
             self.connect_failures += 1
+            stats.connect_failures += 1
             if transport is not None:
                 transport.abort()
             if isinstance(exc, (OSError, ssl.SSLError, TimeoutError, EOFError, FramingError)):
                 cause = self._explain(exc, host, port, operation)
+                kind = _failure_kind(cause)
+                stats.failures[kind] = stats.failures.get(kind, 0) + 1
+                stats.last_error = f"{operation} to {host}:{port}: {_error_text(cause)}"
                 # One line per peer and kind of failure per interval: a peer that is down, or whose key we
                 # do not accept, must show in the log without a line per retry.
                 self._warn.warning(
-                    (peer_id, _failure_kind(cause)),
+                    (peer_id, kind),
                     "cannot open a stream to %s at %s:%d (%s): %s",
                     peer_id,
                     host,
                     port,
                     operation,
-                    cause,
+                    _error_text(cause),
                 )
                 raise NetworkError(cause, peer_id=peer_id, operation=operation) from exc
             raise
         self.connects += 1
+        if self.peer_stats.get(peer_id) is not stats:  # the peer was removed and added again meanwhile
+            stats = self.stats(peer_id)
+        stats.connects += 1
+        stats.last_error = None
+        stats.last_handshake = time.monotonic()
         return TcpStream(
             peer_id,
             transport,
@@ -572,7 +725,24 @@ class TcpStreamService:
             window=self.window,
             ack_timeout=self.ack_timeout,
             early=early,
+            stats=stats,
         )
+
+    def _check_unchanged(self, peer_id: str, host: str, port: int, security: Security) -> None:
+        """Raises `ConnectionAbortedError` when a reload changed the peer's endpoint or this node's trust
+        (`security`) while the connection was being made: it was made with what no longer applies."""
+        try:
+            now = self.discovery.endpoint(peer_id)
+        except (KeyError, ValueError):
+            now = None
+        current = self.security
+        trust_changed = current is not security and (
+            current.mode != security.mode or current.peer_keys.get(peer_id) != security.peer_keys.get(peer_id)
+        )
+        if now != (host, port) or trust_changed:
+            raise ConnectionAbortedError(
+                errno.ECONNABORTED, f"the configuration of peer {peer_id} changed (reload) while connecting"
+            )
 
     def _server_hostname(self, peer_id: str) -> str | None:
         mode = self.security.mode

@@ -1,0 +1,194 @@
+"""`vpn-packet status [NAME] [--json]`: a running node's peers and totals, over its control socket.
+
+NAME is the node's interface name (its socket is `/run/vpn-packet/NAME.sock`), or the path of a socket
+(`node.control_socket`, any NAME with a `/`); without NAME, the only socket in /run/vpn-packet. The human form
+is a table; `--json` prints the node's snapshot, the one its SIGUSR1 line, metrics file and metrics endpoint
+(/metrics.json) give too.
+
+`--json` (**contract**, DESIGN.md section 6): one object. Stable keys:
+
+- `id` (this node's id), `interface`, `listen` (`host:port`), `state` (`running`), `uptime` (seconds);
+- `peers`: a list, one object per configured peer, in config order:
+  - `id`, `endpoint` (`host:port` as configured), `allowed_ips` (list of prefixes);
+  - `connected` (bool): an authenticated connection either way, or an open sending stream;
+  - `last_error` (string or null): the last connect, handshake or write failure towards the peer
+    (`connect to 10.0.0.2:7000: [Errno 111] Connection refused`, `refused by the peer: key_mismatch: ...`),
+    null again after a successful connect;
+  - `last_handshake`, `last_tx`, `last_rx` (seconds ago, or null for never): the last accepted handshake
+    either way, the last acknowledgement from the peer, the last packet from the peer;
+  - `tx_packets`, `tx_bytes`: packets (and their bytes, without framing) the peer acknowledged;
+    `rx_packets`, `rx_bytes`: packets received from it (delivered or dropped); `rx_delivered`;
+  - `drops` (object, reason -> count, zeros left out): `lost_in_flight` (written, never acknowledged),
+    `refused_by_peer.<reason>`, `connect_failed.<errno name or error>` (connections, not packets), and
+    received packets dropped: `spoofed` (source outside its allowed_ips), `unparsable`, `sink_failed`,
+    `protocol_error.<reason>`;
+  - `breaker`: `closed`, `open` or `half_open` (the peer's circuit breaker);
+  - `connections`: `{"out": n, "in": n}` open now; `connects`, `connect_failures` (attempts from here).
+- `totals`: `tx_packets`, `tx_bytes` (acknowledged, all peers), `rx_packets`, `rx_bytes`, `rx_delivered`,
+  the dispatcher's `accepted`, `rejected`, `failed`, `discarded`, `queued`, `in_flight` (accepted ==
+  tx_packets + failed + discarded + queued + in_flight), `drops` (every drop counter of the node by reason,
+  zeros left out: `failed.no_peer`, `receiver.spoofed_dropped`, `tun.write_dropped`, ...) and `connections`.
+
+The keys `node` and `tun` hold the detailed counters of the parts (not part of the contract).
+
+Exit status: 0; 1 when no node answers (one line on stderr); 2 for bad usage (several nodes and no NAME).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from vpn_packet.cli._command import EXIT_FAILED, EXIT_OK, PROG, Subcommand
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["COMMAND", "render", "socket_for"]
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "name",
+        metavar="NAME",
+        nargs="?",
+        help="the node's interface name, or its control socket's path (default: the only node running)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the snapshot as JSON (see the docs)")
+
+
+def socket_for(name: str | None) -> Path:
+    """The control socket of NAME (an interface name or a path); without NAME, the only one running.
+    Raises `ConnectionError` when there is none, `UsageError` when there are several."""
+    from pathlib import Path
+
+    from vpn_packet.errors import UsageError
+    from vpn_packet.node import control
+
+    if name is not None:
+        return Path(name) if "/" in name else control.default_socket_path(name)
+    found = control.find_sockets()
+    if not found:
+        raise ConnectionError(f"no node is running (no control socket in {control.CONTROL_DIR})")
+    if len(found) > 1:
+        names = ", ".join(p.stem for p in found)
+        raise UsageError(f"several nodes run ({names}): say which, e.g. {PROG} status {found[0].stem}")
+    return found[0]
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 60:
+        return f"{seconds:.0f}s ago" if seconds >= 1 else "now"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _drops(drops: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v:,}" for k, v in sorted(drops.items())) if drops else "-"
+
+
+def render(snapshot: dict[str, Any]) -> Any:
+    """The human form of a status snapshot: a `rich` renderable (a header line, the peer table, totals)."""
+    from rich import box
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    uptime = float(snapshot.get("uptime", 0.0))
+    header = Text.assemble(
+        ("node ", "bold"),
+        (str(snapshot.get("id", "?")), "bold cyan"),
+        f" on {snapshot.get('interface', '?')}, listening on {snapshot.get('listen', '?')}, "
+        f"{snapshot.get('state', '?')}, up {uptime:.0f}s",
+    )
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column, justify in (
+        ("peer", "left"),
+        ("endpoint", "left"),
+        ("state", "left"),
+        ("handshake", "right"),
+        ("tx", "right"),
+        ("rx", "right"),
+        ("last tx", "right"),
+        ("last rx", "right"),
+        ("in/out", "right"),
+        ("breaker", "left"),
+    ):
+        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    notes: list[Text] = []
+    for peer in snapshot.get("peers", []):
+        name = str(peer["id"])
+        state = "[green]connected[/green]" if peer["connected"] else "[red]down[/red]"  # (not "up": uptime)
+        breaker = peer.get("breaker", "closed")
+        conns = peer.get("connections", {"out": 0, "in": 0})
+        table.add_row(
+            escape(name),
+            escape(str(peer.get("endpoint", ""))),
+            state,
+            _ago(peer.get("last_handshake")),
+            f"{peer['tx_packets']:,} ({_size(peer['tx_bytes'])})",
+            f"{peer['rx_packets']:,} ({_size(peer['rx_bytes'])})",
+            _ago(peer.get("last_tx")),
+            _ago(peer.get("last_rx")),
+            f"{conns['in']}/{conns['out']}",
+            breaker if breaker == "closed" else f"[yellow]{breaker}[/yellow]",
+        )
+        if peer.get("last_error"):
+            notes.append(Text.assemble((name, "bold"), ": last error: ", (str(peer["last_error"]), "red")))
+        if peer.get("drops"):
+            notes.append(Text.assemble((name, "bold"), f": drops: {_drops(peer['drops'])}"))
+    t = snapshot.get("totals", {})
+    totals = Text(
+        f"totals: tx {t.get('tx_packets', 0):,} packets ({_size(t.get('tx_bytes', 0))}), "
+        f"rx {t.get('rx_packets', 0):,} packets ({_size(t.get('rx_bytes', 0))}); "
+        f"accepted {t.get('accepted', 0):,}, failed {t.get('failed', 0):,}, queued {t.get('queued', 0):,}, "
+        f"in flight {t.get('in_flight', 0):,}; drops: {_drops(t.get('drops', {}))}"
+    )
+    return Group(header, table, *notes, totals)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from vpn_packet.node.control import request
+
+    try:
+        snapshot = request(socket_for(args.name), "status")["status"]
+    except ConnectionError as exc:
+        print(f"{PROG} status: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(snapshot, indent=2, default=str))
+    else:
+        Console(highlight=False).print(render(snapshot))
+    return EXIT_OK
+
+
+COMMAND = Subcommand(
+    name="status",
+    help="show a running node's peers: connected, last handshake, traffic, drops",
+    description=(
+        "Asks the node on interface NAME (its control socket /run/vpn-packet/NAME.sock, or a socket path)\n"
+        "for its status: per peer, whether it is connected or why not, the last handshake and packet each\n"
+        "way, packets and bytes each way, drops by reason, breaker state, connections; then the node's\n"
+        "totals. --json prints the same as one documented JSON object (top level `peers`, `totals`).\n"
+        "Exit status: 0; 1 when no node answers; 2 for bad usage (several nodes and no NAME)."
+    ),
+    add_arguments=_arguments,
+    run=_run,
+)

@@ -192,6 +192,8 @@ class Node:
             security,
             connect_timeout=t.connect_timeout,
             write_timeout=t.write_timeout,
+            ack_timeout=t.ack_timeout,
+            window=t.window,
             send_buffer=t.send_buffer,
         )
         self.pool = StreamPool(

@@ -179,6 +179,7 @@ def _recv_packets(size: int) -> list[bytes]:
 async def _send(host: str, port: int, data: bytes, *, handshake: bool) -> None:
     """Connects, does the plaintext handshake as node-a when `handshake` (else `data` carries its own
     preamble), then writes `data`."""
+    from vpn_packet._native import AckDecoder
     from vpn_packet.transport.handshake import Security, client_handshake, new_epoch
 
     reader, writer = await asyncio.open_connection(host, port)
@@ -187,6 +188,15 @@ async def _send(host: str, port: int, data: bytes, *, handshake: bool) -> None:
         await client_handshake(security, "node-b", reader.readexactly, writer.write, None, new_epoch())
     writer.write(data)
     await writer.drain()
+    if handshake:
+        # A vpn-packet receiver acknowledges what it took; closing with its acks unread would reset the
+        # connection (the kernel sends RST for unread data), and a reset tells it to discard the rest.
+        acks, frames = AckDecoder(), RECV_PACKETS
+        while acks.taken < frames:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            acks.feed(chunk)
     writer.close()
 
 
@@ -206,8 +216,9 @@ async def _receive_native(wire: bytes) -> int:
 
     discovery = StaticPeerDiscovery([Peer("node-a", "127.0.0.1:1", ["10.8.0.2/32"])])
     async with Receiver(discovery, sink, security=Security.insecure("node-b")) as rx:
-        await _send(*rx.address, wire, handshake=True)
-        await done.wait()
+        async with asyncio.timeout(120):  # a hang guard: a benchmark must end even when delivery breaks
+            await _send(*rx.address, wire, handshake=True)
+            await done.wait()
     return count
 
 

@@ -20,13 +20,9 @@ __all__ = ["COMMAND"]
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "name",
-        metavar="NAME",
-        nargs="?",
-        help="the node's interface name, or its control socket's path (default: the only node running)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the node's answer as JSON")
+    from vpn_packet.cli.status import node_arguments
+
+    node_arguments(parser, "print the node's answer as JSON")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -46,17 +46,22 @@ from vpn_packet.cli._command import EXIT_FAILED, EXIT_OK, PROG, Subcommand
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["COMMAND", "render", "socket_for"]
+__all__ = ["COMMAND", "node_arguments", "render", "socket_for"]
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
+def node_arguments(parser: argparse.ArgumentParser, json_help: str) -> None:
+    """NAME (which node) and --json: the arguments of every command that talks to a running node."""
     parser.add_argument(
         "name",
         metavar="NAME",
         nargs="?",
         help="the node's interface name, or its control socket's path (default: the only node running)",
     )
-    parser.add_argument("--json", action="store_true", help="print the snapshot as JSON (see the docs)")
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    node_arguments(parser, "print the snapshot as JSON (see the docs)")
 
 
 def socket_for(name: str | None) -> Path:

@@ -37,8 +37,8 @@ unchanged peers keeps flowing in order and the accounting identity holds across 
   back and writes its next batch to the new owner (`no_peer` if none); the receiver checks sources against
   the new prefixes from its next read on.
 
-A worker in the middle of a batch is switched right before its next batch (`_Retarget`, between the
-dispatcher's workers and the resilience service), never inside one.
+Every worker looks its destination's owner up again before its next batch (`Dispatcher.invalidate_routes`:
+a route epoch each worker compares once per batch), never inside one, so its packets stay in order.
 """
 
 from __future__ import annotations

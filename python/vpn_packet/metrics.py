@@ -107,8 +107,9 @@ class WorkerMetrics:
     """A snapshot of one worker (one sync key): a copy, so changing it changes nothing. (Not frozen: a frozen
     dataclass costs 7x more to build, and `worker_metrics()` builds one per worker.)
 
-    `packet_count`/`byte_count`: packets and bytes written; `error_count`: packets that failed after all
-    retries (a retry that later succeeds is not an error); `drop_count`: packets rejected because the queue
+    `packet_count`/`byte_count`: packets and bytes sent (acknowledged by the peer, on a stream with acks);
+    `error_count`: packets that failed after all retries, or were lost in flight (a retry that later succeeds
+    is not an error); `drop_count`: packets rejected because the queue
     was full; `discard_count`: packets dropped unsent (cancelled by their caller, or failed at stop);
     `queue_depth`: packets waiting; `in_flight`: packets being written now; `last_activity`: clock time of the
     last drain (or of creation); `consecutive_failures`: failed batches since the last success;

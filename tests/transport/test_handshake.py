@@ -8,7 +8,6 @@ on the receiver (its counters, its sink, its log).
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import logging
 import ssl
@@ -34,6 +33,7 @@ from vpn_packet.testutil.certs import CertificateAuthority
 from vpn_packet.testutil.fixtures import wait_until
 from vpn_packet.testutil.keys import identities, key_securities
 from vpn_packet.testutil.packets import ipv4_packet
+from vpn_packet.testutil.sinks import RecordingSink
 from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
 from vpn_packet.transport.handshake import Security
 from vpn_packet.transport.identity import NodeIdentity, encode_public_key
@@ -62,21 +62,7 @@ def to_b(address: tuple[str, int]) -> StaticPeerDiscovery:
     return StaticPeerDiscovery([Peer("node-b", f"{address[0]}:{address[1]}", [f"{B_DST}/32"])])
 
 
-class Sink:
-    """Records what the receiver delivers; `wait(n)` until n packets arrived (hang guard only)."""
-
-    def __init__(self) -> None:
-        self.packets: list[tuple[str, bytes]] = []
-        self._changed = asyncio.Condition()
-
-    async def __call__(self, peer_id: str, packets: list[bytes]) -> None:
-        self.packets += [(peer_id, p) for p in packets]
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def wait(self, n: int) -> None:
-        async with asyncio.timeout(10), self._changed:  # hang guard
-            await self._changed.wait_for(lambda: len(self.packets) >= n)
+Sink = RecordingSink
 
 
 @pytest.fixture

@@ -141,12 +141,13 @@ def link_type_name(link: int) -> str | None: ...
 # --- framing and prefix match (transport receiving side) ---
 
 __all__ += ["FrameDecoder", "PrefixTable", "encode_frames", "filter_sources"]
-__all__ += ["DEFAULT_MAX_FRAME_SIZE", "LENGTH_PREFIX_LEN", "MAX_FRAME_SIZE_LIMIT"]
+__all__ += ["DEFAULT_MAX_FRAME_SIZE", "KEEPALIVE_FRAME", "LENGTH_PREFIX_LEN", "MAX_FRAME_SIZE_LIMIT"]
 
 # The wire constants of `vpn_packet_core::framing` (values in the comments, for readers of this stub).
 DEFAULT_MAX_FRAME_SIZE: Final[int]  # 65535: the largest IP packet without jumbograms
 MAX_FRAME_SIZE_LIMIT: Final[int]  # 1 << 24: the largest max_frame_size a decoder accepts
 LENGTH_PREFIX_LEN: Final[int]  # 4: big-endian length before each frame
+KEEPALIVE_FRAME: Final[bytes]  # b"\0\0\0\0": a length prefix of 0, no payload (wire version 3)
 
 def encode_frames(packets: Iterable[Buffer], max_frame_size: int = 65535) -> bytes:
     """The frames of `packets` (4-byte big-endian length, then the packet); raises `FramingError`."""
@@ -166,6 +167,10 @@ class FrameDecoder:
     @property
     def payload_bytes(self) -> int: ...
     @property
+    def keepalives(self) -> int: ...
+    @property
+    def offload_invalid(self) -> int: ...
+    @property
     def at_boundary(self) -> bool: ...
     @property
     def error(self) -> str | None: ...
@@ -183,6 +188,46 @@ class PrefixTable:
 
 def filter_sources(packets: Iterable[_P], table: PrefixTable, peer: int) -> tuple[list[_P], int, int]:
     """`(accepted, spoofed, unparsable)`: the packets whose source's longest prefix maps to `peer`."""
+
+# --- TUN I/O with the GIL released (rust/python/src/tun_io.rs, rust/core/src/inbound.rs) ---
+
+__all__ += ["VNET_HDR_LEN", "InboundDecoder", "TunIo"]
+
+VNET_HDR_LEN: Final[int]  # 10: the virtio_net_hdr before each packet on a TUN opened with IFF_VNET_HDR
+
+@final
+class TunIo:
+    """Batch reads and writes on a TUN descriptor (owned and closed by the caller)."""
+
+    def __new__(cls, fd: int, *, vnet_header: bool = False, packet_size: int = 65545) -> TunIo: ...
+    @property
+    def vnet_header(self) -> bool: ...
+    def read_batch(self, max_packets: int = 1024, max_bytes: int = 4194304) -> tuple[bytes, bytes, int]:
+        """`(data, lengths, errno)`: packets ready now, lengths as native-endian u32, the stopping errno."""
+    def write_packets(self, packets: Iterable[Buffer]) -> tuple[int, int, int, int, int]:
+        """`(written, bytes, refused, stopped_at, fatal_errno)`; `stopped_at`: first packet not written, or -1."""
+
+@final
+class InboundDecoder:
+    """A connection's receive path: frames decoded, sources checked, accepted packets written to the TUN."""
+
+    def __new__(
+        cls, fd: int, table: PrefixTable, peer: int, *, max_frame_size: int = 65535, vnet_header: bool = False
+    ) -> InboundDecoder: ...
+    def set_route(self, table: PrefixTable, peer: int) -> None: ...
+    def feed(self, data: Buffer) -> tuple[int, int, int, int, int, int, str | None]:
+        """What this call added: `(frames, payload_bytes, delivered, spoofed, unparsable, lost, error)`."""
+    @property
+    def fatal_errno(self) -> int: ...
+    @property
+    def frames(self) -> int: ...
+    @property
+    def payload_bytes(self) -> int: ...
+    @property
+    def buffered(self) -> int: ...
+    @property
+    def error(self) -> str | None: ...
+    def counts(self) -> list[tuple[str, int]]: ...
 
 # --- the connection handshake (rust/core/src/handshake.rs draws the messages) ---
 

@@ -104,7 +104,7 @@ def test_icmp_echo_across_the_tunnel(lab: TunnelLab) -> None:
 
 
 def test_tcp_transfer_through_the_tunnel(lab: TunnelLab) -> None:
-    before = lab.metrics("b")["node"]["receiver"]["packets_delivered"]
+    before = lab.metrics("b")["node"]["receiver"]
     result = transfer(lab, TUNNEL_B, TRANSFER_BYTES, verify=True)
     sent, received = result["sent"], result["received"]
     assert sent["bytes"] == received["bytes"] == TRANSFER_BYTES
@@ -113,9 +113,12 @@ def test_tcp_transfer_through_the_tunnel(lab: TunnelLab) -> None:
     rate = TRANSFER_BYTES * 8 / seconds / 1e9
     print(f"TCP {TRANSFER_BYTES / 1e6:.0f} MB through the tunnel: {seconds:.3f}s, {rate:.2f} Gbit/s")
     metrics = lab.metrics("b")
-    # The data really crossed node B's receiver (about 1400-byte packets).
-    assert metrics["node"]["receiver"]["packets_delivered"] - before >= TRANSFER_BYTES // 1400
-    assert metrics["tun"]["packets_written"] >= metrics["node"]["receiver"]["packets_delivered"]
+    # The data really crossed node B's receiver, which wrote it to its TUN itself (natively): every packet
+    # it took went to the device (nothing refused, nothing without room).
+    receiver = metrics["node"]["receiver"]
+    assert receiver["bytes"] - before["bytes"] >= TRANSFER_BYTES
+    assert receiver["packets_delivered"] > before["packets_delivered"]
+    assert receiver["sink_failed"] == 0
 
 
 class UdpSink:

@@ -544,6 +544,7 @@ class _QuietTun:
 
     def __init__(self, name: str, **kwargs: Any) -> None:
         self.name = name
+        self.closed = False
 
     def start_reading(self, on_batch: Any, **kwargs: Any) -> None:
         return None
@@ -558,7 +559,10 @@ class _QuietTun:
         return None
 
     def metrics(self) -> TunMetrics:
-        return TunMetrics(self.name, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        return TunMetrics(self.name, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, "")
+
+    def kernel_counters(self) -> dict[str, int]:
+        return {}
 
 
 @pytest.mark.parametrize("insecure", [True, False])

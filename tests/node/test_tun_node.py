@@ -130,6 +130,7 @@ class FakeTun:
         self.reading = False
         self.events: list[str] = []
         self.arrived = asyncio.Event()
+        self.kernel = {"rx_dropped": 0, "tx_dropped": 0}  # what /proc/net/dev would say
 
     def start_reading(
         self,
@@ -164,7 +165,10 @@ class FakeTun:
         self.closed = True
 
     def metrics(self) -> TunMetrics:
-        return TunMetrics(self.name, 0, 0, 0, 0, len(self.written), 0, 0, 0, 0, 0)
+        return TunMetrics(self.name, 0, 0, 0, 0, len(self.written), 0, 0, 0, 0, 0, "")
+
+    def kernel_counters(self) -> dict[str, int]:
+        return dict(self.kernel)
 
 
 def _free_ports(n: int) -> list[int]:

@@ -244,7 +244,7 @@ async def test_spoofed_and_unparsable_sources_are_dropped_and_counted(
 @pytest.mark.parametrize(
     ("prefix", "reason"),
     [
-        (b"\x00\x00\x00\x00", "zero_length"),
+        (b"\x80\x00\x00\x05", "short_offload"),  # an offload frame too short for its virtio header
         (b"\xff\xff\xff\xff", "too_large"),
         (b"\x00\x01\x00\x00", "too_large"),
     ],
@@ -300,7 +300,9 @@ async def test_an_unknown_peer_is_refused_with_an_answer(
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), "tls_expected_plaintext", None),
         # A v1 node (its hello, then frames at once): told why.
         (b"VPNP\x01\x06node-a" + encode_frames([pkt(A_SRC)]), "unsupported_version", "unsupported_version"),
-        (b"VPNP\x02H" + bytes(8) + b"\x01a\x05" + bytes(5), "bad_field_length", "bad_hello"),
+        # A v2 node: frames of version 3 (keepalives, offload frames) would be errors to it; told why.
+        (b"VPNP\x02H" + bytes(8) + b"\x01a\x05" + bytes(5), "unsupported_version", "unsupported_version"),
+        (b"VPNP\x03H" + bytes(8) + b"\x01a\x05" + bytes(5), "bad_field_length", "bad_hello"),
     ],
 )
 async def test_a_bad_hello_is_counted_by_reason(

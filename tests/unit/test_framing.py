@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vpn_packet.errors import FramingError, VpnPacketError
-from vpn_packet.transport.framing import FrameDecoder, encode_frames
+from vpn_packet.transport.framing import KEEPALIVE_FRAME, FrameDecoder, encode_frames
 
 packets_st = st.lists(st.binary(min_size=1, max_size=300), max_size=40)
 
@@ -55,9 +55,22 @@ def test_decoder_splits_across_reads() -> None:
     assert "frames=3" in repr(decoder)
 
 
+def test_a_zero_length_prefix_is_a_keepalive() -> None:
+    """Wire version 3: a length of 0 keeps an idle connection alive; it is neither a frame nor an error."""
+    wire = KEEPALIVE_FRAME + encode_frames([b"ok"]) + KEEPALIVE_FRAME[:1]
+    decoder = FrameDecoder()
+    assert decoder.feed(wire) == [b"ok"]
+    assert decoder.feed(KEEPALIVE_FRAME[1:] + encode_frames([b"x"])) == [b"x"]
+    assert (decoder.frames, decoder.keepalives, decoder.at_boundary) == (2, 2, True)
+
+
 @pytest.mark.parametrize(
     ("prefix", "reason", "length"),
-    [(b"\0\0\0\0", "zero_length", 0), (b"\xff\xff\xff\xff", "too_large", 0xFFFFFFFF)],
+    [
+        (b"\x80\0\0\x03", "short_offload", 3),  # bit 31: an offload frame, shorter than its header
+        (b"\x7f\xff\xff\xff", "too_large", 0x7FFFFFFF),
+        (b"\xff\xff\xff\xff", "too_large", 0x7FFFFFFF),  # an offload frame above 10 + 65535
+    ],
 )
 def test_bad_length_fails_at_once_keeping_earlier_frames(prefix: bytes, reason: str, length: int) -> None:
     decoder = FrameDecoder()
@@ -122,7 +135,7 @@ def test_random_bytes_give_frames_or_a_framing_error(data: bytes, step: int) -> 
         except FramingError as exc:
             reason = exc.reason
             break
-        assert all(0 < len(f) <= 500 for f in frames)
-        assert decoder.buffered <= 504
-    assert reason in {None, "zero_length", "too_large"}
+        assert all(0 < len(f) <= 500 for f in frames)  # offload frames: none valid in 2000 random bytes
+        assert decoder.buffered <= 4 + 10 + 65535  # one partial frame at most (an offload frame's bound)
+    assert reason in {None, "short_offload", "too_large"}
     assert decoder.error == reason

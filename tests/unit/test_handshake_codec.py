@@ -1,4 +1,4 @@
-"""The v2 handshake messages (challenge, hello, answer) through the native codec: round trips, incremental
+"""The v3 handshake messages (challenge, hello, answer) through the native codec: round trips, incremental
 parsing one byte at a time, every error with its `reason`, and what the hello's signature covers.
 
 The wire format is drawn once, in rust/core/src/handshake.rs; these tests hold the Python binding to it.
@@ -44,7 +44,7 @@ Parser = Callable[[Any], tuple[Any, int]]
 
 
 def test_constants() -> None:
-    assert (PROTOCOL_MAGIC, PROTOCOL_VERSION) == (b"VPNP", 2)
+    assert (PROTOCOL_MAGIC, PROTOCOL_VERSION) == (b"VPNP", 3)
     assert (NONCE_LEN, CHALLENGE_LEN) == (32, 6 + 32)
     assert (PUBLIC_KEY_LEN, SIGNATURE_LEN, MAX_PEER_ID_LEN) == (32, 64, 255)
     assert MAX_HELLO_LEN == 6 + 8 + 1 + 255 + 1 + 32 + 1 + 64
@@ -166,7 +166,7 @@ def encode_frames_marker() -> bytes:
         (parse_challenge, b"\x16\x03\x03\x00\x7a", "tls_expected_plaintext"),  # a TLS ServerHello record
         (parse_answer, b"\x16\x03", "tls_expected_plaintext"),
         (parse_hello, b"VPNP\x01\x06node-a", "unsupported_version"),  # a v1 hello
-        (parse_challenge, b"VPNP\x03C", "unsupported_version"),
+        (parse_challenge, b"VPNP\x04C", "unsupported_version"),  # a future version
         (parse_hello, encode_challenge(NONCE), "unexpected_message"),
         (parse_challenge, encode_hello("node-a", 1), "unexpected_message"),
         (parse_answer, encode_hello("node-a", 1), "unexpected_message"),

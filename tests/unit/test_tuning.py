@@ -176,7 +176,7 @@ def test_wire_constants_come_from_rust() -> None:
     # The v1 hello and its constants are gone from framing: the handshake (v2) owns the hello.
     for gone in ("HELLO_MAGIC", "HELLO_VERSION", "HELLO_HEADER_LEN", "MAX_HELLO_LEN", "encode_hello"):
         assert not hasattr(framing, gone), gone
-    assert (_native.PROTOCOL_MAGIC, _native.PROTOCOL_VERSION) == (b"VPNP", 2)
+    assert (_native.PROTOCOL_MAGIC, _native.PROTOCOL_VERSION) == (b"VPNP", 3)
     assert _native.MAX_PEER_ID_LEN == 255
     longest = _native.encode_hello(
         "x" * _native.MAX_PEER_ID_LEN,

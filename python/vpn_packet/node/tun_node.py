@@ -115,13 +115,18 @@ def _peer_prefixes(config: NodeConfig) -> dict[str, tuple[str, ...]]:
 
 
 def drop_counters(metrics: dict[str, Any]) -> dict[str, int]:
-    """Every drop counter of a `TunNode.metrics()` snapshot, flattened: the node's (`node_drops`) and the TUN
-    device's (`tun.write_dropped`, `tun.write_errors`)."""
+    """Every drop counter of a `TunNode.metrics()` snapshot, flattened: the node's (`node_drops`), the TUN
+    device's as we saw them (`tun.write_dropped`, `tun.write_errors`) and the kernel's own counters of the
+    device (`tun.kernel_tx_dropped`: packets the kernel dropped because we did not read them in time;
+    `tun.kernel_rx_dropped`: packets we wrote that the kernel dropped; errors likewise), so that a summary
+    never says `drops: none` while the kernel dropped packets on our device."""
     out = node_drops(metrics["node"])
     tun = metrics["tun"]
     if tun is not None:
         out["tun.write_dropped"] = int(tun["write_dropped"])
         out["tun.write_errors"] = int(tun["write_errors"])
+        for key, value in (tun.get("kernel") or {}).items():
+            out[f"tun.kernel_{key}"] = int(value)
     return out
 
 
@@ -178,6 +183,11 @@ class TunNode:
     def _on_tun_batch(self, packets: list[bytes]) -> None:
         self.node.send_batch(packets)
 
+    def _on_tun_write_fatal(self, code: int) -> None:
+        """A native TUN write found the device gone."""
+        if self.error is None:
+            self._on_tun_error(OSError(code, os.strerror(code)))
+
     def _on_tun_error(self, error: OSError) -> None:
         """The TUN device is gone (deleted under us): the node cannot work; `failed` is set."""
         self.error = error
@@ -210,8 +220,16 @@ class TunNode:
         try:
             from vpn_packet.transport.tun import TunDevice
 
+            real = isinstance(self.tun, TunDevice)
+            if real:
+                # Received packets go from socket to TUN natively (a fake device in tests gets the sink).
+                from vpn_packet.transport.receiver import TunTarget
+
+                self.node.receiver.tun_target = TunTarget(
+                    self.tun.fd, self.tun.vnet_header, on_fatal=self._on_tun_write_fatal
+                )
             manage = self._manage_routes
-            if manage if manage is not None else isinstance(self.tun, TunDevice):
+            if manage if manage is not None else real:
                 from vpn_packet.node.routes import PeerRoutes
 
                 self.routes = PeerRoutes(self.tun.name, iface.addresses)
@@ -438,11 +456,19 @@ class TunNode:
             "uptime": 0.0 if self._started_at is None else round(time.monotonic() - self._started_at, 3),
             "peers": self.node.peer_status(),
             "totals": self.node.totals(node),
-            "tun": dataclasses.asdict(self.tun.metrics()) if self.tun is not None else None,
+            "tun": self._tun_metrics(),
             "node": node,
         }
         snapshot["totals"]["drops"] = {k: v for k, v in drop_counters(snapshot).items() if v}
         return snapshot
+
+    def _tun_metrics(self) -> dict[str, Any] | None:
+        tun = self.tun
+        if tun is None:
+            return None
+        out = dataclasses.asdict(tun.metrics())
+        out["kernel"] = {} if tun.closed else tun.kernel_counters()
+        return out
 
     def report_metrics(self) -> dict[str, Any]:
         """Logs the live metrics (one JSON line) and writes `metrics_file` when configured."""

@@ -19,7 +19,12 @@ Per connection (the wire messages are drawn in `rust/core/src/handshake.rs` and 
    natively against the peer table: a packet whose source's longest prefix is not one of the sending peer's is
    dropped and counted (`spoofed_dropped`); one without a readable IP header is dropped and counted
    (`unparsable_dropped`). Accepted packets go to `sink(peer_id, packets)` in batches of at most `max_batch`,
-   in stream order. A connection that sends nothing for `idle_timeout` seconds is closed (`idle_closed`).
+   in stream order. A connection that sends nothing for `idle_timeout` seconds is closed (`idle_closed`;
+   the senders' keepalive frames count as something). On a node with a TUN (`tun_target` set), one native
+   call per read (`vpn_packet._native.InboundDecoder`, the GIL released) decodes, checks the sources and
+   writes the accepted packets to the TUN itself: no Python object per packet, and `sink` is not called
+   (packets the TUN did not take are counted in `sink_failed`). Offload frames (super-packets from a peer's
+   TUN) go to the TUN whole when it takes virtio headers, else segmented.
 
 Connection slots are held only by authenticated connections: at most `max_connections` in all (beyond: the
 new one is refused, `too_many_connections`), and `max_connections_per_peer` per peer, where a new
@@ -54,19 +59,29 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from vpn_packet import tuning
-from vpn_packet._native import FrameDecoder, encode_ack, filter_sources
+from vpn_packet._native import FrameDecoder, InboundDecoder, PrefixTable, encode_ack, filter_sources
 from vpn_packet.errors import FramingError
 from vpn_packet.ratelimit import LogLimiter
 from vpn_packet.transport.discovery import StaticPeerDiscovery
 from vpn_packet.transport.framing import DEFAULT_MAX_FRAME_SIZE
 from vpn_packet.transport.handshake import Security, Verdict, server_handshake
 
-__all__ = ["PeerReceiverMetrics", "Receiver", "ReceiverMetrics", "Sink"]
+__all__ = ["PeerReceiverMetrics", "Receiver", "ReceiverMetrics", "Sink", "TunTarget"]
 
 _log = logging.getLogger(__name__)
 
 Sink = Callable[[str, list[bytes]], Awaitable[None] | None]
 """`sink(peer_id, packets)`: takes a batch of accepted packets; may return an awaitable (awaited)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TunTarget:
+    """Where a node's receiver writes accepted packets itself, natively (`Receiver.tun_target`): the TUN's
+    descriptor, whether it takes virtio headers, and who to tell when a write finds the device gone."""
+
+    fd: int
+    vnet_header: bool = False
+    on_fatal: Callable[[int], object] | None = None
 
 
 def _bump(counts: dict[str, int], reason: str, n: int = 1) -> None:
@@ -176,7 +191,7 @@ class _Connection:
     source: str
     task: asyncio.Task[None]
     peer_id: str | None = None
-    decoder: FrameDecoder | None = None
+    decoder: FrameDecoder | InboundDecoder | None = None
     closed_because: str | None = None
 
     def close(self, because: str) -> None:
@@ -260,6 +275,9 @@ class Receiver:
         self._totals = ReceiverMetrics()
         self._per_peer: dict[str, PeerReceiverMetrics] = {}
         self._reloads = 0  # `update_security` calls: a handshake that spans one is not trusted
+        # Set before `start()` by a node on a TUN: packets then go from socket to TUN in one native call per
+        # read, without the sink (see `_pump`).
+        self.tun_target: TunTarget | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -464,7 +482,6 @@ class Receiver:
                 conn.closed_because = "reloaded during the handshake"
                 return
             peer = self._enter_peer(conn, verdict.peer_id)
-            conn.decoder = FrameDecoder(self.max_frame_size)
             clean = await self._pump(conn, peer)
         except _Failed as failed:
             clean = failed.answered
@@ -576,14 +593,25 @@ class Receiver:
         )
 
     async def _pump(self, conn: _Connection, peer: PeerReceiverMetrics) -> bool:
-        """Reads, decodes, filters and delivers until the stream ends; True when it ended cleanly."""
+        """Reads, decodes, filters and delivers until the stream ends; True when it ended cleanly.
+
+        With a `tun_target` one native call per read does the decoding, the source check and the TUN writes
+        (`_take_native`); otherwise packets go to the sink (`_take_frames`)."""
         assert conn.peer_id is not None
-        assert conn.decoder is not None
-        peer_id, reader, decoder = conn.peer_id, conn.reader, conn.decoder
+        peer_id, reader = conn.peer_id, conn.reader
         discovery = self.discovery
         generation = discovery.generation
-        table = discovery.table
-        index = discovery.index_of(peer_id)
+        route = (discovery.table, discovery.index_of(peer_id))
+        target = self.tun_target
+        inbound: InboundDecoder | None = None
+        decoded: InboundDecoder | FrameDecoder
+        if target is not None:
+            decoded = inbound = InboundDecoder(
+                target.fd, *route, max_frame_size=self.max_frame_size, vnet_header=target.vnet_header
+            )
+        else:
+            decoded = FrameDecoder(self.max_frame_size)
+        conn.decoder = decoded
         totals = self._totals
         while True:
             try:
@@ -595,7 +623,7 @@ class Receiver:
                 conn.closed_because = "idle"
                 return True
             if not data:
-                if decoder.buffered:
+                if decoded.buffered:
                     self._protocol_error(peer, "truncated")
                     return False
                 return True
@@ -607,44 +635,75 @@ class Receiver:
                 totals.discarded_after_reset += len(data)
                 conn.closed_because = "reset by the sender"
                 return False
-            error: FramingError | None = None
-            frames_before = decoder.frames
-            bytes_before = decoder.payload_bytes
-            try:
-                frames = decoder.feed(data)
-            except FramingError as exc:
-                frames = exc.frames or []
-                error = exc
-            frame_count = decoder.frames - frames_before
-            payload = decoder.payload_bytes - bytes_before
-            if frame_count:
-                peer.last_packet = time.monotonic()
             if discovery.generation != generation:  # a reload: the new table, and this peer's new index
                 if peer_id not in discovery:
                     conn.closed_because = "peer removed"
                     return False
                 generation = discovery.generation
-                table = discovery.table
-                index = discovery.index_of(peer_id)
-            peer.frames += frame_count
-            totals.frames += frame_count
-            peer.bytes += payload
-            totals.bytes += payload
+                route = (discovery.table, discovery.index_of(peer_id))
+                if inbound is not None:
+                    inbound.set_route(*route)
+            if inbound is not None:
+                assert target is not None
+                frames, error = self._take_native(inbound, data, peer, target)
+            else:
+                frames, error = await self._take_frames(conn, data, peer, route)
             if frames:
-                accepted, spoofed, unparsable = filter_sources(frames, table, index)
-                if spoofed or unparsable:
-                    peer.spoofed_dropped += spoofed
-                    totals.spoofed_dropped += spoofed
-                    peer.unparsable_dropped += unparsable
-                    totals.unparsable_dropped += unparsable
-                if accepted:
-                    await self._deliver(peer_id, peer, accepted)
+                peer.last_packet = time.monotonic()
                 # Taken (delivered, or dropped and counted): tell the sender, which counts them as sent now.
-                conn.writer.write(encode_ack(decoder.frames))
+                conn.writer.write(encode_ack(decoded.frames))
             if error is not None:
-                self._protocol_error(peer, error.reason or "framing")
+                self._protocol_error(peer, error)
                 _log.warning("receiver: peer %s broke the framing (%s); connection closed", peer_id, error)
                 return False
+
+    def _count(self, peer: PeerReceiverMetrics, name: str, n: int) -> None:
+        if n:
+            setattr(peer, name, getattr(peer, name) + n)
+            setattr(self._totals, name, getattr(self._totals, name) + n)
+
+    def _take_native(
+        self, inbound: InboundDecoder, data: bytes, peer: PeerReceiverMetrics, target: TunTarget
+    ) -> tuple[int, str | None]:
+        """One native call: frames decoded, sources checked, accepted packets written to the TUN."""
+        frames, payload, delivered, spoofed, unparsable, lost, error = inbound.feed(data)
+        self._count(peer, "frames", frames)
+        self._count(peer, "bytes", payload)
+        self._count(peer, "spoofed_dropped", spoofed)
+        self._count(peer, "unparsable_dropped", unparsable)
+        self._count(peer, "sink_failed", lost)
+        if delivered:
+            self._count(peer, "packets_delivered", delivered)
+            self._count(peer, "batches_delivered", 1)
+        if inbound.fatal_errno and target.on_fatal is not None:
+            target.on_fatal(inbound.fatal_errno)
+        return frames, error
+
+    async def _take_frames(
+        self, conn: _Connection, data: bytes, peer: PeerReceiverMetrics, route: tuple[PrefixTable, int]
+    ) -> tuple[int, str | None]:
+        """Decode natively, check sources natively, hand the accepted packets to the sink (awaited)."""
+        decoder = conn.decoder
+        assert isinstance(decoder, FrameDecoder)
+        error: str | None = None
+        frames_before = decoder.frames
+        bytes_before = decoder.payload_bytes
+        try:
+            packets = decoder.feed(data)
+        except FramingError as exc:
+            packets = exc.frames or []
+            error = exc.reason or "framing"
+        frames = decoder.frames - frames_before
+        self._count(peer, "frames", frames)
+        self._count(peer, "bytes", decoder.payload_bytes - bytes_before)
+        if packets:
+            accepted, spoofed, unparsable = filter_sources(packets, *route)
+            self._count(peer, "spoofed_dropped", spoofed)
+            self._count(peer, "unparsable_dropped", unparsable)
+            if accepted:
+                assert conn.peer_id is not None
+                await self._deliver(conn.peer_id, peer, accepted)
+        return frames, error
 
     async def _deliver(self, peer_id: str, peer: PeerReceiverMetrics, packets: list[bytes]) -> None:
         totals = self._totals

@@ -1,8 +1,9 @@
 """A Linux TUN device (`/dev/net/tun`, `IFF_TUN | IFF_NO_PI`): raw IP packets in and out, in batches.
 
-    tun = TunDevice.open("vpn0", address="10.8.0.1/24", mtu=1400, txqueuelen=1000)
-    tun.start_reading(on_batch)          # loop.add_reader: every readiness event reads all ready packets
-    tun.write_batch(packets)             # os.write per packet; EAGAIN -> a bounded backlog, add_writer
+    tun = TunDevice.open("vpn0", address="10.8.0.1/24", mtu=1400, txqueuelen=1000, offload=True)
+    tun.start_reading(on_buffer, buffers=True)  # every readiness event: all ready packets, one native call
+    tun.write_batch(packets)             # one native call; EAGAIN -> a bounded backlog, add_writer
+    tun.kernel_counters()                # the kernel's own drop and error counters of the device
     tun.close()                          # idempotent; the device disappears with its file descriptor
 
 `open` creates the interface (ioctl `TUNSETIFF`), makes the descriptor non-blocking and configures the
@@ -11,13 +12,26 @@ disabled (no link-local address, so no router solicitations or MLD reports sent 
 root or `CAP_NET_ADMIN`: without, it raises `PermissionError` saying so; without `/dev/net/tun` it raises
 `FileNotFoundError` saying so.
 
-Reading: on each readiness event `read_batch` reads until `EAGAIN` (or `max_packets` / `max_bytes`), and the
-callback gets the whole batch at once (for `Dispatcher.dispatch_batch`). Every read is one `os.read` system
-call (about 1 us from Python); with the small batches of a lightly loaded link that is the cost per packet.
+Reading: on each readiness event one native call (`vpn_packet._native.TunIo`, the GIL released) reads until
+`EAGAIN` (or `max_packets` / `max_bytes`) into one reused buffer. With `buffers=True` the callback gets that
+buffer and a buffer of u32 lengths (`Dispatcher.dispatch_buffer` takes them as is: no Python object per
+packet); otherwise a list of packets.
 
-Writing: one `os.write` per packet. A full device queue (`EAGAIN`) queues the rest in a backlog of at most
-`max_backlog` packets, flushed when the descriptor is writable again; beyond the bound packets are dropped and
-counted (`write_dropped`). A packet the kernel refuses (`EINVAL`, ...) is counted in `write_errors`.
+Offloads (`offload=True`): the device is opened with `IFF_VNET_HDR` and asked (`TUNSETOFFLOAD`) for checksum
+offload, TSO4/TSO6 and, where the kernel has it, UDP segmentation offload (USO). Bulk TCP then arrives as
+super-packets up to 64 KB, each preceded by a 10-byte virtio_net_hdr (every entry of a read has one, all zero
+for a plain packet), and writes take the same header. What the kernel refuses is logged once and left off:
+the device still works, with plain packets.
+
+Writing: one native call per batch (one `write`, or `writev` with a zero virtio header, per packet). A full
+device queue (`EAGAIN`) queues the rest in a backlog of at most `max_backlog` packets, flushed when the
+descriptor is writable again; beyond the bound packets are dropped and counted (`write_dropped`). A packet the
+kernel refuses (`EINVAL`, ...) is counted in `write_errors`. The receive path of a node writes through
+`vpn_packet._native.InboundDecoder` instead (socket bytes to TUN in one call).
+
+Kernel counters: drops inside the kernel (our reader too slow: `tx_dropped`; a packet we wrote dropped:
+`rx_dropped`) are not seen by any of the above; `kernel_counters()` reads them from `/proc/net/dev` (of the
+reading process's network namespace, as the device is).
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from vpn_packet import tuning
+from vpn_packet._native import VNET_HDR_LEN, TunIo
 
 __all__ = ["TUN_PATH", "TunDevice", "TunMetrics"]
 
@@ -46,11 +61,24 @@ TUN_PATH: Final = "/dev/net/tun"
 _TUNSETIFF: Final = 0x400454CA
 _IFF_TUN: Final = 0x0001
 _IFF_NO_PI: Final = 0x1000
+_IFF_VNET_HDR: Final = 0x4000
+_TUNSETOFFLOAD: Final = 0x400454D0
+_TUN_F_CSUM: Final = 0x01
+_TUN_F_TSO4: Final = 0x02
+_TUN_F_TSO6: Final = 0x04
+_TUN_F_USO4: Final = 0x20
+_TUN_F_USO6: Final = 0x40
+# What to ask for, best first: TCP and UDP segmentation, then TCP only (kernels before 6.2 lack USO).
+_OFFLOAD_CHOICES: Final = (
+    ("csum tso4 tso6 uso4 uso6", _TUN_F_CSUM | _TUN_F_TSO4 | _TUN_F_TSO6 | _TUN_F_USO4 | _TUN_F_USO6),
+    ("csum tso4 tso6", _TUN_F_CSUM | _TUN_F_TSO4 | _TUN_F_TSO6),
+)
+_OFFLOAD_READ_SIZE: Final = VNET_HDR_LEN + 65535  # a header and the largest super-packet
 _NEEDS_ROOT: Final = "needs root or CAP_NET_ADMIN"
 # The device is gone (deleted with `ip link del`, or the descriptor is closed): reading cannot recover.
 _FATAL: Final = frozenset({errno.EBADFD, errno.EBADF, errno.EIO, errno.ENXIO, errno.ENODEV})
 
-BatchCallback = Callable[[list[bytes]], object]
+BatchCallback = Callable[..., object]  # (packets) or, with buffers=True, (data, lengths)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,17 +96,33 @@ class TunMetrics:
     write_dropped: int
     backlog: int
     max_batch_seen: int
+    offloads: str  # what the kernel granted ("csum tso4 tso6 uso4 uso6", ...), "" without IFF_VNET_HDR
 
 
 class TunDevice:
     """An open TUN interface; see the module docstring. Create it with `TunDevice.open`."""
 
-    def __init__(self, fd: int, name: str, *, mtu: int, max_backlog: int = tuning.WRITE_BACKLOG) -> None:
+    def __init__(
+        self,
+        fd: int,
+        name: str,
+        *,
+        mtu: int,
+        max_backlog: int = tuning.WRITE_BACKLOG,
+        vnet_header: bool = False,
+        offloads: str = "",
+    ) -> None:
         self.fd = fd
         self.name = name
         self.mtu = mtu
         self.max_backlog = max_backlog
-        self._read_size = max(mtu, 1500) + 64  # a read returns one packet; never cut one short
+        self.vnet_header = vnet_header
+        self.offloads = offloads
+        # A read returns one packet (or super-packet); never cut one short.
+        self._read_size = _OFFLOAD_READ_SIZE if vnet_header else max(mtu, 1500) + 64
+        self._io = TunIo(fd, vnet_header=vnet_header, packet_size=self._read_size)
+        self._header_len = VNET_HDR_LEN if vnet_header else 0
+        self._buffers = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
@@ -111,9 +155,11 @@ class TunDevice:
         txqueuelen: int = tuning.TXQUEUELEN,
         max_backlog: int = tuning.WRITE_BACKLOG,
         path: str = TUN_PATH,
+        offload: bool = False,
     ) -> TunDevice:
         """Creates the TUN interface `name`, configures it (addresses like `"10.8.0.1/24"`, MTU,
-        `txqueuelen`) and brings it up. Raises `PermissionError` without root/`CAP_NET_ADMIN`,
+        `txqueuelen`) and brings it up; with `offload`, with virtio headers and the offloads the kernel
+        grants (see the module docstring). Raises `PermissionError` without root/`CAP_NET_ADMIN`,
         `FileNotFoundError` without `/dev/net/tun`, `ValueError` for a bad name, address or MTU (the rules
         of `vpn_packet.tuning`, the same as the node configuration's)."""
         try:
@@ -140,7 +186,8 @@ class TunDevice:
         except PermissionError:
             raise PermissionError(errno.EACCES, f"cannot open the TUN device: {_NEEDS_ROOT}", path) from None
         try:
-            ifr = struct.pack("16sH22x", encoded, _IFF_TUN | _IFF_NO_PI)
+            flags = _IFF_TUN | _IFF_NO_PI | (_IFF_VNET_HDR if offload else 0)
+            ifr = struct.pack("16sH22x", encoded, flags)
             try:
                 result = fcntl.ioctl(fd, _TUNSETIFF, ifr)
             except PermissionError:
@@ -156,53 +203,49 @@ class TunDevice:
                     ) from None
                 raise
             actual = result[: tuning.IFNAMSIZ].rstrip(b"\0").decode()
+            offloads = _enable_offloads(fd, actual) if offload else ""
             _configure(actual, interfaces, mtu, txqueuelen)
         except BaseException:
             os.close(fd)
             raise
         _log.info(
-            "TUN %s up: %s mtu %d txqueuelen %d",
+            "TUN %s up: %s mtu %d txqueuelen %d offloads %s",
             actual,
             ", ".join(str(i) for i in interfaces) or "no address",
             mtu,
             txqueuelen,
+            offloads or "none",
         )
-        return cls(fd, actual, mtu=mtu, max_backlog=max_backlog)
+        return cls(fd, actual, mtu=mtu, max_backlog=max_backlog, vnet_header=offload, offloads=offloads)
 
     # --- reading --------------------------------------------------------------------------------------------
 
-    def read_batch(self, max_packets: int = tuning.READ_BATCH, max_bytes: int = 4 << 20) -> list[bytes]:
-        """Every packet ready now (until `EAGAIN`), at most `max_packets` or about `max_bytes`."""
-        fd = self.fd
-        size = self._read_size
-        read = os.read
-        packets: list[bytes] = []
-        total = 0
-        while len(packets) < max_packets and total < max_bytes:
-            try:
-                packet = read(fd, size)
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                self.read_errors += 1
-                if exc.errno in _FATAL:
-                    self.error = exc
-                    break
+    def read_buffer(
+        self, max_packets: int = tuning.READ_BATCH, max_bytes: int = 4 << 20
+    ) -> tuple[bytes, bytes]:
+        """Every packet ready now (until `EAGAIN`), at most `max_packets` or about `max_bytes`, in one native
+        call: `(data, lengths)`, `lengths` being native-endian u32 per packet (virtio header included when
+        `vnet_header`)."""
+        data, lengths, error = self._io.read_batch(max_packets, max_bytes)
+        if error:
+            self.read_errors += 1
+            exc = OSError(error, os.strerror(error))
+            if error in _FATAL:
+                self.error = exc
+            else:
                 _log.debug("TUN %s read error: %r", self.name, exc)
-                continue
-            if not packet:
-                break
-            packets.append(packet)
-            total += len(packet)
-        n = len(packets)
+        n = len(lengths) // 4
         if n:
             self.packets_read += n
-            self.bytes_read += total
+            self.bytes_read += len(data) - n * self._header_len
             if n > self.max_batch_seen:
                 self.max_batch_seen = n
-        return packets
+        return data, lengths
+
+    def read_batch(self, max_packets: int = tuning.READ_BATCH, max_bytes: int = 4 << 20) -> list[bytes]:
+        """Like `read_buffer`, as a list of packets (each with its virtio header when `vnet_header`)."""
+        data, lengths = self.read_buffer(max_packets, max_bytes)
+        return _split(data, lengths)
 
     def start_reading(
         self,
@@ -211,8 +254,10 @@ class TunDevice:
         max_packets: int = tuning.READ_BATCH,
         max_bytes: int = 4 << 20,
         on_error: Callable[[OSError], object] | None = None,
+        buffers: bool = False,
     ) -> None:
-        """On every readiness event: `on_batch(read_batch(...))` (only with at least one packet).
+        """On every readiness event: `on_batch(read_batch(...))` (only with at least one packet); with
+        `buffers`, `on_batch(data, lengths)` from `read_buffer` (no Python object per packet).
 
         When the device fails for good (it was deleted: `EBADFD`; `EIO`, ...) reading stops, `error` is set
         and `on_error(error)` is called once (otherwise the error state would wake the loop forever)."""
@@ -223,6 +268,7 @@ class TunDevice:
         self._on_error = on_error
         self._max_packets = max_packets
         self._max_bytes = max_bytes
+        self._buffers = buffers
         if not self._reading:
             self._loop.add_reader(self.fd, self._on_readable)
             self._reading = True
@@ -236,12 +282,15 @@ class TunDevice:
 
     def _on_readable(self) -> None:
         self.read_events += 1
-        packets = self.read_batch(self._max_packets, self._max_bytes)
-        if packets and self._on_batch is not None:
+        data, lengths = self.read_buffer(self._max_packets, self._max_bytes)
+        if lengths and self._on_batch is not None:
             try:
-                self._on_batch(packets)
+                if self._buffers:
+                    self._on_batch(data, lengths)
+                else:
+                    self._on_batch(_split(data, lengths))
             except Exception:
-                _log.exception("TUN %s: batch callback failed on %d packets", self.name, len(packets))
+                _log.exception("TUN %s: batch callback failed on %d packets", self.name, len(lengths) // 4)
         if self.error is not None:
             self.stop_reading()
             _log.error("TUN %s failed: %s; stopped reading", self.name, self.error)
@@ -260,28 +309,17 @@ class TunDevice:
         if self._backlog:
             self._enqueue(packets)
             return 0
-        fd = self.fd
-        write = os.write
-        written = 0
-        nbytes = 0
-        iterator = iter(packets)
-        for packet in iterator:
-            try:
-                nbytes += write(fd, packet)
-                written += 1
-            except BlockingIOError:
-                self._enqueue([packet])
-                self._enqueue(iterator)
-                break
-            except InterruptedError:
-                self._enqueue([packet])
-                self._enqueue(iterator)
-                break
-            except OSError as exc:
-                self.write_errors += 1
-                _log.debug("TUN %s write error (%d bytes): %r", self.name, len(packet), exc)
+        batch = packets if isinstance(packets, list) else list(packets)
+        written, nbytes, refused, stopped_at, fatal = self._io.write_packets(batch)
+        self.write_errors += refused
         self.packets_written += written
         self.bytes_written += nbytes
+        if fatal:
+            self.write_errors += 1
+            self.write_dropped += len(batch) - stopped_at - 1
+            _log.debug("TUN %s write failed: %s", self.name, os.strerror(fatal))
+        elif stopped_at >= 0:
+            self._enqueue(batch[stopped_at:])
         return written
 
     def _enqueue(self, packets: Iterable[bytes]) -> None:
@@ -300,20 +338,19 @@ class TunDevice:
 
     def _on_writable(self) -> None:
         backlog = self._backlog
-        fd = self.fd
-        while backlog:
-            packet = backlog[0]
-            try:
-                n = os.write(fd, packet)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.write_errors += 1
-                _log.debug("TUN %s write error: %r", self.name, exc)
-            else:
-                self.packets_written += 1
-                self.bytes_written += n
-            backlog.popleft()
+        pending = list(backlog)
+        written, nbytes, refused, stopped_at, fatal = self._io.write_packets(pending)
+        self.packets_written += written
+        self.bytes_written += nbytes
+        self.write_errors += refused
+        if stopped_at >= 0 and not fatal:  # still no room: keep the rest, wait for the next writable event
+            for _ in range(stopped_at):
+                backlog.popleft()
+            return
+        if fatal:
+            self.write_errors += 1
+            self.write_dropped += len(pending) - stopped_at - 1
+        backlog.clear()
         self._disarm_writer()
 
     def _disarm_writer(self) -> None:
@@ -365,7 +402,14 @@ class TunDevice:
             write_dropped=self.write_dropped,
             backlog=len(self._backlog),
             max_batch_seen=self.max_batch_seen,
+            offloads=self.offloads,
         )
+
+    def kernel_counters(self) -> dict[str, int]:
+        """The kernel's own counters of this device (`rx_dropped`, `rx_errors`, `tx_dropped`, `tx_errors`;
+        "tx" is toward us: `tx_dropped` counts packets the kernel dropped because we did not read them in
+        time). Empty when the device is not in `/proc/net/dev` (closed, or another network namespace)."""
+        return read_kernel_counters(self.name)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -373,6 +417,57 @@ class TunDevice:
             f"<TunDevice {self.name} {state} mtu={self.mtu} read={self.packets_read} "
             f"written={self.packets_written} dropped={self.write_dropped}>"
         )
+
+
+def _split(data: bytes, lengths: bytes) -> list[bytes]:
+    """The packets of a `read_buffer` result, as a list (the compatibility path; one object per packet)."""
+    view = memoryview(data)
+    packets: list[bytes] = []
+    start = 0
+    for length in memoryview(lengths).cast("I"):
+        packets.append(bytes(view[start : start + length]))
+        start += length
+    return packets
+
+
+_PROC_NET_DEV: Final = "/proc/net/dev"
+# /proc/net/dev columns after "name:": rx bytes packets errs drop fifo frame compressed multicast, then tx
+# bytes packets errs drop fifo colls carrier compressed.
+_KERNEL_COLUMNS: Final = {"rx_errors": 2, "rx_dropped": 3, "tx_errors": 10, "tx_dropped": 11}
+
+
+def read_kernel_counters(name: str, path: str = _PROC_NET_DEV) -> dict[str, int]:
+    """The drop and error counters of interface `name` from `/proc/net/dev` ({} if it is not there)."""
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError:
+        return {}
+    for line in lines[2:]:
+        iface, sep, rest = line.partition(":")
+        if sep and iface.strip() == name:
+            fields = rest.split()
+            try:
+                return {key: int(fields[column]) for key, column in _KERNEL_COLUMNS.items()}
+            except (IndexError, ValueError):
+                return {}
+    return {}
+
+
+def _enable_offloads(fd: int, name: str) -> str:
+    """Asks the kernel for the offloads of `_OFFLOAD_CHOICES`, best first; returns what was granted ("" for
+    none). Logged once per device: a kernel without them still works, with plain packets."""
+    for label, flags in _OFFLOAD_CHOICES:
+        try:
+            fcntl.ioctl(fd, _TUNSETOFFLOAD, flags)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                continue
+            _log.warning("TUN %s: no offloads (%s); plain packets only", name, exc.strerror or exc)
+            return ""
+        return label
+    _log.warning("TUN %s: the kernel refused TSO offloads; plain packets only", name)
+    return ""
 
 
 Interfaces = list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]

@@ -1,13 +1,13 @@
-//! The connection handshake, version 2: who is talking, proven before any frame is taken.
+//! The connection handshake, version 3: who is talking, proven before any frame is taken.
 //!
 //! Every message starts with the magic `b"VPNP"`, the protocol version and a kind byte, so that a peer of
 //! another version, or something that is not a vpn-packet node at all, is told apart at once:
 //!
 //! ```text
-//! challenge  server -> client, first:  "VPNP" | 2 | 'C' | nonce (32 bytes, random)
-//! hello      client -> server:         "VPNP" | 2 | 'H' | epoch (8, big-endian) | L (1) | id (L bytes, UTF-8)
+//! challenge  server -> client, first:  "VPNP" | 3 | 'C' | nonce (32 bytes, random)
+//! hello      client -> server:         "VPNP" | 3 | 'H' | epoch (8, big-endian) | L (1) | id (L bytes, UTF-8)
 //!                                      | K (1: 0 or 32) | public key (K) | S (1: 0 or 64) | signature (S)
-//! answer     server -> client:         "VPNP" | 2 | 'A' | code (1) | L (1) | text (L bytes, UTF-8)
+//! answer     server -> client:         "VPNP" | 3 | 'A' | code (1) | L (1) | text (L bytes, UTF-8)
 //! ```
 //!
 //! With keys, the client signs [`hello_transcript`] (the nonce, the server's public key as the client
@@ -15,6 +15,10 @@
 //! certificate, or an insecure node) K and S are 0. The answer's code is [`Answer`]: 0 accepts (the text is
 //! the server's own id), anything else refuses with a reason (the text says more, for the logs). After an
 //! accepting answer the client sends frames ([`crate::framing`]).
+//!
+//! Version 3 changed the frames, not these messages: a length prefix of 0 is a keepalive and bit 31 marks an
+//! offload frame (a TUN super-packet with its virtio_net_hdr). A version 2 peer would take both for protocol
+//! errors, so the version says it: version 2 peers are answered `unsupported_version`.
 //!
 //! This module is the protocol core only (no I/O, no crypto): encoders, incremental parsers that say how
 //! many more bytes they need, and the exact bytes a signature covers. A parse never panics.
@@ -24,7 +28,7 @@ use std::fmt;
 /// The first bytes of every handshake message.
 pub const MAGIC: &[u8; 4] = b"VPNP";
 /// The handshake and wire protocol version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Bytes before a message's body: magic, version, kind.
 pub const HEADER_LEN: usize = 6;
 /// Bytes of the server's random challenge.
@@ -562,7 +566,7 @@ mod tests {
             head in proptest::collection::vec(any::<u8>(), 0..8), id_len in 1u8..=255, key_len: u8
         ) {
             // A valid header, then arbitrary epoch bytes, an id of id_len bytes and a key length byte.
-            let mut data = b"VPNP\x02H".to_vec();
+            let mut data = b"VPNP\x03H".to_vec();
             data.extend(head.iter().chain(std::iter::repeat(&0u8)).take(8));
             data.push(id_len);
             data.extend(std::iter::repeat(b'a').take(usize::from(id_len)));

@@ -14,9 +14,11 @@ pub use parse::{destination, extract, protocol_has_ports, source, Destination, P
 
 pub mod ack;
 pub mod framing;
+pub mod gso;
 pub mod handshake;
+pub mod inbound;
 pub mod prefix;
 
-pub use framing::{encode_frames, encode_frames_into, FrameDecoder, FramingError};
+pub use framing::{encode_frames, encode_frames_into, FrameDecoder, FrameKind, FramingError};
 pub use handshake::{Answer, HandshakeError, Hello, Parsed};
 pub use prefix::{check_source, parse_prefix, source_address, PrefixError, PrefixTable, SourceCheck};

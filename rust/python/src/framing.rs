@@ -6,9 +6,10 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 use vpn_packet_core::framing::{
-    FrameDecoder as CoreDecoder, FramingError, DEFAULT_MAX_FRAME_SIZE, LENGTH_PREFIX_LEN,
-    MAX_FRAME_SIZE_LIMIT,
+    FrameDecoder as CoreDecoder, FrameKind, FramingError, DEFAULT_MAX_FRAME_SIZE, KEEPALIVE,
+    LENGTH_PREFIX_LEN, MAX_FRAME_SIZE_LIMIT, VNET_HDR_LEN,
 };
+use vpn_packet_core::gso;
 
 use crate::buffer::{with_bytes, PacketBytes};
 use crate::errors::{framing_error, no_panic};
@@ -78,6 +79,9 @@ pub fn encode_frames<'py>(
 #[pyclass(module = "vpn_packet._native", name = "FrameDecoder")]
 pub struct FrameDecoder {
     inner: CoreDecoder,
+    segments: Vec<u8>,
+    segment_lengths: Vec<u32>,
+    offload_invalid: u64,
 }
 
 #[pymethods]
@@ -88,19 +92,48 @@ impl FrameDecoder {
         check_max(max_frame_size)?;
         Ok(FrameDecoder {
             inner: CoreDecoder::new(max_frame_size),
+            segments: Vec::new(),
+            segment_lengths: Vec::new(),
+            offload_invalid: 0,
         })
     }
 
-    /// The complete packets that `data` finishes, in order.
+    /// The complete packets that `data` finishes, in order. Keepalives are skipped; an offload frame (a
+    /// super-packet from a peer's TUN) comes out segmented into plain packets (one that cannot be segmented
+    /// is dropped and counted in `offload_invalid`).
     ///
     /// A bad length prefix raises `FramingError` (its `frames` holds the packets that came before it in
     /// `data`); the decoder is failed from then on and raises the same error on every call.
     fn feed<'py>(&mut self, py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
         no_panic(|| {
             let mut frames: Vec<Bound<'py, PyBytes>> = Vec::new();
+            let FrameDecoder {
+                inner,
+                segments,
+                segment_lengths,
+                offload_invalid,
+            } = self;
             let result = with_bytes(data, |bytes| {
-                self.inner
-                    .feed(bytes, |frame| frames.push(PyBytes::new(py, frame)))
+                inner.feed_frames(bytes, |kind, frame| match kind {
+                    FrameKind::Packet => frames.push(PyBytes::new(py, frame)),
+                    FrameKind::Offload => {
+                        let (header, packet) = frame.split_at(VNET_HDR_LEN);
+                        segments.clear();
+                        segment_lengths.clear();
+                        let done = gso::VirtioNetHdr::parse(header)
+                            .and_then(|hdr| gso::segment(&hdr, packet, segments, segment_lengths));
+                        if done.is_err() {
+                            *offload_invalid += 1;
+                            return;
+                        }
+                        let mut start = 0usize;
+                        for &len in segment_lengths.iter() {
+                            let end = start + len as usize;
+                            frames.push(PyBytes::new(py, &segments[start..end]));
+                            start = end;
+                        }
+                    }
+                })
             })?;
             let list = PyList::new(py, frames)?;
             match result {
@@ -131,6 +164,18 @@ impl FrameDecoder {
     #[getter]
     fn payload_bytes(&self) -> u64 {
         self.inner.payload_bytes()
+    }
+
+    /// Keepalives received so far.
+    #[getter]
+    fn keepalives(&self) -> u64 {
+        self.inner.keepalives()
+    }
+
+    /// Offload frames that could not be segmented (dropped).
+    #[getter]
+    fn offload_invalid(&self) -> u64 {
+        self.offload_invalid
     }
 
     /// True when the stream may end here: no partial frame and no error.
@@ -164,6 +209,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_MAX_FRAME_SIZE", DEFAULT_MAX_FRAME_SIZE)?;
     m.add("MAX_FRAME_SIZE_LIMIT", MAX_FRAME_SIZE_LIMIT)?;
     m.add("LENGTH_PREFIX_LEN", LENGTH_PREFIX_LEN)?;
+    m.add("KEEPALIVE_FRAME", PyBytes::new(m.py(), &KEEPALIVE))?;
     m.add_function(wrap_pyfunction!(encode_frames, m)?)?;
     m.add_class::<FrameDecoder>()?;
     Ok(())

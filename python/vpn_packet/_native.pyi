@@ -205,7 +205,7 @@ class TunIo:
     def read_batch(self, max_packets: int = 1024, max_bytes: int = 4194304) -> tuple[bytes, bytes, int]:
         """`(data, lengths, errno)`: packets ready now, lengths as native-endian u32, the stopping errno."""
     def write_packets(self, packets: Iterable[Buffer]) -> tuple[int, int, int, int, int]:
-        """`(written, bytes, refused, stopped_at, fatal_errno)`; `stopped_at`: first packet not written, or -1."""
+        """`(written, bytes, refused, stopped_at, fatal_errno)`; `stopped_at`: first not written, or -1."""
 
 @final
 class InboundDecoder:

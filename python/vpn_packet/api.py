@@ -3,7 +3,8 @@
 - `PeerDiscovery` tells which peer owns a destination address;
 - `Stream` carries packets to one peer, in order;
 - `StreamService` opens a new stream to a peer;
-- `StreamPoolService` lends streams and takes them back, marked healthy or not.
+- `StreamPoolService` lends streams and takes them back, marked healthy or not;
+- `FramedStream` (optional) is a `Stream` that also writes batches already framed.
 
 They are `runtime_checkable`, so `isinstance(obj, Stream)` checks that the methods exist (not their
 signatures). Fakes of all four, with failure injection, live in `vpn_packet.testutil`.
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["PeerDiscovery", "Stream", "StreamPoolService", "StreamService"]
+__all__ = ["FramedStream", "PeerDiscovery", "Stream", "StreamPoolService", "StreamService"]
 
 
 @runtime_checkable
@@ -46,6 +47,17 @@ class Stream(Protocol):
 
     async def close(self) -> None:
         """Close the stream; idempotent."""
+        ...
+
+
+@runtime_checkable
+class FramedStream(Stream, Protocol):
+    """A `Stream` that also takes batches already framed for the wire (`vpn_packet.transport.framing`):
+    the dispatcher's native queues frame packets as they queue them, so a worker's drain writes one buffer
+    as is. Optional: a worker checks for `write_framed` and splits the buffer for a plain `Stream`."""
+
+    async def write_framed(self, data: bytes, count: int) -> Awaitable[int] | None:
+        """Write `count` packets framed in `data`, in order, as one write; returns like `write_many`."""
         ...
 
 

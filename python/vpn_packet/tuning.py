@@ -65,6 +65,9 @@ __all__ = [
     "SEND_BUFFER",
     "SHUTDOWN_TIMEOUT",
     "STREAM_IDLE_TIMEOUT",
+    "KEEPALIVE_INTERVAL",
+    "RECONNECT_BACKOFF",
+    "RECONNECT_BACKOFF_MAX",
     "Spec",
     "TXQUEUELEN",
     "Tuning",
@@ -103,6 +106,14 @@ WORKER_CLEANUP_INTERVAL: Final = 60.0
 MAX_STREAMS_PER_PEER: Final = 4
 #: Seconds a pooled stream may stay unused before it is closed.
 STREAM_IDLE_TIMEOUT: Final = 60.0
+#: Seconds without a write after which a kept connection to a configured peer sends a keepalive frame (the
+#: peer's receiver closes a connection silent for `RECEIVE_IDLE_TIMEOUT`); WireGuard's persistent keepalive
+#: uses 25 s for the same reason (NAT state). It is also the TCP keepalive idle time, so a peer that vanished
+#: while nothing was sent is noticed within about this plus 3 probes 5 s apart.
+KEEPALIVE_INTERVAL: Final = 25.0
+#: Seconds before retrying a configured peer whose connection failed, doubled per failure up to the max.
+RECONNECT_BACKOFF: Final = 0.5
+RECONNECT_BACKOFF_MAX: Final = 30.0
 #: SO_SNDBUF: about 30 ms at 1 Gbit/s, so one writer keeps a fast link busy (the kernel may cap it).
 SEND_BUFFER: Final = 4 * 1024 * 1024
 #: Seconds for TCP connect, TLS handshake and hello together.
@@ -345,6 +356,7 @@ class Tuning:
     ack_timeout: float = _seconds(ACK_TIMEOUT, "seconds a peer may acknowledge nothing while packets are out")
     window: int = _int(IN_FLIGHT_WINDOW, 64 * 1024, 1 << 30, "bytes in flight per connection at most")
     stream_idle_timeout: float = _seconds(STREAM_IDLE_TIMEOUT, "seconds before an unused stream is closed")
+    keepalive_interval: float = _seconds(KEEPALIVE_INTERVAL, "seconds of silence before a keepalive frame")
     # receiving
     receive_batch: int = _int(RECEIVE_BATCH, 1, 1 << 16, "packets per sink call")
     read_size: int = _int(READ_SIZE, 1024, 1 << 26, "bytes per socket read")

@@ -303,6 +303,12 @@ async def test_tun_nodes_over_loopback(tmp_path: Path, caplog: pytest.LogCapture
         await wait_until(lambda: a.metrics()["node"]["dispatcher"]["failed"] >= 1)
         assert drop_counters(a.metrics())["failed.no_peer"] == 1
 
+        # The kernel dropped packets on A's device (its queue was full): the summary says so.
+        assert "tun.kernel_tx_dropped" not in a.metrics()["totals"]["drops"]
+        tuns["tun-node-a"].kernel["tx_dropped"] = 175
+        assert a.metrics()["totals"]["drops"]["tun.kernel_tx_dropped"] == 175
+        assert a.log_drops()["tun.kernel_tx_dropped"] == 175
+
         snapshot = b.report_metrics()
         on_disk = json.loads((tmp_path / "metrics-node-b.json").read_text())
         assert on_disk["node"]["receiver"]["spoofed_dropped"] == 1

@@ -57,6 +57,7 @@ from vpn_packet.metrics import DispatcherMetrics
 from vpn_packet.resilience import ResilienceConfig, ResilienceService
 from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
 from vpn_packet.transport.handshake import Security
+from vpn_packet.transport.keeper import ConnectionKeeper
 from vpn_packet.transport.pool import StreamPool, StreamPoolMetrics
 from vpn_packet.transport.receiver import Receiver, ReceiverMetrics, Sink
 from vpn_packet.transport.tcp import TcpStreamService
@@ -166,6 +167,8 @@ class Node:
     - `resilience`: a `ResilienceConfig` or a shared `ResilienceService` (default `NODE_RESILIENCE`, the
       config file's default too).
     - `stop_timeout`: how long `stop()` drains (the config's `node.shutdown_timeout`).
+    - `keep_connections`: open a connection to every peer at start and keep it (`ConnectionKeeper`), so the
+      first packet to a peer does not wait for a connection and a handshake. False: on demand only.
     """
 
     def __init__(
@@ -178,6 +181,7 @@ class Node:
         tuning: Tuning = DEFAULT_TUNING,
         resilience: ResilienceConfig | ResilienceService | None = None,
         stop_timeout: float = SHUTDOWN_TIMEOUT,
+        keep_connections: bool = True,
         **changes: Any,
     ) -> None:
         t = self.tuning = tuning.with_changes(**changes)
@@ -195,11 +199,18 @@ class Node:
             ack_timeout=t.ack_timeout,
             window=t.window,
             send_buffer=t.send_buffer,
+            keepalive_interval=t.keepalive_interval,
         )
         self.pool = StreamPool(
             self.stream_service,
             max_streams_per_peer=t.max_streams_per_peer,
             idle_timeout=t.stream_idle_timeout,
+        )
+        # Connections to the configured peers, made at start and kept (keepalives, reconnects with backoff).
+        self.keeper = (
+            ConnectionKeeper(self.pool, self._peer_ids, keepalive_interval=t.keepalive_interval)
+            if keep_connections
+            else None
         )
         if isinstance(resilience, ResilienceService):
             self.resilience = resilience
@@ -236,6 +247,9 @@ class Node:
         self._stopped = False
         self._sending_stopped = False
 
+    def _peer_ids(self) -> list[str]:
+        return [peer.id for peer in self.discovery.peers]
+
     # --- lifecycle ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -248,6 +262,8 @@ class Node:
         try:
             await self.pool.start()
             await self.dispatcher.start()
+            if self.keeper is not None:
+                await self.keeper.start()
         except BaseException:
             await self.pool.stop()
             await self.receiver.stop()
@@ -264,6 +280,8 @@ class Node:
             return
         self._sending_stopped = True
         try:
+            if self.keeper is not None:
+                await self.keeper.stop()
             await self.dispatcher.stop(self.stop_timeout if timeout is None else timeout)
         finally:
             await self.pool.stop()

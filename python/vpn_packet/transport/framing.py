@@ -15,8 +15,9 @@ connection. A stream that ends inside a frame is counted as truncated.
 - `encode_frames(packets, max_frame_size=65535) -> bytes`: a batch in one buffer; refuses (with
   `FramingError`) an empty packet or one larger than `max_frame_size`, which the receiver would refuse.
 - `FrameDecoder(max_frame_size=65535)`: `feed(data) -> list[bytes]` splits a byte stream into packets across
-  any read boundaries (keepalives skipped, offload frames segmented into plain packets). It keeps at most one partial frame (`buffered <= max_frame_size + 4`) and checks a
-  length prefix as soon as its 4 bytes arrive, before buffering any of the payload: a 4 GB length prefix is
+  any read boundaries (keepalives are skipped, offload frames come out segmented into plain packets). It
+  keeps at most one partial frame (`buffered <= 4 + max(max_frame_size, 10 + 65535)`) and checks a length
+  prefix as soon as its 4 bytes arrive, before buffering any of the payload: a 4 GB length prefix is
   refused at once. On a bad prefix `feed` raises `FramingError` whose `frames` holds the packets that came
   before it in that chunk; the decoder then stays failed.
 

@@ -35,9 +35,10 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from vpn_packet import tuning
-from vpn_packet.api import Stream, StreamService
+from vpn_packet.api import FramedStream, Stream, StreamService
 from vpn_packet.errors import ServiceError
 from vpn_packet.tasks import TaskSet, close_quietly
 
@@ -123,6 +124,10 @@ class PooledStream:
         between a packet and its acknowledgement."""
         return await self._entry.stream.write_many(packets)
 
+    async def write_framed(self, data: bytes, count: int) -> Awaitable[int] | None:
+        """The connection's `write_framed` (`count` packets already framed in `data`), and its receipt."""
+        return await cast("FramedStream", self._entry.stream).write_framed(data, count)
+
     async def close(self) -> None:
         """Give the lease back as healthy (idempotent)."""
         self._pool.release_stream(self._entry.peer_id, self, True)
@@ -133,11 +138,12 @@ class PooledStream:
 
 
 class _Peer:
-    __slots__ = ("connecting", "entries", "waiters")
+    __slots__ = ("connecting", "entries", "waiters", "warming")
 
     def __init__(self) -> None:
         self.entries: list[_Entry] = []
         self.connecting = 0
+        self.warming = False  # `warm` is opening the peer's first connection: wait for it, open no other
         self.waiters: deque[asyncio.Future[None]] = deque()
 
 
@@ -261,7 +267,7 @@ class StreamPool:
             if entry is not None:
                 self.reused += 1
                 return self._lease(entry)
-            if len(peer.entries) + peer.connecting < self.max_streams_per_peer:
+            if not peer.warming and len(peer.entries) + peer.connecting < self.max_streams_per_peer:
                 return await self._open(peer_id, peer)
             loop = asyncio.get_running_loop()
             if deadline is None:
@@ -425,6 +431,45 @@ class StreamPool:
         except RuntimeError:  # pragma: no cover - release outside a loop: nothing we can await
             return
         self._tasks.spawn(close_quietly(stream, self.close_timeout), loop)
+
+    # --- warm connections -----------------------------------------------------------------------------------
+
+    def keep_alive(self, peer_id: str, keepalive_after: float) -> bool:
+        """Whether `peer_id` has a live connection (or one being opened); keeps the first live one from
+        being closed as idle (its idle clock restarts), and when nothing was written on it for
+        `keepalive_after` seconds makes it send a keepalive frame, so the peer's receiver does not close it
+        as idle either. For `vpn_packet.transport.keeper`."""
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return False
+        for entry in peer.entries:
+            if entry.alive():
+                if entry.leases == 0:
+                    entry.idle_since = self._clock()
+                keepalive = getattr(entry.stream, "send_keepalive", None)
+                if keepalive is not None:
+                    keepalive(keepalive_after)
+                return True
+        return peer.connecting > 0
+
+    async def warm(self, peer_id: str) -> bool:
+        """Open a connection to `peer_id` unless it has one: the first packet to a configured peer then finds
+        it made and authenticated. Returns True when one was opened; connection failures propagate."""
+        if self._closed:
+            return False
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            peer = self._peers[peer_id] = _Peer()
+        if peer.connecting or any(entry.alive() for entry in peer.entries):
+            return False
+        # A worker asking meanwhile waits for this connection instead of opening a second one.
+        peer.warming = True
+        try:
+            lease = await self._open(peer_id, peer)
+        finally:
+            peer.warming = False
+        self.release_stream(peer_id, lease, True)
+        return True
 
     # --- idle cleanup ---------------------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from vpn_packet._native import AckDecoder
 from vpn_packet.errors import FramingError, HandshakeRefusedError, NetworkError, ServiceError
 from vpn_packet.ratelimit import LogLimiter
 from vpn_packet.transport.delivery import InFlight, Receipt
-from vpn_packet.transport.framing import encode_frames
+from vpn_packet.transport.framing import KEEPALIVE_FRAME, LENGTH_PREFIX_LEN, encode_frames
 from vpn_packet.transport.handshake import Security, client_handshake, new_epoch, server_public_key
 from vpn_packet.transport.tls import check_server_key, verify_server_name
 
@@ -55,6 +55,10 @@ DEFAULT_SEND_BUFFER: Final = tuning.SEND_BUFFER
 _HIGH_WATER: Final = 1024 * 1024  # transport buffer above which writes wait for it to drain
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _MAX_INBOX: Final = 4096  # bytes of handshake a server may send before we read them (an answer is < 300)
+
+
+_KEEPALIVE_PROBE_INTERVAL = 5  # seconds between TCP keepalive probes once the connection is idle
+_KEEPALIVE_PROBES = 3
 
 
 class EndpointResolver(Protocol):
@@ -213,9 +217,8 @@ class TcpStream:
         "_close_timeout",
         "_error",
         "_inflight",
+        "_last_write",
         "_ledger",
-        "_ledger_bytes",
-        "_ledger_done",
         "_local_close",
         "_loop",
         "_progress_at",
@@ -226,6 +229,7 @@ class TcpStream:
         "_watchdog",
         "_write_timeout",
         "bytes_sent",
+        "keepalives",
         "packets_sent",
         "peer_id",
         "sockname",
@@ -247,11 +251,8 @@ class TcpStream:
     ) -> None:
         self.peer_id = peer_id
         self._stats = stats
-        # Per written batch (for the acknowledged bytes): (frame count after it, its packets, payload bytes);
-        # `_ledger_done`/`_ledger_bytes`: what of the oldest batch an ack already covered.
-        self._ledger: deque[tuple[int, Sequence[bytes], int]] = deque()
-        self._ledger_done = 0
-        self._ledger_bytes = 0
+        # Per written batch (for the acknowledged bytes): (frame count after it, its packets, payload bytes).
+        self._ledger: deque[tuple[int, int, int]] = deque()
         self._retiring = False
         self._transport = transport
         self._protocol = protocol
@@ -266,6 +267,8 @@ class TcpStream:
         self._watchdog: asyncio.TimerHandle | None = None
         self._progress_at = 0.0
         self._ack_waiters: list[asyncio.Future[None]] = []  # woken by ack progress, failed at the end
+        self._last_write = self._loop.time()
+        self.keepalives = 0
         self.packets_sent = 0  # written (handed to the kernel); the peer's acks say what it has
         self.bytes_sent = 0
         self.writes = 0
@@ -307,30 +310,57 @@ class TcpStream:
         reset or stuck before writing (nothing of the batch was written then)."""
         if self.closed:
             raise self._closed_error("write_many")
-        receipt = Receipt(self._give_up, loop=self._loop)
         if not packets:
+            receipt = Receipt(self._give_up, loop=self._loop)
             receipt.set_result(0)
             return receipt
         # One native call frames the batch; FramingError (nothing written) for an empty or oversized packet.
         data = encode_frames(packets)
+        return await self._write(data, len(packets))
+
+    async def write_framed(self, data: bytes, count: int) -> Receipt:
+        """Send `count` packets already framed in `data` (the dispatcher's native queues frame them as they
+        queue them); otherwise like `write_many`."""
+        if self.closed:
+            raise self._closed_error("write_framed")
+        if not count:
+            receipt = Receipt(self._give_up, loop=self._loop)
+            receipt.set_result(0)
+            return receipt
+        return await self._write(data, count)
+
+    async def _write(self, data: bytes, count: int) -> Receipt:
+        receipt = Receipt(self._give_up, loop=self._loop)
         if not self._inflight.fits(len(data)):
             await self._wait_for_space(len(data))
             if self.closed:  # closed while we waited for acks
-                raise self._closed_error("write_many")
+                raise self._closed_error("write")
         self._transport.write(data)
+        loop_time = self._loop.time()
+        self._last_write = loop_time
         if not self._inflight.frames:
-            self._progress_at = self._loop.time()  # the ack clock starts with the first unacked frame
-        self._inflight.add(len(packets), len(data), receipt)
+            self._progress_at = loop_time  # the ack clock starts with the first unacked frame
+        self._inflight.add(count, len(data), receipt)
         if self._watchdog is None:
             self._watchdog = self._loop.call_at(self._progress_at + self._ack_timeout, self._check_acks)
         self.writes += 1
-        self.packets_sent += len(packets)
+        self.packets_sent += count
         self.bytes_sent += len(data)
         if self._stats is not None:
-            self._ledger.append((self._inflight.written, packets, len(data) - 4 * len(packets)))
+            self._ledger.append((self._inflight.written, count, len(data) - LENGTH_PREFIX_LEN * count))
         if self._protocol.paused:
             await self._drain()
         return receipt
+
+    def send_keepalive(self, idle_for: float) -> bool:
+        """Write a keepalive frame when nothing was written for `idle_for` seconds (the peer's receiver
+        closes a connection that stays silent for its idle timeout). True when one was written."""
+        if self.closed or self._loop.time() - self._last_write < idle_for:
+            return False
+        self._transport.write(KEEPALIVE_FRAME)
+        self._last_write = self._loop.time()
+        self.keepalives += 1
+        return True
 
     # --- acknowledgements -----------------------------------------------------------------------------------
 
@@ -347,27 +377,16 @@ class TcpStream:
             self._give_up_because(exc)
 
     def _count_acked(self, taken: int, newly: int) -> None:
-        """Adds the `newly` acknowledged packets (the peer has taken `taken` in all) and their bytes to the
-        peer's `PeerSendStats`: whole batches by their payload size, a batch an ack ends inside by its
-        packets' lengths."""
+        """Adds the `newly` acknowledged packets (the peer has taken `taken` in all) to the peer's
+        `PeerSendStats`, and the payload bytes of every batch the acks now cover whole (a batch an ack ends
+        inside adds its bytes when its last packet is acknowledged: framed batches carry no per-packet
+        sizes, and `tx_bytes` lags by at most one batch)."""
         stats = self._stats
         assert stats is not None
         ledger = self._ledger
         acked_bytes = 0
-        while ledger:
-            end, packets, payload = ledger[0]
-            if taken >= end:
-                ledger.popleft()
-                acked_bytes += payload - self._ledger_bytes
-                self._ledger_done = self._ledger_bytes = 0
-                continue
-            part = taken - (end - len(packets))
-            if part > self._ledger_done:
-                size = sum(map(len, packets[self._ledger_done : part]))
-                acked_bytes += size
-                self._ledger_bytes += size
-                self._ledger_done = part
-            break
+        while ledger and taken >= ledger[0][0]:
+            acked_bytes += ledger.popleft()[2]
         stats.tx_packets += newly
         stats.tx_bytes += acked_bytes
         stats.last_tx = time.monotonic()
@@ -573,6 +592,8 @@ class TcpStreamService:
       connection is taken for dead and reset; `window`: bytes written and unacknowledged at most, per
       connection (a writer waits beyond it).
     - `send_buffer`: `SO_SNDBUF` in bytes (the kernel may cap it; None leaves the default).
+    - `keepalive_interval`: TCP keepalive idle time (then 3 probes 5 s apart): a peer that vanished while
+      nothing was in flight is noticed, and the connection replaced, within about that.
 
     Counters: `connects`, `connect_failures`, and `refusals` (by the server's reason); per peer,
     `peer_stats` (`PeerSendStats`: what the peer acknowledged, its open connections, its last error).
@@ -593,6 +614,7 @@ class TcpStreamService:
         ack_timeout: float = tuning.ACK_TIMEOUT,
         window: int = tuning.IN_FLIGHT_WINDOW,
         send_buffer: int | None = DEFAULT_SEND_BUFFER,
+        keepalive_interval: float = tuning.KEEPALIVE_INTERVAL,
         high_water: int = _HIGH_WATER,
         log_interval: float = tuning.LOG_INTERVAL,
     ) -> None:
@@ -601,7 +623,9 @@ class TcpStreamService:
             write_timeout=write_timeout,
             ack_timeout=ack_timeout,
             window=window,
+            keepalive_interval=keepalive_interval,
         )
+        self.keepalive_interval = float(keepalive_interval)
         self.ack_timeout = float(ack_timeout)
         self.window = window
         self.discovery = discovery
@@ -800,6 +824,10 @@ class TcpStreamService:
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(self.keepalive_interval)))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _KEEPALIVE_PROBE_INTERVAL)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _KEEPALIVE_PROBES)
                 if self.send_buffer:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
                 await loop.sock_connect(sock, address)

@@ -11,9 +11,12 @@ receiver closes its side.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -42,7 +45,7 @@ from vpn_packet.transport.handshake import (
     read_message,
     server_public_key,
 )
-from vpn_packet.transport.receiver import Receiver
+from vpn_packet.transport.receiver import Receiver, TunTarget
 
 A_SRC = "10.8.0.2"
 B_SRC = "10.8.0.3"
@@ -689,3 +692,128 @@ async def test_key_mode_slots_of_a_peer_are_held_by_its_key_only(
     assert (peer.connections, peer.superseded) == (2, 1)
     assert refused == {"key_mismatch": 3}
     assert collector.packets() == [pkt(A_SRC, 7)]
+
+
+# --- the TUN path: socket bytes straight to the device (one native call per read) ---------------------------
+
+
+class FakeTunFd:
+    """A `SOCK_SEQPACKET` socket pair standing in for a TUN descriptor: each write the native path makes is
+    one message, read back whole on the other end (as the kernel takes one packet per write). Our end is
+    non-blocking like a TUN's; a thread keeps draining the device end, as the kernel would."""
+
+    def __init__(self) -> None:
+        self.ours, self.device = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.ours.setblocking(False)
+        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        self.taken: list[bytes] = []
+        self.fatal: list[int] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                message = self.device.recv(70_000)
+            except OSError:
+                return
+            if not message:
+                return
+            with self._lock:
+                self.taken.append(message)
+
+    def packets(self) -> list[bytes]:
+        with self._lock:
+            return list(self.taken)
+
+    def unplug(self) -> None:
+        """The device goes away: from now on writes to our descriptor fail with `EBADF`, as on a TUN whose
+        device was deleted (the descriptor number stays taken: a read-only /dev/null is put in its place)."""
+        read_only = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(read_only, self.ours.fileno())
+        os.close(read_only)
+
+    def close(self) -> None:
+        self.ours.close()
+        with contextlib.suppress(OSError):
+            self.device.close()
+
+
+@pytest.fixture
+async def tun_receiver() -> AsyncIterator[tuple[Receiver, FakeTunFd]]:
+    tun = FakeTunFd()
+
+    def no_sink(peer_id: str, packets: list[bytes]) -> None:
+        raise AssertionError("the TUN path does not call the sink")
+
+    rx = Receiver(make_discovery(), no_sink, security=INSECURE, idle_timeout=30)
+    rx.tun_target = TunTarget(tun.ours.fileno(), on_fatal=tun.fatal.append)
+    async with rx:
+        yield rx, tun
+    tun.close()
+
+
+async def test_tun_path_writes_in_order_drops_spoofed_and_acknowledges_every_frame(
+    tun_receiver: tuple[Receiver, FakeTunFd],
+) -> None:
+    rx, tun = tun_receiver
+    own = [pkt(A_SRC, i, size=64 + i) for i in range(300)]
+    spoofed, garbage = pkt(B_SRC, 9), b"\x00" * 40
+    # The frames follow the hello in the same segment: what the handshake's reader already holds goes first.
+    reader, writer = await connect(rx)
+    await challenge(reader)
+    writer.write(encode_hello("node-a", new_epoch()) + encode_frames([own[0], spoofed, garbage, *own[1:]]))
+    assert await answer(reader) == ("accepted", "node-r")
+    counts = acks(await until_closed(reader, writer, half_close=True))
+    assert counts[-1:] == [302]
+    await wait_until(lambda: len(tun.packets()) == len(own))
+    assert tun.packets() == own
+    peer = rx.peer_metrics()["node-a"]
+    assert (peer.frames, peer.packets_delivered, peer.spoofed_dropped, peer.unparsable_dropped) == (
+        302,
+        300,
+        1,
+        1,
+    )
+    assert peer.bytes == sum(map(len, own)) + len(spoofed) + len(garbage)
+    assert (peer.sink_failed, rx.metrics().protocol_errors) == (0, {})
+
+
+async def test_tun_path_framing_errors_and_truncation_cut_the_peer_off(
+    tun_receiver: tuple[Receiver, FakeTunFd],
+) -> None:
+    rx, tun = tun_receiver
+    first = pkt(A_SRC, 1)
+    reader, writer = await open_as(rx, "node-a", encode_frames([first]) + b"\x7f\xff\xff\xff" + bytes(100))
+    await until_closed(reader, writer, half_close=False)
+    await wait_until(lambda: len(tun.packets()) == 1)
+    assert tun.packets() == [first]
+    assert rx.peer_metrics()["node-a"].protocol_errors == {"too_large": 1}
+    wire = encode_frames([pkt(A_SRC, 2), pkt(A_SRC, 3)])
+    reader, writer = await open_as(rx, "node-a", wire[:-10])
+    await until_closed(reader, writer, half_close=True)
+    await wait_until(lambda: len(tun.packets()) == 2)
+    assert tun.packets() == [first, pkt(A_SRC, 2)]
+    assert rx.peer_metrics()["node-a"].protocol_errors == {"too_large": 1, "truncated": 1}
+
+
+async def test_tun_path_closes_a_silent_connection_and_reports_a_dead_device() -> None:
+    tun = FakeTunFd()
+    rx = Receiver(make_discovery(), lambda *_: None, security=INSECURE, idle_timeout=0.05)
+    rx.tun_target = TunTarget(tun.ours.fileno(), on_fatal=tun.fatal.append)
+    async with rx:
+        reader, writer = await open_as(rx, "node-a", encode_frames([pkt(A_SRC, 1)]))
+        await until_closed(reader, writer, half_close=False)  # we never send again: the receiver closes
+        assert rx.peer_metrics()["node-a"].idle_closed == 1
+        await wait_until(lambda: len(tun.packets()) == 1)
+        assert tun.packets() == [pkt(A_SRC, 1)]
+        # The device goes away: the writes fail, are counted, and the node is told once per connection.
+        tun.unplug()
+        reader, writer = await open_as(rx, "node-a", encode_frames([pkt(A_SRC, 2), pkt(A_SRC, 3)]))
+        counts = acks(await until_closed(reader, writer, half_close=True))
+    assert counts[-1:] == [2]  # taken (and counted lost): the sender must not resend them
+    peer = rx.peer_metrics()["node-a"]
+    assert (peer.packets_delivered, peer.sink_failed) == (1, 2)
+    assert len(tun.fatal) == 1
+    tun.close()

@@ -57,6 +57,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import cast
 
 from vpn_packet import tuning
 from vpn_packet._native import FrameDecoder, InboundDecoder, PrefixTable, encode_ack, filter_sources
@@ -206,6 +207,141 @@ class _Connection:
             self.task.cancel()
         else:
             self.writer.transport.abort()
+
+
+class _InboundProtocol(asyncio.BufferedProtocol):
+    """An authenticated connection on a node with a TUN: the transport reads into one reused buffer and
+    every read goes straight to the native decoder, which checks the sources and writes the accepted
+    packets to the TUN (`Receiver._take_native`); then the ack goes out. No task wakes up per read, no
+    `bytes` object is made per read or per packet.
+
+    `done` resolves with True when the stream ended cleanly (end of stream at a frame boundary, or idle),
+    False after a protocol error or a reset by the sender, or fails with the connection's error."""
+
+    def __init__(
+        self,
+        receiver: Receiver,
+        conn: _Connection,
+        peer: PeerReceiverMetrics,
+        inbound: InboundDecoder,
+        target: TunTarget,
+    ) -> None:
+        self.receiver = receiver
+        self.conn = conn
+        self.peer = peer
+        self.inbound = inbound
+        self.target = target
+        self._buffer = bytearray(receiver.read_size)
+        self._view = memoryview(self._buffer)
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[bool] = self._loop.create_future()
+        self._transport: asyncio.BaseTransport | None = None
+        self._eof = False
+        self._generation = receiver.discovery.generation
+        self._last_data = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.BufferedProtocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._arm_idle(self._loop.time() + self.receiver.idle_timeout)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.take(self._view[:nbytes])
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self.inbound.buffered:
+            self.receiver._protocol_error(self.peer, "truncated")
+            self._finish(False)
+        else:
+            self._finish(True)
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self.done.done():
+            self._cancel_idle()
+            self.done.set_exception(exc)
+        self._finish(self._eof and not self.inbound.buffered)
+
+    # --- the data -------------------------------------------------------------------------------------------
+
+    def take(self, data: bytes | memoryview) -> None:
+        """Decode, check and write one read; acknowledge what it completed."""
+        if self.done.done():
+            return
+        receiver, conn, peer = self.receiver, self.conn, self.peer
+        transport = self._transport
+        assert transport is not None
+        assert conn.peer_id is not None
+        if self._abandoned(transport):
+            # The sender reset the connection after these bytes reached the kernel (we were frozen or
+            # stalled): it counts them lost, so they must not be delivered now (see `_abandoned`).
+            receiver._discard_after_reset(conn, peer, len(data))
+            self._finish(False)
+            return
+        discovery = receiver.discovery
+        if discovery.generation != self._generation:  # a reload: the new table, and this peer's new index
+            if conn.peer_id not in discovery:
+                conn.closed_because = "peer removed"
+                self._finish(False)
+                return
+            self._generation = discovery.generation
+            self.inbound.set_route(discovery.table, discovery.index_of(conn.peer_id))
+        frames, error = receiver._take_native(self.inbound, data, peer, self.target)
+        self._last_data = self._loop.time()
+        if frames:
+            peer.last_packet = time.monotonic()
+            # Taken (written to the TUN, or dropped and counted): tell the sender, which counts them as sent.
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(encode_ack(self.inbound.frames))
+        if error is not None:
+            receiver._framing_broken(conn, peer, error)
+            self._finish(False)
+
+    def _abandoned(self, transport: asyncio.BaseTransport) -> bool:
+        """`_abandoned` for a protocol: a transport closing without a clean end of stream, or a pending
+        `ECONNRESET` on the socket."""
+        if transport.is_closing() and not self._eof:
+            return True
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET)
+        except OSError:
+            return True
+
+    # --- idle timeout and the end ---------------------------------------------------------------------------
+
+    def _arm_idle(self, when: float) -> None:
+        self._idle_timer = self._loop.call_at(when, self._check_idle)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _check_idle(self) -> None:
+        """Runs at most once per idle period (not per read): re-armed from the last data seen."""
+        self._idle_timer = None
+        deadline = self._last_data + self.receiver.idle_timeout
+        if self._loop.time() < deadline:
+            self._arm_idle(deadline)
+            return
+        self.peer.idle_closed += 1
+        self.receiver._totals.idle_closed += 1
+        self.conn.closed_because = "idle"
+        self._finish(True)
+
+    def _finish(self, clean: bool) -> None:
+        self._cancel_idle()
+        if not self.done.done():
+            self.done.set_result(clean)
 
 
 class Receiver:
@@ -595,23 +731,17 @@ class Receiver:
     async def _pump(self, conn: _Connection, peer: PeerReceiverMetrics) -> bool:
         """Reads, decodes, filters and delivers until the stream ends; True when it ended cleanly.
 
-        With a `tun_target` one native call per read does the decoding, the source check and the TUN writes
-        (`_take_native`); otherwise packets go to the sink (`_take_frames`)."""
+        With a `tun_target` the connection's transport is handed to an `_InboundProtocol` (socket bytes
+        straight into the native decoder, which writes to the TUN); otherwise packets go to the sink."""
+        target = self.tun_target
+        if target is not None:
+            return await self._pump_native(conn, peer, target)
         assert conn.peer_id is not None
         peer_id, reader = conn.peer_id, conn.reader
         discovery = self.discovery
         generation = discovery.generation
         route = (discovery.table, discovery.index_of(peer_id))
-        target = self.tun_target
-        inbound: InboundDecoder | None = None
-        decoded: InboundDecoder | FrameDecoder
-        if target is not None:
-            decoded = inbound = InboundDecoder(
-                target.fd, *route, max_frame_size=self.max_frame_size, vnet_header=target.vnet_header
-            )
-        else:
-            decoded = FrameDecoder(self.max_frame_size)
-        conn.decoder = decoded
+        decoder = conn.decoder = FrameDecoder(self.max_frame_size)
         totals = self._totals
         while True:
             try:
@@ -623,7 +753,7 @@ class Receiver:
                 conn.closed_because = "idle"
                 return True
             if not data:
-                if decoded.buffered:
+                if decoder.buffered:
                     self._protocol_error(peer, "truncated")
                     return False
                 return True
@@ -631,9 +761,7 @@ class Receiver:
                 # The sender reset this connection after we read these bytes from the kernel (we were
                 # frozen or stalled, and it gave up waiting for our acks): it counts them lost, so they
                 # must not be delivered now - and never after packets of its next connection.
-                peer.discarded_after_reset += len(data)
-                totals.discarded_after_reset += len(data)
-                conn.closed_because = "reset by the sender"
+                self._discard_after_reset(conn, peer, len(data))
                 return False
             if discovery.generation != generation:  # a reload: the new table, and this peer's new index
                 if peer_id not in discovery:
@@ -641,21 +769,52 @@ class Receiver:
                     return False
                 generation = discovery.generation
                 route = (discovery.table, discovery.index_of(peer_id))
-                if inbound is not None:
-                    inbound.set_route(*route)
-            if inbound is not None:
-                assert target is not None
-                frames, error = self._take_native(inbound, data, peer, target)
-            else:
-                frames, error = await self._take_frames(conn, data, peer, route)
+            frames, error = await self._take_frames(conn, data, peer, route)
             if frames:
                 peer.last_packet = time.monotonic()
                 # Taken (delivered, or dropped and counted): tell the sender, which counts them as sent now.
-                conn.writer.write(encode_ack(decoded.frames))
+                conn.writer.write(encode_ack(decoder.frames))
             if error is not None:
-                self._protocol_error(peer, error)
-                _log.warning("receiver: peer %s broke the framing (%s); connection closed", peer_id, error)
+                self._framing_broken(conn, peer, error)
                 return False
+
+    async def _pump_native(self, conn: _Connection, peer: PeerReceiverMetrics, target: TunTarget) -> bool:
+        """The TUN path: the transport is handed over to an `_InboundProtocol` (bytes the handshake's reader
+        already holds go first); returns when the connection ends, True when cleanly."""
+        assert conn.peer_id is not None
+        discovery = self.discovery
+        inbound = InboundDecoder(
+            target.fd,
+            discovery.table,
+            discovery.index_of(conn.peer_id),
+            max_frame_size=self.max_frame_size,
+            vnet_header=target.vnet_header,
+        )
+        conn.decoder = inbound
+        protocol = _InboundProtocol(self, conn, peer, inbound, target)
+        transport = cast("asyncio.Transport", conn.writer.transport)
+        # What the StreamReader read past the hello (frames sent right behind it), taken over as is.
+        held: bytearray = getattr(conn.reader, "_buffer", bytearray())
+        early = bytes(held)
+        held.clear()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if early:
+            protocol.take(early)
+        if conn.reader.at_eof():
+            protocol.eof_received()
+        elif not transport.is_closing():
+            transport.resume_reading()  # the StreamReader may have paused it (its buffer was full)
+        return await protocol.done
+
+    def _discard_after_reset(self, conn: _Connection, peer: PeerReceiverMetrics, n: int) -> None:
+        peer.discarded_after_reset += n
+        self._totals.discarded_after_reset += n
+        conn.closed_because = "reset by the sender"
+
+    def _framing_broken(self, conn: _Connection, peer: PeerReceiverMetrics, reason: str) -> None:
+        self._protocol_error(peer, reason)
+        _log.warning("receiver: peer %s broke the framing (%s); connection closed", conn.peer_id, reason)
 
     def _count(self, peer: PeerReceiverMetrics, name: str, n: int) -> None:
         if n:
@@ -663,7 +822,7 @@ class Receiver:
             setattr(self._totals, name, getattr(self._totals, name) + n)
 
     def _take_native(
-        self, inbound: InboundDecoder, data: bytes, peer: PeerReceiverMetrics, target: TunTarget
+        self, inbound: InboundDecoder, data: bytes | memoryview, peer: PeerReceiverMetrics, target: TunTarget
     ) -> tuple[int, str | None]:
         """One native call: frames decoded, sources checked, accepted packets written to the TUN."""
         frames, payload, delivered, spoofed, unparsable, lost, error = inbound.feed(data)

@@ -14,6 +14,7 @@ pub use parse::{destination, extract, protocol_has_ports, source, Destination, P
 
 pub mod ack;
 pub mod framing;
+pub mod gso;
 pub mod handshake;
 pub mod prefix;
 

@@ -312,7 +312,10 @@ pub fn segment(
         validate(hdr, packet)?;
         let base = out.len();
         out.extend_from_slice(packet);
-        complete_checksum(hdr, &mut out[base..])?;
+        if let Err(err) = complete_checksum(hdr, &mut out[base..]) {
+            out.truncate(base); // unreachable after `validate`; kept so that the promise holds regardless
+            return Err(err);
+        }
         lengths.push(len_u32(packet.len()));
         return Ok(1);
     }
@@ -558,7 +561,13 @@ fn emit_segments(plan: &Plan, packet: &[u8], out: &mut Vec<u8>, lengths: &mut Ve
 
         seg[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
         let pseudo = ones_add(pseudo_fixed, l4_len as u16);
-        let mut csum = !ones_add(pseudo, ones_complement_sum(&seg[l4..]));
+        // The L4 header is an even number of bytes, so header and payload sum separately; the payload is
+        // summed from the input, which spares reading back bytes just stored (store-forwarding stalls).
+        let l4_sum = ones_add(
+            ones_complement_sum(&seg[l4..header_len]),
+            ones_complement_sum(&packet[data_start..data_end]),
+        );
+        let mut csum = !ones_add(pseudo, l4_sum);
         if !is_tcp && csum == 0 {
             csum = 0xFFFF; // UDP: 0 means "no checksum"; its ones'-complement twin is sent instead.
         }

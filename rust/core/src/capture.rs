@@ -628,6 +628,13 @@ impl Context {
                 Record::Frame(first.map(|i| i.link), data)
             }
             PcapBlockOwned::NG(Block::Unknown(unknown)) => {
+                // `pcap-parser` checks the trailing length of the blocks it decodes, not of these.
+                if unknown.block_len1 != unknown.block_len2 {
+                    return Err(format!(
+                        "the block's trailing length {} disagrees with its length {}",
+                        unknown.block_len2, unknown.block_len1
+                    ));
+                }
                 let kind = self.normalized(unknown.block_type);
                 if kind != block_type::PACKET {
                     return Ok(Record::Undecoded(kind));
@@ -1805,6 +1812,27 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("captured length 500 runs past its block of 60 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_block_whose_trailing_length_disagrees_is_corrupt() {
+        let mut input = shb(true);
+        input.extend(idb(linktype::RAW, 0, true));
+        input.extend(packet_block(0, &ipv4(1), true));
+        let at = input.len() as u64;
+        let mut bad = block(0x4242_4242, &[0; 8], true);
+        bad[16..20].copy_from_slice(&[0, 0, 0, 24]);
+        input.extend(bad);
+        input.extend(packet_block(0, &ipv4(2), true));
+        let outcome = read(&input);
+        assert_eq!(outcome.packets, vec![ipv4(1)]);
+        let err = outcome.error.unwrap();
+        assert_eq!((err.kind(), err.offset()), ("corrupt", Some(at)));
+        assert!(
+            err.to_string()
+                .contains("trailing length 24 disagrees with its length 20"),
             "{err}"
         );
     }

@@ -173,6 +173,19 @@ def test_a_captured_length_past_the_end_comes_after_the_frames_before_it(tmp_pat
     )
 
 
+def test_a_cut_record_with_an_impossible_length_is_corrupt_not_truncated(tmp_path: Path) -> None:
+    """A captured length above the packet's own length: a corrupt field pointing past the end, not a cut."""
+    good = pcap_bytes([V4, V6], LINKTYPE_RAW)
+    record = struct.pack("<IIII", 1_700_000_000, 0, 60_000, len(V4)) + V4
+    path = write(tmp_path, good + record, "bad.pcap")
+    summary = summarize_capture(path)
+    assert (summary.frames, summary.ip_packets, summary.error_kind) == (2, 2, "corrupt")
+    assert summary.error == (
+        f"{path}: corrupt capture at byte offset {len(good)}: the record claims 60000 captured bytes of a "
+        f"{len(V4)}-byte packet, and the file ends at byte {len(good) + len(record)}"
+    )
+
+
 # ---- gzip and standard input ----
 
 

@@ -697,6 +697,8 @@ pub struct CaptureReader<R: Read> {
     context: Context,
     /// The longest legacy pcap record accepted (from the file's snap length, within `max_record`).
     legacy_max: usize,
+    /// The legacy file header's snap length (0: none).
+    legacy_snaplen: u32,
     options: ReaderOptions,
     capacity: usize,
     shared: Arc<Mutex<Shared>>,
@@ -780,6 +782,7 @@ impl<R: Read> CaptureReader<R> {
         .map_err(header_error)?;
         let mut context = Context::default();
         let mut legacy_max = options.max_record;
+        let mut legacy_snaplen = 0;
         if let Inner::Legacy(legacy) = &mut reader {
             // The first block of a legacy reader is the file header it already parsed.
             if let Ok((offset, PcapBlockOwned::LegacyHeader(header))) = legacy.next() {
@@ -787,6 +790,7 @@ impl<R: Read> CaptureReader<R> {
                 context.legacy_link = (header.network.0 as u32 & 0xffff) as u16;
                 let snaplen = usize::try_from(header.snaplen).unwrap_or(usize::MAX);
                 legacy_max = snaplen.max(LEGACY_MAX_SNAPLEN).min(options.max_record);
+                legacy_snaplen = header.snaplen;
                 legacy.consume(offset);
             }
         }
@@ -796,6 +800,7 @@ impl<R: Read> CaptureReader<R> {
             gzip,
             context,
             legacy_max,
+            legacy_snaplen,
             options,
             capacity,
             shared,
@@ -876,6 +881,30 @@ impl<R: Read> CaptureReader<R> {
         (claimed > limit).then_some((claimed as u64, limit))
     }
 
+    /// Why the legacy record at the start of the buffer, which the end of the input cuts short, is corrupt
+    /// rather than truncated: a header whose captured length is more than the packet's length on the wire or
+    /// than the file's snap length is not one a capture tool wrote and the end of a file then cut, but a
+    /// corrupt length field that points past the end. `None` for a plausible header (a plain cut).
+    fn implausible_record(&mut self) -> Option<String> {
+        let CaptureFormat::Pcap { big_endian, .. } = self.format else {
+            return None;
+        };
+        let snaplen = self.legacy_snaplen;
+        let data = self.inner.get().data();
+        let (caplen, origlen) = (u32_at(data, 8, big_endian)?, u32_at(data, 12, big_endian)?);
+        if caplen > origlen {
+            Some(format!(
+                "the record claims {caplen} captured bytes of a {origlen}-byte packet"
+            ))
+        } else if snaplen != 0 && caplen > snaplen {
+            Some(format!(
+                "the record claims {caplen} captured bytes, more than the file's snap length {snaplen}"
+            ))
+        } else {
+            None
+        }
+    }
+
     /// Reads one block: a frame goes into `batch` (unless the batch is full: then it is left for the next
     /// batch), interface and section blocks update the interface table, anything else is counted.
     fn step(&mut self, batch: &mut Batch) -> Result<Step, CaptureError> {
@@ -943,9 +972,15 @@ impl<R: Read> CaptureReader<R> {
             Stall::Truncated if self.inner.get().data().is_empty() => Ok(Step::End),
             Stall::Truncated => {
                 let end = position + self.inner.get().data().len() as u64;
-                Err(CaptureError::Truncated {
-                    offset: position,
-                    end,
+                Err(match self.implausible_record() {
+                    Some(detail) => CaptureError::Corrupt {
+                        offset: position,
+                        detail: format!("{detail}, and the file ends at byte {end}"),
+                    },
+                    None => CaptureError::Truncated {
+                        offset: position,
+                        end,
+                    },
                 })
             }
             Stall::ReadError => Err(Source::<R>::take_error(&self.shared)),
@@ -1913,6 +1948,7 @@ mod tests {
         for (count, claimed) in [(3usize, 100u32), (3, 200_000), (10_000, 100), (10_000, 200_000)] {
             let packets: Vec<Vec<u8>> = (0..count).map(|i| ipv4(i as u8)).collect();
             let mut input = pcap(101, &packets);
+            input[16..20].copy_from_slice(&262_144u32.to_le_bytes()); // the snap length
             let at = input.len() as u64;
             for v in [1_700_000_000, 0, claimed, claimed] {
                 w32(&mut input, v, false);
@@ -1923,6 +1959,41 @@ mod tests {
             let err = outcome.error.expect("an error");
             assert_eq!((err.kind(), err.offset()), ("truncated", Some(at)), "{err}");
             assert_eq!(outcome.stats.frames, count as u64);
+        }
+    }
+
+    #[test]
+    fn a_cut_record_whose_header_is_implausible_is_corrupt_not_truncated() {
+        let packets = vec![ipv4(1), ipv4(2)];
+        for (caplen, origlen, detail) in [
+            (
+                60_000u32,
+                100u32,
+                "the record claims 60000 captured bytes of a 100-byte packet",
+            ),
+            (
+                70_000,
+                70_000,
+                "the record claims 70000 captured bytes, more than the file's snap length 65535",
+            ),
+        ] {
+            let mut input = pcap(101, &packets);
+            let at = input.len() as u64;
+            for v in [1_700_000_000, 0, caplen, origlen] {
+                w32(&mut input, v, false);
+            }
+            input.extend(vec![0x45; 40]);
+            let outcome = read(&input);
+            assert_eq!(outcome.packets, packets);
+            let err = outcome.error.unwrap();
+            assert_eq!((err.kind(), err.offset()), ("corrupt", Some(at)));
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "corrupt capture at byte offset {at}: {detail}, and the file ends at byte {}",
+                    at + 56
+                )
+            );
         }
     }
 

@@ -9,9 +9,10 @@ protocols), malformed packets by reason, and the reader's frame counters.
 Errors: `CaptureError` (a `ValueError`) for a file that is not a capture, or one that cannot be read on;
 `OSError` (`FileNotFoundError`, ...) when the file cannot be opened. A capture that ends early (truncated by
 a capture still being written, or corrupt further on) is not an error for `summarize_capture`: the summary
-covers the packets before the problem and records it in `error`/`error_kind`. Neither is a capture from
-which no frame could be read: its summary says why in `error`, with `error_kind` `no_frames` when reading
-itself went fine (no packet records, or only pcapng blocks this reader does not decode).
+covers the packets before the problem and records it in `error`/`error_kind`. Nor does a capture from
+which no frame could be read raise: its summary says why in `error`, with `error_kind` `no_frames` when
+reading itself went fine (no packet records, or only pcapng blocks this reader does not decode), and the
+command line turns it into a failure, never a silent zero.
 """
 
 from __future__ import annotations

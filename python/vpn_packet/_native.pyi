@@ -96,11 +96,12 @@ from collections.abc import Iterator as _Iterator  # noqa: E402
 from os import PathLike as _PathLike  # noqa: E402
 from pathlib import Path as _Path  # noqa: E402
 
-__all__ += ["CaptureReader", "link_type_name"]
+__all__ += ["CaptureReader", "link_type_name", "pcapng_block_name"]
 
 @final
 class CaptureReader(_Iterator[tuple[bytes, list[int]]]):
-    """Streams the IP packets of a pcap/pcapng file in batches of `(buffer, lengths)`.
+    """Streams the IP packets of a pcap/pcapng file (gzip-compressed or not; `-`: standard input) in
+    batches of `(buffer, lengths)`.
 
     Raises `vpn_packet.capture.CaptureError` for a file that is not a capture (at construction) or that
     cannot be read on (after yielding the packets before the problem); `OSError` when it cannot be opened.
@@ -114,9 +115,13 @@ class CaptureReader(_Iterator[tuple[bytes, list[int]]]):
     @property
     def path(self) -> _Path: ...
     @property
+    def name(self) -> str: ...
+    @property
     def format(self) -> str: ...
     @property
     def format_detail(self) -> str: ...
+    @property
+    def compression(self) -> str | None: ...
     @property
     def frames(self) -> int: ...
     @property
@@ -132,11 +137,18 @@ class CaptureReader(_Iterator[tuple[bytes, list[int]]]):
     @property
     def link_types(self) -> dict[int, int]: ...
     @property
+    def encapsulations(self) -> dict[str, int]: ...
+    @property
+    def link_encapsulations(self) -> dict[int, dict[str, int]]: ...
+    @property
+    def undecoded_blocks(self) -> dict[int, int]: ...
+    @property
     def batches(self) -> int: ...
     @property
     def position(self) -> int: ...
 
 def link_type_name(link: int) -> str | None: ...
+def pcapng_block_name(kind: int) -> str | None: ...
 
 # --- framing and prefix match (transport receiving side) ---
 

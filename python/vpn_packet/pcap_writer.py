@@ -2,7 +2,9 @@
 
 Plain Python with `struct`, independent of the native reader, so tests can use them as ground truth and
 `vpn-packet sample-capture` can write a demo file. Link types: ETHERNET (optionally VLAN-tagged), RAW,
-IPV4/IPV6, NULL, LOOP, LINUX_SLL and LINUX_SLL2.
+IPV4/IPV6, NULL, LOOP, LINUX_SLL and LINUX_SLL2; inside Ethernet, the encapsulations real networks put
+before IP: MPLS label stacks, PPPoE sessions, 802.2 LLC/SNAP and 802.1ah PBB. pcapng files may also hold
+the obsolete Packet Block and blocks of any other type.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ __all__ = [
     "ETHERTYPE_ARP",
     "ETHERTYPE_IPV4",
     "ETHERTYPE_IPV6",
+    "ETHERTYPE_MPLS",
+    "ETHERTYPE_MPLS_MULTICAST",
+    "ETHERTYPE_PBB",
+    "ETHERTYPE_PPPOE_DISCOVERY",
+    "ETHERTYPE_PPPOE_SESSION",
     "ETHERTYPE_QINQ",
     "ETHERTYPE_VLAN",
     "LINKTYPE_ETHERNET",
@@ -50,10 +57,14 @@ __all__ = [
     "arp_frame",
     "encapsulate",
     "ethernet_frame",
+    "llc_snap_frame",
     "loop_frame",
+    "mpls_frame",
     "null_frame",
+    "pbb_frame",
     "pcap_bytes",
     "pcapng_bytes",
+    "pppoe_frame",
     "sll2_frame",
     "sll_frame",
     "write_sample_capture",
@@ -73,6 +84,14 @@ ETHERTYPE_ARP = 0x0806
 ETHERTYPE_VLAN = 0x8100
 ETHERTYPE_IPV6 = 0x86DD
 ETHERTYPE_QINQ = 0x88A8
+ETHERTYPE_MPLS = 0x8847
+ETHERTYPE_MPLS_MULTICAST = 0x8848
+ETHERTYPE_PPPOE_DISCOVERY = 0x8863
+ETHERTYPE_PPPOE_SESSION = 0x8864
+ETHERTYPE_PBB = 0x88E7
+
+PPP_IPV4 = 0x0021
+PPP_IPV6 = 0x0057
 
 AF_INET = 2
 AF_INET6_DARWIN = 30
@@ -104,6 +123,71 @@ def ethernet_frame(
         tpid, vid = (ETHERTYPE_VLAN, vlan) if isinstance(vlan, int) else vlan
         tags += struct.pack("!HH", tpid, vid & 0x0FFF)
     return dst_mac + src_mac + tags + struct.pack("!H", kind) + payload
+
+
+def mpls_frame(
+    payload: bytes,
+    labels: Sequence[int] = (16,),
+    *,
+    ethertype: int = ETHERTYPE_MPLS,
+    vlans: Sequence[int | tuple[int, int]] = (),
+    control_word: bool = False,
+) -> bytes:
+    """An Ethernet frame carrying `payload` under an MPLS label stack (outermost label first; the last one
+    has the bottom-of-stack bit). `control_word` puts a pseudowire control word (4 zero bytes) before the
+    payload, as an Ethernet pseudowire does: `payload` is then the customer's Ethernet frame."""
+    stack = b"".join(
+        struct.pack("!I", (label & 0xFFFFF) << 12 | (i == len(labels) - 1) << 8 | 64)
+        for i, label in enumerate(labels)
+    )
+    body = stack + (b"\0\0\0\0" if control_word else b"") + payload
+    return ethernet_frame(body, ethertype=ethertype, vlans=vlans)
+
+
+def pppoe_frame(
+    packet: bytes,
+    *,
+    session_id: int = 1,
+    protocol: int | None = None,
+    vlans: Sequence[int | tuple[int, int]] = (),
+) -> bytes:
+    """An Ethernet PPPoE session frame carrying `packet` in PPP; `protocol` defaults to IPv4 (0x0021) or
+    IPv6 (0x0057) from the version nibble."""
+    if protocol is None:
+        protocol = PPP_IPV6 if _ethertype_of(packet) == ETHERTYPE_IPV6 else PPP_IPV4
+    ppp = struct.pack("!H", protocol) + packet
+    header = struct.pack("!BBHH", 0x11, 0x00, session_id, len(ppp))
+    return ethernet_frame(header + ppp, ethertype=ETHERTYPE_PPPOE_SESSION, vlans=vlans)
+
+
+def llc_snap_frame(
+    packet: bytes,
+    *,
+    ethertype: int | None = None,
+    oui: bytes = b"\0\0\0",
+    vlans: Sequence[int | tuple[int, int]] = (),
+) -> bytes:
+    """An 802.3 frame (a length, not an EtherType) with an LLC/SNAP header (RFC 1042) carrying `packet`."""
+    kind = _ethertype_of(packet) if ethertype is None else ethertype
+    body = b"\xaa\xaa\x03" + oui + struct.pack("!H", kind) + packet
+    if len(body) > 1500:
+        raise ValueError(f"an 802.3 frame carries at most 1500 bytes, not {len(body)}")
+    return ethernet_frame(body, ethertype=len(body), vlans=vlans)
+
+
+def pbb_frame(
+    packet: bytes,
+    *,
+    service_id: int = 0x10203,
+    backbone_vlan: int | None = 100,
+    customer_vlans: Sequence[int] = (),
+) -> bytes:
+    """An 802.1ah (provider backbone bridging) frame: backbone header with an optional B-TAG (0x88a8), the
+    I-TAG (0x88e7, a 24-bit service id), then the customer's Ethernet frame carrying `packet`."""
+    customer = ethernet_frame(packet, vlans=customer_vlans)
+    itag = struct.pack("!I", service_id & 0xFFFFFF) + customer
+    vlans: list[int | tuple[int, int]] = [] if backbone_vlan is None else [(ETHERTYPE_QINQ, backbone_vlan)]
+    return ethernet_frame(itag, ethertype=ETHERTYPE_PBB, vlans=vlans)
 
 
 def arp_frame(sender_ip: str = "10.0.0.1", target_ip: str = "10.0.0.2") -> bytes:
@@ -282,6 +366,25 @@ class PcapNgWriter:
         """A simple packet block (interface 0, no timestamp)."""
         length = len(frame) if original_length is None else original_length
         self.write_block(3, struct.pack(self._order + "I", length) + frame)
+
+    def write_packet_block(
+        self,
+        frame: bytes,
+        *,
+        interface: int = 0,
+        timestamp: float | None = None,
+        drops: int = 0,
+        captured_length: int | None = None,
+    ) -> None:
+        """An obsolete Packet Block (type 2), as old tools still write: a 16-bit interface id and a drops
+        count where the enhanced block has a 32-bit interface id. `captured_length` overrides the length
+        field (to write a corrupt block)."""
+        micros = round(self._clock.next(timestamp) * 1e6)
+        caplen = len(frame) if captured_length is None else captured_length
+        header = struct.pack(
+            self._order + "HHIIII", interface, drops, micros >> 32, micros & 0xFFFFFFFF, caplen, len(frame)
+        )
+        self.write_block(2, header + frame)
 
 
 def pcap_bytes(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,16 @@ import pytest
 
 from vpn_packet.cli import main
 from vpn_packet.testutil.packets import ICMP, TCP, UDP, icmp_echo, ipv4_packet, ipv6_packet
-from vpn_packet.testutil.pcap import arp_frame, ethernet_frame, pcap_bytes
+from vpn_packet.testutil.pcap import (
+    ETHERTYPE_QINQ,
+    LINKTYPE_RAW,
+    PcapNgWriter,
+    arp_frame,
+    ethernet_frame,
+    mpls_frame,
+    pcap_bytes,
+    pppoe_frame,
+)
 
 WEB = ipv4_packet("10.8.0.2", "10.0.0.1", TCP, 40000, 443, b"x" * 100)
 DNS = ipv6_packet("fd00::2", "2001:db8::53", UDP, 5000, 53, b"q" * 30)
@@ -53,7 +65,8 @@ def test_inspect_prints_a_table_of_destinations(
 
 def totals_of(out: str) -> dict[str, tuple[str, str]]:
     """The totals under the table: label -> (number, details)."""
-    pattern = re.compile(r"^(frames|IP packets|parsed|malformed|link types) +([\d,]*) *(.*?)\s*$")
+    labels = "frames|IP packets|parsed|malformed|link types|encapsulations|blocks not decoded"
+    pattern = re.compile(rf"^({labels}) +([\d,]*) *(.*?)\s*$")
     return {m[1]: (m[2], m[3]) for m in map(pattern.match, out.splitlines()) if m}
 
 
@@ -199,3 +212,95 @@ def test_python_dash_m_lists_every_subcommand(module: str) -> None:
     assert result.returncode == 0
     for command in ["inspect", "sample-capture", "demo", "node"]:
         assert command in result.stdout
+
+
+# ---- no silent zero, encapsulations, blocks not decoded, gzip and standard input ----
+
+
+def test_a_capture_without_frames_is_exit_1_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.pcap"
+    empty.write_bytes(pcap_bytes([]))
+    assert main(["inspect", str(empty)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"vpn-packet inspect: error: {empty}: no frame could be read: the capture holds no packet records\n"
+    )
+
+    # Only blocks the reader does not decode: the JSON is still printed, with the reason.
+    out_ng = io.BytesIO()
+    writer = PcapNgWriter(out_ng)
+    writer.add_interface(LINKTYPE_RAW)
+    writer.write_block(0x42424242, b"x" * 8)
+    blocks = tmp_path / "blocks.pcapng"
+    blocks.write_bytes(out_ng.getvalue())
+    assert main(["inspect", str(blocks), "--json"]) == 1
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert (data["frames"], data["error"]["kind"]) == (0, "no_frames")
+    assert data["undecoded_blocks"] == [{"block_type": 0x42424242, "name": None, "blocks": 1}]
+    assert err.startswith(f"vpn-packet inspect: error: {blocks}: no frame could be read: ")
+    assert "unknown (0x42424242) 1" in err
+
+
+def test_a_capture_corrupt_at_its_first_record_is_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "corrupt.pcap"
+    path.write_bytes(pcap_bytes([]) + struct.pack("<IIII", 0, 0, 1_400_000_000, 1_400_000_000))
+    assert main(["inspect", str(path)]) == 1
+    assert capsys.readouterr().err == (
+        f"vpn-packet inspect: error: {path}: corrupt capture at byte offset 24: the record claims 1400000000 "
+        "bytes, more than 262144 (the largest record this reader accepts)\n"
+    )
+
+
+def test_packet_blocks_encapsulations_and_blocks_not_decoded_in_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_ng = io.BytesIO()
+    writer = PcapNgWriter(out_ng)
+    writer.add_interface(1)
+    for _ in range(3):
+        writer.write_packet_block(mpls_frame(WEB, [16, 17]))
+    writer.write_packet_block(pppoe_frame(DNS, vlans=[(ETHERTYPE_QINQ, 5), 6]))
+    writer.write_block(4, b"\0\0\0\0")
+    path = tmp_path / "old.pcapng"
+    path.write_bytes(out_ng.getvalue())
+    assert main(["inspect", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    totals = totals_of(out)
+    assert totals["frames"][0] == "4"
+    assert totals["encapsulations"] == ("", "mpls 3, pppoe 1, qinq 1, vlan 1")
+    assert totals["blocks not decoded"] == ("1", "Name Resolution (4) 1")
+    assert "10.0.0.1:443" in out
+
+
+def test_gzip_capture_on_standard_input_end_to_end(tmp_path: Path) -> None:
+    """The real process reading `-`: a gzip-compressed capture piped in."""
+    data = gzip.compress(pcap_bytes([ethernet_frame(p) for p in [WEB, DNS, WEB]]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "vpn_packet.cli", "inspect", "-", "--json"],
+        input=data,
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["path"], summary["compression"], summary["frames"]) == ("-", "gzip", 3)
+    assert summary["destinations"][0]["destination"] == "10.0.0.1:443"
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "vpn_packet.cli", "inspect", "-"],
+        input="",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr == "vpn-packet inspect: error: <stdin>: not a pcap or pcapng capture: the file is empty\n"
+    )

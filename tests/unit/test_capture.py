@@ -342,11 +342,16 @@ def test_truncated_file_header(tmp_path: Path) -> None:
     assert caught.value.kind == "truncated_header"
 
 
-def test_empty_capture_is_fine(tmp_path: Path) -> None:
+def test_empty_capture_reads_fine_and_says_it_holds_no_frame(tmp_path: Path) -> None:
     for data in (pcap_bytes([]), pcapng_bytes([], [LINKTYPE_RAW])):
         packets, reader = read_all(write(tmp_path, data))
         assert (packets, reader.frames, reader.batches) == ([], 0, 0)
-        assert summarize_capture(tmp_path / "capture.pcap").destinations == {}
+        summary = summarize_capture(tmp_path / "capture.pcap")
+        assert summary.destinations == {}
+        assert summary.error_kind == "no_frames"
+        assert summary.error == (
+            f"{tmp_path / 'capture.pcap'}: no frame could be read: the capture holds no packet records"
+        )
 
 
 def test_missing_file_and_directory_are_os_errors(tmp_path: Path) -> None:
@@ -407,7 +412,8 @@ def test_summary_numbers_are_exact(tmp_path: Path) -> None:
             "protocol_numbers": [6],
         }
     ]
-    assert as_dict["link_types"] == [{"linktype": 1, "name": "ETHERNET", "frames": 12}]
+    assert as_dict["link_types"] == [{"linktype": 1, "name": "ETHERNET", "frames": 12, "encapsulations": {}}]
+    assert (as_dict["encapsulations"], as_dict["undecoded_blocks"], as_dict["compression"]) == ({}, [], None)
     assert as_dict["error"] is None
 
 

@@ -1,4 +1,8 @@
-"""`vpn-packet inspect FILE`: a pcap/pcapng capture summarised per destination (table or JSON)."""
+"""`vpn-packet inspect FILE`: a pcap/pcapng capture summarised per destination (table or JSON).
+
+FILE may be gzip-compressed, or `-` for standard input. A capture from which no frame could be read is not a
+silent zero: the command says why and exits with `EXIT_FAILED`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vpn_packet.cli._command import EXIT_OK, PROG, Subcommand, non_negative_int
+from vpn_packet.cli._command import EXIT_FAILED, EXIT_OK, PROG, Subcommand, non_negative_int
 
 if TYPE_CHECKING:
     from vpn_packet.capture import CaptureSummary
@@ -19,7 +23,12 @@ _DEFAULT_TOP = 20
 
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", metavar="FILE", type=Path, help="a pcap or pcapng capture")
+    parser.add_argument(
+        "file",
+        metavar="FILE",
+        type=Path,
+        help="a pcap or pcapng capture, possibly gzip-compressed; - reads standard input",
+    )
     parser.add_argument(
         "--top",
         metavar="N",
@@ -37,6 +46,10 @@ def _link_label(link: int) -> str:
     return f"{name} ({link})" if name else f"unsupported ({link})"
 
 
+def _source_label(summary: CaptureSummary) -> str:
+    return "<stdin>" if summary.path == "-" else summary.path
+
+
 def _print_table(summary: CaptureSummary, top: int) -> None:
     from rich import box
     from rich.console import Console
@@ -49,7 +62,9 @@ def _print_table(summary: CaptureSummary, top: int) -> None:
     ranked = summary.top(top or None)
     count = len(summary.destinations)
     shown = f"top {len(ranked)} of {count:,}" if len(ranked) < count else f"{count:,}"
-    console.print(Text(f"{summary.path}: {summary.format_detail}, {shown} destinations"), soft_wrap=True)
+    console.print(
+        Text(f"{_source_label(summary)}: {summary.format_detail}, {shown} destinations"), soft_wrap=True
+    )
     table = Table(box=box.SIMPLE_HEAVY)
     table.add_column("#", justify="right", style="dim")
     table.add_column("destination", no_wrap=True)
@@ -76,6 +91,16 @@ def _print_table(summary: CaptureSummary, top: int) -> None:
     totals.add_row("malformed", f"{summary.malformed_packets:,}", reasons)
     links = ", ".join(f"{_link_label(link)} {n:,}" for link, n in sorted(summary.link_types.items()))
     totals.add_row("link types", "", links or "none")
+    if summary.encapsulations:
+        layers = ", ".join(f"{name} {n:,}" for name, n in sorted(summary.encapsulations.items()))
+        totals.add_row("encapsulations", "", layers)
+    if summary.format == "pcapng":
+        from vpn_packet.capture import block_type_label
+
+        blocks = ", ".join(
+            f"{block_type_label(kind)} {n:,}" for kind, n in sorted(summary.undecoded_blocks.items())
+        )
+        totals.add_row("blocks not decoded", f"{sum(summary.undecoded_blocks.values()):,}", blocks)
     console.print(totals)
 
 
@@ -86,7 +111,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(summary.to_dict(args.top or None), sys.stdout, indent=2)
         sys.stdout.write("\n")
-    else:
+    if summary.frames == 0:
+        # Nothing was read: a table of zeros would look like an answer.
+        print(f"{PROG} inspect: error: {summary.error}", file=sys.stderr)
+        return EXIT_FAILED
+    if not args.json:
         _print_table(summary, _DEFAULT_TOP if args.top is None else args.top)
     if summary.error is not None:
         print(
@@ -100,12 +129,16 @@ COMMAND = Subcommand(
     name="inspect",
     help="summarise a pcap/pcapng capture per destination",
     description=(
-        "Reads a pcap or pcapng capture (Ethernet with VLAN tags, Linux cooked SLL/SLL2, raw IP, BSD\n"
-        "loopback), parses every IP packet natively and prints a per-destination table (packets, bytes,\n"
-        "protocols), the number of malformed packets by reason, and the frames skipped.\n\n"
+        "Reads a pcap or pcapng capture, plain or gzip-compressed, from a file or (FILE -) standard\n"
+        "input: Ethernet (VLAN/QinQ tags, MPLS, PPPoE, LLC/SNAP, 802.1ah PBB), Linux cooked SLL/SLL2,\n"
+        "raw IP, BSD loopback, PPP, Cisco HDLC. Parses every IP packet natively and prints a\n"
+        "per-destination table (packets, bytes, protocols), the number of malformed packets by reason,\n"
+        "the frames skipped, the encapsulations crossed and the pcapng blocks not decoded.\n\n"
         "A file that is not a capture, or cannot be opened, is an error (exit status 2). A capture that\n"
         "ends early (cut mid-record, as when it is still being written, or corrupt further on) is\n"
-        "summarised up to that point, with a warning on stderr (exit status 0)."
+        "summarised up to that point, with a warning on stderr (exit status 0). A capture from which no\n"
+        "frame could be read says why on stderr (exit status 1). Byte offsets in messages about a\n"
+        "gzip-compressed capture count decompressed bytes."
     ),
     add_arguments=_inspect_arguments,
     run=_run_inspect,

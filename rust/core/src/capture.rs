@@ -1,181 +1,34 @@
 //! Streaming pcap/pcapng reading: link-layer frames to raw IP packets, for `vpn-packet inspect`.
 //!
-//! [`CaptureReader`] wraps any [`Read`] (a file, a pipe, a byte slice), detects the format from the magic
-//! number (legacy pcap in either byte order with micro- or nanosecond timestamps, or pcapng), and hands out
-//! IP packets in [`Batch`]es: one contiguous buffer plus the packet lengths, bounded in packet count and
-//! bytes, so memory stays bounded however large the capture. The container format is parsed by the
-//! `pcap-parser` crate; the link layer (Ethernet with stacked VLAN tags, Linux cooked SLL/SLL2, BSD
-//! loopback, raw IP) is stripped here by [`link_payload`].
+//! [`CaptureReader`] wraps any [`Read`] (a file, a pipe, standard input, a byte slice), detects the format
+//! from the magic number (legacy pcap in either byte order with micro- or nanosecond timestamps, or pcapng;
+//! either one gzip-compressed, decompressed as it streams), and hands out IP packets in [`Batch`]es: one
+//! contiguous buffer plus the packet lengths, bounded in packet count and bytes, so memory stays bounded
+//! however large the capture. The container format is parsed by the `pcap-parser` crate (the obsolete
+//! pcapng Packet Block, which it leaves undecoded, is decoded here); the link layer and the encapsulations
+//! inside it (VLAN, MPLS, PPPoE, LLC/SNAP, PBB) are stripped by [`link::strip_link`].
 //!
 //! Frames that carry no IP packet (ARP, LLDP, ...) and frames of unsupported link types are skipped and
-//! counted in [`CaptureStats`], never fatal. Errors ([`CaptureError`]) are for the container itself: not a
-//! capture, truncated, corrupt, or I/O. Every function here is total: no input makes it panic or loop
-//! forever (the buffer refill loop stops when the input is exhausted or a record exceeds a size limit).
+//! counted in [`CaptureStats`], never fatal; so are pcapng blocks this reader does not decode, by type.
+//! Errors ([`CaptureError`]) are for the container itself: not a capture, truncated, corrupt (a record
+//! longer than any real one, a block that does not fit its length), or I/O; the packets before an error are
+//! handed out first. Every function here is total: no input makes it panic or loop forever (the buffer
+//! refill loop stops when the input is exhausted or a record exceeds a size limit).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 
+use flate2::read::MultiGzDecoder;
 use pcap_parser::pcapng::Block;
 use pcap_parser::traits::{PcapNGPacketBlock, PcapReaderIterator};
 use pcap_parser::{LegacyPcapReader, PcapBlockOwned, PcapError, PcapNGReader};
 
-/// Link-layer header types (the `LINKTYPE_*` values of <https://www.tcpdump.org/linktypes.html>).
-pub mod linktype {
-    /// BSD loopback: a 4-byte address family in the capturing host's byte order.
-    pub const NULL: u16 = 0;
-    /// Ethernet II (possibly with 802.1Q / 802.1ad VLAN tags).
-    pub const ETHERNET: u16 = 1;
-    /// Raw IP, as `DLT_RAW` is numbered on some BSDs.
-    pub const DLT_RAW_12: u16 = 12;
-    /// Raw IP, as `DLT_RAW` is numbered on some other BSDs.
-    pub const DLT_RAW_14: u16 = 14;
-    /// Raw IP (IPv4 or IPv6, from the version nibble).
-    pub const RAW: u16 = 101;
-    /// OpenBSD loopback: a 4-byte address family in network byte order.
-    pub const LOOP: u16 = 108;
-    /// Linux cooked capture v1 (16-byte header).
-    pub const LINUX_SLL: u16 = 113;
-    /// Raw IPv4.
-    pub const IPV4: u16 = 228;
-    /// Raw IPv6.
-    pub const IPV6: u16 = 229;
-    /// Linux cooked capture v2 (20-byte header).
-    pub const LINUX_SLL2: u16 = 276;
+pub mod link;
 
-    /// The conventional name of a link type, for messages and reports.
-    pub fn name(link: u16) -> Option<&'static str> {
-        Some(match link {
-            NULL => "NULL",
-            ETHERNET => "ETHERNET",
-            DLT_RAW_12 | DLT_RAW_14 | RAW => "RAW",
-            LOOP => "LOOP",
-            LINUX_SLL => "LINUX_SLL",
-            IPV4 => "IPV4",
-            IPV6 => "IPV6",
-            LINUX_SLL2 => "LINUX_SLL2",
-            _ => return None,
-        })
-    }
-
-    /// True for the link types [`super::link_payload`] can strip.
-    pub fn is_supported(link: u16) -> bool {
-        name(link).is_some()
-    }
-}
-
-/// EtherType values the link-layer walk understands.
-mod ethertype {
-    pub const IPV4: u16 = 0x0800;
-    pub const IPV6: u16 = 0x86dd;
-    /// 802.1Q customer VLAN tag.
-    pub const VLAN: u16 = 0x8100;
-    /// 802.1ad service VLAN tag (QinQ outer tag).
-    pub const QINQ: u16 = 0x88a8;
-    /// Pre-standard QinQ outer tag.
-    pub const QINQ_OLD: u16 = 0x9100;
-}
-
-/// Address-family values of the NULL and LOOP link types (they differ between operating systems).
-mod family {
-    pub const INET: u32 = 2;
-    /// AF_INET6 on Linux, NetBSD/OpenBSD, FreeBSD and Darwin.
-    pub const INET6: [u32; 4] = [10, 24, 28, 30];
-}
-
-/// What a link-layer frame carries, as far as IP is concerned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LinkPayload<'a> {
-    /// An IP packet (not yet validated: the IP parser decides whether it is well formed).
-    Ip(&'a [u8]),
-    /// A well-formed frame of something else (ARP, LLDP, IPX, an unknown address family, ...).
-    NotIp,
-    /// A frame too short for its own link-layer header.
-    Short,
-    /// A link type this module does not strip.
-    Unsupported,
-}
-
-#[inline]
-fn be16(bytes: &[u8], at: usize) -> Option<u16> {
-    bytes.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-}
-
-#[inline]
-fn u32_at(bytes: &[u8], at: usize, big_endian: bool) -> Option<u32> {
-    let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
-    Some(if big_endian {
-        u32::from_be_bytes(b)
-    } else {
-        u32::from_le_bytes(b)
-    })
-}
-
-/// The payload of a frame whose link header ends at `payload_at` with EtherType `kind`, walking any stacked
-/// VLAN tags (4 bytes each: TCI, then the next EtherType). Shared by Ethernet and the Linux cooked captures,
-/// whose protocol field is an EtherType.
-fn after_ethertype(frame: &[u8], mut kind: u16, mut payload_at: usize) -> LinkPayload<'_> {
-    while matches!(kind, ethertype::VLAN | ethertype::QINQ | ethertype::QINQ_OLD) {
-        let Some(inner) = be16(frame, payload_at + 2) else {
-            return LinkPayload::Short;
-        };
-        kind = inner;
-        payload_at += 4;
-    }
-    match (kind, frame.get(payload_at..)) {
-        (ethertype::IPV4 | ethertype::IPV6, Some(packet)) => LinkPayload::Ip(packet),
-        (_, Some(_)) => LinkPayload::NotIp,
-        (_, None) => LinkPayload::Short,
-    }
-}
-
-/// The payload after a 4-byte address family (NULL and LOOP link types).
-fn after_family(frame: &[u8], family: u32) -> LinkPayload<'_> {
-    match frame.get(4..) {
-        Some(packet) if family == family::INET || family::INET6.contains(&family) => LinkPayload::Ip(packet),
-        Some(_) => LinkPayload::NotIp,
-        None => LinkPayload::Short,
-    }
-}
-
-/// Strips the link-layer header of a frame of type `link` (a `LINKTYPE_*` value, see [`linktype`]).
-///
-/// Ethernet: stacked 0x8100/0x88a8/0x9100 tags are walked. NULL: the family is in the capturing host's byte
-/// order, which the file does not record, so a value with its high 16 bits set is taken as byte-swapped
-/// (families are small numbers). LOOP: network byte order. SLL/SLL2: the protocol field is an EtherType.
-pub fn link_payload(link: u16, frame: &[u8]) -> LinkPayload<'_> {
-    match link {
-        linktype::RAW | linktype::DLT_RAW_12 | linktype::DLT_RAW_14 | linktype::IPV4 | linktype::IPV6 => {
-            LinkPayload::Ip(frame)
-        }
-        linktype::ETHERNET => match be16(frame, 12) {
-            Some(kind) => after_ethertype(frame, kind, 14),
-            None => LinkPayload::Short,
-        },
-        linktype::NULL => match u32_at(frame, 0, false) {
-            Some(value) if value & 0xffff_0000 != 0 => after_family(frame, value.swap_bytes()),
-            Some(value) => after_family(frame, value),
-            None => LinkPayload::Short,
-        },
-        linktype::LOOP => match u32_at(frame, 0, true) {
-            Some(value) => after_family(frame, value),
-            None => LinkPayload::Short,
-        },
-        // SLL: packet type, ARPHRD type, address length, 8 address bytes, protocol; 16 bytes.
-        linktype::LINUX_SLL => match be16(frame, 14) {
-            Some(kind) => after_ethertype(frame, kind, 16),
-            None => LinkPayload::Short,
-        },
-        // SLL2: protocol, reserved, interface index, ARPHRD type, packet type, address length, 8 address
-        // bytes; 20 bytes.
-        linktype::LINUX_SLL2 => match (be16(frame, 0), frame.len() >= 20) {
-            (Some(kind), true) => after_ethertype(frame, kind, 20),
-            _ => LinkPayload::Short,
-        },
-        _ => LinkPayload::Unsupported,
-    }
-}
+use link::u32_at;
+pub use link::{link_payload, linktype, strip_link, Encapsulation, Encapsulations, LinkPayload};
 
 /// The container format of a capture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,8 +83,20 @@ pub enum CaptureError {
     Truncated { offset: u64, end: u64 },
     /// The record at byte `offset` is not valid (pcapng block structure).
     Corrupt { offset: u64, detail: String },
-    /// The record at byte `offset` claims more than `limit` bytes (a corrupt length field, in practice).
-    RecordTooLarge { offset: u64, limit: usize },
+    /// The record at byte `offset` claims `claimed` bytes (when known), more than `limit`, the largest record
+    /// this reader accepts: a corrupt length field, in practice.
+    RecordTooLarge {
+        offset: u64,
+        claimed: Option<u64>,
+        limit: usize,
+    },
+    /// The gzip stream around the capture is corrupt (`truncated`: cut short) after `offset` bytes of
+    /// decompressed capture.
+    Gzip {
+        offset: u64,
+        truncated: bool,
+        detail: String,
+    },
     /// Reading the input failed.
     Io(io::Error),
 }
@@ -243,19 +108,20 @@ impl CaptureError {
         match self {
             CaptureError::NotACapture { .. } => "not_a_capture",
             CaptureError::TruncatedHeader { .. } => "truncated_header",
-            CaptureError::Truncated { .. } => "truncated",
-            CaptureError::Corrupt { .. } => "corrupt",
+            CaptureError::Truncated { .. } | CaptureError::Gzip { truncated: true, .. } => "truncated",
+            CaptureError::Corrupt { .. } | CaptureError::Gzip { .. } => "corrupt",
             CaptureError::RecordTooLarge { .. } => "record_too_large",
             CaptureError::Io(_) => "io",
         }
     }
 
-    /// The byte offset in the input that the error is about, when there is one.
+    /// The byte offset in the (decompressed) input that the error is about, when there is one.
     pub fn offset(&self) -> Option<u64> {
         match self {
             CaptureError::Truncated { offset, .. }
             | CaptureError::Corrupt { offset, .. }
-            | CaptureError::RecordTooLarge { offset, .. } => Some(*offset),
+            | CaptureError::RecordTooLarge { offset, .. }
+            | CaptureError::Gzip { offset, .. } => Some(*offset),
             CaptureError::TruncatedHeader { .. } => Some(0),
             CaptureError::NotACapture { .. } | CaptureError::Io(_) => None,
         }
@@ -272,18 +138,32 @@ fn describe_head(head: &[u8]) -> String {
     format!("{} ({text:?})", hex.join(" "))
 }
 
+/// Compression formats a capture may come in that this reader does not decompress (gzip it does).
+const OTHER_COMPRESSIONS: [(&[u8], &str); 4] = [
+    (&[0x28, 0xb5, 0x2f, 0xfd], "zstd"),
+    (&[0xfd, b'7', b'z', b'X', b'Z', 0], "xz"),
+    (b"BZh", "bzip2"),
+    (&[0x04, 0x22, 0x4d, 0x18], "lz4"),
+];
+
 impl fmt::Display for CaptureError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CaptureError::NotACapture { head } if head.is_empty() => {
                 f.write_str("not a pcap or pcapng capture: the file is empty")
             }
-            CaptureError::NotACapture { head } => write!(
-                f,
-                "not a pcap or pcapng capture: it starts with {}, not a pcap magic (a1b2c3d4, a1b23c4d in \
-                 either byte order) or the pcapng magic (0a0d0d0a)",
-                describe_head(head)
-            ),
+            CaptureError::NotACapture { head } => {
+                write!(
+                    f,
+                    "not a pcap or pcapng capture: it starts with {}, not a pcap magic (a1b2c3d4, a1b23c4d in \
+                     either byte order), the pcapng magic (0a0d0d0a) or gzip's (1f8b)",
+                    describe_head(head)
+                )?;
+                match OTHER_COMPRESSIONS.iter().find(|(magic, _)| head.starts_with(magic)) {
+                    Some((_, name)) => write!(f, "; it looks {name}-compressed: decompress it first"),
+                    None => Ok(()),
+                }
+            }
             CaptureError::TruncatedHeader { format, len } => {
                 write!(f, "truncated {format} capture: the file ends inside its header, after {len} bytes")
             }
@@ -293,10 +173,35 @@ impl fmt::Display for CaptureError {
                  byte {end}"
             ),
             CaptureError::Corrupt { offset, detail } => write!(f, "corrupt capture at byte offset {offset}: {detail}"),
-            CaptureError::RecordTooLarge { offset, limit } => write!(
+            CaptureError::RecordTooLarge {
+                offset,
+                claimed: Some(claimed),
+                limit,
+            } => write!(
+                f,
+                "corrupt capture at byte offset {offset}: the record claims {claimed} bytes, more than {limit} \
+                 (the largest record this reader accepts)"
+            ),
+            CaptureError::RecordTooLarge {
+                offset,
+                claimed: None,
+                limit,
+            } => write!(
                 f,
                 "corrupt capture at byte offset {offset}: the record claims more than {limit} bytes (the largest \
                  record this reader accepts)"
+            ),
+            CaptureError::Gzip {
+                offset,
+                truncated: true,
+                ..
+            } => write!(
+                f,
+                "truncated gzip stream: it ends after {offset} bytes of decompressed capture"
+            ),
+            CaptureError::Gzip { offset, detail, .. } => write!(
+                f,
+                "corrupt gzip stream after {offset} bytes of decompressed capture: {detail}"
             ),
             CaptureError::Io(err) => write!(f, "I/O error reading the capture: {err}"),
         }
@@ -312,11 +217,46 @@ impl std::error::Error for CaptureError {
     }
 }
 
+/// pcapng block types, for the count of blocks the reader does not decode.
+pub mod block_type {
+    pub const INTERFACE_DESCRIPTION: u32 = 1;
+    /// The obsolete Packet Block, still written by some tools: decoded like an Enhanced Packet Block.
+    pub const PACKET: u32 = 2;
+    pub const SIMPLE_PACKET: u32 = 3;
+    pub const NAME_RESOLUTION: u32 = 4;
+    pub const INTERFACE_STATISTICS: u32 = 5;
+    pub const ENHANCED_PACKET: u32 = 6;
+    pub const SYSTEMD_JOURNAL_EXPORT: u32 = 9;
+    pub const DECRYPTION_SECRETS: u32 = 10;
+    pub const CUSTOM: u32 = 0x0000_0bad;
+    pub const CUSTOM_NO_COPY: u32 = 0x4000_0bad;
+    pub const PROCESS_INFORMATION: u32 = 0x8000_0001;
+    pub const SECTION_HEADER: u32 = 0x0a0d_0d0a;
+
+    /// The name of a pcapng block type in the pcapng specification, or `None` for one it does not define.
+    pub fn name(kind: u32) -> Option<&'static str> {
+        Some(match kind {
+            INTERFACE_DESCRIPTION => "Interface Description",
+            PACKET => "Packet",
+            SIMPLE_PACKET => "Simple Packet",
+            NAME_RESOLUTION => "Name Resolution",
+            INTERFACE_STATISTICS => "Interface Statistics",
+            ENHANCED_PACKET => "Enhanced Packet",
+            SYSTEMD_JOURNAL_EXPORT => "systemd Journal Export",
+            DECRYPTION_SECRETS => "Decryption Secrets",
+            CUSTOM | CUSTOM_NO_COPY => "Custom",
+            PROCESS_INFORMATION => "Process Information",
+            SECTION_HEADER => "Section Header",
+            _ => return None,
+        })
+    }
+}
+
 /// What was seen so far. `frames` = `ip_packets` + `non_ip_frames` + `short_frames` +
 /// `unsupported_link_frames`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CaptureStats {
-    /// Packet records (pcap records; pcapng enhanced and simple packet blocks).
+    /// Packet records (pcap records; pcapng enhanced, simple and (obsolete) packet blocks).
     pub frames: u64,
     /// Frames that carry an IP packet (handed out in batches; not yet validated as IP).
     pub ip_packets: u64,
@@ -330,6 +270,11 @@ pub struct CaptureStats {
     pub unsupported_link_frames: u64,
     /// Frames per link type (`LINKTYPE_*` value).
     pub link_types: BTreeMap<u16, u64>,
+    /// Frames per link type and encapsulation crossed (a frame counts once for each encapsulation in it).
+    pub encapsulations: BTreeMap<(u16, Encapsulation), u64>,
+    /// pcapng blocks this reader does not decode (name resolution, statistics, custom, unknown types...),
+    /// by block type as the specification numbers it (whatever the section's byte order).
+    pub undecoded_blocks: BTreeMap<u32, u64>,
 }
 
 /// IP packets laid end to end in one buffer, with their lengths (the shape `extract_batch_from_buffer`
@@ -410,10 +355,10 @@ impl ReaderOptions {
 }
 
 /// State shared between the reader and the [`Source`] that `pcap-parser` owns: `pcap-parser` turns read
-/// errors into a bare `ReadError`, so the source keeps the real `io::Error` here.
+/// errors into a bare `ReadError`, so the source keeps the real error here.
 #[derive(Debug, Default)]
 struct Shared {
-    error: Option<io::Error>,
+    error: Option<CaptureError>,
     bytes_read: u64,
 }
 
@@ -421,24 +366,70 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The input as `pcap-parser` sees it: the sniffed first bytes, then the rest of the reader. Every `read`
-/// fills the buffer unless the input ends (`pcap-parser` parses the file header after a single read, so a
-/// short read from a pipe must not look like a truncated file), and `Interrupted` is retried.
-struct Source<R> {
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// The bytes after the sniffed head: the input itself, or its gzip decompression (all members of a
+/// multi-member file, as `gzip -d` does), streamed.
+enum Input<R: Read> {
+    Plain(R),
+    Gzip(Box<MultiGzDecoder<io::Chain<io::Cursor<Vec<u8>>, R>>>),
+}
+
+impl<R: Read> Read for Input<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Input::Plain(inner) => inner.read(buf),
+            Input::Gzip(inner) => inner.read(buf),
+        }
+    }
+}
+
+/// The error for a failed read `offset` bytes into the capture: a gzip format error (the decoder reports
+/// those as `InvalidInput`, `InvalidData` or, cut short, `UnexpectedEof`) or a real I/O error.
+fn read_error(err: io::Error, gzip: bool, offset: u64) -> CaptureError {
+    match err.kind() {
+        io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof if gzip => {
+            CaptureError::Gzip {
+                offset,
+                truncated: err.kind() == io::ErrorKind::UnexpectedEof,
+                detail: err.to_string(),
+            }
+        }
+        _ => CaptureError::Io(err),
+    }
+}
+
+/// The input as `pcap-parser` sees it: the sniffed first bytes, then the rest of the (decompressed) input.
+/// Every `read` fills the buffer unless the input ends (`pcap-parser` parses the file header after a single
+/// read, so a short read from a pipe must not look like a truncated file), and `Interrupted` is retried.
+struct Source<R: Read> {
     head: Vec<u8>,
     head_pos: usize,
-    inner: R,
+    inner: Input<R>,
+    gzip: bool,
     shared: Arc<Mutex<Shared>>,
     /// An error met after some bytes were read: those bytes are returned first, the error next time.
-    pending: Option<io::Error>,
+    pending: Option<CaptureError>,
+}
+
+impl<R: Read> Source<R> {
+    /// Hands `err` to the reader through `shared`; `pcap-parser` sees only that reading failed.
+    fn fail(&self, err: CaptureError) -> io::Error {
+        lock(&self.shared).error = Some(err);
+        io::ErrorKind::Other.into()
+    }
+
+    /// The real error behind a `pcap-parser` `ReadError`.
+    fn take_error(shared: &Mutex<Shared>) -> CaptureError {
+        let err = lock(shared).error.take();
+        err.unwrap_or_else(|| CaptureError::Io(io::Error::other("read error")))
+    }
 }
 
 impl<R: Read> Read for Source<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(err) = self.pending.take() {
-            let kind = err.kind();
-            lock(&self.shared).error = Some(err);
-            return Err(kind.into());
+            return Err(self.fail(err));
         }
         let mut filled = 0;
         while filled < buf.len() {
@@ -453,27 +444,19 @@ impl<R: Read> Read for Source<R> {
                 Ok(0) => break,
                 Ok(n) => filled += n.min(buf.len() - filled),
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) if filled > 0 => {
+                Err(err) => {
+                    let offset = lock(&self.shared).bytes_read + filled as u64;
+                    let err = read_error(err, self.gzip, offset);
+                    if filled == 0 {
+                        return Err(self.fail(err));
+                    }
                     self.pending = Some(err);
                     break;
-                }
-                Err(err) => {
-                    let kind = err.kind();
-                    lock(&self.shared).error = Some(err);
-                    return Err(kind.into());
                 }
             }
         }
         lock(&self.shared).bytes_read += filled as u64;
         Ok(filled)
-    }
-}
-
-impl<R> Source<R> {
-    /// The real I/O error behind a `pcap-parser` `ReadError`.
-    fn take_error(shared: &Mutex<Shared>) -> CaptureError {
-        let err = lock(shared).error.take();
-        CaptureError::Io(err.unwrap_or_else(|| io::Error::other("read error")))
     }
 }
 
@@ -508,6 +491,10 @@ struct Interface {
 const PCAPNG_MAGIC: [u8; 4] = [0x0a, 0x0d, 0x0d, 0x0a];
 /// How far to read before deciding the format (enough to show a useful "not a capture" message).
 const SNIFF_LEN: usize = 16;
+/// The largest legacy pcap record accepted whatever the file's snap length says (Wireshark's and libpcap's
+/// largest snap length for ordinary link types): beyond it and the file's snap length, a record's length
+/// field is corrupt.
+const LEGACY_MAX_SNAPLEN: usize = 262_144;
 
 /// The legacy pcap magic numbers as they appear in the file: (bytes, big-endian, nanosecond). The
 /// "modified" (Kuznetzov) little-endian format is read by `pcap-parser` too.
@@ -575,6 +562,118 @@ enum Step {
     End,
 }
 
+/// What a block is to the reader.
+enum Record<'a> {
+    /// A packet record: its link type (`None`: an interface never described) and its captured bytes.
+    Frame(Option<u16>, &'a [u8]),
+    /// A header or interface description (the reader's state was updated).
+    Structure,
+    /// A pcapng block of a type this reader does not decode (normalized type number).
+    Undecoded(u32),
+}
+
+/// The link-layer context packet records are read in: the legacy file's link type, or the current pcapng
+/// section's interfaces and byte order.
+#[derive(Debug, Default)]
+struct Context {
+    legacy_link: u16,
+    interfaces: Vec<Interface>,
+    big_endian: bool,
+}
+
+impl Context {
+    /// A block type as the specification numbers it: `pcap-parser` reads the type field of undecoded blocks
+    /// as little-endian whatever the section's byte order.
+    fn normalized(&self, raw: u32) -> u32 {
+        if self.big_endian {
+            raw.swap_bytes()
+        } else {
+            raw
+        }
+    }
+
+    /// Classifies a block, updating the interface table from section headers and interface descriptions.
+    /// An error is a corrupt block, described.
+    fn record<'b>(&mut self, block: &'b PcapBlockOwned<'_>) -> Result<Record<'b>, String> {
+        Ok(match block {
+            PcapBlockOwned::Legacy(record) => Record::Frame(Some(self.legacy_link), record.data),
+            PcapBlockOwned::LegacyHeader(_) => Record::Structure,
+            PcapBlockOwned::NG(Block::SectionHeader(shb)) => {
+                self.big_endian = shb.big_endian();
+                self.interfaces.clear();
+                Record::Structure
+            }
+            PcapBlockOwned::NG(Block::InterfaceDescription(idb)) => {
+                let link = (idb.linktype.0 as u32 & 0xffff) as u16;
+                self.interfaces.push(Interface {
+                    link,
+                    snaplen: idb.snaplen,
+                });
+                Record::Structure
+            }
+            PcapBlockOwned::NG(Block::EnhancedPacket(epb)) => {
+                let link = self.interfaces.get(epb.if_id as usize).map(|i| i.link);
+                Record::Frame(link, epb.packet_data())
+            }
+            PcapBlockOwned::NG(Block::SimplePacket(spb)) => {
+                // A simple packet belongs to interface 0; its data is the original length cut to that
+                // interface's snap length (padding excluded).
+                let first = self.interfaces.first().copied();
+                let mut data = spb.packet_data();
+                if let Some(Interface { snaplen, .. }) = first {
+                    if snaplen != 0 && data.len() > snaplen as usize {
+                        data = &data[..snaplen as usize];
+                    }
+                }
+                Record::Frame(first.map(|i| i.link), data)
+            }
+            PcapBlockOwned::NG(Block::Unknown(unknown)) => {
+                // `pcap-parser` checks the trailing length of the blocks it decodes, not of these.
+                if unknown.block_len1 != unknown.block_len2 {
+                    return Err(format!(
+                        "the block's trailing length {} disagrees with its length {}",
+                        unknown.block_len2, unknown.block_len1
+                    ));
+                }
+                let kind = self.normalized(unknown.block_type);
+                if kind != block_type::PACKET {
+                    return Ok(Record::Undecoded(kind));
+                }
+                let (interface, data) = self.packet_block(unknown.data)?;
+                Record::Frame(self.interfaces.get(interface).map(|i| i.link), data)
+            }
+            PcapBlockOwned::NG(Block::Custom(custom)) => {
+                Record::Undecoded(self.normalized(custom.block_type))
+            }
+            PcapBlockOwned::NG(other) => Record::Undecoded(other.magic()),
+        })
+    }
+
+    /// The interface and packet bytes of an (obsolete) Packet Block's body: interface id (16 bits), drops
+    /// count (16 bits), timestamp (64 bits), captured length, original length, the packet, options.
+    fn packet_block<'b>(&self, body: &'b [u8]) -> Result<(usize, &'b [u8]), String> {
+        let field = |at| u32_at(body, at, self.big_endian);
+        let (Some(head), Some(caplen)) = (field(0), field(12)) else {
+            return Err(format!(
+                "a Packet Block of {} bytes, shorter than its 32-byte header",
+                body.len() + 12
+            ));
+        };
+        let interface = if self.big_endian {
+            head >> 16
+        } else {
+            head & 0xffff
+        } as usize;
+        match body.get(20..).and_then(|rest| rest.get(..caplen as usize)) {
+            Some(data) => Ok((interface, data)),
+            None => Err(format!(
+                "a Packet Block whose captured length {caplen} runs past its block of {} bytes",
+                body.len() + 12
+            )),
+        }
+    }
+}
+
 /// A streaming capture reader: see the module documentation.
 ///
 /// ```
@@ -594,12 +693,12 @@ enum Step {
 pub struct CaptureReader<R: Read> {
     inner: Inner<R>,
     format: CaptureFormat,
-    /// Link type of a legacy pcap file (all its records).
-    legacy_link: u16,
-    /// Interfaces of the current pcapng section, by index.
-    interfaces: Vec<Interface>,
-    /// Byte order of the current pcapng section.
-    ng_big_endian: bool,
+    gzip: bool,
+    context: Context,
+    /// The longest legacy pcap record accepted (from the file's snap length, within `max_record`).
+    legacy_max: usize,
+    /// The legacy file header's snap length (0: none).
+    legacy_snaplen: u32,
     options: ReaderOptions,
     capacity: usize,
     shared: Arc<Mutex<Shared>>,
@@ -613,6 +712,7 @@ impl<R: Read> fmt::Debug for CaptureReader<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CaptureReader")
             .field("format", &self.format)
+            .field("gzip", &self.gzip)
             .field("options", &self.options)
             .field("stats", &self.stats)
             .field("done", &self.done)
@@ -626,18 +726,28 @@ impl<R: Read> CaptureReader<R> {
         Self::with_options(reader, ReaderOptions::default())
     }
 
-    /// Detects the format and reads the file header.
+    /// Detects the format (under gzip compression, if any) and reads the file header.
     pub fn with_options(mut reader: R, options: ReaderOptions) -> Result<Self, CaptureError> {
         let options = options.normalized();
         let head = read_head(&mut reader).map_err(CaptureError::Io)?;
+        let gzip = head.starts_with(&GZIP_MAGIC);
+        let (head, input) = if gzip {
+            let mut decoder = Box::new(MultiGzDecoder::new(io::Cursor::new(head).chain(reader)));
+            let head = read_head(&mut decoder).map_err(|err| read_error(err, true, 0))?;
+            (head, Input::Gzip(decoder))
+        } else {
+            (head, Input::Plain(reader))
+        };
         let Some(format) = sniff_format(&head) else {
             return Err(CaptureError::NotACapture { head });
         };
         let shared = Arc::new(Mutex::new(Shared::default()));
+        let claimed = pcapng_block_len(&head, false).map(u64::from);
         let source = Source {
             head,
             head_pos: 0,
-            inner: reader,
+            inner: input,
+            gzip,
             shared: Arc::clone(&shared),
             pending: None,
         };
@@ -655,6 +765,7 @@ impl<R: Read> CaptureReader<R> {
                 PcapError::Incomplete(_) | PcapError::UnexpectedEof | PcapError::BufferTooSmall => {
                     CaptureError::RecordTooLarge {
                         offset: 0,
+                        claimed: claimed.filter(|_| format == CaptureFormat::PcapNg),
                         limit: capacity,
                     }
                 }
@@ -669,21 +780,27 @@ impl<R: Read> CaptureReader<R> {
             CaptureFormat::Pcap { .. } => LegacyPcapReader::new(capacity, source).map(Inner::Legacy),
         }
         .map_err(header_error)?;
-        let mut legacy_link = 0;
+        let mut context = Context::default();
+        let mut legacy_max = options.max_record;
+        let mut legacy_snaplen = 0;
         if let Inner::Legacy(legacy) = &mut reader {
             // The first block of a legacy reader is the file header it already parsed.
             if let Ok((offset, PcapBlockOwned::LegacyHeader(header))) = legacy.next() {
                 // The upper bits of the field carry FCS information, not the link type.
-                legacy_link = (header.network.0 as u32 & 0xffff) as u16;
+                context.legacy_link = (header.network.0 as u32 & 0xffff) as u16;
+                let snaplen = usize::try_from(header.snaplen).unwrap_or(usize::MAX);
+                legacy_max = snaplen.max(LEGACY_MAX_SNAPLEN).min(options.max_record);
+                legacy_snaplen = header.snaplen;
                 legacy.consume(offset);
             }
         }
         Ok(CaptureReader {
             inner: reader,
             format,
-            legacy_link,
-            interfaces: Vec::new(),
-            ng_big_endian: false,
+            gzip,
+            context,
+            legacy_max,
+            legacy_snaplen,
             options,
             capacity,
             shared,
@@ -698,12 +815,17 @@ impl<R: Read> CaptureReader<R> {
         self.format
     }
 
+    /// `Some("gzip")` for a gzip-compressed capture (offsets then count decompressed bytes), else `None`.
+    pub fn compression(&self) -> Option<&'static str> {
+        self.gzip.then_some("gzip")
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> &CaptureStats {
         &self.stats
     }
 
-    /// Bytes of the input consumed so far (the offset of the next record).
+    /// Bytes of the (decompressed) input consumed so far (the offset of the next record).
     pub fn position(&self) -> u64 {
         self.inner.get_ref().consumed() as u64
     }
@@ -740,54 +862,71 @@ impl<R: Read> CaptureReader<R> {
         }
     }
 
+    /// The length the record at the start of the buffer claims, when it is more than any record this reader
+    /// accepts: a legacy record beyond the file's snap length (and Wireshark's 256 KiB), any record beyond
+    /// `max_record`. Checked before parsing, so that a corrupt length is reported as such at once instead
+    /// of reading (and buffering) to the end of the input first.
+    fn oversized_record(&mut self) -> Option<(u64, usize)> {
+        let big_endian = match self.format {
+            CaptureFormat::Pcap { big_endian, .. } => big_endian,
+            CaptureFormat::PcapNg => self.context.big_endian,
+        };
+        let legacy = matches!(self.inner, Inner::Legacy(_));
+        let data = self.inner.get().data();
+        let (claimed, limit) = match legacy {
+            true => (u32_at(data, 8, big_endian)?, self.legacy_max),
+            false => (pcapng_block_len(data, big_endian)?, self.options.max_record),
+        };
+        let claimed = usize::try_from(claimed).unwrap_or(usize::MAX);
+        (claimed > limit).then_some((claimed as u64, limit))
+    }
+
+    /// Why the legacy record at the start of the buffer, which the end of the input cuts short, is corrupt
+    /// rather than truncated: a header whose captured length is more than the packet's length on the wire or
+    /// than the file's snap length is not one a capture tool wrote and the end of a file then cut, but a
+    /// corrupt length field that points past the end. `None` for a plausible header (a plain cut).
+    fn implausible_record(&mut self) -> Option<String> {
+        let CaptureFormat::Pcap { big_endian, .. } = self.format else {
+            return None;
+        };
+        let snaplen = self.legacy_snaplen;
+        let data = self.inner.get().data();
+        let (caplen, origlen) = (u32_at(data, 8, big_endian)?, u32_at(data, 12, big_endian)?);
+        if caplen > origlen {
+            Some(format!(
+                "the record claims {caplen} captured bytes of a {origlen}-byte packet"
+            ))
+        } else if snaplen != 0 && caplen > snaplen {
+            Some(format!(
+                "the record claims {caplen} captured bytes, more than the file's snap length {snaplen}"
+            ))
+        } else {
+            None
+        }
+    }
+
     /// Reads one block: a frame goes into `batch` (unless the batch is full: then it is left for the next
-    /// batch), interface and section blocks update the interface table, anything else is skipped.
+    /// batch), interface and section blocks update the interface table, anything else is counted.
     fn step(&mut self, batch: &mut Batch) -> Result<Step, CaptureError> {
         if batch.len() >= self.options.batch_packets {
             return Ok(Step::Full);
         }
+        let position = self.position();
+        if let Some((claimed, limit)) = self.oversized_record() {
+            return Err(CaptureError::RecordTooLarge {
+                offset: position,
+                claimed: Some(claimed),
+                limit,
+            });
+        }
         let it = self.inner.get();
-        let position = it.consumed() as u64;
         let stall = match it.next() {
             Ok((0, _)) => Stall::Corrupt("a block of length 0".into()),
-            Ok((offset, block)) => {
-                let frame = match &block {
-                    PcapBlockOwned::Legacy(record) => Some((Some(self.legacy_link), record.data)),
-                    PcapBlockOwned::LegacyHeader(_) => None,
-                    PcapBlockOwned::NG(Block::SectionHeader(shb)) => {
-                        self.ng_big_endian = shb.big_endian();
-                        self.interfaces.clear();
-                        None
-                    }
-                    PcapBlockOwned::NG(Block::InterfaceDescription(idb)) => {
-                        let link = (idb.linktype.0 as u32 & 0xffff) as u16;
-                        self.interfaces.push(Interface {
-                            link,
-                            snaplen: idb.snaplen,
-                        });
-                        None
-                    }
-                    PcapBlockOwned::NG(Block::EnhancedPacket(epb)) => {
-                        let link = self.interfaces.get(epb.if_id as usize).map(|i| i.link);
-                        Some((link, epb.packet_data()))
-                    }
-                    PcapBlockOwned::NG(Block::SimplePacket(spb)) => {
-                        // A simple packet belongs to interface 0; its data is the original length cut to that
-                        // interface's snap length (padding excluded).
-                        let first = self.interfaces.first().copied();
-                        let mut data = spb.packet_data();
-                        if let Some(Interface { snaplen, .. }) = first {
-                            if snaplen != 0 && data.len() > snaplen as usize {
-                                data = &data[..snaplen as usize];
-                            }
-                        }
-                        Some((first.map(|i| i.link), data))
-                    }
-                    PcapBlockOwned::NG(_) => None,
-                };
-                if let Some((link, data)) = frame {
+            Ok((offset, block)) => match self.context.record(&block) {
+                Ok(Record::Frame(link, data)) => {
+                    let mut layers = Encapsulations::default();
                     let payload = match link {
-                        Some(link) => link_payload(link, data),
+                        Some(link) => strip_link(link, data, &mut layers),
                         None => LinkPayload::Unsupported,
                     };
                     if let LinkPayload::Ip(packet) = payload {
@@ -797,11 +936,21 @@ impl<R: Read> CaptureReader<R> {
                         }
                         batch.push(packet);
                     }
-                    count(&mut self.stats, link, payload);
+                    count(&mut self.stats, link, payload, layers);
+                    it.consume(offset);
+                    return Ok(Step::Continue);
                 }
-                it.consume(offset);
-                return Ok(Step::Continue);
-            }
+                Ok(Record::Structure) => {
+                    it.consume(offset);
+                    return Ok(Step::Continue);
+                }
+                Ok(Record::Undecoded(kind)) => {
+                    *self.stats.undecoded_blocks.entry(kind).or_default() += 1;
+                    it.consume(offset);
+                    return Ok(Step::Continue);
+                }
+                Err(detail) => Stall::Corrupt(detail),
+            },
             Err(PcapError::Eof) => Stall::Eof,
             Err(PcapError::Incomplete(_) | PcapError::BufferTooSmall) => Stall::NeedMore,
             Err(PcapError::UnexpectedEof) => Stall::Truncated,
@@ -823,13 +972,23 @@ impl<R: Read> CaptureReader<R> {
             Stall::Truncated if self.inner.get().data().is_empty() => Ok(Step::End),
             Stall::Truncated => {
                 let end = position + self.inner.get().data().len() as u64;
-                Err(CaptureError::Truncated {
-                    offset: position,
-                    end,
+                Err(match self.implausible_record() {
+                    Some(detail) => CaptureError::Corrupt {
+                        offset: position,
+                        detail: format!("{detail}, and the file ends at byte {end}"),
+                    },
+                    None => CaptureError::Truncated {
+                        offset: position,
+                        end,
+                    },
                 })
             }
             Stall::ReadError => Err(Source::<R>::take_error(&self.shared)),
             Stall::Corrupt(detail) => {
+                if let Some(kind) = self.skip_undecodable_block() {
+                    *self.stats.undecoded_blocks.entry(kind).or_default() += 1;
+                    return Ok(Step::Continue);
+                }
                 let data = self.inner.get().data();
                 let header = describe_head(&data[..data.len().min(8)]);
                 Err(CaptureError::Corrupt {
@@ -840,6 +999,36 @@ impl<R: Read> CaptureReader<R> {
         }
     }
 
+    /// The pcapng block at the start of the buffer, when it is whole and well framed (both lengths agree)
+    /// and is of a type this reader would not decode anyway, whose content `pcap-parser` rejected (a name
+    /// resolution or statistics block with a bad option, say): skipped and its type returned, since it says
+    /// nothing about the frames around it. `None` leaves the buffer as it was.
+    fn skip_undecodable_block(&mut self) -> Option<u32> {
+        if !matches!(self.inner, Inner::Ng(_)) {
+            return None;
+        }
+        let big_endian = self.context.big_endian;
+        let it = self.inner.get();
+        let data = it.data();
+        let kind = u32_at(data, 0, big_endian)?;
+        let len = u32_at(data, 4, big_endian)? as usize;
+        let decoded = [
+            block_type::SECTION_HEADER,
+            block_type::INTERFACE_DESCRIPTION,
+            block_type::PACKET,
+            block_type::SIMPLE_PACKET,
+            block_type::ENHANCED_PACKET,
+        ];
+        if decoded.contains(&kind) || len < 12 || len % 4 != 0 || len > data.len() {
+            return None;
+        }
+        if u32_at(data, len - 4, big_endian)? as usize != len {
+            return None;
+        }
+        it.consume(len);
+        Some(kind)
+    }
+
     /// True when `pcap-parser` asks for more input although the buffer already holds the whole pcapng block
     /// its header announces (or the announced length is below the 12-byte minimum): the block's content is
     /// invalid, and reading on would only end in a misleading "truncated".
@@ -847,7 +1036,7 @@ impl<R: Read> CaptureReader<R> {
         if !matches!(self.inner, Inner::Ng(_)) {
             return false;
         }
-        let big_endian = self.ng_big_endian;
+        let big_endian = self.context.big_endian;
         let data = self.inner.get().data();
         match pcapng_block_len(data, big_endian) {
             Some(len) => len < 12 || len as usize <= data.len(),
@@ -871,6 +1060,7 @@ impl<R: Read> CaptureReader<R> {
         if self.capacity >= self.options.max_record {
             return Err(CaptureError::RecordTooLarge {
                 offset: position,
+                claimed: None,
                 limit: self.options.max_record,
             });
         }
@@ -880,11 +1070,14 @@ impl<R: Read> CaptureReader<R> {
     }
 }
 
-/// Counts one frame of link type `link` (`None`: unknown interface) in `stats`.
-fn count(stats: &mut CaptureStats, link: Option<u16>, payload: LinkPayload<'_>) {
+/// Counts one frame of link type `link` (`None`: unknown interface) that crossed `layers` in `stats`.
+fn count(stats: &mut CaptureStats, link: Option<u16>, payload: LinkPayload<'_>, layers: Encapsulations) {
     stats.frames += 1;
     if let Some(link) = link {
         *stats.link_types.entry(link).or_default() += 1;
+        for encapsulation in layers.iter() {
+            *stats.encapsulations.entry((link, encapsulation)).or_default() += 1;
+        }
     }
     match payload {
         LinkPayload::Ip(packet) => {
@@ -1369,6 +1562,7 @@ mod tests {
                 err,
                 CaptureError::RecordTooLarge {
                     offset: 68,
+                    claimed: Some(1_000_000_000),
                     limit: 16_384
                 }
             ),
@@ -1577,6 +1771,358 @@ mod tests {
             }
             .to_string(),
             "pcap (big-endian, nanosecond)"
+        );
+    }
+
+    // ---- pcapng blocks the reader does not decode, and the obsolete Packet Block ----
+
+    /// An obsolete Packet Block (type 2): interface (16 bits), drops (16 bits), timestamp, lengths, data.
+    fn packet_block(interface: u16, frame: &[u8], be: bool) -> Vec<u8> {
+        let mut body = Vec::new();
+        w16(&mut body, interface, be);
+        w16(&mut body, 0, be);
+        w32(&mut body, 0, be);
+        w32(&mut body, 0, be);
+        w32(&mut body, frame.len() as u32, be);
+        w32(&mut body, frame.len() as u32, be);
+        body.extend_from_slice(frame);
+        block(2, &body, be)
+    }
+
+    #[test]
+    fn packet_blocks_are_decoded_and_other_blocks_counted_by_type() {
+        for be in [false, true] {
+            let mut input = shb(be);
+            input.extend(idb(linktype::RAW, 0, be));
+            input.extend(idb(linktype::ETHERNET, 0, be));
+            for i in 0..200u16 {
+                input.extend(packet_block(
+                    i % 2,
+                    &if i % 2 == 0 {
+                        ipv4(i as u8)
+                    } else {
+                        ethernet(0x86dd, &[], &ipv6(i as u8))
+                    },
+                    be,
+                ));
+            }
+            input.extend(packet_block(5, &ipv4(1), be)); // an interface never described
+            input.extend(block(4, &[0, 0, 0, 0], be)); // name resolution
+            input.extend(block(5, &[0; 12], be)); // interface statistics
+            input.extend(block(5, &[0; 12], be));
+            input.extend(block(0x0bad, &[0; 8], be)); // custom
+            input.extend(block(0x4242_4242, &[0; 8], be)); // unknown
+            let outcome = read(&input);
+            assert!(outcome.error.is_none(), "{:?}", outcome.error);
+            assert_eq!(outcome.packets.len(), 200);
+            assert_eq!(outcome.packets[0], ipv4(0));
+            assert_eq!(outcome.packets[199], ipv6(199));
+            assert_eq!(
+                (outcome.stats.frames, outcome.stats.unsupported_link_frames),
+                (201, 1)
+            );
+            assert_eq!(
+                outcome.stats.undecoded_blocks,
+                BTreeMap::from([(4, 1), (5, 2), (0x0bad, 1), (0x4242_4242, 1)]),
+                "be {be}"
+            );
+        }
+        assert_eq!(block_type::name(2), Some("Packet"));
+        assert_eq!(block_type::name(0x4242_4242), None);
+    }
+
+    #[test]
+    fn a_packet_block_whose_length_runs_past_its_block_is_corrupt() {
+        let mut input = shb(false);
+        input.extend(idb(linktype::RAW, 0, false));
+        input.extend(packet_block(0, &ipv4(1), false));
+        let at = input.len() as u64;
+        let mut bad = packet_block(0, &ipv4(2), false);
+        bad[20..24].copy_from_slice(&500u32.to_le_bytes());
+        input.extend(bad);
+        let outcome = read(&input);
+        assert_eq!(outcome.packets, vec![ipv4(1)]);
+        let err = outcome.error.unwrap();
+        assert_eq!((err.kind(), err.offset()), ("corrupt", Some(at)));
+        assert!(
+            err.to_string()
+                .contains("captured length 500 runs past its block of 60 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_block_whose_trailing_length_disagrees_is_corrupt() {
+        let mut input = shb(true);
+        input.extend(idb(linktype::RAW, 0, true));
+        input.extend(packet_block(0, &ipv4(1), true));
+        let at = input.len() as u64;
+        let mut bad = block(0x4242_4242, &[0; 8], true);
+        bad[16..20].copy_from_slice(&[0, 0, 0, 24]);
+        input.extend(bad);
+        input.extend(packet_block(0, &ipv4(2), true));
+        let outcome = read(&input);
+        assert_eq!(outcome.packets, vec![ipv4(1)]);
+        let err = outcome.error.unwrap();
+        assert_eq!((err.kind(), err.offset()), ("corrupt", Some(at)));
+        assert!(
+            err.to_string()
+                .contains("trailing length 24 disagrees with its length 20"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_block_of_a_type_not_decoded_is_skipped_and_counted() {
+        // A name resolution block whose record length runs past the block: pcap-parser rejects it, but it
+        // is well framed and says nothing about the packets around it.
+        let mut input = shb(false);
+        input.extend(idb(linktype::RAW, 0, false));
+        input.extend(epb(0, &ipv4(1), false));
+        input.extend(block(4, &[1, 0, 200, 0, 10, 0, 0, 1], false));
+        input.extend(epb(0, &ipv4(2), false));
+        let outcome = read(&input);
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        assert_eq!(outcome.packets, vec![ipv4(1), ipv4(2)]);
+        assert_eq!(outcome.stats.undecoded_blocks, BTreeMap::from([(4, 1)]));
+    }
+
+    // ---- corrupt lengths ----
+
+    #[test]
+    fn a_record_claiming_gigabytes_is_corrupt_after_the_frames_before_it() {
+        for (claimed, be) in [(1_400_000_000u32, false), (3_900_000_000, true), (300_000, false)] {
+            let packets: Vec<Vec<u8>> = (0..5).map(|i| ipv4(i as u8)).collect();
+            let mut input = pcap_with(0xa1b2_c3d4, be, 101, &packets);
+            let at = input.len() as u64;
+            for v in [1_700_000_000, 0, claimed, claimed] {
+                w32(&mut input, v, be);
+            }
+            input.extend(vec![0x45; 1000]);
+            let outcome = read(&input);
+            assert_eq!(outcome.packets, packets);
+            let err = outcome.error.expect("an error");
+            assert_eq!((err.kind(), err.offset()), ("record_too_large", Some(at)));
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "corrupt capture at byte offset {at}: the record claims {claimed} bytes, more than 262144 \
+                     (the largest record this reader accepts)"
+                )
+            );
+        }
+        // A file snap length above 256 KiB raises the bound up to `max_record`.
+        let mut input = pcap(101, &[]);
+        input[16..20].copy_from_slice(&1_000_000u32.to_le_bytes());
+        input.extend_from_slice(&[0; 8]);
+        input.extend_from_slice(&2_000_000u32.to_le_bytes());
+        input.extend_from_slice(&2_000_000u32.to_le_bytes());
+        let err = read(&input).error.unwrap();
+        assert!(
+            err.to_string()
+                .contains("claims 2000000 bytes, more than 1000000"),
+            "{err}"
+        );
+        // pcapng: a block length above `max_record`.
+        let mut ng = shb(false);
+        ng.extend(idb(linktype::RAW, 0, false));
+        ng.extend(epb(0, &ipv4(1), false));
+        let at = ng.len() as u64;
+        ng.extend([6, 0, 0, 0]);
+        ng.extend(0xf000_0000u32.to_le_bytes());
+        ng.extend(vec![0; 100]);
+        let outcome = read(&ng);
+        assert_eq!(outcome.packets, vec![ipv4(1)]);
+        let err = outcome.error.unwrap();
+        assert_eq!((err.kind(), err.offset()), ("record_too_large", Some(at)));
+        assert!(
+            err.to_string()
+                .contains("claims 4026531840 bytes, more than 16777216"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_captured_length_past_the_end_comes_after_the_frames_before_it() {
+        // Small and large files (beyond the read buffer), records shorter and longer than the buffer.
+        for (count, claimed) in [(3usize, 100u32), (3, 200_000), (10_000, 100), (10_000, 200_000)] {
+            let packets: Vec<Vec<u8>> = (0..count).map(|i| ipv4(i as u8)).collect();
+            let mut input = pcap(101, &packets);
+            input[16..20].copy_from_slice(&262_144u32.to_le_bytes()); // the snap length
+            let at = input.len() as u64;
+            for v in [1_700_000_000, 0, claimed, claimed] {
+                w32(&mut input, v, false);
+            }
+            input.extend(vec![0x45; 50]);
+            let outcome = read_with(&input, small_buffer()).unwrap();
+            assert_eq!(outcome.packets.len(), count, "{count} {claimed}");
+            let err = outcome.error.expect("an error");
+            assert_eq!((err.kind(), err.offset()), ("truncated", Some(at)), "{err}");
+            assert_eq!(outcome.stats.frames, count as u64);
+        }
+    }
+
+    #[test]
+    fn a_cut_record_whose_header_is_implausible_is_corrupt_not_truncated() {
+        let packets = vec![ipv4(1), ipv4(2)];
+        for (caplen, origlen, detail) in [
+            (
+                60_000u32,
+                100u32,
+                "the record claims 60000 captured bytes of a 100-byte packet",
+            ),
+            (
+                70_000,
+                70_000,
+                "the record claims 70000 captured bytes, more than the file's snap length 65535",
+            ),
+        ] {
+            let mut input = pcap(101, &packets);
+            let at = input.len() as u64;
+            for v in [1_700_000_000, 0, caplen, origlen] {
+                w32(&mut input, v, false);
+            }
+            input.extend(vec![0x45; 40]);
+            let outcome = read(&input);
+            assert_eq!(outcome.packets, packets);
+            let err = outcome.error.unwrap();
+            assert_eq!((err.kind(), err.offset()), ("corrupt", Some(at)));
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "corrupt capture at byte offset {at}: {detail}, and the file ends at byte {}",
+                    at + 56
+                )
+            );
+        }
+    }
+
+    fn small_buffer() -> ReaderOptions {
+        ReaderOptions {
+            buffer_capacity: 4096,
+            ..ReaderOptions::default()
+        }
+    }
+
+    // ---- gzip ----
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(data).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn gzip_compressed_captures_are_streamed() {
+        let packets: Vec<Vec<u8>> = (0..3000)
+            .map(|i| if i % 3 == 0 { ipv6(i as u8) } else { ipv4(i as u8) })
+            .collect();
+        let plain = pcap(101, &packets);
+        let compressed = gzip(&plain);
+        let reader = CaptureReader::new(compressed.as_slice()).unwrap();
+        assert_eq!(reader.compression(), Some("gzip"));
+        assert_eq!(reader.format().name(), "pcap");
+        let outcome = read_with(&compressed, small_buffer()).unwrap();
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        assert_eq!(outcome.packets, packets);
+        // Served 3 bytes at a time, and as two gzip members (as `cat a.gz b.gz` makes).
+        let mut reader = CaptureReader::new(Flaky {
+            data: &compressed,
+            chunk: 3,
+            fail: None,
+        })
+        .unwrap();
+        let mut batch = Batch::default();
+        let mut total = 0;
+        while reader.next_batch(&mut batch).unwrap() {
+            total += batch.len();
+        }
+        assert_eq!(total, packets.len());
+        let (first, second) = plain.split_at(1000);
+        let members = [gzip(first), gzip(second)].concat();
+        assert_eq!(read(&members).packets, packets);
+
+        let mut ng = shb(true);
+        ng.extend(idb(linktype::ETHERNET, 0, true));
+        ng.extend(epb(0, &ethernet(0x0800, &[], &ipv4(1)), true));
+        let outcome = read(&gzip(&ng));
+        assert_eq!(outcome.packets, vec![ipv4(1)]);
+        assert!(CaptureReader::new(plain.as_slice())
+            .unwrap()
+            .compression()
+            .is_none());
+    }
+
+    #[test]
+    fn a_cut_or_corrupt_gzip_stream_comes_after_the_packets_before_it() {
+        let packets: Vec<Vec<u8>> = (0..3000).map(|i| ipv4(i as u8)).collect();
+        let compressed = gzip(&pcap(101, &packets));
+        let outcome = read_with(&compressed[..compressed.len() / 2], small_buffer()).unwrap();
+        assert!(!outcome.packets.is_empty() && outcome.packets.len() < packets.len());
+        assert_eq!(outcome.packets, packets[..outcome.packets.len()]);
+        let err = outcome.error.unwrap();
+        assert_eq!(err.kind(), "truncated");
+        assert!(
+            err.to_string()
+                .starts_with("truncated gzip stream: it ends after "),
+            "{err}"
+        );
+
+        let mut bad = compressed.clone();
+        let n = bad.len();
+        bad[n - 8] ^= 0xff; // the CRC
+        let outcome = read_with(&bad, small_buffer()).unwrap();
+        assert_eq!(outcome.packets, packets);
+        let err = outcome.error.unwrap();
+        assert_eq!(err.kind(), "corrupt");
+        assert!(err.to_string().starts_with("corrupt gzip stream after "), "{err}");
+
+        // Not even a whole gzip header; gzip of something that is not a capture.
+        assert_eq!(
+            CaptureReader::new(&[0x1f, 0x8b, 8][..]).unwrap_err().kind(),
+            "truncated"
+        );
+        let err = CaptureReader::new(gzip(b"hello, world").as_slice()).unwrap_err();
+        assert_eq!(err.kind(), "not_a_capture");
+    }
+
+    #[test]
+    fn other_compressions_are_named() {
+        let err = CaptureReader::new(&[0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0][..]).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("it looks zstd-compressed: decompress it first"),
+            "{err}"
+        );
+    }
+
+    // ---- encapsulations ----
+
+    #[test]
+    fn encapsulations_are_counted_per_link_type() {
+        let mpls = |payload: &[u8]| [&[0, 0x10, 0x01, 64][..], payload].concat();
+        let frames = vec![
+            ethernet(0x8847, &[], &mpls(&ipv4(1))),
+            ethernet(0x8847, &[0x8100], &mpls(&ipv6(2))),
+            ethernet(
+                0x8864,
+                &[0x88a8, 0x8100],
+                &[&[0x11, 0, 0, 1, 0, 30, 0, 0x21][..], &ipv4(3)].concat(),
+            ),
+            ethernet(0x0800, &[], &ipv4(4)),
+            arp(),
+        ];
+        let outcome = read(&pcap(1, &frames));
+        assert_eq!(outcome.packets, vec![ipv4(1), ipv6(2), ipv4(3), ipv4(4)]);
+        assert_eq!(
+            outcome.stats.encapsulations,
+            BTreeMap::from([
+                ((1, Encapsulation::Vlan), 2),
+                ((1, Encapsulation::Qinq), 1),
+                ((1, Encapsulation::Mpls), 2),
+                ((1, Encapsulation::Pppoe), 1),
+            ])
         );
     }
 

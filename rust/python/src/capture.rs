@@ -1,10 +1,14 @@
-//! Capture-file reading (pcap and pcapng) for `vpn-packet inspect`: the `CaptureReader` class.
+//! Capture-file reading (pcap and pcapng, either one gzip-compressed) for `vpn-packet inspect`: the
+//! `CaptureReader` class.
 //!
-//! The file is opened and read in Rust, streamed through `vpn_packet_core::capture::CaptureReader` (its
-//! own read buffer makes a `BufReader` redundant), and handed to Python one batch at a time as
-//! `(bytes, list[int])`, the shape `extract_batch_from_buffer` takes. Reading releases the GIL.
+//! The file (or standard input, for the path `-`) is opened and read in Rust, streamed through
+//! `vpn_packet_core::capture::CaptureReader` (its own read buffer makes a `BufReader` redundant), and handed
+//! to Python one batch at a time as `(bytes, list[int])`, the shape `extract_batch_from_buffer` takes.
+//! Reading releases the GIL.
 
+use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::{self, Read};
 use std::path::PathBuf;
 
 use pyo3::exceptions::PyValueError;
@@ -14,22 +18,46 @@ use vpn_packet_core::capture::{self, Batch, ReaderOptions};
 
 use crate::errors::{capture_error, no_panic, os_error};
 
+/// The path that means standard input, as for most command-line tools.
+const STDIN_PATH: &str = "-";
+/// How standard input is named in messages.
+const STDIN_LABEL: &str = "<stdin>";
+
+/// Where the capture's bytes come from.
+enum Input {
+    File(File),
+    Stdin(io::Stdin),
+}
+
+impl Read for Input {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Input::File(file) => file.read(buf),
+            Input::Stdin(stdin) => stdin.read(buf),
+        }
+    }
+}
+
 /// Streams the IP packets of a pcap or pcapng file in batches.
 ///
 /// Iterating yields `(buffer, lengths)`: the packets laid end to end and their lengths. Frames that carry no
 /// IP packet are skipped and counted. A capture that ends with an error (truncated, corrupt) yields the
-/// packets before the error, then raises `CaptureError`; the iterator is exhausted afterwards.
+/// packets before the error, then raises `CaptureError`; the iterator is exhausted afterwards. The path `-`
+/// reads standard input; a gzip-compressed capture is decompressed as it is read.
 #[pyclass(module = "vpn_packet._native", name = "CaptureReader")]
 pub struct CaptureReader {
-    reader: capture::CaptureReader<File>,
+    reader: capture::CaptureReader<Input>,
     batch: Batch,
     path: PathBuf,
+    /// The path as messages name it (`<stdin>` for standard input).
+    label: PathBuf,
     batches: u64,
 }
 
 #[pymethods]
 impl CaptureReader {
-    /// Opens `path` and reads its file header (errors here: `CaptureError`, or `OSError` from opening).
+    /// Opens `path` (`-`: standard input) and reads its file header (errors here: `CaptureError`, or
+    /// `OSError` from opening).
     #[new]
     #[pyo3(signature = (path, batch_size = 1024, batch_bytes = 4_194_304))]
     fn new(py: Python<'_>, path: PathBuf, batch_size: usize, batch_bytes: usize) -> PyResult<Self> {
@@ -44,18 +72,29 @@ impl CaptureReader {
                 batch_bytes,
                 ..ReaderOptions::default()
             };
+            let stdin = path.as_os_str() == STDIN_PATH;
+            let label = if stdin {
+                PathBuf::from(STDIN_LABEL)
+            } else {
+                path.clone()
+            };
             let opened = py.detach(|| {
-                let file = File::open(&path).map_err(Err)?;
-                capture::CaptureReader::with_options(file, options).map_err(Ok)
+                let input = if stdin {
+                    Input::Stdin(io::stdin())
+                } else {
+                    Input::File(File::open(&path).map_err(Err)?)
+                };
+                capture::CaptureReader::with_options(input, options).map_err(Ok)
             });
             let reader = opened.map_err(|err| match err {
-                Err(io) => os_error(io, &path),
-                Ok(err) => capture_error(err, &path),
+                Err(io) => os_error(io, &label),
+                Ok(err) => capture_error(err, &label),
             })?;
             Ok(CaptureReader {
                 reader,
                 batch: Batch::default(),
                 path,
+                label,
                 batches: 0,
             })
         })
@@ -73,12 +112,13 @@ impl CaptureReader {
             let CaptureReader {
                 reader,
                 batch,
-                path,
+                label,
                 batches,
+                ..
             } = self;
             let more = py
                 .detach(|| reader.next_batch(batch))
-                .map_err(|err| capture_error(err, path))?;
+                .map_err(|err| capture_error(err, label))?;
             if !more {
                 return Ok(None);
             }
@@ -102,13 +142,28 @@ impl CaptureReader {
         self.reader.format().name()
     }
 
-    /// The format with its details, e.g. `"pcap (big-endian, nanosecond)"`.
+    /// The format with its details, e.g. `"pcap (big-endian, nanosecond)"`, and `", gzip-compressed"`.
     #[getter]
     fn format_detail(&self) -> String {
-        self.reader.format().to_string()
+        match self.reader.compression() {
+            Some(compression) => format!("{}, {compression}-compressed", self.reader.format()),
+            None => self.reader.format().to_string(),
+        }
     }
 
-    /// Packet records read so far (pcap records; pcapng enhanced and simple packet blocks).
+    /// `"gzip"` for a gzip-compressed capture (byte offsets then count decompressed bytes), else `None`.
+    #[getter]
+    fn compression(&self) -> Option<&'static str> {
+        self.reader.compression()
+    }
+
+    /// How messages name the input: the path, or `<stdin>`.
+    #[getter]
+    fn name(&self) -> String {
+        self.label.display().to_string()
+    }
+
+    /// Packet records read so far (pcap records; pcapng enhanced, simple and obsolete packet blocks).
     #[getter]
     fn frames(&self) -> u64 {
         self.reader.stats().frames
@@ -154,13 +209,48 @@ impl CaptureReader {
         Ok(out)
     }
 
+    /// Frames per encapsulation crossed (`"vlan"`, `"mpls"`, `"pppoe"`, ...), all link types together; a
+    /// frame counts once for each encapsulation in it.
+    #[getter]
+    fn encapsulations<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let mut totals: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for (&(_, encapsulation), frames) in &self.reader.stats().encapsulations {
+            *totals.entry(encapsulation.name()).or_default() += frames;
+        }
+        totals.into_pyobject(py)
+    }
+
+    /// Frames per encapsulation, per link type: `{link type: {encapsulation: frames}}`.
+    #[getter]
+    fn link_encapsulations<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let mut per_link: BTreeMap<u16, BTreeMap<&'static str, u64>> = BTreeMap::new();
+        for (&(link, encapsulation), &frames) in &self.reader.stats().encapsulations {
+            per_link
+                .entry(link)
+                .or_default()
+                .insert(encapsulation.name(), frames);
+        }
+        per_link.into_pyobject(py)
+    }
+
+    /// pcapng blocks this reader does not decode, per block type number (name resolution 4, interface
+    /// statistics 5, custom 0xbad, ...).
+    #[getter]
+    fn undecoded_blocks<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (kind, blocks) in &self.reader.stats().undecoded_blocks {
+            out.set_item(kind, blocks)?;
+        }
+        Ok(out)
+    }
+
     /// Batches yielded so far.
     #[getter]
     fn batches(&self) -> u64 {
         self.batches
     }
 
-    /// Bytes of the file consumed so far (the offset of the next record).
+    /// Bytes of the (decompressed) input consumed so far (the offset of the next record).
     #[getter]
     fn position(&self) -> u64 {
         self.reader.position()
@@ -169,7 +259,7 @@ impl CaptureReader {
     fn __repr__(&self) -> String {
         format!(
             "CaptureReader({:?}, format={:?}, frames={}, ip_packets={})",
-            self.path.display().to_string(),
+            self.label.display().to_string(),
             self.reader.format().name(),
             self.reader.stats().frames,
             self.reader.stats().ip_packets
@@ -183,9 +273,16 @@ pub fn link_type_name(link: u32) -> Option<&'static str> {
     u16::try_from(link).ok().and_then(capture::linktype::name)
 }
 
+/// The name of a pcapng block type in the pcapng specification (`"Name Resolution"`, ...), or `None`.
+#[pyfunction]
+pub fn pcapng_block_name(kind: u32) -> Option<&'static str> {
+    capture::block_type::name(kind)
+}
+
 /// Adds the capture classes to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CaptureReader>()?;
     m.add_function(wrap_pyfunction!(link_type_name, m)?)?;
+    m.add_function(wrap_pyfunction!(pcapng_block_name, m)?)?;
     Ok(())
 }

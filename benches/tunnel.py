@@ -6,7 +6,7 @@
 
 Implementations (`--impl`, see `tunnel_peers.py`): `veth` (bare veth pair, MTU 1500), `plain` (vpn-packet,
 `[node] insecure = true`), `tls` (vpn-packet's default: TLS 1.3, keys from `vpn-packet genkey`), `boringtun`
-(userspace WireGuard), `openvpn` (OpenVPN 2.6, AES-256-GCM, `--openvpn-proto udp` or `tcp`). Each has its
+(userspace WireGuard), `openvpn` and `openvpn-tcp` (OpenVPN 2.6, AES-256-GCM, over UDP / TCP). Each has its
 own pair of namespaces joined by a veth pair (MTU 1500); tunnel MTU 1400.
 
 Each round visits every implementation, in an order rotated by one each round (interleaved, so that a
@@ -55,7 +55,7 @@ from tunnel_measure import (
     ping_series,
     udp_receive_buffer_errors,
 )
-from tunnel_peers import IMPLEMENTATIONS, OpenVpn, Tunnel, find_command
+from tunnel_peers import IMPLEMENTATIONS, Tunnel, find_command
 from vpn_packet.testutil.netns import netns_unavailable
 
 BASELINE = "boringtun"
@@ -81,7 +81,6 @@ class Settings:
     ping_count: int = 200
     ping_interval: float = 0.01
     mtu: int = 1400
-    openvpn_proto: str = "udp"
 
 
 QUICK = Settings(rounds=1, duration=2, udp_duration=2, ping_count=100)
@@ -108,8 +107,6 @@ def install(missing: dict[str, list[str]], log: Callable[[str], None]) -> None:
 
 
 def _make(key: str, workdir: Path, settings: Settings) -> Tunnel:
-    if key == OpenVpn.key:
-        return OpenVpn(workdir, mtu=settings.mtu, proto=settings.openvpn_proto)
     return IMPLEMENTATIONS[key](workdir, mtu=settings.mtu)
 
 
@@ -404,7 +401,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ping-count", type=int, help=f"default {Settings.ping_count}")
     parser.add_argument("--ping-interval", type=float, default=Settings.ping_interval, help="seconds")
     parser.add_argument("--mtu", type=int, default=Settings.mtu, help="tunnel MTU (underlay: 1500)")
-    parser.add_argument("--openvpn-proto", choices=["udp", "tcp"], default=Settings.openvpn_proto)
     parser.add_argument(
         "--quick", action="store_true", help="defaults of 1 round, 2 s tests, 100 pings (~1-2 minutes)"
     )
@@ -443,7 +439,6 @@ def main(argv: list[str] | None = None) -> int:
         ping_count=args.ping_count or defaults.ping_count,
         ping_interval=args.ping_interval,
         mtu=args.mtu,
-        openvpn_proto=args.openvpn_proto,
     )
     report = run(settings, log)
     if args.json is not None:

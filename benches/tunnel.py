@@ -1,13 +1,13 @@
 """vpn-packet beside real VPNs between two network namespaces: iperf3, ping and CPU, in one run (root).
 
-    sudo python benches/tunnel.py --rounds 3 --json out.json        # every implementation, ~6 minutes
+    sudo python benches/tunnel.py --rounds 3 --json out.json        # every implementation, ~7 minutes
     sudo python benches/tunnel.py --quick                           # 1 round, short tests: ~1-2 minutes
     sudo python benches/tunnel.py --impl plain --impl boringtun     # a selection (repeatable --impl)
 
 Implementations (`--impl`, see `tunnel_peers.py`): `veth` (bare veth pair, MTU 1500), `plain` (vpn-packet,
 `[node] insecure = true`), `tls` (vpn-packet's default: TLS 1.3, keys from `vpn-packet genkey`), `boringtun`
-(userspace WireGuard), `openvpn` and `openvpn-tcp` (OpenVPN 2.6, AES-256-GCM, over UDP / TCP). Each has its
-own pair of namespaces joined by a veth pair (MTU 1500); tunnel MTU 1400.
+and `wireguard-go` (userspace WireGuard), `openvpn` and `openvpn-tcp` (OpenVPN 2.6, AES-256-GCM, over UDP /
+TCP). Each has its own pair of namespaces joined by a veth pair (MTU 1500); tunnel MTU 1400.
 
 Each round visits every implementation, in an order rotated by one each round (interleaved, so that a
 slow spell of the shared machine does not land on one implementation); for each: start the tunnel fresh
@@ -23,9 +23,9 @@ then stop it. The table shows medians over the rounds and, per column, how many 
 boringtun each row is (throughput: value / boringtun's; latency and CPU: boringtun's / value).
 
 Missing programs are installed from the package registries (`apt-get install -y iperf3 iputils-ping openvpn
-wireguard-tools`, `cargo install boringtun-cli --locked`) unless `--no-install`, which names the missing
-command and the command that installs it and leaves that implementation out. Benchmark, not test: it reports
-and asserts nothing about speed.
+wireguard-tools wireguard-go`, `cargo install boringtun-cli --locked`) unless `--no-install`, which names
+the missing command and the command that installs it and leaves that implementation out. Benchmark, not
+test: it reports and asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ INSTALL: dict[str, list[str]] = {
     "ping": ["apt-get", "install", "-y", "iputils-ping"],
     "wg": ["apt-get", "install", "-y", "wireguard-tools"],
     "openvpn": ["apt-get", "install", "-y", "openvpn"],
+    "wireguard-go": ["apt-get", "install", "-y", "wireguard-go"],
     "boringtun-cli": ["cargo", "install", "boringtun-cli", "--locked"],
 }
 ALWAYS_NEEDED = ("iperf3", "ping")

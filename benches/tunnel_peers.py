@@ -12,8 +12,8 @@ first ping.
 - `BareVeth`: no tunnel, the veth pair itself (MTU 1500): the ceiling.
 - `VpnPacket`: two `vpn-packet node` processes from TOML, as `TunnelLab` starts them; `insecure=True` is
   `[node] insecure = true` (plaintext), otherwise the default (TLS 1.3, keys from `vpn-packet genkey`).
-- `Boringtun`: Cloudflare's userspace WireGuard (`boringtun-cli --foreground`, its default 4 threads),
-  configured with `wg` from wireguard-tools; keys from `wg genkey`.
+- `Boringtun`, `WireguardGo`: userspace WireGuard (`boringtun-cli --foreground`, its default 4 threads;
+  `wireguard-go -f`), configured with `wg` from wireguard-tools; keys from `wg genkey`.
 - `OpenVpn`: OpenVPN 2.6 in TLS mode (a throwaway CA and two certificates made here, ECDHE, `--dh none`),
   data channel AES-256-GCM, point-to-point, data channel offload off (`--disable-dco`); `OpenVpn` over UDP
   (OpenVPN's default and fastest), `OpenVpnTcp` over TCP (vpn-packet's transport).
@@ -197,16 +197,21 @@ class VpnPacketTls(VpnPacket):
 WG_PORT = 51820
 
 
-class Boringtun(Tunnel):
-    key = "boringtun"
-    commands = ("boringtun-cli", "wg")
+class UserspaceWireGuard(Tunnel):
+    """A userspace WireGuard daemon in each namespace, configured with `wg set` over its control socket."""
+
+    program: ClassVar[str]
+    ready_text: ClassVar[str]  # the line the daemon logs once its control socket listens
+    env: ClassVar[dict[str, str]] = {}
 
     def __init__(self, workdir: Path, *, mtu: int = 1400) -> None:
         super().__init__(workdir, mtu=mtu)
-        self.label = "boringtun"
         tag = self.lab.veth_a[3:]  # unique per lab: the control socket /var/run/wireguard/NAME.sock is global
-        self.ifaces = {"a": f"bta{tag}"[:15], "b": f"btb{tag}"[:15]}
+        self.ifaces = {"a": f"{self.key[:2]}a{tag}"[:15], "b": f"{self.key[:2]}b{tag}"[:15]}
         self.public: dict[str, str] = {}
+
+    def argv(self, binary: str, iface: str) -> list[str]:
+        raise NotImplementedError
 
     def prepare(self) -> None:
         for side in ("a", "b"):
@@ -216,36 +221,28 @@ class Boringtun(Tunnel):
             key_file.write_text(private + "\n")
             self.public[side] = _run(["wg", "pubkey"], input_text=private).strip()
 
-    def start(self) -> None:
-        binary = find_command("boringtun-cli")
-        assert binary is not None
-        env = {**os.environ, "WG_SUDO": "1"}  # as root: keep privileges (also --disable-drop-privileges)
-        for side in ("a", "b"):
+    def _remove_sockets(self) -> None:
+        for iface in self.ifaces.values():
             with contextlib.suppress(FileNotFoundError):
-                Path(f"/var/run/wireguard/{self.ifaces[side]}.sock").unlink()  # left by a killed run
-            ns = self.lab.ns_a if side == "a" else self.lab.ns_b
-            self.lab.start_program(
-                f"boringtun-{side}",
-                ns,
-                [
-                    binary,
-                    "--foreground",
-                    "--disable-drop-privileges",
-                    "--verbosity",
-                    "info",
-                    self.ifaces[side],
-                ],
-                env=env,
-            )
+                Path(f"/var/run/wireguard/{iface}.sock").unlink()
+
+    def start(self) -> None:
+        binary = find_command(self.program)
+        assert binary is not None
+        self._remove_sockets()  # left by a killed run
         for side in ("a", "b"):
-            self.lab.nodes[f"boringtun-{side}"].wait_for_line(
-                lambda line: "started successfully" in line, timeout=20
+            ns = self.lab.ns_a if side == "a" else self.lab.ns_b
+            argv = self.argv(binary, self.ifaces[side])
+            self.lab.start_program(f"{self.key}-{side}", ns, argv, env={**os.environ, **self.env})
+        for side in ("a", "b"):
+            self.lab.nodes[f"{self.key}-{side}"].wait_for_line(
+                lambda line: self.ready_text in line, timeout=20
             )
         for side, ns, address, peer, endpoint, allowed in (
             ("a", self.lab.ns_a, TUNNEL_A, "b", UNDERLAY_B, TUNNEL_B),
             ("b", self.lab.ns_b, TUNNEL_B, "a", UNDERLAY_A, TUNNEL_A),
         ):
-            iface = self.ifaces[side]
+            iface, key_file = self.ifaces[side], str(self.workdir / f"wg-{side}.key")
             _run(
                 [
                     "ip",
@@ -256,7 +253,7 @@ class Boringtun(Tunnel):
                     "set",
                     iface,
                     "private-key",
-                    str(self.workdir / f"wg-{side}.key"),
+                    key_file,
                     "listen-port",
                     str(WG_PORT),
                     "peer",
@@ -275,13 +272,41 @@ class Boringtun(Tunnel):
 
     def stop(self) -> None:
         super().stop()
-        for iface in self.ifaces.values():
-            with contextlib.suppress(FileNotFoundError):
-                Path(f"/var/run/wireguard/{iface}.sock").unlink()
+        self._remove_sockets()
 
     def version(self) -> str:
-        binary = find_command("boringtun-cli") or "boringtun-cli"
+        binary = find_command(self.program) or self.program
         return f"{_first_line([binary, '--version'])}; {_first_line(['wg', '--version']).split(' - ')[0]}"
+
+
+class Boringtun(UserspaceWireGuard):
+    """Cloudflare's boringtun (Rust), its defaults: 4 threads, multi-queue TUN, connected UDP sockets."""
+
+    key = "boringtun"
+    commands = ("boringtun-cli", "wg")
+    program = "boringtun-cli"
+    ready_text = "started successfully"
+    env: ClassVar[dict[str, str]] = {"WG_SUDO": "1"}  # as root: keep privileges (= --disable-drop-privileges)
+
+    def argv(self, binary: str, iface: str) -> list[str]:
+        return [binary, "--foreground", "--disable-drop-privileges", "--verbosity", "info", iface]
+
+
+class WireguardGo(UserspaceWireGuard):
+    """The Go reference implementation as Debian 12 ships it (2022: no TUN offloads, no UDP GSO/GRO)."""
+
+    key = "wireguard-go"
+    commands = ("wireguard-go", "wg")
+    program = "wireguard-go"
+    ready_text = "UAPI listener started"
+    env: ClassVar[dict[str, str]] = {"LOG_LEVEL": "verbose"}  # logs the ready line (and handshakes only)
+
+    def __init__(self, workdir: Path, *, mtu: int = 1400) -> None:
+        super().__init__(workdir, mtu=mtu)
+        self.label = "wireguard-go (2022)"
+
+    def argv(self, binary: str, iface: str) -> list[str]:
+        return [binary, "-f", iface]
 
 
 OPENVPN_PORT = 1194
@@ -399,5 +424,6 @@ class OpenVpnTcp(OpenVpn):
 
 
 IMPLEMENTATIONS: dict[str, type[Tunnel]] = {
-    cls.key: cls for cls in (BareVeth, VpnPacketPlain, VpnPacketTls, Boringtun, OpenVpn, OpenVpnTcp)
+    cls.key: cls
+    for cls in (BareVeth, VpnPacketPlain, VpnPacketTls, Boringtun, WireguardGo, OpenVpn, OpenVpnTcp)
 }

@@ -63,6 +63,16 @@ def _first_line(argv: list[str]) -> str:
     return lines[0].strip() if lines else "unknown"
 
 
+def _dig(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    """`tree[path[0]][path[1]]...`, or None where the metrics do not have it (their layout may change)."""
+    node: Any = tree
+    for name in path:
+        if not isinstance(node, dict) or name not in node:
+            return None
+        node = node[name]
+    return node
+
+
 class Tunnel:
     """One implementation under test: a lab of its own, started and stopped per round."""
 
@@ -116,7 +126,7 @@ class Tunnel:
 
     def devices(self) -> dict[str, str]:
         """The tunnel's network device in each namespace ("a", "b"): where the kernel counts its drops."""
-        return {"a": "vpn0", "b": "vpn0"}
+        raise NotImplementedError
 
     def device_drops(self) -> dict[str, dict[str, int]]:
         """The kernel's rx/tx dropped and error counters of the tunnel devices (absolute values)."""
@@ -159,19 +169,22 @@ class VpnPacket(Tunnel):
         self.lab.wait_ready("a")
         self.lab.wait_ready("b")
 
+    def devices(self) -> dict[str, str]:
+        return {"a": "vpn0", "b": "vpn0"}  # the [interface] name of TunnelLab's node TOML
+
     def round_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {}
-        for which in ("a", "b"):
-            m = self.lab.metrics(which)
-            d = m["node"]["dispatcher"]
-            info[which] = {
-                "rejected": d["rejected"],
-                "failed": d["failed"],
-                "spoofed": m["node"]["receiver"]["spoofed_dropped"],
-                "tun_write_dropped": m["tun"]["write_dropped"],
-                "tun_packets_read": m["tun"]["packets_read"],
-            }
-        return info
+        """The nodes' own drop counters (to set beside the kernel's on their TUN devices)."""
+        counters = {
+            "rejected": ("node", "dispatcher", "rejected"),
+            "failed": ("node", "dispatcher", "failed"),
+            "spoofed": ("node", "receiver", "spoofed_dropped"),
+            "tun_write_dropped": ("tun", "write_dropped"),
+            "tun_packets_read": ("tun", "packets_read"),
+        }
+        return {
+            which: {name: _dig(metrics, path) for name, path in counters.items()}
+            for which, metrics in ((w, self.lab.metrics(w)) for w in ("a", "b"))
+        }
 
     def version(self) -> str:
         commit = subprocess.run(

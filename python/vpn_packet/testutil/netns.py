@@ -332,6 +332,27 @@ class TunnelLab:
         self.nodes[which] = node
         return node
 
+    def start_program(
+        self, which: str, netns: str, argv: list[str], *, env: dict[str, str] | None = None
+    ) -> NodeProcess:
+        """Starts any program (another VPN, for comparisons) in `netns`, followed like a node: its output goes
+        to `WORKDIR/<which>.log` and `wait_for_line` works on it; `stop_node(which)` stops it and `cleanup`
+        stops it with the nodes. A `NodeProcess` whose `config` and `metrics_file` are the log (unused)."""
+        log = self.workdir / f"{which}.log"
+        log.write_bytes(b"")
+        process = NodeProcess(which, netns, log, log, log)
+        process.process = subprocess.Popen(
+            ["ip", "netns", "exec", netns, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        assert process.process.stdout is not None
+        process.follow(process.process.stdout)
+        self.nodes[which] = process
+        return process
+
     def wait_ready(self, which: str, timeout: float = 20.0) -> None:
         """Until the node logs that it runs (its TUN is up and it listens); raises with its log if it exits
         first (or, as a hang guard, after `timeout` seconds)."""

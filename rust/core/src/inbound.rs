@@ -138,6 +138,12 @@ impl Inbound {
                         }
                     };
                     if vnet {
+                        // The header comes from a peer, not from our kernel: the same checks as for
+                        // segmenting it ourselves, so the kernel is never handed a header we would refuse.
+                        if gso::validate(&parsed, packet).is_err() {
+                            counts.offload_invalid += 1;
+                            return;
+                        }
                         write_one(tun, counts, Some(header), packet);
                         return;
                     }
@@ -252,6 +258,74 @@ mod tests {
             .written
             .iter()
             .all(|(h, p)| h.as_deref() == Some(&PLAIN_VNET_HDR[..]) && *p == good));
+    }
+
+    /// A TCPv4 super-packet from 10.9.0.5 with `payload` bytes, as a TUN with TSO hands it out.
+    fn tcp4_super_packet(payload: usize, mss: u16) -> Vec<u8> {
+        let total = 40 + payload;
+        let mut p = vec![
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            1,
+            0x40,
+            0,
+            64,
+            6,
+            0,
+            0,
+        ];
+        p.extend_from_slice(&[10, 9, 0, 5, 10, 9, 0, 2]);
+        p.extend_from_slice(&[
+            0x30, 0x39, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,
+        ]);
+        p.extend((0..payload).map(|i| i as u8));
+        let hdr = gso::VirtioNetHdr {
+            flags: gso::flags::NEEDS_CSUM,
+            gso_type: gso::gso_type::TCPV4,
+            hdr_len: 40,
+            gso_size: mss,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let mut frame = hdr.to_bytes().to_vec();
+        frame.extend_from_slice(&p);
+        frame
+    }
+
+    #[test]
+    fn a_super_packet_is_segmented_for_a_plain_tun_and_whole_for_a_vnet_one() {
+        let mut wire = Vec::new();
+        encode_offload_frame_into(&tcp4_super_packet(3000, 1000), &mut wire).unwrap();
+        let mut plain = Recorder::default();
+        let mut inbound = Inbound::new(1500, false);
+        inbound.feed(&wire, &table(), 1, &mut plain).unwrap();
+        assert_eq!(plain.written.len(), 3);
+        let mut payload = Vec::new();
+        for (header, segment) in &plain.written {
+            assert!(header.is_none());
+            let parsed = etherparse::SlicedPacket::from_ip(segment).unwrap();
+            payload.extend_from_slice(parsed.transport.as_ref().map(|_| &segment[40..]).unwrap());
+        }
+        assert_eq!(payload, (0..3000).map(|i| i as u8).collect::<Vec<_>>());
+        assert_eq!((inbound.counts.segmented, inbound.counts.delivered), (1, 3));
+        let mut vnet = Recorder::default();
+        let mut inbound = Inbound::new(1500, true);
+        inbound.feed(&wire, &table(), 1, &mut vnet).unwrap();
+        assert_eq!(vnet.written.len(), 1);
+        assert_eq!(inbound.counts.delivered, 1);
+        // A header the checks refuse (a segment size of 0) is counted, never handed to the kernel.
+        let mut bad = tcp4_super_packet(3000, 1000);
+        bad[4..6].copy_from_slice(&0u16.to_le_bytes());
+        let mut wire = Vec::new();
+        encode_offload_frame_into(&bad, &mut wire).unwrap();
+        let mut inbound = Inbound::new(1500, true);
+        let mut tun = Recorder::default();
+        inbound.feed(&wire, &table(), 1, &mut tun).unwrap();
+        assert!(tun.written.is_empty());
+        assert_eq!(inbound.counts.offload_invalid, 1);
     }
 
     #[test]

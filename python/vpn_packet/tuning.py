@@ -66,6 +66,7 @@ __all__ = [
     "SHUTDOWN_TIMEOUT",
     "STREAM_IDLE_TIMEOUT",
     "KEEPALIVE_INTERVAL",
+    "KEEPER_START_WAIT",
     "RECONNECT_BACKOFF",
     "RECONNECT_BACKOFF_MAX",
     "Spec",
@@ -111,6 +112,9 @@ STREAM_IDLE_TIMEOUT: Final = 60.0
 #: uses 25 s for the same reason (NAT state). It is also the TCP keepalive idle time, so a peer that vanished
 #: while nothing was sent is noticed within about this plus 3 probes 5 s apart.
 KEEPALIVE_INTERVAL: Final = 25.0
+#: Seconds a starting node waits for its first connections before it says it is running (the data path runs
+#: already; a peer that is down only delays the line).
+KEEPER_START_WAIT: Final = 1.0
 #: Seconds before retrying a configured peer whose connection failed, doubled per failure up to the max.
 RECONNECT_BACKOFF: Final = 0.5
 RECONNECT_BACKOFF_MAX: Final = 30.0

@@ -170,3 +170,23 @@ async def test_two_nodes_connect_at_start_and_the_first_packet_uses_that_connect
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_peer_that_connects_to_us_is_tried_at_once_whatever_its_backoff() -> None:
+    service, clock = Service(), Clock()
+    service.down.add("b")
+    pool = StreamPool(service, clock=clock)
+    keeper = ConnectionKeeper(pool, lambda: ["b"], backoff=8, clock=clock)
+    await keeper.start()
+    await settle()
+    assert service.attempts == {"b": 1}  # failed: the next attempt is about 8 s away
+    service.down.clear()
+    keeper.poke("b")  # b connected to us: it is up
+    assert await keeper.settle(1.0) == (1, 1)
+    assert service.attempts == {"b": 2}
+    keeper.poke("b")  # connected already: nothing to do
+    keeper.poke("x")  # not a configured peer
+    await settle()
+    assert service.attempts == {"b": 2}
+    await keeper.stop()
+    await pool.stop()

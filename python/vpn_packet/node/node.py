@@ -243,6 +243,10 @@ class Node:
             max_connections_per_peer=t.max_connections_per_peer,
             read_size=t.read_size,
         )
+        if self.keeper is not None:
+            self.receiver.on_authenticated = (
+                self.keeper.poke
+            )  # a peer that connects to us is up: connect back
         self._started = False
         self._stopped = False
         self._sending_stopped = False

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from vpn_packet import tuning
 from vpn_packet.errors import ConfigError, UsageError
 from vpn_packet.node.config import NodeConfig, diff_configs, load_config
 from vpn_packet.node.control import ControlServer, default_socket_path
@@ -265,15 +266,22 @@ class TunNode:
         await self._start_control()
         if self.config.mode == "insecure":
             _log.warning(INSECURE_WARNING)
-        peers = len(self.config.peers)
+        # "running" once the connections to reachable peers are made (bounded): the first packet finds them.
+        keeper = self.node.keeper
+        connected, peers = (
+            await keeper.settle(tuning.KEEPER_START_WAIT)
+            if keeper is not None
+            else (0, len(self.config.peers))
+        )
         _log.info(
-            "node %s running: %s on %s, listening on %s:%d, %d peer%s, %s",
+            "node %s running: %s on %s, listening on %s:%d, %d peer%s (%d connected), %s",
             self.config.node.id,
             ", ".join(iface.addresses),
             self.tun.name,
             *(self.node.address or self.config.listen),
             peers,
             "" if peers == 1 else "s",
+            connected,
             self.node.security.describe(),
         )
 

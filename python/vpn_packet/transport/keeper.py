@@ -13,6 +13,10 @@ connection per configured peer when the node starts, and then, once per `tick` s
   so the peer's receiver does not close it as idle (TCP keepalive probes on the same interval notice a
   peer that vanished while nothing was sent).
 
+A peer that connects to us proves it is up: `poke(peer_id)` (the receiver calls it for every authenticated
+connection) tries that peer at once, whatever its backoff, so two nodes started a moment apart are
+connected both ways as soon as the second one is up, not a backoff later.
+
 The pool stays the one owner of connections: the keeper only asks it to warm a peer. Peers come from the
 discovery at every tick, so a reload's added and removed peers are followed without a call.
 """
@@ -73,6 +77,7 @@ class ConnectionKeeper:
         self._retry_at: dict[str, float] = {}  # peers whose last attempt failed: when to try again
         self._delay: dict[str, float] = {}
         self._connecting: set[str] = set()
+        self._attempts: dict[str, asyncio.Task[None]] = {}  # the latest attempt per peer
         self._tasks = TaskSet()
         self._loop_task: asyncio.Task[None] | None = None
         self.metrics = KeeperMetrics()
@@ -85,6 +90,26 @@ class ConnectionKeeper:
         if self._loop_task is None:
             self.run_once()
             self._loop_task = self._tasks.spawn(self._run())
+
+    async def settle(self, timeout: float) -> tuple[int, int]:  # noqa: ASYNC109 - a bound, not a deadline
+        """Wait (at most `timeout` seconds) for the connection attempts under way; returns `(connected,
+        configured)` peers. A node logs that it is running after this, so that "running" means the first
+        packet to a reachable peer finds its connection made."""
+        pending = {task for task in self._attempts.values() if not task.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        wanted = list(self.peers())
+        connected = sum(1 for peer_id in wanted if self.pool.keep_alive(peer_id, self.keepalive_interval))
+        return connected, len(wanted)
+
+    def poke(self, peer_id: str) -> None:
+        """`peer_id` just proved it is up (it connected to us): try it now, forgetting its backoff."""
+        if self._loop_task is None or peer_id not in set(self.peers()):
+            return
+        self._retry_at.pop(peer_id, None)
+        self._delay.pop(peer_id, None)
+        if peer_id not in self._connecting and not self.pool.keep_alive(peer_id, self.keepalive_interval):
+            self._connect(peer_id)
 
     async def stop(self) -> None:
         """Stop; connection attempts under way are cancelled (the pool closes what they made)."""
@@ -111,10 +136,13 @@ class ConnectionKeeper:
                 continue
             if self._retry_at.get(peer_id, now) > now:
                 continue
-            self._connecting.add(peer_id)
-            self._tasks.spawn(self._warm(peer_id))
+            self._connect(peer_id)
             started += 1
         return started
+
+    def _connect(self, peer_id: str) -> None:
+        self._connecting.add(peer_id)
+        self._attempts[peer_id] = self._tasks.spawn(self._warm(peer_id))
 
     async def _warm(self, peer_id: str) -> None:
         try:
@@ -132,3 +160,4 @@ class ConnectionKeeper:
                 self.metrics.opened += 1
         finally:
             self._connecting.discard(peer_id)
+            self._attempts.pop(peer_id, None)

@@ -414,6 +414,8 @@ class Receiver:
         # Set before `start()` by a node on a TUN: packets then go from socket to TUN in one native call per
         # read, without the sink (see `_pump`).
         self.tun_target: TunTarget | None = None
+        # Called with the peer id of every authenticated connection (a node's keeper connects back at once).
+        self.on_authenticated: Callable[[str], object] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -699,6 +701,8 @@ class Receiver:
             self._totals.superseded += 1
         conn.peer_id = peer_id
         held[conn.task] = conn
+        if self.on_authenticated is not None:
+            self.on_authenticated(peer_id)
         self._authenticated += 1
         peer.connections += 1
         peer.active_connections += 1

@@ -33,6 +33,7 @@ name = "vpn0"                 # the TUN device the node creates (at most 15 char
 address = "$address"       # this node's tunnel address and subnet; a list for more (IPv6 too)
 mtu = 1400                    # the same on every node; a larger MTU is much faster
 # txqueuelen = 1000
+# offload = true              # bulk TCP/UDP crosses as 64 KB super-packets (TSO/USO); false: plain packets
 
 [listen]
 address = "0.0.0.0:7000"      # where peers connect to this node (TCP and TLS 1.3)

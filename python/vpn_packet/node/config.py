@@ -7,6 +7,7 @@ The contract (DESIGN.md section 6)::
     address = "10.8.0.1/24"          # or a list of addresses
     mtu = 1400
     txqueuelen = 1000                # optional
+    offload = true                   # optional: TSO/USO super-packets through the tunnel (the default)
 
     [listen]
     address = "0.0.0.0:7000"
@@ -106,6 +107,7 @@ class InterfaceConfig:
     addresses: tuple[str, ...]
     mtu: int = tuning.MTU
     txqueuelen: int = tuning.TXQUEUELEN
+    offload: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +256,7 @@ def _existing(base: Path | None, value: object, where: str) -> Path:
 
 def _interface(data: Mapping[str, Any]) -> InterfaceConfig:
     table = _table(data, "interface", required=True)
-    _unknown(table, "interface", {"name", "address", "mtu", "txqueuelen"})
+    _unknown(table, "interface", {"name", "address", "mtu", "txqueuelen", "offload"})
     name = _checked("interface.name", tuning.check_interface_name, _str(table, "name", "interface.name"))
     if "address" not in table:
         raise ConfigError("interface.address", "missing")
@@ -272,7 +274,10 @@ def _interface(data: Mapping[str, Any]) -> InterfaceConfig:
     txqueuelen = _int(
         table, "txqueuelen", "interface.txqueuelen", tuning.TXQUEUELEN, 1, tuning.MAX_TXQUEUELEN
     )
-    return InterfaceConfig(name, tuple(addresses), mtu, txqueuelen)
+    offload = table.get("offload", True)
+    if not isinstance(offload, bool):
+        raise ConfigError("interface.offload", f"expected true or false, got {offload!r}")
+    return InterfaceConfig(name, tuple(addresses), mtu, txqueuelen, offload)
 
 
 def _address(table: Mapping[str, Any], key: str, where: str) -> tuple[str, int]:

@@ -338,6 +338,12 @@ class Node:
         """Queue many raw IP packets (grouped by destination natively); returns how many were accepted."""
         return self.dispatcher.dispatch_batch(packets)
 
+    def send_buffer(self, data: bytes, lengths: bytes, *, vnet_header: bool = False) -> int:
+        """Queue the packets of one TUN read (`data` and its native-endian u32 `lengths`; with
+        `vnet_header`, each packet preceded by its virtio_net_hdr), routed natively; returns how many were
+        accepted. No Python object per packet."""
+        return self.dispatcher.dispatch_buffer(data, lengths, vnet_header=vnet_header)
+
     async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - like Dispatcher.flush
         """Wait until every accepted packet was written to a stream (or failed); False on timeout."""
         return await self.dispatcher.flush(timeout)

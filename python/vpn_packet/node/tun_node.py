@@ -184,6 +184,11 @@ class TunNode:
     def _on_tun_batch(self, packets: list[bytes]) -> None:
         self.node.send_batch(packets)
 
+    def _on_tun_buffer(self, data: bytes, lengths: bytes) -> None:
+        """A TUN read, as one buffer and its u32 lengths, straight to the dispatcher's native queues."""
+        tun = self.tun
+        self.node.send_buffer(data, lengths, vnet_header=tun is not None and tun.vnet_header)
+
     def _on_tun_write_fatal(self, code: int) -> None:
         """A native TUN write found the device gone."""
         if self.error is None:
@@ -210,6 +215,7 @@ class TunNode:
                 mtu=iface.mtu,
                 txqueuelen=iface.txqueuelen,
                 max_backlog=self.config.tuning.write_backlog,
+                offload=iface.offload,
             )
         except BaseException as exc:
             self._state = "stopped"
@@ -246,9 +252,17 @@ class TunNode:
             self.tun.close()
             self._state = "stopped"
             raise
-        self.tun.start_reading(
-            self._on_tun_batch, max_packets=self.config.tuning.read_batch, on_error=self._on_tun_error
-        )
+        if real:  # one buffer per read, no object per packet; a test's fake device hands lists
+            self.tun.start_reading(
+                self._on_tun_buffer,
+                max_packets=self.config.tuning.read_batch,
+                on_error=self._on_tun_error,
+                buffers=True,
+            )
+        else:
+            self.tun.start_reading(
+                self._on_tun_batch, max_packets=self.config.tuning.read_batch, on_error=self._on_tun_error
+            )
         self._started_at = time.monotonic()
         self._state = "running"
         self._background = asyncio.get_running_loop().create_task(self._run_jobs(), name="tun-node-jobs")

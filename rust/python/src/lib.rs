@@ -14,6 +14,7 @@ mod key_cache;
 mod packet_batch;
 mod packet_info;
 mod prefix;
+mod queues;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -33,5 +34,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     handshake::register(m)?;
     ack::register(m)?;
     prefix::register(m)?;
+    queues::register(m)?;
     Ok(())
 }

@@ -391,6 +391,14 @@ def test_vpn_packet_dispatch_buffer(
 
 @pytest.mark.parametrize("traffic", TRAFFIC)
 @pytest.mark.benchmark(group=GROUP, timer=time.process_time)
+def test_vpn_packet_dispatch_packet_framed(
+    benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, traffic: str
+) -> None:
+    _ours(benchmark, loop, "dispatch_packet_framed", "dispatch_packet", traffic, framed=True)
+
+
+@pytest.mark.parametrize("traffic", TRAFFIC)
+@pytest.mark.benchmark(group=GROUP, timer=time.process_time)
 def test_vpn_packet_dispatch_batch_framed(
     benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, traffic: str
 ) -> None:

@@ -266,7 +266,7 @@ class AckDecoder:
 
 # --- per-destination queues (rust/core/src/queues.rs) ---
 
-__all__ += ["DestinationQueues", "framed_packet_bytes", "framed_without", "split_framed"]
+__all__ += ["DestinationQueues", "framed_payload_bytes", "framed_without", "split_framed"]
 __all__ += ["OFFLOAD_FLAG", "VNET_HDR_LEN", "PUSH_QUEUED", "PUSH_READY", "PUSH_PRESSURE"]
 __all__ += ["PUSH_FULL", "PUSH_UNKNOWN", "PUSH_INVALID"]
 
@@ -315,8 +315,8 @@ class DestinationQueues:
 def split_framed(data: Buffer) -> list[bytes]:
     """The packets of a framed buffer, in order (an offload frame gives its packet without the header)."""
 
-def framed_packet_bytes(data: Buffer, count: int | None = None) -> int:
-    """Bytes of the packets of the first `count` frames (all when None)."""
+def framed_payload_bytes(data: Buffer, count: int | None = None) -> int:
+    """Payload bytes of the first `count` frames (all when None): without prefixes, with offload headers."""
 
 def framed_without(data: Buffer, positions: Sequence[int]) -> tuple[bytes, int]:
     """`data` without the frames at `positions`: `(framed, count)` of what is left."""

@@ -413,11 +413,12 @@ class Dispatcher:
             status = self._push_keyed(sync_key, data)
         if status > PUSH_PRESSURE:
             return status
-        self._accepted += 1
+        before = self._accepted
+        self._accepted = before + 1
         if status == PUSH_READY:
             worker = self._workers[sync_key]
             if not worker.busy:  # (busy with an empty queue: in a drain, which will see it)
-                self._schedule(worker)
+                self._schedule(worker, before)
         elif status == PUSH_PRESSURE:
             self._pressure = True
         return status
@@ -430,7 +431,13 @@ class Dispatcher:
         if not self._accepting:  # checked first: a stopped dispatcher counts `stopped`, whatever the bytes
             self._reject_not_running(1)
             return False
-        return self._admit(self._queues.push((data,))) != 0
+        pushed = self._queues.push((data,))
+        if pushed[0] and not pushed[1]:  # queued behind others: nothing to schedule (the flood case)
+            self._accepted += 1
+            if pushed[3]:
+                self._pressure = True
+            return True
+        return self._admit(pushed) != 0
 
     def dispatch_batch(self, packets: Iterable[bytes]) -> int:
         """Dispatch many raw IP packets; returns how many were accepted.
@@ -475,13 +482,14 @@ class Dispatcher:
         accepted, ready, new, pressure = pushed
         if pressure:
             self._pressure = True
-        self._accepted += accepted
+        before = self._accepted
+        self._accepted = before + accepted
         if ready:
             workers = self._workers
             for sync_key in ready:
                 worker = workers[sync_key]
                 if not worker.busy:  # (busy with an empty queue: in a drain, which will see them)
-                    self._schedule(worker)
+                    self._schedule(worker, before)
         if new is not None:
             for sync_key, dest_ip, queued, overflow in new:
                 created = self._new_worker(sync_key, dest_ip, queued + overflow)  # adopts the queue
@@ -492,7 +500,7 @@ class Dispatcher:
                     self._pressure = True  # this queue is full: draining it beats waiting for more
                 self._accepted += queued
                 accepted += queued
-                self._schedule(created)
+                self._schedule(created, before)
         return accepted
 
     def _reject_not_running(self, n: int) -> None:
@@ -528,26 +536,27 @@ class Dispatcher:
 
     # --- draining -------------------------------------------------------------------------------------------
 
-    def _schedule(self, worker: Worker) -> None:
-        """Put an idle worker that just got packets on the ready deque; make sure a pump will see it."""
+    def _schedule(self, worker: Worker, before: int) -> None:
+        """Put an idle worker that just got packets on the ready deque; make sure a pump will see it.
+        `before`: the accepted total before the dispatch call that brought the packets."""
         worker.busy = True
         self._ctx.busy += 1
         self._ready.append(worker)
         if self._free_pumps == 0:
-            self._wake()
+            self._wake(before + self._queues.depth(worker.sync_key))
 
-    def _wake(self) -> None:
+    def _wake(self, seen: int) -> None:
         """Get a pump going, after up to `coalesce` loop iterations (plain callbacks, no task) during which
         the producer keeps adding packets; at once if there is pressure or nothing to wait for.
 
-        The packets that caused this wake-up are in `self._accepted` already (every dispatch form counts them
-        before scheduling): they count as seen, so that a lone packet drains at the first iteration, and only
-        packets the producer adds after them count as "more"."""
+        `seen`: the accepted total before this dispatch call plus the packets of the worker that caused this
+        wake-up. Those count as seen, so that a lone packet drains at the first iteration; the rest of a batch
+        and the packets the producer adds later count as "more"."""
         self._free_pumps += 1  # the pending tick counts as a pump that will look at the ready deque
         if self.coalesce and not self._pressure:
             assert self._loop is not None
             self._coalesce_left = self.coalesce
-            self._seen = self._woken_at = self._accepted
+            self._seen = self._woken_at = seen
             self._tick_handle = self._loop.call_soon(self._tick)
         else:
             self._start_pump()

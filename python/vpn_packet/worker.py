@@ -29,8 +29,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from vpn_packet._native import (
+    LENGTH_PREFIX_LEN,
     DestinationQueues,
-    framed_packet_bytes,
+    framed_payload_bytes,
     framed_without,
     split_framed,
 )
@@ -254,7 +255,9 @@ class Worker:
     __slots__ = (
         "_batch",
         "_batch_count",
+        "_closed_drops",
         "_ctx",
+        "_framed_write",
         "_future_positions",
         "_futures",
         "_inflight",
@@ -293,8 +296,11 @@ class Worker:
         self._future_positions: list[int] | None = None
         self._batch = b""  # the framed batch of the current write attempt
         self._batch_count = 0
+        self._closed_drops: int | None = None  # drop_count once the queue is gone (close)
         self._receipt: Awaitable[int] | None = None  # what the last write_many returned
         self._stream: Stream | None = None
+        # The stream's `write_framed` when it has one (looked up once per stream acquired), else None.
+        self._framed_write: Callable[[bytes, int], Awaitable[Awaitable[int] | None]] | None = None
         self.peer_id: str | None = None
         self._route_epoch = 0  # the context's route_epoch when `peer_id` was looked up
         self.busy = False
@@ -335,6 +341,9 @@ class Worker:
     @property
     def drop_count(self) -> int:
         """Packets rejected because this worker's queue was full."""
+        closed_drops = self._closed_drops
+        if closed_drops is not None:
+            return closed_drops
         return self._ctx.queues.dropped(self.sync_key)
 
     @property
@@ -399,7 +408,8 @@ class Worker:
                 self._inflight = None
                 self._inflight_count = 0
                 self._inflight_futures = None
-                queues.set_in_flight(key, 0)
+                # The native in-flight count (the bound) is reset by the next `take`, which follows without
+                # anything else running in between: no extra call per batch.
                 if error is None:
                     self.consecutive_failures = 0
                     receipt, self._receipt = self._receipt, None
@@ -437,9 +447,9 @@ class Worker:
     ) -> None:
         """The first `taken` of the `n` packets of the framed `batch` reached the peer; the rest (if any) were
         lost in flight. `positions`: where each future's packet is in `batch` (needed only when some were
-        lost)."""
+        lost). Bytes counted are frame payloads: the packets (with the virtio header of offload frames)."""
         ctx = self._ctx
-        size = framed_packet_bytes(batch, taken) if taken < n else framed_packet_bytes(batch)
+        size = len(batch) - LENGTH_PREFIX_LEN * n if taken >= n else framed_payload_bytes(batch, taken)
         self.packet_count += taken
         self.byte_count += size
         ctx.sent += taken
@@ -530,8 +540,9 @@ class Worker:
         stream = self._stream
         if stream is None:
             stream = self._stream = await self._ctx.acquire(peer_id, self)
+            self._framed_write = getattr(stream, "write_framed", None)
         try:
-            write_framed = getattr(stream, "write_framed", None)
+            write_framed = self._framed_write
             if write_framed is not None:  # the buffer as it is: no packet object at all
                 self._receipt = await write_framed(self._batch, self._batch_count)
             else:  # the `Stream` protocol: a list of packets
@@ -612,7 +623,9 @@ class Worker:
         """Detach from the dispatcher: its queue goes (it is empty: idle, or discarded at stop) and the stream
         goes back healthy (it did not fail)."""
         self.closed = True
-        self._ctx.queues.remove(self.sync_key)
+        if self._closed_drops is None:  # (idempotent: a second close must not read a new worker's queue)
+            self._closed_drops = self._ctx.queues.dropped(self.sync_key)
+            self._ctx.queues.remove(self.sync_key)
         self._drop_stream(healthy=True)
 
     # --- metrics --------------------------------------------------------------------------------------------

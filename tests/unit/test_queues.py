@@ -26,7 +26,7 @@ from vpn_packet._native import (
     DestinationQueues,
     destination_key_and_ip,
     encode_frames,
-    framed_packet_bytes,
+    framed_payload_bytes,
     framed_without,
     split_framed,
 )
@@ -161,8 +161,8 @@ def test_virtio_headers_give_plain_or_offload_frames() -> None:
     offload = struct.pack("!I", (VNET_HDR_LEN + len(a)) | OFFLOAD_FLAG) + gso + a
     assert framed == encode_frames([a]) + offload
     assert split_framed(framed) == [a, a]  # a list stream gets the packets
-    assert framed_packet_bytes(framed) == 2 * len(a)
-    assert framed_packet_bytes(framed, 1) == len(a)
+    assert framed_payload_bytes(framed) == 2 * len(a) + VNET_HDR_LEN  # the header travels too
+    assert framed_payload_bytes(framed, 1) == len(a)
     assert framed_without(framed, [0]) == (offload, 1)
 
 
@@ -170,7 +170,7 @@ def test_a_malformed_framed_buffer_raises() -> None:
     with pytest.raises(ValueError, match="truncated or malformed"):
         split_framed(b"\x00\x00\x00\x05ab")
     with pytest.raises(ValueError, match="truncated or malformed"):  # an offload frame without its header
-        framed_packet_bytes(b"\x80\x00\x00\x02ab")
+        framed_payload_bytes(b"\x80\x00\x00\x02ab")
 
 
 @settings(max_examples=80, deadline=None)
@@ -264,7 +264,7 @@ async def test_dispatch_buffer_with_virtio_headers(dispatcher_factory: Dispatche
     ((data, count),) = service.created[0].framed
     assert count == 2
     assert data == encode_frames([a]) + struct.pack("!I", (VNET_HDR_LEN + len(a)) | OFFLOAD_FLAG) + gso + a
-    assert d.check_accounting().bytes_sent == 2 * len(a)
+    assert d.check_accounting().bytes_sent == 2 * len(a) + VNET_HDR_LEN  # frame payloads, header included
 
 
 async def test_dispatch_buffer_counts_a_stopped_dispatcher_and_rejects_bad_lengths(

@@ -35,6 +35,9 @@ use crate::parse::{destination, Destination};
 pub const OFFLOAD_FLAG: u32 = 1 << 31;
 /// Bytes of the `virtio_net_hdr` in front of every packet read from a TUN opened with `IFF_VNET_HDR`.
 pub const VNET_HDR_LEN: usize = 10;
+/// A queue emptied by a take starts its next buffer with room for what the last take held, up to this much:
+/// a steady flow then fills its buffer without growing it step by step, and an idle queue holds nothing.
+const SIZE_HINT_MAX: usize = 64 * 1024;
 
 /// A queue's index: stable while the queue exists, reused after it is removed. Use keys across calls.
 pub type QueueId = usize;
@@ -87,6 +90,8 @@ struct Queue {
     dest: Option<Destination>,
     framed: Vec<u8>,
     count: usize,
+    /// Bytes the last take held (at most `SIZE_HINT_MAX`): the room the next buffer starts with.
+    size_hint: usize,
     in_flight: usize,
     /// Packets rejected as `queue_full` on this queue.
     dropped: u64,
@@ -211,6 +216,7 @@ impl DestinationQueues {
             dest,
             framed: Vec::new(),
             count: 0,
+            size_hint: 0,
             in_flight: 0,
             dropped: 0,
             overflow: 0,
@@ -300,6 +306,7 @@ impl DestinationQueues {
             Some(q) => {
                 let count = std::mem::take(&mut q.count);
                 q.in_flight = count;
+                q.size_hint = q.framed.len().min(SIZE_HINT_MAX);
                 (std::mem::take(&mut q.framed), count)
             }
             None => (Vec::new(), 0),
@@ -425,6 +432,9 @@ impl DestinationQueues {
         }
         if q.count >= half {
             pushed.pressure = true;
+        }
+        if q.framed.capacity() == 0 {
+            q.framed.reserve(q.size_hint);
         }
         match header {
             None => {
@@ -553,11 +563,14 @@ impl<'a> Iterator for Frames<'a> {
     }
 }
 
-/// The bytes of the packets (headers and prefixes not included) of the first `limit` frames of `data`.
-pub fn packet_bytes(data: &[u8], limit: usize) -> Result<usize, MalformedFrames> {
-    frames(data)
-        .take(limit)
-        .try_fold(0usize, |total, frame| Ok(total + frame?.packet.len()))
+/// The payload bytes of the first `limit` frames of `data`: what follows each length prefix (the packet, and
+/// for an offload frame its `virtio_net_hdr` too, which travels with it). For whole plain buffers this is
+/// `data.len() - 4 * frames`.
+pub fn payload_bytes(data: &[u8], limit: usize) -> Result<usize, MalformedFrames> {
+    frames(data).take(limit).try_fold(0usize, |total, frame| {
+        let frame = frame?;
+        Ok(total + frame.vnet_header.map_or(0, <[u8]>::len) + frame.packet.len())
+    })
 }
 
 /// `data` without the frames at the given indices (ascending or not; out-of-range indices are ignored),
@@ -737,8 +750,8 @@ mod tests {
                 packet: &plain
             }
         );
-        assert_eq!(packet_bytes(&data, 2), Ok(2 * plain.len()));
-        assert_eq!(packet_bytes(&data, 1), Ok(plain.len()));
+        assert_eq!(payload_bytes(&data, 2), Ok(data.len() - 2 * LENGTH_PREFIX_LEN));
+        assert_eq!(payload_bytes(&data, 1), Ok(plain.len()));
         let (kept, count) = without_frames(&data, &[0]).unwrap();
         assert_eq!(count, 1);
         assert_eq!(&kept[..], &data[4 + plain.len()..]);
@@ -773,7 +786,7 @@ mod tests {
             frames(&[0x80, 0, 0, 2, 1, 1]).next(),
             Some(Err(MalformedFrames { offset: 0 }))
         );
-        assert!(packet_bytes(&[0, 0], 1).is_err());
+        assert!(payload_bytes(&[0, 0], 1).is_err());
     }
 
     proptest! {

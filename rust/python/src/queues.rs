@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use vpn_packet_core::framing::DEFAULT_MAX_FRAME_SIZE;
 use vpn_packet_core::queues::{
-    frames, packet_bytes, without_frames, DestinationQueues as CoreQueues, KeyedPush, MalformedFrames,
+    frames, payload_bytes, without_frames, DestinationQueues as CoreQueues, KeyedPush, MalformedFrames,
     Pushed, QueueId, OFFLOAD_FLAG, VNET_HDR_LEN,
 };
 
@@ -201,37 +201,43 @@ impl DestinationQueues {
     /// above `max_packet_size` are rejected (`PUSH_INVALID`, counted); a key without a queue is not
     /// (`PUSH_UNKNOWN`, not counted: `add` it, then push again).
     fn push_keyed(&mut self, key: &Bound<'_, PyString>, packet: &Bound<'_, PyAny>) -> PyResult<u8> {
-        let key = key.to_str()?;
-        let result = with_bytes(packet, |bytes| self.inner.push_keyed(key, bytes))?;
-        Ok(match result {
-            KeyedPush::Queued => PUSH_QUEUED,
-            KeyedPush::Ready => PUSH_READY,
-            KeyedPush::Pressure => PUSH_PRESSURE,
-            KeyedPush::Full => PUSH_FULL,
-            KeyedPush::Unknown => PUSH_UNKNOWN,
-            KeyedPush::Invalid => PUSH_INVALID,
+        no_panic(|| {
+            let key = key.to_str()?;
+            let result = with_bytes(packet, |bytes| self.inner.push_keyed(key, bytes))?;
+            Ok(match result {
+                KeyedPush::Queued => PUSH_QUEUED,
+                KeyedPush::Ready => PUSH_READY,
+                KeyedPush::Pressure => PUSH_PRESSURE,
+                KeyedPush::Full => PUSH_FULL,
+                KeyedPush::Unknown => PUSH_UNKNOWN,
+                KeyedPush::Invalid => PUSH_INVALID,
+            })
         })
     }
 
     /// Creates the queue of `key` (or adopts its provisional queue, counting its overflow as `queue_full`);
     /// returns whether it was created or adopted (False: it existed already).
     fn add(&mut self, key: &Bound<'_, PyString>) -> PyResult<bool> {
-        let (id, changed) = self.inner.add(key.to_str()?);
-        if changed {
-            self.set_name(id, key.clone().unbind());
-        }
-        Ok(changed)
+        no_panic(|| {
+            let (id, changed) = self.inner.add(key.to_str()?);
+            if changed {
+                self.set_name(id, key.clone().unbind());
+            }
+            Ok(changed)
+        })
     }
 
     /// Removes the queue of `key` with its packets; returns how many it held (a provisional queue's
     /// overflow included). 0 if there is none.
     fn remove(&mut self, key: &Bound<'_, PyString>) -> PyResult<usize> {
-        if let Some(id) = self.id(key)? {
-            if let Some(name) = self.names.get_mut(id) {
-                *name = None;
+        no_panic(|| {
+            if let Some(id) = self.id(key)? {
+                if let Some(name) = self.names.get_mut(id) {
+                    *name = None;
+                }
             }
-        }
-        Ok(self.inner.remove(key.to_str()?))
+            Ok(self.inner.remove(key.to_str()?))
+        })
     }
 
     /// Removes every queue.
@@ -252,11 +258,13 @@ impl DestinationQueues {
         py: Python<'py>,
         key: &Bound<'py, PyString>,
     ) -> PyResult<(Bound<'py, PyBytes>, usize)> {
-        let (data, count) = match self.id(key)? {
-            Some(id) => self.inner.take(id),
-            None => (Vec::new(), 0),
-        };
-        Ok((PyBytes::new(py, &data), count))
+        no_panic(|| {
+            let (data, count) = match self.id(key)? {
+                Some(id) => self.inner.take(id),
+                None => (Vec::new(), 0),
+            };
+            Ok((PyBytes::new(py, &data), count))
+        })
     }
 
     /// Sets how many packets of `key` are being written (the queue holds at most `capacity` minus that).
@@ -319,12 +327,14 @@ pub fn split_framed<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<
     })
 }
 
-/// Bytes of the packets of the first `count` frames of `data` (all when None); prefixes and offload
-/// headers are not counted.
+/// Payload bytes of the first `count` frames of `data` (all when None): length prefixes not counted, the
+/// virtio header of an offload frame counted (it travels with its packet).
 #[pyfunction]
 #[pyo3(signature = (data, count = None))]
-pub fn framed_packet_bytes(data: &Bound<'_, PyAny>, count: Option<usize>) -> PyResult<usize> {
-    with_bytes(data, |bytes| packet_bytes(bytes, count.unwrap_or(usize::MAX)))?.map_err(malformed)
+pub fn framed_payload_bytes(data: &Bound<'_, PyAny>, count: Option<usize>) -> PyResult<usize> {
+    no_panic(|| {
+        with_bytes(data, |bytes| payload_bytes(bytes, count.unwrap_or(usize::MAX)))?.map_err(malformed)
+    })
 }
 
 /// `data` without the frames at the given positions; returns `(framed, count)` of what is left.
@@ -345,7 +355,7 @@ pub fn framed_without<'py>(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DestinationQueues>()?;
     m.add_function(wrap_pyfunction!(split_framed, m)?)?;
-    m.add_function(wrap_pyfunction!(framed_packet_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(framed_payload_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(framed_without, m)?)?;
     m.add("OFFLOAD_FLAG", OFFLOAD_FLAG)?;
     m.add("VNET_HDR_LEN", VNET_HDR_LEN)?;

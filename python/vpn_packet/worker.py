@@ -297,7 +297,7 @@ class Worker:
         self._batch = b""  # the framed batch of the current write attempt
         self._batch_count = 0
         self._closed_drops: int | None = None  # drop_count once the queue is gone (close)
-        self._receipt: Awaitable[int] | None = None  # what the last write_many returned
+        self._receipt: Awaitable[int] | None = None  # what the last write returned
         self._stream: Stream | None = None
         # The stream's `write_framed` when it has one (looked up once per stream acquired), else None.
         self._framed_write: Callable[[bytes, int], Awaitable[Awaitable[int] | None]] | None = None
@@ -550,6 +550,7 @@ class Worker:
         except BaseException as exc:
             if self._stream is stream:
                 self._stream = None
+                self._framed_write = None
             self._ctx.release(peer_id, stream, False)
             if isinstance(exc, Exception) and not isinstance(exc, VpnPacketError):
                 raise _stream_error(exc, self, peer_id) from exc
@@ -579,6 +580,7 @@ class Worker:
         stream = self._stream
         if stream is not None:
             self._stream = None
+            self._framed_write = None
             assert self.peer_id is not None
             self._ctx.release(self.peer_id, stream, healthy)
 

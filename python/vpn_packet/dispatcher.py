@@ -125,7 +125,7 @@ class Dispatcher:
     - `clock`: time source for idle cleanup and activity stamps (default: the loop's clock).
     - `coalesce`: how many loop iterations a wake-up may wait for more packets before draining, while
       packets keep arriving. It drains as soon as an iteration brings no packet, a queue is half full, or the
-      ready workers have 32 packets each on average. More packets per `write_many` cost less per packet;
+      ready workers have 32 packets each on average. More packets per write cost less per packet;
       0 drains at the first iteration. Under a steady flood this adds at most that many loop iterations of
       latency; a lone packet waits one iteration.
     """

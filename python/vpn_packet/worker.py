@@ -533,8 +533,8 @@ class Worker:
         return None
 
     async def _attempt(self) -> None:
-        """One attempt: the worker's stream (or a fresh one) and one `write_many`; a failed stream is released
-        as unhealthy so that the next attempt gets a fresh one."""
+        """One attempt: the worker's stream (or a fresh one) and one write (`write_framed` or `write_many`);
+        a failed stream is released as unhealthy so that the next attempt gets a fresh one."""
         peer_id = self.peer_id
         assert peer_id is not None
         stream = self._stream

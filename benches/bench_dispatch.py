@@ -12,7 +12,10 @@ waits, and on a shared machine CPU time is far less noisy than wall time.
 - plain (Python keys): the same, computing each key in plain Python (`struct` + `ipaddress`).
 - vpn_packet dispatch_packet: our `Dispatcher.dispatch_packet`, keys given.
 - vpn_packet dispatch: one packet at a time, key computed natively.
-- vpn_packet dispatch_batch: 64-packet batches, grouped by destination in one native call.
+- vpn_packet dispatch_batch: 64-packet batches, routed to the native queues in one call.
+- vpn_packet dispatch_buffer: the same batches as a TUN read gives them (one buffer, a u32 lengths array).
+- `_framed` rows: the same with streams that take the framed buffer as it is (`write_framed`, as the TCP
+  stream does) instead of a list of packets (`write_many`, what the other rows' streams take).
 
 `test_zz_summary` prints Mpps and the ratios of the goals (dispatch_packet vs plain, dispatch_batch vs plain
 with Python keys). Two more benchmarks report memory, not time: bytes per idle worker (tracemalloc) and RSS
@@ -30,6 +33,7 @@ import os
 import random
 import struct
 import time
+from array import array
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
@@ -76,6 +80,18 @@ class MemStream:
         return None
 
 
+class MemFramedStream(MemStream):
+    """A `MemStream` that also takes framed buffers (`write_framed`), as the TCP stream does."""
+
+    __slots__ = ()
+
+    async def write_framed(self, data: bytes, count: int) -> None:
+        pool = self.pool
+        pool.written += count
+        if pool.written >= pool.target:
+            pool.reached()
+
+
 class MemPool:
     """One stream per peer, shared by the workers of that peer; `wait_for(total)` waits for that many writes.
 
@@ -83,7 +99,8 @@ class MemPool:
     `flush()` bookkeeping in the measured path of either).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, framed: bool = False) -> None:
+        self.framed = framed
         self.streams: dict[str, MemStream] = {}
         self.written = 0
         self.target = 1 << 62
@@ -92,7 +109,7 @@ class MemPool:
     async def get_stream(self, peer_id: str) -> MemStream:
         stream = self.streams.get(peer_id)
         if stream is None:
-            stream = self.streams[peer_id] = MemStream(self)
+            stream = self.streams[peer_id] = MemFramedStream(self) if self.framed else MemStream(self)
         return stream
 
     def release_stream(self, peer_id: str, stream: Any, healthy: bool) -> None:
@@ -292,12 +309,17 @@ def _ours(
     name: str,
     form: str,
     traffic: str,
+    *,
+    framed: bool = False,
     **kwargs: Any,
 ) -> None:
+    if form == "dispatch_buffer" and not hasattr(Dispatcher, "dispatch_buffer"):
+        pytest.skip("this Dispatcher has no dispatch_buffer")
     packets = _traffic(traffic)
     keys = [destination_key_and_ip(p) for p in packets]
     batches = [packets[i : i + BURST] for i in range(0, ROUND, BURST)]
-    pool = MemPool()
+    reads = [(b"".join(batch), array("I", map(len, batch))) for batch in batches]
+    pool = MemPool(framed=framed)
     d = _dispatcher(pool, **kwargs)
 
     async def round_() -> None:
@@ -314,6 +336,11 @@ def _ours(
             for batch in batches:
                 for packet in batch:
                     dispatch(packet)
+                await asyncio.sleep(0)
+        elif form == "dispatch_buffer":
+            dispatch_buffer = d.dispatch_buffer
+            for buffer, lengths in reads:
+                dispatch_buffer(buffer, lengths)
                 await asyncio.sleep(0)
         else:
             dispatch_batch = d.dispatch_batch
@@ -352,6 +379,38 @@ def test_vpn_packet_dispatch_batch(
     benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, traffic: str
 ) -> None:
     _ours(benchmark, loop, "dispatch_batch", "dispatch_batch", traffic)
+
+
+@pytest.mark.parametrize("traffic", TRAFFIC)
+@pytest.mark.benchmark(group=GROUP, timer=time.process_time)
+def test_vpn_packet_dispatch_buffer(
+    benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, traffic: str
+) -> None:
+    _ours(benchmark, loop, "dispatch_buffer", "dispatch_buffer", traffic)
+
+
+@pytest.mark.parametrize("traffic", TRAFFIC)
+@pytest.mark.benchmark(group=GROUP, timer=time.process_time)
+def test_vpn_packet_dispatch_packet_framed(
+    benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, traffic: str
+) -> None:
+    _ours(benchmark, loop, "dispatch_packet_framed", "dispatch_packet", traffic, framed=True)
+
+
+@pytest.mark.parametrize("traffic", TRAFFIC)
+@pytest.mark.benchmark(group=GROUP, timer=time.process_time)
+def test_vpn_packet_dispatch_batch_framed(
+    benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, traffic: str
+) -> None:
+    _ours(benchmark, loop, "dispatch_batch_framed", "dispatch_batch", traffic, framed=True)
+
+
+@pytest.mark.parametrize("traffic", TRAFFIC)
+@pytest.mark.benchmark(group=GROUP, timer=time.process_time)
+def test_vpn_packet_dispatch_buffer_framed(
+    benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, traffic: str
+) -> None:
+    _ours(benchmark, loop, "dispatch_buffer_framed", "dispatch_buffer", traffic, framed=True)
 
 
 @pytest.mark.parametrize("traffic", TRAFFIC)

@@ -203,9 +203,7 @@ def filter_sources(packets: Iterable[_P], table: PrefixTable, peer: int) -> tupl
 
 # --- TUN I/O with the GIL released (rust/python/src/tun_io.rs, rust/core/src/inbound.rs) ---
 
-__all__ += ["VNET_HDR_LEN", "InboundDecoder", "TunIo"]
-
-VNET_HDR_LEN: Final[int]  # 10: the virtio_net_hdr before each packet on a TUN opened with IFF_VNET_HDR
+__all__ += ["InboundDecoder", "TunIo"]
 
 @final
 class TunIo:
@@ -320,3 +318,60 @@ class AckDecoder:
     def taken(self) -> int: ...
     @property
     def buffered(self) -> int: ...
+
+# --- per-destination queues (rust/core/src/queues.rs) ---
+
+__all__ += ["DestinationQueues", "framed_payload_bytes", "framed_without", "split_framed"]
+__all__ += ["OFFLOAD_FLAG", "VNET_HDR_LEN", "PUSH_QUEUED", "PUSH_READY", "PUSH_PRESSURE"]
+__all__ += ["PUSH_FULL", "PUSH_UNKNOWN", "PUSH_INVALID"]
+
+OFFLOAD_FLAG: Final[int]  # 1 << 31: length-prefix bit of an offload frame (virtio_net_hdr, then the packet)
+VNET_HDR_LEN: Final[int]  # 10: bytes of a virtio_net_hdr
+# `DestinationQueues.push_keyed` results.
+PUSH_QUEUED: Final[int]  # 0: queued behind other packets
+PUSH_READY: Final[int]  # 1: queued on an empty queue
+PUSH_PRESSURE: Final[int]  # 2: queued, the queue is at least half full
+PUSH_FULL: Final[int]  # 3: rejected, the queue is full (counted)
+PUSH_UNKNOWN: Final[int]  # 4: no queue for the key (not counted)
+PUSH_INVALID: Final[int]  # 5: rejected, empty or too large (counted)
+
+# `(accepted, ready keys, new, pressure)`; `new` is None or `(key, dest_ip, queued, overflow)` per new key.
+_Pushed = tuple[int, list[str], list[tuple[str, str, int, int]] | None, bool]
+
+@final
+class DestinationQueues:
+    """Per-destination bounded queues of framed packets; see `vpn_packet_core::queues`."""
+
+    def __new__(cls, capacity: int, max_packet_size: int = 65535) -> DestinationQueues: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def max_packet_size(self) -> int: ...
+    @property
+    def offload_frames(self) -> int: ...
+    def rejected(self) -> dict[str, int]: ...
+    def push(self, packets: Iterable[Buffer]) -> _Pushed: ...
+    def push_buffer(
+        self, buffer: Buffer, lengths: Buffer | Sequence[int], *, vnet_header: bool = False
+    ) -> _Pushed: ...
+    def push_keyed(self, key: str, packet: Buffer) -> int: ...
+    def add(self, key: str) -> bool: ...
+    def remove(self, key: str) -> int: ...
+    def clear(self) -> None: ...
+    def discard(self, key: str) -> int: ...
+    def take(self, key: str) -> tuple[bytes, int]: ...
+    def set_in_flight(self, key: str, count: int) -> None: ...
+    def depth(self, key: str) -> int: ...
+    def dropped(self, key: str) -> int: ...
+    def peek(self, key: str) -> bytes: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, key: str, /) -> bool: ...
+
+def split_framed(data: Buffer) -> list[bytes]:
+    """The packets of a framed buffer, in order (an offload frame gives its packet without the header)."""
+
+def framed_payload_bytes(data: Buffer, count: int | None = None) -> int:
+    """Payload bytes of the first `count` frames (all when None): without prefixes, with offload headers."""
+
+def framed_without(data: Buffer, positions: Sequence[int]) -> tuple[bytes, int]:
+    """`data` without the frames at `positions`: `(framed, count)` of what is left."""

@@ -2,11 +2,14 @@
 
 How a packet travels:
 
-1. `dispatch_packet` (or `dispatch`, `dispatch_batch`, `dispatch_packet_with_callback`) is synchronous and
-   cheap: a dict lookup, a bounds check, a list append. Every form goes through `_enqueue`, the one place
-   that admits, rejects (by reason) and counts packets. A worker that was idle is marked busy and put on the
-   *ready* deque; if no pump is free, one pump task is created. That is one task wake-up per burst of
-   packets, not per packet.
+1. `dispatch_packet` (or `dispatch`, `dispatch_batch`, `dispatch_buffer`, `dispatch_packet_with_callback`)
+   is synchronous and cheap: one native call routes the packet, or the whole batch, to the per-destination
+   queues (`vpn_packet._native.DestinationQueues`: parsed, bounded, framed for the wire, rejections counted
+   by reason, no Python object per packet) and reports only the keys whose queue was empty before, and the
+   keys that have no worker yet. The Python side then works per key, never per packet: a new key gets a
+   worker (`_new_worker`: at the cap an idle worker is evicted, else the key is rejected); a worker that was
+   idle is marked busy and put on the *ready* deque; if no pump is free, one pump task is created. That is one
+   task wake-up per burst of packets, not per packet.
 2. The wake-up first lets the producer run a few more loop iterations while packets keep coming
    (`coalesce`; plain `call_soon` callbacks), so that each worker has several packets per write. Then a pump
    task takes ready workers one by one and runs `Worker.drain()` eagerly (it steps the coroutine itself):
@@ -14,14 +17,15 @@ How a packet travels:
    costs no task switch at all. When a drain does suspend (a slow peer, a backoff, a blocked stream),
    the pump stays with it and hands the rest of the ready deque to a new pump: a stuck destination delays no
    other (isolation), and there are only as many pump tasks as drains currently waiting, plus one.
-3. The drain writes everything the worker has queued with one `write_many` per batch, through the
-   `ResilienceService` (breaker per peer, retries on a fresh stream), and resolves the batch's futures.
+3. The drain writes everything the worker has queued (one framed buffer) with one write per batch, through
+   the `ResilienceService` (breaker per peer, retries on a fresh stream), and resolves the batch's futures.
 
 Idle workers are plain objects with no task; idle cleanup runs from a `loop.call_later` timer (or directly,
 via `run_cleanup`). So a started dispatcher with nothing to do owns no task at all.
 
 Accounting: see `vpn_packet.metrics`. At every instant ``accepted == sent + failed + discarded + queued``
-(`check_accounting()` verifies it); rejected packets are counted by reason and were never accepted.
+(`check_accounting()` verifies it); rejected packets are counted by reason and were never accepted (the
+native queues count `invalid_packet` and `queue_full`, the dispatcher the reasons it decides).
 
 All methods must be called from the event loop's thread (use `loop.call_soon_threadsafe` from others).
 """
@@ -36,10 +40,10 @@ import time
 import types
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from vpn_packet import tuning
-from vpn_packet._native import destination_key_and_ip, group_by_destination
+from vpn_packet._native import PUSH_FULL, PUSH_INVALID, PUSH_PRESSURE, PUSH_READY, PUSH_UNKNOWN
 from vpn_packet.api import PeerDiscovery, StreamPoolService, StreamService
 from vpn_packet.errors import (
     DispatcherStoppedError,
@@ -51,6 +55,9 @@ from vpn_packet.metrics import REJECT_REASONS, DispatcherMetrics
 from vpn_packet.resilience import ResilienceService
 from vpn_packet.tasks import TaskSet
 from vpn_packet.worker import Worker, WorkerContext, WorkerMetrics
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["Dispatcher", "DispatcherState", "NewDispatcher"]
 
@@ -118,7 +125,7 @@ class Dispatcher:
     - `clock`: time source for idle cleanup and activity stamps (default: the loop's clock).
     - `coalesce`: how many loop iterations a wake-up may wait for more packets before draining, while
       packets keep arriving. It drains as soon as an iteration brings no packet, a queue is half full, or the
-      ready workers have 32 packets each on average. More packets per `write_many` cost less per packet;
+      ready workers have 32 packets each on average. More packets per write cost less per packet;
       0 drains at the first iteration. Under a steady flood this adds at most that many loop iterations of
       latency; a lone packet waits one iteration.
     """
@@ -166,6 +173,8 @@ class Dispatcher:
             max_consecutive_failures=max_consecutive_failures,
         )
         self._workers = self._ctx.workers
+        self._queues = self._ctx.queues
+        self._push_keyed = self._queues.push_keyed
         self._state = _NEW
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -177,7 +186,6 @@ class Dispatcher:
         self._coalesce_left = 0
         self._seen = 0
         self._woken_at = 0  # self._accepted when the pending wake-up began
-        self._half = max(1, worker_buffer_size // 2)
         self.coalesce = coalesce
         self._pumps = TaskSet()  # cancelled at stop: a pump stuck in a drain has nothing more to deliver
         self._side_jobs = TaskSet()  # stream closes: given time to finish at stop, cancelled only after
@@ -329,6 +337,7 @@ class Dispatcher:
         for worker in workers:
             worker.close()
         self._workers.clear()
+        self._queues.clear()
         self._ctx.idle_log.clear()
         self._ctx.busy = 0
         self._free_pumps = 0
@@ -348,25 +357,19 @@ class Dispatcher:
     def dispatch_packet(self, sync_key: str, dest_ip: str, data: bytes) -> bool:
         """Queue `data` for the worker of `sync_key` (created on first use, for `dest_ip`).
 
-        Returns False when the packet is not queued (not running, queue full, worker limit), counted by
-        reason. Packets of one sync key are written in the order they were dispatched.
+        Returns False when the packet is not queued (not running, queue full, worker limit, or `data` empty
+        or above 65535 bytes: `invalid_packet`), counted by reason. Packets of one sync key are written in
+        the order they were dispatched.
         """
         if self._accepting:
-            # The flood case inline: a worker that already has packets queued (so is busy: nothing to
-            # schedule) and room for one more. It skips a call and a one-item list, a third of this method's
-            # cost (measured: 120 against 215 ns). Everything else - a new key, an idle worker to schedule, a
-            # full queue - is decided in `_enqueue`.
-            worker = self._workers.get(sync_key)
-            if worker is not None:
-                queue = worker.queue
-                depth = len(queue)
-                if 0 < depth < worker.limit:
-                    queue.append(data)
-                    self._accepted += 1
-                    if depth >= self._half:
-                        self._pressure = True
-                    return True
-            return self._enqueue(((sync_key, dest_ip, [data]),)) != 0
+            # The flood case inline: one native call queues the packet behind others (so the worker is busy:
+            # nothing to schedule). Everything else - a new key, an idle worker to schedule, a full queue - is
+            # decided in `_offer`.
+            status = self._push_keyed(sync_key, data)
+            if not status:  # PUSH_QUEUED
+                self._accepted += 1
+                return True
+            return self._offer(status, sync_key, dest_ip, data) <= PUSH_PRESSURE
         self._reject_not_running(1)
         return False
 
@@ -374,21 +377,51 @@ class Dispatcher:
         """Like `dispatch_packet`, with a future: None once written, else the error.
 
         A rejected packet gets a future already failed (`QueueFullError`, `WorkerLimitError`,
-        `DispatcherStoppedError`). Cancelling the future before the packet is written skips the packet.
+        `DispatcherStoppedError`, `PacketError`). Cancelling the future before the packet is written skips the
+        packet.
         """
         loop = self._loop if self._loop is not None else asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if not self._accepting:
             self._reject_not_running(1)
             future.set_exception(DispatcherStoppedError())
-        elif self._enqueue(((sync_key, dest_ip, [data]),)):
+            return future
+        status = self._offer(self._push_keyed(sync_key, data), sync_key, dest_ip, data)
+        if status <= PUSH_PRESSURE:
             # Nothing ran since the packet was queued (draining starts from the loop), so it is still last.
             self._workers[sync_key].attach_future(future)
-        elif sync_key in self._workers:
+        elif status == PUSH_FULL:
             future.set_exception(QueueFullError(sync_key, self.worker_buffer_size))
+        elif status == PUSH_INVALID:
+            reason = "empty" if not data else "too_large"
+            future.set_exception(
+                PacketError(f"a packet of {len(data)} bytes cannot be sent (1 to 65535 bytes)", reason)
+            )
         else:
             future.set_exception(WorkerLimitError(sync_key, self.max_workers))
         return future
+
+    def _offer(self, status: int, sync_key: str, dest_ip: str, data: bytes) -> int:
+        """The uncommon outcomes of a keyed push (`status`, a `PUSH_*` constant): a new key gets a worker
+        (then the packet is pushed again), an idle worker that just got a packet is scheduled, pressure is
+        noted. Returns the final status: PUSH_PRESSURE or below when the packet was accepted, PUSH_UNKNOWN
+        when the key was rejected as `worker_limit` (counted here; full and invalid packets were counted by
+        the native queues)."""
+        if status == PUSH_UNKNOWN:
+            if self._new_worker(sync_key, dest_ip, 1) is None:
+                return PUSH_UNKNOWN
+            status = self._push_keyed(sync_key, data)
+        if status > PUSH_PRESSURE:
+            return status
+        before = self._accepted
+        self._accepted = before + 1
+        if status == PUSH_READY:
+            worker = self._workers[sync_key]
+            if not worker.busy:  # (busy with an empty queue: in a drain, which will see it)
+                self._schedule(worker, before)
+        elif status == PUSH_PRESSURE:
+            self._pressure = True
+        return status
 
     def dispatch(self, data: bytes) -> bool:
         """Dispatch a raw IP packet, its sync key and destination computed natively.
@@ -398,95 +431,84 @@ class Dispatcher:
         if not self._accepting:  # checked first: a stopped dispatcher counts `stopped`, whatever the bytes
             self._reject_not_running(1)
             return False
-        try:
-            sync_key, dest_ip = destination_key_and_ip(data)
-        except PacketError:
-            self._rejected["invalid_packet"] += 1
-            return False
-        return self.dispatch_packet(sync_key, dest_ip, data)
+        pushed = self._queues.push((data,))
+        if pushed[0] and not pushed[1]:  # queued behind others: nothing to schedule (the flood case)
+            self._accepted += 1
+            if pushed[3]:
+                self._pressure = True
+            return True
+        return self._admit(pushed) != 0
 
     def dispatch_batch(self, packets: Iterable[bytes]) -> int:
         """Dispatch many raw IP packets; returns how many were accepted.
 
-        One native call groups the batch by destination (order kept within each key); then the work is per
-        group, not per packet: each group joins its worker's queue in one go, up to the room left (the
-        overflow is rejected as `queue_full`). Unparsable packets are rejected as `invalid_packet`.
+        One native call parses the batch and routes each packet to its destination's queue (order kept within
+        each key), up to the room left (the overflow is rejected as `queue_full`); then the work is per key,
+        not per packet. Unparsable packets are rejected as `invalid_packet`.
         """
         if not isinstance(packets, Sequence):
             packets = list(packets)
         if not self._accepting:
             self._reject_not_running(len(packets))
             return 0
-        groups, invalid = group_by_destination(packets)
-        if invalid:
-            self._rejected["invalid_packet"] += len(invalid)
-        return self._enqueue(groups)
+        return self._admit(self._queues.push(packets))
 
-    def _enqueue(self, groups: Iterable[tuple[str, str, list[bytes]]]) -> int:
-        """Queue each group ``(sync_key, dest_ip, packets)`` on the worker of its key, as far as there is
-        room; return how many packets were accepted. The one way into a queue: every `dispatch_*` form comes
-        here (`dispatch_packet` appends in place first when there is nothing to decide).
+    def dispatch_buffer(self, buffer: Buffer, lengths: Buffer, *, vnet_header: bool = False) -> int:
+        """Dispatch the packets of a batched TUN read: `buffer` holds them end to end, `lengths` (a buffer of
+        native-endian u32, e.g. `array('I')`) their sizes. Returns how many were accepted.
 
-        A loop over groups rather than a call per group: `dispatch_batch` brings up to one group per packet
-        (uniform traffic), and a Python call per group costs a tenth of its throughput. A group's list is
-        taken over, not copied: when the queue is empty it *becomes* the queue. The accepted total is added
-        once, at the end (a counter update per group is measurable): nothing else runs in between (draining
-        starts from the loop), so ``accepted == sent + failed + discarded + queued`` holds whenever anyone can
-        look. A new key, or a group that does not fit, goes through `_admit` first.
+        Like `dispatch_batch`, without a Python object per packet. With `vnet_header`, each entry starts with
+        the 10-byte `virtio_net_hdr` of a TUN opened with `IFF_VNET_HDR`: the packet after it is routed, and
+        the header travels with it unless it is all zero. Raises `ValueError`, queueing nothing, when the
+        lengths need more bytes than the buffer holds.
         """
-        get = self._workers.get
-        half = self._half
-        accepted = 0
-        for sync_key, dest_ip, packets in groups:
-            worker = get(sync_key)
-            if worker is None or (depth := len(worker.queue)) + len(packets) > worker.limit:
-                worker, packets = self._admit(worker, sync_key, dest_ip, packets)
-                if worker is None:
-                    continue
-                depth = len(worker.queue)
-            accepted += len(packets)
-            if depth:  # a worker with packets queued is busy already
-                worker.queue += packets
-                if depth >= half:
-                    self._pressure = True
-            else:
-                worker.queue = packets
+        if not self._accepting:
+            view = memoryview(lengths)
+            self._reject_not_running(view.nbytes // 4)
+            return 0
+        return self._admit(self._queues.push_buffer(buffer, lengths, vnet_header=vnet_header))
+
+    def _admit(self, pushed: tuple[int, list[str], list[tuple[str, str, int, int]] | None, bool]) -> int:
+        """The Python half of a batch push: per key, never per packet. Returns how many packets were accepted.
+
+        `pushed` is what the native push returns: the packets it queued for existing workers, the keys whose
+        queue was empty before (their workers are scheduled unless in a drain already), the keys with no
+        worker yet, in order of first appearance, with the packets queued and overflowed provisionally for
+        each, and whether a queue is half full. The accepted total is added before anything can look: nothing
+        else runs in between (draining starts from the loop), so ``accepted == sent + failed + discarded +
+        queued`` holds whenever anyone can look. Ready workers are scheduled (so busy) before new keys are
+        decided, so that making room for a new key never evicts a worker that just got packets.
+        """
+        accepted, ready, new, pressure = pushed
+        if pressure:
+            self._pressure = True
+        before = self._accepted
+        self._accepted = before + accepted
+        if ready:
+            workers = self._workers
+            for sync_key in ready:
+                worker = workers[sync_key]
                 if not worker.busy:  # (busy with an empty queue: in a drain, which will see them)
-                    self._schedule(worker)
-        self._accepted += accepted
+                    self._schedule(worker, before)
+        if new is not None:
+            for sync_key, dest_ip, queued, overflow in new:
+                created = self._new_worker(sync_key, dest_ip, queued + overflow)  # adopts the queue
+                if created is None:
+                    self._queues.remove(sync_key)  # counted as worker_limit
+                    continue
+                if overflow:
+                    self._pressure = True  # this queue is full: draining it beats waiting for more
+                self._accepted += queued
+                accepted += queued
+                self._schedule(created, before)
         return accepted
-
-    def _admit(
-        self, worker: Worker | None, sync_key: str, dest_ip: str, packets: list[bytes]
-    ) -> tuple[Worker | None, list[bytes]]:
-        """The uncommon part of `_enqueue`: create the worker of a new key, cut what does not fit. Returns
-        the worker and the packets that fit (all, or the oldest ones so that order holds), or no worker when
-        none fit; the rest are counted as rejected, by reason.
-
-        A new key beyond `max_workers` with no idle worker to evict is rejected as `worker_limit`; packets
-        beyond the room left in a queue are rejected as `queue_full` (and counted on the worker as
-        `drop_count`).
-        """
-        if worker is None:
-            worker = self._new_worker(sync_key, dest_ip, len(packets))
-            if worker is None:
-                return None, packets
-        room = worker.limit - len(worker.queue)
-        dropped = len(packets) - max(room, 0)
-        if dropped > 0:
-            worker.drop_count += dropped
-            self._rejected["queue_full"] += dropped
-            if room <= 0:
-                return None, packets
-            self._pressure = True  # this queue is full: draining it beats waiting for more
-            packets = packets[:room]
-        return worker, packets
 
     def _reject_not_running(self, n: int) -> None:
         self._rejected["not_started" if self._state is _NEW else "stopped"] += n
 
     def _new_worker(self, sync_key: str, dest_ip: str, n: int) -> Worker | None:
-        """A new worker for `sync_key` (at the cap an idle one is evicted); None if all are busy."""
+        """A new worker for `sync_key` (at the cap an idle one is evicted); None if all are busy, and the `n`
+        packets offered for it are counted as `worker_limit`. The worker adopts the key's native queue."""
         workers = self._workers
         if len(workers) >= self.max_workers and not self._evict_idle_worker():
             self._rejected["worker_limit"] += n
@@ -514,26 +536,27 @@ class Dispatcher:
 
     # --- draining -------------------------------------------------------------------------------------------
 
-    def _schedule(self, worker: Worker) -> None:
-        """Put an idle worker that just got packets on the ready deque; make sure a pump will see it."""
+    def _schedule(self, worker: Worker, before: int) -> None:
+        """Put an idle worker that just got packets on the ready deque; make sure a pump will see it.
+        `before`: the accepted total before the dispatch call that brought the packets."""
         worker.busy = True
         self._ctx.busy += 1
         self._ready.append(worker)
         if self._free_pumps == 0:
-            self._wake(len(worker.queue))
+            self._wake(before + self._queues.depth(worker.sync_key))
 
-    def _wake(self, just_queued: int) -> None:
+    def _wake(self, seen: int) -> None:
         """Get a pump going, after up to `coalesce` loop iterations (plain callbacks, no task) during which
         the producer keeps adding packets; at once if there is pressure or nothing to wait for.
 
-        `just_queued`: the packets that caused this wake-up, not yet in `self._accepted` (`_enqueue` adds its
-        total at the end). They count as seen, so that a lone packet drains at the first iteration, and only
-        packets the producer adds after them count as "more"."""
+        `seen`: the accepted total before this dispatch call plus the packets of the worker that caused this
+        wake-up. Those count as seen, so that a lone packet drains at the first iteration; the rest of a batch
+        and the packets the producer adds later count as "more"."""
         self._free_pumps += 1  # the pending tick counts as a pump that will look at the ready deque
         if self.coalesce and not self._pressure:
             assert self._loop is not None
             self._coalesce_left = self.coalesce
-            self._seen = self._woken_at = self._accepted + just_queued
+            self._seen = self._woken_at = seen
             self._tick_handle = self._loop.call_soon(self._tick)
         else:
             self._start_pump()
@@ -628,9 +651,10 @@ class Dispatcher:
         """Totals as plain data; see `DispatcherMetrics` for the accounting identity."""
         ctx = self._ctx
         queued = 0
-        for worker in self._workers.values():
+        depth = self._queues.depth
+        for key, worker in self._workers.items():
             if worker.busy:  # an idle worker has nothing queued or in flight
-                queued += len(worker.queue) + worker.in_flight
+                queued += depth(key) + worker.in_flight
         resilience: dict[str, Any] = {}
         snapshot = getattr(self.resilience, "metrics", None)
         if snapshot is not None:
@@ -639,6 +663,7 @@ class Dispatcher:
                 resilience = dataclasses.asdict(data)
             else:
                 resilience = dict(data)
+        rejected = self._rejected_by_reason()
         return DispatcherMetrics(
             state=self._state.value,
             workers=len(self._workers),
@@ -648,10 +673,10 @@ class Dispatcher:
             failed=sum(ctx.failed.values()),
             discarded=sum(ctx.discarded.values()),
             queued=queued,
-            rejected=sum(self._rejected.values()),
+            rejected=sum(rejected.values()),
             in_flight=ctx.unacknowledged,
             bytes_sent=ctx.bytes_sent,
-            rejected_by_reason=dict(self._rejected),
+            rejected_by_reason=rejected,
             failed_by_reason=dict(ctx.failed),
             discarded_by_reason=dict(ctx.discarded),
             workers_created=self._workers_created,
@@ -660,6 +685,13 @@ class Dispatcher:
             workers_recycled=ctx.recycled,
             resilience=resilience,
         )
+
+    def _rejected_by_reason(self) -> dict[str, int]:
+        """The dispatcher's rejection counts plus the native queues' (`invalid_packet`, `queue_full`)."""
+        rejected = dict(self._rejected)
+        for reason, n in self._queues.rejected().items():
+            rejected[reason] += n
+        return rejected
 
     def invalidate_routes(self) -> None:
         """The peers' prefixes changed (a reload): every worker looks its destination's owner up again before
@@ -688,9 +720,10 @@ class Dispatcher:
         return list(self._workers.values())
 
     def __repr__(self) -> str:
+        rejected = sum(self._rejected_by_reason().values())
         return (
             f"<Dispatcher {self._state.value} workers={len(self._workers)} busy={self._ctx.busy} "
-            f"accepted={self._accepted} sent={self._ctx.sent} rejected={sum(self._rejected.values())} "
+            f"accepted={self._accepted} sent={self._ctx.sent} rejected={rejected} "
             f"buffer={self.worker_buffer_size} max_workers={self.max_workers}>"
         )
 

@@ -1,10 +1,13 @@
 """Per-destination workers: an ordered queue for one sync key, drained in batches to a peer's stream.
 
-A `Worker` is a plain object (slots and a list), not a task: an idle worker costs a few hundred bytes and no
-scheduling at all. The dispatcher appends packets to `Worker.queue` and marks the worker busy; a pump of the
-dispatcher then runs `Worker.drain()`, which takes everything queued at once and writes it with one
-`write_many` call per batch, until the queue is empty. Only one drain runs per worker at a time, so packets
-of one key reach the stream in dispatch order.
+A `Worker` is a plain object (slots), not a task: an idle worker costs a few hundred bytes and no scheduling
+at all. Its packets wait in the native per-destination queues (`vpn_packet._native.DestinationQueues`, shared
+by the workers of a dispatcher, keyed by sync key), already framed for the wire in one buffer per worker: no
+Python object per packet. The dispatcher routes packets there and marks the worker busy; a pump of the
+dispatcher then runs `Worker.drain()`, which takes everything queued at once (one framed buffer) and writes it
+with one call per batch, until the queue is empty: `write_framed(data, count)` when the stream has it (the
+TCP stream sends the buffer as it is), else `write_many` with the packets split back out (the `Stream`
+protocol). Only one drain runs per worker at a time, so packets of one key reach the stream in dispatch order.
 
 A drain looks the peer up (`PeerDiscovery.get_peer_id`, cached per worker), then writes through the
 `ResilienceService`: the peer's circuit breaker may reject the batch at once, and retriable errors are retried
@@ -25,6 +28,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
+from vpn_packet._native import (
+    LENGTH_PREFIX_LEN,
+    DestinationQueues,
+    framed_payload_bytes,
+    framed_without,
+    split_framed,
+)
 from vpn_packet.api import PeerDiscovery, Stream, StreamPoolService, StreamService
 from vpn_packet.errors import (
     CircuitOpenError,
@@ -45,7 +55,6 @@ from vpn_packet.types import QueuedPacket
 __all__ = ["Worker", "WorkerMetrics"]
 
 _CREATE = ("stream_service", "create_stream")
-_NO_BATCH: Sequence[bytes] = ()
 _STREAM_SERVICES = ("stream_pool", "stream_service")
 
 _log = logging.getLogger(__name__)
@@ -61,7 +70,8 @@ class WorkerContext:
     Counters: `sent`/`bytes_sent` (acknowledged by the peer, or written on a stream without acks),
     `unacknowledged` (written, waiting for the peer's ack: its receipts are in `receipts`), `failed` and
     `discarded` (per reason), `recycled`. `busy` is the
-    number of workers queued for, or in, a drain; `on_idle` is called when it falls to zero.
+    number of workers queued for, or in, a drain; `on_idle` is called when it falls to zero. `queues` holds
+    the packets of every worker (native, framed; one queue per sync key, `capacity` packets at most).
 
     `idle_log` lists workers in the order they went idle (oldest first), for idle cleanup and eviction in
     least-recently-active order without touching every worker. A worker is appended each time it goes idle
@@ -84,6 +94,7 @@ class WorkerContext:
         "max_consecutive_failures",
         "on_idle",
         "pool",
+        "queues",
         "receipts",
         "recycled",
         "resilience",
@@ -117,6 +128,7 @@ class WorkerContext:
         self.spawn = spawn
         self.max_consecutive_failures = max_consecutive_failures
         self.capacity = capacity
+        self.queues = DestinationQueues(capacity)
         self.workers: dict[str, Worker] = {}
         self.idle_log: deque[Worker] = deque()
         self.log_limit = 1024  # compact idle_log beyond this many entries
@@ -232,19 +244,24 @@ def _really_cancelled() -> bool:
 
 
 class Worker:
-    """The queue and state of one sync key. Created and driven by a `Dispatcher`; not used on its own.
+    """The state of one sync key; its packets wait in the context's native queues, under its key. Created and
+    driven by a `Dispatcher`; not used on its own.
 
-    `queue` holds the packets waiting (a list, swapped out whole at each drain); `limit` is how many it may
-    hold (the capacity minus the packets in flight). `busy` is true from the moment the worker is queued for a
-    drain until its drain finds the queue empty; a worker with packets queued is always busy.
+    The queue holds at most the capacity minus the packets in flight (being written). `busy` is true from the
+    moment the worker is queued for a drain until its drain finds the queue empty; a worker with packets
+    queued is always busy.
     """
 
     __slots__ = (
         "_batch",
+        "_batch_count",
+        "_closed_drops",
         "_ctx",
+        "_framed_write",
         "_future_positions",
         "_futures",
         "_inflight",
+        "_inflight_count",
         "_inflight_futures",
         "_receipt",
         "_route_epoch",
@@ -256,14 +273,11 @@ class Worker:
         "created_at",
         "dest_ip",
         "discard_count",
-        "drop_count",
         "error_count",
         "last_activity",
-        "limit",
         "log_entries",
         "packet_count",
         "peer_id",
-        "queue",
         "recycle_count",
         "sync_key",
     )
@@ -272,17 +286,21 @@ class Worker:
         self.sync_key = sync_key
         self.dest_ip = dest_ip
         self._ctx = ctx
-        self.queue: list[bytes] = []
-        # (index in `queue`, future) of packets dispatched with a callback; None while there are none.
+        ctx.queues.add(sync_key)  # its queue (or the one a batch push just made for the key, adopted)
+        # (position in the queue, future) of packets dispatched with a callback; None while there are none.
         self._futures: list[tuple[int, asyncio.Future[None]]] | None = None
-        self._inflight: list[bytes] | None = None
-        self.limit = ctx.capacity  # room for the queue: capacity - in_flight
+        self._inflight: bytes | None = None  # the framed batch being written
+        self._inflight_count = 0
         self._inflight_futures: list[asyncio.Future[None]] | None = None
         # Made by _take_futures; None (not an empty list) keeps an idle worker small.
         self._future_positions: list[int] | None = None
-        self._batch: Sequence[bytes] = _NO_BATCH
-        self._receipt: Awaitable[int] | None = None  # what the last write_many returned
+        self._batch = b""  # the framed batch of the current write attempt
+        self._batch_count = 0
+        self._closed_drops: int | None = None  # drop_count once the queue is gone (close)
+        self._receipt: Awaitable[int] | None = None  # what the last write returned
         self._stream: Stream | None = None
+        # The stream's `write_framed` when it has one (looked up once per stream acquired), else None.
+        self._framed_write: Callable[[bytes, int], Awaitable[Awaitable[int] | None]] | None = None
         self.peer_id: str | None = None
         self._route_epoch = 0  # the context's route_epoch when `peer_id` was looked up
         self.busy = False
@@ -290,7 +308,6 @@ class Worker:
         self.packet_count = 0
         self.byte_count = 0
         self.error_count = 0
-        self.drop_count = 0
         self.discard_count = 0
         self.consecutive_failures = 0
         self.recycle_count = 0
@@ -303,33 +320,45 @@ class Worker:
     def attach_future(self, future: asyncio.Future[None]) -> None:
         """Tie `future` to the packet queued last, to be resolved when that packet is written (or fails).
 
-        Futures are kept apart from the queue, by index, so that the queue stays a plain list of bytes: the
-        common case (no future) costs nothing per packet and a drain hands the list to `write_many` as is.
+        Futures are kept apart from the queue, by position, so that the queue stays native and framed: the
+        common case (no future) costs nothing per packet and a drain hands the buffer to the stream as is.
         """
         futures = self._futures
         if futures is None:
             futures = self._futures = []
-        futures.append((len(self.queue) - 1, future))
+        futures.append((self._ctx.queues.depth(self.sync_key) - 1, future))
+
+    @property
+    def depth(self) -> int:
+        """Packets queued (not counting those being written)."""
+        return self._ctx.queues.depth(self.sync_key)
 
     @property
     def in_flight(self) -> int:
         """Packets taken from the queue and being written now."""
-        inflight = self._inflight
-        return 0 if inflight is None else len(inflight)
+        return self._inflight_count
+
+    @property
+    def drop_count(self) -> int:
+        """Packets rejected because this worker's queue was full."""
+        closed_drops = self._closed_drops
+        if closed_drops is not None:
+            return closed_drops
+        return self._ctx.queues.dropped(self.sync_key)
 
     @property
     def idle(self) -> bool:
         """Nothing queued and no drain running or pending."""
-        return not self.busy and not self.queue
+        return not self.busy and not self.depth
 
     def pending(self) -> list[QueuedPacket]:
         """The packets waiting (in flight first), as `QueuedPacket`s; for inspection, not for the hot path."""
         futures = dict(self._futures or ())
-        out = [QueuedPacket(self.sync_key, self.dest_ip, data) for data in self._inflight or ()]
-        out += [
-            QueuedPacket(self.sync_key, self.dest_ip, data, futures.get(i))
-            for i, data in enumerate(self.queue)
-        ]
+        key, ip = self.sync_key, self.dest_ip
+        inflight = self._inflight
+        out = [QueuedPacket(key, ip, data) for data in (split_framed(inflight) if inflight else ())]
+        queued = split_framed(self._ctx.queues.peek(key))
+        out += [QueuedPacket(key, ip, data, futures.get(i)) for i, data in enumerate(queued)]
         return out
 
     # --- draining -------------------------------------------------------------------------------------------
@@ -340,19 +369,21 @@ class Worker:
         This is the hot path: one pass per batch, so the success path is kept inline.
         """
         ctx = self._ctx
-        capacity = ctx.capacity
+        queues = ctx.queues
+        key = self.sync_key
         try:
-            while self.queue and not self.closed:
-                batch = self.queue
-                self.queue = []
+            while not self.closed:
+                batch, n = queues.take(key)  # the framed packets; in flight (against the bound) from now
+                if not n:
+                    break
                 futures = None
                 if self._futures is not None:
-                    batch, futures = self._take_futures(batch)
-                    if not batch:
+                    batch, n, futures = self._take_futures(batch, n)
+                    if not n:
                         continue
                 self._inflight = batch
+                self._inflight_count = n
                 self._inflight_futures = futures
-                self.limit = capacity - len(batch)
                 if self._route_epoch != ctx.route_epoch and self.peer_id is not None:
                     # The peers changed since our lookup: give the stream back (healthy: it is fine, it
                     # may just not be our destination's any more) and ask again, between two batches.
@@ -365,6 +396,7 @@ class Worker:
                     peer_id = self.peer_id  # None if the lookup failed
                 if peer_id is not None:
                     self._batch = batch
+                    self._batch_count = n
                     try:
                         await ctx.resilience.call(peer_id, self._attempt)
                     except asyncio.CancelledError as exc:
@@ -374,22 +406,25 @@ class Worker:
                     except Exception as exc:
                         error = exc
                 self._inflight = None
+                self._inflight_count = 0
                 self._inflight_futures = None
-                self.limit = capacity
+                # The native in-flight count (the bound) is reset by the next `take`, which follows without
+                # anything else running in between: no extra call per batch.
                 if error is None:
                     self.consecutive_failures = 0
                     receipt, self._receipt = self._receipt, None
                     if receipt is None:  # a stream without acknowledgements: written is sent
-                        self._sent(batch, futures, len(batch))
+                        self._sent(batch, n, futures, n)
                     else:
-                        self._await_receipt(receipt, batch, futures)
+                        self._await_receipt(receipt, batch, n, futures)
                 else:
-                    self._failed(batch, futures, error)
+                    self._failed(n, futures, error)
         except asyncio.CancelledError:
             self._abandon_inflight()
             raise
         finally:
-            self._batch = _NO_BATCH
+            self._batch = b""
+            self._batch_count = 0
             self.busy = False
             self.last_activity = ctx.clock()
             if not self.closed:  # a closed worker was already written off by stop()
@@ -404,20 +439,22 @@ class Worker:
 
     def _sent(
         self,
-        batch: Sequence[bytes],
+        batch: bytes,
+        n: int,
         futures: list[asyncio.Future[None]] | None,
         taken: int,
         positions: Sequence[int] = (),
     ) -> None:
-        """The first `taken` packets of `batch` reached the peer; the rest (if any) were lost in flight.
-        `positions`: where each future's packet is in `batch` (needed only when some were lost)."""
+        """The first `taken` of the `n` packets of the framed `batch` reached the peer; the rest (if any) were
+        lost in flight. `positions`: where each future's packet is in `batch` (needed only when some were
+        lost). Bytes counted are frame payloads: the packets (with the virtio header of offload frames)."""
         ctx = self._ctx
-        size = sum(map(len, batch[:taken])) if taken < len(batch) else sum(map(len, batch))
+        size = len(batch) - LENGTH_PREFIX_LEN * n if taken >= n else framed_payload_bytes(batch, taken)
         self.packet_count += taken
         self.byte_count += size
         ctx.sent += taken
         ctx.bytes_sent += size
-        lost = len(batch) - taken
+        lost = n - taken
         if lost:
             self.error_count += lost
             ctx.failed["lost_in_flight"] += lost
@@ -437,13 +474,12 @@ class Worker:
         return NetworkError(cause, worker_id=self.sync_key, peer_id=self.peer_id, dest_ip=self.dest_ip)
 
     def _await_receipt(
-        self, receipt: Awaitable[int], batch: Sequence[bytes], futures: list[asyncio.Future[None]] | None
+        self, receipt: Awaitable[int], batch: bytes, n: int, futures: list[asyncio.Future[None]] | None
     ) -> None:
         """The batch is written; it counts as in flight until the peer acknowledges it (or the connection
         ends). The worker goes on with its next batch meanwhile: the acks pipeline."""
         ctx = self._ctx
         future = asyncio.ensure_future(receipt)
-        n = len(batch)
         positions = self._future_positions if futures and self._future_positions is not None else ()
         ctx.unacknowledged += n
         ctx.receipts.add(future)
@@ -452,29 +488,30 @@ class Worker:
             ctx.receipts.discard(done)
             ctx.unacknowledged -= n
             taken = 0 if done.cancelled() or done.exception() is not None else min(done.result(), n)
-            self._sent(batch, futures, taken, positions)
+            self._sent(batch, n, futures, taken, positions)
 
         future.add_done_callback(settled)
 
-    def _take_futures(self, batch: list[bytes]) -> tuple[list[bytes], list[asyncio.Future[None]] | None]:
-        """Split off the futures of `batch`; packets whose future is already done (cancelled) are skipped.
-        `_future_positions` keeps where each remaining future's packet sits in the returned batch (a partial
-        acknowledgement resolves a future by its packet's position)."""
+    def _take_futures(self, batch: bytes, n: int) -> tuple[bytes, int, list[asyncio.Future[None]] | None]:
+        """Split off the futures of the framed `batch` of `n` packets; packets whose future is already done
+        (cancelled) are skipped. `_future_positions` keeps where each remaining future's packet sits in the
+        returned batch (a partial acknowledgement resolves a future by its packet's position)."""
         pairs = self._futures
         assert pairs is not None
         self._futures = None
         futures = [f for _, f in pairs if not f.done()]
         skipped = len(pairs) - len(futures)
         if skipped:
-            dropped = {i for i, f in pairs if f.done()}
-            batch = [data for i, data in enumerate(batch) if i not in dropped]
+            dropped = [i for i, f in pairs if f.done()]
+            batch, n = framed_without(batch, dropped)
+            self._ctx.queues.set_in_flight(self.sync_key, n)
             self.discard_count += skipped
             self._ctx.discarded["cancelled"] += skipped
             kept = [i for i, f in pairs if not f.done()]
             self._future_positions = [i - sum(1 for d in dropped if d < i) for i in kept]
         else:
             self._future_positions = [i for i, _ in pairs]
-        return batch, futures
+        return batch, n, futures
 
     async def _lookup(self) -> BaseException | None:
         """Find and cache the peer of `dest_ip`; the error (as the batch's failure) if there is none."""
@@ -496,27 +533,30 @@ class Worker:
         return None
 
     async def _attempt(self) -> None:
-        """One attempt: the worker's stream (or a fresh one) and one `write_many`; a failed stream is released
-        as unhealthy so that the next attempt gets a fresh one."""
+        """One attempt: the worker's stream (or a fresh one) and one write (`write_framed` or `write_many`);
+        a failed stream is released as unhealthy so that the next attempt gets a fresh one."""
         peer_id = self.peer_id
         assert peer_id is not None
         stream = self._stream
         if stream is None:
             stream = self._stream = await self._ctx.acquire(peer_id, self)
+            self._framed_write = getattr(stream, "write_framed", None)
         try:
-            self._receipt = await stream.write_many(self._batch)
+            write_framed = self._framed_write
+            if write_framed is not None:  # the buffer as it is: no packet object at all
+                self._receipt = await write_framed(self._batch, self._batch_count)
+            else:  # the `Stream` protocol: a list of packets
+                self._receipt = await stream.write_many(split_framed(self._batch))
         except BaseException as exc:
             if self._stream is stream:
                 self._stream = None
+                self._framed_write = None
             self._ctx.release(peer_id, stream, False)
             if isinstance(exc, Exception) and not isinstance(exc, VpnPacketError):
                 raise _stream_error(exc, self, peer_id) from exc
             raise
 
-    def _failed(
-        self, batch: list[bytes], futures: list[asyncio.Future[None]] | None, error: BaseException
-    ) -> None:
-        n = len(batch)
+    def _failed(self, n: int, futures: list[asyncio.Future[None]] | None, error: BaseException) -> None:
         reason = _failure_reason(error)
         self.error_count += n
         self._ctx.failed[reason] += n
@@ -540,19 +580,21 @@ class Worker:
         stream = self._stream
         if stream is not None:
             self._stream = None
+            self._framed_write = None
             assert self.peer_id is not None
             self._ctx.release(self.peer_id, stream, healthy)
 
     def _abandon_inflight(self) -> None:
         """The drain was cancelled by `stop()`: the batch being written is discarded as stopped."""
-        batch = self._inflight
-        if batch is None:
+        if self._inflight is None:
             return
+        n = self._inflight_count
         futures = self._inflight_futures
         self._inflight = None
+        self._inflight_count = 0
         self._inflight_futures = None
-        self.limit = self._ctx.capacity
-        self._discard(len(batch), futures, "stopped")
+        self._ctx.queues.set_in_flight(self.sync_key, 0)
+        self._discard(n, futures, "stopped")
 
     def _discard(self, n: int, futures: list[asyncio.Future[None]] | None, reason: str) -> None:
         if not n:
@@ -573,23 +615,25 @@ class Worker:
 
     def discard_queue(self) -> int:
         """Fail everything queued with `DispatcherStoppedError` (counted as discarded: stopped)."""
-        batch = self.queue
+        n = self._ctx.queues.discard(self.sync_key)
         pairs = self._futures
-        self.queue = []
         self._futures = None
-        self._discard(len(batch), [f for _, f in pairs] if pairs else None, "stopped")
-        return len(batch)
+        self._discard(n, [f for _, f in pairs] if pairs else None, "stopped")
+        return n
 
     def close(self) -> None:
-        """Detach from the dispatcher: the stream goes back healthy (it did not fail)."""
+        """Detach from the dispatcher: its queue goes (it is empty: idle, or discarded at stop) and the stream
+        goes back healthy (it did not fail)."""
         self.closed = True
+        if self._closed_drops is None:  # (idempotent: a second close must not read a new worker's queue)
+            self._closed_drops = self._ctx.queues.dropped(self.sync_key)
+            self._ctx.queues.remove(self.sync_key)
         self._drop_stream(healthy=True)
 
     # --- metrics --------------------------------------------------------------------------------------------
 
     def metrics(self) -> WorkerMetrics:
         """A plain-data snapshot of this worker."""
-        inflight = self._inflight
         return WorkerMetrics(  # positional: the field order of WorkerMetrics
             self.sync_key,
             self.dest_ip,
@@ -599,8 +643,8 @@ class Worker:
             self.error_count,
             self.drop_count,
             self.discard_count,
-            len(self.queue),
-            0 if inflight is None else len(inflight),
+            self.depth,
+            self._inflight_count,
             self.busy,
             self.last_activity,
             self.created_at,
@@ -611,6 +655,6 @@ class Worker:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "busy" if self.busy else "idle"
         return (
-            f"<Worker {self.sync_key} -> {self.peer_id or '?'} {state} queued={len(self.queue)} "
+            f"<Worker {self.sync_key} -> {self.peer_id or '?'} {state} queued={self.depth} "
             f"in_flight={self.in_flight} sent={self.packet_count} errors={self.error_count}>"
         )

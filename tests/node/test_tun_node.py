@@ -273,6 +273,7 @@ async def test_tun_nodes_over_loopback(tmp_path: Path, caplog: pytest.LogCapture
             "mtu": 1400,
             "txqueuelen": 1000,
             "max_backlog": 4096,
+            "offload": True,
         }
         good = [ipv4_packet("10.8.0.1", "10.8.0.2", UDP, 1000 + i, 53, bytes([i]) * 100) for i in range(50)]
         no_peer = ipv4_packet("10.8.0.1", "10.77.0.9", UDP, 1, 2, b"nowhere")

@@ -10,6 +10,7 @@ import ast
 import asyncio
 import inspect
 import logging
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from vpn_packet.testutil.packets import UDP, ipv4_packet
 
 # --- one enqueue path ---------------------------------------------------------------------------------------
 
-FORMS = ("dispatch_packet", "dispatch_packet_with_callback", "dispatch", "dispatch_batch")
+FORMS = ("dispatch_packet", "dispatch_packet_with_callback", "dispatch", "dispatch_batch", "dispatch_buffer")
 
 
 def _packet(dest: int, seq: int) -> bytes:
@@ -38,7 +39,7 @@ def _packet(dest: int, seq: int) -> bytes:
 
 def _state(d: Dispatcher) -> tuple[object, ...]:
     m = d.metrics()
-    queues = {w.sync_key: list(w.queue) for w in d.workers()}
+    queues = {w.sync_key: [p.data for p in w.pending()] for w in d.workers()}
     drops = {w.sync_key: w.drop_count for w in d.workers()}
     return m.accepted, m.queued, m.rejected_by_reason, m.workers, m.workers_evicted, queues, drops
 
@@ -58,6 +59,9 @@ async def _offer(form: str, bursts: list[list[int]], *, buffer: int, max_workers
             seq += 1
         if form == "dispatch_batch":
             d.dispatch_batch(packets)
+            continue
+        if form == "dispatch_buffer":
+            d.dispatch_buffer(b"".join(packets), array("I", map(len, packets)))
             continue
         for packet in packets:
             if form == "dispatch":
@@ -84,8 +88,9 @@ async def _offer(form: str, bursts: list[list[int]], *, buffer: int, max_workers
 def test_every_dispatch_form_admits_rejects_and_counts_alike(
     bursts: list[list[int]], buffer: int, max_workers: int
 ) -> None:
-    # dispatch_batch takes a burst key by key (in order of first appearance), the other forms packet by
-    # packet: make each burst's packets to one destination consecutive so that both see the same sequence.
+    # dispatch_batch and dispatch_buffer take a burst key by key (in order of first appearance), the other
+    # forms packet by packet: make each burst's packets to one destination consecutive so that all see the
+    # same sequence.
     bursts = [sorted(burst, key=burst.index) for burst in bursts]
     results = {
         form: asyncio.run(_offer(form, bursts, buffer=buffer, max_workers=max_workers)) for form in FORMS

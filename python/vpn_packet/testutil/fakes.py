@@ -5,6 +5,8 @@
 - `FakeAckingStream`: a `FakeStream` whose peer acknowledges, like a `TcpStream`'s: each write returns a
   receipt; the test plays the peer (`ack`, `reset`), so partial acknowledgements, losses and stops can be
   driven without sockets.
+- `FakeFramedStream`: a `FakeStream` that also takes framed buffers (`write_framed`, as the TCP stream does):
+  records each buffer as it came (`framed`) and its packets like `FakeStream` does.
 - `FakeStreamService`: creates `FakeStream`s (or `FakeAckingStream`s, with `acks=True`) and remembers them
   per peer; can make every stream it creates fail writes at random (seeded).
 - `FakeStreamPool`: lends streams (reusing healthy ones), records every release with its `healthy` flag and
@@ -25,6 +27,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeAlias
 
+from vpn_packet._native import split_framed
 from vpn_packet.api import Stream
 from vpn_packet.errors import PeerNotFoundError
 from vpn_packet.transport.delivery import Receipt
@@ -32,6 +35,7 @@ from vpn_packet.transport.delivery import Receipt
 __all__ = [
     "FailureInjector",
     "FakeAckingStream",
+    "FakeFramedStream",
     "FakePeerDiscovery",
     "FakeStream",
     "FakeStreamPool",
@@ -364,6 +368,49 @@ class FakeAckingStream(FakeStream):
             f"<FakeAckingStream to {self.peer_id!r} {state} written={len(self.written)} acked={self.acked} "
             f"lost={self.lost}>"
         )
+
+
+class FakeFramedStream(FakeStream):
+    """A `FakeStream` with `write_framed(data, count)`, the zero-copy write a drain prefers when a stream has
+    it: `data` is `count` frames as the dispatcher's native queues hold them (see
+    `vpn_packet._native.DestinationQueues`). Each call is recorded in `framed` as `(data, count)`; its packets
+    are recorded in `written` and `batches` (offload frames without their virtio header), so the tests of
+    `FakeStream` read the same. `write_many` still works (`framed_calls` / `list_calls` count each kind).
+    """
+
+    def __init__(
+        self,
+        peer_id: str = "",
+        *,
+        seed: int | None = None,
+        latency: float = 0.0,
+        sleep: Sleep | None = None,
+        gate: Gate | None = None,
+        log: list[bytes] | None = None,
+    ) -> None:
+        super().__init__(peer_id, seed=seed, latency=latency, sleep=sleep, gate=gate, log=log)
+        self.framed: list[tuple[bytes, int]] = []
+        self.framed_calls = 0
+        self.list_calls = 0
+
+    async def write_many(self, packets: Sequence[bytes]) -> Awaitable[int] | None:
+        self.list_calls += 1
+        return await super().write_many(packets)
+
+    async def write_framed(self, data: bytes, count: int) -> Awaitable[int] | None:
+        """Records the framed buffer; None: no acknowledgements, written is sent."""
+        self.framed_calls += 1
+        await self._before()
+        self._check_open()
+        packets = split_framed(data)
+        if len(packets) != count:
+            raise ValueError(f"write_framed: {len(packets)} frames in the buffer, count says {count}")
+        self.framed.append((bytes(data), count))
+        self.written.extend(packets)
+        self.batches.append(packets)
+        if self.log is not None:
+            self.log.extend(packets)
+        return None
 
 
 class FakeStreamService(_Injectable):

@@ -35,9 +35,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 from vpn_packet import tuning
+from vpn_packet._native import split_framed
 from vpn_packet.api import FramedStream, Stream, StreamService
 from vpn_packet.errors import ServiceError
 from vpn_packet.tasks import TaskSet, close_quietly
@@ -125,8 +125,12 @@ class PooledStream:
         return await self._entry.stream.write_many(packets)
 
     async def write_framed(self, data: bytes, count: int) -> Awaitable[int] | None:
-        """The connection's `write_framed` (`count` packets already framed in `data`), and its receipt."""
-        return await cast("FramedStream", self._entry.stream).write_framed(data, count)
+        """The connection's `write_framed` (`count` packets already framed in `data`), and its receipt; for
+        a connection without one, its `write_many` of the packets."""
+        stream = self._entry.stream
+        if isinstance(stream, FramedStream):
+            return await stream.write_framed(data, count)
+        return await stream.write_many(split_framed(data))
 
     async def close(self) -> None:
         """Give the lease back as healthy (idempotent)."""

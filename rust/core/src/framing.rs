@@ -147,10 +147,14 @@ pub enum FrameKind {
     Offload,
 }
 
-/// Appends one offload frame (`header_and_packet` = virtio_net_hdr + packet) to `out`.
-pub fn encode_offload_frame_into(header_and_packet: &[u8], out: &mut Vec<u8>) -> Result<(), FramingError> {
-    let len = header_and_packet.len();
-    if len <= VNET_HDR_LEN {
+/// Appends one offload frame (a virtio_net_hdr and `packet`) to `out`; on error `out` is left as it was.
+pub fn encode_offload_frame_into(
+    header: &[u8; VNET_HDR_LEN],
+    packet: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), FramingError> {
+    let len = VNET_HDR_LEN + packet.len();
+    if packet.is_empty() {
         return Err(FramingError::ShortOffload { len: len as u64 });
     }
     if len > MAX_OFFLOAD_FRAME {
@@ -159,8 +163,10 @@ pub fn encode_offload_frame_into(header_and_packet: &[u8], out: &mut Vec<u8>) ->
             max: MAX_OFFLOAD_FRAME,
         });
     }
+    out.reserve(LENGTH_PREFIX_LEN + len);
     out.extend_from_slice(&(len as u32 | OFFLOAD_FLAG).to_be_bytes());
-    out.extend_from_slice(header_and_packet);
+    out.extend_from_slice(header);
+    out.extend_from_slice(packet);
     Ok(())
 }
 
@@ -426,7 +432,7 @@ mod tests {
         let mut payload = vec![0u8; VNET_HDR_LEN];
         payload.extend_from_slice(&[7u8; 3000]);
         let mut wire = Vec::new();
-        encode_offload_frame_into(&payload, &mut wire).unwrap();
+        encode_offload_frame_into(&[0; VNET_HDR_LEN], &[7u8; 3000], &mut wire).unwrap();
         wire.extend_from_slice(&encode_frames([&b"p"[..]], 10).unwrap());
         // max_frame_size (10) bounds packet frames only: the offload frame is 3010 bytes.
         let mut d = FrameDecoder::new(10);
@@ -443,7 +449,7 @@ mod tests {
         );
         assert_eq!((d.frames(), d.offload_frames()), (2, 1));
         assert_eq!(
-            encode_offload_frame_into(&payload[..VNET_HDR_LEN], &mut Vec::new()),
+            encode_offload_frame_into(&[0; VNET_HDR_LEN], &[], &mut Vec::new()),
             Err(FramingError::ShortOffload { len: 10 })
         );
         let mut d = FrameDecoder::default();

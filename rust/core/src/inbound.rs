@@ -247,9 +247,7 @@ mod tests {
     fn a_vnet_tun_gets_a_zero_header_and_offload_frames_whole() {
         let good = ipv4_from([10, 9, 0, 5]);
         let mut wire = encode_frames([&good[..]], 65535).unwrap();
-        let mut offload = PLAIN_VNET_HDR.to_vec();
-        offload.extend_from_slice(&good);
-        encode_offload_frame_into(&offload, &mut wire).unwrap();
+        encode_offload_frame_into(&PLAIN_VNET_HDR, &good, &mut wire).unwrap();
         let mut inbound = Inbound::new(65535, true);
         let mut tun = Recorder::default();
         inbound.feed(&wire, &table(), 1, &mut tun).unwrap();
@@ -260,8 +258,9 @@ mod tests {
             .all(|(h, p)| h.as_deref() == Some(&PLAIN_VNET_HDR[..]) && *p == good));
     }
 
-    /// A TCPv4 super-packet from 10.9.0.5 with `payload` bytes, as a TUN with TSO hands it out.
-    fn tcp4_super_packet(payload: usize, mss: u16) -> Vec<u8> {
+    /// A TCPv4 super-packet from 10.9.0.5 with `payload` bytes, as a TUN with TSO hands it out: its
+    /// virtio_net_hdr and the packet.
+    fn tcp4_super_packet(payload: usize, mss: u16) -> ([u8; VNET_HDR_LEN], Vec<u8>) {
         let total = 40 + payload;
         let mut p = vec![
             0x45,
@@ -290,15 +289,14 @@ mod tests {
             csum_start: 20,
             csum_offset: 16,
         };
-        let mut frame = hdr.to_bytes().to_vec();
-        frame.extend_from_slice(&p);
-        frame
+        (hdr.to_bytes(), p)
     }
 
     #[test]
     fn a_super_packet_is_segmented_for_a_plain_tun_and_whole_for_a_vnet_one() {
         let mut wire = Vec::new();
-        encode_offload_frame_into(&tcp4_super_packet(3000, 1000), &mut wire).unwrap();
+        let (header, packet) = tcp4_super_packet(3000, 1000);
+        encode_offload_frame_into(&header, &packet, &mut wire).unwrap();
         let mut plain = Recorder::default();
         let mut inbound = Inbound::new(1500, false);
         inbound.feed(&wire, &table(), 1, &mut plain).unwrap();
@@ -317,10 +315,10 @@ mod tests {
         assert_eq!(vnet.written.len(), 1);
         assert_eq!(inbound.counts.delivered, 1);
         // A header the checks refuse (a segment size of 0) is counted, never handed to the kernel.
-        let mut bad = tcp4_super_packet(3000, 1000);
-        bad[4..6].copy_from_slice(&0u16.to_le_bytes());
+        let (mut bad, packet) = tcp4_super_packet(3000, 1000);
+        bad[4..6].copy_from_slice(&0u16.to_le_bytes()); // gso_size 0
         let mut wire = Vec::new();
-        encode_offload_frame_into(&bad, &mut wire).unwrap();
+        encode_offload_frame_into(&bad, &packet, &mut wire).unwrap();
         let mut inbound = Inbound::new(1500, true);
         let mut tun = Recorder::default();
         inbound.feed(&wire, &table(), 1, &mut tun).unwrap();

@@ -22,3 +22,6 @@ pub mod prefix;
 pub use framing::{encode_frames, encode_frames_into, FrameDecoder, FrameKind, FramingError};
 pub use handshake::{Answer, HandshakeError, Hello, Parsed};
 pub use prefix::{check_source, parse_prefix, source_address, PrefixError, PrefixTable, SourceCheck};
+
+pub mod queues;
+pub use queues::{DestinationQueues, KeyedPush, Pushed, QueueId, Rejections, OFFLOAD_FLAG, VNET_HDR_LEN};

@@ -14,6 +14,7 @@ mod key_cache;
 mod packet_batch;
 mod packet_info;
 mod prefix;
+mod queues;
 mod tun_io;
 
 #[pymodule]
@@ -34,6 +35,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     handshake::register(m)?;
     ack::register(m)?;
     prefix::register(m)?;
+    queues::register(m)?;
     tun_io::register(m)?;
     Ok(())
 }

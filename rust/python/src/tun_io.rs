@@ -348,7 +348,6 @@ impl InboundDecoder {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("VNET_HDR_LEN", VNET_HDR_LEN)?;
     m.add_class::<TunIo>()?;
     m.add_class::<InboundDecoder>()?;
     Ok(())

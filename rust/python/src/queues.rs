@@ -1,0 +1,369 @@
+//! `DestinationQueues` for Python: the dispatcher's per-destination queues of framed packets.
+//!
+//! The logic is `vpn_packet_core::queues`; this file converts buffers and keys. Packets come in as any
+//! C-contiguous byte buffer (read without copying); keys go out as `str` objects kept per queue, so a
+//! batch push allocates nothing per ready key (the dispatcher's dict lookups also get a `str` whose hash is
+//! computed already). The GIL stays held: a push is pure CPU work of a few microseconds.
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
+use vpn_packet_core::framing::DEFAULT_MAX_FRAME_SIZE;
+use vpn_packet_core::queues::{
+    frames, payload_bytes, without_frames, DestinationQueues as CoreQueues, KeyedPush, MalformedFrames,
+    Pushed, QueueId, OFFLOAD_FLAG, VNET_HDR_LEN,
+};
+
+use crate::buffer::{with_bytes, PacketBytes};
+use crate::errors::{no_panic, split_error};
+use crate::functions::for_each_item;
+use crate::key_cache::key_and_ip;
+
+// Signature defaults are literals (stubtest reads them); keep them equal to the core default.
+const _: () = assert!(DEFAULT_MAX_FRAME_SIZE == 65535);
+
+/// `push_keyed` results (module constants `PUSH_*`).
+const PUSH_QUEUED: u8 = 0;
+const PUSH_READY: u8 = 1;
+const PUSH_PRESSURE: u8 = 2;
+const PUSH_FULL: u8 = 3;
+const PUSH_UNKNOWN: u8 = 4;
+const PUSH_INVALID: u8 = 5;
+
+type PushResult<'py> = (usize, Bound<'py, PyList>, Option<Bound<'py, PyList>>, bool);
+
+fn malformed(err: MalformedFrames) -> PyErr {
+    PyValueError::new_err(err.to_string())
+}
+
+/// Native-endian u32 lengths from an `array('I')`, a `memoryview` of format `I`, `bytes`/`bytearray`
+/// holding them, or a sequence of ints.
+fn lengths_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if let Ok(buffer) = PyBuffer::<u32>::get(obj) {
+        return buffer.to_vec(obj.py());
+    }
+    if let Ok(held) = PacketBytes::get(obj) {
+        let bytes = held.as_slice();
+        if bytes.len() % 4 != 0 {
+            return Err(PyValueError::new_err(format!(
+                "lengths: {} bytes is not a whole number of u32 lengths",
+                bytes.len()
+            )));
+        }
+        return Ok(bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect());
+    }
+    obj.extract::<Vec<u32>>().map_err(|_| {
+        PyTypeError::new_err(
+            "lengths must be a buffer of native-endian u32 (array('I'), bytes) or a list of ints",
+        )
+    })
+}
+
+/// Per-destination bounded queues of framed packets (see `vpn_packet_core::queues`).
+///
+/// A batch push returns `(accepted, ready, new, pressure)`: packets queued on existing queues, the keys of
+/// existing queues that were empty before, and `new` (None when empty): `(key, dest_ip, queued, overflow)`
+/// of each provisional queue made for a key without one. The caller adopts each (`add`) or removes it
+/// (`remove`, which returns the packets to count as rejected) before anything else touches the queues.
+#[pyclass(module = "vpn_packet._native", name = "DestinationQueues")]
+pub struct DestinationQueues {
+    inner: CoreQueues,
+    /// The key `str` of each queue, by queue id.
+    names: Vec<Option<Py<PyString>>>,
+}
+
+impl DestinationQueues {
+    fn set_name(&mut self, id: QueueId, name: Py<PyString>) {
+        if self.names.len() <= id {
+            self.names.resize_with(id + 1, || None);
+        }
+        self.names[id] = Some(name);
+    }
+
+    fn id(&self, key: &Bound<'_, PyString>) -> PyResult<Option<QueueId>> {
+        Ok(self.inner.id(key.to_str()?))
+    }
+
+    fn result<'py>(&mut self, py: Python<'py>, pushed: Pushed) -> PyResult<PushResult<'py>> {
+        let ready = PyList::empty(py);
+        for id in pushed.ready {
+            if let Some(Some(name)) = self.names.get(id) {
+                ready.append(name.bind(py))?;
+            }
+        }
+        let new = if pushed.new.is_empty() {
+            None
+        } else {
+            let new = PyList::empty(py);
+            for id in pushed.new {
+                let (key, ip) = match self.inner.destination(id) {
+                    Some(dest) => key_and_ip(py, &dest),
+                    None => {
+                        let key = PyString::new(py, self.inner.key(id).unwrap_or_default());
+                        (key, PyString::new(py, ""))
+                    }
+                };
+                self.set_name(id, key.clone().unbind());
+                new.append((key, ip, self.inner.depth(id), self.inner.overflow(id)))?;
+            }
+            Some(new)
+        };
+        Ok((pushed.accepted, ready, new, pushed.pressure))
+    }
+}
+
+#[pymethods]
+impl DestinationQueues {
+    #[new]
+    #[pyo3(signature = (capacity, max_packet_size = 65535))]
+    fn new(capacity: usize, max_packet_size: usize) -> PyResult<Self> {
+        if capacity == 0 {
+            return Err(PyValueError::new_err("capacity must be at least 1"));
+        }
+        if max_packet_size == 0 || max_packet_size > DEFAULT_MAX_FRAME_SIZE {
+            return Err(PyValueError::new_err(format!(
+                "max_packet_size must be 1..={DEFAULT_MAX_FRAME_SIZE}, got {max_packet_size}"
+            )));
+        }
+        Ok(DestinationQueues {
+            inner: CoreQueues::new(capacity, max_packet_size),
+            names: Vec::new(),
+        })
+    }
+
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+
+    #[getter]
+    fn max_packet_size(&self) -> usize {
+        self.inner.max_packet_len()
+    }
+
+    /// Offload frames queued so far.
+    #[getter]
+    fn offload_frames(&self) -> u64 {
+        self.inner.offload_frames()
+    }
+
+    /// Rejections counted here, by reason: `invalid_packet`, `queue_full`.
+    fn rejected<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = self.inner.rejected();
+        let out = PyDict::new(py);
+        out.set_item("invalid_packet", r.invalid_packet)?;
+        out.set_item("queue_full", r.queue_full)?;
+        Ok(out)
+    }
+
+    /// Routes a list (or other iterable) of raw IP packets to their destinations' queues.
+    fn push<'py>(&mut self, py: Python<'py>, packets: &Bound<'py, PyAny>) -> PyResult<PushResult<'py>> {
+        no_panic(|| {
+            let mut held: Vec<PacketBytes<'py>> = Vec::new();
+            for_each_item(packets, |item| {
+                held.push(PacketBytes::get(item)?);
+                Ok(())
+            })?;
+            let pushed = self
+                .inner
+                .push_packets(held.iter().map(PacketBytes::as_slice), false);
+            self.result(py, pushed)
+        })
+    }
+
+    /// Routes packets laid end to end in `buffer` (a TUN read) with their `lengths` (native-endian u32).
+    /// With `vnet_header`, each entry starts with a 10-byte `virtio_net_hdr`. Raises `ValueError`, queueing
+    /// nothing, when the lengths need more bytes than the buffer holds.
+    #[pyo3(signature = (buffer, lengths, *, vnet_header = false))]
+    fn push_buffer<'py>(
+        &mut self,
+        py: Python<'py>,
+        buffer: &Bound<'py, PyAny>,
+        lengths: &Bound<'py, PyAny>,
+        vnet_header: bool,
+    ) -> PyResult<PushResult<'py>> {
+        no_panic(|| {
+            let lengths = lengths_of(lengths)?;
+            let held = PacketBytes::get(buffer)?;
+            let pushed = self
+                .inner
+                .push_buffer(held.as_slice(), &lengths, vnet_header)
+                .map_err(|e| split_error(&e))?;
+            self.result(py, pushed)
+        })
+    }
+
+    /// Queues one packet under `key` (any text); returns a `PUSH_*` constant. Empty packets and packets
+    /// above `max_packet_size` are rejected (`PUSH_INVALID`, counted); a key without a queue is not
+    /// (`PUSH_UNKNOWN`, not counted: `add` it, then push again).
+    fn push_keyed(&mut self, key: &Bound<'_, PyString>, packet: &Bound<'_, PyAny>) -> PyResult<u8> {
+        no_panic(|| {
+            let key = key.to_str()?;
+            let result = with_bytes(packet, |bytes| self.inner.push_keyed(key, bytes))?;
+            Ok(match result {
+                KeyedPush::Queued => PUSH_QUEUED,
+                KeyedPush::Ready => PUSH_READY,
+                KeyedPush::Pressure => PUSH_PRESSURE,
+                KeyedPush::Full => PUSH_FULL,
+                KeyedPush::Unknown => PUSH_UNKNOWN,
+                KeyedPush::Invalid => PUSH_INVALID,
+            })
+        })
+    }
+
+    /// Creates the queue of `key` (or adopts its provisional queue, counting its overflow as `queue_full`);
+    /// returns whether it was created or adopted (False: it existed already).
+    fn add(&mut self, key: &Bound<'_, PyString>) -> PyResult<bool> {
+        no_panic(|| {
+            let (id, changed) = self.inner.add(key.to_str()?);
+            if changed {
+                self.set_name(id, key.clone().unbind());
+            }
+            Ok(changed)
+        })
+    }
+
+    /// Removes the queue of `key` with its packets; returns how many it held (a provisional queue's
+    /// overflow included). 0 if there is none.
+    fn remove(&mut self, key: &Bound<'_, PyString>) -> PyResult<usize> {
+        no_panic(|| {
+            if let Some(id) = self.id(key)? {
+                if let Some(name) = self.names.get_mut(id) {
+                    *name = None;
+                }
+            }
+            Ok(self.inner.remove(key.to_str()?))
+        })
+    }
+
+    /// Removes every queue.
+    fn clear(&mut self) {
+        self.inner.clear();
+        self.names.clear();
+    }
+
+    /// Empties the queue of `key`; returns how many packets it held.
+    fn discard(&mut self, key: &Bound<'_, PyString>) -> PyResult<usize> {
+        Ok(self.id(key)?.map_or(0, |id| self.inner.discard(id)))
+    }
+
+    /// Takes everything queued for `key`: `(framed, count)`. Those packets count against the bound (as in
+    /// flight) until `set_in_flight(key, 0)`.
+    fn take<'py>(
+        &mut self,
+        py: Python<'py>,
+        key: &Bound<'py, PyString>,
+    ) -> PyResult<(Bound<'py, PyBytes>, usize)> {
+        no_panic(|| {
+            let (data, count) = match self.id(key)? {
+                Some(id) => self.inner.take(id),
+                None => (Vec::new(), 0),
+            };
+            Ok((PyBytes::new(py, &data), count))
+        })
+    }
+
+    /// Sets how many packets of `key` are being written (the queue holds at most `capacity` minus that).
+    fn set_in_flight(&mut self, key: &Bound<'_, PyString>, count: usize) -> PyResult<()> {
+        if let Some(id) = self.id(key)? {
+            self.inner.set_in_flight(id, count);
+        }
+        Ok(())
+    }
+
+    /// Packets queued for `key` (0 without a queue).
+    fn depth(&self, key: &Bound<'_, PyString>) -> PyResult<usize> {
+        Ok(self.id(key)?.map_or(0, |id| self.inner.depth(id)))
+    }
+
+    /// Packets of `key` rejected as `queue_full`.
+    fn dropped(&self, key: &Bound<'_, PyString>) -> PyResult<u64> {
+        Ok(self.id(key)?.map_or(0, |id| self.inner.dropped(id)))
+    }
+
+    /// The framed packets queued for `key`, without taking them (for inspection).
+    fn peek<'py>(&self, py: Python<'py>, key: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyBytes>> {
+        let id = self.id(key)?;
+        Ok(PyBytes::new(py, id.map_or(&[][..], |id| self.inner.peek(id))))
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __contains__(&self, key: &Bound<'_, PyString>) -> PyResult<bool> {
+        Ok(self.id(key)?.is_some())
+    }
+
+    fn __repr__(&self) -> String {
+        let r = self.inner.rejected();
+        format!(
+            "DestinationQueues(capacity={}, queues={}, invalid_packet={}, queue_full={}, offload_frames={})",
+            self.inner.capacity(),
+            self.inner.len(),
+            r.invalid_packet,
+            r.queue_full,
+            self.inner.offload_frames(),
+        )
+    }
+}
+
+/// The packets of a framed buffer (as `DestinationQueues.take` gives), in order. An offload frame gives its
+/// packet without the `virtio_net_hdr`. Raises `ValueError` for a malformed buffer.
+#[pyfunction]
+pub fn split_framed<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+    no_panic(|| {
+        with_bytes(data, |bytes| {
+            let out = PyList::empty(py);
+            for frame in frames(bytes) {
+                out.append(PyBytes::new(py, frame.map_err(malformed)?.packet))?;
+            }
+            Ok(out)
+        })?
+    })
+}
+
+/// Payload bytes of the first `count` frames of `data` (all when None): length prefixes not counted, the
+/// virtio header of an offload frame counted (it travels with its packet).
+#[pyfunction]
+#[pyo3(signature = (data, count = None))]
+pub fn framed_payload_bytes(data: &Bound<'_, PyAny>, count: Option<usize>) -> PyResult<usize> {
+    no_panic(|| {
+        with_bytes(data, |bytes| payload_bytes(bytes, count.unwrap_or(usize::MAX)))?.map_err(malformed)
+    })
+}
+
+/// `data` without the frames at the given positions; returns `(framed, count)` of what is left.
+#[pyfunction]
+pub fn framed_without<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    positions: Vec<usize>,
+) -> PyResult<(Bound<'py, PyBytes>, usize)> {
+    no_panic(|| {
+        let (kept, count) =
+            with_bytes(data, |bytes| without_frames(bytes, &positions))?.map_err(malformed)?;
+        Ok((PyBytes::new(py, &kept), count))
+    })
+}
+
+/// Registers the class, the helper functions and the constants.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<DestinationQueues>()?;
+    m.add_function(wrap_pyfunction!(split_framed, m)?)?;
+    m.add_function(wrap_pyfunction!(framed_payload_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(framed_without, m)?)?;
+    m.add("OFFLOAD_FLAG", OFFLOAD_FLAG)?;
+    m.add("VNET_HDR_LEN", VNET_HDR_LEN)?;
+    m.add("PUSH_QUEUED", PUSH_QUEUED)?;
+    m.add("PUSH_READY", PUSH_READY)?;
+    m.add("PUSH_PRESSURE", PUSH_PRESSURE)?;
+    m.add("PUSH_FULL", PUSH_FULL)?;
+    m.add("PUSH_UNKNOWN", PUSH_UNKNOWN)?;
+    m.add("PUSH_INVALID", PUSH_INVALID)?;
+    Ok(())
+}

@@ -36,6 +36,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import math
 import time
 import types
 from collections import deque
@@ -184,6 +185,8 @@ class Dispatcher:
         self._pressure = False  # a queue is half full: stop waiting for more packets
         self._tick_handle: asyncio.Handle | None = None  # a pending coalescing tick
         self._coalesce_left = 0
+        self._last_wake = -math.inf  # the clock at the last wake-up: a wake-up after a quiet spell drains now
+        self._read_path = False  # inside `dispatch_buffer` (a device read)
         self._seen = 0
         self._woken_at = 0  # self._accepted when the pending wake-up began
         self.coalesce = coalesce
@@ -453,7 +456,9 @@ class Dispatcher:
             return 0
         return self._admit(self._queues.push(packets))
 
-    def dispatch_buffer(self, buffer: Buffer, lengths: Buffer, *, vnet_header: bool = False) -> int:
+    def dispatch_buffer(
+        self, buffer: Buffer, lengths: Buffer, *, vnet_header: bool = False, write_lone_now: bool = False
+    ) -> int:
         """Dispatch the packets of a batched TUN read: `buffer` holds them end to end, `lengths` (a buffer of
         native-endian u32, e.g. `array('I')`) their sizes. Returns how many were accepted.
 
@@ -461,12 +466,22 @@ class Dispatcher:
         the 10-byte `virtio_net_hdr` of a TUN opened with `IFF_VNET_HDR`: the packet after it is routed, and
         the header travels with it unless it is all zero. Raises `ValueError`, queueing nothing, when the
         lengths need more bytes than the buffer holds.
+
+        `write_lone_now`: the caller reads a device until it is empty (a node's TUN reads), so a read after a
+        quiet spell (`tuning.COALESCE_QUIET`) is a lone packet or the start of a burst, and waiting loop
+        iterations for more only adds latency: such packets are written at the next loop iteration, by a
+        pump started at once (a pump is a task: drains may use `asyncio.timeout`). Under a flood, reads come
+        closer together and coalesce as usual.
         """
         if not self._accepting:
             view = memoryview(lengths)
             self._reject_not_running(view.nbytes // 4)
             return 0
-        return self._admit(self._queues.push_buffer(buffer, lengths, vnet_header=vnet_header))
+        self._read_path = write_lone_now
+        try:
+            return self._admit(self._queues.push_buffer(buffer, lengths, vnet_header=vnet_header))
+        finally:
+            self._read_path = False
 
     def _admit(self, pushed: tuple[int, list[str], list[tuple[str, str, int, int]] | None, bool]) -> int:
         """The Python half of a batch push: per key, never per packet. Returns how many packets were accepted.
@@ -553,7 +568,14 @@ class Dispatcher:
         wake-up. Those count as seen, so that a lone packet drains at the first iteration; the rest of a batch
         and the packets the producer adds later count as "more"."""
         self._free_pumps += 1  # the pending tick counts as a pump that will look at the ready deque
-        if self.coalesce and not self._pressure:
+        now = self._ctx.clock()
+        quiet = now - self._last_wake >= tuning.COALESCE_QUIET
+        self._last_wake = now
+        if self.coalesce and not self._pressure and not (quiet and self._read_path):
+            # (A device read after a quiet spell is a lone packet - a ping, the first of a burst - not a
+            # flood: the read brought everything the device had, so waiting for company only adds latency,
+            # and the pump starts at the next loop iteration. The other dispatch forms keep coalescing:
+            # their callers hand packets one call at a time and expect them batched.)
             assert self._loop is not None
             self._coalesce_left = self.coalesce
             self._seen = self._woken_at = seen

@@ -38,6 +38,7 @@ __all__ = [
     "ACK_TIMEOUT",
     "CONNECT_TIMEOUT",
     "COALESCE",
+    "COALESCE_QUIET",
     "DEFAULT_TUNING",
     "HELLO_TIMEOUT",
     "LOG_INTERVAL",
@@ -99,6 +100,10 @@ NODE_WORKER_BUFFER_SIZE: Final = 4096
 MAX_WORKERS: Final = 100_000
 #: Dispatcher loop iterations to wait for more packets before writing (batches form under load).
 COALESCE: Final = 32
+#: Seconds without a dispatcher wake-up after which a device read counts as "lone" and is written at the next
+#: loop iteration (no coalescing): a ping after a pause, not a flood. 0.5 ms is well above
+#: the gap between a flood's TUN reads and well below any interactive traffic's.
+COALESCE_QUIET: Final = 0.0005
 #: Seconds without traffic before a worker is removed, and how often that is checked.
 WORKER_IDLE_TIMEOUT: Final = 300.0
 WORKER_CLEANUP_INTERVAL: Final = 60.0

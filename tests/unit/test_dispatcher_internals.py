@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 
 import vpn_packet.metrics
 import vpn_packet.worker
+from vpn_packet import tuning
 from vpn_packet._native import destination_key_and_ip
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.metrics import WorkerMetrics
 from vpn_packet.tasks import TaskSet, close_quietly
-from vpn_packet.testutil.fakes import FakePeerDiscovery, FakeStreamPool, FakeStreamService
+from vpn_packet.testutil.fakes import FakePeerDiscovery, FakeStreamPool, FakeStreamService, ManualClock
 from vpn_packet.testutil.fixtures import *
 from vpn_packet.testutil.packets import UDP, ipv4_packet
 
@@ -253,3 +254,36 @@ def test_metrics_depends_on_nothing_of_the_package() -> None:
 def test_worker_metrics_is_one_class_reachable_from_both_modules() -> None:
     assert vpn_packet.worker.WorkerMetrics is WorkerMetrics
     assert "WorkerMetrics" in vpn_packet.worker.__all__
+
+
+async def test_a_lone_device_read_is_written_at_the_next_loop_iteration() -> None:
+    """`write_lone_now` (a node's TUN reads): after a quiet spell the read's packets are written at the next
+    loop iteration (the pump starts at once, no coalescing tick); reads that follow each other closely
+    coalesce as usual (a tick first, then the pump)."""
+    clock = ManualClock()
+    pool = FakeStreamPool(FakeStreamService())
+    d = Dispatcher(FakePeerDiscovery(default="peer"), None, pool, clock=clock)
+    await d.start()
+    warm = [_packet(0, 0), _packet(1, 0)]  # the workers and their streams exist
+    d.dispatch_buffer(b"".join(warm), array("I", map(len, warm)))
+    await d.flush()
+    clock.advance(1.0)
+    first = [_packet(0, 1), _packet(1, 2)]
+    d.dispatch_buffer(b"".join(first), array("I", map(len, first)), write_lone_now=True)
+    await asyncio.sleep(0)  # one iteration: the pump
+    assert set(first) <= set(pool.written())
+    clock.advance(tuning.COALESCE_QUIET / 10)  # the next read comes quickly: a flood, coalesced
+    close = [_packet(0, 3)]
+    d.dispatch_buffer(b"".join(close), array("I", map(len, close)), write_lone_now=True)
+    await asyncio.sleep(0)  # the coalescing tick: not written yet
+    assert close[0] not in pool.written()
+    await asyncio.sleep(0)  # the pump
+    assert close[0] in pool.written()
+    clock.advance(1.0)
+    late = [_packet(0, 4)]
+    d.dispatch_buffer(b"".join(late), array("I", map(len, late)))  # without write_lone_now: coalesced
+    await asyncio.sleep(0)
+    assert late[0] not in pool.written()
+    await d.flush()
+    d.check_accounting()
+    await d.stop()

@@ -341,8 +341,8 @@ class Node:
     def send_buffer(self, data: bytes, lengths: bytes, *, vnet_header: bool = False) -> int:
         """Queue the packets of one TUN read (`data` and its native-endian u32 `lengths`; with
         `vnet_header`, each packet preceded by its virtio_net_hdr), routed natively; returns how many were
-        accepted. No Python object per packet."""
-        return self.dispatcher.dispatch_buffer(data, lengths, vnet_header=vnet_header)
+        accepted. No Python object per packet; a read after a quiet spell is written without coalescing."""
+        return self.dispatcher.dispatch_buffer(data, lengths, vnet_header=vnet_header, write_lone_now=True)
 
     async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - like Dispatcher.flush
         """Wait until every accepted packet was written to a stream (or failed); False on timeout."""

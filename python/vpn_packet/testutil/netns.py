@@ -174,9 +174,11 @@ def node_toml(
     key: str | None = None,
     peer_public_key: str | None = None,
     extra: str = "",
+    log_level: str = os.environ.get("VPN_PACKET_LAB_LOG_LEVEL", "info"),
 ) -> str:
     """A node's TOML: the contract config with `key` (this node's key file; its id is the name in it) and
-    the peer's `peer_public_key`; without them `[node] insecure = true` and `id = node_id`."""
+    the peer's `peer_public_key`; without them `[node] insecure = true` and `id = node_id`. The log level
+    comes from `VPN_PACKET_LAB_LOG_LEVEL` (default info: `debug` when a lab test needs its story)."""
     if key is not None:
         if peer_public_key is None:
             raise ValueError("key mode needs the peer's public key")
@@ -197,7 +199,7 @@ address = "{listen}:{PORT}"
 
 [node]
 {identity}
-log_level = "info"
+log_level = "{log_level}"
 metrics_file = "{metrics_file}"
 shutdown_timeout = 5.0
 drop_log_interval = 2.0

@@ -225,8 +225,9 @@ class InboundDecoder:
         cls, fd: int, table: PrefixTable, peer: int, *, max_frame_size: int = 65535, vnet_header: bool = False
     ) -> InboundDecoder: ...
     def set_route(self, table: PrefixTable, peer: int) -> None: ...
-    def feed(self, data: Buffer) -> tuple[int, int, int, int, int, int, str | None]:
-        """What this call added: `(frames, payload_bytes, delivered, spoofed, unparsable, lost, error)`."""
+    def feed(self, data: Buffer) -> tuple[int, int, int, int, int, int, int, str | None]:
+        """What this call added: `(frames, payload_bytes, delivered, delivered_bytes, spoofed, unparsable,
+        lost, error)`."""
     @property
     def fatal_errno(self) -> int: ...
     @property

@@ -119,6 +119,7 @@ def test_tcp_transfer_through_the_tunnel(lab: TunnelLab) -> None:
     assert receiver["bytes"] - before["bytes"] >= TRANSFER_BYTES
     assert receiver["packets_delivered"] > before["packets_delivered"]
     assert receiver["sink_failed"] == 0
+    assert metrics["tun"]["packets_written"] >= receiver["packets_delivered"]
 
 
 class UdpSink:

@@ -489,6 +489,10 @@ class TunNode:
         if tun is None:
             return None
         out = dataclasses.asdict(tun.metrics())
+        target = self.node.receiver.tun_target
+        if target is not None:  # what the receiver wrote to the device natively
+            out["packets_written"] += target.packets_written
+            out["bytes_written"] += target.bytes_written
         out["kernel"] = {} if tun.closed else tun.kernel_counters()
         return out
 

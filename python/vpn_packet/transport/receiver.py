@@ -75,14 +75,17 @@ Sink = Callable[[str, list[bytes]], Awaitable[None] | None]
 """`sink(peer_id, packets)`: takes a batch of accepted packets; may return an awaitable (awaited)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TunTarget:
     """Where a node's receiver writes accepted packets itself, natively (`Receiver.tun_target`): the TUN's
-    descriptor, whether it takes virtio headers, and who to tell when a write finds the device gone."""
+    descriptor, whether it takes virtio headers, and who to tell when a write finds the device gone; and
+    what was written there (`packets_written`, `bytes_written`: the device's own counters do not see it)."""
 
     fd: int
     vnet_header: bool = False
     on_fatal: Callable[[int], object] | None = None
+    packets_written: int = 0
+    bytes_written: int = 0
 
 
 def _bump(counts: dict[str, int], reason: str, n: int = 1) -> None:
@@ -829,7 +832,7 @@ class Receiver:
         self, inbound: InboundDecoder, data: bytes | memoryview, peer: PeerReceiverMetrics, target: TunTarget
     ) -> tuple[int, str | None]:
         """One native call: frames decoded, sources checked, accepted packets written to the TUN."""
-        frames, payload, delivered, spoofed, unparsable, lost, error = inbound.feed(data)
+        frames, payload, delivered, written, spoofed, unparsable, lost, error = inbound.feed(data)
         self._count(peer, "frames", frames)
         self._count(peer, "bytes", payload)
         self._count(peer, "spoofed_dropped", spoofed)
@@ -838,6 +841,8 @@ class Receiver:
         if delivered:
             self._count(peer, "packets_delivered", delivered)
             self._count(peer, "batches_delivered", 1)
+            target.packets_written += delivered
+            target.bytes_written += written
         if inbound.fatal_errno and target.on_fatal is not None:
             target.on_fatal(inbound.fatal_errno)
         return frames, error

@@ -255,7 +255,8 @@ impl InboundDecoder {
     }
 
     /// Decodes `data` and writes the accepted packets to the TUN, with the GIL released. Returns what this
-    /// call added: `(frames, payload_bytes, delivered, spoofed, unparsable, lost, error)`, `lost` being
+    /// call added: `(frames, payload_bytes, delivered, delivered_bytes, spoofed, unparsable, lost, error)`,
+    /// `lost` being
     /// packets the TUN did not take (no room, refused, device gone) or offload frames that could not be
     /// honoured, `error` the reason of a framing error (None: none). Frames before an error are processed
     /// and counted; the decoder is failed from then on (the stream must be closed).
@@ -264,7 +265,7 @@ impl InboundDecoder {
         &mut self,
         py: Python<'_>,
         data: &Bound<'_, PyAny>,
-    ) -> PyResult<(u64, u64, u64, u64, u64, u64, Option<&'static str>)> {
+    ) -> PyResult<(u64, u64, u64, u64, u64, u64, u64, Option<&'static str>)> {
         no_panic(|| {
             let table = self.table.bind(py).borrow();
             let (inner, fd, peer) = (&mut self.inner, self.fd, self.peer);
@@ -287,6 +288,7 @@ impl InboundDecoder {
                 inner.decoder().frames() - frames,
                 inner.decoder().payload_bytes() - payload,
                 now.delivered - c.delivered,
+                now.delivered_bytes - c.delivered_bytes,
                 now.spoofed - c.spoofed,
                 now.unparsable - c.unparsable,
                 lost(&now) - lost(&c),

@@ -210,15 +210,21 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def test_real_tun_round_trip(netns: str) -> None:
+def _run_in(netns: str, script: str) -> dict[str, Any]:
+    """Runs `script` in the namespace; its last stdout line is its findings, as JSON."""
     result = subprocess.run(
-        ["ip", "netns", "exec", netns, sys.executable, "-c", _IN_NAMESPACE],
+        ["ip", "netns", "exec", netns, sys.executable, "-c", script],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+def test_real_tun_round_trip(netns: str) -> None:
+    out = _run_in(netns, _IN_NAMESPACE)
     assert out["mtu"] == 1400
     assert out["txqlen"] == 5000
     assert out["flags_up"]
@@ -282,14 +288,7 @@ _KERNEL_COUNTERS = textwrap.dedent(
 def test_kernel_counters_and_offloads(netns: str) -> None:
     """What the kernel dropped on our device is read from its own counters (a summary must never say
     `drops: none` while it dropped); offloads are granted and reads carry their virtio header."""
-    result = subprocess.run(
-        ["ip", "netns", "exec", netns, sys.executable, "-c", _KERNEL_COUNTERS],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = _run_in(netns, _KERNEL_COUNTERS)
     assert out["before"] == {"rx_errors": 0, "rx_dropped": 0, "tx_errors": 0, "tx_dropped": 0}
     # Every datagram is accounted for: read by us, or dropped by the kernel at the device queue.
     assert out["read"] + out["after"]["tx_dropped"] == 200

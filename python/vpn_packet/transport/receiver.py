@@ -166,9 +166,15 @@ def _abandoned(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bo
     end of stream. A graceful end (FIN, TLS close_notify) is not a reset: data before it is delivered."""
     # `_eof` is set synchronously when the peer's clean EOF arrives (StreamReader.feed_eof); the public
     # `at_eof()` also requires an empty buffer, which is exactly the case this must tell apart.
-    if writer.transport.is_closing() and not getattr(reader, "_eof", False):
+    return _reset_by_sender(writer.transport, clean_eof=getattr(reader, "_eof", False))
+
+
+def _reset_by_sender(transport: asyncio.BaseTransport, *, clean_eof: bool) -> bool:
+    """The rule of `_abandoned`, for a transport: closing without a clean end of stream, or a pending
+    `ECONNRESET` on its socket."""
+    if transport.is_closing() and not clean_eof:
         return True
-    sock = writer.get_extra_info("socket")
+    sock = transport.get_extra_info("socket")
     if sock is None:
         return False
     try:
@@ -281,7 +287,7 @@ class _InboundProtocol(asyncio.BufferedProtocol):
         transport = self._transport
         assert transport is not None
         assert conn.peer_id is not None
-        if self._abandoned(transport):
+        if _reset_by_sender(transport, clean_eof=self._eof):
             # The sender reset the connection after these bytes reached the kernel (we were frozen or
             # stalled): it counts them lost, so they must not be delivered now (see `_abandoned`).
             receiver._discard_after_reset(conn, peer, len(data))
@@ -305,19 +311,6 @@ class _InboundProtocol(asyncio.BufferedProtocol):
         if error is not None:
             receiver._framing_broken(conn, peer, error)
             self._finish(False)
-
-    def _abandoned(self, transport: asyncio.BaseTransport) -> bool:
-        """`_abandoned` for a protocol: a transport closing without a clean end of stream, or a pending
-        `ECONNRESET` on the socket."""
-        if transport.is_closing() and not self._eof:
-            return True
-        sock = transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        try:
-            return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET)
-        except OSError:
-            return True
 
     # --- idle timeout and the end ---------------------------------------------------------------------------
 

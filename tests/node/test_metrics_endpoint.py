@@ -50,7 +50,7 @@ def _snapshot() -> dict[str, Any]:
     return {
         "id": "node-a",
         "uptime": 1.5,
-        "tun": {"packets_read": 4, "backlog": 0},
+        "tun": {"packets_read": 4, "backlog": 0, "kernel": {"tx_dropped": 175, "rx_dropped": 0}},
         "node": {"dispatcher": dispatcher, "receiver": receiver, "connects": 1, "connect_failures": 0},
     }
 
@@ -90,6 +90,7 @@ def test_collector_in_a_registry() -> None:
     assert "# TYPE vpn_packet_packets_failed_total counter" in text
     assert 'vpn_packet_packets_failed_total{reason="no_peer"} 1.0' in text
     assert "vpn_packet_tun_write_backlog 0.0" in text
+    assert "vpn_packet_tun_kernel_tx_dropped_total 175.0" in text
     assert 'vpn_packet_receiver_refused_total{reason="key_mismatch"} 7.0' in text
 
 

@@ -27,7 +27,9 @@ is a table; `--json` prints the node's snapshot, the one its SIGUSR1 line, metri
 - `totals`: `tx_packets`, `tx_bytes` (acknowledged, all peers), `rx_packets`, `rx_bytes`, `rx_delivered`,
   the dispatcher's `accepted`, `rejected`, `failed`, `discarded`, `queued`, `in_flight` (accepted ==
   tx_packets + failed + discarded + queued + in_flight), `drops` (every drop counter of the node by reason,
-  zeros left out: `failed.no_peer`, `receiver.spoofed_dropped`, `tun.write_dropped`, ...) and `connections`.
+  zeros left out: `failed.no_peer`, `receiver.spoofed_dropped`, `tun.write_dropped`, the kernel's own
+  `tun.kernel_tx_dropped` (packets it dropped because the node did not read them in time), ...) and
+  `connections`.
 
 The keys `node` and `tun` hold the detailed counters of the parts (not part of the contract).
 

@@ -82,6 +82,8 @@ def node_samples(snapshot: Mapping[str, Any], prefix: str = "vpn_packet") -> Ite
             yield f"{prefix}_tun_{key}_total", "counter", {}, tun[key]
     if "backlog" in tun:
         yield f"{prefix}_tun_write_backlog", "gauge", {}, tun["backlog"]
+    for key, n in (tun.get("kernel") or {}).items():  # the kernel's own counters of the device
+        yield f"{prefix}_tun_kernel_{key}_total", "counter", {}, n
     yield f"{prefix}_connects_total", "counter", {}, node["connects"]
     yield f"{prefix}_connect_failures_total", "counter", {}, node["connect_failures"]
     for reason, n in node.get("refusals", {}).items():  # peers that refused our handshake, by their reason

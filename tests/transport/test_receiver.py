@@ -817,3 +817,16 @@ async def test_tun_path_closes_a_silent_connection_and_reports_a_dead_device() -
     assert (peer.packets_delivered, peer.sink_failed) == (1, 2)
     assert len(tun.fatal) == 1
     tun.close()
+
+
+async def test_wait_connected_returns_once_every_peer_has_authenticated(receiver: Receiver) -> None:
+    waiting = asyncio.ensure_future(receiver.wait_connected(["node-a", "node-b"], 10))  # 10 s: a hang guard
+    a_reader, a_writer = await open_as(receiver, "node-a")
+    await asyncio.sleep(0)
+    assert not waiting.done()  # node-b has not connected
+    b_reader, b_writer = await open_as(receiver, "node-b")
+    assert await waiting
+    assert await receiver.wait_connected([], 0)
+    await until_closed(b_reader, b_writer, half_close=True)
+    assert not await receiver.wait_connected(["node-b"], 0)  # gone, and no time to wait for it
+    await until_closed(a_reader, a_writer, half_close=True)

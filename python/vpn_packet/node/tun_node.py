@@ -280,13 +280,9 @@ class TunNode:
         await self._start_control()
         if self.config.mode == "insecure":
             _log.warning(INSECURE_WARNING)
-        # "running" once the connections to reachable peers are made (bounded): the first packet finds them.
-        keeper = self.node.keeper
-        connected, peers = (
-            await keeper.settle(tuning.KEEPER_START_WAIT)
-            if keeper is not None
-            else (0, len(self.config.peers))
-        )
+        # "running" once the connections to reachable peers are made both ways (bounded): a first packet
+        # finds ours, and its reply the peer's.
+        connected, peers = await self._settle_connections(tuning.KEEPER_START_WAIT)
         _log.info(
             "node %s running: %s on %s, listening on %s:%d, %d peer%s (%d connected), %s",
             self.config.node.id,
@@ -298,6 +294,20 @@ class TunNode:
             connected,
             self.node.security.describe(),
         )
+
+    async def _settle_connections(self, bound: float) -> tuple[int, int]:
+        """Wait at most `bound` seconds for the connections to the peers (`ConnectionKeeper.settle`) and from
+        the peers we reached (they connect back when they see us: `ConnectionKeeper.poke`); returns
+        `(connected, configured)`."""
+        keeper = self.node.keeper
+        if keeper is None:
+            return 0, len(self.config.peers)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + bound
+        connected, peers = await keeper.settle(bound)
+        reached = [peer.id for peer in self.config.peers if self.node.pool.streams(peer.id)]
+        await self.node.receiver.wait_connected(reached, max(0.0, deadline - loop.time()))
+        return connected, peers
 
     async def _start_control(self) -> None:
         """The control socket. A configured path that cannot be served stops the start (a `ConfigError`

@@ -54,7 +54,7 @@ import socket
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import cast
@@ -410,6 +410,7 @@ class Receiver:
         # Set before `start()` by a node on a TUN: packets then go from socket to TUN in one native call per
         # read, without the sink (see `_pump`).
         self.tun_target: TunTarget | None = None
+        self._peer_entered = asyncio.Event()  # set when a peer authenticates (`wait_connected`)
         # Called with the peer id of every authenticated connection (a node's keeper connects back at once).
         self.on_authenticated: Callable[[str], object] | None = None
 
@@ -499,6 +500,23 @@ class Receiver:
     def peer_metrics(self) -> dict[str, PeerReceiverMetrics]:
         """A snapshot of the counters of every peer that has had an authenticated connection."""
         return {peer_id: m._copy() for peer_id, m in self._per_peer.items()}
+
+    async def wait_connected(self, peer_ids: Collection[str], timeout: float) -> bool:  # noqa: ASYNC109 - a bound
+        """Wait (at most `timeout` seconds) until every peer of `peer_ids` has an authenticated connection to
+        us; True when they all have. A node that says it is running after this has both directions of its
+        tunnels up, so the reply to a first packet does not wait for the peer's connection either."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not all(self._by_peer.get(peer_id) for peer_id in peer_ids):
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self._peer_entered.clear()
+            try:
+                await asyncio.wait_for(self._peer_entered.wait(), left)
+            except TimeoutError:
+                return False
+        return True
 
     def update_security(self, security: Security) -> None:
         """A reload: judge handshakes from now on with `security` (new peer keys take effect at once; a
@@ -699,6 +717,7 @@ class Receiver:
         held[conn.task] = conn
         if self.on_authenticated is not None:
             self.on_authenticated(peer_id)
+        self._peer_entered.set()
         self._authenticated += 1
         peer.connections += 1
         peer.active_connections += 1

@@ -203,15 +203,15 @@ def filter_sources(packets: Iterable[_P], table: PrefixTable, peer: int) -> tupl
 
 # --- TUN I/O with the GIL released (rust/python/src/tun_io.rs, rust/core/src/inbound.rs) ---
 
-__all__ += ["InboundDecoder", "TunIo"]
+__all__ += ["TUN_FATAL_ERRNOS", "InboundDecoder", "TunIo"]
+
+TUN_FATAL_ERRNOS: Final[tuple[int, ...]]  # errnos after which a TUN descriptor cannot work again
 
 @final
 class TunIo:
     """Batch reads and writes on a TUN descriptor (owned and closed by the caller)."""
 
     def __new__(cls, fd: int, *, vnet_header: bool = False, packet_size: int = 65545) -> TunIo: ...
-    @property
-    def vnet_header(self) -> bool: ...
     def read_batch(self, max_packets: int = 1024, max_bytes: int = 4194304) -> tuple[bytes, bytes, int]:
         """`(data, lengths, errno)`: packets ready now, lengths as native-endian u32, the stopping errno."""
     def write_packets(self, packets: Iterable[Buffer]) -> tuple[int, int, int, int, int]:
@@ -238,7 +238,6 @@ class InboundDecoder:
     def buffered(self) -> int: ...
     @property
     def error(self) -> str | None: ...
-    def counts(self) -> list[tuple[str, int]]: ...
 
 # --- the connection handshake (rust/core/src/handshake.rs draws the messages) ---
 

@@ -251,8 +251,8 @@ class TcpStream:
     ) -> None:
         self.peer_id = peer_id
         self._stats = stats
-        # Per written batch (for the acknowledged bytes): (frame count after it, its packets, payload bytes).
-        self._ledger: deque[tuple[int, int, int]] = deque()
+        # Per written batch (for the acknowledged bytes): (frame count after it, payload bytes).
+        self._ledger: deque[tuple[int, int]] = deque()
         self._retiring = False
         self._transport = transport
         self._protocol = protocol
@@ -347,7 +347,7 @@ class TcpStream:
         self.packets_sent += count
         self.bytes_sent += len(data)
         if self._stats is not None:
-            self._ledger.append((self._inflight.written, count, len(data) - LENGTH_PREFIX_LEN * count))
+            self._ledger.append((self._inflight.written, len(data) - LENGTH_PREFIX_LEN * count))
         if self._protocol.paused:
             await self._drain()
         return receipt
@@ -386,7 +386,7 @@ class TcpStream:
         ledger = self._ledger
         acked_bytes = 0
         while ledger and taken >= ledger[0][0]:
-            acked_bytes += ledger.popleft()[2]
+            acked_bytes += ledger.popleft()[1]
         stats.tx_packets += newly
         stats.tx_bytes += acked_bytes
         stats.last_tx = time.monotonic()

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from vpn_packet import tuning
-from vpn_packet._native import VNET_HDR_LEN, TunIo
+from vpn_packet._native import TUN_FATAL_ERRNOS, VNET_HDR_LEN, TunIo
 
 __all__ = ["TUN_PATH", "TunDevice", "TunMetrics"]
 
@@ -76,7 +76,7 @@ _OFFLOAD_CHOICES: Final = (
 _OFFLOAD_READ_SIZE: Final = VNET_HDR_LEN + 65535  # a header and the largest super-packet
 _NEEDS_ROOT: Final = "needs root or CAP_NET_ADMIN"
 # The device is gone (deleted with `ip link del`, or the descriptor is closed): reading cannot recover.
-_FATAL: Final = frozenset({errno.EBADFD, errno.EBADF, errno.EIO, errno.ENXIO, errno.ENODEV})
+_FATAL: Final = frozenset(TUN_FATAL_ERRNOS)
 
 BatchCallback = Callable[..., object]  # (packets) or, with buffers=True, (data, lengths)
 
@@ -310,6 +310,15 @@ class TunDevice:
             self._enqueue(packets)
             return 0
         batch = packets if isinstance(packets, list) else list(packets)
+        written, rest = self._write_now(batch)
+        if rest >= 0:
+            self._enqueue(batch[rest:])
+        return written
+
+    def _write_now(self, batch: list[bytes]) -> tuple[int, int]:
+        """One native batch write, counted: `(written, rest)`, `rest` being the index of the first packet
+        the device had no room for (-1: none left; after a write that found the device gone, the rest is
+        counted as dropped)."""
         written, nbytes, refused, stopped_at, fatal = self._io.write_packets(batch)
         self.write_errors += refused
         self.packets_written += written
@@ -318,9 +327,8 @@ class TunDevice:
             self.write_errors += 1
             self.write_dropped += len(batch) - stopped_at - 1
             _log.debug("TUN %s write failed: %s", self.name, os.strerror(fatal))
-        elif stopped_at >= 0:
-            self._enqueue(batch[stopped_at:])
-        return written
+            return written, -1
+        return written, stopped_at
 
     def _enqueue(self, packets: Iterable[bytes]) -> None:
         backlog = self._backlog
@@ -338,18 +346,11 @@ class TunDevice:
 
     def _on_writable(self) -> None:
         backlog = self._backlog
-        pending = list(backlog)
-        written, nbytes, refused, stopped_at, fatal = self._io.write_packets(pending)
-        self.packets_written += written
-        self.bytes_written += nbytes
-        self.write_errors += refused
-        if stopped_at >= 0 and not fatal:  # still no room: keep the rest, wait for the next writable event
-            for _ in range(stopped_at):
+        _, rest = self._write_now(list(backlog))
+        if rest >= 0:  # still no room: keep the rest, wait for the next writable event
+            for _ in range(rest):
                 backlog.popleft()
             return
-        if fatal:
-            self.write_errors += 1
-            self.write_dropped += len(pending) - stopped_at - 1
         backlog.clear()
         self._disarm_writer()
 

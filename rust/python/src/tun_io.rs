@@ -14,7 +14,7 @@ use std::os::fd::RawFd;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyTuple};
 use vpn_packet_core::framing::{MAX_FRAME_SIZE_LIMIT, VNET_HDR_LEN};
 use vpn_packet_core::inbound::{Inbound, TunWrite, WriteOutcome, PLAIN_VNET_HDR};
 
@@ -28,12 +28,19 @@ fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
-/// Errors after which the descriptor cannot work again (the device was deleted or closed).
+/// Errors after which the descriptor cannot work again (the device was deleted or closed); the one list,
+/// exported as `TUN_FATAL_ERRNOS` for the reads `TunDevice` judges.
+const FATAL_ERRNOS: [i32; 6] = [
+    libc::EBADF,
+    libc::EBADFD,
+    libc::EIO,
+    libc::ENXIO,
+    libc::ENODEV,
+    libc::EFAULT,
+];
+
 fn is_fatal(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::EBADF | libc::EBADFD | libc::EIO | libc::ENXIO | libc::ENODEV | libc::EFAULT
-    )
+    FATAL_ERRNOS.contains(&errno)
 }
 
 /// One packet to a TUN descriptor, with its virtio header in the same `writev` when given.
@@ -112,11 +119,6 @@ impl TunIo {
             buffer: Vec::new(),
             lengths: Vec::new(),
         })
-    }
-
-    #[getter]
-    fn vnet_header(&self) -> bool {
-        self.vnet_header
     }
 
     /// Reads until `EAGAIN`, `max_packets` or about `max_bytes`: `(data, lengths, errno)`, `lengths` being
@@ -326,30 +328,10 @@ impl InboundDecoder {
     fn error(&self) -> Option<&'static str> {
         self.inner.decoder().error().map(|e| e.reason())
     }
-
-    /// The cumulative counters, by name: `delivered`, `delivered_bytes`, `spoofed`, `unparsable`,
-    /// `offload_invalid`, `segmented`, `write_dropped`, `write_errors`, `fatal_errno`, `keepalives`,
-    /// `offload_frames`.
-    fn counts(&self) -> Vec<(&'static str, i64)> {
-        let c = self.inner.counts;
-        let d = self.inner.decoder();
-        vec![
-            ("delivered", c.delivered as i64),
-            ("delivered_bytes", c.delivered_bytes as i64),
-            ("spoofed", c.spoofed as i64),
-            ("unparsable", c.unparsable as i64),
-            ("offload_invalid", c.offload_invalid as i64),
-            ("segmented", c.segmented as i64),
-            ("write_dropped", c.write_dropped as i64),
-            ("write_errors", c.write_errors as i64),
-            ("fatal_errno", i64::from(c.fatal_errno)),
-            ("keepalives", d.keepalives() as i64),
-            ("offload_frames", d.offload_frames() as i64),
-        ]
-    }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("TUN_FATAL_ERRNOS", PyTuple::new(m.py(), FATAL_ERRNOS)?)?;
     m.add_class::<TunIo>()?;
     m.add_class::<InboundDecoder>()?;
     Ok(())

@@ -299,6 +299,17 @@ def encode_answer(code: int, text: str) -> bytes:
 def parse_answer(data: Buffer) -> tuple[tuple[int, str] | None, int]:
     """`((code, text), consumed)` or `(None, needed)`; raises `FramingError`."""
 
+# --- strict Ed25519 (rust/core/src/ed25519.rs): which keys are keys, which signatures are signatures ---
+
+__all__ += ["public_key_problem", "verify_signature"]
+
+def public_key_problem(key: bytes) -> str | None:
+    """Why a raw public key cannot be trusted (wrong length, not a point, not canonical, small order,
+    mixed order), in one sentence; None when it is a key."""
+
+def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether `signature` is a strict Ed25519 signature of `message` by `public_key`."""
+
 # --- acknowledgements (rust/core/src/ack.rs) ---
 
 __all__ += ["ACK_LEN", "AckDecoder", "encode_ack"]

@@ -79,7 +79,12 @@ from vpn_packet.errors import ConfigError
 from vpn_packet.resilience import ResilienceConfig
 from vpn_packet.transport.discovery import Peer
 from vpn_packet.transport.handshake import Security, SecurityMode
-from vpn_packet.transport.identity import NodeIdentity, decode_public_key, load_identity
+from vpn_packet.transport.identity import (
+    NodeIdentity,
+    certificate_file_key_problem,
+    decode_public_key,
+    load_identity,
+)
 from vpn_packet.tuning import LOG_LEVELS, NODE_RESILIENCE, Tuning, parse_endpoint
 
 __all__ = [
@@ -488,11 +493,11 @@ def _tls(data: Mapping[str, Any], base: Path | None) -> TlsConfig | None:
             raise ConfigError(
                 f"tls.{key}", f"missing ({what}); or drop [tls] and use keys (vpn-packet genkey)"
             )
-    return TlsConfig(
-        _existing(base, table["cert"], "tls.cert"),
-        _existing(base, table["key"], "tls.key"),
-        _existing(base, table["ca"], "tls.ca"),
-    )
+    cert = _existing(base, table["cert"], "tls.cert")
+    problem = certificate_file_key_problem(cert)
+    if problem is not None:
+        raise ConfigError("tls.cert", f"the certificate's key cannot be trusted: {problem}")
+    return TlsConfig(cert, _existing(base, table["key"], "tls.key"), _existing(base, table["ca"], "tls.ca"))
 
 
 _NO_IDENTITY = (

@@ -671,9 +671,10 @@ class Receiver:
             async with asyncio.timeout(self.hello_timeout):
                 if security.server_context is not None:
                     await conn.writer.start_tls(security.server_context)
-                cert = conn.writer.get_extra_info("peercert") if security.mode == "ca" else None
+                tls = conn.writer.get_extra_info("ssl_object") if security.mode == "ca" else None
+                cert, der = (tls.getpeercert(), tls.getpeercert(binary_form=True)) if tls else (None, None)
                 verdict, hello = await server_handshake(
-                    security, conn.reader.readexactly, conn.writer.write, known, cert, refuse=refuse
+                    security, conn.reader.readexactly, conn.writer.write, known, cert, der, refuse=refuse
                 )
         except TimeoutError as exc:
             raise self._handshake_failed(

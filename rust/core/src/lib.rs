@@ -13,6 +13,7 @@ pub use batch::{
 pub use parse::{destination, extract, protocol_has_ports, source, Destination, PacketSummary, ParseError};
 
 pub mod ack;
+pub mod ed25519;
 pub mod framing;
 pub mod gso;
 pub mod handshake;

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod ack;
 mod buffer;
 mod capture;
+mod ed25519;
 mod errors;
 mod framing;
 mod functions;
@@ -33,6 +34,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     capture::register(m)?;
     framing::register(m)?;
     handshake::register(m)?;
+    ed25519::register(m)?;
     ack::register(m)?;
     prefix::register(m)?;
     queues::register(m)?;

@@ -381,7 +381,7 @@ async def test_sink_errors_are_counted_and_the_stream_goes_on() -> None:
         await send_all(rx, "node-a", [pkt(A_SRC, 1), pkt(A_SRC, 2)])
         m = rx.metrics()
     assert seen == [pkt(A_SRC, 2)]
-    assert (m.sink_failed, m.packets_delivered) == (1, 1)
+    assert (m.sink_raised, m.packets_delivered) == (1, 1)
 
 
 async def test_flood_while_the_sink_blocks_stays_bounded() -> None:
@@ -545,8 +545,8 @@ def test_constructor_validation() -> None:
     ):
         with pytest.raises(ValueError, match=rf"^{setting}: 0 is out of range"):
             Receiver(discovery, sink, security=INSECURE, **{name: 0})  # type: ignore[arg-type]
-    for name in ("hello_timeout", "idle_timeout"):
-        with pytest.raises(ValueError, match=rf"^{name}: 0 must be positive"):
+    for name, setting in (("hello_timeout", "hello_timeout"), ("idle_timeout", "receive_idle_timeout")):
+        with pytest.raises(ValueError, match=rf"^{setting}: 0 must be positive"):
             Receiver(discovery, sink, security=INSECURE, **{name: 0})  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         Receiver(discovery, sink)  # type: ignore[call-arg]  # no default security: a choice, said out loud

@@ -50,7 +50,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.metrics import DispatcherMetrics
@@ -59,12 +59,19 @@ from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
 from vpn_packet.transport.handshake import Security
 from vpn_packet.transport.keeper import ConnectionKeeper
 from vpn_packet.transport.pool import StreamPool, StreamPoolMetrics
-from vpn_packet.transport.receiver import Receiver, ReceiverMetrics, Sink
-from vpn_packet.transport.tcp import TcpStreamService
+from vpn_packet.transport.receiver import PeerReceiverMetrics, Receiver, ReceiverMetrics, Sink
+from vpn_packet.transport.tcp import PeerSendStats, TcpStreamService
 from vpn_packet.tuning import DEFAULT_TUNING, NODE_RESILIENCE, SHUTDOWN_TIMEOUT, Tuning
 from vpn_packet.worker import WorkerMetrics
 
-__all__ = ["Node", "NodeMetrics", "PeerChanges", "node_drops"]
+__all__ = [
+    "PEER_RECEIVE_DROPS",
+    "Node",
+    "NodeMetrics",
+    "PeerChanges",
+    "node_connection_failures",
+    "node_drops",
+]
 
 _log = logging.getLogger("vpn_packet.node")
 
@@ -101,12 +108,23 @@ class NodeMetrics:
         return out
 
 
+#: A peer's received-packet drops as its `peer_status()` names them: receiver counter -> key. The node's
+#: totals name them `receiver.<counter>`, and each total is the sum of the peers' (`node_drops`).
+PEER_RECEIVE_DROPS: Final = {
+    "spoofed_dropped": "spoofed",
+    "unparsable_dropped": "unparsable",
+    "offload_invalid": "offload_invalid",
+    "sink_raised": "sink_raised",
+    "tun_dropped": "tun_dropped",
+    "tun_refused": "tun_refused",
+}
+
+
 def node_drops(metrics: Mapping[str, Any]) -> dict[str, int]:
-    """Every drop counter of a node, from `NodeMetrics.as_dict()`, flattened (`rejected.queue_full`, ...):
-    packets (rejected, failed, discarded by the dispatcher; spoofed, unparsable, refused by the sink at the
-    receiver) and connections refused either way (`refused_by_peer.key_mismatch`: a peer refused us;
-    `receiver.refused.unknown_peer`: we refused a connection; `receiver.handshake_failures.timeout`), so that
-    a tunnel that never came up cannot end with `drops: none`. The one place drops are summed up (the node's
+    """Every packet drop counter of a node, from `NodeMetrics.as_dict()`, flattened (`rejected.queue_full`,
+    ...): packets rejected, failed or discarded by the dispatcher, and packets received but not delivered
+    (`receiver.spoofed_dropped`, `receiver.tun_dropped`, ...: `PEER_RECEIVE_DROPS`). Connections that failed
+    are not packets: they are `node_connection_failures`. The one place drops are summed up (the node's
     summary, its warnings and the demo's table read it)."""
     out: dict[str, int] = {}
     dispatcher = metrics["dispatcher"]
@@ -114,16 +132,45 @@ def node_drops(metrics: Mapping[str, Any]) -> dict[str, int]:
         for reason, n in dispatcher[f"{group}_by_reason"].items():
             out[f"{group}.{reason}"] = int(n)
     receiver = metrics["receiver"]
-    for key in ("spoofed_dropped", "unparsable_dropped", "sink_failed"):
+    for key in PEER_RECEIVE_DROPS:
         out[f"receiver.{key}"] = int(receiver[key])
-    for family in ("protocol_errors", "refused", "handshake_failures"):
+    return out
+
+
+def node_connection_failures(metrics: Mapping[str, Any]) -> dict[str, int]:
+    """Every connection failure of a node, from `NodeMetrics.as_dict()`, flattened: connections we refused
+    (`receiver.refused.unknown_peer`), handshakes that failed (`receiver.handshake_failures.timeout`),
+    connections closed for a protocol error (`receiver.protocol_errors.too_large`) or at the pending limits
+    (`receiver.rejected_pending`, `receiver.evicted_pending`), and our connections a peer refused
+    (`refused_by_peer.key_mismatch`) or that failed (`connect_failed`). Counted apart from packet drops:
+    a refused connection carried no packet."""
+    out: dict[str, int] = {}
+    receiver = metrics["receiver"]
+    for family in ("refused", "handshake_failures", "protocol_errors"):
         for reason, n in receiver[family].items():
             out[f"receiver.{family}.{reason}"] = int(n)
     for key in ("rejected_pending", "evicted_pending"):
         out[f"receiver.{key}"] = int(receiver[key])
     for reason, n in metrics["refusals"].items():
         out[f"refused_by_peer.{reason}"] = int(n)
+    out["connect_failed"] = int(metrics["connect_failures"]) - sum(
+        int(n) for n in metrics["refusals"].values()
+    )
     return out
+
+
+def _never_connected(
+    peer: Peer, tx: PeerSendStats | None, rx: PeerReceiverMetrics | None, handshakes: list[float]
+) -> str | None:
+    """None once `peer` has had an accepted handshake either way; else why not, in a few words: the last
+    error of our attempts to reach it, or that none has finished yet."""
+    if handshakes:
+        return None
+    if tx is not None and tx.last_error:
+        return tx.last_error
+    if tx is not None and tx.connect_failures:
+        return f"{tx.connect_failures} connection attempts to {peer.endpoint} failed"
+    return f"no connection either way yet (none to {peer.endpoint} has completed, none from it)"
 
 
 def _ago(now: float, then: float | None) -> float | None:
@@ -235,7 +282,7 @@ class Node:
             port=port,
             security=security,
             hello_timeout=t.hello_timeout,
-            idle_timeout=t.idle_timeout,
+            idle_timeout=t.receive_idle_timeout,
             max_pending=t.max_pending,
             max_pending_per_source=t.max_pending_per_source,
             max_batch=t.receive_batch,
@@ -380,18 +427,18 @@ class Node:
             streams_out = len(tx.streams) if tx is not None else 0
             streams_in = rx.active_connections if rx is not None else 0
             drops: dict[str, int] = {}
+            failures: dict[str, int] = {}
             if tx is not None:
                 drops["lost_in_flight"] = tx.lost_in_flight
                 for reason, n in tx.refusals.items():
-                    drops[f"refused_by_peer.{reason}"] = n
+                    failures[f"refused_by_peer.{reason}"] = n
                 for kind, n in tx.failures.items():
-                    drops[f"connect_failed.{kind}"] = n
+                    failures[f"connect_failed.{kind}"] = n
             if rx is not None:
-                drops["spoofed"] = rx.spoofed_dropped
-                drops["unparsable"] = rx.unparsable_dropped
-                drops["sink_failed"] = rx.sink_failed
+                for counter, key in PEER_RECEIVE_DROPS.items():
+                    drops[key] = getattr(rx, counter)
                 for reason, n in rx.protocol_errors.items():
-                    drops[f"protocol_error.{reason}"] = n
+                    failures[f"protocol_error.{reason}"] = n
             handshakes = [
                 t
                 for t in (tx.last_handshake if tx else None, rx.last_handshake if rx else None)
@@ -414,6 +461,8 @@ class Node:
                     "rx_bytes": rx.bytes if rx is not None else 0,
                     "rx_delivered": rx.packets_delivered if rx is not None else 0,
                     "drops": {k: v for k, v in drops.items() if v},
+                    "connection_failures": {k: v for k, v in failures.items() if v},
+                    "never_connected": _never_connected(peer, tx, rx, handshakes),
                     "breaker": breaker.state.value if breaker is not None else "closed",
                     "connections": {"out": streams_out, "in": streams_in},
                     "connects": tx.connects if tx is not None else 0,
@@ -440,6 +489,7 @@ class Node:
             "queued": d["queued"],
             "in_flight": d["in_flight"],
             "drops": {k: v for k, v in node_drops(m).items() if v},
+            "connection_failures": {k: v for k, v in node_connection_failures(m).items() if v},
             "connections": {"out": m["pool"]["streams"], "in": r["active_connections"]},
         }
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "RECEIVER_ALIASES",
+    "add_receiver_aliases",
     "REMOVED_IN",
     "TUNING_ALIASES",
     "TUN_GAUGE_ALIASES",
@@ -67,6 +68,14 @@ def warn_once(name: str, message: str) -> bool:
     _log.warning("%s", text)
     warnings.warn(text, DeprecationWarning, stacklevel=3)
     return True
+
+
+def add_receiver_aliases(counters: dict[str, Any]) -> dict[str, Any]:
+    """Adds the receiver's deprecated counters (`RECEIVER_ALIASES`) to `counters` (a receiver's counters as
+    a dict: `dataclasses.asdict` of its metrics); returns it."""
+    for old, parts in RECEIVER_ALIASES.items():
+        counters[old] = sum(int(counters[name]) for name in parts)
+    return counters
 
 
 def _forget_warnings() -> None:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,41 @@ def test_cli_not_root_is_one_line_exit_2() -> None:
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("vpn-packet node: error: ")
     assert "needs root or CAP_NET_ADMIN" in result.stderr
+    mode = stat.S_IMODE(os.stat("/dev/net/tun").st_mode)
+    if mode & 0o006 != 0o006:  # its mode refuses nobody: the message names the cause (issue 22, point 3)
+        assert f"/dev/net/tun is mode {mode:04o} owned by " in result.stderr
+
+
+def test_a_tun_device_file_whose_mode_refuses_us_is_named_with_its_mode_and_owner() -> None:
+    """With CAP_NET_ADMIN but a device file of mode 0600 (Debian 12's /dev/net/tun) the cause is the file's
+    mode, not a missing capability: the error says so, with the mode, the owner and what to do."""
+    if os.geteuid() != 0:
+        skip_or_fail("needs root (to run as nobody against a file of root's)")
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:  # nobody may look into it, unlike tmp_path
+        os.chmod(directory, 0o755)
+        device = Path(directory) / "tun"
+        device.write_bytes(b"")
+        device.chmod(0o600)  # root:root, 0600
+        result = _run_as_nobody(device)
+    assert result.returncode == 0, result.stderr
+    message = result.stdout.strip()
+    assert f"{device} is mode 0600 owned by root:root" in message
+    assert "CAP_NET_ADMIN does not override a file's mode" in message
+    assert f"chmod 0666 {device}" in message
+    assert "a restart alone does not fix this" in message
+
+
+def _run_as_nobody(device: Path) -> subprocess.CompletedProcess[str]:
+    script = (
+        "import os\n"
+        "from vpn_packet.transport.tun import TunDevice\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "try:\n"
+        f"    TunDevice.open('vpnp-mode0', path={str(device)!r})\n"
+        "except PermissionError as exc:\n"
+        "    print(exc)\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
 
 
 def _run_cli_unprivileged(config: Path) -> subprocess.CompletedProcess[str]:

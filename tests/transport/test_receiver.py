@@ -777,7 +777,8 @@ async def test_tun_path_writes_in_order_drops_spoofed_and_acknowledges_every_fra
         1,
     )
     assert peer.bytes == sum(map(len, own)) + len(spoofed) + len(garbage)
-    assert (peer.sink_failed, rx.metrics().protocol_errors) == (0, {})
+    assert (peer.dropped, rx.metrics().protocol_errors) == (2, {})
+    assert peer.frames == peer.packets_delivered + peer.dropped
 
 
 async def test_tun_path_framing_errors_and_truncation_cut_the_peer_off(
@@ -814,7 +815,7 @@ async def test_tun_path_closes_a_silent_connection_and_reports_a_dead_device() -
         counts = acks(await until_closed(reader, writer, half_close=True))
     assert counts[-1:] == [2]  # taken (and counted lost): the sender must not resend them
     peer = rx.peer_metrics()["node-a"]
-    assert (peer.packets_delivered, peer.sink_failed) == (1, 2)
+    assert (peer.packets_delivered, peer.tun_dropped) == (1, 2)  # the TUN was gone: not the sink's doing
     assert len(tun.fatal) == 1
     tun.close()
 

@@ -52,6 +52,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from vpn_packet.deprecation import add_receiver_aliases
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.metrics import DispatcherMetrics
 from vpn_packet.resilience import ResilienceConfig, ResilienceService
@@ -104,7 +105,8 @@ class NodeMetrics:
             "connect_failures": self.connect_failures,
             "refusals": dict(self.refusals),
         }
-        out["receiver"] = dataclasses.asdict(self.receiver)
+        # With the deprecated `sink_failed` (vpn_packet.deprecation) for one release.
+        out["receiver"] = add_receiver_aliases(dataclasses.asdict(self.receiver))
         return out
 
 

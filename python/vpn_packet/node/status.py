@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vpn_packet.deprecation import RECEIVER_ALIASES, TUN_GAUGE_ALIASES
+from vpn_packet.deprecation import RECEIVER_ALIASES, TUN_GAUGE_ALIASES, add_receiver_aliases
 from vpn_packet.node.node import node_connection_failures, node_drops
 
 if TYPE_CHECKING:
@@ -74,13 +74,11 @@ def snapshot(node: TunNode) -> dict[str, Any]:
 
 
 def _add_receiver_aliases(detail: dict[str, Any]) -> dict[str, str]:
-    """The receiver's deprecated counters (`RECEIVER_ALIASES`), added to its totals and to each peer's."""
-    deprecated: dict[str, str] = {}
-    for old, parts in RECEIVER_ALIASES.items():
-        for counters in (detail["receiver"], *detail["receiver_peers"].values()):
-            counters[old] = sum(int(counters[name]) for name in parts)
-        deprecated[f"node.receiver.{old}"] = " + ".join(parts)
-    return deprecated
+    """The receiver's deprecated counters (`RECEIVER_ALIASES`) on each peer's counters (the totals have them
+    from `NodeMetrics.as_dict`); returns old name -> what replaced it, for the snapshot's `deprecated`."""
+    for counters in detail["receiver_peers"].values():
+        add_receiver_aliases(counters)
+    return {f"node.receiver.{old}": " + ".join(parts) for old, parts in RECEIVER_ALIASES.items()}
 
 
 def tun_metrics(node: TunNode) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ get an all-zero header, and headers are stripped from what the node wrote (kept 
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -68,9 +69,7 @@ class FakeTun(TunDevice):
         self._drain.start()
 
     @classmethod
-    def open(  # type: ignore[override]
-        cls, name: str, *, mtu: int = 1400, offload: bool = False, **kwargs: Any
-    ) -> FakeTun:
+    def open(cls, name: str, *, mtu: int = 1400, offload: bool = False, **kwargs: Any) -> FakeTun:
         """`TunDevice.open`'s signature, without root: no interface is made."""
         return cls(name, mtu=mtu, offload=offload, **kwargs)
 
@@ -82,6 +81,15 @@ class FakeTun(TunDevice):
         header = _ZERO_HEADER if self.vnet_header else b""
         for packet in packets:
             self._kernel_end.send(header + packet)
+
+    def unplug(self) -> None:
+        """The device goes away under the node (`ip link del`): from now on writes to its descriptor fail
+        with `EBADF` and reads with `EBADF`, as on a TUN whose interface was deleted. The descriptor number
+        stays taken (a read-only /dev/null is put in its place), so nothing else can reuse it meanwhile."""
+        read_only = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(read_only, self.fd)
+        os.close(read_only)
+        self._kernel_end.shutdown(socket.SHUT_RDWR)  # the drain ends: nothing more comes through
 
     @property
     def written(self) -> list[bytes]:

@@ -50,10 +50,13 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import inspect
 import logging
 import socket
 import ssl
+import struct
+import termios
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
@@ -223,6 +226,18 @@ def _reset_by_sender(transport: asyncio.BaseTransport, *, clean_eof: bool) -> bo
         return True
 
 
+def _unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes waiting in the kernel's receive queue of the transport's socket (0 when unknown)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", answer)[0])
+
+
 class _Failed(Exception):
     """A handshake that ended without a verdict; `reason` is already counted. `answered`: an answer saying
     why may be on its way to the client, so the connection is closed gracefully (flushed), not reset."""
@@ -366,6 +381,17 @@ class _InboundProtocol(asyncio.BufferedProtocol):
         finally:
             self._sink_task = None
         self._last_data = self._loop.time()
+        transport = self._transport
+        if (
+            transport is not None
+            and not self.done.done()
+            and _reset_by_sender(transport, clean_eof=self._eof)
+        ):
+            # The sender reset the connection while the sink held us (see `_abandoned`): what waits in the
+            # kernel behind the reset is counted lost by the sender, so it is discarded, never read.
+            self.receiver._discard_after_reset(self.conn, self.peer, _unread_bytes(transport))
+            self._finish(False)
+            return
         self._acknowledge(frames, error)
         transport = self._transport
         if not self.done.done() and transport is not None and not transport.is_closing():

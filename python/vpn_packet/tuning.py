@@ -28,9 +28,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from vpn_packet._native import MAX_PEER_ID_LEN
 from vpn_packet.resilience import ResilienceConfig
@@ -78,6 +78,7 @@ __all__ = [
     "WORKER_CLEANUP_INTERVAL",
     "WORKER_IDLE_TIMEOUT",
     "WRITE_TIMEOUT",
+    "build",
     "check_int",
     "check_interface_address",
     "check_interface_name",
@@ -87,6 +88,8 @@ __all__ = [
     "check_seconds",
     "parse_endpoint",
 ]
+
+T = TypeVar("T")
 
 # --- the values -------------------------------------------------------------------------------------------
 
@@ -440,6 +443,15 @@ class Tuning:
 
         warn_once("Tuning.idle_timeout", "Tuning.idle_timeout is now Tuning.receive_idle_timeout")
         return self.receive_idle_timeout
+
+
+def build(cls: Callable[..., T], settings: Tuning, /, *args: Any, **kwargs: Any) -> T:
+    """`cls(*args, **kwargs)` with every constructor keyword `cls` takes from a `Tuning`
+    (`cls.TUNING_FIELDS`: keyword -> field) set from `settings`: a component takes the `Tuning` whole,
+    and the one list of which knob is which keyword is the component's own. `kwargs` win."""
+    fields_of: Mapping[str, str] = getattr(cls, "TUNING_FIELDS")  # noqa: B009 - every component declares it
+    values = {keyword: getattr(settings, name) for keyword, name in fields_of.items()}
+    return cls(*args, **{**values, **kwargs})
 
 
 _dataclass_init = Tuning.__init__

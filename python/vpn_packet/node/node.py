@@ -62,7 +62,7 @@ from vpn_packet.transport.keeper import ConnectionKeeper
 from vpn_packet.transport.pool import StreamPool, StreamPoolMetrics
 from vpn_packet.transport.receiver import PeerReceiverMetrics, Receiver, ReceiverMetrics, Sink
 from vpn_packet.transport.tcp import PeerSendStats, TcpStreamService
-from vpn_packet.tuning import DEFAULT_TUNING, NODE_RESILIENCE, SHUTDOWN_TIMEOUT, Tuning
+from vpn_packet.tuning import DEFAULT_TUNING, NODE_RESILIENCE, SHUTDOWN_TIMEOUT, Tuning, build
 from vpn_packet.worker import WorkerMetrics
 
 __all__ = [
@@ -240,57 +240,28 @@ class Node:
         self.peers: list[Peer] = list(peers)
         self.stop_timeout = stop_timeout
         self.discovery = StaticPeerDiscovery(self.peers)
-        self.stream_service = TcpStreamService(
-            self.discovery,
-            security,
-            connect_timeout=t.connect_timeout,
-            write_timeout=t.write_timeout,
-            ack_timeout=t.ack_timeout,
-            window=t.window,
-            send_buffer=t.send_buffer,
-            keepalive_interval=t.keepalive_interval,
-        )
-        self.pool = StreamPool(
-            self.stream_service,
-            max_streams_per_peer=t.max_streams_per_peer,
-            idle_timeout=t.stream_idle_timeout,
-        )
+        # Each part takes the `Tuning` whole: the part itself says which of its keywords are which knobs
+        # (its `TUNING_FIELDS`), so this is not a second list of them.
+        self.stream_service = build(TcpStreamService, t, self.discovery, security)
+        self.pool = build(StreamPool, t, self.stream_service)
         # Connections to the configured peers, made at start and kept (keepalives, reconnects with backoff).
-        self.keeper = (
-            ConnectionKeeper(self.pool, self._peer_ids, keepalive_interval=t.keepalive_interval)
-            if keep_connections
-            else None
-        )
+        self.keeper = build(ConnectionKeeper, t, self.pool, self._peer_ids) if keep_connections else None
         if isinstance(resilience, ResilienceService):
             self.resilience = resilience
         else:
             self.resilience = ResilienceService(NODE_RESILIENCE if resilience is None else resilience)
-        self.dispatcher = Dispatcher(
-            self.discovery,
-            self.stream_service,
-            self.pool,
-            worker_idle_timeout=t.worker_idle_timeout,
-            worker_cleanup_interval=t.worker_cleanup_interval,
-            worker_buffer_size=t.worker_buffer_size,
-            resilience_service=self.resilience,
-            max_workers=t.max_workers,
-            coalesce=t.coalesce,
+        self.dispatcher = build(
+            Dispatcher, t, self.discovery, self.stream_service, self.pool, resilience_service=self.resilience
         )
         host, port = listen
-        self.receiver = Receiver(
+        self.receiver = build(
+            Receiver,
+            t,
             self.discovery,
             sink if sink is not None else _discard,
             host=host,
             port=port,
             security=security,
-            hello_timeout=t.hello_timeout,
-            idle_timeout=t.receive_idle_timeout,
-            max_pending=t.max_pending,
-            max_pending_per_source=t.max_pending_per_source,
-            max_batch=t.receive_batch,
-            max_connections=t.max_connections,
-            max_connections_per_peer=t.max_connections_per_peer,
-            read_size=t.read_size,
         )
         if self.keeper is not None:
             self.receiver.on_authenticated = (

@@ -62,7 +62,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Final, cast
+from typing import ClassVar, Final, cast
 
 from vpn_packet import tuning
 from vpn_packet._native import InboundDecoder, encode_ack
@@ -457,6 +457,18 @@ class Receiver:
     and every connection and leaves no task; `stop` is idempotent, and `async with Receiver(...)` does both.
     A receiver is started once.
     """
+
+    #: The constructor keywords a node's `Tuning` sets (`vpn_packet.tuning.build`): keyword -> field.
+    TUNING_FIELDS: ClassVar[dict[str, str]] = {
+        "hello_timeout": "hello_timeout",
+        "idle_timeout": "receive_idle_timeout",
+        "max_batch": "receive_batch",
+        "max_connections": "max_connections",
+        "max_connections_per_peer": "max_connections_per_peer",
+        "max_pending": "max_pending",
+        "max_pending_per_source": "max_pending_per_source",
+        "read_size": "read_size",
+    }
 
     def __init__(
         self,

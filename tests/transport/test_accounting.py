@@ -158,3 +158,26 @@ def test_sink_failed_is_a_deprecated_alias_of_the_four_counters(recwarn: pytest.
     warned = [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
     assert len(warned) == 1  # once
     assert "sink_raised, tun_dropped, tun_refused, offload_invalid" in str(warned[0].message)
+
+
+async def test_a_sink_call_cancelled_by_stop_is_counted() -> None:
+    """The receiver stops while its sink holds a batch: that batch and the rest of the read are
+    `sink_cancelled`, so the frames still add up (and the sender, never acknowledged, counts them lost)."""
+    gate, called = asyncio.Event(), asyncio.Event()
+
+    async def sink(peer_id: str, packets: list[bytes]) -> None:
+        called.set()
+        await gate.wait()  # nobody sets it: only the stop ends this call
+
+    packets = [pkt(A_SRC, i) for i in range(10)]
+    rx = Receiver(make_discovery(), sink, security=INSECURE, max_batch=4)
+    async with rx:
+        reader, writer = await open_as(rx, "node-a", encode_frames(packets))
+        async with asyncio.timeout(10):  # a hang guard
+            await called.wait()
+    writer.close()
+    peer = rx.peer_metrics()["node-a"]
+    # Reading pauses while the sink holds a read: only the frames of reads taken so far were decoded.
+    assert 4 <= peer.frames <= 10
+    check_accounting(peer, peer.frames, {"sink_cancelled": peer.frames, "sink_raised": 0})
+    assert peer.packets_delivered == 0

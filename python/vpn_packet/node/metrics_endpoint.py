@@ -45,6 +45,7 @@ _RECEIVER_COUNTERS = (
     "unparsable_dropped",
     "offload_invalid",
     "sink_raised",
+    "sink_cancelled",
     "tun_dropped",
     "tun_refused",
     "sink_failed",  # deprecated alias (vpn_packet.deprecation): the four above it together

@@ -117,6 +117,7 @@ PEER_RECEIVE_DROPS: Final = {
     "unparsable_dropped": "unparsable",
     "offload_invalid": "offload_invalid",
     "sink_raised": "sink_raised",
+    "sink_cancelled": "sink_cancelled",
     "tun_dropped": "tun_dropped",
     "tun_refused": "tun_refused",
 }

@@ -119,8 +119,8 @@ class TunNode:
     """A node on a TUN device, from a `NodeConfig`; see the module docstring.
 
     `tun_factory` opens the device (default `TunDevice.open`; tests pass `FakeTun.open`, the same class on
-    a socket pair). `manage_routes` (default True): add routes through the TUN for peer prefixes outside
-    its subnets (`vpn_packet.node.routes`); a test's device has no interface to route through.
+    a socket pair). `manage_routes`: add routes through the TUN for peer prefixes outside its subnets
+    (`vpn_packet.node.routes`; there are none to add when every peer prefix is inside them).
     """
 
     def __init__(
@@ -128,7 +128,7 @@ class TunNode:
         config: NodeConfig,
         *,
         tun_factory: Callable[..., TunDevice] | None = None,
-        manage_routes: bool | None = None,
+        manage_routes: bool = True,
     ) -> None:
         from vpn_packet.node.node import Node
         from vpn_packet.transport.tun import TunDevice
@@ -136,7 +136,7 @@ class TunNode:
         self.config = config
         self._tun_factory = tun_factory if tun_factory is not None else TunDevice.open
         self.tun: TunDevice | None = None
-        self._manage_routes = True if manage_routes is None else manage_routes
+        self._manage_routes = manage_routes
         self.routes: PeerRoutes | None = None
         self.node: Node = Node(
             config.security(),

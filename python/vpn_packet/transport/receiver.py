@@ -99,6 +99,7 @@ PACKET_DROPS: Final = (
     "unparsable_dropped",
     "offload_invalid",
     "sink_raised",
+    "sink_cancelled",
     "tun_dropped",
     "tun_refused",
 )
@@ -120,8 +121,9 @@ class PeerReceiverMetrics:
     super-packets made (one frame, n packets); `packets_delivered` and `batches_delivered` what the sink or
     the TUN took. Packets dropped, by what happened: `spoofed_dropped` (source outside the peer's prefixes),
     `unparsable_dropped` (no readable IP header), `offload_invalid` (an offload frame whose virtio header
-    could not be honoured), `sink_raised` (the library sink raised), `tun_dropped` (the TUN had no room, or
-    was gone), `tun_refused` (the kernel refused the packet). `sink_failed` is the deprecated name of the
+    could not be honoured), `sink_raised` (the library sink raised), `sink_cancelled` (a sink call was
+    cancelled: the receiver stopped), `tun_dropped` (the TUN had no room, or was gone), `tun_refused` (the
+    kernel refused the packet). `sink_failed` is the deprecated name of the
     last four together. `connection_errors` counts connections lost to a reset
     or TLS error; `idle_closed` connections closed for sending nothing for `idle_timeout`; `superseded`
     connections closed because the peer opened a new one at its limit; `discarded_after_reset` bytes read
@@ -142,6 +144,7 @@ class PeerReceiverMetrics:
     unparsable_dropped: int = 0
     offload_invalid: int = 0
     sink_raised: int = 0
+    sink_cancelled: int = 0
     tun_dropped: int = 0
     tun_refused: int = 0
     connection_errors: int = 0
@@ -325,12 +328,17 @@ class _InboundProtocol(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        if self._sink_task is not None:
+            return True  # the end is taken once the sink has the last read's packets (and they are acked)
+        self._end_of_stream()
+        return False  # the transport closes itself
+
+    def _end_of_stream(self) -> None:
         if self.inbound.partial:
             self.receiver._protocol_error(self.peer, "truncated")
             self._finish(False)
         else:
             self._finish(True)
-        return False  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and not self.done.done():
@@ -394,7 +402,12 @@ class _InboundProtocol(asyncio.BufferedProtocol):
             return
         self._acknowledge(frames, error)
         transport = self._transport
-        if not self.done.done() and transport is not None and not transport.is_closing():
+        if self.done.done() or transport is None:
+            return
+        if self._eof:  # the stream ended while the sink held the last read
+            self._end_of_stream()
+            transport.close()
+        elif not transport.is_closing():
             cast("asyncio.ReadTransport", transport).resume_reading()
 
     def _acknowledge(self, frames: int, error: str | None) -> None:
@@ -901,9 +914,20 @@ class Receiver:
                 protocol.eof_received()
             elif not transport.is_closing() and protocol._sink_task is None:
                 transport.resume_reading()  # the StreamReader may have paused it (its buffer was full)
-            return await protocol.done
-        finally:
+            # A sink call in progress when the connection ends finishes: its packets are counted, delivered
+            # or raised (only our own stop cancels it, below).
+            try:
+                clean = await protocol.done
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                await protocol.sink_taken()
+                raise
+            await protocol.sink_taken()
+            return clean
+        except asyncio.CancelledError:
             protocol.cancel_sink()
+            raise
 
     def _discard_after_reset(self, conn: _Connection, peer: PeerReceiverMetrics, n: int) -> None:
         peer.discarded_after_reset += n
@@ -995,6 +1019,8 @@ class Receiver:
             try:
                 await pending
             except asyncio.CancelledError:
+                # The receiver stops: this batch and the rest are not delivered.
+                self._count(peer, "sink_cancelled", len(packets) - start)
                 raise
             except Exception:
                 self._sink_raised(peer_id, peer, n)

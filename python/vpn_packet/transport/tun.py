@@ -111,6 +111,14 @@ class TunMetrics:
     max_batch_seen: int
     offloads: str  # what the kernel granted ("csum tso4 tso6 uso4 uso6", ...), "" without IFF_VNET_HDR
 
+    @property
+    def backlog(self) -> int:
+        """Deprecated (warned once): always 0, there is no write backlog any more."""
+        from vpn_packet.deprecation import warn_once
+
+        warn_once("TunMetrics.backlog", "TunMetrics.backlog is always 0: the TUN has no write backlog")
+        return 0
+
 
 class TunDevice:
     """An open TUN interface; see the module docstring. Create it with `TunDevice.open`."""

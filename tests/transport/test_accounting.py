@@ -172,7 +172,7 @@ async def test_a_sink_call_cancelled_by_stop_is_counted() -> None:
     packets = [pkt(A_SRC, i) for i in range(10)]
     rx = Receiver(make_discovery(), sink, security=INSECURE, max_batch=4)
     async with rx:
-        reader, writer = await open_as(rx, "node-a", encode_frames(packets))
+        _reader, writer = await open_as(rx, "node-a", encode_frames(packets))
         async with asyncio.timeout(10):  # a hang guard
             await called.wait()
     writer.close()

@@ -414,4 +414,80 @@ mod tests {
             assert_eq!(list.iter().next(), Some(&good[..]));
         }
     }
+
+    mod accounting {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A frame of the generated stream: a packet from the peer, from another peer, garbage, or an
+        /// offload frame with a random header around a super-packet.
+        #[derive(Debug, Clone)]
+        enum Frame {
+            Own(u8),
+            Other(u8),
+            Garbage(Vec<u8>),
+            /// A random header (`Some`; almost always refused) or the packet's own (`None`).
+            Offload(Option<[u8; VNET_HDR_LEN]>, usize),
+        }
+
+        fn frame() -> impl Strategy<Value = Frame> {
+            prop_oneof![
+                any::<u8>().prop_map(Frame::Own),
+                any::<u8>().prop_map(Frame::Other),
+                proptest::collection::vec(any::<u8>(), 1..60).prop_map(Frame::Garbage),
+                (proptest::option::of(any::<[u8; VNET_HDR_LEN]>()), 1usize..4000)
+                    .prop_map(|(h, n)| Frame::Offload(h, n)),
+            ]
+        }
+
+        /// A TUN that takes every `every`-th write, refuses some and has no room for others.
+        struct Flaky(usize, usize);
+
+        impl TunWrite for Flaky {
+            fn write_packet(&mut self, _vnet_header: Option<&[u8]>, _packet: &[u8]) -> WriteOutcome {
+                self.1 += 1;
+                match self.1 % self.0.max(1) {
+                    1 => WriteOutcome::Dropped,
+                    2 => WriteOutcome::Refused,
+                    _ => WriteOutcome::Written,
+                }
+            }
+        }
+
+        proptest! {
+            /// Whatever the frames, the chunking and the TUN's answers: frames + extra segments =
+            /// delivered + every drop.
+            #[test]
+            fn every_frame_is_accounted_for(
+                frames in proptest::collection::vec(frame(), 0..24),
+                chunk in 1usize..500,
+                vnet in any::<bool>(),
+                every in 0usize..6,
+            ) {
+                let mut wire = Vec::new();
+                let mut count = 0u64;
+                for frame in &frames {
+                    match frame {
+                        Frame::Own(i) => wire.extend(encode_frames([&ipv4_from([10, 9, 0, *i])[..]], 65535).unwrap()),
+                        Frame::Other(i) => wire.extend(encode_frames([&ipv4_from([10, 7, 0, *i])[..]], 65535).unwrap()),
+                        Frame::Garbage(bytes) => wire.extend(encode_frames([&bytes[..]], 65535).unwrap()),
+                        Frame::Offload(header, n) => {
+                            let (own, packet) = tcp4_super_packet(*n, 1000);
+                            let header = header.unwrap_or(own);
+                            encode_offload_frame_into(&header, &packet, &mut wire).unwrap();
+                        }
+                    }
+                    count += 1;
+                }
+                let mut inbound = Inbound::new(65535, vnet);
+                let mut tun = Flaky(every, 0);
+                for piece in wire.chunks(chunk) {
+                    inbound.feed(piece, &table(), 1, &mut tun).unwrap();
+                }
+                let c = inbound.counts;
+                prop_assert_eq!(inbound.decoder().frames(), count);
+                prop_assert_eq!(inbound.decoder().frames() + c.extra_segments, accounted(&c));
+            }
+        }
+    }
 }

@@ -80,7 +80,7 @@ async def test_connection_failures_are_not_packet_drops_and_a_peer_that_never_ca
     finally:
         assert await node.shutdown()
     assert grown["receiver.handshake_failures.closed_early"] == 3
-    assert grown["connect_failed"] >= 1
+    assert grown["connect_failed.ECONNREFUSED"] >= 1
     lines = [r.getMessage() for r in caplog.records]
     assert not any(line.startswith("dropped") for line in lines), lines  # no packet was dropped
     assert any(
@@ -93,6 +93,10 @@ async def test_connection_failures_are_not_packet_drops_and_a_peer_that_never_ca
     (peer,) = snapshot["peers"]
     assert peer["drops"] == {}
     assert peer["connection_failures"]["connect_failed.ECONNREFUSED"] >= 1
+    assert (
+        peer["connection_failures"]["connect_failed.ECONNREFUSED"]
+        == totals["connection_failures"]["connect_failed.ECONNREFUSED"]
+    )  # the totals are the sum of the peers
     assert "ECONNREFUSED" in peer["never_connected"]
     summary = node.summary()
     assert "  drops: none" in summary

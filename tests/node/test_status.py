@@ -213,7 +213,10 @@ def test_status_of_a_live_node(
         assert c["drops"] == {}
         assert c["never_connected"] == c["last_error"]
         assert b["never_connected"] is None
-        assert snapshot["totals"]["connection_failures"]["connect_failed"] >= 1
+        failures = snapshot["totals"]["connection_failures"]
+        assert failures["connect_failed.ECONNREFUSED"] >= 1
+        for key in {k for p in peers.values() for k in p["connection_failures"]}:  # totals = sum of peers
+            assert failures.get(key, 0) == sum(p["connection_failures"].get(key, 0) for p in peers.values())
         assert "connect_failed" not in " ".join(snapshot["totals"]["drops"])
         assert snapshot["totals"]["tx_packets"] == 20
         assert snapshot["interface"] == "vpnst0"

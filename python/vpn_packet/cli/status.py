@@ -23,7 +23,7 @@ is a table; `--json` prints the node's snapshot, the one its SIGUSR1 line, metri
     `offload_invalid`, `tun_dropped` (the TUN had no room), `tun_refused` (the kernel refused it),
     `sink_raised` (a library sink raised);
   - `connection_failures` (object, reason -> count, zeros left out): `refused_by_peer.<reason>`,
-    `connect_failed.<errno name or error>`, `protocol_error.<reason>`;
+    `connect_failed.<errno name or error>`, `receiver.protocol_errors.<reason>` (the keys of the totals');
   - `never_connected` (string or null): until the peer's first accepted handshake either way, why not;
   - `breaker`: `closed`, `open` or `half_open` (the peer's circuit breaker);
   - `connections`: `{"out": n, "in": n}` open now; `connects`, `connect_failures` (attempts from here).
@@ -34,7 +34,8 @@ is a table; `--json` prints the node's snapshot, the one its SIGUSR1 line, metri
   `tun.kernel_tx_dropped` (packets it dropped because the node did not read them in time), ...; each
   `receiver.<counter>` is the sum of the peers'), `connection_failures` (refused or failed connections
   either way, by reason: `receiver.refused.<reason>`, `receiver.handshake_failures.<reason>`,
-  `refused_by_peer.<reason>`, `connect_failed`, ...) and `connections`.
+  `refused_by_peer.<reason>`, `connect_failed.<kind>`, ...; a key a peer has too is the sum of the peers')
+  and `connections`.
 - `deprecated`: old key -> what replaced it, for the deprecated aliases the snapshot still carries.
 
 The keys `node` and `tun` hold the detailed counters of the parts (not part of the contract).

@@ -93,6 +93,9 @@ class NodeMetrics:
     connect_failures: int
     refusals: dict[str, int]
     receiver: ReceiverMetrics
+    #: Our failed connection attempts (not refusals) by kind (`ECONNREFUSED`, `TimeoutError`, ...), summed
+    #: over the peers: the totals are the sum of each peer's `connect_failed.<kind>`.
+    connect_failures_by_kind: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain nested dicts (for JSON)."""
@@ -104,6 +107,7 @@ class NodeMetrics:
             "connects": self.connects,
             "connect_failures": self.connect_failures,
             "refusals": dict(self.refusals),
+            "connect_failures_by_kind": dict(self.connect_failures_by_kind),
         }
         # With the deprecated `sink_failed` (vpn_packet.deprecation) for one release.
         out["receiver"] = add_receiver_aliases(dataclasses.asdict(self.receiver))
@@ -145,7 +149,8 @@ def node_connection_failures(metrics: Mapping[str, Any]) -> dict[str, int]:
     (`receiver.refused.unknown_peer`), handshakes that failed (`receiver.handshake_failures.timeout`),
     connections closed for a protocol error (`receiver.protocol_errors.too_large`) or at the pending limits
     (`receiver.rejected_pending`, `receiver.evicted_pending`), and our connections a peer refused
-    (`refused_by_peer.key_mismatch`) or that failed (`connect_failed`). Counted apart from packet drops:
+    (`refused_by_peer.key_mismatch`) or that failed (`connect_failed.<kind>`, summed over the peers, whose
+    `connection_failures` name the same keys). Counted apart from packet drops:
     a refused connection carried no packet."""
     out: dict[str, int] = {}
     receiver = metrics["receiver"]
@@ -156,9 +161,13 @@ def node_connection_failures(metrics: Mapping[str, Any]) -> dict[str, int]:
         out[f"receiver.{key}"] = int(receiver[key])
     for reason, n in metrics["refusals"].items():
         out[f"refused_by_peer.{reason}"] = int(n)
-    out["connect_failed"] = int(metrics["connect_failures"]) - sum(
-        int(n) for n in metrics["refusals"].values()
-    )
+    by_kind = metrics.get("connect_failures_by_kind", {})
+    for kind, n in by_kind.items():
+        out[f"connect_failed.{kind}"] = int(n)
+    # Attempts that failed otherwise (cancelled by a stop, ...): no peer names a kind for them.
+    refused = sum(int(n) for n in metrics["refusals"].values())
+    named = sum(int(n) for n in by_kind.values())
+    out["connect_failed.other"] = int(metrics["connect_failures"]) - refused - named
     return out
 
 
@@ -381,7 +390,15 @@ class Node:
             connect_failures=self.stream_service.connect_failures,
             refusals=dict(self.stream_service.refusals),
             receiver=self.receiver.metrics(),
+            connect_failures_by_kind=self._connect_failures_by_kind(),
         )
+
+    def _connect_failures_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for stats in self.stream_service.peer_stats.values():
+            for kind, n in stats.failures.items():
+                out[kind] = out.get(kind, 0) + n
+        return out
 
     def worker_metrics(self) -> dict[str, WorkerMetrics]:
         return self.dispatcher.worker_metrics()
@@ -411,8 +428,8 @@ class Node:
             if rx is not None:
                 for counter, key in PEER_RECEIVE_DROPS.items():
                     drops[key] = getattr(rx, counter)
-                for reason, n in rx.protocol_errors.items():
-                    failures[f"protocol_error.{reason}"] = n
+                for reason, n in rx.protocol_errors.items():  # the totals' key: they sum the peers'
+                    failures[f"receiver.protocol_errors.{reason}"] = n
             handshakes = [
                 t
                 for t in (tx.last_handshake if tx else None, rx.last_handshake if rx else None)

@@ -554,13 +554,15 @@ def _security(
 
 def _tuning(data: Mapping[str, Any]) -> Tuning:
     """Each key is checked by the field's own rule (`Tuning.spec`), so the error names `tuning.<key>`."""
+    from vpn_packet.deprecation import TUNING_ALIASES
+
     table = _table(data, "tuning", required=False)
-    names = Tuning.names()
-    _unknown(table, "tuning", set(names))
-    values = {
-        key: _checked(f"tuning.{key}", Tuning.spec(key).check, table[key]) for key in names if key in table
-    }
-    return Tuning(**values)
+    _unknown({k: v for k, v in table.items() if k not in TUNING_ALIASES}, "tuning", set(Tuning.names()))
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = TUNING_ALIASES.get(key, key)  # a deprecated key: its new name's rule, its own name in errors
+        values[key] = value if name is None else _checked(f"tuning.{key}", Tuning.spec(name).check, value)
+    return Tuning(**Tuning.resolve_aliases(values))
 
 
 _RESILIENCE_INT = {

@@ -11,9 +11,11 @@ Errors: `CaptureError` (a `ValueError`) for a file that is not a capture, or one
 `OSError` (`FileNotFoundError`, ...) when the file cannot be opened. A capture that ends early (truncated by
 a capture still being written, or corrupt further on) is not an error for `summarize_capture`: the summary
 covers the packets before the problem and records it in `error`/`error_kind`. Nor does a capture from
-which no frame could be read raise: its summary says why in `error`, with `error_kind` `no_frames` when
-reading itself went fine (no packet records, or only pcapng blocks this reader does not decode), and the
-command line turns it into a failure, never a silent zero.
+which nothing could be read raise: its summary says why in `error`, with `error_kind` `no_frames` when it
+holds only pcapng blocks this reader does not decode, and `no_readable_frames` when it has frames and not
+one of them could be read (each too short for its link header, of an unsupported link type, or a malformed
+IP packet); the command line turns these into a failure, never a silent zero. A valid capture that holds no
+packet records at all is not an error: `error` stays None and `frames` is 0 (the command says so).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NO_FRAMES",
+    "NO_READABLE_FRAMES",
     "PROTOCOL_NAMES",
     "CaptureReader",
     "CaptureSummary",
@@ -40,7 +43,11 @@ __all__ = [
 ]
 
 NO_FRAMES = "no_frames"
-"""`CaptureSummary.error_kind` of a capture read to its end without a single frame in it."""
+"""`CaptureSummary.error_kind` of a capture read to its end that held only blocks this reader does not
+decode: packets may be in them, but none could be read."""
+NO_READABLE_FRAMES = "no_readable_frames"
+"""`CaptureSummary.error_kind` of a capture read to its end whose frames were all unreadable: too short for
+their link header, of an unsupported link type, or malformed IP packets."""
 
 
 PROTOCOL_NAMES: dict[int, str] = {
@@ -256,9 +263,7 @@ class CaptureSummary:
 
 
 def _no_frames_reason(undecoded_blocks: dict[int, int]) -> str:
-    """Why a capture read to its end gave no frame."""
-    if not undecoded_blocks:
-        return "no frame could be read: the capture holds no packet records"
+    """Why a capture read to its end that holds blocks not decoded gave no frame."""
     blocks = ", ".join(f"{block_type_label(kind)} {n:,}" for kind, n in sorted(undecoded_blocks.items()))
     return (
         f"no frame could be read: the capture holds only pcapng blocks this reader does not decode ({blocks})"
@@ -295,8 +300,21 @@ def summarize_capture(path: str | os.PathLike[str], *, batch_size: int = 4096) -
     malformed = sum(reasons.values())
     undecoded_blocks = reader.undecoded_blocks
     message, kind = (None, None) if error is None else (error.message, error.kind)
-    if reader.frames == 0 and error is None:
+    unreadable = reader.short_frames + reader.unsupported_link_frames + malformed if error is None else 0
+    if reader.frames == 0 and error is None and undecoded_blocks:
         message, kind = f"{reader.name}: {_no_frames_reason(undecoded_blocks)}", NO_FRAMES
+    elif reader.frames > 0 and unreadable == reader.frames:
+        reasons_text = ", ".join(
+            f"{label} {n:,}"
+            for label, n in (
+                ("too short for their link header", reader.short_frames),
+                ("unsupported link type", reader.unsupported_link_frames),
+                ("malformed IP packets", malformed),
+            )
+            if n
+        )
+        message = f"{reader.name}: none of its {reader.frames:,} frames could be read ({reasons_text})"
+        kind = NO_READABLE_FRAMES
     return CaptureSummary(
         path=os.fspath(path),
         format=reader.format,

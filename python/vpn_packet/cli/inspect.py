@@ -1,7 +1,8 @@
 """`vpn-packet inspect FILE`: a pcap/pcapng capture summarised per destination (table or JSON).
 
 FILE may be gzip-compressed, or `-` for standard input. A capture from which no frame could be read is not a
-silent zero: the command says why and exits with `EXIT_FAILED`.
+silent zero: the command says why and exits with `EXIT_FAILED`. A valid capture without packets is an answer:
+the command says so and exits with `EXIT_OK`.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _print_table(summary: CaptureSummary, top: int) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from vpn_packet.capture import summarize_capture
+    from vpn_packet.capture import NO_FRAMES, NO_READABLE_FRAMES, summarize_capture
 
     summary = summarize_capture(args.file)
     if args.json:
@@ -112,10 +113,16 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
         json.dump(summary.to_dict(args.top or None), sys.stdout, indent=2)
         sys.stdout.write("\n")
-    if summary.frames == 0:
-        # Nothing was read: a table of zeros would look like an answer.
+    if summary.error_kind in (NO_FRAMES, NO_READABLE_FRAMES) or (summary.frames == 0 and summary.error):
+        # Nothing could be read: a table of zeros would look like an answer.
         print(f"{PROG} inspect: error: {summary.error}", file=sys.stderr)
         return EXIT_FAILED
+    if summary.frames == 0:
+        # A valid capture without a single packet record: an answer, not a failure.
+        if not args.json:
+            detail = f"{summary.format_detail}, no packets: the capture holds no packet records"
+            print(f"{_source_label(summary)}: {detail}")
+        return EXIT_OK
     if not args.json:
         _print_table(summary, _DEFAULT_TOP if args.top is None else args.top)
     if summary.error is not None:
@@ -137,8 +144,9 @@ COMMAND = Subcommand(
         "the frames skipped, the encapsulations crossed and the pcapng blocks not decoded.\n\n"
         "A file that is not a capture, or cannot be opened, is an error (exit status 2). A capture that\n"
         "ends early (cut mid-record, as when it is still being written, or corrupt further on) is\n"
-        "summarised up to that point, with a warning on stderr (exit status 0). A capture from which no\n"
-        "frame could be read says why on stderr (exit status 1). Byte offsets in messages about a\n"
+        "summarised up to that point, with a warning on stderr (exit status 0). A valid capture with no\n"
+        "packets says so (exit status 0). One whose frames are all unreadable, or that holds only blocks\n"
+        "this reader does not decode, says why on stderr (exit status 1). Byte offsets in messages about a\n"
         "gzip-compressed capture count decompressed bytes."
     ),
     add_arguments=_inspect_arguments,

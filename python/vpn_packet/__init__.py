@@ -17,9 +17,7 @@ TCP/TLS streams, pool, discovery, receiver, TUN), the node assembly (`vpn_packet
 (`vpn_packet.cli`), and the test utilities (`vpn_packet.testutil`).
 """
 
-from __future__ import annotations
-
-from importlib import import_module
+from importlib import import_module as _import_module
 
 from vpn_packet._native import __version__
 
@@ -79,6 +77,7 @@ if TYPE_CHECKING:
 
     # Go spelling of `extract_ip_and_ports`; the others are defined beside their functions.
     ExtractIPAndPorts = extract_ip_and_ports
+del TYPE_CHECKING  # not a public name of the package
 
 #: Each re-exported name -> (the module that owns it, its name there).
 _EXPORTS: dict[str, tuple[str, str]] = {
@@ -158,9 +157,9 @@ def __getattr__(name: str) -> object:
     """PEP 562: a re-exported name or a submodule, imported on first use and then kept in the namespace."""
     target = _EXPORTS.get(name)
     if target is not None:
-        value = getattr(import_module(target[0]), target[1])
+        value = getattr(_import_module(target[0]), target[1])
     elif name in _SUBMODULES:
-        value = import_module(f"{__name__}.{name}")
+        value = _import_module(f"{__name__}.{name}")
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

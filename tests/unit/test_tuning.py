@@ -138,7 +138,9 @@ def test_seconds_have_an_upper_bound_everywhere() -> None:
     field of `Tuning` refuses it, and so does `Tuning.check_fields`, the check of the library classes."""
     for name in Tuning.names():
         if Tuning.spec(name).seconds:
-            assert getattr(Tuning(**{name: tuning.MAX_SECONDS}), name) == tuning.MAX_SECONDS  # type: ignore[arg-type]
+            Tuning.check_fields(**{name: tuning.MAX_SECONDS})
+            if name != "keepalive_interval":  # a day of keepalive interval leaves no room for idle_timeout
+                assert getattr(Tuning(**{name: tuning.MAX_SECONDS}), name) == tuning.MAX_SECONDS  # type: ignore[arg-type]
             with pytest.raises(ValueError, match=f"^{name}: 1e\\+308 is more than 86400 seconds"):
                 Tuning(**{name: 1e308})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"write_timeout: .* is more than 86400 seconds"):
@@ -192,3 +194,21 @@ def test_wire_constants_come_from_rust() -> None:
         tuning.check_peer_id("é" * (_native.MAX_PEER_ID_LEN // 2 + 1))  # 256 bytes in 128 characters
     with pytest.raises(FramingError):
         _native.encode_hello("x" * (_native.MAX_PEER_ID_LEN + 1), 0)
+
+
+def test_settings_that_cannot_work_are_refused_naming_the_field() -> None:
+    """Issue 22 item 3b: an ack_timeout no acknowledgement can meet, an idle_timeout at or below the
+    keepalive interval (a quiet peer's connections closed between keepalives)."""
+    with pytest.raises(ValueError, match=r"^ack_timeout: 0\.001 is below 0\.1 seconds: no acknowledgement"):
+        Tuning(ack_timeout=0.001)
+    with pytest.raises(ValueError, match=r"^ack_timeout: 0\.05 is below"):
+        Tuning.check_fields(ack_timeout=0.05)  # the library classes' check: the same rule
+    assert Tuning(ack_timeout=tuning.MIN_ACK_TIMEOUT).ack_timeout == tuning.MIN_ACK_TIMEOUT
+    with pytest.raises(ValueError, match=r"^idle_timeout: 20 is not above keepalive_interval \(25 s\)"):
+        Tuning(idle_timeout=20)
+    with pytest.raises(ValueError, match=r"^idle_timeout: 25 is not above"):
+        Tuning(idle_timeout=25)  # equal: closed just as the keepalive is due
+    with pytest.raises(ValueError, match=r"^idle_timeout: 180 is not above keepalive_interval \(200 s\)"):
+        Tuning(keepalive_interval=200)
+    assert Tuning(idle_timeout=26).idle_timeout == 26.0
+    assert Tuning(idle_timeout=10, keepalive_interval=5).idle_timeout == 10.0

@@ -717,11 +717,11 @@ def test_start_warnings_name_the_key(tmp_path: Path) -> None:
     data["interface"]["address"] = ["10.8.0.1/24", "fd00::1/16"]
     assert start_warnings(parse_config(data, base=tmp_path), read_sysctl=forwarding_off) == []
 
-    # A gateway peer: node-b owns 0.0.0.0/0 and a LAN.
-    data["peers"][0]["allowed_ips"] = ["10.8.0.2/32", "192.168.50.0/24", "0.0.0.0/0"]
+    # A gateway peer: node-b owns two networks behind it.
+    data["peers"][0]["allowed_ips"] = ["10.8.0.2/32", "192.168.50.0/24", "198.51.100.0/24"]
     config = parse_config(data, base=tmp_path)
     (warning,) = start_warnings(config, read_sysctl=forwarding_off)
-    assert warning.startswith("peers[0].allowed_ips: 'node-b' owns 192.168.50.0/24, 0.0.0.0/0, beyond")
+    assert warning.startswith("peers[0].allowed_ips: 'node-b' owns 192.168.50.0/24, 198.51.100.0/24, beyond")
     assert "net.ipv4.ip_forward is 0 here (sysctl -w net.ipv4.ip_forward=1" in warning
     assert "node-b needs it too" in warning
     forwarding_on = {"net.ipv4.ip_forward": "1"}.get

@@ -93,7 +93,7 @@ __all__ = [
 
 # --- the values -------------------------------------------------------------------------------------------
 
-#: Packets one destination worker holds (DESIGN section 4: the `Dispatcher` contract's default).
+#: Packets one destination worker holds (docs/dispatcher.md: the `Dispatcher` contract's default).
 WORKER_BUFFER_SIZE: Final = 100
 #: A node's worker buffer: one TUN read hands up to `READ_BATCH` packets at once, often all for one
 #: destination (a single TCP flow), so a buffer smaller than a few reads would reject most of a burst.

@@ -5,7 +5,7 @@ NAME is the node's interface name (its socket is `/run/vpn-packet/NAME.sock`), o
 is a table; `--json` prints the node's snapshot, the one its SIGUSR1 line, metrics file and metrics endpoint
 (/metrics.json) give too.
 
-`--json` (**contract**, DESIGN.md section 6): one object. Stable keys:
+`--json` (**contract**, docs/status-json.md): one object. Stable keys:
 
 - `id` (this node's id), `interface`, `listen` (`host:port`), `state` (`running`), `uptime` (seconds);
 - `peers`: a list, one object per configured peer, in config order:

@@ -1,6 +1,6 @@
 """The node configuration file (TOML), parsed into typed dataclasses with errors that name the key.
 
-The contract (DESIGN.md section 6)::
+The contract (docs/config.md, every key)::
 
     [interface]
     name = "vpn0"
@@ -30,7 +30,7 @@ A node is secure unless it says otherwise: it needs `[node] key` and a `public_k
 Optional keys of `[node]`::
 
     log_level = "info"               # debug, info, warning, error
-    metrics_file = "/run/vpn0.json"  # written on SIGUSR1, every metrics_interval seconds and at exit
+    metrics_file = "/run/vpn-packet/vpn0.json"  # on SIGUSR1, every metrics_interval and at exit
     metrics_interval = 0             # seconds; 0: only on SIGUSR1 and at exit
     metrics_listen = "127.0.0.1:9108"  # optional HTTP endpoint: /metrics (Prometheus text), /metrics.json
     shutdown_timeout = 5.0           # seconds for the whole ordered shutdown

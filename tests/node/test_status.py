@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -412,6 +413,13 @@ def test_a_user_who_may_not_read_the_control_directory_is_told_so(
     )
 
 
+def documented_top_level_keys() -> set[str]:
+    """The keys of docs/status-json.md's "Top level" table."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "status-json.md").read_text()
+    table = text.split("## Top level", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE))
+
+
 def test_two_nodes_in_two_network_namespaces_each_have_their_control_socket(tmp_path: Path) -> None:
     """Issue 22: two nodes on `vpnns0` in two namespaces sharing /run: the second ran without a control
     socket. Each now has its own default socket, and `status vpnns0` in each namespace reaches its own."""
@@ -439,7 +447,9 @@ def test_two_nodes_in_two_network_namespaces_each_have_their_control_socket(tmp_
                 check=False,
             )
             assert result.returncode == 0, result.stderr
-            assert json.loads(result.stdout)["id"] == f"node-{ns}"
+            snapshot = json.loads(result.stdout)
+            assert snapshot["id"] == f"node-{ns}"
+            assert set(snapshot) - {"node", "tun"} == documented_top_level_keys()
             # Without NAME: the only node of this namespace, though two run on the host.
             result = subprocess.run(
                 ["ip", "netns", "exec", ns, sys.executable, "-c", _CLI, "status", "--json"],

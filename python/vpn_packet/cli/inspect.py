@@ -111,8 +111,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         import json  # only here: the table does not pay for it
 
-        json.dump(summary.to_dict(args.top or None), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        # One string, one write: `json.dump` to a stream writes it in thousands of small pieces.
+        sys.stdout.write(json.dumps(summary.to_dict(args.top or None), indent=2) + "\n")
     if summary.error_kind in (NO_FRAMES, NO_READABLE_FRAMES) or (summary.frames == 0 and summary.error):
         # Nothing could be read: a table of zeros would look like an answer.
         print(f"{PROG} inspect: error: {summary.error}", file=sys.stderr)

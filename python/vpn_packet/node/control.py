@@ -72,8 +72,8 @@ Handler = Callable[[str], Awaitable[Mapping[str, Any]]]
 
 
 def netns_suffix() -> str:
-    """"" in the host's network namespace, else `@NAME` (the namespace's `ip netns` name, found in
-    /run/netns) or `@net-INODE` (a namespace without a name, known not to be PID 1's).
+    """The empty string in the host's network namespace, else `@NAME` (the namespace's `ip netns` name,
+    found in /run/netns) or `@net-INODE` (a namespace without a name, known not to be PID 1's).
 
     The host's namespace is PID 1's when this process may look at it; where it may not (a container, or
     not root), a namespace named in /run/netns is still told apart, and any other counts as the host's."""

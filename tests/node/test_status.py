@@ -433,7 +433,9 @@ def test_two_nodes_in_two_network_namespaces_each_have_their_control_socket(tmp_
             subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
             subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
             config = tmp_path / f"node{i}.toml"
-            text = node_config(Path("unused"), PEER_C).replace('name = "vpnst0"', 'name = "vpnns0"')
+            # node-c is a gateway (a network behind it), and a new namespace does not forward: warned.
+            peer = PEER_C.replace('["10.77.0.3/32"]', '["10.77.0.3/32", "192.168.99.0/24"]')
+            text = node_config(Path("unused"), peer).replace('name = "vpnst0"', 'name = "vpnns0"')
             text = text.replace('id = "node-a"', f'id = "node-{ns}"')
             config.write_text("\n".join(line for line in text.splitlines() if "control_socket" not in line))
             nodes.append(start_node(ns, config, tmp_path / f"node{i}.log"))
@@ -461,6 +463,9 @@ def test_two_nodes_in_two_network_namespaces_each_have_their_control_socket(tmp_
             assert json.loads(result.stdout)["id"] == f"node-{ns}"
         for node in nodes:
             assert "no control socket" not in node.log_text()
+            warning = "peers[0].allowed_ips: 'node-c' owns 192.168.99.0/24, beyond this tunnel's subnets"
+            assert warning in node.log_text()
+            assert "net.ipv4.ip_forward is 0 here" in node.log_text()
     finally:
         for node in nodes:
             stop_node(node)

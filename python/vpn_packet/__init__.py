@@ -77,7 +77,6 @@ if TYPE_CHECKING:
 
     # Go spelling of `extract_ip_and_ports`; the others are defined beside their functions.
     ExtractIPAndPorts = extract_ip_and_ports
-del TYPE_CHECKING  # not a public name of the package
 
 #: Each re-exported name -> (the module that owns it, its name there).
 _EXPORTS: dict[str, tuple[str, str]] = {
@@ -153,21 +152,28 @@ _SUBMODULES = frozenset(
 )
 
 
-def __getattr__(name: str) -> object:
-    """PEP 562: a re-exported name or a submodule, imported on first use and then kept in the namespace."""
-    target = _EXPORTS.get(name)
-    if target is not None:
-        value = getattr(_import_module(target[0]), target[1])
-    elif name in _SUBMODULES:
-        value = _import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
+# Hidden from type checkers, which see every name in the `TYPE_CHECKING` imports above: a module
+# `__getattr__` would make any misspelt name (`vpn_packet.Dispatchr`) type-check as `object`.
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:
+        """PEP 562: a re-exported name or a submodule, imported on first use, then kept in the namespace."""
+        target = _EXPORTS.get(name)
+        if target is not None:
+            value = getattr(_import_module(target[0]), target[1])
+        elif name in _SUBMODULES:
+            value = _import_module(f"{__name__}.{name}")
+        else:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+del TYPE_CHECKING  # not a public name of the package
 
 
 __all__ = [

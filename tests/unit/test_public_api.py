@@ -220,3 +220,26 @@ def test_no_star_import_in_the_root() -> None:
         if isinstance(node, ast.ImportFrom) and node.names[0].name == "*"
     ]
     assert stars == []
+
+
+def test_type_checkers_see_every_lazy_name_and_no_other(tmp_path: Path) -> None:
+    """The lazy root must not cost the type checking: every exported name has its real type, and a
+    misspelt one is an error (a module `__getattr__` visible to mypy would make it `object`)."""
+    pytest.importorskip("mypy")
+    code = tmp_path / "use.py"
+    code.write_text(
+        "import vpn_packet\n"
+        "from vpn_packet import Dispatcher, ExtractIPAndPorts\n"
+        "reveal_type(vpn_packet.extract_ip_and_ports)\n"
+        "reveal_type(ExtractIPAndPorts)\n"
+        "vpn_packet.Dispatchr\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(code)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    out = result.stdout
+    assert out.count("vpn_packet._native.PacketInfo") == 2, out
+    assert 'Module has no attribute "Dispatchr"' in out, out

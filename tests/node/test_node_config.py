@@ -674,8 +674,20 @@ def test_a_toml_syntax_error_names_the_key(tmp_path: Path, text: str, key: str, 
         load_config(path)
     assert info.value.key == key
     message = str(info.value)
-    assert message.startswith(f"{key}: {path}: not valid TOML: " if key else f"{path}: not valid TOML: ")
+    assert message.startswith(f"{key}: not valid TOML: " if key else f"{path}: not valid TOML: ")
     assert where in message
+
+
+def test_the_node_command_names_the_file_and_the_key_of_a_toml_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text("[tuning]\nack_timeout = 0.0.1\n")
+    assert main(["node", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"vpn-packet node: error: {path}: tuning.ack_timeout: not valid TOML: Expected newline or end of "
+        "document after a statement (at line 2, column 18)\n"
+    )
 
 
 def test_a_metrics_file_the_node_cannot_write_is_refused_at_start(

@@ -652,7 +652,11 @@ def load_config(path: str | Path) -> NodeConfig:
     except UnicodeDecodeError:
         raise ConfigError("", f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(_toml_error_key(text, str(exc)), f"{path}: not valid TOML: {exc}") from None
+        # With a key, the message is like every other key's (the caller names the file in front of it).
+        key = _toml_error_key(text, str(exc))
+        raise ConfigError(
+            key, f"not valid TOML: {exc}" if key else f"{path}: not valid TOML: {exc}"
+        ) from None
     return parse_config(data, base=path.resolve().parent, path=path)
 
 

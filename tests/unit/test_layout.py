@@ -239,6 +239,17 @@ def test_building_the_parser_loads_no_runtime(loaded_by_the_parser: set[str], mo
     assert module not in loaded_by_the_parser
 
 
+@pytest.mark.parametrize("module", ["asyncio", "ssl", "cryptography", "vpn_packet.dispatcher", "rich"])
+def test_a_bare_import_of_the_package_loads_no_runtime(module: str) -> None:
+    """Issue 22: `import vpn_packet` loaded everything (about 55 ms); its re-exports are lazy now (PEP 562),
+    so it loads the native core and nothing of the network stack until a name is used."""
+    script = "import json, sys\nimport vpn_packet\nprint(json.dumps(sorted(sys.modules)))\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert "vpn_packet._native" in loaded
+    assert module not in loaded
+
+
 _INSPECT = """
 import json, sys
 from vpn_packet.cli import main

@@ -21,14 +21,28 @@ packet records at all is not an error: `error` stays None and `frames` is 0 (the
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 
 from vpn_packet._native import CaptureReader, link_type_name, pcapng_block_name
-from vpn_packet.errors import CaptureError
 
 TYPE_CHECKING = False  # not `typing`'s: `vpn-packet inspect` does not load `typing` (its start-up time)
 if TYPE_CHECKING:
     from typing import Any
+
+    from vpn_packet.errors import CaptureError
+else:
+    # `CaptureError` stays importable from here, loaded on first use: `vpn-packet inspect` of a good
+    # capture never loads the error taxonomy (milliseconds of a command measured against tshark). The
+    # native reader imports it itself when it raises one.
+
+    def __getattr__(name: str) -> object:
+        if name == "CaptureError":
+            from vpn_packet.errors import CaptureError
+
+            return CaptureError
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "NO_FRAMES",
@@ -295,7 +309,10 @@ def summarize_capture(path: str | os.PathLike[str], *, batch_size: int = 4096) -
                 stats.packets += packets
                 stats.bytes += size
                 stats.protocols.update(protocols)
-    except CaptureError as exc:
+    except ValueError as exc:  # CaptureError is one; the native reader loaded its module to raise it
+        errors = sys.modules.get("vpn_packet.errors")
+        if errors is None or not isinstance(exc, errors.CaptureError):
+            raise
         error = exc
     malformed = sum(reasons.values())
     undecoded_blocks = reader.undecoded_blocks

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from importlib import import_module
 
 from vpn_packet.cli._command import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, Subcommand
-from vpn_packet.errors import CaptureError, ConfigError, UsageError
 
 TYPE_CHECKING = False  # not `typing`'s, whose loading is a cost every command would pay
 if TYPE_CHECKING:
@@ -129,6 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into something that stopped reading (`| head`): not an error worth a traceback.
         sys.stderr.close()
         return EXIT_OK
-    except (CaptureError, ConfigError, UsageError, OSError) as exc:
+    except Exception as exc:
+        # The error taxonomy is loaded only now: a command that succeeds never pays for it (`inspect`'s
+        # start-up is measured against tshark). Any of its errors raised before was loaded with it.
+        from vpn_packet.errors import CaptureError, ConfigError, UsageError
+
+        if not isinstance(exc, (CaptureError, ConfigError, UsageError, OSError)):
+            raise
         print(f"{PROG} {command.name}: error: {_error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE

@@ -391,8 +391,7 @@ async def test_flood_while_the_sink_blocks_stays_bounded() -> None:
     async with Receiver(make_discovery(), sink, security=INSECURE, read_size=read_size, max_batch=1024) as rx:
         # Small kernel buffers on both sides (accepted sockets inherit the listener's), so that TCP pushes
         # back soon; without this, loopback autotuning can absorb megabytes before the sender notices.
-        assert rx._server is not None
-        rx._server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        rx._listeners[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         reader, writer = await open_as(rx, "node-a")
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         writer.transport.set_write_buffer_limits(high=64 * 1024)

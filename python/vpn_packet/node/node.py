@@ -238,6 +238,8 @@ class Node:
             idle_timeout=t.idle_timeout,
             max_pending=t.max_pending,
             max_pending_per_source=t.max_pending_per_source,
+            max_silent_pending=t.max_silent_pending,
+            max_silent_pending_per_source=t.max_silent_pending_per_source,
             max_batch=t.receive_batch,
             max_connections=t.max_connections,
             max_connections_per_peer=t.max_connections_per_peer,

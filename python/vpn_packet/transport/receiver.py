@@ -3,12 +3,17 @@ packets to a sink.
 
 Per connection (the wire messages are drawn in `rust/core/src/handshake.rs` and `framing`):
 
-1. **Pending** (not authenticated yet): from TCP accept to an accepting answer. Pending connections are
-   counted and capped (`max_pending` in all, `max_pending_per_source` per source address: beyond the
-   first, new ones are closed at once; beyond the second, the oldest pending connection is closed to make
-   room, so a flood of silent connections cannot keep a real peer out), and time-limited (`hello_timeout`
-   covers TLS, challenge and hello together). Memory per pending connection is bounded: asyncio's TLS
-   buffer (256 KiB once TLS starts) and at most one hello (`MAX_HANDSHAKE_HELLO_LEN` bytes).
+1. **Pending** (not authenticated yet): from TCP accept to an accepting answer. Anyone can open one without a
+   key, so pending connections are bounded in count, time and memory, and which one is closed at a bound is
+   the admission policy of `vpn_packet.transport.admission`: a connection that has sent nothing yet is held
+   as a bare socket (no transport, no task, no TLS buffer), within `max_silent_pending` in all and
+   `max_silent_pending_per_source` per address; one whose bytes arrived is handshaking, within `max_pending`
+   and `max_pending_per_source`. At a bound the oldest silent, or the stalest handshaking connection (the
+   longest without a step of progress) is closed, never the newcomer, so no flood without a key keeps a real
+   peer out. `hello_timeout` covers the silent wait, TLS, challenge and hello together. Memory per pending
+   connection is bounded: asyncio's TLS buffer (256 KiB once TLS starts) and at most one hello
+   (`MAX_HANDSHAKE_HELLO_LEN` bytes); once the pending connections are gone after a flood, the heap's free
+   pages go back to the system (`vpn_packet.heap`).
 2. **Handshake**: TLS when the `Security` has a server context; then the challenge, the hello, the
    verdict (`vpn_packet.transport.handshake.judge_hello`), and the answer, sent before closing a refused
    connection so the sender knows why. A refusal is counted by reason (`refused`) and logged at WARNING
@@ -45,9 +50,9 @@ max_frame_size` bytes, and the receiver at most `max_connections` times that plu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
+import functools
 import inspect
 import logging
 import socket
@@ -62,7 +67,9 @@ from typing import cast
 from vpn_packet import tuning
 from vpn_packet._native import FrameDecoder, InboundDecoder, PrefixTable, encode_ack, filter_sources
 from vpn_packet.errors import FramingError
+from vpn_packet.heap import HeapRelease
 from vpn_packet.ratelimit import LogLimiter
+from vpn_packet.transport.admission import Admission, Ticket
 from vpn_packet.transport.discovery import StaticPeerDiscovery
 from vpn_packet.transport.framing import DEFAULT_MAX_FRAME_SIZE
 from vpn_packet.transport.handshake import Security, Verdict, server_handshake
@@ -70,6 +77,15 @@ from vpn_packet.transport.handshake import Security, Verdict, server_handshake
 __all__ = ["PeerReceiverMetrics", "Receiver", "ReceiverMetrics", "Sink", "TunTarget"]
 
 _log = logging.getLogger(__name__)
+
+#: Connections taken per wake-up of the listening socket at most (asyncio's servers take their backlog, 100).
+_ACCEPT_BATCH = 128
+#: accept() errors that mean "out of descriptors or kernel memory": shed a silent connection, else pause.
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors of a client that went away before it was taken: skip it.
+_ACCEPT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+#: Seconds to stop accepting after an accept() error with nothing to shed (asyncio's servers wait 1 s).
+_ACCEPT_RETRY_DELAY = 0.5
 
 Sink = Callable[[str, list[bytes]], Awaitable[None] | None]
 """`sink(peer_id, packets)`: takes a batch of accepted packets; may return an awaitable (awaited)."""
@@ -86,6 +102,16 @@ class TunTarget:
     on_fatal: Callable[[int], object] | None = None
     packets_written: int = 0
     bytes_written: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Silent:
+    """An accepted connection that has sent nothing yet: the bare socket, watched for readability, and the
+    timer of its `hello_timeout`. No transport, stream or task exists for it until its first bytes come."""
+
+    sock: socket.socket
+    ticket: Ticket
+    timer: asyncio.TimerHandle | None = None
 
 
 def _bump(counts: dict[str, int], reason: str, n: int = 1) -> None:
@@ -200,6 +226,7 @@ class _Connection:
     reader: asyncio.StreamReader
     source: str
     task: asyncio.Task[None]
+    ticket: Ticket
     peer_id: str | None = None
     decoder: FrameDecoder | InboundDecoder | None = None
     closed_because: str | None = None
@@ -365,6 +392,8 @@ class Receiver:
         max_connections_per_peer: int = tuning.MAX_CONNECTIONS_PER_PEER,
         max_pending: int = tuning.MAX_PENDING,
         max_pending_per_source: int = tuning.MAX_PENDING_PER_SOURCE,
+        max_silent_pending: int = tuning.MAX_SILENT_PENDING,
+        max_silent_pending_per_source: int = tuning.MAX_SILENT_PENDING_PER_SOURCE,
         read_size: int = tuning.READ_SIZE,
         log_interval: float = tuning.LOG_INTERVAL,
     ) -> None:
@@ -378,6 +407,8 @@ class Receiver:
             max_connections_per_peer=max_connections_per_peer,
             max_pending=max_pending,
             max_pending_per_source=max_pending_per_source,
+            max_silent_pending=max_silent_pending,
+            max_silent_pending_per_source=max_silent_pending_per_source,
             read_size=read_size,
         )
         self.discovery = discovery
@@ -393,15 +424,24 @@ class Receiver:
         self.max_connections_per_peer = max_connections_per_peer
         self.max_pending = max_pending
         self.max_pending_per_source = max_pending_per_source
+        self.max_silent_pending = max_silent_pending
+        self.max_silent_pending_per_source = max_silent_pending_per_source
         self.read_size = read_size
         self._warn = LogLimiter(_log, log_interval)
-        self._server: asyncio.Server | None = None
+        self._listeners: list[socket.socket] = []
         self._address: tuple[str, int] | None = None
         self._state = "new"  # new -> running -> stopped
-        # Every connection task, pending (oldest first) or authenticated (per peer, oldest first).
+        # Every connection task, pending or authenticated (per peer, oldest first).
         self._connections: dict[asyncio.Task[None], _Connection] = {}
-        self._pending: OrderedDict[asyncio.Task[None], _Connection] = OrderedDict()
-        self._pending_by_source: dict[str, int] = {}
+        # Who holds a pending place, silent or handshaking (see `vpn_packet.transport.admission`).
+        self._admission = Admission(
+            max_silent=max_silent_pending,
+            max_silent_per_source=max_silent_pending_per_source,
+            max_pending=max_pending,
+            max_pending_per_source=max_pending_per_source,
+        )
+        self._attaching: set[asyncio.Task[None]] = set()  # a started connection getting its transport
+        self._heap = HeapRelease()
         self._by_peer: dict[str, OrderedDict[asyncio.Task[None], _Connection]] = {}
         self._authenticated = 0
         self._totals = ReceiverMetrics()
@@ -422,21 +462,41 @@ class Receiver:
             raise RuntimeError(f"receiver is {self._state}; a receiver is started once")
         self._state = "running"
         try:
-            # No ssl= here: TLS starts per connection once it is counted as pending (see _on_connection),
-            # so that connections which never finish TLS are bounded like every other pending one.
-            self._server = await asyncio.start_server(
-                self._on_connection,
-                self.host,
-                self.port,
-                # The stream pauses the socket above 2 * limit buffered bytes.
-                limit=max(self.read_size // 2, 1024),
-            )
+            self._listeners = await self._listen()
         except BaseException:
             self._state = "stopped"
             raise
-        sockname = self._server.sockets[0].getsockname()
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            loop.add_reader(listener.fileno(), self._accept, listener)
+        sockname = self._listeners[0].getsockname()
         self._address = (sockname[0], sockname[1])
         _log.debug("receiver listening on %s:%d (%s)", *self._address, self.security.describe())
+
+    async def _listen(self) -> list[socket.socket]:
+        """Listening sockets on `host:port`, one per address the host resolves to (as `asyncio.start_server`
+        binds them). Not an asyncio server: `_accept` takes the connections, so that one stays a bare socket
+        until it sends something (see `vpn_packet.transport.admission`)."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        listeners: list[socket.socket] = []
+        try:
+            for family, kind, proto, _name, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                # The kernel's largest accept queue: under a flood of connects a peer's SYN still finds room
+                # (beyond it, SYN cookies), and `_accept` takes a batch per wake-up.
+                sock.listen(socket.SOMAXCONN)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in listeners:
+                sock.close()
+            raise
+        return listeners
 
     async def stop(self, timeout: float = tuning.SHUTDOWN_TIMEOUT) -> None:  # noqa: ASYNC109 - like Dispatcher.stop
         """Stops listening, closes every connection and waits (at most `timeout` seconds) for their tasks.
@@ -446,14 +506,21 @@ class Receiver:
         if self._state == "stopped":
             return
         self._state = "stopped"
-        server, self._server = self._server, None
-        if server is None:
+        listeners, self._listeners = self._listeners, []
+        if not listeners:
             return
-        server.close()
-        # Connections accepted just now have their task created but not started: let them start (they see
+        loop = asyncio.get_running_loop()
+        for listener in listeners:
+            loop.remove_reader(listener.fileno())
+            listener.close()
+        for ticket in self._admission.tickets():
+            if isinstance(ticket.handle, _Silent):
+                self._admission.leave(ticket)
+                self._close_silent(ticket.handle)
+        # Connections started just now have their task created but not started: let them start (they see
         # the stopped state and leave at once), then cancel the rest.
         await asyncio.sleep(0)
-        tasks = set(self._connections)
+        tasks = set(self._connections) | self._attaching
         for task in tasks:
             task.cancel()
         if tasks:
@@ -462,9 +529,7 @@ class Receiver:
                 _log.warning(
                     "receiver stop: %d connection tasks did not finish in %gs", len(pending), timeout
                 )
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await server.wait_closed()
+        self._heap.release_now()
 
     async def __aenter__(self) -> Receiver:
         await self.start()
@@ -494,7 +559,7 @@ class Receiver:
     def metrics(self) -> ReceiverMetrics:
         """A snapshot of the totals."""
         snapshot = self._totals._copy()
-        snapshot.pending = len(self._pending)
+        snapshot.pending = len(self._admission)
         return snapshot
 
     def peer_metrics(self) -> dict[str, PeerReceiverMetrics]:
@@ -549,7 +614,7 @@ class Receiver:
         t = self._totals
         return (
             f"<Receiver {self._state} on {where} {self.security.mode} peers={len(self.discovery)} "
-            f"pending={len(self._pending)} authenticated={self._authenticated} connections={t.connections} "
+            f"pending={len(self._admission)} authenticated={self._authenticated} connections={t.connections} "
             f"delivered={t.packets_delivered} spoofed={t.spoofed_dropped} refused={sum(t.refused.values())}>"
         )
 
@@ -560,63 +625,185 @@ class Receiver:
             if m is not None:
                 _bump(m.protocol_errors, reason)
 
-    def _admit_pending(self, conn: _Connection) -> bool:
-        """Counts `conn` as pending, within the limits; False when it must be closed at once."""
-        if self._pending_by_source.get(conn.source, 0) >= self.max_pending_per_source:
-            self._totals.rejected_pending += 1
-            self._warn.warning(
-                ("pending", conn.source),
-                "receiver: %s holds %d unauthenticated connections (the limit per address); closing new ones",
-                conn.source,
-                self.max_pending_per_source,
-            )
+    # --- accepting: the pending connections and their places -------------------------------------------
+
+    def _accept(self, listener: socket.socket) -> None:
+        """The listening socket is readable: take up to `_ACCEPT_BATCH` new connections."""
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    # Silent connections are the cheapest to lose: close the oldest and take this one.
+                    oldest = self._admission.oldest_silent()
+                    if oldest is not None and isinstance(oldest.handle, _Silent):
+                        self._admission.leave(oldest)
+                        self._evicted(oldest, "out of descriptors")
+                        continue
+                    self._pause_accepting(listener, exc)
+                    return
+                if exc.errno in _ACCEPT_GONE:  # the client went away before we took it
+                    continue
+                self._pause_accepting(listener, exc)
+                return
+            self._arrived(sock, str(address[0]))
+
+    def _pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
+        """accept() failed with nothing to shed (out of descriptors or memory): stop watching the listener
+        for `_ACCEPT_RETRY_DELAY` seconds instead of spinning on the same error."""
+        self._warn.warning(("accept", exc.errno), "receiver: cannot accept connections: %s; retrying", exc)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(listener.fileno())
+
+        def resume() -> None:
+            if self._state == "running" and listener in self._listeners:
+                loop.add_reader(listener.fileno(), self._accept, listener)
+
+        loop.call_later(_ACCEPT_RETRY_DELAY, resume)
+
+    def _arrived(self, sock: socket.socket, source: str) -> None:
+        """A new connection: with TLS it waits silent (a bare socket) for its first bytes; in plaintext the
+        server speaks first, so its handshake starts at once."""
+        self._totals.connections += 1
+        if self._state != "running":
+            sock.close()
+            return
+        sock.setblocking(False)
+        if self.security.server_context is None:
+            ticket, evicted = self._admission.enter(source)
+            self._evict(evicted, "pending")
+            self._open(ticket, sock)
+            return
+        ticket, evicted = self._admission.arrive(source)
+        self._evict(evicted, "silent")
+        silent = _Silent(sock, ticket)
+        ticket.handle = silent
+        if not self._check_silent(silent):  # its ClientHello is not here yet: wait for it
+            loop = asyncio.get_running_loop()
+            loop.add_reader(sock.fileno(), self._check_silent, silent)
+            silent.timer = loop.call_later(self.hello_timeout, self._silent_timed_out, silent)
+
+    def _check_silent(self, silent: _Silent) -> bool:
+        """Whether `silent` is done waiting: its first bytes are here (its handshake starts) or it ended."""
+        try:
+            first = silent.sock.recv(1, socket.MSG_PEEK)  # peeked: TLS reads it again
+        except (BlockingIOError, InterruptedError):
             return False
-        if len(self._pending) >= self.max_pending:
-            oldest = next(iter(self._pending.values()))
-            self._leave_pending(oldest)
-            oldest.close("evicted_pending")
-            self._totals.evicted_pending += 1
-            self._warn.warning(
-                "evicted_pending",
-                "receiver: %d unauthenticated connections (the limit); closing the oldest to make room",
-                self.max_pending,
-            )
-        self._pending[conn.task] = conn
-        self._pending_by_source[conn.source] = self._pending_by_source.get(conn.source, 0) + 1
+        except OSError:
+            first = b""
+        ticket = silent.ticket
+        self._unwatch(silent)
+        if not first:
+            self._admission.leave(ticket)
+            self._count_failure(ticket.source, "closed_early", "the connection ended before TLS started")
+            silent.sock.close()
+            return True
+        self._evict(self._admission.start(ticket), "pending")
+        self._open(ticket, silent.sock)
         return True
+
+    def _silent_timed_out(self, silent: _Silent) -> None:
+        silent.timer = None
+        if self._admission.leave(silent.ticket):
+            self._count_failure(
+                silent.ticket.source, "timeout", f"sent nothing within {self.hello_timeout:g}s"
+            )
+            self._close_silent(silent)
+
+    def _unwatch(self, silent: _Silent) -> None:
+        if silent.timer is not None:
+            silent.timer.cancel()
+            silent.timer = None
+        if silent.sock.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(silent.sock.fileno())
+
+    def _close_silent(self, silent: _Silent) -> None:
+        self._unwatch(silent)
+        silent.sock.close()
+        self._heap.note_closed()
+
+    def _open(self, ticket: Ticket, sock: socket.socket) -> None:
+        """Gives `sock` its asyncio transport and stream; `_on_connection` then runs its handshake."""
+        reader = asyncio.StreamReader(limit=max(self.read_size // 2, 1024))  # paused above 2 * limit
+        protocol = asyncio.StreamReaderProtocol(reader, functools.partial(self._on_connection, ticket))
+        loop = asyncio.get_running_loop()
+
+        async def attach() -> None:
+            try:
+                await loop.connect_accepted_socket(lambda: protocol, sock)
+            except (OSError, asyncio.CancelledError):
+                sock.close()
+                if self._admission.leave(ticket):
+                    self._heap.note_closed()
+
+        task = loop.create_task(attach())
+        self._attaching.add(task)
+        task.add_done_callback(self._attaching.discard)
+
+    def _evict(self, tickets: list[Ticket], tier: str) -> None:
+        """Closes the connections the admission displaced (already out of its tables) to make room."""
+        for ticket in tickets:
+            self._evicted(ticket, tier)
+
+    def _evicted(self, ticket: Ticket, why: str) -> None:
+        self._totals.evicted_pending += 1
+        self._warn.warning(
+            ("evicted", why),
+            "receiver: closing a %s connection from %s to make room (%s; %d silent, %d handshaking pending "
+            "now; limits %d/%d in all, %d/%d per address)",
+            "silent" if isinstance(ticket.handle, _Silent) else "pending",
+            ticket.source,
+            why,
+            self._admission.silent,
+            self._admission.handshaking,
+            self.max_silent_pending,
+            self.max_pending,
+            self.max_silent_pending_per_source,
+            self.max_pending_per_source,
+        )
+        handle = ticket.handle
+        if isinstance(handle, _Silent):
+            self._close_silent(handle)
+        elif isinstance(handle, _Connection):
+            handle.close("evicted_pending")
+        # else: its transport is being made; `_on_connection` sees the ticket gone and closes it.
 
     def _leave_pending(self, conn: _Connection) -> None:
         """Stops counting `conn` as pending (idempotent: eviction and the task's own exit both call it)."""
-        if self._pending.pop(conn.task, None) is None:
-            return
-        left = self._pending_by_source.get(conn.source, 0) - 1
-        if left > 0:
-            self._pending_by_source[conn.source] = left
-        else:
-            self._pending_by_source.pop(conn.source, None)
+        if self._admission.leave(conn.ticket):
+            self._heap.note_closed()
+        if not self._admission:
+            self._heap.release_soon()
+
+    def _count_failure(self, source: str, reason: str, detail: object) -> None:
+        _bump(self._totals.handshake_failures, reason)
+        self._warn.warning(
+            ("failed", source, reason),
+            "receiver: handshake from %s failed (%s): %s",
+            source,
+            reason,
+            detail,
+        )
 
     def _handshake_failed(
         self, conn: _Connection, reason: str, detail: object, *, answered: bool = False
     ) -> _Failed:
-        _bump(self._totals.handshake_failures, reason)
-        self._warn.warning(
-            ("failed", conn.source, reason),
-            "receiver: handshake from %s failed (%s): %s",
-            conn.source,
-            reason,
-            detail,
-        )
+        self._count_failure(conn.source, reason, detail)
         return _Failed(reason, answered=answered)
 
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_connection(
+        self, ticket: Ticket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._totals.connections += 1
-        peername = writer.get_extra_info("peername")
-        conn = _Connection(writer, reader, str(peername[0]) if peername else "?", task)
-        if self._state != "running" or not self._admit_pending(conn):
+        conn = _Connection(writer, reader, ticket.source, task, ticket)
+        if self._state != "running" or not ticket.held:  # stopping, or displaced while its transport was made
+            self._leave_pending(conn)
             writer.transport.abort()
             return
+        ticket.handle = conn
         self._connections[task] = conn
         peer: PeerReceiverMetrics | None = None
         clean = False
@@ -667,13 +854,21 @@ class Receiver:
         refuse = None if self._authenticated < self.max_connections else "too_many_connections"
         if self._state != "running":
             refuse = "shutting_down"
+        admission, ticket = self._admission, conn.ticket
+
+        async def read(n: int) -> bytes:
+            data = await conn.reader.readexactly(n)
+            admission.progress(ticket)  # a part of the hello: a step
+            return data
+
         try:
             async with asyncio.timeout(self.hello_timeout):
                 if security.server_context is not None:
                     await conn.writer.start_tls(security.server_context)
+                    admission.progress(ticket)  # TLS done: a step
                 cert = conn.writer.get_extra_info("peercert") if security.mode == "ca" else None
                 verdict, hello = await server_handshake(
-                    security, conn.reader.readexactly, conn.writer.write, known, cert, refuse=refuse
+                    security, read, conn.writer.write, known, cert, refuse=refuse
                 )
         except TimeoutError as exc:
             raise self._handshake_failed(

@@ -5,8 +5,9 @@ stays tens of megabytes above where it was: glibc's malloc keeps what was freed 
 asyncio's TLS transports allocate a 256 KiB buffer each; after the first few are freed glibc raises its
 mmap threshold and serves the next ones from the heap, where, freed in random order among smaller objects,
 they leave free pages that the heap top cannot give back. `malloc_trim(0)` returns every whole free page of
-every arena to the kernel, wherever it lies. (Python's own small-object allocator gives back an arena once
-it is empty; it is not what held the memory.)
+every arena to the kernel, wherever it lies (`release_heap` runs the cycle collector first: closed
+transports wait for it). Python's own small-object allocator gives back an arena once it is empty; it is
+not what held the memory.
 
 `HeapRelease` decides when: after at least `churn` connections have gone since the last release, once the
 pending connections are all gone (the flood is over: `release_soon`), and at most every `interval` seconds
@@ -19,14 +20,16 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["HeapRelease", "malloc_trim"]
+__all__ = ["HeapRelease", "malloc_trim", "release_heap"]
 
-#: Connections closed between two releases at least: fewer cannot have left much behind.
-RELEASE_CHURN: Final = 256
+#: Connections closed between two releases at least: fewer cannot have left much behind (32 TLS buffers
+#: are 8 MiB), and a port scanner's lone connections do not make the receiver walk its heap each time.
+RELEASE_CHURN: Final = 32
 #: Seconds between two releases at least, while connections keep closing.
 RELEASE_INTERVAL: Final = 1.0
 #: Seconds from "nothing is pending" to the release: the closed connections' transports let go of their
@@ -54,8 +57,18 @@ def malloc_trim() -> bool:
     return bool(_MALLOC_TRIM(0)) if _MALLOC_TRIM is not None else False
 
 
+def release_heap() -> None:
+    """Frees what only reference cycles still hold, then gives the free pages back (`malloc_trim`).
+
+    The cycles matter: Python 3.11's selector transport refers to itself through a bound method
+    (`_read_ready_cb`), so every closed connection's transport waits for the cycle collector; and freeing
+    them first lets the trim give back the pages they sat in."""
+    gc.collect()
+    malloc_trim()
+
+
 class HeapRelease:
-    """When to call `release` (default `malloc_trim`): see the module docstring. `clock` is injectable."""
+    """When to call `release` (default `release_heap`): see the module docstring. `clock` is injectable."""
 
     def __init__(
         self,
@@ -63,7 +76,7 @@ class HeapRelease:
         churn: int = RELEASE_CHURN,
         interval: float = RELEASE_INTERVAL,
         delay: float = RELEASE_DELAY,
-        release: Callable[[], object] = malloc_trim,
+        release: Callable[[], object] = release_heap,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.churn = churn

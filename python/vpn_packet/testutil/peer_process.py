@@ -116,6 +116,9 @@ class PeerSink:
                     "unparsable_dropped",
                     "sink_failed",
                     "protocol_errors",
+                    "pending",
+                    "evicted_pending",
+                    "handshake_failures",
                 )
             }
         return out

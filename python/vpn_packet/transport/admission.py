@@ -45,7 +45,8 @@ Tier = Literal["silent", "handshaking"]
 @dataclass(eq=False, slots=True)
 class Ticket:
     """One pending connection's place: its source address, its tier, and what the receiver attaches to it
-    (`handle`: whatever closes it). `steps` counts its steps of progress in the handshaking tier."""
+    (`handle`: whatever closes it; dropped when the ticket leaves, and by the receiver once it closed an
+    evicted one). `steps` counts its steps of progress in the handshaking tier."""
 
     source: str
     tier: Tier = "silent"
@@ -174,6 +175,7 @@ class Admission:
         if not ticket.held:
             return False
         ticket.held = False
+        ticket.handle = None  # it refers back to the ticket: no cycle outlives the connection
         return (self._silent if ticket.tier == "silent" else self._handshaking).remove(ticket)
 
     def _enter_handshaking(self, ticket: Ticket) -> list[Ticket]:

@@ -763,10 +763,12 @@ class Receiver:
             self.max_silent_pending_per_source,
             self.max_pending_per_source,
         )
-        handle = ticket.handle
+        handle, ticket.handle = ticket.handle, None
         if isinstance(handle, _Silent):
             self._close_silent(handle)
-        elif isinstance(handle, _Connection):
+            return
+        self._heap.note_closed()
+        if isinstance(handle, _Connection):
             handle.close("evicted_pending")
         # else: its transport is being made; `_on_connection` sees the ticket gone and closes it.
 

@@ -92,9 +92,15 @@ class _Flood:
 
     async def run(self) -> None:
         connectors = [asyncio.create_task(self._connector()) for _ in range(self.connectors)]
-        await self.stop.wait()
+        stopped = asyncio.create_task(self.stop.wait())
+        connecting = asyncio.gather(*connectors)
+        # Until stopped, or until every connector is done (`count` attempts made, each finished).
+        await asyncio.wait({stopped, connecting}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
         for task in connectors:
             task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await connecting
         self.stats.held = len(self.holders)
         for task in list(self.holders):
             task.cancel()
@@ -106,7 +112,6 @@ class _Flood:
             await self.slots.acquire()
             if self._attempts >= self.count:
                 self.slots.release()
-                self.stop.set()
                 return
             self._attempts += 1
             if self.rate:
@@ -226,6 +231,7 @@ class FloodProcess:
     def __init__(self, proc: asyncio.subprocess.Process, ready: FloodStats) -> None:
         self.proc = proc
         self.ready = ready
+        self._done: FloodStats | None = None
 
     @classmethod
     async def start(
@@ -287,14 +293,26 @@ class FloodProcess:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
+        return await self.finished(timeout)
+
+    async def finished(self, timeout: float = 120.0) -> FloodStats:  # noqa: ASYNC109 - guards a hang only
+        """Its final stats, once it ended by itself (`count` connections made, or `duration`) or was
+        stopped, and closed every connection it held."""
+        if self._done is not None:
+            return self._done
         try:
             done = await self._line(self.proc, timeout)
         finally:
-            if self.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-            await self.proc.wait()
-        return FloodStats(**done["done"])
+            await self.close()
+        self._done = FloodStats(**done["done"])
+        return self._done
+
+    async def close(self) -> None:
+        """Kill it if it still runs, and reap it (cleanup; `stop` ends it in order)."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        await self.proc.wait()
 
 
 @dataclass

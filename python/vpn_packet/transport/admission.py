@@ -33,6 +33,7 @@ policy is tested on its own; the receiver closes what it returns.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
@@ -184,6 +185,18 @@ class Admission:
         )
         self._handshaking.add(ticket)
         return evicted
+
+    def next_silent_evictions(self, source: str, n: int) -> list[Ticket]:
+        """The first `n` silent tickets that a new silent connection from `source` would displace, in order
+        (none below the bounds). The receiver looks at their sockets first: one whose first bytes are already
+        there is not silent any more, and it moves on (`start`) instead of being closed."""
+        if self._silent.count(source) >= self.max_silent_per_source:
+            queue = self._silent.by_source[source]
+        elif len(self._silent) >= self.max_silent:
+            queue = self._silent.order
+        else:
+            return []
+        return list(itertools.islice(queue, n))
 
     def oldest_silent(self) -> Ticket | None:
         """The silent ticket that would go first (the receiver closes it when it runs out of descriptors)."""

@@ -84,6 +84,11 @@ _ACCEPT_BATCH = 128
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: accept() errors of a client that went away before it was taken: skip it.
 _ACCEPT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+#: Seconds the kernel holds a new TLS connection that has sent nothing before handing it to us anyway
+#: (`TCP_DEFER_ACCEPT`; it counts SYN-ACK retransmissions, so the real wait is a few seconds).
+_DEFER_ACCEPT = 1
+#: Silent connections looked at (a peeked byte) before the oldest is closed to make room for a new one.
+_LOOK_BEFORE_EVICTING = 4
 #: Seconds to stop accepting after an accept() error with nothing to shed (asyncio's servers wait 1 s).
 _ACCEPT_RETRY_DELAY = 0.5
 
@@ -488,6 +493,12 @@ class Receiver:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(address)
+                if self.security.server_context is not None:
+                    # With TLS the client speaks first: the kernel holds a connection that has sent nothing
+                    # (its request in the SYN queue, a few hundred bytes, no descriptor) until its first bytes
+                    # come, so most of a flood of silent connections never reaches us; what comes after
+                    # the deferral (or past the SYN queue, by SYN cookie) waits in the silent tier.
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, _DEFER_ACCEPT)
                 # The kernel's largest accept queue: under a flood of connects a peer's SYN still finds room
                 # (beyond it, SYN cookies), and `_accept` takes a batch per wake-up.
                 sock.listen(socket.SOMAXCONN)
@@ -676,6 +687,11 @@ class Receiver:
             self._evict(evicted, "pending")
             self._open(ticket, sock)
             return
+        # Those it would displace may have spoken since the last look (this accept batch ran first): they
+        # start their handshake instead of going.
+        for candidate in self._admission.next_silent_evictions(source, _LOOK_BEFORE_EVICTING):
+            if isinstance(candidate.handle, _Silent):
+                self._check_silent(candidate.handle)
         ticket, evicted = self._admission.arrive(source)
         self._evict(evicted, "silent")
         silent = _Silent(sock, ticket)

@@ -18,6 +18,9 @@ Scenarios:
   open after TLS without a hello (the issue: about 800/s, the peer delivered 0 of 12,000, or lost 256);
 - `silent`: `--silent-count` connections from many addresses that never start TLS (the issue: 4,000).
 
+Each flood lasts `--seconds` at most; the peer makes at least `--rounds` connections, and goes on until the
+flood has ended.
+
 For each: packets attempted, sent (acknowledged), failed, delivered (counted by the receiver's sink); the
 flood's connections opened and its rate; per batch the time from write to acknowledgement (p50/p99, and
 what the flood added to the baseline's); the receiver's RSS before the flood, at its end, and
@@ -62,6 +65,36 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+async def start_flood(name: str, target: tuple[str, int], args: argparse.Namespace) -> FloodProcess | None:
+    if name == "same-source":
+        return await FloodProcess.start(
+            target, mode="silent", hold=args.hold, count=10**9, warm=args.hold, duration=args.seconds
+        )
+    if name == "tls":
+        return await FloodProcess.start(
+            target,
+            mode="tls",
+            sources="127.1.0.0/16",
+            addresses=args.addresses,
+            hold=4000,
+            count=10**9,
+            warm=200,
+            duration=args.seconds,
+        )
+    if name == "silent":
+        return await FloodProcess.start(
+            target,
+            mode="silent",
+            sources="127.2.0.0/16",
+            addresses=args.addresses,
+            hold=args.silent_count,
+            count=args.silent_count,
+            warm=args.silent_count,
+            duration=args.seconds,
+        )
+    return None
+
+
 async def scenario(name: str, args: argparse.Namespace, keys: Path) -> dict[str, Any]:
     ids = identities(keys, "node-a", "node-b")
     victim = await PeerProcess.start(key=ids["node-b"].path, peer_key=ids["node-a"].public_key)
@@ -70,53 +103,29 @@ async def scenario(name: str, args: argparse.Namespace, keys: Path) -> dict[str,
         service = TcpStreamService(
             StaticPeerDiscovery([Peer("node-b", victim.endpoint, ["10.2.0.0/16"])]), security
         )
-        target = ("127.0.0.1", victim.port)
+
+        def open_stream() -> Any:
+            return service.create_stream("node-b")
+
         # Warm up: one connection, so the victim's one-off allocations are not counted as the flood's.
-        await legit_rounds(lambda: service.create_stream("node-b"), packet, rounds=1, batches=1, batch=1)
+        await legit_rounds(open_stream, packet, rounds=1, batches=1, batch=1)
         delivered_before = (await victim.report())["delivered"]
-        before = rss(victim.pid)
-        flood = None
-        if name == "same-source":
-            flood = await FloodProcess.start(
-                target, mode="silent", sources="127.0.0.1", hold=args.hold, count=10**9, warm=args.hold
-            )
-        elif name == "tls":
-            flood = await FloodProcess.start(
-                target,
-                mode="tls",
-                sources="127.1.0.0/16",
-                addresses=args.addresses,
-                hold=4000,
-                count=10**9,
-                warm=200,
-            )
-        elif name == "silent":
-            flood = await FloodProcess.start(
-                target,
-                mode="silent",
-                sources="127.2.0.0/16",
-                addresses=args.addresses,
-                hold=args.silent_count,
-                count=10**9,
-                warm=args.silent_count,
-            )
+        before = peak = rss(victim.pid)
+        flood = await start_flood(name, ("127.0.0.1", victim.port), args)
+        done = asyncio.create_task(flood.finished()) if flood is not None else None
         started = time.perf_counter()
-        result = await legit_rounds(
-            lambda: service.create_stream("node-b"),
-            packet,
-            rounds=args.rounds,
-            batches=args.batches,
-            batch=args.batch,
-            result=LegitResult(),
-        )
+        result = LegitResult()
+        rounds = 0
+        # At least --rounds connections, and more until the flood (at most --seconds) has ended.
+        while rounds < args.rounds or (done is not None and not done.done()):
+            await legit_rounds(
+                open_stream, packet, rounds=1, batches=args.batches, batch=args.batch, result=result
+            )
+            rounds += 1
+            peak = max(peak, rss(victim.pid))
         seconds = time.perf_counter() - started
-        during = rss(victim.pid)
-        stats = await flood.stop() if flood is not None else None
+        stats = await done if done is not None else None
         ended = time.perf_counter()
-        report = await victim.report()
-        while report["receiver"].get("pending", 0) and time.perf_counter() - ended < args.settle:
-            await asyncio.sleep(0.1)
-            report = await victim.report()
         await asyncio.sleep(max(0.0, args.settle - (time.perf_counter() - ended)))
         after = rss(victim.pid)
         report = await victim.report()
@@ -130,6 +139,7 @@ async def scenario(name: str, args: argparse.Namespace, keys: Path) -> dict[str,
         "failed": result.failed,
         "delivered": delivered,
         "delivered_pct": round(100 * delivered / result.attempted, 2) if result.attempted else 0,
+        "connects": result.connects,
         "connect_errors": result.connect_errors[:3],
         "connect_p50_ms": round(1000 * percentile(result.connect_seconds, 0.5), 2),
         "connect_p99_ms": round(1000 * percentile(result.connect_seconds, 0.99), 2),
@@ -142,13 +152,13 @@ async def scenario(name: str, args: argparse.Namespace, keys: Path) -> dict[str,
             "opened": stats.opened,
             "failed": stats.failed,
             "closed_by_receiver": stats.closed,
-            "per_second": round(stats.opened / stats.seconds, 1) if stats.seconds else 0,
+            "per_second": round((stats.opened + stats.failed) / stats.seconds, 1) if stats.seconds else 0,
         },
         "receiver": {k: report["receiver"].get(k) for k in ("evicted_pending", "handshake_failures")},
         "rss_mb": {
             "before": round(before / MIB, 1),
-            "end_of_flood": round(during / MIB, 1),
-            f"{args.settle:g}s_after": round(after / MIB, 1),
+            "peak": round(peak / MIB, 1),
+            "after": round(after / MIB, 1),
             "growth_after": round((after - before) / MIB, 1),
         },
     }
@@ -163,13 +173,14 @@ async def main() -> None:
     parser.add_argument(
         "--scenario", action="append", choices=("baseline", "same-source", "tls", "silent"), default=None
     )
-    parser.add_argument("--rounds", type=int, default=40, help="fresh connections of the peer")
+    parser.add_argument("--rounds", type=int, default=40, help="fresh connections of the peer, at least")
     parser.add_argument("--batches", type=int, default=10, help="batches per connection")
     parser.add_argument("--batch", type=int, default=10, help="packets per batch")
     parser.add_argument("--hold", type=int, default=64, help="same-source: silent connections held")
     parser.add_argument("--addresses", type=int, default=250, help="tls, silent: source addresses")
     parser.add_argument("--silent-count", type=int, default=4000, help="silent: connections held")
     parser.add_argument("--settle", type=float, default=6.0, help="seconds after the flood to measure RSS")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds each flood lasts at most")
     args = parser.parse_args()
     names = args.scenario or ["baseline", "same-source", "tls", "silent"]
     results = []
@@ -185,7 +196,7 @@ async def main() -> None:
     print()
     print(
         "| scenario | delivered | failed | flood conns/s | ack p50 / p99 ms | added p50 / p99 ms "
-        f"| RSS before / end / {args.settle:g}s after (MB) |"
+        f"| RSS before / peak / {args.settle:g}s after (MB) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -196,7 +207,7 @@ async def main() -> None:
             f"| {r['scenario']} | {r['delivered']}/{r['attempted']} ({r['delivered_pct']}%) | {r['failed']} "
             f"| {rate} | {r['ack_p50_ms']} / {r['ack_p99_ms']} "
             f"| {r.get('added_p50_ms', '-')} / {r.get('added_p99_ms', '-')} "
-            f"| {rss_mb['before']} / {rss_mb['end_of_flood']} / {rss_mb[f'{args.settle:g}s_after']} |"
+            f"| {rss_mb['before']} / {rss_mb['peak']} / {rss_mb['after']} |"
         )
 
 

@@ -95,7 +95,8 @@ class _Flood:
         stopped = asyncio.create_task(self.stop.wait())
         connecting = asyncio.gather(*connectors)
         # Until stopped, or until every connector is done (`count` attempts made, each finished).
-        await asyncio.wait({stopped, connecting}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {stopped, connecting}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         for task in connectors:
             task.cancel()

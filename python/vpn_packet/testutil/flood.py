@@ -36,6 +36,7 @@ import json
 import signal
 import socket
 import ssl
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -186,10 +187,23 @@ class _Held:
                     while await self.reader.read(4096):
                         pass
         finally:
+            # Closed with a reset, as an attacker would: no TIME_WAIT left on thousands of local ports
+            # (a test after this one binding a port on all addresses would find it taken).
+            sock = self.sock if self.sock is not None else _socket_of(self.writer)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
             if self.sock is not None:
                 self.sock.close()
             if self.writer is not None:
                 self.writer.transport.abort()
+
+
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 seconds: close() sends a reset
+
+
+def _socket_of(writer: asyncio.StreamWriter | None) -> Any:
+    return writer.get_extra_info("socket") if writer is not None else None
 
 
 async def _main(args: argparse.Namespace) -> FloodStats:

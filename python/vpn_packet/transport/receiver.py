@@ -493,7 +493,7 @@ class Receiver:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(address)
-                if self.security.server_context is not None:
+                if self.security.server_context is not None and _DEFER_ACCEPT:
                     # With TLS the client speaks first: the kernel holds a connection that has sent nothing
                     # (its request in the SYN queue, a few hundred bytes, no descriptor) until its first bytes
                     # come, so most of a flood of silent connections never reaches us; what comes after
@@ -525,9 +525,10 @@ class Receiver:
             loop.remove_reader(listener.fileno())
             listener.close()
         for ticket in self._admission.tickets():
-            if isinstance(ticket.handle, _Silent):
+            handle = ticket.handle
+            if isinstance(handle, _Silent):
                 self._admission.leave(ticket)
-                self._close_silent(ticket.handle)
+                self._close_silent(handle)
         # Connections started just now have their task created but not started: let them start (they see
         # the stopped state and leave at once), then cancel the rest.
         await asyncio.sleep(0)
@@ -899,23 +900,44 @@ class Receiver:
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             if conn.closed_because is not None:
                 raise _Failed(conn.closed_because) from exc
-            raise self._handshake_failed(
-                conn, "closed_early", "the connection ended inside the handshake"
-            ) from exc
+            raise self._handshake_failed(conn, "closed_early", self._why_closed_early(conn)) from exc
         if not verdict.accepted:
             _bump(self._totals.refused, verdict.reason)
             claimed = hello.peer_id if hello is not None else "?"
+            advice = ""
+            if verdict.reason in ("key_mismatch", "unknown_peer"):
+                advice = (
+                    f"; if {claimed!r} is a peer of ours whose key changed, put its new public key "
+                    "(`vpn-packet pubkey` of its key file) as its public_key in this node's config"
+                )
             self._warn.warning(
                 ("refused", conn.source, verdict.reason),
-                "receiver: refused %s (calls itself %r): %s: %s",
+                "receiver: refused %s (calls itself %r): %s: %s%s",
                 conn.source,
                 claimed,
                 verdict.reason,
                 verdict.detail,
+                advice,
             )
         elif hello is not None and hello.peer_id != verdict.peer_id:
             _log.info("peer %s connects under the name %r (its key decides)", verdict.peer_id, hello.peer_id)
         return verdict
+
+    def _why_closed_early(self, conn: _Connection) -> str:
+        """What a connection that ended inside the handshake tells. In key mode, one that ended right after
+        TLS, before a byte of its hello, is what a peer does when the key it has for us is not ours (it
+        checks our key in TLS and hangs up): say so, name the peers configured at that address, and what
+        to do."""
+        security = self.security
+        if security.mode != "key" or security.identity is None or conn.ticket.steps != 1:
+            return "the connection ended inside the handshake"
+        here = [peer.id for peer in self.discovery.peers if peer.address[0] == conn.source]
+        who = f"peer {', '.join(here)} (configured at that address)" if here else "the peer"
+        return (
+            f"it hung up after TLS, before its hello: a peer does that when the public_key it has for this "
+            f"node is not ours; if this is {who}, its log says so: put our public key "
+            f"{security.identity.public_key} as public_key of peer {security.local_id} in its config"
+        )
 
     def _enter_peer(self, conn: _Connection, peer_id: str) -> PeerReceiverMetrics:
         """Counts `conn` as `peer_id`'s; at the peer's limit its oldest connection is closed."""

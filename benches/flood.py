@@ -18,8 +18,8 @@ Scenarios:
   open after TLS without a hello (the issue: about 800/s, the peer delivered 0 of 12,000, or lost 256);
 - `silent`: `--silent-count` connections from many addresses that never start TLS (the issue: 4,000).
 
-Each flood lasts `--seconds` at most; the peer makes at least `--rounds` connections, and goes on until the
-flood has ended.
+Each flood lasts `--seconds` (the silent one holds its connections that long once all are open); the peer
+makes at least `--rounds` connections, and goes on until the flood has ended.
 
 For each: packets attempted, sent (acknowledged), failed, delivered (counted by the receiver's sink); the
 flood's connections opened and its rate; per batch the time from write to acknowledgement (p50/p99, and
@@ -90,7 +90,8 @@ async def start_flood(name: str, target: tuple[str, int], args: argparse.Namespa
             hold=args.silent_count,
             count=args.silent_count,
             warm=args.silent_count,
-            duration=args.seconds,
+            linger=args.seconds,
+            duration=60,
         )
     return None
 

@@ -105,11 +105,15 @@ class HeapRelease:
         self._scheduled = None
         self.release_now()
 
-    def release_now(self) -> None:
-        """Release whatever was freed, now."""
+    def cancel(self) -> None:
+        """Drop a release that `release_soon` scheduled (the receiver stopped)."""
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
+
+    def release_now(self) -> None:
+        """Release whatever was freed, now."""
+        self.cancel()
         self._closed = 0
         self._last = self._clock()
         self.releases += 1

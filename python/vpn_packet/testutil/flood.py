@@ -18,7 +18,8 @@ make them (`--connectors` at once) unless `--rate` caps the rate.
 
 It prints one JSON line when the first `--warm` connections are open (`{"ready": ...}`) and one when it
 stops (`{"done": ...}`: connections opened, failed to open, closed by the receiver), on SIGTERM/SIGINT,
-after `--count` connections, or after `--duration` seconds (a bound, so a forgotten flood ends).
+`--linger` seconds after its `--count`-th connection attempt ended, or after `--duration` seconds (a
+bound, so a forgotten flood ends).
 
 The parent's side: `FloodProcess.start(...)` runs it and returns once it is ready, `await flood.stop()`
 ends it and returns its `FloodStats`. `legit_rounds(...)` is the key-holding peer measured meanwhile: fresh
@@ -81,6 +82,7 @@ class _Flood:
         self.rate: float = args.rate
         self.connectors: int = args.connectors
         self.warm: int = min(args.warm, args.count)
+        self.linger: float = args.linger
         self.stats = FloodStats()
         self.tls = attacker_tls() if self.mode == "tls" else None
         self.slots = asyncio.Semaphore(self.hold)
@@ -95,9 +97,12 @@ class _Flood:
         connectors = [asyncio.create_task(self._connector()) for _ in range(self.connectors)]
         stopped = asyncio.create_task(self.stop.wait())
         connecting = asyncio.gather(*connectors)
-        # Until stopped, or until every connector is done (`count` attempts made, each finished).
+        # Until stopped, or until every connector is done (`count` attempts made, each finished) and what
+        # is open was held `linger` seconds more.
         either: set[asyncio.Future[Any]] = {stopped, connecting}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if not stopped.done() and self.linger:
+            await asyncio.wait({stopped}, timeout=self.linger)
         stopped.cancel()
         for task in connectors:
             task.cancel()
@@ -232,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=0.0, help="new connections per second (0: at will)")
     parser.add_argument("--connectors", type=int, default=64, help="connections being opened at once")
     parser.add_argument("--warm", type=int, default=1, help="connections open before saying ready")
+    parser.add_argument("--linger", type=float, default=0.0, help="seconds to hold on after --count")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds at most")
     args = parser.parse_args(argv)
     stats = asyncio.run(_main(args))
@@ -261,6 +267,7 @@ class FloodProcess:
         rate: float = 0.0,
         connectors: int = 64,
         warm: int = 1,
+        linger: float = 0.0,
         duration: float = 60.0,
         ready_timeout: float = 60.0,
     ) -> FloodProcess:
@@ -277,6 +284,7 @@ class FloodProcess:
             f"--rate={rate}",
             f"--connectors={connectors}",
             f"--warm={warm}",
+            f"--linger={linger}",
             f"--duration={duration}",
         ]
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)

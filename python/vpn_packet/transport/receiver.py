@@ -164,9 +164,11 @@ class ReceiverMetrics(PeerReceiverMetrics):
     """Totals over all connections, plus what happens before a peer is proven.
 
     `connections` counts every accepted TCP connection; `pending` the connections not authenticated yet
-    (now), `rejected_pending` those closed at accept for the pending limits and `evicted_pending` those
-    closed to make room; `handshake_failures` counts handshakes that ended without a verdict, by reason;
-    `refused` counts hellos refused with an answer, by reason (`unknown_peer`, `key_mismatch`, ...).
+    (now, silent and handshaking: `vpn_packet.transport.admission`); `evicted_pending` those closed to make
+    room for a newer one; `rejected_pending` those refused at accept, which the admission policy no longer
+    does (a newcomer always gets a place): it stays 0, kept for the metrics' names; `handshake_failures`
+    counts handshakes that ended without a verdict, by reason; `refused` counts hellos refused with an
+    answer, by reason (`unknown_peer`, `key_mismatch`, ...).
     """
 
     pending: int = 0
@@ -541,7 +543,7 @@ class Receiver:
                 _log.warning(
                     "receiver stop: %d connection tasks did not finish in %gs", len(pending), timeout
                 )
-        self._heap.release_now()
+        self._heap.cancel()
 
     async def __aenter__(self) -> Receiver:
         await self.start()
@@ -652,7 +654,7 @@ class Receiver:
                     oldest = self._admission.oldest_silent()
                     if oldest is not None and isinstance(oldest.handle, _Silent):
                         self._admission.leave(oldest)
-                        self._evicted(oldest, "out of descriptors")
+                        self._evicted(oldest, "oldest silent (out of descriptors)")
                         continue
                     self._pause_accepting(listener, exc)
                     return
@@ -685,7 +687,7 @@ class Receiver:
         sock.setblocking(False)
         if self.security.server_context is None:
             ticket, evicted = self._admission.enter(source)
-            self._evict(evicted, "pending")
+            self._evict(evicted, "stalest handshaking")
             self._open(ticket, sock)
             return
         # Those it would displace may have spoken since the last look (this accept batch ran first): they
@@ -694,7 +696,7 @@ class Receiver:
             if isinstance(candidate.handle, _Silent):
                 self._check_silent(candidate.handle)
         ticket, evicted = self._admission.arrive(source)
-        self._evict(evicted, "silent")
+        self._evict(evicted, "oldest silent")
         silent = _Silent(sock, ticket)
         ticket.handle = silent
         if not self._check_silent(silent):  # its ClientHello is not here yet: wait for it
@@ -717,7 +719,7 @@ class Receiver:
             self._count_failure(ticket.source, "closed_early", "the connection ended before TLS started")
             silent.sock.close()
             return True
-        self._evict(self._admission.start(ticket), "pending")
+        self._evict(self._admission.start(ticket), "stalest handshaking")
         self._open(ticket, silent.sock)
         return True
 
@@ -768,17 +770,16 @@ class Receiver:
         self._totals.evicted_pending += 1
         self._warn.warning(
             ("evicted", why),
-            "receiver: closing a %s connection from %s to make room (%s; %d silent, %d handshaking pending "
-            "now; limits %d/%d in all, %d/%d per address)",
-            "silent" if isinstance(ticket.handle, _Silent) else "pending",
-            ticket.source,
-            why,
+            "receiver: %d silent and %d handshaking connections without a key (limits %d and %d in all, "
+            "%d and %d per address): closing the %s one from %s to make room",
             self._admission.silent,
             self._admission.handshaking,
             self.max_silent_pending,
             self.max_pending,
             self.max_silent_pending_per_source,
             self.max_pending_per_source,
+            why,
+            ticket.source,
         )
         handle, ticket.handle = ticket.handle, None
         if isinstance(handle, _Silent):

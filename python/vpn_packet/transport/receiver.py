@@ -652,9 +652,10 @@ class Receiver:
                 if exc.errno in _OUT_OF_DESCRIPTORS:
                     # Silent connections are the cheapest to lose: close the oldest and take this one.
                     oldest = self._admission.oldest_silent()
-                    if oldest is not None and isinstance(oldest.handle, _Silent):
+                    if oldest is not None:
+                        handle = oldest.handle
                         self._admission.leave(oldest)
-                        self._evicted(oldest, "oldest silent (out of descriptors)")
+                        self._evicted(oldest, handle, "oldest silent (out of descriptors)")
                         continue
                     self._pause_accepting(listener, exc)
                     return
@@ -719,6 +720,7 @@ class Receiver:
             self._count_failure(ticket.source, "closed_early", "the connection ended before TLS started")
             silent.sock.close()
             return True
+        ticket.handle = None  # the socket is the transport's from now on (`_on_connection` sets the handle)
         self._evict(self._admission.start(ticket), "stalest handshaking")
         self._open(ticket, silent.sock)
         return True
@@ -761,12 +763,14 @@ class Receiver:
         self._attaching.add(task)
         task.add_done_callback(self._attaching.discard)
 
-    def _evict(self, tickets: list[Ticket], tier: str) -> None:
+    def _evict(self, tickets: list[Ticket], why: str) -> None:
         """Closes the connections the admission displaced (already out of its tables) to make room."""
         for ticket in tickets:
-            self._evicted(ticket, tier)
+            handle, ticket.handle = ticket.handle, None
+            self._evicted(ticket, handle, why)
 
-    def _evicted(self, ticket: Ticket, why: str) -> None:
+    def _evicted(self, ticket: Ticket, handle: object, why: str) -> None:
+        """Closes `handle`, the connection of `ticket` (out of the admission's tables already)."""
         self._totals.evicted_pending += 1
         self._warn.warning(
             ("evicted", why),
@@ -781,7 +785,6 @@ class Receiver:
             why,
             ticket.source,
         )
-        handle, ticket.handle = ticket.handle, None
         if isinstance(handle, _Silent):
             self._close_silent(handle)
             return

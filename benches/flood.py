@@ -99,7 +99,12 @@ async def start_flood(name: str, target: tuple[str, int], args: argparse.Namespa
 async def scenario(name: str, args: argparse.Namespace, keys: Path) -> dict[str, Any]:
     ids = identities(keys, "node-a", "node-b")
     tuning = {"max_pending": args.max_pending} if args.max_pending else None
-    victim = await PeerProcess.start(key=ids["node-b"].path, peer_key=ids["node-a"].public_key, tuning=tuning)
+    victim = await PeerProcess.start(
+        key=ids["node-b"].path,
+        peer_key=ids["node-a"].public_key,
+        tuning=tuning,
+        sender_endpoint=args.endpoint,
+    )
     try:
         security = Security.with_keys(ids["node-a"], {"node-b": ids["node-b"].public_key_bytes})
         service = TcpStreamService(
@@ -184,6 +189,12 @@ async def main() -> None:
     parser.add_argument("--settle", type=float, default=6.0, help="seconds after the flood to measure RSS")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds each flood lasts at most")
     parser.add_argument("--max-pending", type=int, default=0, help="the receiver's max_pending (0: default)")
+    parser.add_argument(
+        "--endpoint",
+        default="127.0.0.9:9",
+        help="the peer's endpoint in the receiver's config; 127.0.0.1:9, the address it connects from, earns "
+        "it the admission's favour",
+    )
     args = parser.parse_args()
     names = args.scenario or ["baseline", "same-source", "tls", "silent"]
     results = []

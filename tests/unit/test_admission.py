@@ -158,3 +158,37 @@ async def test_the_heap_is_released_after_a_burst_not_per_connection() -> None:
     assert len(released) == 2
     heap.release_now()
     assert heap.releases == 3
+
+
+def test_connections_from_favoured_addresses_go_last_under_the_total_bounds() -> None:
+    peers = {"192.0.2.7"}
+    a = Admission(
+        max_silent=2,
+        max_silent_per_source=2,
+        max_pending=2,
+        max_pending_per_source=2,
+        favoured=peers.__contains__,
+    )
+    peer, _ = a.enter("192.0.2.7")  # the oldest and stalest, but from a configured peer's address
+    stranger, _ = a.enter("10.0.0.1")
+    _newcomer, evicted = a.enter("10.0.0.2")
+    assert evicted == [stranger]
+    assert peer.held
+    # Silent ones likewise, and the receiver is told whom to look at first.
+    quiet_peer, _ = a.arrive("192.0.2.7")
+    quiet, _ = a.arrive("10.0.0.3")
+    assert a.next_silent_evictions("10.0.0.4", 4) == [quiet, quiet_peer]
+    _, evicted = a.arrive("10.0.0.4")
+    assert evicted == [quiet]
+    # Only when every one is favoured does a favoured one go (the oldest), and the per-address bounds
+    # hold for a favoured address as for any.
+    both = Admission(
+        max_silent=1,
+        max_silent_per_source=1,
+        max_pending=1,
+        max_pending_per_source=1,
+        favoured=peers.__contains__,
+    )
+    first, _ = both.enter("192.0.2.7")
+    _, evicted = both.enter("192.0.2.7")
+    assert evicted == [first]

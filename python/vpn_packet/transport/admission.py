@@ -27,6 +27,12 @@ Neither tier ever refuses a newcomer: a new connection always gets a place by cl
 tier, so a flood on the peer's own address (its NAT, its host) cannot refuse the peer at accept; it can only
 displace its own older connections, which a real peer leaves within a round trip.
 
+Nothing before the hello tells a peer from an attacker with as many addresses, except the address itself:
+a connection from a *favoured* address (`favoured(source)`: the receiver favours the addresses of its
+configured peers' endpoints) is displaced by the total bounds only when every connection of its tier is
+favoured. An attacker cannot take a peer's address with TCP; one that shares it (a NAT) is held to the
+per-address bounds, where the oldest or stalest of that address goes first as for everyone.
+
 `Admission` is the bookkeeping only (no sockets, no clock: the order is the order of the calls), so the
 policy is tested on its own; the receiver closes what it returns.
 """
@@ -35,10 +41,13 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 __all__ = ["Admission", "Ticket", "Tier"]
+
+_NOBODY: Callable[[str], bool] = lambda _source: False  # noqa: E731 - the default: no address favoured
 
 Tier = Literal["silent", "handshaking"]
 
@@ -94,6 +103,13 @@ class _Queue:
         queue = self.order if source is None else self.by_source[source]
         return next(iter(queue))
 
+    def first_not(self, favoured: Callable[[str], bool]) -> Ticket:
+        """The first ticket whose source is not favoured; the first of all when every one is."""
+        for ticket in self.order:
+            if not favoured(ticket.source):
+                return ticket
+        return self.first()
+
 
 class Admission:
     """The two tiers of pending connections and their bounds (see the module docstring).
@@ -103,7 +119,13 @@ class Admission:
     """
 
     def __init__(
-        self, *, max_silent: int, max_silent_per_source: int, max_pending: int, max_pending_per_source: int
+        self,
+        *,
+        max_silent: int,
+        max_silent_per_source: int,
+        max_pending: int,
+        max_pending_per_source: int,
+        favoured: Callable[[str], bool] = _NOBODY,
     ) -> None:
         for name, value in (
             ("max_silent", max_silent),
@@ -117,6 +139,7 @@ class Admission:
         self.max_silent_per_source = max_silent_per_source
         self.max_pending = max_pending
         self.max_pending_per_source = max_pending_per_source
+        self.favoured = favoured
         self._silent = _Queue()
         self._handshaking = _Queue()
 
@@ -188,15 +211,15 @@ class Admission:
 
     def next_silent_evictions(self, source: str, n: int) -> list[Ticket]:
         """The first `n` silent tickets that a new silent connection from `source` would displace, in order
-        (none below the bounds). The receiver looks at their sockets first: one whose first bytes are already
-        there is not silent any more, and it moves on (`start`) instead of being closed."""
+        (none below the bounds; favoured ones last). The receiver looks at their sockets first: one whose
+        first bytes are already there is not silent any more, and it moves on (`start`) instead of being
+        closed."""
         if self._silent.count(source) >= self.max_silent_per_source:
-            queue = self._silent.by_source[source]
-        elif len(self._silent) >= self.max_silent:
-            queue = self._silent.order
-        else:
-            return []
-        return list(itertools.islice(queue, n))
+            return list(itertools.islice(self._silent.by_source[source], n))
+        if len(self._silent) >= self.max_silent:
+            plain = (t for t in self._silent.order if not self.favoured(t.source))
+            return list(itertools.islice(dict.fromkeys(itertools.chain(plain, self._silent.order)), n))
+        return []
 
     def oldest_silent(self) -> Ticket | None:
         """The silent ticket that would go first (the receiver closes it when it runs out of descriptors)."""
@@ -207,7 +230,7 @@ class Admission:
         if queue.count(source) >= per_source:
             evicted.append(queue.first(source))
         elif len(queue) >= limit:
-            evicted.append(queue.first())
+            evicted.append(queue.first_not(self.favoured))
         for ticket in evicted:
             queue.remove(ticket)
             ticket.held = False

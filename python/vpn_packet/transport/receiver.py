@@ -9,11 +9,12 @@ Per connection (the wire messages are drawn in `rust/core/src/handshake.rs` and 
    as a bare socket (no transport, no task, no TLS buffer), within `max_silent_pending` in all and
    `max_silent_pending_per_source` per address; one whose bytes arrived is handshaking, within `max_pending`
    and `max_pending_per_source`. At a bound the oldest silent, or the stalest handshaking connection (the
-   longest without a step of progress) is closed, never the newcomer, so no flood without a key keeps a real
-   peer out. `hello_timeout` covers the silent wait, TLS, challenge and hello together. Memory per pending
-   connection is bounded: asyncio's TLS buffer (256 KiB once TLS starts) and at most one hello
-   (`MAX_HANDSHAKE_HELLO_LEN` bytes); once the pending connections are gone after a flood, the heap's free
-   pages go back to the system (`vpn_packet.heap`).
+   longest without a step of progress) is closed, never the newcomer, and connections from the addresses of
+   configured peers' endpoints go last, so no flood without a key keeps a real peer out. With TLS the
+   kernel holds a connection that has sent nothing (`TCP_DEFER_ACCEPT`). `hello_timeout` covers the silent
+   wait, TLS, challenge and hello together. Memory per pending connection is bounded: asyncio's TLS buffer
+   (256 KiB once TLS starts) and at most one hello (`MAX_HANDSHAKE_HELLO_LEN` bytes); once the pending
+   connections are gone after a flood, the heap's free pages go back to the system (`vpn_packet.heap`).
 2. **Handshake**: TLS when the `Security` has a server context; then the challenge, the hello, the
    verdict (`vpn_packet.transport.handshake.judge_hello`), and the answer, sent before closing a refused
    connection so the sender knows why. A refusal is counted by reason (`refused`) and logged at WARNING
@@ -446,7 +447,9 @@ class Receiver:
             max_silent_per_source=max_silent_pending_per_source,
             max_pending=max_pending,
             max_pending_per_source=max_pending_per_source,
+            favoured=self._is_peer_address,
         )
+        self._peer_addresses: tuple[int, frozenset[str]] = (-1, frozenset())  # (discovery generation, hosts)
         self._attaching: set[asyncio.Task[None]] = set()  # a started connection getting its transport
         self._heap = HeapRelease()
         self._by_peer: dict[str, OrderedDict[asyncio.Task[None], _Connection]] = {}
@@ -664,6 +667,15 @@ class Receiver:
                 self._pause_accepting(listener, exc)
                 return
             self._arrived(sock, str(address[0]))
+
+    def _is_peer_address(self, source: str) -> bool:
+        """Whether `source` is the host of a configured peer's endpoint (the admission favours it: an
+        attacker cannot connect from it with TCP). Endpoints given as names do not match."""
+        generation, hosts = self._peer_addresses
+        if generation != self.discovery.generation:
+            hosts = frozenset(peer.address[0] for peer in self.discovery.peers)
+            self._peer_addresses = (self.discovery.generation, hosts)
+        return source in hosts
 
     def _pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
         """accept() failed with nothing to shed (out of descriptors or memory): stop watching the listener

@@ -56,13 +56,15 @@ Tier = Literal["silent", "handshaking"]
 class Ticket:
     """One pending connection's place: its source address, its tier, and what the receiver attaches to it
     (`handle`: whatever closes it; dropped when the ticket leaves, and by the receiver once it closed an
-    evicted one). `steps` counts its steps of progress in the handshaking tier."""
+    evicted one; `accepted`: when, by the receiver's clock). `steps` counts its steps of progress in the
+    handshaking tier."""
 
     source: str
     tier: Tier = "silent"
     handle: object = None
     steps: int = 0
     held: bool = True
+    accepted: float = 0.0
 
 
 class _Queue:

@@ -698,8 +698,10 @@ class Receiver:
             sock.close()
             return
         sock.setblocking(False)
+        loop = asyncio.get_running_loop()
         if self.security.server_context is None:
             ticket, evicted = self._admission.enter(source)
+            ticket.accepted = loop.time()
             self._evict(evicted, "stalest handshaking")
             self._open(ticket, sock)
             return
@@ -709,11 +711,11 @@ class Receiver:
             if isinstance(candidate.handle, _Silent):
                 self._check_silent(candidate.handle)
         ticket, evicted = self._admission.arrive(source)
+        ticket.accepted = loop.time()
         self._evict(evicted, "oldest silent")
         silent = _Silent(sock, ticket)
         ticket.handle = silent
         if not self._check_silent(silent):  # its ClientHello is not here yet: wait for it
-            loop = asyncio.get_running_loop()
             loop.add_reader(sock.fileno(), self._check_silent, silent)
             silent.timer = loop.call_later(self.hello_timeout, self._silent_timed_out, silent)
 
@@ -897,7 +899,8 @@ class Receiver:
             return data
 
         try:
-            async with asyncio.timeout(self.hello_timeout):
+            # From accept: the silent wait counts too.
+            async with asyncio.timeout_at(ticket.accepted + self.hello_timeout):
                 if security.server_context is not None:
                     await conn.writer.start_tls(security.server_context)
                     admission.progress(ticket)  # TLS done: a step

@@ -53,6 +53,8 @@ __all__ = [
     "MAX_MTU",
     "MAX_PENDING",
     "MAX_PENDING_PER_SOURCE",
+    "MAX_SILENT_PENDING",
+    "MAX_SILENT_PENDING_PER_SOURCE",
     "MAX_SECONDS",
     "MAX_STREAMS_PER_PEER",
     "MAX_TXQUEUELEN",
@@ -156,11 +158,20 @@ MAX_CONNECTIONS: Final = 1024
 MAX_CONNECTIONS_PER_PEER: Final = 16
 #: Seconds a new connection has for TLS, challenge and hello together: a real peer needs milliseconds.
 HELLO_TIMEOUT: Final = 5.0
-#: Connections not authenticated yet, in all and from one source address. Each may hold asyncio's 256 KiB
-#: TLS buffer, so 128 bound them to about 32 MiB; at the first limit the oldest pending one is closed to make
-#: room (a flood cannot keep a real peer out), at the second new ones from that address are closed.
+#: Connections not authenticated yet that have sent something (TLS under way, then the hello), in all and
+#: from one source address. Each may hold asyncio's 256 KiB TLS buffer, so 128 bound them to about 32 MiB.
+#: At either limit the stalest one (the longest without a step of progress) is closed to make room: a new
+#: connection is never refused, and a peer's, which makes a step every round trip, is not the one to go
+#: (`vpn_packet.transport.admission`).
 MAX_PENDING: Final = 128
 MAX_PENDING_PER_SOURCE: Final = 16
+#: Connections accepted that have not sent a byte yet, in all and from one source address. Held as bare
+#: sockets (a descriptor and a few hundred bytes each, no TLS buffer), so a flood of them costs little; at
+#: either limit the oldest silent one is closed. 512 in all stays well under the usual 1024 descriptors
+#: of a process, with the handshaking and authenticated connections beside them; 32 per address lets a few
+#: peers behind one NAT connect at once while one address floods.
+MAX_SILENT_PENDING: Final = 512
+MAX_SILENT_PENDING_PER_SOURCE: Final = 32
 #: Seconds an authenticated connection may send nothing before the receiver closes it. Above the sender's
 #: `STREAM_IDLE_TIMEOUT`, so a healthy sender closes its unused streams first.
 RECEIVE_IDLE_TIMEOUT: Final = 180.0
@@ -411,6 +422,12 @@ class Tuning:
     hello_timeout: float = _seconds(HELLO_TIMEOUT, "seconds a new connection has for TLS and its hello")
     max_pending: int = _int(MAX_PENDING, 1, 1 << 16, "connections not authenticated yet, in all")
     max_pending_per_source: int = _int(MAX_PENDING_PER_SOURCE, 1, 1 << 16, "pending connections per address")
+    max_silent_pending: int = _int(
+        MAX_SILENT_PENDING, 1, 1 << 20, "accepted connections that sent nothing yet, in all"
+    )
+    max_silent_pending_per_source: int = _int(
+        MAX_SILENT_PENDING_PER_SOURCE, 1, 1 << 16, "accepted connections that sent nothing yet, per address"
+    )
     receive_idle_timeout: float = _seconds(
         RECEIVE_IDLE_TIMEOUT,
         "seconds an authenticated connection may be silent before the receiver closes it",

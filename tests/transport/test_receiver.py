@@ -391,8 +391,7 @@ async def test_flood_while_the_sink_blocks_stays_bounded() -> None:
     async with Receiver(make_discovery(), sink, security=INSECURE, read_size=read_size, max_batch=1024) as rx:
         # Small kernel buffers on both sides (accepted sockets inherit the listener's), so that TCP pushes
         # back soon; without this, loopback autotuning can absorb megabytes before the sender notices.
-        assert rx._server is not None
-        rx._server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        rx._listeners[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         reader, writer = await open_as(rx, "node-a")
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         writer.transport.set_write_buffer_limits(high=64 * 1024)
@@ -467,19 +466,28 @@ async def test_a_new_connection_of_a_peer_at_its_limit_supersedes_its_oldest(col
     assert sorted(collector.packets()) == sorted([pkt(A_SRC, 0), pkt(A_SRC, 1), pkt(A_SRC, 3), pkt(B_SRC, 4)])
 
 
-async def test_pending_connections_per_source_are_capped(collector: Collector) -> None:
+async def test_a_source_at_its_pending_limit_makes_room_from_its_own_stalest(collector: Collector) -> None:
     async with Receiver(
         make_discovery(), collector, security=INSECURE, max_pending_per_source=2, max_pending=16
     ) as rx:
         silent = [await connect(rx, source="127.0.0.2") for _ in range(2)]
         await wait_until(lambda: rx.metrics().pending == 2)
-        extra = await connect(rx, source="127.0.0.2")  # a third from that address: closed at once
-        assert await until_closed(*extra, half_close=False) == b""  # not even a challenge
-        assert rx.metrics().rejected_pending == 1
-        await send_all(rx, "node-a", [pkt(A_SRC, 1)])  # another address still gets in
+        elsewhere = await connect(rx, source="127.0.0.3")  # another address: not touched below
+        await wait_until(lambda: rx.metrics().pending == 3)
+        # A peer on that address (its NAT, its host) is not refused: it displaces that address's stalest
+        # pending connection, and gets in.
+        reader, writer, reason, _ = await hello(
+            rx, "node-a", encode_frames([pkt(A_SRC, 1)]), source="127.0.0.2"
+        )
+        assert reason == "accepted"
+        assert (await until_closed(*silent[0], half_close=False)).startswith(
+            b"VPNP"
+        )  # challenge, then closed
+        await until_closed(reader, writer, half_close=True)
         m = rx.metrics()
-        assert (m.pending, m.rejected_pending, m.packets_delivered) == (2, 1, 1)
-        for conn in silent:
+        assert (m.rejected_pending, m.evicted_pending, m.packets_delivered) == (0, 1, 1)
+        assert m.pending == 2  # silent[1] and elsewhere
+        for conn in (silent[1], elsewhere):
             conn[1].close()
     assert collector.packets() == [pkt(A_SRC, 1)]
 

@@ -49,6 +49,8 @@ def test_library_defaults_are_the_tuning_constants() -> None:
         (Receiver, "read_size", t.read_size),
         (Receiver, "max_pending", t.max_pending),
         (Receiver, "max_pending_per_source", t.max_pending_per_source),
+        (Receiver, "max_silent_pending", t.max_silent_pending),
+        (Receiver, "max_silent_pending_per_source", t.max_silent_pending_per_source),
         (Receiver, "idle_timeout", t.receive_idle_timeout),
         (Receiver, "log_interval", tuning.LOG_INTERVAL),
         (TcpStreamService, "log_interval", tuning.LOG_INTERVAL),

@@ -117,6 +117,9 @@ class PeerSink:
                     "offload_invalid",
                     "sink_raised",
                     "protocol_errors",
+                    "pending",
+                    "evicted_pending",
+                    "handshake_failures",
                 )
             }
         return out
@@ -147,7 +150,7 @@ async def _serve(args: argparse.Namespace) -> None:
     node = Node(
         security,
         ("127.0.0.1", args.port),
-        [Peer(args.sender, "127.0.0.1:9", args.sender_prefix)],
+        [Peer(args.sender, args.sender_endpoint, args.sender_prefix)],
         sink,
         **changes,
     )
@@ -179,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--sender", default="node-a")
     parser.add_argument("--sender-prefix", action="append", default=None)
+    parser.add_argument("--sender-endpoint", default="127.0.0.1:9", help="the sender's configured endpoint")
     parser.add_argument("--counts", default="", help="shared counts file (survives SIGKILL)")
     parser.add_argument("--tuning", default="", help="JSON object of Tuning field changes")
     parser.add_argument("--sink-work", type=int, default=0, help="CRC-32 passes per packet (a slow peer)")
@@ -211,6 +215,7 @@ class PeerProcess:
         key: Path | None = None,
         peer_key: str = "",
         sink_work: int = 0,
+        sender_endpoint: str = "127.0.0.1:9",
         ready_timeout: float = 30.0,
     ) -> PeerProcess:
         tmp = tempfile.TemporaryDirectory(prefix="vpn-packet-peer-")
@@ -218,7 +223,7 @@ class PeerProcess:
         cmd = [sys.executable, "-m", "vpn_packet.testutil.peer_process", "--id", peer_id, "--sender", sender]
         for prefix in sender_prefixes:
             cmd += ["--sender-prefix", prefix]
-        cmd += ["--counts", str(counts)]
+        cmd += ["--counts", str(counts), "--sender-endpoint", sender_endpoint]
         if sink_work:
             cmd += ["--sink-work", str(sink_work)]
         if tuning:

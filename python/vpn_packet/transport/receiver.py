@@ -3,12 +3,18 @@ packets to a sink.
 
 Per connection (the wire messages are drawn in `rust/core/src/handshake.rs` and `framing`):
 
-1. **Pending** (not authenticated yet): from TCP accept to an accepting answer. Pending connections are
-   counted and capped (`max_pending` in all, `max_pending_per_source` per source address: beyond the
-   first, new ones are closed at once; beyond the second, the oldest pending connection is closed to make
-   room, so a flood of silent connections cannot keep a real peer out), and time-limited (`hello_timeout`
-   covers TLS, challenge and hello together). Memory per pending connection is bounded: asyncio's TLS
-   buffer (256 KiB once TLS starts) and at most one hello (`MAX_HANDSHAKE_HELLO_LEN` bytes).
+1. **Pending** (not authenticated yet): from TCP accept to an accepting answer. Anyone can open one without a
+   key, so pending connections are bounded in count, time and memory, and which one is closed at a bound is
+   the admission policy of `vpn_packet.transport.admission`: a connection that has sent nothing yet is held
+   as a bare socket (no transport, no task, no TLS buffer), within `max_silent_pending` in all and
+   `max_silent_pending_per_source` per address; one whose bytes arrived is handshaking, within `max_pending`
+   and `max_pending_per_source`. At a bound the oldest silent, or the stalest handshaking connection (the
+   longest without a step of progress) is closed, never the newcomer, and connections from the addresses of
+   configured peers' endpoints go last, so no flood without a key keeps a real peer out. With TLS the
+   kernel holds a connection that has sent nothing (`TCP_DEFER_ACCEPT`). `hello_timeout` covers the silent
+   wait, TLS, challenge and hello together. Memory per pending connection is bounded: asyncio's TLS buffer
+   (256 KiB once TLS starts) and at most one hello (`MAX_HANDSHAKE_HELLO_LEN` bytes); once the pending
+   connections are gone after a flood, the heap's free pages go back to the system (`vpn_packet.heap`).
 2. **Handshake**: TLS when the `Security` has a server context; then the challenge, the hello, the
    verdict (`vpn_packet.transport.handshake.judge_hello`), and the answer, sent before closing a refused
    connection so the sender knows why. A refusal is counted by reason (`refused`) and logged at WARNING
@@ -51,6 +57,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import inspect
 import logging
 import socket
@@ -67,7 +74,9 @@ from typing import ClassVar, Final, cast
 from vpn_packet import tuning
 from vpn_packet._native import InboundDecoder, encode_ack
 from vpn_packet.errors import FramingError
+from vpn_packet.heap import HeapRelease
 from vpn_packet.ratelimit import LogLimiter
+from vpn_packet.transport.admission import Admission, Ticket
 from vpn_packet.transport.discovery import StaticPeerDiscovery
 from vpn_packet.transport.framing import DEFAULT_MAX_FRAME_SIZE
 from vpn_packet.transport.handshake import Security, Verdict, server_handshake
@@ -75,6 +84,20 @@ from vpn_packet.transport.handshake import Security, Verdict, server_handshake
 __all__ = ["PACKET_DROPS", "PeerReceiverMetrics", "Receiver", "ReceiverMetrics", "Sink", "TunTarget"]
 
 _log = logging.getLogger(__name__)
+
+#: Connections taken per wake-up of the listening socket at most (asyncio's servers take their backlog, 100).
+_ACCEPT_BATCH = 128
+#: accept() errors that mean "out of descriptors or kernel memory": shed a silent connection, else pause.
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors of a client that went away before it was taken: skip it.
+_ACCEPT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+#: Seconds the kernel holds a new TLS connection that has sent nothing before handing it to us anyway
+#: (`TCP_DEFER_ACCEPT`; it counts SYN-ACK retransmissions, so the real wait is a few seconds).
+_DEFER_ACCEPT = 1
+#: Silent connections looked at (a peeked byte) before the oldest is closed to make room for a new one.
+_LOOK_BEFORE_EVICTING = 4
+#: Seconds to stop accepting after an accept() error with nothing to shed (asyncio's servers wait 1 s).
+_ACCEPT_RETRY_DELAY = 0.5
 
 Sink = Callable[[str, list[bytes]], Awaitable[None] | None]
 """`sink(peer_id, packets)`: takes a batch of accepted packets; may return an awaitable (awaited)."""
@@ -103,6 +126,16 @@ PACKET_DROPS: Final = (
     "tun_dropped",
     "tun_refused",
 )
+
+
+@dataclass(eq=False, slots=True)
+class _Silent:
+    """An accepted connection that has sent nothing yet: the bare socket, watched for readability, and the
+    timer of its `hello_timeout`. No transport, stream or task exists for it until its first bytes come."""
+
+    sock: socket.socket
+    ticket: Ticket
+    timer: asyncio.TimerHandle | None = None
 
 
 def _bump(counts: dict[str, int], reason: str, n: int = 1) -> None:
@@ -184,9 +217,11 @@ class ReceiverMetrics(PeerReceiverMetrics):
     """Totals over all connections, plus what happens before a peer is proven.
 
     `connections` counts every accepted TCP connection; `pending` the connections not authenticated yet
-    (now), `rejected_pending` those closed at accept for the pending limits and `evicted_pending` those
-    closed to make room; `handshake_failures` counts handshakes that ended without a verdict, by reason;
-    `refused` counts hellos refused with an answer, by reason (`unknown_peer`, `key_mismatch`, ...).
+    (now, silent and handshaking: `vpn_packet.transport.admission`); `evicted_pending` those closed to make
+    room for a newer one; `rejected_pending` those refused at accept, which the admission policy no longer
+    does (a newcomer always gets a place): it stays 0, kept for the metrics' names; `handshake_failures`
+    counts handshakes that ended without a verdict, by reason; `refused` counts hellos refused with an
+    answer, by reason (`unknown_peer`, `key_mismatch`, ...).
     """
 
     pending: int = 0
@@ -258,6 +293,7 @@ class _Connection:
     reader: asyncio.StreamReader
     source: str
     task: asyncio.Task[None]
+    ticket: Ticket
     peer_id: str | None = None
     decoder: InboundDecoder | None = None
     closed_because: str | None = None
@@ -480,6 +516,8 @@ class Receiver:
         "max_connections_per_peer": "max_connections_per_peer",
         "max_pending": "max_pending",
         "max_pending_per_source": "max_pending_per_source",
+        "max_silent_pending": "max_silent_pending",
+        "max_silent_pending_per_source": "max_silent_pending_per_source",
         "read_size": "read_size",
     }
 
@@ -499,6 +537,8 @@ class Receiver:
         max_connections_per_peer: int = tuning.MAX_CONNECTIONS_PER_PEER,
         max_pending: int = tuning.MAX_PENDING,
         max_pending_per_source: int = tuning.MAX_PENDING_PER_SOURCE,
+        max_silent_pending: int = tuning.MAX_SILENT_PENDING,
+        max_silent_pending_per_source: int = tuning.MAX_SILENT_PENDING_PER_SOURCE,
         read_size: int = tuning.READ_SIZE,
         log_interval: float = tuning.LOG_INTERVAL,
     ) -> None:
@@ -512,6 +552,8 @@ class Receiver:
             max_connections_per_peer=max_connections_per_peer,
             max_pending=max_pending,
             max_pending_per_source=max_pending_per_source,
+            max_silent_pending=max_silent_pending,
+            max_silent_pending_per_source=max_silent_pending_per_source,
             read_size=read_size,
         )
         self.discovery = discovery
@@ -527,15 +569,26 @@ class Receiver:
         self.max_connections_per_peer = max_connections_per_peer
         self.max_pending = max_pending
         self.max_pending_per_source = max_pending_per_source
+        self.max_silent_pending = max_silent_pending
+        self.max_silent_pending_per_source = max_silent_pending_per_source
         self.read_size = read_size
         self._warn = LogLimiter(_log, log_interval)
-        self._server: asyncio.Server | None = None
+        self._listeners: list[socket.socket] = []
         self._address: tuple[str, int] | None = None
         self._state = "new"  # new -> running -> stopped
-        # Every connection task, pending (oldest first) or authenticated (per peer, oldest first).
+        # Every connection task, pending or authenticated (per peer, oldest first).
         self._connections: dict[asyncio.Task[None], _Connection] = {}
-        self._pending: OrderedDict[asyncio.Task[None], _Connection] = OrderedDict()
-        self._pending_by_source: dict[str, int] = {}
+        # Who holds a pending place, silent or handshaking (see `vpn_packet.transport.admission`).
+        self._admission = Admission(
+            max_silent=max_silent_pending,
+            max_silent_per_source=max_silent_pending_per_source,
+            max_pending=max_pending,
+            max_pending_per_source=max_pending_per_source,
+            favoured=self._is_peer_address,
+        )
+        self._peer_addresses: tuple[int, frozenset[str]] = (-1, frozenset())  # (discovery generation, hosts)
+        self._attaching: set[asyncio.Task[None]] = set()  # a started connection getting its transport
+        self._heap = HeapRelease()
         self._by_peer: dict[str, OrderedDict[asyncio.Task[None], _Connection]] = {}
         self._authenticated = 0
         self._totals = ReceiverMetrics()
@@ -556,21 +609,47 @@ class Receiver:
             raise RuntimeError(f"receiver is {self._state}; a receiver is started once")
         self._state = "running"
         try:
-            # No ssl= here: TLS starts per connection once it is counted as pending (see _on_connection),
-            # so that connections which never finish TLS are bounded like every other pending one.
-            self._server = await asyncio.start_server(
-                self._on_connection,
-                self.host,
-                self.port,
-                # The stream pauses the socket above 2 * limit buffered bytes.
-                limit=max(self.read_size // 2, 1024),
-            )
+            self._listeners = await self._listen()
         except BaseException:
             self._state = "stopped"
             raise
-        sockname = self._server.sockets[0].getsockname()
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            loop.add_reader(listener.fileno(), self._accept, listener)
+        sockname = self._listeners[0].getsockname()
         self._address = (sockname[0], sockname[1])
         _log.debug("receiver listening on %s:%d (%s)", *self._address, self.security.describe())
+
+    async def _listen(self) -> list[socket.socket]:
+        """Listening sockets on `host:port`, one per address the host resolves to (as `asyncio.start_server`
+        binds them). Not an asyncio server: `_accept` takes the connections, so that one stays a bare socket
+        until it sends something (see `vpn_packet.transport.admission`)."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        listeners: list[socket.socket] = []
+        try:
+            for family, kind, proto, _name, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                if self.security.server_context is not None and _DEFER_ACCEPT:
+                    # With TLS the client speaks first: the kernel holds a connection that has sent nothing
+                    # (its request in the SYN queue, a few hundred bytes, no descriptor) until its first bytes
+                    # come, so most of a flood of silent connections never reaches us; what comes after
+                    # the deferral (or past the SYN queue, by SYN cookie) waits in the silent tier.
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, _DEFER_ACCEPT)
+                # The kernel's largest accept queue: under a flood of connects a peer's SYN still finds room
+                # (beyond it, SYN cookies), and `_accept` takes a batch per wake-up.
+                sock.listen(socket.SOMAXCONN)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in listeners:
+                sock.close()
+            raise
+        return listeners
 
     async def stop(self, timeout: float = tuning.SHUTDOWN_TIMEOUT) -> None:  # noqa: ASYNC109 - like Dispatcher.stop
         """Stops listening, closes every connection and waits (at most `timeout` seconds) for their tasks.
@@ -580,14 +659,22 @@ class Receiver:
         if self._state == "stopped":
             return
         self._state = "stopped"
-        server, self._server = self._server, None
-        if server is None:
+        listeners, self._listeners = self._listeners, []
+        if not listeners:
             return
-        server.close()
-        # Connections accepted just now have their task created but not started: let them start (they see
+        loop = asyncio.get_running_loop()
+        for listener in listeners:
+            loop.remove_reader(listener.fileno())
+            listener.close()
+        for ticket in self._admission.tickets():
+            handle = ticket.handle
+            if isinstance(handle, _Silent):
+                self._admission.leave(ticket)
+                self._close_silent(handle)
+        # Connections started just now have their task created but not started: let them start (they see
         # the stopped state and leave at once), then cancel the rest.
         await asyncio.sleep(0)
-        tasks = set(self._connections)
+        tasks = set(self._connections) | self._attaching
         for task in tasks:
             task.cancel()
         if tasks:
@@ -596,9 +683,7 @@ class Receiver:
                 _log.warning(
                     "receiver stop: %d connection tasks did not finish in %gs", len(pending), timeout
                 )
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await server.wait_closed()
+        self._heap.cancel()
 
     async def __aenter__(self) -> Receiver:
         await self.start()
@@ -628,7 +713,7 @@ class Receiver:
     def metrics(self) -> ReceiverMetrics:
         """A snapshot of the totals."""
         snapshot = self._totals._copy()
-        snapshot.pending = len(self._pending)
+        snapshot.pending = len(self._admission)
         return snapshot
 
     def peer_metrics(self) -> dict[str, PeerReceiverMetrics]:
@@ -683,7 +768,7 @@ class Receiver:
         t = self._totals
         return (
             f"<Receiver {self._state} on {where} {self.security.mode} peers={len(self.discovery)} "
-            f"pending={len(self._pending)} authenticated={self._authenticated} connections={t.connections} "
+            f"pending={len(self._admission)} authenticated={self._authenticated} connections={t.connections} "
             f"delivered={t.packets_delivered} spoofed={t.spoofed_dropped} refused={sum(t.refused.values())}>"
         )
 
@@ -694,63 +779,205 @@ class Receiver:
             if m is not None:
                 _bump(m.protocol_errors, reason)
 
-    def _admit_pending(self, conn: _Connection) -> bool:
-        """Counts `conn` as pending, within the limits; False when it must be closed at once."""
-        if self._pending_by_source.get(conn.source, 0) >= self.max_pending_per_source:
-            self._totals.rejected_pending += 1
-            self._warn.warning(
-                ("pending", conn.source),
-                "receiver: %s holds %d unauthenticated connections (the limit per address); closing new ones",
-                conn.source,
-                self.max_pending_per_source,
-            )
+    # --- accepting: the pending connections and their places -------------------------------------------
+
+    def _accept(self, listener: socket.socket) -> None:
+        """The listening socket is readable: take up to `_ACCEPT_BATCH` new connections."""
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    # Silent connections are the cheapest to lose: close the oldest and take this one.
+                    oldest = self._admission.oldest_silent()
+                    if oldest is not None:
+                        handle = oldest.handle
+                        self._admission.leave(oldest)
+                        self._evicted(oldest, handle, "oldest silent (out of descriptors)")
+                        continue
+                    self._pause_accepting(listener, exc)
+                    return
+                if exc.errno in _ACCEPT_GONE:  # the client went away before we took it
+                    continue
+                self._pause_accepting(listener, exc)
+                return
+            self._arrived(sock, str(address[0]))
+
+    def _is_peer_address(self, source: str) -> bool:
+        """Whether `source` is the host of a configured peer's endpoint (the admission favours it: an
+        attacker cannot connect from it with TCP). Endpoints given as names do not match."""
+        generation, hosts = self._peer_addresses
+        if generation != self.discovery.generation:
+            hosts = frozenset(peer.address[0] for peer in self.discovery.peers)
+            self._peer_addresses = (self.discovery.generation, hosts)
+        return source in hosts
+
+    def _pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
+        """accept() failed with nothing to shed (out of descriptors or memory): stop watching the listener
+        for `_ACCEPT_RETRY_DELAY` seconds instead of spinning on the same error."""
+        self._warn.warning(("accept", exc.errno), "receiver: cannot accept connections: %s; retrying", exc)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(listener.fileno())
+
+        def resume() -> None:
+            if self._state == "running" and listener in self._listeners:
+                loop.add_reader(listener.fileno(), self._accept, listener)
+
+        loop.call_later(_ACCEPT_RETRY_DELAY, resume)
+
+    def _arrived(self, sock: socket.socket, source: str) -> None:
+        """A new connection: with TLS it waits silent (a bare socket) for its first bytes; in plaintext the
+        server speaks first, so its handshake starts at once."""
+        self._totals.connections += 1
+        if self._state != "running":
+            sock.close()
+            return
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        if self.security.server_context is None:
+            ticket, evicted = self._admission.enter(source)
+            ticket.accepted = loop.time()
+            self._evict(evicted, "stalest handshaking")
+            self._open(ticket, sock)
+            return
+        # Those it would displace may have spoken since the last look (this accept batch ran first): they
+        # start their handshake instead of going.
+        for candidate in self._admission.next_silent_evictions(source, _LOOK_BEFORE_EVICTING):
+            if isinstance(candidate.handle, _Silent):
+                self._check_silent(candidate.handle)
+        ticket, evicted = self._admission.arrive(source)
+        ticket.accepted = loop.time()
+        self._evict(evicted, "oldest silent")
+        silent = _Silent(sock, ticket)
+        ticket.handle = silent
+        if not self._check_silent(silent):  # its ClientHello is not here yet: wait for it
+            loop.add_reader(sock.fileno(), self._check_silent, silent)
+            silent.timer = loop.call_later(self.hello_timeout, self._silent_timed_out, silent)
+
+    def _check_silent(self, silent: _Silent) -> bool:
+        """Whether `silent` is done waiting: its first bytes are here (its handshake starts) or it ended."""
+        try:
+            first = silent.sock.recv(1, socket.MSG_PEEK)  # peeked: TLS reads it again
+        except (BlockingIOError, InterruptedError):
             return False
-        if len(self._pending) >= self.max_pending:
-            oldest = next(iter(self._pending.values()))
-            self._leave_pending(oldest)
-            oldest.close("evicted_pending")
-            self._totals.evicted_pending += 1
-            self._warn.warning(
-                "evicted_pending",
-                "receiver: %d unauthenticated connections (the limit); closing the oldest to make room",
-                self.max_pending,
-            )
-        self._pending[conn.task] = conn
-        self._pending_by_source[conn.source] = self._pending_by_source.get(conn.source, 0) + 1
+        except OSError:
+            first = b""
+        ticket = silent.ticket
+        self._unwatch(silent)
+        if not first:
+            self._admission.leave(ticket)
+            self._count_failure(ticket.source, "closed_early", "the connection ended before TLS started")
+            silent.sock.close()
+            return True
+        ticket.handle = None  # the socket is the transport's from now on (`_on_connection` sets the handle)
+        self._evict(self._admission.start(ticket), "stalest handshaking")
+        self._open(ticket, silent.sock)
         return True
+
+    def _silent_timed_out(self, silent: _Silent) -> None:
+        silent.timer = None
+        if self._admission.leave(silent.ticket):
+            self._count_failure(
+                silent.ticket.source, "timeout", f"sent nothing within {self.hello_timeout:g}s"
+            )
+            self._close_silent(silent)
+
+    def _unwatch(self, silent: _Silent) -> None:
+        if silent.timer is not None:
+            silent.timer.cancel()
+            silent.timer = None
+        if silent.sock.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(silent.sock.fileno())
+
+    def _close_silent(self, silent: _Silent) -> None:
+        self._unwatch(silent)
+        silent.sock.close()
+        self._heap.note_closed()
+
+    def _open(self, ticket: Ticket, sock: socket.socket) -> None:
+        """Gives `sock` its asyncio transport and stream; `_on_connection` then runs its handshake."""
+        reader = asyncio.StreamReader(limit=max(self.read_size // 2, 1024))  # paused above 2 * limit
+        protocol = asyncio.StreamReaderProtocol(reader, functools.partial(self._on_connection, ticket))
+        loop = asyncio.get_running_loop()
+
+        async def attach() -> None:
+            try:
+                await loop.connect_accepted_socket(lambda: protocol, sock)
+            except (OSError, asyncio.CancelledError):
+                sock.close()
+                if self._admission.leave(ticket):
+                    self._heap.note_closed()
+
+        task = loop.create_task(attach())
+        self._attaching.add(task)
+        task.add_done_callback(self._attaching.discard)
+
+    def _evict(self, tickets: list[Ticket], why: str) -> None:
+        """Closes the connections the admission displaced (already out of its tables) to make room."""
+        for ticket in tickets:
+            handle, ticket.handle = ticket.handle, None
+            self._evicted(ticket, handle, why)
+
+    def _evicted(self, ticket: Ticket, handle: object, why: str) -> None:
+        """Closes `handle`, the connection of `ticket` (out of the admission's tables already)."""
+        self._totals.evicted_pending += 1
+        self._warn.warning(
+            ("evicted", why),
+            "receiver: %d silent and %d handshaking connections without a key (limits %d and %d in all, "
+            "%d and %d per address): closing the %s one from %s to make room",
+            self._admission.silent,
+            self._admission.handshaking,
+            self.max_silent_pending,
+            self.max_pending,
+            self.max_silent_pending_per_source,
+            self.max_pending_per_source,
+            why,
+            ticket.source,
+        )
+        if isinstance(handle, _Silent):
+            self._close_silent(handle)
+            return
+        self._heap.note_closed()
+        if isinstance(handle, _Connection):
+            handle.close("evicted_pending")
+        # else: its transport is being made; `_on_connection` sees the ticket gone and closes it.
 
     def _leave_pending(self, conn: _Connection) -> None:
         """Stops counting `conn` as pending (idempotent: eviction and the task's own exit both call it)."""
-        if self._pending.pop(conn.task, None) is None:
-            return
-        left = self._pending_by_source.get(conn.source, 0) - 1
-        if left > 0:
-            self._pending_by_source[conn.source] = left
-        else:
-            self._pending_by_source.pop(conn.source, None)
+        if self._admission.leave(conn.ticket):
+            self._heap.note_closed()
+        if not self._admission:
+            self._heap.release_soon()
+
+    def _count_failure(self, source: str, reason: str, detail: object) -> None:
+        _bump(self._totals.handshake_failures, reason)
+        self._warn.warning(
+            ("failed", source, reason),
+            "receiver: handshake from %s failed (%s): %s",
+            source,
+            reason,
+            detail,
+        )
 
     def _handshake_failed(
         self, conn: _Connection, reason: str, detail: object, *, answered: bool = False
     ) -> _Failed:
-        _bump(self._totals.handshake_failures, reason)
-        self._warn.warning(
-            ("failed", conn.source, reason),
-            "receiver: handshake from %s failed (%s): %s",
-            conn.source,
-            reason,
-            detail,
-        )
+        self._count_failure(conn.source, reason, detail)
         return _Failed(reason, answered=answered)
 
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_connection(
+        self, ticket: Ticket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._totals.connections += 1
-        peername = writer.get_extra_info("peername")
-        conn = _Connection(writer, reader, str(peername[0]) if peername else "?", task)
-        if self._state != "running" or not self._admit_pending(conn):
+        conn = _Connection(writer, reader, ticket.source, task, ticket)
+        if self._state != "running" or not ticket.held:  # stopping, or displaced while its transport was made
+            self._leave_pending(conn)
             writer.transport.abort()
             return
+        ticket.handle = conn
         self._connections[task] = conn
         peer: PeerReceiverMetrics | None = None
         clean = False
@@ -801,14 +1028,23 @@ class Receiver:
         refuse = None if self._authenticated < self.max_connections else "too_many_connections"
         if self._state != "running":
             refuse = "shutting_down"
+        admission, ticket = self._admission, conn.ticket
+
+        async def read(n: int) -> bytes:
+            data = await conn.reader.readexactly(n)
+            admission.progress(ticket)  # a part of the hello: a step
+            return data
+
         try:
-            async with asyncio.timeout(self.hello_timeout):
+            # From accept: the silent wait counts too.
+            async with asyncio.timeout_at(ticket.accepted + self.hello_timeout):
                 if security.server_context is not None:
                     await conn.writer.start_tls(security.server_context)
+                    admission.progress(ticket)  # TLS done: a step
                 tls = conn.writer.get_extra_info("ssl_object") if security.mode == "ca" else None
                 cert, der = (tls.getpeercert(), tls.getpeercert(binary_form=True)) if tls else (None, None)
                 verdict, hello = await server_handshake(
-                    security, conn.reader.readexactly, conn.writer.write, known, cert, der, refuse=refuse
+                    security, read, conn.writer.write, known, cert, der, refuse=refuse
                 )
         except TimeoutError as exc:
             raise self._handshake_failed(
@@ -821,23 +1057,44 @@ class Receiver:
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             if conn.closed_because is not None:
                 raise _Failed(conn.closed_because) from exc
-            raise self._handshake_failed(
-                conn, "closed_early", "the connection ended inside the handshake"
-            ) from exc
+            raise self._handshake_failed(conn, "closed_early", self._why_closed_early(conn)) from exc
         if not verdict.accepted:
             _bump(self._totals.refused, verdict.reason)
             claimed = hello.peer_id if hello is not None else "?"
+            advice = ""
+            if verdict.reason in ("key_mismatch", "unknown_peer"):
+                advice = (
+                    f"; if {claimed!r} is a peer of ours whose key changed, put its new public key "
+                    "(`vpn-packet pubkey` of its key file) as its public_key in this node's config"
+                )
             self._warn.warning(
                 ("refused", conn.source, verdict.reason),
-                "receiver: refused %s (calls itself %r): %s: %s",
+                "receiver: refused %s (calls itself %r): %s: %s%s",
                 conn.source,
                 claimed,
                 verdict.reason,
                 verdict.detail,
+                advice,
             )
         elif hello is not None and hello.peer_id != verdict.peer_id:
             _log.info("peer %s connects under the name %r (its key decides)", verdict.peer_id, hello.peer_id)
         return verdict
+
+    def _why_closed_early(self, conn: _Connection) -> str:
+        """What a connection that ended inside the handshake tells. In key mode, one that ended right after
+        TLS, before a byte of its hello, is what a peer does when the key it has for us is not ours (it
+        checks our key in TLS and hangs up): say so, name the peers configured at that address, and what
+        to do."""
+        security = self.security
+        if security.mode != "key" or security.identity is None or conn.ticket.steps != 1:
+            return "the connection ended inside the handshake"
+        here = [peer.id for peer in self.discovery.peers if peer.address[0] == conn.source]
+        who = f"peer {', '.join(here)} (configured at that address)" if here else "the peer"
+        return (
+            f"it hung up after TLS, before its hello: a peer does that when the public_key it has for this "
+            f"node is not ours; if this is {who}, its log says so: put our public key "
+            f"{security.identity.public_key} as public_key of peer {security.local_id} in its config"
+        )
 
     def _enter_peer(self, conn: _Connection, peer_id: str) -> PeerReceiverMetrics:
         """Counts `conn` as `peer_id`'s; at the peer's limit its oldest connection is closed."""

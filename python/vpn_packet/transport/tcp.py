@@ -567,7 +567,10 @@ def _failure_kind(exc: BaseException) -> str:
 
 def _error_text(exc: BaseException) -> str:
     """An error for people: `ECONNREFUSED (Connection refused)`, `ETIMEDOUT: no handshake answer from ...`,
-    else the exception's own text."""
+    else the exception's own text (an `ssl.SSLError` made with one message shows that message, not the
+    tuple of its arguments that its `str` gives)."""
+    if isinstance(exc, ssl.SSLError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
     code = getattr(exc, "errno", None)
     if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and code in errno.errorcode:
         assert isinstance(code, int)
@@ -718,7 +721,7 @@ class TcpStreamService:
             stats.connect_failures += 1
             stats.refusals[exc.reason] = stats.refusals.get(exc.reason, 0) + 1
             stats.last_error = f"refused by the peer: {exc.reason}: {exc}"
-            self._warn.warning((peer_id, exc.reason), "%s", exc)
+            self._warn.warning((peer_id, exc.reason), "%s%s", exc, self._refusal_advice(peer_id, exc.reason))
             if transport is not None:
                 transport.abort()
             raise
@@ -778,6 +781,17 @@ class TcpStreamService:
                 errno.ECONNABORTED, f"the configuration of peer {peer_id} changed (reload) while connecting"
             )
 
+    def _refusal_advice(self, peer_id: str, reason: str) -> str:
+        """What to do about a refusal a config change fixes, for the log line (empty for the others)."""
+        identity = self.security.identity
+        if reason in ("key_mismatch", "unknown_peer") and identity is not None:
+            return (
+                f": put our public key {identity.public_key} as public_key of peer "
+                f"{self.security.local_id} in {peer_id}'s config (or, if ours changed by mistake, restore "
+                "our old key file)"
+            )
+        return ""
+
     def _server_hostname(self, peer_id: str) -> str | None:
         mode = self.security.mode
         return peer_id if mode == "ca" else "" if mode == "key" else None
@@ -791,7 +805,15 @@ class TcpStreamService:
             expected = security.peer_keys.get(peer_id)
             if expected is None:
                 raise ssl.SSLCertVerificationError(f"no public_key is configured for peer {peer_id!r}")
-            check_server_key(ssl_object, expected, peer_id)
+            try:
+                check_server_key(ssl_object, expected, peer_id)
+            except ssl.SSLCertVerificationError as exc:
+                # One line that says what to do: the common cause is a peer whose key was made anew.
+                raise ssl.SSLCertVerificationError(
+                    f"{_error_text(exc)}: if {peer_id}'s key changed, put its new public key (`vpn-packet "
+                    f"pubkey` of its key file) as public_key of peer {peer_id} in this node's config; "
+                    f"otherwise something else answers at {peer_id}'s endpoint"
+                ) from None
             return server_public_key(ssl_object)
         if security.mode == "ca":
             verify_server_name(ssl_object, peer_id)

@@ -659,3 +659,118 @@ proptest! {
         prop_assert_eq!(acked, packets.len() as u64);
     }
 }
+
+// --- whatever a peer sends: no panic, memory within the bound, a failure has a known reason ----------------
+
+/// The most a connection holds between calls: a handshake message, one partial frame, an ack record.
+const BUFFER_BOUND: usize = handshake::MAX_HELLO_LEN + 4 + 65_545 + 9;
+
+fn check_bounded(server: &Connection) {
+    assert!(server.buffered() <= BUFFER_BOUND);
+    if let Some(failure) = server.failure() {
+        assert!(Failure::REASONS.contains(&failure.reason()), "{failure:?}");
+        assert_eq!(server.stage(), Stage::Closed);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn bytes_before_authentication_never_authenticate(
+        data in prop::collection::vec(any::<u8>(), 0..3000),
+        step in 1usize..200,
+        tls_like: bool,
+    ) {
+        static NODE: std::sync::OnceLock<Security> = std::sync::OnceLock::new();
+        let node = NODE.get_or_init(|| {
+            let (kb, ka) = (key_file("b"), key_file("a"));
+            keys_node("b", &kb, &[("a", &ka)])
+        });
+        let mut server = Connection::server(node, None).unwrap();
+        // Half the cases start like a TLS handshake record, to get past the first check.
+        let data = if tls_like { [&[0x16, 3, 1, 0x0b, 0xb8][..], &data].concat() } else { data };
+        for chunk in data.chunks(step) {
+            let events = server.receive(chunk, |_, _| panic!("a frame before authentication"));
+            let authenticated = events.iter().any(|e| matches!(e, Event::Established { .. }));
+            prop_assert!(!authenticated);
+            check_bounded(&server);
+        }
+    }
+
+    #[test]
+    fn plaintext_from_an_authenticated_peer_is_taken_or_refused_by_reason(
+        head in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..200), 0..4),
+        tail in prop::collection::vec(any::<u8>(), 0..300),
+        step in 1usize..300,
+    ) {
+        static NODES: std::sync::OnceLock<(Security, Security, KeyFile, KeyFile)> = std::sync::OnceLock::new();
+        let (a, b, ka, kb) = NODES.get_or_init(|| {
+            let (ka, kb) = (key_file("a"), key_file("b"));
+            (keys_node("a", &ka, &[("b", &kb)]), keys_node("b", &kb, &[("a", &ka)]), ka, kb)
+        });
+        let (mut raw, mut server, mut s) = authenticated_raw(a, ka, "a", b, kb);
+        // Some valid frames, then arbitrary bytes, in records of `step` bytes.
+        let mut plaintext = encode_frames(head.iter().map(Vec::as_slice), 65535).unwrap();
+        plaintext.extend_from_slice(&tail);
+        for chunk in plaintext.chunks(step) {
+            raw.send(chunk);
+            raw.pump(&mut server, &mut s);
+            check_bounded(&server);
+        }
+        prop_assert!(s.frames.len() >= head.len());
+        prop_assert_eq!(server.counts().frames, s.frames.len() as u64);
+        // Every frame taken was acknowledged, also when the connection failed after taking it.
+        prop_assert_eq!(server.counts().acked, s.frames.len() as u64);
+    }
+}
+
+#[test]
+fn a_server_acknowledging_more_than_was_sent_is_caught() {
+    let (ka, kb) = (key_file("a"), key_file("b"));
+    let a = keys_node("a", &ka, &[("b", &kb)]);
+    let b = keys_node("b", &kb, &[("a", &ka)]);
+    for (acks, reason) in [
+        (encode_ack(3).to_vec(), "ack_beyond_sent"),
+        ([encode_ack(1), encode_ack(0)].concat(), "ack_regressed"),
+        (b"VPNP".to_vec(), "ack_unexpected"),
+    ] {
+        let mut client = Connection::client(&a, "b", 1).unwrap();
+        let mut server = rustls::ServerConnection::new(b.server_config()).unwrap();
+        let mut c = Seen::default();
+        let mut plaintext = Vec::new();
+        let mut said = false;
+        for _ in 0..16 {
+            let mut rest = &client.take_output()[..];
+            while !rest.is_empty() && server.read_tls(&mut rest).unwrap() > 0 {
+                server.process_new_packets().unwrap();
+                let _ = server.reader().read_to_end(&mut plaintext);
+            }
+            if !server.is_handshaking() && !said {
+                said = true;
+                server
+                    .writer()
+                    .write_all(&handshake::encode_challenge(&[1; 32]))
+                    .unwrap();
+            }
+            if matches!(handshake::parse_hello(&plaintext), Ok(Parsed::Done { .. })) {
+                plaintext.clear();
+                server
+                    .writer()
+                    .write_all(&handshake::encode_answer(0, "b"))
+                    .unwrap();
+                server.writer().write_all(&acks).unwrap();
+            }
+            let mut to_client = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut to_client).unwrap();
+            }
+            feed(&mut client, &to_client, &mut std::iter::empty(), &mut c);
+            if client.stage() == Stage::Established {
+                client.send_packets([&ipv4(1, 40)[..]]).unwrap();
+            }
+        }
+        assert!(c.established());
+        assert_eq!(c.failure(), Some(reason), "{c:?}");
+    }
+}

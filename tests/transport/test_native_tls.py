@@ -19,6 +19,7 @@ import pytest
 from vpn_packet._native import (
     CONNECTION_FAILURE_REASONS,
     KEY_EXCHANGE_GROUPS,
+    AckDecoder,
     Closed,
     Established,
     Failed,
@@ -26,6 +27,7 @@ from vpn_packet._native import (
     TlsConnection,
     TlsSecurity,
     check_ca_files,
+    encode_frames,
 )
 from vpn_packet.errors import IdentityError
 from vpn_packet.testutil.certs import write_test_pki
@@ -33,8 +35,10 @@ from vpn_packet.testutil.keys import identities, key_securities
 from vpn_packet.testutil.packets import ipv4_packet
 from vpn_packet.testutil.sinks import RecordingSink
 from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
+from vpn_packet.transport.handshake import client_handshake, server_public_key
 from vpn_packet.transport.identity import NodeIdentity
 from vpn_packet.transport.receiver import Receiver
+from vpn_packet.transport.tls import check_server_key
 
 HANG_GUARD = 10.0  # seconds a pump may wait for the other side: a hang guard, not an assertion
 Event = Established | Refused | Failed | Closed
@@ -228,3 +232,45 @@ async def test_a_native_client_delivers_to_todays_python_receiver(tmp_path: Path
         assert acked == 4
         await sink.wait(4)
         assert sink.packets == [("node-a", pkt(i)) for i in range(4)]
+
+
+async def test_todays_python_client_is_accepted_by_a_native_server(tmp_path: Path) -> None:
+    """The other direction: a client on Python's `ssl` (OpenSSL) and `client_handshake` completes TLS with
+    the native server, proves its key in the hello, and gets its frames acknowledged."""
+    sec = key_securities(tmp_path, "node-a", "node-b")
+    ida, idb = sec["node-a"].identity, sec["node-b"].identity
+    assert ida is not None
+    assert idb is not None
+    native = TlsSecurity.with_keys("node-b", idb.path.read_bytes(), [("node-a", ida.public_key_bytes)])
+    packets = [pkt(i) for i in range(3)]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> Side:
+            sock, _ = listener.accept()
+            with sock:
+                side = Side(native.server(), sock)
+                pump([side], lambda: len(side.frames) == len(packets))
+                return side
+
+        served = asyncio.ensure_future(asyncio.to_thread(serve))
+        reader, writer = await asyncio.open_connection(
+            *listener.getsockname(), ssl=sec["node-a"].client_context, server_hostname=""
+        )
+        ssl_object = writer.get_extra_info("ssl_object")
+        check_server_key(ssl_object, idb.public_key_bytes, "node-b")
+        server_id = await client_handshake(
+            sec["node-a"], "node-b", reader.readexactly, writer.write, server_public_key(ssl_object), 9
+        )
+        assert server_id == "node-b"
+        writer.write(encode_frames(packets))
+        acks = AckDecoder()
+        while acks.taken < len(packets):
+            data = await reader.read(1024)
+            assert data, "the native server closed before acknowledging"
+            acks.feed(data)
+        writer.close()
+        side = await served
+    [established] = side.events
+    assert isinstance(established, Established)
+    assert (established.peer_id, established.epoch) == ("node-a", 9)
+    assert side.frames == packets

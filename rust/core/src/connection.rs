@@ -21,12 +21,15 @@
 //! frame whose virtio_net_hdr cannot be honoured ([`crate::gso::validate`]), an ack stream that contradicts
 //! itself. The connection then queues a TLS alert or close_notify and takes nothing more.
 //!
-//! Memory per connection is bounded: rustls buffers at most one TLS record in (about 16.7 KiB) and its
-//! plaintext is handed on before the next read; a handshake message in progress is at most
-//! [`crate::handshake::MAX_HELLO_LEN`] bytes; the frame decoder holds at most one partial frame
-//! (`4 + max(max_frame_size, 10 + 65535)` bytes); the ack decoder 9 bytes; the output at most
-//! [`MAX_OUTPUT`] plus one batch of frames as ciphertext ([`Connection::send_packets`] stops taking packets
-//! there, and the caller writes before sending more).
+//! Memory per connection is bounded. rustls reads 4 KiB at a time and holds at most one TLS record
+//! (18.4 KiB with its header and slack), or, while it joins a handshake message before authentication, at
+//! most 64 KiB; the plaintext of each read is handed on before the next. Beyond that: a handshake message
+//! in progress (at most [`crate::handshake::MAX_HELLO_LEN`] bytes), one partial frame (at most
+//! `4 + max(max_frame_size, 10 + 65535)` bytes), one partial ack record (8 bytes), and the output: at most
+//! [`MAX_OUTPUT`] + one frame + TLS overhead (about 0.2%), because [`Connection::send_packets`] stops
+//! taking packets at [`MAX_OUTPUT`] until the caller has written. With the default frame size that is
+//! under 420 KiB per connection, most of it only while output waits for a slow socket. There is no clock
+//! here: the time bounds (handshake timeout, idle timeout) are the caller's, as the I/O is.
 //!
 //! Why this is not yet what a node runs: the node's connections still use Python's `ssl` and asyncio
 //! (`transport/tcp.py`, `receiver.py`); moving them onto this core, with one native call per socket or TUN
@@ -412,7 +415,7 @@ impl Connection {
     /// Client: frames sent and not yet acknowledged.
     pub fn in_flight(&self) -> u64 {
         if self.is_client() {
-            self.counts.frames - self.counts.acked
+            self.counts.frames.saturating_sub(self.counts.acked)
         } else {
             0
         }
@@ -425,7 +428,8 @@ impl Connection {
             .map(|group| format!("{:?}", group.name()))
     }
 
-    /// Bytes of the frame decoder's partial frame (its memory, bounded).
+    /// Bytes held of a handshake message, a partial frame and a partial ack record (bounded, see the
+    /// module documentation; rustls' own buffers and the output come on top).
     pub fn buffered(&self) -> usize {
         self.message.len() + self.frames.buffered() + self.acks.buffered()
     }
@@ -517,11 +521,15 @@ impl Connection {
                 }
             }
             self.counts.tls_bytes_in += (before - rest.len()) as u64;
-            let state = match self.tls.process_new_packets() {
-                Ok(state) => state,
+            let processed = self.tls.process_new_packets();
+            if processed.is_ok() && self.stage == Stage::Tls && !self.tls.is_handshaking() {
+                self.tls_done();
+            }
+            // Records before a bad one in the same read were authenticated: their plaintext is taken
+            // (delivered and acknowledged) before the failure ends the connection.
+            self.process_plaintext(&mut sink, &mut events);
+            match processed {
                 Err(err) => {
-                    // What rustls read before the error is still processed below (nothing: it fails
-                    // before handing out plaintext of a bad record).
                     let failure = match refusal_of(&err) {
                         Some(refusal) => Failure::Certificate {
                             reason: refusal.reason,
@@ -532,18 +540,15 @@ impl Connection {
                     self.fail(failure, &mut events);
                     break;
                 }
-            };
-            if self.stage == Stage::Tls && !self.tls.is_handshaking() {
-                self.tls_done();
-            }
-            self.process_plaintext(&mut sink, &mut events);
-            if state.peer_has_closed() && self.stage != Stage::Closed {
-                if self.stage == Stage::Established {
-                    self.stage = Stage::Closed;
-                    events.push(Event::Closed);
-                } else {
-                    self.fail(Failure::ClosedEarly, &mut events);
+                Ok(state) if state.peer_has_closed() && self.stage != Stage::Closed => {
+                    if self.stage == Stage::Established {
+                        self.stage = Stage::Closed;
+                        events.push(Event::Closed);
+                    } else {
+                        self.fail(Failure::ClosedEarly, &mut events);
+                    }
                 }
+                Ok(_) => {}
             }
         }
         if self.stage == Stage::Established && self.counts.frames > frames_before {

@@ -414,15 +414,21 @@ fn malformed_input_after_authentication_closes_that_connection_only() {
     assert_eq!(s.failure(), Some("short_offload"));
     tally.record(server.failure().unwrap());
 
-    // A TLS record that does not decrypt (a byte of ciphertext flipped).
+    // A TLS record that does not decrypt (a byte of ciphertext flipped), read together with a good one
+    // before it: the good record's frame is delivered and acknowledged, then the connection fails.
     let (mut raw, mut server, mut s) = authenticated_raw(&a, &ka, "a", &b, &kb);
+    let mut records = Vec::new();
     raw.send(&encode_frames([&ipv4(1, 40)[..]], 65535).unwrap());
-    let mut record = Vec::new();
-    raw.tls.write_tls(&mut record).unwrap();
-    let last = record.len() - 1;
-    record[last] ^= 1;
-    feed(&mut server, &record, &mut std::iter::empty(), &mut s);
-    assert!(s.frames.is_empty());
+    raw.tls.write_tls(&mut records).unwrap();
+    let good = records.len();
+    raw.send(&encode_frames([&ipv4(2, 40)[..]], 65535).unwrap());
+    raw.tls.write_tls(&mut records).unwrap();
+    assert!(records.len() > good);
+    let last = records.len() - 1;
+    records[last] ^= 1;
+    feed(&mut server, &records, &mut std::iter::empty(), &mut s);
+    assert_eq!(s.frames, vec![(FrameKind::Packet, ipv4(1, 40))]);
+    assert_eq!(server.counts().acked, 1);
     assert_eq!(s.failure(), Some("tls_bad_record"));
     tally.record(server.failure().unwrap());
     assert!(!server.output().is_empty(), "an alert is queued for the peer");

@@ -48,9 +48,10 @@ def test_tunnel_goodput(benchmark: BenchmarkFixture, mtu: int, mode: str) -> Non
 
 def test_tunnel_comparison_smoke(benchmark: BenchmarkFixture) -> None:
     """`tunnel.py` for a second or two: our node (plaintext) beside the bare veth, one short round of every
-    measurement (first ping, pings, iperf3 TCP 1 and 4 streams, UDP 64 B). Checks that each one produced a
-    figure, so the script cannot rot unnoticed; the figures go into `extra_info`. Installs nothing: without
-    iperf3 or ping it skips and says how to install them (the full comparison is `benches/tunnel.py`)."""
+    measurement (first ping; pings, with a core busy and 0.2 s apart; redis with one client and pipelined;
+    iperf3 TCP 1 and 4 streams, UDP 64 B). Checks that each one produced a figure, so the script cannot rot
+    unnoticed; the figures go into `extra_info`. Installs nothing: without iperf3, ping or redis it skips
+    and says how to install them (the full comparison is `benches/tunnel.py`)."""
     from tunnel import Settings, missing_commands, run
 
     reason = netns_unavailable()
@@ -60,13 +61,31 @@ def test_tunnel_comparison_smoke(benchmark: BenchmarkFixture) -> None:
     missing = missing_commands(impls)
     if missing:
         pytest.skip("; ".join(f"{cmd} is missing (install: {' '.join(how)})" for cmd, how in missing.items()))
-    settings = Settings(impls=impls, rounds=1, duration=1, udp_duration=1, ping_count=5)
+    settings = Settings(
+        impls=impls,
+        rounds=1,
+        duration=1,
+        udp_duration=1,
+        ping_count=5,
+        idle_ping_count=2,
+        redis_requests=2000,
+    )
     report = benchmark.pedantic(run, args=(settings,), kwargs={"log": lambda _: None}, rounds=1, iterations=1)
     for key in impls:
         (result,) = report["rounds"][key]
         assert result["errors"] == {}, f"{key}: {result['errors']}"
         measured = report["medians"][key]
-        for metric in ("first_ping_ms", "ping_p50_ms", "tcp1_gbps", "tcp4_gbps", "udp64_pps"):
+        for metric in (
+            "first_ping_ms",
+            "ping_p50_ms",
+            "ping_busy_p99_ms",
+            "ping_idle_avg_ms",
+            "redis1_rps",
+            "redis50_rps",
+            "tcp1_gbps",
+            "tcp4_gbps",
+            "udp64_pps",
+        ):
             assert measured[metric] is not None, f"{key}: no {metric}"
         benchmark.extra_info[key] = {m: v for m, v in measured.items() if v is not None}
     benchmark.extra_info["ours"] = True

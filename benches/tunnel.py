@@ -13,19 +13,23 @@ Each round visits every implementation, in an order rotated by one each round (i
 slow spell of the shared machine does not land on one implementation); for each: start the tunnel fresh
 (neighbour caches flushed), then
 1. first ping: one echo request right after the tunnel reports ready (what it does on demand counts),
-2. ping series (`--ping-count` at `--ping-interval`): p50, p99, average,
-3. iperf3 TCP, 1 stream, `--duration` s (the receiver's rate), with the CPU time of the tunnel processes
+2. ping series (`--ping-count` at `--ping-interval`, 300 by default: p99 of fewer is noise here): p50, p99,
+   average; the same series again while another process keeps one core busy (`--no-busy` skips it); and
+   pings after a pause (`--idle-ping-count` at 0.2 s apart: what interactive traffic sees),
+3. redis: `redis-benchmark` GET against a `redis-server` in B, one client (each request waits a round trip)
+   and 50 clients pipelining 16 (`--redis-requests`),
+4. iperf3 TCP, 1 stream, `--duration` s (the receiver's rate), with the CPU time of the tunnel processes
    (both ends, user + system, all threads) per GB received,
-4. iperf3 TCP, 4 streams,
-5. iperf3 UDP flood of 64-byte IP packets (`-b 0 -l 36`, `--udp-duration` s): packets per second delivered
+5. iperf3 TCP, 4 streams,
+6. iperf3 UDP flood of 64-byte IP packets (`-b 0 -l 36`, `--udp-duration` s): packets per second delivered
    and the loss, as the iperf3 server counted them,
 then stop it. The table shows medians over the rounds and, per column, how many times better than
 boringtun each row is (throughput: value / boringtun's; latency and CPU: boringtun's / value).
 
-Missing programs are installed from the package registries (`apt-get install -y iperf3 iputils-ping openvpn
-wireguard-tools wireguard-go`, `cargo install boringtun-cli --locked`) unless `--no-install`, which names
-the missing command and the command that installs it and leaves that implementation out. Benchmark, not
-test: it reports and asserts nothing about speed.
+Missing programs are installed from the package registries (`apt-get install -y iperf3 iputils-ping
+redis-server redis-tools openvpn wireguard-tools wireguard-go`, `cargo install boringtun-cli --locked`)
+unless `--no-install`, which names the missing command and the command that installs it and leaves that
+implementation out. Benchmark, not test: it reports and asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -48,11 +52,13 @@ from pathlib import Path
 from typing import Any
 
 from tunnel_measure import (
+    cpu_hog,
     first_ping,
     iperf3_tcp,
     iperf3_udp,
     percentile,
     ping_series,
+    redis_requests,
     udp_receive_buffer_errors,
 )
 from tunnel_peers import IMPLEMENTATIONS, Tunnel, find_command
@@ -64,12 +70,14 @@ BASELINE = "boringtun"
 INSTALL: dict[str, list[str]] = {
     "iperf3": ["apt-get", "install", "-y", "iperf3"],
     "ping": ["apt-get", "install", "-y", "iputils-ping"],
+    "redis-server": ["apt-get", "install", "-y", "redis-server"],
+    "redis-benchmark": ["apt-get", "install", "-y", "redis-tools"],
     "wg": ["apt-get", "install", "-y", "wireguard-tools"],
     "openvpn": ["apt-get", "install", "-y", "openvpn"],
     "wireguard-go": ["apt-get", "install", "-y", "wireguard-go"],
     "boringtun-cli": ["cargo", "install", "boringtun-cli", "--locked"],
 }
-ALWAYS_NEEDED = ("iperf3", "ping")
+ALWAYS_NEEDED = ("iperf3", "ping", "redis-server", "redis-benchmark")
 
 
 @dataclass(frozen=True)
@@ -79,12 +87,18 @@ class Settings:
     duration: int = 5  # seconds per TCP test
     udp_duration: int = 5
     udp_bitrate: str = "0"  # iperf3 -b for the UDP test: "0" floods; e.g. "20M" offers a fixed rate
-    ping_count: int = 200
+    ping_count: int = 300
     ping_interval: float = 0.01
+    busy_pings: bool = True  # the ping series again with one core kept busy by another process
+    idle_ping_count: int = 50
+    idle_ping_interval: float = 0.2
+    redis_requests: int = 100_000  # for 50 clients pipelining 16; one client gets a tenth
     mtu: int = 1400
 
 
-QUICK = Settings(rounds=1, duration=2, udp_duration=2, ping_count=100)
+QUICK = Settings(
+    rounds=1, duration=2, udp_duration=2, ping_count=100, idle_ping_count=10, redis_requests=20_000
+)
 
 
 def missing_commands(impls: tuple[str, ...]) -> dict[str, list[str]]:
@@ -134,16 +148,47 @@ class _Round:
 
     def pings(self) -> None:
         self.result["first_ping_ms"] = self.step("first_ping", lambda: first_ping(self.ns_a, self.target))
-        count, interval = self.settings.ping_count, self.settings.ping_interval
-        pings = self.step("ping", lambda: ping_series(self.ns_a, self.target, count=count, interval=interval))
+        settings = self.settings
+        self._ping_series("ping", settings.ping_count, settings.ping_interval)
+        if settings.busy_pings:
+            with cpu_hog():
+                self._ping_series("ping_busy", settings.ping_count, settings.ping_interval)
+        if settings.idle_ping_count:
+            self._ping_series("ping_idle", settings.idle_ping_count, settings.idle_ping_interval)
+
+    def _ping_series(self, name: str, count: int, interval: float) -> None:
+        pings = self.step(name, lambda: ping_series(self.ns_a, self.target, count=count, interval=interval))
         if pings is not None:
             rtts = pings["rtt_ms"]
             self.result.update(
-                ping_p50_ms=percentile(rtts, 0.50),
-                ping_p99_ms=percentile(rtts, 0.99),
-                ping_avg_ms=statistics.fmean(rtts) if rtts else None,
-                ping_lost=pings["sent"] - pings["received"],
+                {
+                    f"{name}_p50_ms": percentile(rtts, 0.50),
+                    f"{name}_p99_ms": percentile(rtts, 0.99),
+                    f"{name}_avg_ms": statistics.fmean(rtts) if rtts else None,
+                    f"{name}_lost": pings["sent"] - pings["received"],
+                }
             )
+
+    def redis(self) -> None:
+        """Request/response: one client, then 50 clients pipelining 16 (redis-benchmark's requests/s)."""
+        total = self.settings.redis_requests
+        if not total:
+            return
+        for name, clients, pipeline, requests in (("redis1", 1, 1, total // 10), ("redis50", 50, 16, total)):
+            measured = self.step(
+                name,
+                partial(
+                    redis_requests,
+                    self.ns_a,
+                    self.ns_b,
+                    self.target,
+                    clients=clients,
+                    pipeline=pipeline,
+                    requests=requests,
+                ),
+            )
+            if measured is not None:
+                self.result[f"{name}_rps"] = measured["requests_per_s"]
 
     def tcp(self, streams: int, name: str) -> None:
         cpu_before = self.tunnel.cpu()
@@ -206,6 +251,7 @@ def measure_round(tunnel: Tunnel, settings: Settings) -> dict[str, Any]:
             return this.result
         drops_before = this.step("device_drops", tunnel.device_drops)
         this.pings()
+        this.redis()
         this.tcp(1, "tcp1")
         this.tcp(4, "tcp4")
         this.udp()
@@ -231,7 +277,14 @@ METRICS = (
     "ping_p50_ms",
     "ping_p99_ms",
     "ping_avg_ms",
+    "ping_busy_p50_ms",
+    "ping_busy_p99_ms",
+    "ping_busy_avg_ms",
+    "ping_idle_p50_ms",
+    "ping_idle_avg_ms",
     "first_ping_ms",
+    "redis1_rps",
+    "redis50_rps",
     "tcp1_cpu_s_per_gb",
     "tcp4_cpu_s_per_gb",
     "udp64_cpu_us_per_packet",
@@ -309,14 +362,23 @@ def _pps(value: float | None) -> str:
     return "n/a" if value is None else f"{value / 1000:.0f}k"
 
 
+def _rps(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
 # (metric, column title, format, higher is better)
 COLUMNS: tuple[tuple[str, str, Callable[[float | None], str], bool], ...] = (
     ("tcp1_gbps", "TCP 1 stream (Gbit/s)", _num, True),
     ("tcp4_gbps", "TCP 4 streams (Gbit/s)", _num, True),
     ("udp64_pps", "UDP 64 B delivered (pps)", _pps, True),
-    ("ping_p50_ms", "ping p50 (ms)", _num, False),
+    ("ping_avg_ms", "ping avg (ms)", _num, False),
     ("ping_p99_ms", "ping p99 (ms)", _num, False),
+    ("ping_busy_avg_ms", "ping avg, a core busy (ms)", _num, False),
+    ("ping_busy_p99_ms", "ping p99, a core busy (ms)", _num, False),
+    ("ping_idle_avg_ms", "ping avg, 0.2 s apart (ms)", _num, False),
     ("first_ping_ms", "first ping (ms)", _num, False),
+    ("redis1_rps", "redis GET/s, 1 client", _rps, True),
+    ("redis50_rps", "redis GET/s, 50 clients x 16", _rps, True),
     ("tcp1_cpu_s_per_gb", "CPU s per GB", _num, False),
 )
 
@@ -401,6 +463,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ping-count", type=int, help=f"default {Settings.ping_count}")
     parser.add_argument("--ping-interval", type=float, default=Settings.ping_interval, help="seconds")
+    parser.add_argument(
+        "--idle-ping-count", type=int, help=f"pings 0.2 s apart (default {Settings.idle_ping_count}; 0: none)"
+    )
+    parser.add_argument("--no-busy", action="store_true", help="no ping series with one core kept busy")
+    parser.add_argument(
+        "--redis-requests",
+        type=int,
+        help=f"GETs for 50 clients pipelining 16, a tenth for one client (default {Settings.redis_requests})",
+    )
     parser.add_argument("--mtu", type=int, default=Settings.mtu, help="tunnel MTU (underlay: 1500)")
     parser.add_argument(
         "--quick", action="store_true", help="defaults of 1 round, 2 s tests, 100 pings (~1-2 minutes)"
@@ -439,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         udp_bitrate=args.udp_bitrate,
         ping_count=args.ping_count or defaults.ping_count,
         ping_interval=args.ping_interval,
+        busy_pings=not args.no_busy,
+        idle_ping_count=defaults.idle_ping_count if args.idle_ping_count is None else args.idle_ping_count,
+        redis_requests=defaults.redis_requests if args.redis_requests is None else args.redis_requests,
         mtu=args.mtu,
     )
     report = run(settings, log)
@@ -449,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{c['date']}, {c['cpu']} ({c['cpus']} CPUs), kernel {c['kernel']}, tunnel MTU {settings.mtu}, "
         f"medians of {settings.rounds} interleaved rounds, {settings.duration} s TCP / "
         f"{settings.udp_duration} s UDP tests (iperf3 -b {settings.udp_bitrate}),\n"
-        f"{settings.ping_count} pings every {settings.ping_interval:g} s\n"
+        f"{settings.ping_count} pings every {settings.ping_interval:g} s (again with a core busy: "
+        f"{settings.busy_pings}), {settings.idle_ping_count} pings {settings.idle_ping_interval:g} s apart, "
+        f"redis-benchmark GET x {settings.redis_requests}\n"
     )
     print(table(report))
     print()

@@ -8,19 +8,29 @@ numbers (JSON-ready). They only measure; they never judge a figure.
   delivered packets per second and loss as the iperf3 *server* counted them (sequence gaps; the client's
   JSON carries the server's figures in `end.sum_received`, filled from iperf3's results exchange).
 - `ping_series` / `first_ping`: `ping` from iputils (kernel timestamps, microsecond resolution).
+- `redis_requests`: a real request/response application: `redis-benchmark` GET requests per second against a
+  `redis-server` started for it in namespace B (one client waiting a round trip per request, or many clients
+  pipelining), as redis-benchmark counted them.
+- `cpu_hog`: a process that keeps one core busy while a measurement runs (latency on a loaded machine).
 - `cpu_seconds`: user + system time of a process and all its threads, from /proc.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
 import os
 import re
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 IPERF_PORT = 5201
+REDIS_PORT = 6379
 UDP_PAYLOAD = 36  # + 8 UDP + 20 IPv4 = a 64-byte IP packet
 _RTT = re.compile(r"icmp_seq=(\d+) .*time=([0-9.]+) ms")
 
@@ -160,3 +170,59 @@ def percentile(values: list[float], fraction: float) -> float | None:
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * fraction // 1))  # ceil(n * fraction), at least 1
     return ordered[int(rank) - 1]
+
+
+def redis_requests(
+    ns_client: str, ns_server: str, server_ip: str, *, clients: int, pipeline: int, requests: int
+) -> dict[str, Any]:
+    """GET requests per second through the tunnel: a `redis-server` started for this test in namespace B
+    (no persistence, listening on `server_ip`), `redis-benchmark -t get` from namespace A with `clients`
+    connections each pipelining `pipeline` requests; redis-benchmark's own count."""
+    server = subprocess.Popen(
+        _netns(
+            ns_server,
+            "redis-server",
+            "--bind",
+            server_ip,
+            "--port",
+            str(REDIS_PORT),
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:  # redis prints this once its socket listens
+            if "Ready to accept connections" in line:
+                break
+        else:
+            raise RuntimeError(f"redis-server did not start (exit {server.wait()})")
+        argv = ["redis-benchmark", "-h", server_ip, "-p", str(REDIS_PORT), "-t", "get", "-q", "--csv"]
+        argv += ["-n", str(requests), "-c", str(clients), "-P", str(pipeline)]
+        result = subprocess.run(_netns(ns_client, *argv), capture_output=True, text=True, timeout=300)
+        rows = [row for row in csv.reader(io.StringIO(result.stdout)) if row and row[0] == "GET"]
+        if result.returncode != 0 or not rows:
+            raise RuntimeError(f"redis-benchmark: {result.stderr.strip() or result.stdout.strip()}")
+        return {"requests_per_s": float(rows[0][1]), "requests": requests}
+    finally:
+        server.kill()
+        server.wait()
+
+
+@contextlib.contextmanager
+def cpu_hog() -> Iterator[None]:
+    """One process spinning on a core for as long as the block runs: the "one core busy" condition."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()

@@ -215,19 +215,30 @@ class TunIo:
     def read_batch(self, max_packets: int = 1024, max_bytes: int = 4194304) -> tuple[bytes, bytes, int]:
         """`(data, lengths, errno)`: packets ready now, lengths as native-endian u32, the stopping errno."""
     def write_packets(self, packets: Iterable[Buffer]) -> tuple[int, int, int, int, int]:
-        """`(written, bytes, refused, stopped_at, fatal_errno)`; `stopped_at`: first not written, or -1."""
+        """`(written, bytes, refused, dropped, fatal_errno)`; the batch stops at the first packet the device
+        has no room for, or at a fatal error, and `dropped` counts the rest."""
 
 @final
 class InboundDecoder:
-    """A connection's receive path: frames decoded, sources checked, accepted packets written to the TUN."""
+    """A connection's receive path: frames decoded, sources checked, accepted packets written to the TUN
+    (`fd`) or collected for a sink (`fd` None: `take_packets`)."""
 
     def __new__(
-        cls, fd: int, table: PrefixTable, peer: int, *, max_frame_size: int = 65535, vnet_header: bool = False
+        cls,
+        fd: int | None,
+        table: PrefixTable,
+        peer: int,
+        *,
+        max_frame_size: int = 65535,
+        vnet_header: bool = False,
     ) -> InboundDecoder: ...
     def set_route(self, table: PrefixTable, peer: int) -> None: ...
-    def feed(self, data: Buffer) -> tuple[int, int, int, int, int, int, int, str | None]:
-        """What this call added: `(frames, payload_bytes, delivered, delivered_bytes, spoofed, unparsable,
-        lost, error)`."""
+    def feed(self, data: Buffer) -> tuple[int, int, int, int, int, int, int, int, int, int, str | None]:
+        """What this call added: `(frames, payload_bytes, delivered, delivered_bytes, extra_segments,
+        spoofed, unparsable, offload_invalid, tun_dropped, tun_refused, error)`; `frames + extra_segments`
+        = `delivered` + every drop."""
+    def take_packets(self) -> list[bytes]:
+        """The packets collected since the last call (no `fd`), in order."""
     @property
     def fatal_errno(self) -> int: ...
     @property
@@ -236,6 +247,8 @@ class InboundDecoder:
     def payload_bytes(self) -> int: ...
     @property
     def buffered(self) -> int: ...
+    @property
+    def partial(self) -> int: ...
     @property
     def error(self) -> str | None: ...
 
@@ -298,6 +311,17 @@ def encode_answer(code: int, text: str) -> bytes:
 
 def parse_answer(data: Buffer) -> tuple[tuple[int, str] | None, int]:
     """`((code, text), consumed)` or `(None, needed)`; raises `FramingError`."""
+
+# --- strict Ed25519 (rust/core/src/ed25519.rs): which keys are keys, which signatures are signatures ---
+
+__all__ += ["public_key_problem", "verify_signature"]
+
+def public_key_problem(key: bytes) -> str | None:
+    """Why a raw public key cannot be trusted (wrong length, not a point, not canonical, small order,
+    mixed order), in one sentence; None when it is a key."""
+
+def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether `signature` is a strict Ed25519 signature of `message` by `public_key`."""
 
 # --- acknowledgements (rust/core/src/ack.rs) ---
 

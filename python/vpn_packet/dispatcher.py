@@ -41,7 +41,7 @@ import time
 import types
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from vpn_packet import tuning
 from vpn_packet._native import PUSH_FULL, PUSH_INVALID, PUSH_PRESSURE, PUSH_READY, PUSH_UNKNOWN
@@ -132,6 +132,15 @@ class Dispatcher:
     """
 
     _CANCEL_GRACE: Final = 1.0  # seconds granted to cancelled drains and stream closes at stop
+
+    #: The constructor keywords a node's `Tuning` sets (`vpn_packet.tuning.build`): keyword -> field.
+    TUNING_FIELDS: ClassVar[dict[str, str]] = {
+        "worker_idle_timeout": "worker_idle_timeout",
+        "worker_cleanup_interval": "worker_cleanup_interval",
+        "worker_buffer_size": "worker_buffer_size",
+        "max_workers": "max_workers",
+        "coalesce": "coalesce",
+    }
 
     def __init__(
         self,

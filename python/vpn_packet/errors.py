@@ -334,7 +334,7 @@ class PeerNotFoundError(VpnPacketError, LookupError):
 class HandshakeRefusedError(VpnPacketError):
     """`peer_id` answered our handshake with a refusal: `reason` is its stable name (`unknown_peer`,
     `key_mismatch`, `bad_signature`, `unsupported_version`, `too_many_connections`, `identity_mismatch`,
-    `shutting_down`, `key_required`, `bad_hello`), `detail` what the peer said.
+    `shutting_down`, `key_required`, `bad_hello`, `bad_key`), `detail` what the peer said.
 
     Retriable only when the refusal is passing (`too_many_connections`, `shutting_down`): a wrong key or an
     unknown id stays wrong until someone changes a config, and retrying would only hammer the peer.
@@ -351,6 +351,7 @@ class HandshakeRefusedError(VpnPacketError):
         "shutting_down": "it is shutting down",
         "key_required": "it authenticates peers by key and we sent none (are we insecure?)",
         "bad_hello": "our hello was malformed",
+        "bad_key": "our public key is not one it can trust (small order or not canonical)",
     }
 
     def __init__(self, peer_id: str, reason: str, detail: str = "", *, local_id: str | None = None) -> None:

@@ -28,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from vpn_packet._native import MAX_PEER_ID_LEN
 from vpn_packet.resilience import ResilienceConfig
@@ -76,8 +77,8 @@ __all__ = [
     "WORKER_BUFFER_SIZE",
     "WORKER_CLEANUP_INTERVAL",
     "WORKER_IDLE_TIMEOUT",
-    "WRITE_BACKLOG",
     "WRITE_TIMEOUT",
+    "build",
     "check_int",
     "check_interface_address",
     "check_interface_name",
@@ -87,6 +88,8 @@ __all__ = [
     "check_seconds",
     "parse_endpoint",
 ]
+
+T = TypeVar("T")
 
 # --- the values -------------------------------------------------------------------------------------------
 
@@ -159,8 +162,6 @@ LOG_INTERVAL: Final = 10.0
 
 #: TUN packets read per readiness event at most (one `dispatch_batch` call).
 READ_BATCH: Final = 256
-#: TUN packets waiting for a writable device at most; beyond, dropped and counted.
-WRITE_BACKLOG: Final = 4096
 
 #: The interface: a common tunnel MTU (1500 minus outer IP/TCP/TLS overhead) and queue length.
 MTU: Final = 1400
@@ -356,7 +357,6 @@ class Tuning:
     worker_cleanup_interval: float = _seconds(WORKER_CLEANUP_INTERVAL, "seconds between idle checks")
     # the TUN device
     read_batch: int = _int(READ_BATCH, 1, 1 << 16, "TUN packets read per readiness event at most")
-    write_backlog: int = _int(WRITE_BACKLOG, 1, 1 << 22, "TUN packets waiting for a writable device")
     # sending: the stream pool and TCP
     max_streams_per_peer: int = _int(MAX_STREAMS_PER_PEER, 1, 1024, "streams per peer")
     send_buffer: int = _int(SEND_BUFFER, 4096, 1 << 30, "SO_SNDBUF bytes")
@@ -374,7 +374,10 @@ class Tuning:
     hello_timeout: float = _seconds(HELLO_TIMEOUT, "seconds a new connection has for TLS and its hello")
     max_pending: int = _int(MAX_PENDING, 1, 1 << 16, "connections not authenticated yet, in all")
     max_pending_per_source: int = _int(MAX_PENDING_PER_SOURCE, 1, 1 << 16, "pending connections per address")
-    idle_timeout: float = _seconds(RECEIVE_IDLE_TIMEOUT, "seconds an authenticated connection may be silent")
+    receive_idle_timeout: float = _seconds(
+        RECEIVE_IDLE_TIMEOUT,
+        "seconds an authenticated connection may be silent before the receiver closes it",
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -410,9 +413,56 @@ class Tuning:
         return tuple(f.name for f in fields(Tuning))
 
     def with_changes(self, **changes: Any) -> Tuning:
-        """A copy with `changes` (field names) applied and checked; `TypeError` for an unknown name."""
-        return dataclasses.replace(self, **changes) if changes else self
+        """A copy with `changes` (field names, or a deprecated alias of one: warned once) applied and
+        checked; `TypeError` for an unknown name."""
+        return dataclasses.replace(self, **Tuning.resolve_aliases(changes)) if changes else self
 
+    @staticmethod
+    def resolve_aliases(values: Mapping[str, Any], where: str = "tuning") -> dict[str, Any]:
+        """`values` (a `[tuning]` table, or keyword changes) with every deprecated key
+        (`vpn_packet.deprecation.TUNING_ALIASES`) under its new name, or left out when its setting is gone;
+        each warned once. A key given under both names keeps the new name's value."""
+        from vpn_packet.deprecation import TUNING_ALIASES, warn_once
+
+        out = dict(values)
+        for old, new in TUNING_ALIASES.items():
+            if old not in out:
+                continue
+            value = out.pop(old)
+            if new is None:
+                warn_once(f"{where}.{old}", f"{where}.{old} has no effect any more; remove it")
+                continue
+            warn_once(f"{where}.{old}", f"{where}.{old} is now {where}.{new}")
+            out.setdefault(new, value)
+        return out
+
+    @property
+    def idle_timeout(self) -> float:
+        """Deprecated: `receive_idle_timeout` (warned once)."""
+        from vpn_packet.deprecation import warn_once
+
+        warn_once("Tuning.idle_timeout", "Tuning.idle_timeout is now Tuning.receive_idle_timeout")
+        return self.receive_idle_timeout
+
+
+def build(cls: Callable[..., T], settings: Tuning, /, *args: Any, **kwargs: Any) -> T:
+    """`cls(*args, **kwargs)` with every constructor keyword `cls` takes from a `Tuning`
+    (`cls.TUNING_FIELDS`: keyword -> field) set from `settings`: a component takes the `Tuning` whole,
+    and the one list of which knob is which keyword is the component's own. `kwargs` win."""
+    fields_of: Mapping[str, str] = getattr(cls, "TUNING_FIELDS")  # noqa: B009 - every component declares it
+    values = {keyword: getattr(settings, name) for keyword, name in fields_of.items()}
+    return cls(*args, **{**values, **kwargs})
+
+
+_dataclass_init = Tuning.__init__
+
+
+def _init_with_aliases(self: Tuning, *args: Any, **kwargs: Any) -> None:
+    """`Tuning(...)` also takes a deprecated field name for one release (`resolve_aliases`, warned once)."""
+    _dataclass_init(self, *args, **Tuning.resolve_aliases(kwargs))
+
+
+Tuning.__init__ = _init_with_aliases  # type: ignore[method-assign]
 
 #: The node's tuning when nothing is configured.
 DEFAULT_TUNING: Final = Tuning()

@@ -227,7 +227,7 @@ def test_node_takes_its_knobs_from_one_tuning() -> None:
         write_timeout=1.5,
         hello_timeout=0.5,
         read_size=4096,
-        idle_timeout=30,
+        receive_idle_timeout=30,
         max_pending=5,
         max_pending_per_source=3,
     )
@@ -239,7 +239,7 @@ def test_node_takes_its_knobs_from_one_tuning() -> None:
         write_timeout=1.5,
         hello_timeout=0.5,
         read_size=4096,
-        idle_timeout=30,
+        receive_idle_timeout=30,
         max_pending=5,
         max_pending_per_source=3,
         max_streams_per_peer=2,

@@ -11,9 +11,8 @@ import dataclasses
 import logging
 import shutil
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -21,8 +20,8 @@ from vpn_packet.cli import main
 from vpn_packet.node.config import NODE_RESILIENCE, ConfigError, Tuning, load_config, parse_config
 from vpn_packet.node.tun_node import INSECURE_WARNING, TunNode
 from vpn_packet.resilience import ResilienceConfig
+from vpn_packet.testutil.faketun import FakeTun
 from vpn_packet.transport.identity import NodeIdentity, generate_identity, load_identity
-from vpn_packet.transport.tun import TunDevice, TunMetrics
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -539,32 +538,6 @@ def test_insecure_is_accepted_with_an_id_and_nothing_else(tmp_path: Path) -> Non
     assert _refused(data, tmp_path).key == "node.id"
 
 
-class _QuietTun:
-    """A TUN device that never reads or writes anything (what an insecure node's start needs)."""
-
-    def __init__(self, name: str, **kwargs: Any) -> None:
-        self.name = name
-        self.closed = False
-
-    def start_reading(self, on_batch: Any, **kwargs: Any) -> None:
-        return None
-
-    def stop_reading(self) -> None:
-        return None
-
-    def write_batch(self, packets: Any) -> int:
-        return 0
-
-    def close(self) -> None:
-        return None
-
-    def metrics(self) -> TunMetrics:
-        return TunMetrics(self.name, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, "")
-
-    def kernel_counters(self) -> dict[str, int]:
-        return {}
-
-
 @pytest.mark.parametrize("insecure", [True, False])
 async def test_an_insecure_node_warns_at_start(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, insecure: bool
@@ -575,7 +548,7 @@ async def test_an_insecure_node_warns_at_start(
         for peer in data["peers"]:
             del peer["public_key"]
     config = dataclasses.replace(parse_config(data, base=tmp_path), listen=("127.0.0.1", 0))  # any free port
-    node = TunNode(config, tun_factory=cast("Callable[..., TunDevice]", _QuietTun))
+    node = TunNode(config, tun_factory=FakeTun.open)
     with caplog.at_level(logging.INFO, logger="vpn_packet.node"):
         await node.start()
         try:

@@ -195,6 +195,8 @@ def test_status_of_a_live_node(
                 "tx_bytes",
                 "rx_bytes",
                 "drops",
+                "connection_failures",
+                "never_connected",
             } <= set(p)
         assert b["connected"] is True
         assert b["last_error"] is None
@@ -206,7 +208,16 @@ def test_status_of_a_live_node(
         assert b["breaker"] == "closed"
         assert c["connected"] is False
         assert c["last_error"] == "connect to 127.0.0.1:7102: ECONNREFUSED (Connection refused)"
-        assert c["drops"].get("connect_failed.ECONNREFUSED", 0) >= 1
+        # A connection that failed carried no packet: a connection failure, not a drop (issue 22, point 6).
+        assert c["connection_failures"].get("connect_failed.ECONNREFUSED", 0) >= 1
+        assert c["drops"] == {}
+        assert c["never_connected"] == c["last_error"]
+        assert b["never_connected"] is None
+        failures = snapshot["totals"]["connection_failures"]
+        assert failures["connect_failed.ECONNREFUSED"] >= 1
+        for key in {k for p in peers.values() for k in p["connection_failures"]}:  # totals = sum of peers
+            assert failures.get(key, 0) == sum(p["connection_failures"].get(key, 0) for p in peers.values())
+        assert "connect_failed" not in " ".join(snapshot["totals"]["drops"])
         assert snapshot["totals"]["tx_packets"] == 20
         assert snapshot["interface"] == "vpnst0"
 

@@ -15,10 +15,11 @@ import json
 import logging
 import os
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,12 @@ from vpn_packet.cli import main
 from vpn_packet.errors import ConfigError
 from vpn_packet.node.config import NodeConfig, parse_config
 from vpn_packet.node.tun_node import INSECURE_WARNING, TunNode, drop_counters
+from vpn_packet.testutil.faketun import FakeTun
 from vpn_packet.testutil.fixtures import wait_until
 from vpn_packet.testutil.netns import skip_or_fail
 from vpn_packet.testutil.packets import ICMP, UDP, icmp_echo, ipv4_packet
 from vpn_packet.transport.identity import NodeIdentity, generate_identity, load_identity
-from vpn_packet.transport.tun import TunDevice, TunMetrics
+from vpn_packet.transport.tun import TunDevice
 
 HAVE_TUN = os.path.exists("/dev/net/tun")
 
@@ -96,6 +98,41 @@ def test_cli_not_root_is_one_line_exit_2() -> None:
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("vpn-packet node: error: ")
     assert "needs root or CAP_NET_ADMIN" in result.stderr
+    mode = stat.S_IMODE(os.stat("/dev/net/tun").st_mode)
+    if mode & 0o006 != 0o006:  # its mode refuses nobody: the message names the cause (issue 22, point 3)
+        assert f"/dev/net/tun is mode {mode:04o} owned by " in result.stderr
+
+
+def test_a_tun_device_file_whose_mode_refuses_us_is_named_with_its_mode_and_owner() -> None:
+    """With CAP_NET_ADMIN but a device file of mode 0600 (Debian 12's /dev/net/tun) the cause is the file's
+    mode, not a missing capability: the error says so, with the mode, the owner and what to do."""
+    if os.geteuid() != 0:
+        skip_or_fail("needs root (to run as nobody against a file of root's)")
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:  # nobody may look into it, unlike tmp_path
+        os.chmod(directory, 0o755)
+        device = Path(directory) / "tun"
+        device.write_bytes(b"")
+        device.chmod(0o600)  # root:root, 0600
+        result = _run_as_nobody(device)
+    assert result.returncode == 0, result.stderr
+    message = result.stdout.strip()
+    assert f"{device} is mode 0600 owned by root:root" in message
+    assert "CAP_NET_ADMIN does not override a file's mode" in message
+    assert f"chmod 0666 {device}" in message
+    assert "a restart alone does not fix this" in message
+
+
+def _run_as_nobody(device: Path) -> subprocess.CompletedProcess[str]:
+    script = (
+        "import os\n"
+        "from vpn_packet.transport.tun import TunDevice\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "try:\n"
+        f"    TunDevice.open('vpnp-mode0', path={str(device)!r})\n"
+        "except PermissionError as exc:\n"
+        "    print(exc)\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
 
 
 def _run_cli_unprivileged(config: Path) -> subprocess.CompletedProcess[str]:
@@ -113,62 +150,7 @@ def _run_cli_unprivileged(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
 
 
-# --- TunNode with fake devices (no root) ------------------------------------------------------------------
-
-
-class FakeTun:
-    """Stands in for `TunDevice`: `inject` is what the kernel would have routed into it; `written` what the
-    node wrote to it."""
-
-    def __init__(self, name: str, **kwargs: Any) -> None:
-        self.name = name
-        self.kwargs = kwargs
-        self.written: list[bytes] = []
-        self.on_batch: Callable[[list[bytes]], object] | None = None
-        self.on_error: Callable[[OSError], object] | None = None
-        self.closed = False
-        self.reading = False
-        self.events: list[str] = []
-        self.arrived = asyncio.Event()
-        self.kernel = {"rx_dropped": 0, "tx_dropped": 0}  # what /proc/net/dev would say
-
-    def start_reading(
-        self,
-        on_batch: Callable[[list[bytes]], object],
-        *,
-        max_packets: int = 256,
-        on_error: Callable[[OSError], object] | None = None,
-    ) -> None:
-        self.on_batch = on_batch
-        self.on_error = on_error
-        self.reading = True
-        self.events.append("start_reading")
-
-    def stop_reading(self) -> None:
-        self.reading = False
-        self.events.append("stop_reading")
-
-    def inject(self, packets: list[bytes]) -> None:
-        assert self.reading
-        assert self.on_batch is not None
-        self.on_batch(packets)
-
-    def write_batch(self, packets: Iterable[bytes]) -> int:
-        packets = list(packets)
-        self.written += packets
-        self.arrived.set()
-        return len(packets)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.events.append("close")
-        self.closed = True
-
-    def metrics(self) -> TunMetrics:
-        return TunMetrics(self.name, 0, 0, 0, 0, len(self.written), 0, 0, 0, 0, 0, "")
-
-    def kernel_counters(self) -> dict[str, int]:
-        return dict(self.kernel)
+# --- TunNode on FakeTun devices (no root: the real TunDevice on a socket pair) -----------------------------
 
 
 def _free_ports(n: int) -> list[int]:
@@ -268,21 +250,17 @@ async def test_tun_nodes_over_loopback(tmp_path: Path, caplog: pytest.LogCapture
         assert a.node.stream_service.security is a.node.receiver.security is a.node.security
         assert (a.node.security.client_context is not None) == (mode != "insecure")
         assert (b.node.security.server_context is not None) == (mode != "insecure")
-        assert tuns["tun-node-a"].kwargs == {
+        assert tuns["tun-node-a"].opened_with == {
             "address": ["10.8.0.1/24"],
             "mtu": 1400,
             "txqueuelen": 1000,
-            "max_backlog": 4096,
             "offload": True,
         }
         good = [ipv4_packet("10.8.0.1", "10.8.0.2", UDP, 1000 + i, 53, bytes([i]) * 100) for i in range(50)]
         no_peer = ipv4_packet("10.8.0.1", "10.77.0.9", UDP, 1, 2, b"nowhere")
         tuns["tun-node-a"].inject([*good, no_peer])
         tun_b = tuns["tun-node-b"]
-        async with asyncio.timeout(5):
-            while len(tun_b.written) < 50:
-                tun_b.arrived.clear()
-                await tun_b.arrived.wait()
+        await wait_until(lambda: len(tun_b.written) >= 50)
         assert tun_b.written == good
 
         # B answers; A gets it.

@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from vpn_packet._native import hello_transcript
 from vpn_packet.errors import HandshakeRefusedError, is_handshake_refused_error, is_retriable_error
@@ -67,8 +68,11 @@ def test_load_refuses_readable_by_others_and_garbage(tmp_path: Path) -> None:
 def test_public_key_strings_are_checked(bad: str) -> None:
     with pytest.raises(IdentityError, match="public key"):
         decode_public_key(bad)
-    raw = os.urandom(32)
+    raw = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw()
     assert decode_public_key(encode_public_key(raw)) == raw
+    # 32 random bytes are rarely a key: about half are no curve point, and 7 in 8 points have a torsion part.
+    with pytest.raises(IdentityError, match="not a usable public key"):
+        decode_public_key(encode_public_key(bytes(32)))
 
 
 def _identities(tmp_path: Path, *names: str) -> list[NodeIdentity]:

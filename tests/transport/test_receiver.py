@@ -381,7 +381,7 @@ async def test_sink_errors_are_counted_and_the_stream_goes_on() -> None:
         await send_all(rx, "node-a", [pkt(A_SRC, 1), pkt(A_SRC, 2)])
         m = rx.metrics()
     assert seen == [pkt(A_SRC, 2)]
-    assert (m.sink_failed, m.packets_delivered) == (1, 1)
+    assert (m.sink_raised, m.packets_delivered) == (1, 1)
 
 
 async def test_flood_while_the_sink_blocks_stays_bounded() -> None:
@@ -545,8 +545,8 @@ def test_constructor_validation() -> None:
     ):
         with pytest.raises(ValueError, match=rf"^{setting}: 0 is out of range"):
             Receiver(discovery, sink, security=INSECURE, **{name: 0})  # type: ignore[arg-type]
-    for name in ("hello_timeout", "idle_timeout"):
-        with pytest.raises(ValueError, match=rf"^{name}: 0 must be positive"):
+    for name, setting in (("hello_timeout", "hello_timeout"), ("idle_timeout", "receive_idle_timeout")):
+        with pytest.raises(ValueError, match=rf"^{setting}: 0 must be positive"):
             Receiver(discovery, sink, security=INSECURE, **{name: 0})  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         Receiver(discovery, sink)  # type: ignore[call-arg]  # no default security: a choice, said out loud
@@ -777,7 +777,8 @@ async def test_tun_path_writes_in_order_drops_spoofed_and_acknowledges_every_fra
         1,
     )
     assert peer.bytes == sum(map(len, own)) + len(spoofed) + len(garbage)
-    assert (peer.sink_failed, rx.metrics().protocol_errors) == (0, {})
+    assert (peer.dropped, rx.metrics().protocol_errors) == (2, {})
+    assert peer.frames == peer.packets_delivered + peer.dropped
 
 
 async def test_tun_path_framing_errors_and_truncation_cut_the_peer_off(
@@ -814,7 +815,7 @@ async def test_tun_path_closes_a_silent_connection_and_reports_a_dead_device() -
         counts = acks(await until_closed(reader, writer, half_close=True))
     assert counts[-1:] == [2]  # taken (and counted lost): the sender must not resend them
     peer = rx.peer_metrics()["node-a"]
-    assert (peer.packets_delivered, peer.sink_failed) == (1, 2)
+    assert (peer.packets_delivered, peer.tun_dropped) == (1, 2)  # the TUN was gone: not the sink's doing
     assert len(tun.fatal) == 1
     tun.close()
 

@@ -13,7 +13,8 @@ from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.errors import FramingError
 from vpn_packet.resilience import ResilienceConfig
 from vpn_packet.transport import framing
-from vpn_packet.transport.discovery import Peer
+from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
+from vpn_packet.transport.handshake import Security
 from vpn_packet.transport.pool import StreamPool
 from vpn_packet.transport.receiver import Receiver
 from vpn_packet.transport.tcp import TcpStreamService
@@ -48,10 +49,9 @@ def test_library_defaults_are_the_tuning_constants() -> None:
         (Receiver, "read_size", t.read_size),
         (Receiver, "max_pending", t.max_pending),
         (Receiver, "max_pending_per_source", t.max_pending_per_source),
-        (Receiver, "idle_timeout", t.idle_timeout),
+        (Receiver, "idle_timeout", t.receive_idle_timeout),
         (Receiver, "log_interval", tuning.LOG_INTERVAL),
         (TcpStreamService, "log_interval", tuning.LOG_INTERVAL),
-        (TunDevice.open, "max_backlog", t.write_backlog),
         (TunDevice.open, "mtu", tuning.MTU),
         (TunDevice.open, "txqueuelen", tuning.TXQUEUELEN),
         (TunDevice.start_reading, "max_packets", t.read_batch),
@@ -192,3 +192,29 @@ def test_wire_constants_come_from_rust() -> None:
         tuning.check_peer_id("é" * (_native.MAX_PEER_ID_LEN // 2 + 1))  # 256 bytes in 128 characters
     with pytest.raises(FramingError):
         _native.encode_hello("x" * (_native.MAX_PEER_ID_LEN + 1), 0)
+
+
+def test_every_component_takes_its_knobs_from_the_tuning_whole() -> None:
+    """`tuning.build(cls, tuning, ...)`: each part of a node names which of its keywords are which `Tuning`
+    fields (`TUNING_FIELDS`); every name is a real keyword and a real field, and together the parts (and
+    the TUN reader's `read_batch`) take every field, so no knob is configured and then ignored."""
+    from vpn_packet.transport.keeper import ConnectionKeeper
+
+    parts = (TcpStreamService, StreamPool, ConnectionKeeper, Dispatcher, Receiver)
+    taken = {"read_batch"}  # TunNode's reads
+    for cls in parts:
+        keywords = inspect.signature(cls).parameters
+        for keyword, name in cls.TUNING_FIELDS.items():
+            assert keyword in keywords, (cls, keyword)
+            Tuning.spec(name)  # a field (KeyError otherwise)
+            taken.add(name)
+    assert taken == set(Tuning.names())
+    t = Tuning(read_size=8192, receive_idle_timeout=7, max_pending=3)
+    receiver = tuning.build(
+        Receiver, t, StaticPeerDiscovery([]), lambda *_: None, security=Security.insecure("x")
+    )
+    assert (receiver.read_size, receiver.idle_timeout, receiver.max_pending) == (8192, 7.0, 3)
+    explicit = tuning.build(
+        Receiver, t, StaticPeerDiscovery([]), print, security=Security.insecure("x"), max_pending=9
+    )
+    assert explicit.max_pending == 9  # a keyword given wins

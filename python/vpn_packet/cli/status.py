@@ -18,18 +18,25 @@ is a table; `--json` prints the node's snapshot, the one its SIGUSR1 line, metri
     either way, the last acknowledgement from the peer, the last packet from the peer;
   - `tx_packets`, `tx_bytes`: packets (and their bytes, without framing) the peer acknowledged;
     `rx_packets`, `rx_bytes`: packets received from it (delivered or dropped); `rx_delivered`;
-  - `drops` (object, reason -> count, zeros left out): `lost_in_flight` (written, never acknowledged),
-    `refused_by_peer.<reason>`, `connect_failed.<errno name or error>` (connections, not packets), and
-    received packets dropped: `spoofed` (source outside its allowed_ips), `unparsable`, `sink_failed`,
-    `protocol_error.<reason>`;
+  - `drops` (object, reason -> count, zeros left out), packets only: `lost_in_flight` (written, never
+    acknowledged), and received packets dropped: `spoofed` (source outside its allowed_ips), `unparsable`,
+    `offload_invalid`, `tun_dropped` (the TUN had no room), `tun_refused` (the kernel refused it),
+    `sink_raised` (a library sink raised);
+  - `connection_failures` (object, reason -> count, zeros left out): `refused_by_peer.<reason>`,
+    `connect_failed.<errno name or error>`, `receiver.protocol_errors.<reason>` (the keys of the totals');
+  - `never_connected` (string or null): until the peer's first accepted handshake either way, why not;
   - `breaker`: `closed`, `open` or `half_open` (the peer's circuit breaker);
   - `connections`: `{"out": n, "in": n}` open now; `connects`, `connect_failures` (attempts from here).
 - `totals`: `tx_packets`, `tx_bytes` (acknowledged, all peers), `rx_packets`, `rx_bytes`, `rx_delivered`,
   the dispatcher's `accepted`, `rejected`, `failed`, `discarded`, `queued`, `in_flight` (accepted ==
-  tx_packets + failed + discarded + queued + in_flight), `drops` (every drop counter of the node by reason,
-  zeros left out: `failed.no_peer`, `receiver.spoofed_dropped`, `tun.write_dropped`, the kernel's own
-  `tun.kernel_tx_dropped` (packets it dropped because the node did not read them in time), ...) and
-  `connections`.
+  tx_packets + failed + discarded + queued + in_flight), `drops` (every packet drop counter of the node by
+  reason, zeros left out: `failed.no_peer`, `receiver.spoofed_dropped`, `tun.write_dropped`, the kernel's own
+  `tun.kernel_tx_dropped` (packets it dropped because the node did not read them in time), ...; each
+  `receiver.<counter>` is the sum of the peers'), `connection_failures` (refused or failed connections
+  either way, by reason: `receiver.refused.<reason>`, `receiver.handshake_failures.<reason>`,
+  `refused_by_peer.<reason>`, `connect_failed.<kind>`, ...; a key a peer has too is the sum of the peers')
+  and `connections`.
+- `deprecated`: old key -> what replaced it, for the deprecated aliases the snapshot still carries.
 
 The keys `node` and `tun` hold the detailed counters of the parts (not part of the contract).
 
@@ -159,6 +166,9 @@ def render(snapshot: dict[str, Any]) -> Any:
             notes.append(Text.assemble((name, "bold"), ": last error: ", (str(peer["last_error"]), "red")))
         if peer.get("drops"):
             notes.append(Text.assemble((name, "bold"), f": drops: {_drops(peer['drops'])}"))
+        if peer.get("connection_failures"):
+            failures = _drops(peer["connection_failures"])
+            notes.append(Text.assemble((name, "bold"), f": connection failures: {failures}"))
     t = snapshot.get("totals", {})
     totals = Text(
         f"totals: tx {t.get('tx_packets', 0):,} packets ({_size(t.get('tx_bytes', 0))}), "

@@ -79,7 +79,12 @@ from vpn_packet.errors import ConfigError
 from vpn_packet.resilience import ResilienceConfig
 from vpn_packet.transport.discovery import Peer
 from vpn_packet.transport.handshake import Security, SecurityMode
-from vpn_packet.transport.identity import NodeIdentity, decode_public_key, load_identity
+from vpn_packet.transport.identity import (
+    NodeIdentity,
+    certificate_file_key_problem,
+    decode_public_key,
+    load_identity,
+)
 from vpn_packet.tuning import LOG_LEVELS, NODE_RESILIENCE, Tuning, parse_endpoint
 
 __all__ = [
@@ -488,11 +493,11 @@ def _tls(data: Mapping[str, Any], base: Path | None) -> TlsConfig | None:
             raise ConfigError(
                 f"tls.{key}", f"missing ({what}); or drop [tls] and use keys (vpn-packet genkey)"
             )
-    return TlsConfig(
-        _existing(base, table["cert"], "tls.cert"),
-        _existing(base, table["key"], "tls.key"),
-        _existing(base, table["ca"], "tls.ca"),
-    )
+    cert = _existing(base, table["cert"], "tls.cert")
+    problem = certificate_file_key_problem(cert)
+    if problem is not None:
+        raise ConfigError("tls.cert", f"the certificate's key cannot be trusted: {problem}")
+    return TlsConfig(cert, _existing(base, table["key"], "tls.key"), _existing(base, table["ca"], "tls.ca"))
 
 
 _NO_IDENTITY = (
@@ -549,13 +554,15 @@ def _security(
 
 def _tuning(data: Mapping[str, Any]) -> Tuning:
     """Each key is checked by the field's own rule (`Tuning.spec`), so the error names `tuning.<key>`."""
+    from vpn_packet.deprecation import TUNING_ALIASES
+
     table = _table(data, "tuning", required=False)
-    names = Tuning.names()
-    _unknown(table, "tuning", set(names))
-    values = {
-        key: _checked(f"tuning.{key}", Tuning.spec(key).check, table[key]) for key in names if key in table
-    }
-    return Tuning(**values)
+    _unknown({k: v for k, v in table.items() if k not in TUNING_ALIASES}, "tuning", set(Tuning.names()))
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = TUNING_ALIASES.get(key, key)  # a deprecated key: its new name's rule, its own name in errors
+        values[key] = value if name is None else _checked(f"tuning.{key}", Tuning.spec(name).check, value)
+    return Tuning(**Tuning.resolve_aliases(values))
 
 
 _RESILIENCE_INT = {

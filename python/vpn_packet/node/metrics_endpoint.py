@@ -40,9 +40,15 @@ _RECEIVER_COUNTERS = (
     "frames",
     "bytes",
     "packets_delivered",
+    "extra_segments",
     "spoofed_dropped",
     "unparsable_dropped",
-    "sink_failed",
+    "offload_invalid",
+    "sink_raised",
+    "sink_cancelled",
+    "tun_dropped",
+    "tun_refused",
+    "sink_failed",  # deprecated alias (vpn_packet.deprecation): the four above it together
     "connection_errors",
     "idle_closed",
     "superseded",
@@ -80,7 +86,7 @@ def node_samples(snapshot: Mapping[str, Any], prefix: str = "vpn_packet") -> Ite
     for key in _TUN_COUNTERS:
         if key in tun:
             yield f"{prefix}_tun_{key}_total", "counter", {}, tun[key]
-    if "backlog" in tun:
+    if "backlog" in tun:  # deprecated alias (vpn_packet.deprecation): always 0, there is no backlog
         yield f"{prefix}_tun_write_backlog", "gauge", {}, tun["backlog"]
     for key, n in (tun.get("kernel") or {}).items():  # the kernel's own counters of the device
         yield f"{prefix}_tun_kernel_{key}_total", "counter", {}, n

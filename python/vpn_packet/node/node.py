@@ -50,8 +50,9 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
+from vpn_packet.deprecation import add_receiver_aliases
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.metrics import DispatcherMetrics
 from vpn_packet.resilience import ResilienceConfig, ResilienceService
@@ -59,12 +60,19 @@ from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
 from vpn_packet.transport.handshake import Security
 from vpn_packet.transport.keeper import ConnectionKeeper
 from vpn_packet.transport.pool import StreamPool, StreamPoolMetrics
-from vpn_packet.transport.receiver import Receiver, ReceiverMetrics, Sink
-from vpn_packet.transport.tcp import TcpStreamService
-from vpn_packet.tuning import DEFAULT_TUNING, NODE_RESILIENCE, SHUTDOWN_TIMEOUT, Tuning
+from vpn_packet.transport.receiver import PeerReceiverMetrics, Receiver, ReceiverMetrics, Sink
+from vpn_packet.transport.tcp import PeerSendStats, TcpStreamService
+from vpn_packet.tuning import DEFAULT_TUNING, NODE_RESILIENCE, SHUTDOWN_TIMEOUT, Tuning, build
 from vpn_packet.worker import WorkerMetrics
 
-__all__ = ["Node", "NodeMetrics", "PeerChanges", "node_drops"]
+__all__ = [
+    "PEER_RECEIVE_DROPS",
+    "Node",
+    "NodeMetrics",
+    "PeerChanges",
+    "node_connection_failures",
+    "node_drops",
+]
 
 _log = logging.getLogger("vpn_packet.node")
 
@@ -85,6 +93,9 @@ class NodeMetrics:
     connect_failures: int
     refusals: dict[str, int]
     receiver: ReceiverMetrics
+    #: Our failed connection attempts (not refusals) by kind (`ECONNREFUSED`, `TimeoutError`, ...), summed
+    #: over the peers: the totals are the sum of each peer's `connect_failed.<kind>`.
+    connect_failures_by_kind: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain nested dicts (for JSON)."""
@@ -96,17 +107,31 @@ class NodeMetrics:
             "connects": self.connects,
             "connect_failures": self.connect_failures,
             "refusals": dict(self.refusals),
+            "connect_failures_by_kind": dict(self.connect_failures_by_kind),
         }
-        out["receiver"] = dataclasses.asdict(self.receiver)
+        # With the deprecated `sink_failed` (vpn_packet.deprecation) for one release.
+        out["receiver"] = add_receiver_aliases(dataclasses.asdict(self.receiver))
         return out
 
 
+#: A peer's received-packet drops as its `peer_status()` names them: receiver counter -> key. The node's
+#: totals name them `receiver.<counter>`, and each total is the sum of the peers' (`node_drops`).
+PEER_RECEIVE_DROPS: Final = {
+    "spoofed_dropped": "spoofed",
+    "unparsable_dropped": "unparsable",
+    "offload_invalid": "offload_invalid",
+    "sink_raised": "sink_raised",
+    "sink_cancelled": "sink_cancelled",
+    "tun_dropped": "tun_dropped",
+    "tun_refused": "tun_refused",
+}
+
+
 def node_drops(metrics: Mapping[str, Any]) -> dict[str, int]:
-    """Every drop counter of a node, from `NodeMetrics.as_dict()`, flattened (`rejected.queue_full`, ...):
-    packets (rejected, failed, discarded by the dispatcher; spoofed, unparsable, refused by the sink at the
-    receiver) and connections refused either way (`refused_by_peer.key_mismatch`: a peer refused us;
-    `receiver.refused.unknown_peer`: we refused a connection; `receiver.handshake_failures.timeout`), so that
-    a tunnel that never came up cannot end with `drops: none`. The one place drops are summed up (the node's
+    """Every packet drop counter of a node, from `NodeMetrics.as_dict()`, flattened (`rejected.queue_full`,
+    ...): packets rejected, failed or discarded by the dispatcher, and packets received but not delivered
+    (`receiver.spoofed_dropped`, `receiver.tun_dropped`, ...: `PEER_RECEIVE_DROPS`). Connections that failed
+    are not packets: they are `node_connection_failures`. The one place drops are summed up (the node's
     summary, its warnings and the demo's table read it)."""
     out: dict[str, int] = {}
     dispatcher = metrics["dispatcher"]
@@ -114,16 +139,50 @@ def node_drops(metrics: Mapping[str, Any]) -> dict[str, int]:
         for reason, n in dispatcher[f"{group}_by_reason"].items():
             out[f"{group}.{reason}"] = int(n)
     receiver = metrics["receiver"]
-    for key in ("spoofed_dropped", "unparsable_dropped", "sink_failed"):
+    for key in PEER_RECEIVE_DROPS:
         out[f"receiver.{key}"] = int(receiver[key])
-    for family in ("protocol_errors", "refused", "handshake_failures"):
+    return out
+
+
+def node_connection_failures(metrics: Mapping[str, Any]) -> dict[str, int]:
+    """Every connection failure of a node, from `NodeMetrics.as_dict()`, flattened: connections we refused
+    (`receiver.refused.unknown_peer`), handshakes that failed (`receiver.handshake_failures.timeout`),
+    connections closed for a protocol error (`receiver.protocol_errors.too_large`) or at the pending limits
+    (`receiver.rejected_pending`, `receiver.evicted_pending`), and our connections a peer refused
+    (`refused_by_peer.key_mismatch`) or that failed (`connect_failed.<kind>`, summed over the peers, whose
+    `connection_failures` name the same keys). Counted apart from packet drops:
+    a refused connection carried no packet."""
+    out: dict[str, int] = {}
+    receiver = metrics["receiver"]
+    for family in ("refused", "handshake_failures", "protocol_errors"):
         for reason, n in receiver[family].items():
             out[f"receiver.{family}.{reason}"] = int(n)
     for key in ("rejected_pending", "evicted_pending"):
         out[f"receiver.{key}"] = int(receiver[key])
     for reason, n in metrics["refusals"].items():
         out[f"refused_by_peer.{reason}"] = int(n)
+    by_kind = metrics.get("connect_failures_by_kind", {})
+    for kind, n in by_kind.items():
+        out[f"connect_failed.{kind}"] = int(n)
+    # Attempts that failed otherwise (cancelled by a stop, ...): no peer names a kind for them.
+    refused = sum(int(n) for n in metrics["refusals"].values())
+    named = sum(int(n) for n in by_kind.values())
+    out["connect_failed.other"] = int(metrics["connect_failures"]) - refused - named
     return out
+
+
+def _never_connected(
+    peer: Peer, tx: PeerSendStats | None, rx: PeerReceiverMetrics | None, handshakes: list[float]
+) -> str | None:
+    """None once `peer` has had an accepted handshake either way; else why not, in a few words: the last
+    error of our attempts to reach it, or that none has finished yet."""
+    if handshakes:
+        return None
+    if tx is not None and tx.last_error:
+        return tx.last_error
+    if tx is not None and tx.connect_failures:
+        return f"{tx.connect_failures} connection attempts to {peer.endpoint} failed"
+    return f"no connection either way yet (none to {peer.endpoint} has completed, none from it)"
 
 
 def _ago(now: float, then: float | None) -> float | None:
@@ -191,57 +250,28 @@ class Node:
         self.peers: list[Peer] = list(peers)
         self.stop_timeout = stop_timeout
         self.discovery = StaticPeerDiscovery(self.peers)
-        self.stream_service = TcpStreamService(
-            self.discovery,
-            security,
-            connect_timeout=t.connect_timeout,
-            write_timeout=t.write_timeout,
-            ack_timeout=t.ack_timeout,
-            window=t.window,
-            send_buffer=t.send_buffer,
-            keepalive_interval=t.keepalive_interval,
-        )
-        self.pool = StreamPool(
-            self.stream_service,
-            max_streams_per_peer=t.max_streams_per_peer,
-            idle_timeout=t.stream_idle_timeout,
-        )
+        # Each part takes the `Tuning` whole: the part itself says which of its keywords are which knobs
+        # (its `TUNING_FIELDS`), so this is not a second list of them.
+        self.stream_service = build(TcpStreamService, t, self.discovery, security)
+        self.pool = build(StreamPool, t, self.stream_service)
         # Connections to the configured peers, made at start and kept (keepalives, reconnects with backoff).
-        self.keeper = (
-            ConnectionKeeper(self.pool, self._peer_ids, keepalive_interval=t.keepalive_interval)
-            if keep_connections
-            else None
-        )
+        self.keeper = build(ConnectionKeeper, t, self.pool, self._peer_ids) if keep_connections else None
         if isinstance(resilience, ResilienceService):
             self.resilience = resilience
         else:
             self.resilience = ResilienceService(NODE_RESILIENCE if resilience is None else resilience)
-        self.dispatcher = Dispatcher(
-            self.discovery,
-            self.stream_service,
-            self.pool,
-            worker_idle_timeout=t.worker_idle_timeout,
-            worker_cleanup_interval=t.worker_cleanup_interval,
-            worker_buffer_size=t.worker_buffer_size,
-            resilience_service=self.resilience,
-            max_workers=t.max_workers,
-            coalesce=t.coalesce,
+        self.dispatcher = build(
+            Dispatcher, t, self.discovery, self.stream_service, self.pool, resilience_service=self.resilience
         )
         host, port = listen
-        self.receiver = Receiver(
+        self.receiver = build(
+            Receiver,
+            t,
             self.discovery,
             sink if sink is not None else _discard,
             host=host,
             port=port,
             security=security,
-            hello_timeout=t.hello_timeout,
-            idle_timeout=t.idle_timeout,
-            max_pending=t.max_pending,
-            max_pending_per_source=t.max_pending_per_source,
-            max_batch=t.receive_batch,
-            max_connections=t.max_connections,
-            max_connections_per_peer=t.max_connections_per_peer,
-            read_size=t.read_size,
         )
         if self.keeper is not None:
             self.receiver.on_authenticated = (
@@ -360,7 +390,15 @@ class Node:
             connect_failures=self.stream_service.connect_failures,
             refusals=dict(self.stream_service.refusals),
             receiver=self.receiver.metrics(),
+            connect_failures_by_kind=self._connect_failures_by_kind(),
         )
+
+    def _connect_failures_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for stats in self.stream_service.peer_stats.values():
+            for kind, n in stats.failures.items():
+                out[kind] = out.get(kind, 0) + n
+        return out
 
     def worker_metrics(self) -> dict[str, WorkerMetrics]:
         return self.dispatcher.worker_metrics()
@@ -380,18 +418,18 @@ class Node:
             streams_out = len(tx.streams) if tx is not None else 0
             streams_in = rx.active_connections if rx is not None else 0
             drops: dict[str, int] = {}
+            failures: dict[str, int] = {}
             if tx is not None:
                 drops["lost_in_flight"] = tx.lost_in_flight
                 for reason, n in tx.refusals.items():
-                    drops[f"refused_by_peer.{reason}"] = n
+                    failures[f"refused_by_peer.{reason}"] = n
                 for kind, n in tx.failures.items():
-                    drops[f"connect_failed.{kind}"] = n
+                    failures[f"connect_failed.{kind}"] = n
             if rx is not None:
-                drops["spoofed"] = rx.spoofed_dropped
-                drops["unparsable"] = rx.unparsable_dropped
-                drops["sink_failed"] = rx.sink_failed
-                for reason, n in rx.protocol_errors.items():
-                    drops[f"protocol_error.{reason}"] = n
+                for counter, key in PEER_RECEIVE_DROPS.items():
+                    drops[key] = getattr(rx, counter)
+                for reason, n in rx.protocol_errors.items():  # the totals' key: they sum the peers'
+                    failures[f"receiver.protocol_errors.{reason}"] = n
             handshakes = [
                 t
                 for t in (tx.last_handshake if tx else None, rx.last_handshake if rx else None)
@@ -414,6 +452,8 @@ class Node:
                     "rx_bytes": rx.bytes if rx is not None else 0,
                     "rx_delivered": rx.packets_delivered if rx is not None else 0,
                     "drops": {k: v for k, v in drops.items() if v},
+                    "connection_failures": {k: v for k, v in failures.items() if v},
+                    "never_connected": _never_connected(peer, tx, rx, handshakes),
                     "breaker": breaker.state.value if breaker is not None else "closed",
                     "connections": {"out": streams_out, "in": streams_in},
                     "connects": tx.connects if tx is not None else 0,
@@ -440,6 +480,7 @@ class Node:
             "queued": d["queued"],
             "in_flight": d["in_flight"],
             "drops": {k: v for k, v in node_drops(m).items() if v},
+            "connection_failures": {k: v for k, v in node_connection_failures(m).items() if v},
             "connections": {"out": m["pool"]["streams"], "in": r["active_connections"]},
         }
 

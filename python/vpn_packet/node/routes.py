@@ -200,6 +200,8 @@ class PeerRoutes:
                     route.peer_id,
                     self.ifname,
                 )
+        if not wanted and not self._routes:  # nothing to add, nothing of ours to remove: no netlink at all
+            return RouteChanges(skipped=tuple(str(r.destination) for r in skipped))
         changes = _in_thread_if_async(self._apply_sync, wanted)
         changes = RouteChanges(
             changes.added, changes.removed, changes.taken_over, tuple(str(r.destination) for r in skipped)

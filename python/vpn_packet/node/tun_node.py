@@ -1,33 +1,37 @@
 """`vpn-packet node --config FILE.toml`: a VPN node on a Linux TUN device.
 
 `TunNode` = a `TunDevice` + a `vpn_packet.node.node.Node`: every readiness event of the TUN reads all
-ready packets and hands them to `Node.send_batch` (the dispatcher: per-destination workers, stream pool, TCP
-or mutual-TLS streams to the peer owning each destination); the node's receiver checks each received packet's
-source against the sending peer's allowed prefixes and its sink writes the accepted batches to the TUN.
+ready packets in one native call and hands the buffer to `Node.send_buffer` (the dispatcher's native queues:
+per-destination workers, stream pool, TCP or mutual-TLS streams to the peer owning each destination); the
+node's receiver decodes each connection's frames, checks each packet's source against the sending peer's
+allowed prefixes and writes the accepted ones to the TUN's descriptor itself (`Receiver.tun_target`). One
+path: tests run it on `vpn_packet.testutil.faketun.FakeTun`, the same `TunDevice` on a socket pair.
+
+This module is the node's lifecycle, signals and control socket; its status snapshot (status, summary,
+metrics file, drop log) is `vpn_packet.node.status`, its reload `vpn_packet.node.reload`.
 
 Lifecycle: `start()` opens the TUN (so the interface and its addresses exist), starts the node (receiver
 first), then starts reading the TUN. `shutdown()` goes in order under one deadline (`node.shutdown_timeout`):
 stop reading the TUN, drain the dispatcher and close the streams (buffered bytes flushed), stop the receiver,
 close the TUN. The command runs until SIGINT or SIGTERM, logs live metrics on SIGUSR1 (and writes them to
 `node.metrics_file` when configured; `node.metrics_listen` serves them over HTTP, see
-`vpn_packet.node.metrics_endpoint`), warns about drops at most once per `node.drop_log_interval` and
-prints a metrics summary at exit.
+`vpn_packet.node.metrics_endpoint`), warns about packet drops and connection failures at most once per
+`node.drop_log_interval` and prints a metrics summary at exit (the kernel's counters of the TUN included:
+`TunDevice.close` reads them before the device goes).
 
 Operating it: the node serves `vpn-packet status` and `vpn-packet reload` on its control socket
 (`vpn_packet.node.control`; `/run/vpn-packet/NAME.sock` or `node.control_socket`). `status` answers with
 `metrics()`, the same snapshot as the SIGUSR1 line, the metrics file and the metrics endpoint (`peers`: the
 per-peer snapshot of `Node.peer_status`; `totals`). `reload()` (also on SIGHUP) re-reads the config file
-and applies the difference in `[[peers]]` without a restart (`Node.reconfigure`); a file that does not
-validate is refused with the one-line error a start gives, and a change anywhere else (`[interface]`,
-`[listen]`, `[node]`, `[tls]`, `[tuning]`, `[resilience]`) refuses the whole reload, naming the keys that
-need a restart: nothing is half applied, and the running config stays as it was.
+and applies the difference in `[[peers]]` without a restart (`vpn_packet.node.reload`).
 
 The periodic jobs (drop warnings, the metrics file) run in one `asyncio.TaskGroup` owned by one background
 task: `shutdown()` cancels that task and so every job, and a job that fails takes the others down with it
 (logged) instead of dying unnoticed. Every knob comes from the config's `vpn_packet.tuning.Tuning`.
 
 Exit status: 0 after a clean shutdown, 1 when the shutdown deadline was hit or the TUN device failed
-(deleted under the node), 2 for a bad configuration or a missing privilege (one line on stderr). A start
+(deleted under the node), 2 for a bad configuration or a missing privilege (one line on stderr; the TUN
+device file's mode and owner when those refuse us): a restart cannot fix those. A start
 that fails because of the host's state is a `ConfigError` naming the key: the listen port is taken
 (`listen.address: 0.0.0.0:7000 is in use (EADDRINUSE)`, also `node.metrics_listen`), or the interface name
 is another device's (`interface.name: vpn0 exists and is not ours (...)`: not a TUN device, or a TUN another
@@ -38,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import json
 import logging
@@ -52,9 +55,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from vpn_packet import tuning
 from vpn_packet.errors import ConfigError, UsageError
-from vpn_packet.node.config import NodeConfig, diff_configs, load_config
+from vpn_packet.node import reload as reloading
+from vpn_packet.node import status
+from vpn_packet.node.config import NodeConfig
 from vpn_packet.node.control import ControlServer, default_socket_path
-from vpn_packet.node.node import node_drops
+from vpn_packet.node.status import drop_counters
 
 if TYPE_CHECKING:
     from vpn_packet.node.metrics_endpoint import MetricsEndpoint
@@ -110,31 +115,12 @@ def _raise_bind_error(key: str, address: tuple[str, int], exc: OSError) -> None:
     raise ConfigError(key, f"{shown} {_BIND_ERRORS[exc.errno]} ({errno.errorcode[exc.errno]})") from exc
 
 
-def _peer_prefixes(config: NodeConfig) -> dict[str, tuple[str, ...]]:
-    """Each peer's prefixes, in config order (route conflicts name `peers[i].allowed_ips[j]` by position)."""
-    return {peer.id: peer.allowed_ips for peer in config.peers}
-
-
-def drop_counters(metrics: dict[str, Any]) -> dict[str, int]:
-    """Every drop counter of a `TunNode.metrics()` snapshot, flattened: the node's (`node_drops`), the TUN
-    device's as we saw them (`tun.write_dropped`, `tun.write_errors`) and the kernel's own counters of the
-    device (`tun.kernel_tx_dropped`: packets the kernel dropped because we did not read them in time;
-    `tun.kernel_rx_dropped`: packets we wrote that the kernel dropped; errors likewise), so that a summary
-    never says `drops: none` while the kernel dropped packets on our device."""
-    out = node_drops(metrics["node"])
-    tun = metrics["tun"]
-    if tun is not None:
-        out["tun.write_dropped"] = int(tun["write_dropped"])
-        out["tun.write_errors"] = int(tun["write_errors"])
-        for key, value in (tun.get("kernel") or {}).items():
-            out[f"tun.kernel_{key}"] = int(value)
-    return out
-
-
 class TunNode:
     """A node on a TUN device, from a `NodeConfig`; see the module docstring.
 
-    `tun_factory` opens the device (default `TunDevice.open`; tests pass a fake).
+    `tun_factory` opens the device (default `TunDevice.open`; tests pass `FakeTun.open`, the same class on
+    a socket pair). `manage_routes`: add routes through the TUN for peer prefixes outside its subnets
+    (`vpn_packet.node.routes`; there are none to add when every peer prefix is inside them).
     """
 
     def __init__(
@@ -142,7 +128,7 @@ class TunNode:
         config: NodeConfig,
         *,
         tun_factory: Callable[..., TunDevice] | None = None,
-        manage_routes: bool | None = None,
+        manage_routes: bool = True,
     ) -> None:
         from vpn_packet.node.node import Node
         from vpn_packet.transport.tun import TunDevice
@@ -150,39 +136,29 @@ class TunNode:
         self.config = config
         self._tun_factory = tun_factory if tun_factory is not None else TunDevice.open
         self.tun: TunDevice | None = None
-        # Routes through the TUN for peer prefixes outside the interface's subnets (`node.routes`). None: only
-        # for a real `TunDevice` (a fake one in tests has no interface to route through).
         self._manage_routes = manage_routes
         self.routes: PeerRoutes | None = None
         self.node: Node = Node(
             config.security(),
             config.listen,
             [peer.to_peer() for peer in config.peers],
-            self._sink,
+            None,  # no sink: the receiver writes to the TUN itself (`tun_target`, set at start)
             tuning=config.tuning,
             resilience=config.resilience,
             stop_timeout=config.node.shutdown_timeout,
         )
         self._started_at: float | None = None
         self._state = "new"
-        self._last_drops: dict[str, int] = {}
+        self._drop_log = status.DropLog()
         self._background: asyncio.Task[None] | None = None  # runs the TaskGroup of the periodic jobs
         self.error: OSError | None = None  # the TUN failed for good
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._control: ControlServer | None = None
-        self._reload_lock = asyncio.Lock()
+        self.reload_lock = asyncio.Lock()  # one reload at a time
         self._reloads: set[asyncio.Task[None]] = set()  # reloads started by SIGHUP
         self.failed = asyncio.Event()  # set when it does
 
     # --- data path ------------------------------------------------------------------------------------------
-
-    def _sink(self, peer_id: str, packets: list[bytes]) -> None:
-        tun = self.tun
-        if tun is not None:
-            tun.write_batch(packets)
-
-    def _on_tun_batch(self, packets: list[bytes]) -> None:
-        self.node.send_batch(packets)
 
     def _on_tun_buffer(self, data: bytes, lengths: bytes) -> None:
         """A TUN read, as one buffer and its u32 lengths, straight to the dispatcher's native queues."""
@@ -214,7 +190,6 @@ class TunNode:
                 address=list(iface.addresses),
                 mtu=iface.mtu,
                 txqueuelen=iface.txqueuelen,
-                max_backlog=self.config.tuning.write_backlog,
                 offload=iface.offload,
             )
         except BaseException as exc:
@@ -225,22 +200,17 @@ class TunNode:
                 ) from exc
             raise
         try:
-            from vpn_packet.transport.tun import TunDevice
+            # Received packets go from socket to TUN natively, one call per read.
+            from vpn_packet.transport.receiver import TunTarget
 
-            real = isinstance(self.tun, TunDevice)
-            if real:
-                # Received packets go from socket to TUN natively (a fake device in tests gets the sink).
-                from vpn_packet.transport.receiver import TunTarget
-
-                self.node.receiver.tun_target = TunTarget(
-                    self.tun.fd, self.tun.vnet_header, on_fatal=self._on_tun_write_fatal
-                )
-            manage = self._manage_routes
-            if manage if manage is not None else real:
+            self.node.receiver.tun_target = TunTarget(
+                self.tun.fd, self.tun.vnet_header, on_fatal=self._on_tun_write_fatal
+            )
+            if self._manage_routes:
                 from vpn_packet.node.routes import PeerRoutes
 
                 self.routes = PeerRoutes(self.tun.name, iface.addresses)
-                self.routes.apply(_peer_prefixes(self.config))  # ConfigError on a conflict, nothing left
+                self.routes.apply(reloading.peer_prefixes(self.config))  # ConfigError on a conflict
             try:
                 await self.node.start()
             except OSError as exc:
@@ -252,17 +222,10 @@ class TunNode:
             self.tun.close()
             self._state = "stopped"
             raise
-        if real:  # one buffer per read, no object per packet; a test's fake device hands lists
-            self.tun.start_reading(
-                self._on_tun_buffer,
-                max_packets=self.config.tuning.read_batch,
-                on_error=self._on_tun_error,
-                buffers=True,
-            )
-        else:
-            self.tun.start_reading(
-                self._on_tun_batch, max_packets=self.config.tuning.read_batch, on_error=self._on_tun_error
-            )
+        # One buffer per read, no object per packet.
+        self.tun.start_reading(
+            self._on_tun_buffer, max_packets=self.config.tuning.read_batch, on_error=self._on_tun_error
+        )
         self._started_at = time.monotonic()
         self._state = "running"
         self._background = asyncio.get_running_loop().create_task(self._run_jobs(), name="tun-node-jobs")
@@ -345,51 +308,9 @@ class TunNode:
         raise UsageError(f"unknown command {command!r} (expected status or reload)")
 
     async def reload(self) -> dict[str, Any]:
-        """Re-read the config file and apply the difference in `[[peers]]` (see the module docstring).
-        Returns what changed (`applied`, `message`, `added`, `removed`, `changed`, ...); raises
-        `UsageError` with one line when the file is refused (the running config stays)."""
-        async with self._reload_lock:
-            path = self.config.path
-            if path is None:
-                raise UsageError("this node was not started from a config file: nothing to reload")
-            if self._state != "running":
-                raise UsageError(f"the node is {self._state}")
-            try:
-                new = load_config(path)
-                if new.tls is not None:
-                    new.security()  # loads the certificates: a bad file is refused here, not half applied
-            except ConfigError as exc:
-                raise UsageError(f"{path}: {exc}" if exc.key else str(exc)) from None
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"{path}: tls: {exc}") from None
-            diff = diff_configs(self.config, new)
-            if diff.restart:
-                keys = ", ".join(diff.restart)
-                raise UsageError(
-                    f"{path}: not applied: {keys} changed, which needs a restart (the running config stays)"
-                )
-            answer: dict[str, Any] = {"applied": True, "message": diff.describe(), **diff.as_dict()}
-            if not diff.peers_changed:
-                self.config = new
-                return answer
-            peer_keys = (
-                {p.id: p.public_key for p in new.peers if p.public_key is not None}
-                if new.mode == "key"
-                else None
-            )
-            if self.routes is not None:
-                try:  # before the peers change: a conflict refuses the reload with the old routes intact
-                    answer["routes"] = self.routes.apply(_peer_prefixes(new)).describe()
-                except ConfigError as exc:
-                    raise UsageError(f"{path}: {exc}") from None
-            try:
-                changes = await self.node.reconfigure([p.to_peer() for p in new.peers], peer_keys)
-            except ValueError as exc:
-                raise UsageError(f"{path}: {exc}") from None
-            self.config = new
-            answer.update(changes.as_dict())
-            answer["message"] = diff.describe()
-            return answer
+        """Re-read the config file and apply the difference in `[[peers]]` (`vpn_packet.node.reload`).
+        Returns what changed; raises `UsageError` with one line when the file is refused."""
+        return await reloading.reload(self)
 
     def reload_in_background(self) -> None:
         """SIGHUP: `reload()` in a task; the outcome is logged (INFO what changed, ERROR why refused)."""
@@ -469,42 +390,22 @@ class TunNode:
     def running(self) -> bool:
         return self._state == "running"
 
-    # --- metrics and logging --------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """`new`, `starting`, `running`, `stopping` or `stopped`."""
+        return self._state
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since the node started (0 before)."""
+        return status.uptime_since(self._started_at)
+
+    # --- status (`vpn_packet.node.status`) ------------------------------------------------------------------
 
     def metrics(self) -> dict[str, Any]:
-        """The node's snapshot, plain nested dicts: `peers` (`Node.peer_status`) and `totals` (the stable
-        part, documented in `vpn_packet.cli.status`), then `node` (dispatcher, pool, connections, receiver)
-        and `tun` in detail. What `vpn-packet status`, SIGUSR1, the metrics file and endpoint show."""
-        node = self.node.metrics().as_dict()
-        node["receiver_peers"] = {
-            peer_id: dataclasses.asdict(m) for peer_id, m in self.node.receiver.peer_metrics().items()
-        }
-        address = self.node.address or self.config.listen
-        snapshot: dict[str, Any] = {
-            "id": self.config.node.id,
-            "interface": self.config.interface.name,
-            "listen": f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}",
-            "state": self._state,
-            "uptime": 0.0 if self._started_at is None else round(time.monotonic() - self._started_at, 3),
-            "peers": self.node.peer_status(),
-            "totals": self.node.totals(node),
-            "tun": self._tun_metrics(),
-            "node": node,
-        }
-        snapshot["totals"]["drops"] = {k: v for k, v in drop_counters(snapshot).items() if v}
-        return snapshot
-
-    def _tun_metrics(self) -> dict[str, Any] | None:
-        tun = self.tun
-        if tun is None:
-            return None
-        out = dataclasses.asdict(tun.metrics())
-        target = self.node.receiver.tun_target
-        if target is not None:  # what the receiver wrote to the device natively
-            out["packets_written"] += target.packets_written
-            out["bytes_written"] += target.bytes_written
-        out["kernel"] = {} if tun.closed else tun.kernel_counters()
-        return out
+        """The node's snapshot (`vpn_packet.node.status.snapshot`): what `vpn-packet status`, SIGUSR1, the
+        metrics file and endpoint show."""
+        return status.snapshot(self)
 
     def report_metrics(self) -> dict[str, Any]:
         """Logs the live metrics (one JSON line) and writes `metrics_file` when configured."""
@@ -515,29 +416,17 @@ class TunNode:
 
     def write_metrics_file(self, snapshot: dict[str, Any] | None = None) -> None:
         path = self.config.node.metrics_file
-        if path is None:
-            return
-        snapshot = self.metrics() if snapshot is None else snapshot
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(snapshot, indent=1, default=str) + "\n")
-            os.replace(tmp, path)
-        except OSError as exc:
-            _log.warning("cannot write metrics file %s: %s", path, exc)
+        if path is not None:
+            status.write_metrics_file(path, self.metrics() if snapshot is None else snapshot)
 
     def log_drops(self) -> dict[str, int]:
-        """Logs one warning with every drop counter that grew since the last call; returns the increases."""
-        current = drop_counters(self.metrics())
-        grown = {
-            k: v - self._last_drops.get(k, 0) for k, v in current.items() if v > self._last_drops.get(k, 0)
-        }
-        self._last_drops = current
-        if grown:
-            text = ", ".join(f"{k}={v}" for k, v in sorted(grown.items()))
-            n = sum(grown.values())
-            what = "packet" if n == 1 else "packets"
-            _log.warning("dropped %d %s since the last report: %s", n, what, text)
-        return grown
+        """Logs one warning with every packet drop counter that grew since the last call, one with the
+        connection failures; returns the increases."""
+        return self._drop_log.log(self.metrics())
+
+    def summary(self) -> str:
+        """A few human-readable lines (`vpn_packet.node.status.summary`)."""
+        return status.summary(self.metrics())
 
     async def _drop_logger(self) -> None:
         interval = self.config.node.drop_log_interval
@@ -554,30 +443,6 @@ class TunNode:
     def metrics_address(self) -> tuple[str, int] | None:
         """Where the metrics endpoint listens (`node.metrics_listen`, port 0 resolved), or None."""
         return None if self._metrics_endpoint is None else self._metrics_endpoint.address
-
-    def summary(self) -> str:
-        """A few human-readable lines: traffic both ways, drops, connections."""
-        m = self.metrics()
-        d = m["node"]["dispatcher"]
-        r = m["node"]["receiver"]
-        t = m["tun"] or {}
-        uptime = max(m["uptime"], 1e-9)
-        drops = {k: v for k, v in drop_counters(m).items() if v}
-        lines = [
-            f"node {m['id']}: up {m['uptime']:.1f}s",
-            f"  tun read    {t.get('packets_read', 0):>12,} packets {t.get('bytes_read', 0):>15,} bytes"
-            f"  ({t.get('bytes_read', 0) * 8 / uptime / 1e6:.1f} Mbit/s avg)",
-            f"  sent        {d['sent']:>12,} packets {d['bytes_sent']:>15,} bytes"
-            f"  (acknowledged by the peers; accepted {d['accepted']:,}, rejected {d['rejected']:,},"
-            f" failed {d['failed']:,}, in flight {d.get('in_flight', 0):,})",
-            f"  received    {r['packets_delivered']:>12,} packets {r['bytes']:>15,} bytes"
-            f"  (frames {r['frames']:,}, connections {r['connections']:,})",
-            f"  tun written {t.get('packets_written', 0):>12,} packets"
-            f" {t.get('bytes_written', 0):>15,} bytes",
-            f"  connects {m['node']['connects']:,}, connect failures {m['node']['connect_failures']:,}",
-            "  drops: " + (", ".join(f"{k}={v:,}" for k, v in sorted(drops.items())) if drops else "none"),
-        ]
-        return "\n".join(lines)
 
 
 async def run_node(config: NodeConfig, *, ready: Callable[[TunNode], None] | None = None) -> int:

@@ -114,7 +114,8 @@ class PeerSink:
                     "discarded_after_reset",
                     "spoofed_dropped",
                     "unparsable_dropped",
-                    "sink_failed",
+                    "offload_invalid",
+                    "sink_raised",
                     "protocol_errors",
                 )
             }

@@ -45,8 +45,14 @@ from vpn_packet._native import (
     parse_challenge,
     parse_hello,
 )
-from vpn_packet.errors import FramingError, HandshakeRefusedError
-from vpn_packet.transport.identity import NodeIdentity, certificate_public_key, verify_signature
+from vpn_packet.errors import FramingError, HandshakeRefusedError, IdentityError
+from vpn_packet.transport.identity import (
+    NodeIdentity,
+    certificate_key_problem,
+    certificate_public_key,
+    key_problem,
+    verify_signature,
+)
 from vpn_packet.transport.tls import certificate_names
 
 __all__ = [
@@ -129,6 +135,9 @@ class Security:
             raise ValueError(f"{self.mode} mode {'needs' if self.mode != 'insecure' else 'has no'} TLS")
         by_key: dict[bytes, str] = {}
         for peer_id, key in self.peer_keys.items():
+            problem = key_problem(key)
+            if problem is not None:  # a library caller's keys get the check a config's get
+                raise IdentityError(f"peer {peer_id!r}'s public key cannot be trusted: {problem}")
             if key in by_key:
                 raise ValueError(f"peers {by_key[key]!r} and {peer_id!r} have the same public key")
             by_key[key] = peer_id
@@ -172,7 +181,8 @@ class Security:
 
     def with_peer_keys(self, peer_keys: Mapping[str, bytes]) -> Security:
         """The same node and TLS contexts, trusting `peer_keys` instead (key mode; a reload that changes the
-        peers). Raises `ValueError` for two peers with one key, or outside key mode."""
+        peers). Raises `ValueError` for two peers with one key, or outside key mode, and its subclass
+        `IdentityError` for a key that cannot be trusted."""
         if self.mode != "key":
             raise ValueError(f"{self.mode} mode has no peer keys")
         return dataclasses.replace(self, peer_keys=dict(peer_keys))
@@ -200,17 +210,22 @@ def judge_hello(
     nonce: bytes,
     known_peer: Callable[[str], bool],
     peer_certificate: dict[str, Any] | None = None,
+    peer_certificate_der: bytes | None = None,
 ) -> Verdict:
     """The verdict on `hello`, received on a connection whose challenge carried `nonce`.
 
     `known_peer(id)` says whether an id is a configured peer; `peer_certificate` is the client's verified
-    TLS certificate as `getpeercert()` decodes it (CA mode). Pure: no I/O, no counters.
+    TLS certificate as `getpeercert()` decodes it, and `peer_certificate_der` the same in DER, for its key
+    (CA mode). Pure: no I/O, no counters.
     """
     if security.mode == "key":
         return _judge_by_key(security, hello, nonce)
     if not known_peer(hello.peer_id):
         return Verdict("unknown_peer", detail=f"no peer {hello.peer_id!r} is configured here")
     if security.mode == "ca":
+        problem = certificate_key_problem(peer_certificate_der)
+        if problem is not None:
+            return Verdict("bad_key", detail=f"your certificate's key cannot be trusted: {problem}")
         names = certificate_names(peer_certificate)
         if hello.peer_id not in names:
             return Verdict(
@@ -230,6 +245,9 @@ def _judge_by_key(security: Security, hello: Hello, nonce: bytes) -> Verdict:
     assert security.identity is not None
     if hello.public_key is None or hello.signature is None:
         return Verdict("key_required", detail="this node authenticates peers by key; the hello has none")
+    problem = key_problem(hello.public_key)
+    if problem is not None:
+        return Verdict("bad_key", detail=f"your public key cannot be trusted: {problem}")
     peer_id = security.peer_of_key(hello.public_key)
     if peer_id is None:
         if hello.peer_id in security.peer_keys:
@@ -274,6 +292,7 @@ async def server_handshake(
     write: Callable[[bytes], None],
     known_peer: Callable[[str], bool],
     peer_certificate: dict[str, Any] | None = None,
+    peer_certificate_der: bytes | None = None,
     *,
     refuse: str | None = None,
 ) -> tuple[Verdict, Hello | None]:
@@ -295,7 +314,7 @@ async def server_handshake(
     if refuse is not None:
         verdict = Verdict(refuse, detail=refuse.replace("_", " "))
     else:
-        verdict = judge_hello(security, hello, nonce, known_peer, peer_certificate)
+        verdict = judge_hello(security, hello, nonce, known_peer, peer_certificate, peer_certificate_der)
     text = security.local_id if verdict.accepted else verdict.detail
     write(encode_answer(_CODES[verdict.reason], text))
     return verdict, hello

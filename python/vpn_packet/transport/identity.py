@@ -17,8 +17,15 @@ How a connection proves both ends (the wire messages are in `vpn_packet.transpor
   for one server is useless to any other), the client's id, epoch and public key. The receiver looks the
   public key up among its peers' keys; the claimed id is only a label.
 
-This module does the key handling with the `cryptography` package (well kept, and already what the Python
-world uses for X.509) and nothing else; TLS contexts are built in `vpn_packet.transport.tls`.
+Keys and signatures are checked strictly, wherever a key is read (a config, a key file, a hello, a
+certificate): a public key must be a canonical encoding of a point in Ed25519's prime-order subgroup, and a
+signature must have a canonical `s` and a `R` not of small order. Plain Ed25519 (OpenSSL's, so
+`cryptography`'s) accepts the small-order keys, such as 32 zero bytes, under which anyone can forge a
+signature without a private key. The rules and the verifier are native (`rust/core/src/ed25519.rs`, one
+verifier for the whole project); `key_problem` and `verify_signature` here call them.
+
+This module reads and writes key files with the `cryptography` package (well kept, and already what the
+Python world uses for X.509); TLS contexts are built in `vpn_packet.transport.tls`.
 """
 
 from __future__ import annotations
@@ -33,11 +40,12 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
+from vpn_packet._native import PUBLIC_KEY_LEN, SIGNATURE_LEN, public_key_problem
+from vpn_packet._native import verify_signature as _verify_strict
 from vpn_packet.errors import IdentityError
 
 __all__ = [
@@ -46,16 +54,17 @@ __all__ = [
     "SIGNATURE_LEN",
     "IdentityError",
     "NodeIdentity",
+    "certificate_file_key_problem",
+    "certificate_key_problem",
     "certificate_public_key",
     "decode_public_key",
     "encode_public_key",
     "generate_identity",
+    "key_problem",
     "load_identity",
     "verify_signature",
 ]
 
-PUBLIC_KEY_LEN: Final = 32
-SIGNATURE_LEN: Final = 64
 KEY_FILE_SUFFIX: Final = ".key"
 _PEM_KEY_MARK: Final = b"-----BEGIN PRIVATE KEY-----"
 _PEM_CERT_MARK: Final = b"-----BEGIN CERTIFICATE-----"
@@ -72,8 +81,15 @@ def encode_public_key(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+def key_problem(raw: bytes) -> str | None:
+    """Why the raw public key `raw` cannot be trusted, in one sentence (wrong length, not a point, not
+    canonical, small order, mixed order); None when it is a key. The one check for every key read."""
+    return public_key_problem(raw)
+
+
 def decode_public_key(text: str) -> bytes:
-    """The 32 raw bytes of a public key string; `IdentityError` says what is wrong with a bad one."""
+    """The 32 raw bytes of a public key string; `IdentityError` says what is wrong with a bad one, including
+    a key that decodes but cannot be trusted (`key_problem`)."""
     stripped = text.strip()
     try:
         raw = base64.b64decode(stripped, validate=True)
@@ -86,6 +102,9 @@ def decode_public_key(text: str) -> bytes:
             f"{text!r} decodes to {len(raw)} bytes; a public key is {PUBLIC_KEY_LEN} bytes "
             "(44 characters of base64, as `vpn-packet genkey` prints)"
         )
+    problem = key_problem(raw)
+    if problem is not None:
+        raise IdentityError(f"{stripped!r} is not a usable public key: {problem}")
     return raw
 
 
@@ -103,15 +122,28 @@ def certificate_public_key(der: bytes | None) -> bytes | None:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:
-    """Whether `signature` is the Ed25519 signature of `message` by `public_key` (32 raw bytes)."""
-    if len(public_key) != PUBLIC_KEY_LEN or len(signature) != SIGNATURE_LEN:
-        return False
+def certificate_key_problem(der: bytes | None) -> str | None:
+    """Why a certificate's Ed25519 key cannot be trusted (`key_problem`); None when it can, and for keys of
+    other types (a CA may issue ECDSA or RSA certificates: OpenSSL validates those points itself, and their
+    groups have no small subgroup to fall into)."""
+    raw = certificate_public_key(der)
+    return None if raw is None else key_problem(raw)
+
+
+def certificate_file_key_problem(path: str | os.PathLike[str]) -> str | None:
+    """`certificate_key_problem` of the first certificate in a PEM file (CA mode's `[tls] cert`); None also
+    when the file holds no readable certificate (loading it into TLS says why)."""
     try:
-        ed25519.Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return certificate_key_problem(cert.public_bytes(serialization.Encoding.DER))
+
+
+def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether `signature` is a strict Ed25519 signature of `message` by `public_key` (32 raw bytes): the
+    key passes `key_problem`, `s` is canonical, `R` is not of small order, and the equation holds."""
+    return _verify_strict(public_key, message, signature)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +249,9 @@ def load_identity(path: str | os.PathLike[str]) -> NodeIdentity:
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     if certificate_public_key(cert.public_bytes(serialization.Encoding.DER)) != raw:
         raise IdentityError(f"{path}: the certificate is not the one of this private key")
+    problem = key_problem(raw)
+    if problem is not None:  # a key derived from a private key always passes; a crafted file may not
+        raise IdentityError(f"{path}: the public key cannot be trusted: {problem}")
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     name = str(names[0].value) if names else path.stem
     return NodeIdentity(path, name, raw, key)

@@ -28,6 +28,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from vpn_packet import tuning
 from vpn_packet.errors import VpnPacketError
@@ -52,6 +53,9 @@ class ConnectionKeeper:
 
     `clock` (default: the loop's) and `rng` are injectable for tests; `run_once()` does one tick's work.
     """
+
+    #: The constructor keywords a node's `Tuning` sets (`vpn_packet.tuning.build`): keyword -> field.
+    TUNING_FIELDS: ClassVar[dict[str, str]] = {"keepalive_interval": "keepalive_interval"}
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from vpn_packet import tuning
 from vpn_packet._native import split_framed
@@ -163,6 +164,12 @@ class StreamPool:
     - `close_timeout`: seconds `stop()` grants each connection to flush and close.
     - `clock`: time source for idleness (default `time.monotonic`).
     """
+
+    #: The constructor keywords a node's `Tuning` sets (`vpn_packet.tuning.build`): keyword -> field.
+    TUNING_FIELDS: ClassVar[dict[str, str]] = {
+        "max_streams_per_peer": "max_streams_per_peer",
+        "idle_timeout": "stream_idle_timeout",
+    }
 
     def __init__(
         self,

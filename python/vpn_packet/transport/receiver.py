@@ -15,16 +15,18 @@ Per connection (the wire messages are drawn in `rust/core/src/handshake.rs` and 
    once per reason and address per interval; so is a failed handshake (`handshake_failures`: `timeout`,
    `tls_failed`, `closed_early`, wire errors such as `bad_magic`). The peer is the one its key (or CA
    certificate) proved, never the id it claims.
-3. **Frames**, decoded natively across any read boundaries. Each decoded packet's source address is checked
-   natively against the peer table: a packet whose source's longest prefix is not one of the sending peer's is
-   dropped and counted (`spoofed_dropped`); one without a readable IP header is dropped and counted
-   (`unparsable_dropped`). Accepted packets go to `sink(peer_id, packets)` in batches of at most `max_batch`,
-   in stream order. A connection that sends nothing for `idle_timeout` seconds is closed (`idle_closed`;
-   the senders' keepalive frames count as something). On a node with a TUN (`tun_target` set), one native
-   call per read (`vpn_packet._native.InboundDecoder`, the GIL released) decodes, checks the sources and
-   writes the accepted packets to the TUN itself: no Python object per packet, and `sink` is not called
-   (packets the TUN did not take are counted in `sink_failed`). Offload frames (super-packets from a peer's
-   TUN) go to the TUN whole when it takes virtio headers, else segmented.
+3. **Frames**: one pump per connection (`_InboundProtocol`): every socket read goes, in one native call
+   (`vpn_packet._native.InboundDecoder`, the GIL released), through the frame decoder (across any read
+   boundaries) and the source check against the peer table: a packet whose source's longest prefix is not one
+   of the sending peer's is dropped and counted (`spoofed_dropped`); one without a readable IP header is
+   dropped and counted (`unparsable_dropped`); an offload frame (a super-packet from a peer's TUN) whose
+   virtio header cannot be honoured likewise (`offload_invalid`). On a node with a TUN (`tun_target` set)
+   the accepted packets are written to the TUN in that same call (no Python object per packet; `sink` is
+   not called; what the TUN did not take is counted in `tun_dropped` or `tun_refused`), offload frames whole
+   when the TUN takes virtio headers, else segmented. Without one they go to `sink(peer_id, packets)` in
+   batches of at most `max_batch`, in stream order (a sink that raises: `sink_raised`). Every frame is
+   counted as delivered or as a drop by reason (`PeerReceiverMetrics`). A connection that sends nothing for
+   `idle_timeout` seconds is closed (`idle_closed`; the senders' keepalive frames count as something).
 
 Connection slots are held only by authenticated connections: at most `max_connections` in all (beyond: the
 new one is refused, `too_many_connections`), and `max_connections_per_peer` per peer, where a new
@@ -35,11 +37,11 @@ A protocol error (frame length 0 or above `max_frame_size`, a stream ending insi
 reason and closes that connection only; packets framed correctly before it are still delivered.
 
 Memory is bounded per authenticated connection: the receiver reads at most `read_size` bytes at a time and
-does not read again until the sink has taken the packets of that read (an awaitable sink is awaited: that
-is the backpressure). While it waits, asyncio's stream flow control pauses the socket once about
-`read_size` bytes are buffered, so TCP pushes back on the sender. The native decoder holds at most one
-partial frame (`max_frame_size + 4` bytes). So a connection holds about `3 * read_size + 256 KiB (TLS) +
-max_frame_size` bytes, and the receiver at most `max_connections` times that plus the pending ones.
+does not read again until the sink has taken the packets of that read (an awaitable sink is awaited with the
+transport paused: that is the backpressure, and TCP pushes back on the sender). The native decoder holds at
+most one partial frame (`max_frame_size + 4` bytes) and the packets of one read until the sink takes them.
+So a connection holds about `2 * read_size + 256 KiB (TLS) + max_frame_size` bytes, and the receiver at most
+`max_connections` times that plus the pending ones.
 """
 
 from __future__ import annotations
@@ -48,26 +50,29 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import inspect
 import logging
 import socket
 import ssl
+import struct
+import termios
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import cast
+from typing import ClassVar, Final, cast
 
 from vpn_packet import tuning
-from vpn_packet._native import FrameDecoder, InboundDecoder, PrefixTable, encode_ack, filter_sources
+from vpn_packet._native import InboundDecoder, encode_ack
 from vpn_packet.errors import FramingError
 from vpn_packet.ratelimit import LogLimiter
 from vpn_packet.transport.discovery import StaticPeerDiscovery
 from vpn_packet.transport.framing import DEFAULT_MAX_FRAME_SIZE
 from vpn_packet.transport.handshake import Security, Verdict, server_handshake
 
-__all__ = ["PeerReceiverMetrics", "Receiver", "ReceiverMetrics", "Sink", "TunTarget"]
+__all__ = ["PACKET_DROPS", "PeerReceiverMetrics", "Receiver", "ReceiverMetrics", "Sink", "TunTarget"]
 
 _log = logging.getLogger(__name__)
 
@@ -88,6 +93,18 @@ class TunTarget:
     bytes_written: int = 0
 
 
+#: The packet drop counters of `PeerReceiverMetrics`, by what happened.
+PACKET_DROPS: Final = (
+    "spoofed_dropped",
+    "unparsable_dropped",
+    "offload_invalid",
+    "sink_raised",
+    "sink_cancelled",
+    "tun_dropped",
+    "tun_refused",
+)
+
+
 def _bump(counts: dict[str, int], reason: str, n: int = 1) -> None:
     counts[reason] = counts.get(reason, 0) + n
 
@@ -96,9 +113,18 @@ def _bump(counts: dict[str, int], reason: str, n: int = 1) -> None:
 class PeerReceiverMetrics:
     """Counters of one authenticated peer, as plain data.
 
-    `frames` and `bytes` count every decoded frame and its payload bytes (dropped ones included);
-    `packets_delivered` and `batches_delivered` what the sink took; `spoofed_dropped`, `unparsable_dropped`
-    and `sink_failed` (the sink raised) are packets dropped; `connection_errors` connections lost to a reset
+    Every frame is accounted for: `frames + extra_segments == packets_delivered + dropped` (`dropped`: the
+    sum of the drop counters below), on the sink path and the TUN path alike.
+
+    `frames` and `bytes` count every decoded packet frame and its payload bytes (dropped ones included;
+    keepalives are not frames); `extra_segments` the packets beyond the first that segmenting a peer's
+    super-packets made (one frame, n packets); `packets_delivered` and `batches_delivered` what the sink or
+    the TUN took. Packets dropped, by what happened: `spoofed_dropped` (source outside the peer's prefixes),
+    `unparsable_dropped` (no readable IP header), `offload_invalid` (an offload frame whose virtio header
+    could not be honoured), `sink_raised` (the library sink raised), `sink_cancelled` (a sink call was
+    cancelled: the receiver stopped), `tun_dropped` (the TUN had no room, or was gone), `tun_refused` (the
+    kernel refused the packet). `sink_failed` is the deprecated name of the
+    last four together. `connection_errors` counts connections lost to a reset
     or TLS error; `idle_closed` connections closed for sending nothing for `idle_timeout`; `superseded`
     connections closed because the peer opened a new one at its limit; `discarded_after_reset` bytes read
     but not delivered because the sender had reset the connection meanwhile; `protocol_errors` counts
@@ -113,9 +139,14 @@ class PeerReceiverMetrics:
     bytes: int = 0
     packets_delivered: int = 0
     batches_delivered: int = 0
+    extra_segments: int = 0
     spoofed_dropped: int = 0
     unparsable_dropped: int = 0
-    sink_failed: int = 0
+    offload_invalid: int = 0
+    sink_raised: int = 0
+    sink_cancelled: int = 0
+    tun_dropped: int = 0
+    tun_refused: int = 0
     connection_errors: int = 0
     idle_closed: int = 0
     superseded: int = 0
@@ -126,6 +157,26 @@ class PeerReceiverMetrics:
 
     def _copy(self) -> PeerReceiverMetrics:
         return dataclasses.replace(self, protocol_errors=dict(self.protocol_errors))
+
+    @property
+    def drops(self) -> dict[str, int]:
+        """Every packet drop counter by name (zeros included): what `dropped` sums."""
+        return {name: getattr(self, name) for name in PACKET_DROPS}
+
+    @property
+    def dropped(self) -> int:
+        """Packets received but not delivered, every reason together."""
+        return sum(getattr(self, name) for name in PACKET_DROPS)
+
+    @property
+    def sink_failed(self) -> int:
+        """Deprecated: `sink_raised + tun_dropped + tun_refused + offload_invalid` (what it counted before
+        they had names of their own; warned once)."""
+        from vpn_packet.deprecation import RECEIVER_ALIASES, warn_once
+
+        parts = RECEIVER_ALIASES["sink_failed"]
+        warn_once("ReceiverMetrics.sink_failed", f"sink_failed is now {', '.join(parts)}")
+        return sum(getattr(self, name) for name in parts)
 
 
 @dataclass
@@ -151,11 +202,6 @@ class ReceiverMetrics(PeerReceiverMetrics):
             handshake_failures=dict(self.handshake_failures),
             refused=dict(self.refused),
         )
-
-    @property
-    def dropped(self) -> int:
-        """Packets received but not delivered: spoofed, unparsable or refused by the sink."""
-        return self.spoofed_dropped + self.unparsable_dropped + self.sink_failed
 
 
 def _abandoned(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -183,6 +229,18 @@ def _reset_by_sender(transport: asyncio.BaseTransport, *, clean_eof: bool) -> bo
         return True
 
 
+def _unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes waiting in the kernel's receive queue of the transport's socket (0 when unknown)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", answer)[0])
+
+
 class _Failed(Exception):
     """A handshake that ended without a verdict; `reason` is already counted. `answered`: an answer saying
     why may be on its way to the client, so the connection is closed gracefully (flushed), not reset."""
@@ -201,7 +259,7 @@ class _Connection:
     source: str
     task: asyncio.Task[None]
     peer_id: str | None = None
-    decoder: FrameDecoder | InboundDecoder | None = None
+    decoder: InboundDecoder | None = None
     closed_because: str | None = None
 
     def close(self, because: str) -> None:
@@ -219,10 +277,15 @@ class _Connection:
 
 
 class _InboundProtocol(asyncio.BufferedProtocol):
-    """An authenticated connection on a node with a TUN: the transport reads into one reused buffer and
-    every read goes straight to the native decoder, which checks the sources and writes the accepted
-    packets to the TUN (`Receiver._take_native`); then the ack goes out. No task wakes up per read, no
-    `bytes` object is made per read or per packet.
+    """The one receive pump of an authenticated connection: the transport reads into one reused buffer and
+    every read goes to the connection's native decoder (`InboundDecoder`), which decodes the frames, checks
+    each packet's source and either writes the accepted packets to the TUN itself (a node: `tun_target`)
+    or collects them for the sink (the library: `Receiver.sink`, called in batches of `max_batch`); then the
+    ack for the frames that read completed goes out. No task wakes up per read on the TUN path.
+
+    Backpressure: while a sink's awaitable is pending the transport is paused (no read until the sink has
+    taken the packets of the last one, as TCP then pushes back on the sender), and the idle timer does not
+    count that time.
 
     `done` resolves with True when the stream ended cleanly (end of stream at a frame boundary, or idle),
     False after a protocol error or a reset by the sender, or fails with the connection's error."""
@@ -233,7 +296,7 @@ class _InboundProtocol(asyncio.BufferedProtocol):
         conn: _Connection,
         peer: PeerReceiverMetrics,
         inbound: InboundDecoder,
-        target: TunTarget,
+        target: TunTarget | None,
     ) -> None:
         self.receiver = receiver
         self.conn = conn
@@ -249,6 +312,7 @@ class _InboundProtocol(asyncio.BufferedProtocol):
         self._generation = receiver.discovery.generation
         self._last_data = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._sink_task: asyncio.Task[None] | None = None  # a sink's awaitable being awaited (reading paused)
 
     # --- asyncio.BufferedProtocol ---------------------------------------------------------------------------
 
@@ -264,23 +328,29 @@ class _InboundProtocol(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self._eof = True
-        if self.inbound.buffered:
+        if self._sink_task is not None:
+            return True  # the end is taken once the sink has the last read's packets (and they are acked)
+        self._end_of_stream()
+        return False  # the transport closes itself
+
+    def _end_of_stream(self) -> None:
+        if self.inbound.partial:
             self.receiver._protocol_error(self.peer, "truncated")
             self._finish(False)
         else:
             self._finish(True)
-        return False  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and not self.done.done():
             self._cancel_idle()
             self.done.set_exception(exc)
-        self._finish(self._eof and not self.inbound.buffered)
+        self._finish(self._eof and not self.inbound.partial)
 
     # --- the data -------------------------------------------------------------------------------------------
 
     def take(self, data: bytes | memoryview) -> None:
-        """Decode, check and write one read; acknowledge what it completed."""
+        """Decode and check one read; write it to the TUN or hand it to the sink; acknowledge the frames it
+        completed once they are taken."""
         if self.done.done():
             return
         receiver, conn, peer = self.receiver, self.conn, self.peer
@@ -301,16 +371,67 @@ class _InboundProtocol(asyncio.BufferedProtocol):
                 return
             self._generation = discovery.generation
             self.inbound.set_route(discovery.table, discovery.index_of(conn.peer_id))
-        frames, error = receiver._take_native(self.inbound, data, peer, self.target)
+        frames, error = receiver._take(self.inbound, data, peer, self.target)
         self._last_data = self._loop.time()
+        if self.target is None:
+            packets = self.inbound.take_packets()
+            if packets:
+                pending = receiver._deliver(conn.peer_id, peer, packets)
+                if pending is not None:  # the sink returned an awaitable: wait for it, reading paused
+                    cast("asyncio.ReadTransport", transport).pause_reading()
+                    self._sink_task = self._loop.create_task(self._after_sink(pending, frames, error))
+                    return
+        self._acknowledge(frames, error)
+
+    async def _after_sink(self, pending: Awaitable[None], frames: int, error: str | None) -> None:
+        try:
+            await pending
+        finally:
+            self._sink_task = None
+        self._last_data = self._loop.time()
+        transport = self._transport
+        if (
+            transport is not None
+            and not self.done.done()
+            and _reset_by_sender(transport, clean_eof=self._eof)
+        ):
+            # The sender reset the connection while the sink held us (see `_abandoned`): what waits in the
+            # kernel behind the reset is counted lost by the sender, so it is discarded, never read.
+            self.receiver._discard_after_reset(self.conn, self.peer, _unread_bytes(transport))
+            self._finish(False)
+            return
+        self._acknowledge(frames, error)
+        transport = self._transport
+        if self.done.done() or transport is None:
+            return
+        if self._eof:  # the stream ended while the sink held the last read
+            self._end_of_stream()
+            transport.close()
+        elif not transport.is_closing():
+            cast("asyncio.ReadTransport", transport).resume_reading()
+
+    def _acknowledge(self, frames: int, error: str | None) -> None:
+        """Taken (delivered, or dropped and counted): tell the sender, which counts them as sent now."""
         if frames:
-            peer.last_packet = time.monotonic()
-            # Taken (written to the TUN, or dropped and counted): tell the sender, which counts them as sent.
+            self.peer.last_packet = time.monotonic()
+            transport = self._transport
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(encode_ack(self.inbound.frames))
         if error is not None:
-            receiver._framing_broken(conn, peer, error)
+            self.receiver._framing_broken(self.conn, self.peer, error)
             self._finish(False)
+
+    async def sink_taken(self) -> None:
+        """Returns when no sink call is pending."""
+        task = self._sink_task
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
+    def cancel_sink(self) -> None:
+        """The connection ends: a sink call in progress is cancelled."""
+        if self._sink_task is not None:
+            self._sink_task.cancel()
 
     # --- idle timeout and the end ---------------------------------------------------------------------------
 
@@ -323,11 +444,12 @@ class _InboundProtocol(asyncio.BufferedProtocol):
             self._idle_timer = None
 
     def _check_idle(self) -> None:
-        """Runs at most once per idle period (not per read): re-armed from the last data seen."""
+        """Runs at most once per idle period (not per read): re-armed from the last data seen. Time spent
+        waiting for the sink is not silence from the sender."""
         self._idle_timer = None
         deadline = self._last_data + self.receiver.idle_timeout
-        if self._loop.time() < deadline:
-            self._arm_idle(deadline)
+        if self._sink_task is not None or self._loop.time() < deadline:
+            self._arm_idle(max(deadline, self._loop.time() + self.receiver.idle_timeout / 4))
             return
         self.peer.idle_closed += 1
         self.receiver._totals.idle_closed += 1
@@ -348,6 +470,18 @@ class Receiver:
     and every connection and leaves no task; `stop` is idempotent, and `async with Receiver(...)` does both.
     A receiver is started once.
     """
+
+    #: The constructor keywords a node's `Tuning` sets (`vpn_packet.tuning.build`): keyword -> field.
+    TUNING_FIELDS: ClassVar[dict[str, str]] = {
+        "hello_timeout": "hello_timeout",
+        "idle_timeout": "receive_idle_timeout",
+        "max_batch": "receive_batch",
+        "max_connections": "max_connections",
+        "max_connections_per_peer": "max_connections_per_peer",
+        "max_pending": "max_pending",
+        "max_pending_per_source": "max_pending_per_source",
+        "read_size": "read_size",
+    }
 
     def __init__(
         self,
@@ -372,7 +506,7 @@ class Receiver:
             raise ValueError("max_frame_size must be 1..16 MiB")
         tuning.Tuning.check_fields(
             hello_timeout=hello_timeout,
-            idle_timeout=idle_timeout,
+            receive_idle_timeout=idle_timeout,
             receive_batch=max_batch,
             max_connections=max_connections,
             max_connections_per_peer=max_connections_per_peer,
@@ -671,9 +805,10 @@ class Receiver:
             async with asyncio.timeout(self.hello_timeout):
                 if security.server_context is not None:
                     await conn.writer.start_tls(security.server_context)
-                cert = conn.writer.get_extra_info("peercert") if security.mode == "ca" else None
+                tls = conn.writer.get_extra_info("ssl_object") if security.mode == "ca" else None
+                cert, der = (tls.getpeercert(), tls.getpeercert(binary_form=True)) if tls else (None, None)
                 verdict, hello = await server_handshake(
-                    security, conn.reader.readexactly, conn.writer.write, known, cert, refuse=refuse
+                    security, conn.reader.readexactly, conn.writer.write, known, cert, der, refuse=refuse
                 )
         except TimeoutError as exc:
             raise self._handshake_failed(
@@ -748,66 +883,20 @@ class Receiver:
         )
 
     async def _pump(self, conn: _Connection, peer: PeerReceiverMetrics) -> bool:
-        """Reads, decodes, filters and delivers until the stream ends; True when it ended cleanly.
+        """Reads, decodes, checks and delivers until the stream ends; True when it ended cleanly.
 
-        With a `tun_target` the connection's transport is handed to an `_InboundProtocol` (socket bytes
-        straight into the native decoder, which writes to the TUN); otherwise packets go to the sink."""
+        The connection's transport is handed to an `_InboundProtocol` (bytes the handshake's reader already
+        holds go first): socket bytes straight into the native decoder, which writes to the TUN
+        (`tun_target`) or collects the packets for the sink."""
+        assert conn.peer_id is not None
+        discovery = self.discovery
         target = self.tun_target
-        if target is not None:
-            return await self._pump_native(conn, peer, target)
-        assert conn.peer_id is not None
-        peer_id, reader = conn.peer_id, conn.reader
-        discovery = self.discovery
-        generation = discovery.generation
-        route = (discovery.table, discovery.index_of(peer_id))
-        decoder = conn.decoder = FrameDecoder(self.max_frame_size)
-        totals = self._totals
-        while True:
-            try:
-                async with asyncio.timeout(self.idle_timeout):
-                    data = await reader.read(self.read_size)
-            except TimeoutError:
-                peer.idle_closed += 1
-                totals.idle_closed += 1
-                conn.closed_because = "idle"
-                return True
-            if not data:
-                if decoder.buffered:
-                    self._protocol_error(peer, "truncated")
-                    return False
-                return True
-            if _abandoned(conn.reader, conn.writer):
-                # The sender reset this connection after we read these bytes from the kernel (we were
-                # frozen or stalled, and it gave up waiting for our acks): it counts them lost, so they
-                # must not be delivered now - and never after packets of its next connection.
-                self._discard_after_reset(conn, peer, len(data))
-                return False
-            if discovery.generation != generation:  # a reload: the new table, and this peer's new index
-                if peer_id not in discovery:
-                    conn.closed_because = "peer removed"
-                    return False
-                generation = discovery.generation
-                route = (discovery.table, discovery.index_of(peer_id))
-            frames, error = await self._take_frames(conn, data, peer, route)
-            if frames:
-                peer.last_packet = time.monotonic()
-                # Taken (delivered, or dropped and counted): tell the sender, which counts them as sent now.
-                conn.writer.write(encode_ack(decoder.frames))
-            if error is not None:
-                self._framing_broken(conn, peer, error)
-                return False
-
-    async def _pump_native(self, conn: _Connection, peer: PeerReceiverMetrics, target: TunTarget) -> bool:
-        """The TUN path: the transport is handed over to an `_InboundProtocol` (bytes the handshake's reader
-        already holds go first); returns when the connection ends, True when cleanly."""
-        assert conn.peer_id is not None
-        discovery = self.discovery
         inbound = InboundDecoder(
-            target.fd,
+            None if target is None else target.fd,
             discovery.table,
             discovery.index_of(conn.peer_id),
             max_frame_size=self.max_frame_size,
-            vnet_header=target.vnet_header,
+            vnet_header=target is not None and target.vnet_header,
         )
         conn.decoder = inbound
         protocol = _InboundProtocol(self, conn, peer, inbound, target)
@@ -818,13 +907,28 @@ class Receiver:
         held.clear()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
-        if early:
-            protocol.take(early)
-        if conn.reader.at_eof():
-            protocol.eof_received()
-        elif not transport.is_closing():
-            transport.resume_reading()  # the StreamReader may have paused it (its buffer was full)
-        return await protocol.done
+        try:
+            if early:
+                protocol.take(early)
+                await protocol.sink_taken()
+            if conn.reader.at_eof():
+                protocol.eof_received()
+            elif not transport.is_closing() and protocol._sink_task is None:
+                transport.resume_reading()  # the StreamReader may have paused it (its buffer was full)
+            # A sink call in progress when the connection ends finishes: its packets are counted, delivered
+            # or raised (only our own stop cancels it, below).
+            try:
+                clean = await protocol.done
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                await protocol.sink_taken()
+                raise
+            await protocol.sink_taken()
+            return clean
+        except asyncio.CancelledError:
+            protocol.cancel_sink()
+            raise
 
     def _discard_after_reset(self, conn: _Connection, peer: PeerReceiverMetrics, n: int) -> None:
         peer.discarded_after_reset += n
@@ -840,68 +944,116 @@ class Receiver:
             setattr(peer, name, getattr(peer, name) + n)
             setattr(self._totals, name, getattr(self._totals, name) + n)
 
-    def _take_native(
-        self, inbound: InboundDecoder, data: bytes | memoryview, peer: PeerReceiverMetrics, target: TunTarget
+    def _take(
+        self,
+        inbound: InboundDecoder,
+        data: bytes | memoryview,
+        peer: PeerReceiverMetrics,
+        target: TunTarget | None,
     ) -> tuple[int, str | None]:
-        """One native call: frames decoded, sources checked, accepted packets written to the TUN."""
-        frames, payload, delivered, written, spoofed, unparsable, lost, error = inbound.feed(data)
-        self._count(peer, "frames", frames)
-        self._count(peer, "bytes", payload)
-        self._count(peer, "spoofed_dropped", spoofed)
-        self._count(peer, "unparsable_dropped", unparsable)
-        self._count(peer, "sink_failed", lost)
-        if delivered:
-            self._count(peer, "packets_delivered", delivered)
-            self._count(peer, "batches_delivered", 1)
-            target.packets_written += delivered
-            target.bytes_written += written
-        if inbound.fatal_errno and target.on_fatal is not None:
-            target.on_fatal(inbound.fatal_errno)
+        """One native call: frames decoded, sources checked, accepted packets written to the TUN (or
+        collected for the sink, which counts its own deliveries); every outcome counted by reason."""
+        (
+            frames,
+            payload,
+            delivered,
+            written,
+            extra_segments,
+            spoofed,
+            unparsable,
+            offload_invalid,
+            tun_dropped,
+            tun_refused,
+            error,
+        ) = inbound.feed(data)
+        count = self._count
+        count(peer, "frames", frames)
+        count(peer, "bytes", payload)
+        if extra_segments:
+            count(peer, "extra_segments", extra_segments)
+        if spoofed or unparsable or offload_invalid or tun_dropped or tun_refused:
+            count(peer, "spoofed_dropped", spoofed)
+            count(peer, "unparsable_dropped", unparsable)
+            count(peer, "offload_invalid", offload_invalid)
+            count(peer, "tun_dropped", tun_dropped)
+            count(peer, "tun_refused", tun_refused)
+        if target is not None:
+            if delivered:
+                count(peer, "packets_delivered", delivered)
+                count(peer, "batches_delivered", 1)
+                target.packets_written += delivered
+                target.bytes_written += written
+            if inbound.fatal_errno and target.on_fatal is not None:
+                target.on_fatal(inbound.fatal_errno)
         return frames, error
 
-    async def _take_frames(
-        self, conn: _Connection, data: bytes, peer: PeerReceiverMetrics, route: tuple[PrefixTable, int]
-    ) -> tuple[int, str | None]:
-        """Decode natively, check sources natively, hand the accepted packets to the sink (awaited)."""
-        decoder = conn.decoder
-        assert isinstance(decoder, FrameDecoder)
-        error: str | None = None
-        frames_before = decoder.frames
-        bytes_before = decoder.payload_bytes
-        try:
-            packets = decoder.feed(data)
-        except FramingError as exc:
-            packets = exc.frames or []
-            error = exc.reason or "framing"
-        frames = decoder.frames - frames_before
-        self._count(peer, "frames", frames)
-        self._count(peer, "bytes", decoder.payload_bytes - bytes_before)
-        if packets:
-            accepted, spoofed, unparsable = filter_sources(packets, *route)
-            self._count(peer, "spoofed_dropped", spoofed)
-            self._count(peer, "unparsable_dropped", unparsable)
-            if accepted:
-                assert conn.peer_id is not None
-                await self._deliver(conn.peer_id, peer, accepted)
-        return frames, error
-
-    async def _deliver(self, peer_id: str, peer: PeerReceiverMetrics, packets: list[bytes]) -> None:
-        totals = self._totals
+    def _deliver(
+        self, peer_id: str, peer: PeerReceiverMetrics, packets: list[bytes]
+    ) -> Awaitable[None] | None:
+        """Hands `packets` to the sink in batches of `max_batch`, in order. Returns None when the sink took
+        them all at once, or an awaitable that delivers the rest when the sink returned one (awaited before
+        the next batch: backpressure)."""
         step = self.max_batch
         for start in range(0, len(packets), step):
             batch = packets if len(packets) <= step else packets[start : start + step]
             try:
                 result = self.sink(peer_id, batch)
-                if inspect.isawaitable(result):
-                    await result
+            except Exception:
+                self._sink_raised(peer_id, peer, len(batch))
+                continue
+            if inspect.isawaitable(result):
+                return self._deliver_async(peer_id, peer, packets, start, result)
+            self._delivered(peer, len(batch))
+        return None
+
+    async def _deliver_async(
+        self,
+        peer_id: str,
+        peer: PeerReceiverMetrics,
+        packets: list[bytes],
+        start: int,
+        pending: Awaitable[None],
+    ) -> None:
+        step = self.max_batch
+        while True:
+            n = min(step, len(packets) - start)
+            try:
+                await pending
             except asyncio.CancelledError:
+                # The receiver stops: this batch and the rest are not delivered.
+                self._count(peer, "sink_cancelled", len(packets) - start)
                 raise
             except Exception:
-                _log.exception("receiver: sink failed on %d packets from %s; dropped", len(batch), peer_id)
-                peer.sink_failed += len(batch)
-                totals.sink_failed += len(batch)
-                continue
-            peer.packets_delivered += len(batch)
-            totals.packets_delivered += len(batch)
-            peer.batches_delivered += 1
-            totals.batches_delivered += 1
+                self._sink_raised(peer_id, peer, n)
+            else:
+                self._delivered(peer, n)
+            start += step
+            if start >= len(packets):
+                return
+            while start < len(packets):
+                batch = packets[start : start + step]
+                try:
+                    result = self.sink(peer_id, batch)
+                except Exception:
+                    self._sink_raised(peer_id, peer, len(batch))
+                    start += step
+                    continue
+                if inspect.isawaitable(result):
+                    pending = result
+                    break
+                self._delivered(peer, len(batch))
+                start += step
+            else:
+                return
+
+    def _delivered(self, peer: PeerReceiverMetrics, n: int) -> None:
+        totals = self._totals
+        peer.packets_delivered += n
+        totals.packets_delivered += n
+        peer.batches_delivered += 1
+        totals.batches_delivered += 1
+
+    def _sink_raised(self, peer_id: str, peer: PeerReceiverMetrics, n: int) -> None:
+        _log.exception("receiver: sink failed on %d packets from %s; dropped", n, peer_id)
+        peer.sink_raised += n
+        self._totals.sink_raised += n

@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 from vpn_packet import tuning
 from vpn_packet._native import AckDecoder
@@ -603,6 +603,16 @@ class TcpStreamService:
     that was being opened meanwhile is abandoned when it completes (`ConnectionAbortedError`): it was made
     with what no longer applies.
     """
+
+    #: The constructor keywords a node's `Tuning` sets (`vpn_packet.tuning.build`): keyword -> field.
+    TUNING_FIELDS: ClassVar[dict[str, str]] = {
+        "connect_timeout": "connect_timeout",
+        "write_timeout": "write_timeout",
+        "ack_timeout": "ack_timeout",
+        "window": "window",
+        "send_buffer": "send_buffer",
+        "keepalive_interval": "keepalive_interval",
+    }
 
     def __init__(
         self,

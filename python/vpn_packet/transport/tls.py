@@ -23,7 +23,13 @@ import os
 import ssl
 from typing import Any
 
-from vpn_packet.transport.identity import NodeIdentity, certificate_public_key, encode_public_key
+from vpn_packet.transport.identity import (
+    NodeIdentity,
+    certificate_key_problem,
+    certificate_public_key,
+    encode_public_key,
+    key_problem,
+)
 
 __all__ = [
     "ca_client_context",
@@ -75,11 +81,15 @@ def key_client_context(identity: NodeIdentity) -> ssl.SSLContext:
 
 def check_server_key(ssl_object: Any, expected: bytes, peer_id: str) -> bytes:
     """After a key-mode client handshake: the server's certificate must hold `expected` (the raw public key
-    configured for `peer_id`). Returns it; raises `ssl.SSLCertVerificationError` otherwise (fail closed)."""
+    configured for `peer_id`), a key that passes the strict check (`key_problem`, checked before the
+    comparison). Returns it; raises `ssl.SSLCertVerificationError` otherwise (fail closed)."""
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     actual = certificate_public_key(der)
     if actual is None:
         raise ssl.SSLCertVerificationError(f"{peer_id} presented no Ed25519 key")
+    problem = key_problem(actual)
+    if problem is not None:
+        raise ssl.SSLCertVerificationError(f"{peer_id} presented a key that cannot be trusted: {problem}")
     if actual != expected:
         raise ssl.SSLCertVerificationError(
             f"{peer_id} presented key {encode_public_key(actual)}, but its configured public_key is "
@@ -111,7 +121,13 @@ def ca_server_context(cert: StrPath, key: StrPath, ca: StrPath) -> ssl.SSLContex
 
 def verify_server_name(ssl_object: Any, peer_id: str) -> None:
     """After a CA-mode client handshake: the server's certificate names `peer_id` (OpenSSL checked the
-    name already; this repeats the check with `certificate_names`, so the rule cannot drift)."""
+    name already; this repeats the check with `certificate_names`, so the rule cannot drift), and an Ed25519
+    key in it passes the strict check (`certificate_key_problem`)."""
+    problem = certificate_key_problem(ssl_object.getpeercert(binary_form=True) if ssl_object else None)
+    if problem is not None:
+        raise ssl.SSLCertVerificationError(
+            f"{peer_id}'s certificate holds a key that cannot be trusted: {problem}"
+        )
     cert = ssl_object.getpeercert() if ssl_object is not None else None
     names = certificate_names(cert)
     if peer_id not in names:

@@ -1,21 +1,27 @@
 """A Linux TUN device (`/dev/net/tun`, `IFF_TUN | IFF_NO_PI`): raw IP packets in and out, in batches.
 
     tun = TunDevice.open("vpn0", address="10.8.0.1/24", mtu=1400, txqueuelen=1000, offload=True)
-    tun.start_reading(on_buffer, buffers=True)  # every readiness event: all ready packets, one native call
-    tun.write_batch(packets)             # one native call; EAGAIN -> a bounded backlog, add_writer
+    tun.start_reading(on_buffer)         # every readiness event: all ready packets, one native call
+    tun.write_batch(packets)             # one native call; no room -> dropped and counted, no backlog
     tun.kernel_counters()                # the kernel's own drop and error counters of the device
     tun.close()                          # idempotent; the device disappears with its file descriptor
 
 `open` creates the interface (ioctl `TUNSETIFF`), makes the descriptor non-blocking and configures the
 interface with `pyroute2` (address, MTU, `txqueuelen`, up). An interface given no IPv6 address has IPv6
-disabled (no link-local address, so no router solicitations or MLD reports sent into the tunnel). It needs
-root or `CAP_NET_ADMIN`: without, it raises `PermissionError` saying so; without `/dev/net/tun` it raises
-`FileNotFoundError` saying so.
+disabled (no link-local address, so no router solicitations or MLD reports sent into the tunnel). Creating
+the interface needs root or `CAP_NET_ADMIN`: without, it raises `PermissionError` saying so. Opening
+`/dev/net/tun` needs read and write permission on that file, which CAP_NET_ADMIN does not give: when its mode
+refuses us (some distributions ship it 0600 root:root) the `PermissionError` names the file's mode and owner
+and what to do. Without `/dev/net/tun` it raises `FileNotFoundError` saying so.
 
-Reading: on each readiness event one native call (`vpn_packet._native.TunIo`, the GIL released) reads until
-`EAGAIN` (or `max_packets` / `max_bytes`) into one reused buffer. With `buffers=True` the callback gets that
-buffer and a buffer of u32 lengths (`Dispatcher.dispatch_buffer` takes them as is: no Python object per
-packet); otherwise a list of packets.
+This class is the one owner of the TUN in Python: a node reads it here and hands each read straight to the
+dispatcher's native queues; the receive path writes to its descriptor natively (`InboundDecoder`). The
+system calls are the Rust core's (`rust/core/src/tun.rs`); `vpn_packet._native.TunIo` only converts. Tests
+use the same class on a `SOCK_SEQPACKET` socket pair (`vpn_packet.testutil.faketun`), not a fake of it.
+
+Reading: on each readiness event one native call (the GIL released) reads until `EAGAIN` (or
+`max_packets` / `max_bytes`) into one reused buffer; the callback gets that buffer and a buffer of u32
+lengths (`Dispatcher.dispatch_buffer` takes them as is: no Python object per packet).
 
 Offloads (`offload=True`): the device is opened with `IFF_VNET_HDR` and asked (`TUNSETOFFLOAD`) for checksum
 offload, TSO4/TSO6 and, where the kernel has it, UDP segmentation offload (USO). Bulk TCP then arrives as
@@ -23,15 +29,17 @@ super-packets up to 64 KB, each preceded by a 10-byte virtio_net_hdr (every entr
 for a plain packet), and writes take the same header. What the kernel refuses is logged once and left off:
 the device still works, with plain packets.
 
-Writing: one native call per batch (one `write`, or `writev` with a zero virtio header, per packet). A full
-device queue (`EAGAIN`) queues the rest in a backlog of at most `max_backlog` packets, flushed when the
-descriptor is writable again; beyond the bound packets are dropped and counted (`write_dropped`). A packet the
-kernel refuses (`EINVAL`, ...) is counted in `write_errors`. The receive path of a node writes through
-`vpn_packet._native.InboundDecoder` instead (socket bytes to TUN in one call).
+Writing (`write_batch`, for tools and tests; a node's receive path writes natively): one native call per
+batch (one `write`, or `writev` with a zero virtio header, per packet). A device without room (`EAGAIN`)
+drops the rest of the batch, counted in `write_dropped`, as its own full queue would: there is no backlog
+(a TUN write goes into the kernel's input queue and practically never blocks; a Python backlog only added
+memory and a second code path). A packet the kernel refuses (`EINVAL`, ...) is counted in `write_errors`.
 
 Kernel counters: drops inside the kernel (our reader too slow: `tx_dropped`; a packet we wrote dropped:
 `rx_dropped`) are not seen by any of the above; `kernel_counters()` reads them from `/proc/net/dev` (of the
-reading process's network namespace, as the device is).
+reading process's network namespace, as the device is). `close()` reads them one last time before the
+device goes, and `kernel_counters()` returns those final values afterwards, so an exit summary written
+after the close still includes every drop up to the end.
 """
 
 from __future__ import annotations
@@ -41,11 +49,13 @@ import concurrent.futures
 import contextlib
 import errno
 import fcntl
+import grp
 import ipaddress
 import logging
 import os
+import pwd
+import stat
 import struct
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -78,7 +88,11 @@ _NEEDS_ROOT: Final = "needs root or CAP_NET_ADMIN"
 # The device is gone (deleted with `ip link del`, or the descriptor is closed): reading cannot recover.
 _FATAL: Final = frozenset(TUN_FATAL_ERRNOS)
 
-BatchCallback = Callable[..., object]  # (packets) or, with buffers=True, (data, lengths)
+BufferCallback = Callable[[bytes, bytes], object]
+"""`on_buffer(data, lengths)`: one read, the packets back to back and their native-endian u32 lengths."""
+
+KernelCounters = Callable[[str], dict[str, int]]
+"""`read(name)`: the kernel's drop and error counters of interface `name` (`read_kernel_counters`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +108,16 @@ class TunMetrics:
     bytes_written: int
     write_errors: int
     write_dropped: int
-    backlog: int
     max_batch_seen: int
     offloads: str  # what the kernel granted ("csum tso4 tso6 uso4 uso6", ...), "" without IFF_VNET_HDR
+
+    @property
+    def backlog(self) -> int:
+        """Deprecated (warned once): always 0, there is no write backlog any more."""
+        from vpn_packet.deprecation import warn_once
+
+        warn_once("TunMetrics.backlog", "TunMetrics.backlog is always 0: the TUN has no write backlog")
+        return 0
 
 
 class TunDevice:
@@ -108,31 +129,29 @@ class TunDevice:
         name: str,
         *,
         mtu: int,
-        max_backlog: int = tuning.WRITE_BACKLOG,
         vnet_header: bool = False,
         offloads: str = "",
+        read_counters: KernelCounters | None = None,
     ) -> None:
         self.fd = fd
         self.name = name
         self.mtu = mtu
-        self.max_backlog = max_backlog
         self.vnet_header = vnet_header
         self.offloads = offloads
         # A read returns one packet (or super-packet); never cut one short.
         self._read_size = _OFFLOAD_READ_SIZE if vnet_header else max(mtu, 1500) + 64
         self._io = TunIo(fd, vnet_header=vnet_header, packet_size=self._read_size)
         self._header_len = VNET_HDR_LEN if vnet_header else 0
-        self._buffers = False
+        self._read_counters = read_counters if read_counters is not None else read_kernel_counters
+        self._final_counters: dict[str, int] = {}  # read by close(), before the device goes
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
-        self._on_batch: BatchCallback | None = None
+        self._on_buffer: BufferCallback | None = None
         self._on_error: Callable[[OSError], object] | None = None
         self.error: OSError | None = None  # set when reading failed for good
         self._max_packets = tuning.READ_BATCH
         self._max_bytes = 4 << 20
-        self._backlog: deque[bytes] = deque()
-        self._writer_armed = False
         self.packets_read = 0
         self.bytes_read = 0
         self.read_events = 0
@@ -153,15 +172,24 @@ class TunDevice:
         address: str | Iterable[str] | None = None,
         mtu: int = tuning.MTU,
         txqueuelen: int = tuning.TXQUEUELEN,
-        max_backlog: int = tuning.WRITE_BACKLOG,
+        max_backlog: int | None = None,
         path: str = TUN_PATH,
         offload: bool = False,
     ) -> TunDevice:
         """Creates the TUN interface `name`, configures it (addresses like `"10.8.0.1/24"`, MTU,
         `txqueuelen`) and brings it up; with `offload`, with virtio headers and the offloads the kernel
-        grants (see the module docstring). Raises `PermissionError` without root/`CAP_NET_ADMIN`,
-        `FileNotFoundError` without `/dev/net/tun`, `ValueError` for a bad name, address or MTU (the rules
-        of `vpn_packet.tuning`, the same as the node configuration's)."""
+        grants (see the module docstring). Raises `PermissionError` without root/`CAP_NET_ADMIN` or when
+        the mode of `/dev/net/tun` refuses us (the message names it), `FileNotFoundError` without
+        `/dev/net/tun`, `ValueError` for a bad name, address or MTU (the rules of `vpn_packet.tuning`, the
+        same as the node configuration's). `max_backlog` is deprecated and ignored (there is no write
+        backlog any more)."""
+        if max_backlog is not None:
+            from vpn_packet.deprecation import warn_once
+
+            warn_once(
+                "TunDevice.open(max_backlog=...)",
+                "TunDevice.open(max_backlog=...) is deprecated and ignored: the TUN has no write backlog",
+            )
         try:
             tuning.check_interface_name(name)
         except ValueError as exc:
@@ -184,7 +212,9 @@ class TunDevice:
                 errno.ENOENT, "the TUN device is missing: no TUN driver here (modprobe tun)", path
             ) from None
         except PermissionError:
-            raise PermissionError(errno.EACCES, f"cannot open the TUN device: {_NEEDS_ROOT}", path) from None
+            raise PermissionError(
+                errno.EACCES, f"cannot open the TUN device: {_open_refused(path)}", path
+            ) from None
         try:
             flags = _IFF_TUN | _IFF_NO_PI | (_IFF_VNET_HDR if offload else 0)
             ifr = struct.pack("16sH22x", encoded, flags)
@@ -216,7 +246,7 @@ class TunDevice:
             txqueuelen,
             offloads or "none",
         )
-        return cls(fd, actual, mtu=mtu, max_backlog=max_backlog, vnet_header=offload, offloads=offloads)
+        return cls(fd, actual, mtu=mtu, vnet_header=offload, offloads=offloads)
 
     # --- reading --------------------------------------------------------------------------------------------
 
@@ -242,33 +272,26 @@ class TunDevice:
                 self.max_batch_seen = n
         return data, lengths
 
-    def read_batch(self, max_packets: int = tuning.READ_BATCH, max_bytes: int = 4 << 20) -> list[bytes]:
-        """Like `read_buffer`, as a list of packets (each with its virtio header when `vnet_header`)."""
-        data, lengths = self.read_buffer(max_packets, max_bytes)
-        return _split(data, lengths)
-
     def start_reading(
         self,
-        on_batch: BatchCallback,
+        on_buffer: BufferCallback,
         *,
         max_packets: int = tuning.READ_BATCH,
         max_bytes: int = 4 << 20,
         on_error: Callable[[OSError], object] | None = None,
-        buffers: bool = False,
     ) -> None:
-        """On every readiness event: `on_batch(read_batch(...))` (only with at least one packet); with
-        `buffers`, `on_batch(data, lengths)` from `read_buffer` (no Python object per packet).
+        """On every readiness event: `on_buffer(data, lengths)` from `read_buffer` (only with at least one
+        packet; no Python object per packet).
 
         When the device fails for good (it was deleted: `EBADFD`; `EIO`, ...) reading stops, `error` is set
         and `on_error(error)` is called once (otherwise the error state would wake the loop forever)."""
         if self._closed:
             raise RuntimeError(f"TUN {self.name} is closed")
         self._loop = asyncio.get_running_loop()
-        self._on_batch = on_batch
+        self._on_buffer = on_buffer
         self._on_error = on_error
         self._max_packets = max_packets
         self._max_bytes = max_bytes
-        self._buffers = buffers
         if not self._reading:
             self._loop.add_reader(self.fd, self._on_readable)
             self._reading = True
@@ -283,12 +306,9 @@ class TunDevice:
     def _on_readable(self) -> None:
         self.read_events += 1
         data, lengths = self.read_buffer(self._max_packets, self._max_bytes)
-        if lengths and self._on_batch is not None:
+        if lengths and self._on_buffer is not None:
             try:
-                if self._buffers:
-                    self._on_batch(data, lengths)
-                else:
-                    self._on_batch(_split(data, lengths))
+                self._on_buffer(data, lengths)
             except Exception:
                 _log.exception("TUN %s: batch callback failed on %d packets", self.name, len(lengths) // 4)
         if self.error is not None:
@@ -300,82 +320,31 @@ class TunDevice:
     # --- writing --------------------------------------------------------------------------------------------
 
     def write_batch(self, packets: Iterable[bytes]) -> int:
-        """Writes packets to the device in order; returns how many were written now (the rest is in the
-        backlog or dropped and counted)."""
-        if self._closed:
-            dropped = sum(1 for _ in packets)
-            self.write_dropped += dropped
-            return 0
-        if self._backlog:
-            self._enqueue(packets)
-            return 0
+        """Writes packets to the device in order, in one native call; returns how many it took. Packets it
+        had no room for (the rest of the batch from the first `EAGAIN`), or that came after it was gone or
+        closed, are dropped and counted (`write_dropped`); refused ones are counted in `write_errors`."""
         batch = packets if isinstance(packets, list) else list(packets)
-        written, rest = self._write_now(batch)
-        if rest >= 0:
-            self._enqueue(batch[rest:])
-        return written
-
-    def _write_now(self, batch: list[bytes]) -> tuple[int, int]:
-        """One native batch write, counted: `(written, rest)`, `rest` being the index of the first packet
-        the device had no room for (-1: none left; after a write that found the device gone, the rest is
-        counted as dropped)."""
-        written, nbytes, refused, stopped_at, fatal = self._io.write_packets(batch)
-        self.write_errors += refused
+        if self._closed:
+            self.write_dropped += len(batch)
+            return 0
+        written, nbytes, refused, dropped, fatal = self._io.write_packets(batch)
         self.packets_written += written
         self.bytes_written += nbytes
+        self.write_errors += refused + (1 if fatal else 0)
+        self.write_dropped += dropped
         if fatal:
-            self.write_errors += 1
-            self.write_dropped += len(batch) - stopped_at - 1
             _log.debug("TUN %s write failed: %s", self.name, os.strerror(fatal))
-            return written, -1
-        return written, stopped_at
-
-    def _enqueue(self, packets: Iterable[bytes]) -> None:
-        backlog = self._backlog
-        limit = self.max_backlog
-        for packet in packets:
-            if len(backlog) >= limit:
-                self.write_dropped += 1
-            else:
-                backlog.append(packet)
-        if backlog and not self._writer_armed:
-            loop = self._loop or asyncio.get_running_loop()
-            self._loop = loop
-            loop.add_writer(self.fd, self._on_writable)
-            self._writer_armed = True
-
-    def _on_writable(self) -> None:
-        backlog = self._backlog
-        _, rest = self._write_now(list(backlog))
-        if rest >= 0:  # still no room: keep the rest, wait for the next writable event
-            for _ in range(rest):
-                backlog.popleft()
-            return
-        backlog.clear()
-        self._disarm_writer()
-
-    def _disarm_writer(self) -> None:
-        if self._writer_armed and self._loop is not None:
-            self._writer_armed = False
-            if not self._loop.is_closed():
-                self._loop.remove_writer(self.fd)
-
-    @property
-    def backlog(self) -> int:
-        """Packets waiting for the device to become writable."""
-        return len(self._backlog)
+        return written
 
     # --- closing and metrics --------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stops reading and writing and closes the descriptor (the interface goes away). Idempotent;
-        packets still in the backlog are dropped and counted."""
+        """Stops reading and closes the descriptor (the interface goes away). Idempotent. The kernel's
+        counters are read just before, so `kernel_counters()` still answers with them afterwards."""
         if self._closed:
             return
         self.stop_reading()
-        self._disarm_writer()
-        self.write_dropped += len(self._backlog)
-        self._backlog.clear()
+        self._final_counters = self._read_counters(self.name)
         self._closed = True
         with contextlib.suppress(OSError):
             os.close(self.fd)
@@ -401,7 +370,6 @@ class TunDevice:
             bytes_written=self.bytes_written,
             write_errors=self.write_errors,
             write_dropped=self.write_dropped,
-            backlog=len(self._backlog),
             max_batch_seen=self.max_batch_seen,
             offloads=self.offloads,
         )
@@ -409,8 +377,11 @@ class TunDevice:
     def kernel_counters(self) -> dict[str, int]:
         """The kernel's own counters of this device (`rx_dropped`, `rx_errors`, `tx_dropped`, `tx_errors`;
         "tx" is toward us: `tx_dropped` counts packets the kernel dropped because we did not read them in
-        time). Empty when the device is not in `/proc/net/dev` (closed, or another network namespace)."""
-        return read_kernel_counters(self.name)
+        time). After `close()`: their values at the close. Empty when the device is not in `/proc/net/dev`
+        (another network namespace)."""
+        if self._closed:
+            return dict(self._final_counters)
+        return self._read_counters(self.name)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -420,15 +391,37 @@ class TunDevice:
         )
 
 
-def _split(data: bytes, lengths: bytes) -> list[bytes]:
-    """The packets of a `read_buffer` result, as a list (the compatibility path; one object per packet)."""
-    view = memoryview(data)
-    packets: list[bytes] = []
-    start = 0
-    for length in memoryview(lengths).cast("I"):
-        packets.append(bytes(view[start : start + length]))
-        start += length
-    return packets
+def _open_refused(path: str) -> str:
+    """Why opening the TUN device file was refused, for the error message. Opening it is a file permission
+    (CAP_NET_ADMIN does not override a file's mode; creating the interface afterwards is what needs it), so
+    name the file's mode and owner and what to do, when its mode does not grant us read and write."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _NEEDS_ROOT
+    mode = stat.S_IMODE(st.st_mode)
+    owner = _user_name(st.st_uid)
+    group = _group_name(st.st_gid)
+    return (
+        f"{path} is mode {mode:04o} owned by {owner}:{group}, which does not let this user "
+        f"(uid {os.geteuid()}) open it; CAP_NET_ADMIN does not override a file's mode. Run as root, or give "
+        f"the file the usual mode (chmod 0666 {path}): creating the interface then still {_NEEDS_ROOT}, "
+        f"and a restart alone does not fix this"
+    )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 _PROC_NET_DEV: Final = "/proc/net/dev"

@@ -59,7 +59,7 @@ pub enum Failure {
     /// or misbehaving peer).
     Tls(TlsError),
     /// A verifier of ours refused the peer's certificate: `key_mismatch`, `identity_mismatch`,
-    /// `no_ed25519_key`, `bad_key_length`, `weak_key`.
+    /// `no_ed25519_key`, `weak_key`.
     Certificate { reason: &'static str, detail: String },
     /// Bytes that are not the handshake message expected (another version, not this protocol, malformed).
     Handshake(HandshakeError),
@@ -79,7 +79,7 @@ pub enum Failure {
 
 impl Failure {
     /// Every reason [`Failure::reason`] can return (for registering counters up front).
-    pub const REASONS: [&'static str; 26] = [
+    pub const REASONS: [&'static str; 25] = [
         "tls_bad_record",
         "tls_alert",
         "tls_certificate",
@@ -90,7 +90,6 @@ impl Failure {
         "key_mismatch",
         "identity_mismatch",
         "no_ed25519_key",
-        "bad_key_length",
         "weak_key",
         "bad_magic",
         "tls_expected_plaintext",

@@ -29,16 +29,14 @@ use std::fmt;
 pub const MAGIC: &[u8; 4] = b"VPNP";
 /// The handshake and wire protocol version this build speaks.
 pub const PROTOCOL_VERSION: u8 = 3;
+/// Key and signature sizes: Ed25519's (`crate::ed25519`, which also says which keys and signatures count).
+pub use crate::ed25519::{PUBLIC_KEY_LEN, SIGNATURE_LEN};
 /// Bytes before a message's body: magic, version, kind.
 pub const HEADER_LEN: usize = 6;
 /// Bytes of the server's random challenge.
 pub const NONCE_LEN: usize = 32;
 /// Bytes of a challenge message.
 pub const CHALLENGE_LEN: usize = HEADER_LEN + NONCE_LEN;
-/// Bytes of an Ed25519 public key.
-pub const PUBLIC_KEY_LEN: usize = 32;
-/// Bytes of an Ed25519 signature.
-pub const SIGNATURE_LEN: usize = 64;
 /// The longest peer id, in bytes.
 pub const MAX_PEER_ID_LEN: usize = 255;
 /// The longest hello.
@@ -75,11 +73,14 @@ pub enum Answer {
     KeyRequired = 8,
     /// The hello is malformed.
     BadHello = 9,
+    /// The hello's public key is no key this project trusts (small order, mixed order, non-canonical:
+    /// `crate::ed25519::check_public_key`).
+    BadKey = 10,
 }
 
 impl Answer {
     /// Every answer, indexed by its code.
-    pub const ALL: [Answer; 10] = [
+    pub const ALL: [Answer; 11] = [
         Answer::Accepted,
         Answer::UnknownPeer,
         Answer::KeyMismatch,
@@ -90,6 +91,7 @@ impl Answer {
         Answer::ShuttingDown,
         Answer::KeyRequired,
         Answer::BadHello,
+        Answer::BadKey,
     ];
 
     /// The answer of a wire code, None for a code this version does not know.
@@ -110,6 +112,7 @@ impl Answer {
             Answer::ShuttingDown => "shutting_down",
             Answer::KeyRequired => "key_required",
             Answer::BadHello => "bad_hello",
+            Answer::BadKey => "bad_key",
         }
     }
 }

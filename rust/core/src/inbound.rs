@@ -35,6 +35,43 @@ pub trait TunWrite {
     fn write_packet(&mut self, vnet_header: Option<&[u8]>, packet: &[u8]) -> WriteOutcome;
 }
 
+/// Accepted packets collected in one buffer, for a receiver that hands them to a library sink instead of a
+/// TUN: `data` holds them back to back, `lengths` their lengths. Every packet is taken.
+#[derive(Debug, Default)]
+pub struct PacketList {
+    /// The packets, back to back.
+    pub data: Vec<u8>,
+    /// One length per packet.
+    pub lengths: Vec<u32>,
+}
+
+impl PacketList {
+    /// Forgets the packets (keeps the memory for the next read).
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.lengths.clear();
+    }
+
+    /// The packets, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0usize;
+        self.lengths.iter().map(move |&len| {
+            let end = start + len as usize;
+            let packet = &self.data[start..end];
+            start = end;
+            packet
+        })
+    }
+}
+
+impl TunWrite for PacketList {
+    fn write_packet(&mut self, _vnet_header: Option<&[u8]>, packet: &[u8]) -> WriteOutcome {
+        self.data.extend_from_slice(packet);
+        self.lengths.push(packet.len() as u32);
+        WriteOutcome::Written
+    }
+}
+
 /// Counters of one connection's receive path (cumulative).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InboundCounts {
@@ -50,6 +87,9 @@ pub struct InboundCounts {
     pub offload_invalid: u64,
     /// Super-packets segmented in software (the TUN does not take virtio headers).
     pub segmented: u64,
+    /// Packets beyond the first that segmenting made: a super-packet of `n` segments is one frame and `n`
+    /// packets, `n - 1` of them counted here, so that frames + `extra_segments` = delivered + every drop.
+    pub extra_segments: u64,
     /// Packets the device had no room for.
     pub write_dropped: u64,
     /// Packets the kernel refused.
@@ -154,6 +194,7 @@ impl Inbound {
                         return;
                     }
                     counts.segmented += 1;
+                    counts.extra_segments += segment_lengths.len().saturating_sub(1) as u64;
                     let mut start = 0usize;
                     for &len in segment_lengths.iter() {
                         let end = start + len as usize;
@@ -309,6 +350,7 @@ mod tests {
         }
         assert_eq!(payload, (0..3000).map(|i| i as u8).collect::<Vec<_>>());
         assert_eq!((inbound.counts.segmented, inbound.counts.delivered), (1, 3));
+        assert_eq!(inbound.counts.extra_segments, 2);
         let mut vnet = Recorder::default();
         let mut inbound = Inbound::new(1500, true);
         inbound.feed(&wire, &table(), 1, &mut vnet).unwrap();
@@ -338,5 +380,114 @@ mod tests {
         inbound.feed(&wire, &table(), 1, &mut tun).unwrap();
         let c = inbound.counts;
         assert_eq!((c.delivered, c.write_dropped, c.fatal_errno), (1, 2, 5));
+    }
+
+    /// Every drop reason and delivery of one connection, summed.
+    fn accounted(c: &InboundCounts) -> u64 {
+        c.delivered + c.spoofed + c.unparsable + c.offload_invalid + c.write_dropped + c.write_errors
+    }
+
+    #[test]
+    fn every_frame_is_delivered_or_dropped_by_reason() {
+        let good = ipv4_from([10, 9, 0, 5]);
+        let spoofed = ipv4_from([10, 7, 0, 5]);
+        let (header, packet) = tcp4_super_packet(3000, 1000);
+        let mut bad_header = header;
+        bad_header[4..6].copy_from_slice(&0u16.to_le_bytes()); // gso_size 0: refused
+        let mut wire = encode_frames([&good[..], &spoofed, b"xx"], 65535).unwrap();
+        encode_offload_frame_into(&header, &packet, &mut wire).unwrap();
+        encode_offload_frame_into(&bad_header, &packet, &mut wire).unwrap();
+        wire.extend(encode_frames([&good[..]], 65535).unwrap());
+        for vnet in [false, true] {
+            let mut inbound = Inbound::new(65535, vnet);
+            let mut list = PacketList::default();
+            inbound.feed(&wire, &table(), 1, &mut list).unwrap();
+            let c = inbound.counts;
+            assert_eq!(inbound.decoder().frames(), 6);
+            assert_eq!(c.offload_invalid, 1, "vnet={vnet}");
+            assert_eq!(
+                inbound.decoder().frames() + c.extra_segments,
+                accounted(&c),
+                "vnet={vnet}: {c:?}"
+            );
+            assert_eq!(list.lengths.len() as u64, c.delivered);
+            assert_eq!(list.iter().next(), Some(&good[..]));
+        }
+    }
+
+    mod accounting {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A frame of the generated stream: a packet from the peer, from another peer, garbage, or an
+        /// offload frame with a random header around a super-packet.
+        #[derive(Debug, Clone)]
+        enum Frame {
+            Own(u8),
+            Other(u8),
+            Garbage(Vec<u8>),
+            /// A random header (`Some`; almost always refused) or the packet's own (`None`).
+            Offload(Option<[u8; VNET_HDR_LEN]>, usize),
+        }
+
+        fn frame() -> impl Strategy<Value = Frame> {
+            prop_oneof![
+                any::<u8>().prop_map(Frame::Own),
+                any::<u8>().prop_map(Frame::Other),
+                proptest::collection::vec(any::<u8>(), 1..60).prop_map(Frame::Garbage),
+                (proptest::option::of(any::<[u8; VNET_HDR_LEN]>()), 1usize..4000)
+                    .prop_map(|(h, n)| Frame::Offload(h, n)),
+            ]
+        }
+
+        /// A TUN that takes every `every`-th write, refuses some and has no room for others.
+        struct Flaky(usize, usize);
+
+        impl TunWrite for Flaky {
+            fn write_packet(&mut self, _vnet_header: Option<&[u8]>, _packet: &[u8]) -> WriteOutcome {
+                self.1 += 1;
+                match self.1 % self.0.max(1) {
+                    1 => WriteOutcome::Dropped,
+                    2 => WriteOutcome::Refused,
+                    _ => WriteOutcome::Written,
+                }
+            }
+        }
+
+        proptest! {
+            /// Whatever the frames, the chunking and the TUN's answers: frames + extra segments =
+            /// delivered + every drop.
+            #[test]
+            fn every_frame_is_accounted_for(
+                frames in proptest::collection::vec(frame(), 0..24),
+                chunk in 1usize..500,
+                vnet in any::<bool>(),
+                every in 0usize..6,
+            ) {
+                let mut wire = Vec::new();
+                let mut count = 0u64;
+                for frame in &frames {
+                    match frame {
+                        Frame::Own(i) => wire.extend(encode_frames([&ipv4_from([10, 9, 0, *i])[..]], 65535).unwrap()),
+                        Frame::Other(i) => wire.extend(encode_frames([&ipv4_from([10, 7, 0, *i])[..]], 65535).unwrap()),
+                        Frame::Garbage(bytes) => wire.extend(encode_frames([&bytes[..]], 65535).unwrap()),
+                        Frame::Offload(header, n) => {
+                            let (own, packet) = tcp4_super_packet(*n, 1000);
+                            let header = header.unwrap_or(own);
+                            encode_offload_frame_into(&header, &packet, &mut wire).unwrap();
+                        }
+                    }
+                    count += 1;
+                }
+                let mut inbound = Inbound::new(65535, vnet);
+                let mut tun = Flaky(every, 0);
+                for piece in wire.chunks(chunk) {
+                    inbound.feed(piece, &table(), 1, &mut tun).unwrap();
+                }
+                let c = inbound.counts;
+                prop_assert_eq!(inbound.decoder().frames(), count);
+                prop_assert_eq!(inbound.decoder().frames() + c.extra_segments, accounted(&c));
+            }
+        }
     }
 }

@@ -13,6 +13,7 @@ pub use batch::{
 pub use parse::{destination, extract, protocol_has_ports, source, Destination, PacketSummary, ParseError};
 
 pub mod ack;
+pub mod ed25519;
 pub mod framing;
 pub mod gso;
 pub mod handshake;
@@ -28,4 +29,5 @@ pub use handshake::{Answer, HandshakeError, Hello, Parsed};
 pub use prefix::{check_source, parse_prefix, source_address, PrefixError, PrefixTable, SourceCheck};
 
 pub mod queues;
+pub mod tun;
 pub use queues::{DestinationQueues, KeyedPush, Pushed, QueueId, Rejections, OFFLOAD_FLAG, VNET_HDR_LEN};

@@ -44,9 +44,10 @@ use rustls::{
 };
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
+use crate::ed25519::KeyProblem;
 use crate::framing::DEFAULT_MAX_FRAME_SIZE;
 use crate::handshake::{MAX_PEER_ID_LEN, PUBLIC_KEY_LEN};
-use crate::key_checks::{accept_public_key, KeyRefusal};
+use crate::key_checks::accept_public_key;
 
 /// The key exchange groups offered, preferred first.
 pub const KEY_EXCHANGE_GROUPS: [&str; 2] = ["X25519MLKEM768", "X25519"];
@@ -103,7 +104,8 @@ impl std::error::Error for ConfigError {}
 /// connection can report the reason (see [`refusal_of`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateRefusal {
-    /// `key_mismatch`, `identity_mismatch`, `no_ed25519_key`, `bad_key_length`, `weak_key`.
+    /// `key_mismatch`, `identity_mismatch`, `no_ed25519_key`, `weak_key` (any key the strict check of
+    /// [`crate::ed25519::check_public_key`] refuses; the detail says which problem).
     pub reason: &'static str,
     pub detail: String,
 }
@@ -178,7 +180,12 @@ pub fn certificate_ed25519_key(der: &[u8]) -> Option<Vec<u8>> {
 fn certificate_key(der: &[u8]) -> Result<[u8; PUBLIC_KEY_LEN], TlsError> {
     let raw = certificate_ed25519_key(der)
         .ok_or_else(|| refuse("no_ed25519_key", "the certificate holds no Ed25519 key".into()))?;
-    accept_public_key(&raw).map_err(|err| refuse(err.reason(), format!("the certificate's key: {err}")))
+    accept_public_key(&raw).map_err(|err| {
+        refuse(
+            "weak_key",
+            format!("the certificate's key is refused ({}): {err}", err.reason()),
+        )
+    })
 }
 
 /// The public key string of raw key bytes (standard base64, as `vpn-packet pubkey` prints).
@@ -275,7 +282,7 @@ impl PeerKeys {
         let mut table = PeerKeys::default();
         for (id, key) in peers {
             let key = accept_public_key(key)
-                .map_err(|err: KeyRefusal| ConfigError::new("peers", format!("peer {id:?}: {err}")))?;
+                .map_err(|err: KeyProblem| ConfigError::new("peers", format!("peer {id:?}: {err}")))?;
             if let Some(other) = table.by_key.get(&key) {
                 return Err(ConfigError::new(
                     "peers",
@@ -808,6 +815,11 @@ pub(crate) fn placeholder_server_name() -> ServerName<'static> {
 mod tests {
     use super::*;
 
+    fn strong_key() -> [u8; 32] {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        pair.public_key_raw().try_into().unwrap()
+    }
+
     #[test]
     fn base64_matches_the_python_encoding() {
         assert_eq!(
@@ -819,14 +831,55 @@ mod tests {
         assert_eq!(encode_public_key(b"a"), "YQ==");
     }
 
+    /// A key-mode node certificate whose Ed25519 key bytes are replaced by `key` (its signature no longer
+    /// matches, which key mode never checks: the key is the trust).
+    fn certificate_with_key(key: &[u8; 32]) -> CertificateDer<'static> {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&pair)
+            .unwrap();
+        let mut der = cert.der().to_vec();
+        let public = pair.public_key_raw().to_vec();
+        let at = der.windows(32).position(|w| w == public).unwrap();
+        der[at..at + 32].copy_from_slice(key);
+        CertificateDer::from(der)
+    }
+
+    #[test]
+    fn a_server_certificate_with_a_weak_key_is_refused_even_when_configured() {
+        // The identity point (y = 1): of small order, a key with which signatures are forged at will.
+        let mut weak = [0u8; 32];
+        weak[0] = 1;
+        let verifier = KeyServerVerifier {
+            peer_id: "b".into(),
+            expected: weak,
+            provider: provider(),
+        };
+        let err = verifier
+            .verify_server_cert(
+                &certificate_with_key(&weak),
+                &[],
+                &placeholder_server_name(),
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap_err();
+        let refusal = refusal_of(&err).unwrap();
+        assert_eq!(refusal.reason, "weak_key");
+        assert!(refusal.detail.contains("small_order"), "{}", refusal.detail);
+        // And a weak key cannot be configured for a peer in the first place.
+        let err = PeerKeys::new([("b", &weak[..])]).unwrap_err();
+        assert!(err.detail.contains("small order"), "{err}");
+    }
+
     #[test]
     fn duplicate_keys_and_ids_are_refused() {
-        let k = [7u8; 32];
-        assert_eq!(
-            PeerKeys::new([("a", &k[..]), ("b", &k[..])]).unwrap_err().reason,
-            "peers"
-        );
-        assert!(PeerKeys::new([("a", &k[..]), ("a", &[8u8; 32][..])]).is_err());
+        let (k, other) = (strong_key(), strong_key());
+        let err = PeerKeys::new([("a", &k[..]), ("b", &k[..])]).unwrap_err();
+        assert!(err.detail.contains("the same public key"), "{err}");
+        let err = PeerKeys::new([("a", &k[..]), ("a", &other[..])]).unwrap_err();
+        assert!(err.detail.contains("configured twice"), "{err}");
         assert!(PeerKeys::new([("a", &[1u8; 31][..])]).is_err());
     }
 }

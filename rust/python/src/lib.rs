@@ -7,6 +7,7 @@ mod ack;
 mod buffer;
 mod capture;
 mod connection;
+mod ed25519;
 mod errors;
 mod framing;
 mod functions;
@@ -34,6 +35,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     capture::register(m)?;
     framing::register(m)?;
     handshake::register(m)?;
+    ed25519::register(m)?;
     ack::register(m)?;
     prefix::register(m)?;
     queues::register(m)?;

@@ -1,11 +1,13 @@
-//! TUN device I/O for the node's data path, with the GIL released.
+//! The Python face of the TUN descriptor's I/O and of the receive path: conversions only. The system calls
+//! and their rules live in the core ([`vpn_packet_core::tun`]), the receive path in
+//! [`vpn_packet_core::inbound`]; here `bytes` and lists become slices and counts become tuples.
 //!
 //! - `TunIo.read_batch`: every packet ready on the non-blocking descriptor (until `EAGAIN` or a bound), read
 //!   into one reused buffer and returned as one `bytes` plus one `bytes` of native-endian u32 lengths: two
 //!   Python objects per readiness event, none per packet (`Dispatcher.dispatch_buffer` takes them as is).
 //! - `TunIo.write_packets`: a batch of packets, one `write` (or `writev` with a virtio header) each.
-//! - `InboundDecoder.feed`: the receive path of one connection ([`vpn_packet_core::inbound`]): socket bytes
-//!   in, frames decoded, sources checked, accepted packets written to the TUN, all in one call.
+//! - `InboundDecoder.feed`: the receive path of one connection: socket bytes in, frames decoded, sources
+//!   checked, accepted packets written to the TUN (or collected for a library sink), all in one call.
 //!
 //! Why Rust: a `read()` or `write()` from Python costs about a microsecond of interpreter work per packet, and
 //! profiles of the node showed those calls taking most of its time. Here a readiness event costs one call.
@@ -14,77 +16,15 @@ use std::os::fd::RawFd;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyTuple};
 use vpn_packet_core::framing::{MAX_FRAME_SIZE_LIMIT, VNET_HDR_LEN};
-use vpn_packet_core::inbound::{Inbound, TunWrite, WriteOutcome, PLAIN_VNET_HDR};
+use vpn_packet_core::inbound::{Inbound, InboundCounts, PacketList, PLAIN_VNET_HDR};
+use vpn_packet_core::tun::{self, FdTun, FATAL_ERRNOS};
 
 use crate::buffer::{with_bytes, PacketBytes};
 use crate::errors::no_panic;
 use crate::functions::for_each_item;
 use crate::prefix::PrefixTable;
-
-/// The errno of the last failed system call.
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
-/// Errors after which the descriptor cannot work again (the device was deleted or closed); the one list,
-/// exported as `TUN_FATAL_ERRNOS` for the reads `TunDevice` judges.
-const FATAL_ERRNOS: [i32; 6] = [
-    libc::EBADF,
-    libc::EBADFD,
-    libc::EIO,
-    libc::ENXIO,
-    libc::ENODEV,
-    libc::EFAULT,
-];
-
-fn is_fatal(errno: i32) -> bool {
-    FATAL_ERRNOS.contains(&errno)
-}
-
-/// One packet to a TUN descriptor, with its virtio header in the same `writev` when given.
-fn write_fd(fd: RawFd, header: Option<&[u8]>, packet: &[u8]) -> WriteOutcome {
-    loop {
-        let n = match header {
-            None => {
-                // SAFETY: `packet` is a valid slice for the duration of the call.
-                unsafe { libc::write(fd, packet.as_ptr().cast(), packet.len()) }
-            }
-            Some(header) => {
-                let iov = [
-                    libc::iovec {
-                        iov_base: header.as_ptr() as *mut libc::c_void,
-                        iov_len: header.len(),
-                    },
-                    libc::iovec {
-                        iov_base: packet.as_ptr() as *mut libc::c_void,
-                        iov_len: packet.len(),
-                    },
-                ];
-                // SAFETY: both iovecs point into live slices; writev only reads them.
-                unsafe { libc::writev(fd, iov.as_ptr(), 2) }
-            }
-        };
-        if n >= 0 {
-            return WriteOutcome::Written;
-        }
-        match errno() {
-            libc::EINTR => continue,
-            libc::EAGAIN | libc::ENOBUFS | libc::ENOMEM => return WriteOutcome::Dropped,
-            e if is_fatal(e) => return WriteOutcome::Fatal(e),
-            _ => return WriteOutcome::Refused,
-        }
-    }
-}
-
-struct FdWriter(RawFd);
-
-impl TunWrite for FdWriter {
-    fn write_packet(&mut self, vnet_header: Option<&[u8]>, packet: &[u8]) -> WriteOutcome {
-        write_fd(self.0, vnet_header, packet)
-    }
-}
 
 /// Batch reads and writes on a TUN descriptor (which stays owned, and closed, by Python).
 #[pyclass(module = "vpn_packet._native", name = "TunIo")]
@@ -133,52 +73,23 @@ impl TunIo {
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, i32)> {
         no_panic(|| {
             let (fd, size) = (self.fd, self.packet_size);
-            let capacity = max_bytes.max(1) + size;
-            if self.buffer.len() < capacity {
-                self.buffer.resize(capacity, 0);
-            }
             let (buffer, lengths) = (&mut self.buffer, &mut self.lengths);
-            lengths.clear();
-            let (total, error) = py.detach(|| {
-                let mut total = 0usize;
-                let mut error = 0i32;
-                while lengths.len() < max_packets.max(1) && total < max_bytes.max(1) {
-                    // SAFETY: `total + size <= capacity == buffer.len()`, so the read stays in the buffer.
-                    let n = unsafe { libc::read(fd, buffer.as_mut_ptr().add(total).cast(), size) };
-                    if n > 0 {
-                        lengths.push(n as u32);
-                        total += n as usize;
-                        continue;
-                    }
-                    if n == 0 {
-                        break;
-                    }
-                    match errno() {
-                        libc::EINTR => continue,
-                        libc::EAGAIN => break,
-                        e => {
-                            error = e;
-                            break;
-                        }
-                    }
-                }
-                (total, error)
-            });
-            let data = PyBytes::new(py, &self.buffer[..total]);
+            let result = py.detach(|| tun::read_batch(fd, buffer, lengths, size, max_packets, max_bytes));
+            let data = PyBytes::new(py, &self.buffer[..result.total]);
             let lengths = PyBytes::new(py, u32_bytes(&self.lengths));
-            Ok((data, lengths, error))
+            Ok((data, lengths, result.errno))
         })
     }
 
     /// Writes `packets` in order (plain IP packets; an all-zero virtio header is added when
-    /// `vnet_header`) until the device has no room: `(written, bytes, refused, stopped_at, fatal_errno)`,
-    /// `stopped_at` being the index of the first packet not written for want of room (`EAGAIN`), or -1.
-    /// The GIL is released meanwhile.
+    /// `vnet_header`): `(written, bytes, refused, dropped, fatal_errno)`. The batch stops at the first packet
+    /// the device has no room for (`EAGAIN`) or at a fatal error, the rest counted in `dropped`: there is no
+    /// backlog. The GIL is released meanwhile.
     fn write_packets(
         &self,
         py: Python<'_>,
         packets: &Bound<'_, PyAny>,
-    ) -> PyResult<(u64, u64, u64, i64, i32)> {
+    ) -> PyResult<(u64, u64, u64, u64, i32)> {
         no_panic(|| {
             let mut held: Vec<PacketBytes<'_>> = Vec::new();
             for_each_item(packets, |item| {
@@ -186,23 +97,9 @@ impl TunIo {
                 Ok(())
             })?;
             let slices: Vec<&[u8]> = held.iter().map(PacketBytes::as_slice).collect();
-            let (fd, vnet) = (self.fd, self.vnet_header);
-            Ok(py.detach(|| {
-                let (mut written, mut bytes, mut refused) = (0u64, 0u64, 0u64);
-                let header = vnet.then_some(&PLAIN_VNET_HDR[..]);
-                for (index, packet) in slices.iter().enumerate() {
-                    match write_fd(fd, header, packet) {
-                        WriteOutcome::Written => {
-                            written += 1;
-                            bytes += packet.len() as u64;
-                        }
-                        WriteOutcome::Dropped => return (written, bytes, refused, index as i64, 0),
-                        WriteOutcome::Refused => refused += 1,
-                        WriteOutcome::Fatal(e) => return (written, bytes, refused, index as i64, e),
-                    }
-                }
-                (written, bytes, refused, -1, 0)
-            }))
+            let (fd, header) = (self.fd, self.vnet_header.then_some(&PLAIN_VNET_HDR[..]));
+            let w = py.detach(|| tun::write_batch(fd, header, slices.iter().copied()));
+            Ok((w.written, w.bytes, w.refused, w.dropped, w.fatal_errno))
         })
     }
 
@@ -216,14 +113,35 @@ fn u32_bytes(values: &[u32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
 }
 
+/// Where one connection's accepted packets go: the TUN itself, or a list for a library sink.
+enum Target {
+    Tun(FdTun),
+    List(PacketList),
+}
+
 /// The receive path of one authenticated connection: bytes from the socket in, accepted packets out to the
-/// TUN (see the module documentation). The peer's prefixes are `table`'s entries of value `peer`.
+/// TUN (`fd` given) or collected for a library sink (`fd` None: `take_packets`); see the module
+/// documentation. The peer's prefixes are `table`'s entries of value `peer`.
 #[pyclass(module = "vpn_packet._native", name = "InboundDecoder")]
 pub struct InboundDecoder {
     inner: Inbound,
-    fd: RawFd,
+    target: Target,
     table: Py<PrefixTable>,
     peer: u32,
+}
+
+/// The counters `feed` reports, in its tuple's order after `frames` and `payload_bytes`.
+fn deltas(now: &InboundCounts, before: &InboundCounts) -> [u64; 8] {
+    [
+        now.delivered - before.delivered,
+        now.delivered_bytes - before.delivered_bytes,
+        now.extra_segments - before.extra_segments,
+        now.spoofed - before.spoofed,
+        now.unparsable - before.unparsable,
+        now.offload_invalid - before.offload_invalid,
+        now.write_dropped - before.write_dropped,
+        now.write_errors - before.write_errors,
+    ]
 }
 
 #[pymethods]
@@ -231,7 +149,7 @@ impl InboundDecoder {
     #[new]
     #[pyo3(signature = (fd, table, peer, *, max_frame_size = 65535, vnet_header = false))]
     fn new(
-        fd: RawFd,
+        fd: Option<RawFd>,
         table: Py<PrefixTable>,
         peer: u32,
         max_frame_size: usize,
@@ -242,9 +160,16 @@ impl InboundDecoder {
                 "max_frame_size must be 1..={MAX_FRAME_SIZE_LIMIT}, got {max_frame_size}"
             )));
         }
+        let target = match fd {
+            Some(fd) if fd < 0 => return Err(PyValueError::new_err(format!("bad descriptor {fd}"))),
+            Some(fd) => Target::Tun(FdTun(fd)),
+            None => Target::List(PacketList::default()),
+        };
+        // A list for a sink holds plain packets: super-packets are segmented, never passed whole.
+        let vnet = vnet_header && matches!(target, Target::Tun(_));
         Ok(InboundDecoder {
-            inner: Inbound::new(max_frame_size, vnet_header),
-            fd,
+            inner: Inbound::new(max_frame_size, vnet),
+            target,
             table,
             peer,
         })
@@ -256,21 +181,36 @@ impl InboundDecoder {
         self.peer = peer;
     }
 
-    /// Decodes `data` and writes the accepted packets to the TUN, with the GIL released. Returns what this
-    /// call added: `(frames, payload_bytes, delivered, delivered_bytes, spoofed, unparsable, lost, error)`,
-    /// `lost` being
-    /// packets the TUN did not take (no room, refused, device gone) or offload frames that could not be
-    /// honoured, `error` the reason of a framing error (None: none). Frames before an error are processed
-    /// and counted; the decoder is failed from then on (the stream must be closed).
+    /// Decodes `data`, checks every packet's source and writes the accepted ones to the TUN (or collects
+    /// them for `take_packets`), with the GIL released. Returns what this call added: `(frames,
+    /// payload_bytes, delivered, delivered_bytes, extra_segments, spoofed, unparsable, offload_invalid,
+    /// tun_dropped, tun_refused, error)`: `delivered` the packets the TUN took (or that were collected),
+    /// `extra_segments` packets beyond the first that segmenting super-packets made, `offload_invalid`
+    /// offload frames whose header could not be honoured, `tun_dropped` packets the TUN had no room for
+    /// (or that came after it was gone), `tun_refused` packets the kernel refused, `error` the reason of a
+    /// framing error (None: none). So `frames + extra_segments` = `delivered` + every drop. Frames before an
+    /// error are processed and counted; the decoder is failed from then on (the stream must be closed).
     #[allow(clippy::type_complexity)]
     fn feed(
         &mut self,
         py: Python<'_>,
         data: &Bound<'_, PyAny>,
-    ) -> PyResult<(u64, u64, u64, u64, u64, u64, u64, Option<&'static str>)> {
+    ) -> PyResult<(
+        u64,
+        u64,
+        u64,
+        u64,
+        u64,
+        u64,
+        u64,
+        u64,
+        u64,
+        u64,
+        Option<&'static str>,
+    )> {
         no_panic(|| {
             let table = self.table.bind(py).borrow();
-            let (inner, fd, peer) = (&mut self.inner, self.fd, self.peer);
+            let (inner, target, peer) = (&mut self.inner, &mut self.target, self.peer);
             let before = (
                 inner.decoder().frames(),
                 inner.decoder().payload_bytes(),
@@ -278,24 +218,40 @@ impl InboundDecoder {
             );
             let routes = &table.inner;
             let result = with_bytes(data, |bytes| {
-                py.detach(|| inner.feed(bytes, routes, peer, &mut FdWriter(fd)))
+                py.detach(|| match target {
+                    Target::Tun(tun) => inner.feed(bytes, routes, peer, tun),
+                    Target::List(list) => inner.feed(bytes, routes, peer, list),
+                })
             })?;
             let error = result.err().map(|err| err.reason());
-            let (frames, payload, c) = before;
-            let now = inner.counts;
-            let lost = |c: &vpn_packet_core::inbound::InboundCounts| {
-                c.write_dropped + c.write_errors + c.offload_invalid
-            };
+            let [delivered, delivered_bytes, extra, spoofed, unparsable, invalid, dropped, refused] =
+                deltas(&inner.counts, &before.2);
             Ok((
-                inner.decoder().frames() - frames,
-                inner.decoder().payload_bytes() - payload,
-                now.delivered - c.delivered,
-                now.delivered_bytes - c.delivered_bytes,
-                now.spoofed - c.spoofed,
-                now.unparsable - c.unparsable,
-                lost(&now) - lost(&c),
+                inner.decoder().frames() - before.0,
+                inner.decoder().payload_bytes() - before.1,
+                delivered,
+                delivered_bytes,
+                extra,
+                spoofed,
+                unparsable,
+                invalid,
+                dropped,
+                refused,
                 error,
             ))
+        })
+    }
+
+    /// The packets collected since the last call (no `fd`: the library sink's path), in order; empty for a
+    /// decoder that writes to a TUN.
+    fn take_packets<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        no_panic(|| {
+            let Target::List(list) = &mut self.target else {
+                return Ok(PyList::empty(py));
+            };
+            let packets = PyList::new(py, list.iter().map(|packet| PyBytes::new(py, packet)))?;
+            list.clear();
+            Ok(packets)
         })
     }
 
@@ -317,9 +273,19 @@ impl InboundDecoder {
         self.inner.decoder().payload_bytes()
     }
 
-    /// Bytes held of an unfinished frame.
+    /// Bytes held of an unfinished frame, and of collected packets not taken yet.
     #[getter]
     fn buffered(&self) -> usize {
+        let held = match &self.target {
+            Target::Tun(_) => 0,
+            Target::List(list) => list.data.len(),
+        };
+        self.inner.decoder().buffered() + held
+    }
+
+    /// Bytes held of an unfinished frame (a stream may end cleanly only when this is 0).
+    #[getter]
+    fn partial(&self) -> usize {
         self.inner.decoder().buffered()
     }
 

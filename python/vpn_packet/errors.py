@@ -24,12 +24,22 @@ Other exception types are taught with `register_error_kind`. `PacketError` is al
 
 from __future__ import annotations
 
+# `_socket` (built in) rather than `socket`, and TLS and asyncio errors looked up only once their modules
+# are loaded (`_ssl_kinds`, `_kinds_of`): loading `ssl` (OpenSSL) and `asyncio` costs tens of milliseconds,
+# and every command imports this module, `vpn-packet inspect` included. An exception of a module that was
+# never loaded cannot exist, so the classification is the same.
 import errno as _errno
-import pickle
-import socket
-import ssl
-from asyncio import IncompleteReadError
-from typing import Any, Final, TypeVar
+import sys
+from _socket import EAI_AGAIN, gaierror, herror
+
+# Not `typing.TYPE_CHECKING`: `typing` costs milliseconds to load, and every annotation here is a string
+# (`from __future__ import annotations`); type checkers treat any name `TYPE_CHECKING` as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ssl
+    from typing import Any, Final, TypeVar
+
+    _E = TypeVar("_E", bound=type[BaseException])
 
 __all__ = [
     "CaptureError",
@@ -64,7 +74,6 @@ __all__ = [
     "unregister_error_kind",
 ]
 
-_E = TypeVar("_E", bound=type[BaseException])
 
 # Kinds, as bit flags so that one walk of a chain can answer any question.
 _NETWORK: Final = 1
@@ -184,6 +193,8 @@ def _rebuild(cls: type[_WrappedError], args: tuple[Any, ...], kwargs: dict[str, 
 
 def _portable(cause: BaseException, kinds: int) -> BaseException:
     """`cause` if it survives a pickle round trip with its classification, else a `DetachedCause`."""
+    import pickle  # only when a wrapped error is made: not at import time
+
     try:
         copy = pickle.loads(pickle.dumps(cause))
     except Exception:
@@ -443,14 +454,24 @@ _OSERROR_TYPE_KINDS: Final[tuple[tuple[type[OSError], int], ...]] = (
 )
 
 # TLS errors: their `errno` is an SSL_ERROR_* code, not a POSIX errno, so they never reach the errno table.
-_SSL_KINDS: Final[tuple[tuple[type[ssl.SSLError], int], ...]] = (
-    (ssl.SSLZeroReturnError, _CLOSED | _NETWORK),  # the peer closed the TLS session cleanly
-    (ssl.SSLEOFError, _CLOSED | _NETWORK),  # the transport ended mid-record
-    (ssl.SSLWantReadError, _TEMPORARY | _NETWORK),
-    (ssl.SSLWantWriteError, _TEMPORARY | _NETWORK),
-    (ssl.SSLSyscallError, _RESET | _NETWORK),  # the socket under TLS failed
-    (ssl.SSLError, _NETWORK),  # handshake, certificate, protocol: permanent
-)
+# Built on first need from `_ssl` (where `ssl` gets these classes), which is loaded by then.
+_SSL_KINDS: list[tuple[type[ssl.SSLError], int]] = []
+
+
+def _ssl_kinds(_ssl: Any) -> list[tuple[type[ssl.SSLError], int]]:
+    if not _SSL_KINDS:
+        _SSL_KINDS.extend(
+            (
+                (_ssl.SSLZeroReturnError, _CLOSED | _NETWORK),  # the peer closed the TLS session cleanly
+                (_ssl.SSLEOFError, _CLOSED | _NETWORK),  # the transport ended mid-record
+                (_ssl.SSLWantReadError, _TEMPORARY | _NETWORK),
+                (_ssl.SSLWantWriteError, _TEMPORARY | _NETWORK),
+                (_ssl.SSLSyscallError, _RESET | _NETWORK),  # the socket under TLS failed
+                (_ssl.SSLError, _NETWORK),  # handshake, certificate, protocol: permanent
+            )
+        )
+    return _SSL_KINDS
+
 
 _registry: dict[type[BaseException], int] = {}
 
@@ -505,14 +526,15 @@ def _kinds_of(exc: BaseException) -> int:
         return kinds | _REFUSED
     if isinstance(exc, DetachedCause):
         return kinds | exc.kinds
-    if isinstance(exc, ssl.SSLError):
-        for ssl_type, ssl_kinds in _SSL_KINDS:
+    _ssl = sys.modules.get("_ssl")
+    if _ssl is not None and isinstance(exc, _ssl.SSLError):
+        for ssl_type, ssl_kinds in _ssl_kinds(_ssl):
             if isinstance(exc, ssl_type):
                 return kinds | ssl_kinds
-    if isinstance(exc, socket.gaierror):
-        temporary = _TEMPORARY if exc.errno == socket.EAI_AGAIN else 0
+    if isinstance(exc, gaierror):
+        temporary = _TEMPORARY if exc.errno == EAI_AGAIN else 0
         return kinds | _NETWORK | temporary
-    if isinstance(exc, socket.herror):
+    if isinstance(exc, herror):
         return kinds | _NETWORK
     if isinstance(exc, OSError):
         for os_type, os_kinds in _OSERROR_TYPE_KINDS:
@@ -523,7 +545,8 @@ def _kinds_of(exc: BaseException) -> int:
         if code is not None:
             kinds |= _ERRNO_KINDS.get(code, 0)
         return kinds
-    if isinstance(exc, IncompleteReadError):
+    asyncio_exceptions = sys.modules.get("asyncio.exceptions")
+    if asyncio_exceptions is not None and isinstance(exc, asyncio_exceptions.IncompleteReadError):
         return kinds | _CLOSED | _NETWORK
     if isinstance(exc, EOFError):
         return kinds | _CLOSED

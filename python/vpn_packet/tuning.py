@@ -12,7 +12,8 @@ layers import them. (wireguard-go keeps its tunables in `device/constants.go` fo
 - Library defaults (`WORKER_BUFFER_SIZE`, `MAX_WORKERS`, ...): what the classes use when given nothing.
   They equal `Tuning`'s, except where a node needs more (`NODE_WORKER_BUFFER_SIZE`). `NODE_RESILIENCE` is
   the library's `ResilienceConfig()` itself: the breaker and retry defaults have one source.
-- Rules: `check_int`, `check_seconds` (at most `MAX_SECONDS`), `check_interface_name`,
+- Rules: `check_int`, `check_seconds` (at most `MAX_SECONDS`; a field may have a floor, as `ack_timeout`
+  has `MIN_ACK_TIMEOUT`), `check_idle_after_keepalive` (between two fields), `check_interface_name`,
   `check_interface_address`, `check_mtu`, `check_peer_id`, `parse_endpoint`, `check_prefix`. Each raises
   `ValueError` with a message that does not name the setting, so that the caller can put its own name in
   front (`interface.mtu: 100 is out of range 576..65535`). Rules between settings (a peer's prefix against
@@ -56,6 +57,7 @@ __all__ = [
     "MAX_STREAMS_PER_PEER",
     "MAX_TXQUEUELEN",
     "MAX_WORKERS",
+    "MIN_ACK_TIMEOUT",
     "MIN_MTU",
     "MTU",
     "NODE_RESILIENCE",
@@ -79,6 +81,7 @@ __all__ = [
     "WORKER_IDLE_TIMEOUT",
     "WRITE_TIMEOUT",
     "build",
+    "check_idle_after_keepalive",
     "check_int",
     "check_interface_address",
     "check_interface_name",
@@ -93,7 +96,7 @@ T = TypeVar("T")
 
 # --- the values -------------------------------------------------------------------------------------------
 
-#: Packets one destination worker holds (DESIGN section 4: the `Dispatcher` contract's default).
+#: Packets one destination worker holds (docs/dispatcher.md: the `Dispatcher` contract's default).
 WORKER_BUFFER_SIZE: Final = 100
 #: A node's worker buffer: one TUN read hands up to `READ_BATCH` packets at once, often all for one
 #: destination (a single TCP flow), so a buffer smaller than a few reads would reject most of a burst.
@@ -136,6 +139,10 @@ WRITE_TIMEOUT: Final = 10.0
 #: dead (frozen, blackholed, not reading) and reset. A live receiver acknowledges every read (~ms); 2 s
 #: tolerates scheduling hiccups and still tells a user within seconds, not after 90 MB "sent".
 ACK_TIMEOUT: Final = 2.0
+#: The shortest `ack_timeout` accepted. An acknowledgement needs a round trip and a read on the peer; below a
+#: tenth of a second (0.001 was accepted once) none comes back in time on any real path, so every connection
+#: with packets in flight would be reset as dead and its packets counted lost, over and over.
+MIN_ACK_TIMEOUT: Final = 0.1
 #: Bytes written and not yet acknowledged, per connection, at most: the memory a dead peer can cost us.
 #: 4 MiB keeps a 1 Gbit/s link busy at 30 ms of round trip.
 IN_FLIGHT_WINDOW: Final = 4 * 1024 * 1024
@@ -315,29 +322,53 @@ def check_prefix(prefix: object) -> str:
         raise ValueError(f"{prefix!r} has host bits set (did you mean {loose}?)") from None
 
 
+def check_idle_after_keepalive(receive_idle_timeout: float, keepalive_interval: float) -> None:
+    """The rule between two `Tuning` fields: the receiver closes a connection silent for
+    `receive_idle_timeout`, and a sender with nothing to send writes a keepalive only every
+    `keepalive_interval`. At or below it, a quiet peer's connections are closed between two keepalives and
+    redialled, over and over (issue 22). Peers are taken to share this node's `keepalive_interval` (the
+    default everywhere). Raises `ValueError` starting with `receive_idle_timeout: `."""
+    if receive_idle_timeout <= keepalive_interval:
+        raise ValueError(
+            f"receive_idle_timeout: {receive_idle_timeout:g} is not above keepalive_interval "
+            f"({keepalive_interval:g} s): a quiet peer sends a keepalive only that often, so its connections "
+            "would be closed as idle between keepalives; make receive_idle_timeout larger (the default is "
+            f"{RECEIVE_IDLE_TIMEOUT:g}) or keepalive_interval smaller"
+        )
+
+
 # --- Tuning -----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Spec:
-    """The rule of one `Tuning` field: an integer in `low..high`, or positive seconds (`seconds=True`)."""
+    """The rule of one `Tuning` field: an integer in `low..high`, or positive seconds (`seconds=True`), at
+    least `min_seconds` when that is set (`min_reason` says why a smaller value cannot work)."""
 
     low: int = 0
     high: int = 0
     seconds: bool = False
     doc: str = ""
+    min_seconds: float = 0.0
+    min_reason: str = ""
 
     def check(self, value: object) -> Any:
         """The value, checked (a float for seconds); raises `ValueError` without the field's name."""
-        return check_seconds(value) if self.seconds else check_int(value, self.low, self.high)
+        if not self.seconds:
+            return check_int(value, self.low, self.high)
+        seconds = check_seconds(value)
+        if seconds < self.min_seconds:
+            raise ValueError(f"{value} is below {self.min_seconds:g} seconds: {self.min_reason}")
+        return seconds
 
 
 def _int(default: int, low: int, high: int, doc: str) -> Any:
     return field(default=default, metadata={"spec": Spec(low, high, doc=doc)})
 
 
-def _seconds(default: float, doc: str) -> Any:
-    return field(default=default, metadata={"spec": Spec(seconds=True, doc=doc)})
+def _seconds(default: float, doc: str, *, min_seconds: float = 0.0, min_reason: str = "") -> Any:
+    spec = Spec(seconds=True, doc=doc, min_seconds=min_seconds, min_reason=min_reason)
+    return field(default=default, metadata={"spec": spec})
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +393,13 @@ class Tuning:
     send_buffer: int = _int(SEND_BUFFER, 4096, 1 << 30, "SO_SNDBUF bytes")
     connect_timeout: float = _seconds(CONNECT_TIMEOUT, "seconds for connect, handshake and hello")
     write_timeout: float = _seconds(WRITE_TIMEOUT, "seconds a write may wait for a peer that does not read")
-    ack_timeout: float = _seconds(ACK_TIMEOUT, "seconds a peer may acknowledge nothing while packets are out")
+    ack_timeout: float = _seconds(
+        ACK_TIMEOUT,
+        "seconds a peer may acknowledge nothing while packets are out",
+        min_seconds=MIN_ACK_TIMEOUT,
+        min_reason="no acknowledgement comes back that fast (a round trip and a read on the peer), so "
+        "every connection with packets in flight would be reset as dead and its packets counted lost",
+    )
     window: int = _int(IN_FLIGHT_WINDOW, 64 * 1024, 1 << 30, "bytes in flight per connection at most")
     stream_idle_timeout: float = _seconds(STREAM_IDLE_TIMEOUT, "seconds before an unused stream is closed")
     keepalive_interval: float = _seconds(KEEPALIVE_INTERVAL, "seconds of silence before a keepalive frame")
@@ -386,6 +423,7 @@ class Tuning:
             except ValueError as exc:
                 raise ValueError(f"{f.name}: {exc}") from None
             object.__setattr__(self, f.name, value)
+        check_idle_after_keepalive(self.receive_idle_timeout, self.keepalive_interval)
 
     @staticmethod
     def spec(name: str) -> Spec:

@@ -1,6 +1,6 @@
 """Packet extraction: one packet, a destination key, and one batch form. All work is done natively.
 
-- `extract_ip_and_ports(packet) -> PacketInfo` and `destination_key(packet) -> str` (DESIGN.md section 3);
+- `extract_ip_and_ports(packet) -> PacketInfo` and `destination_key(packet) -> str` (docs/extraction.md);
 - `parse_batch(packets) -> PacketBatch`: the batch form. It parses every packet in one native call and never
   fails the batch for a bad packet: `batch[i]` is a `PacketInfo`, or the `PacketError` of a bad packet in its
   place (`to_list()` gives them all, `errors()` only the bad ones with their index). The batch stays native

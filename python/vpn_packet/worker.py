@@ -51,7 +51,7 @@ from vpn_packet.tasks import close_quietly
 from vpn_packet.types import QueuedPacket
 
 # `WorkerMetrics` is defined in `vpn_packet.metrics` (plain data that depends on nothing here) and is
-# re-exported here, where the contract (DESIGN section 4) names it.
+# re-exported here, where the contract (docs/library.md) names it.
 __all__ = ["Worker", "WorkerMetrics"]
 
 _CREATE = ("stream_service", "create_stream")

@@ -217,17 +217,39 @@ def test_python_dash_m_lists_every_subcommand(module: str) -> None:
 # ---- no silent zero, encapsulations, blocks not decoded, gzip and standard input ----
 
 
-def test_a_capture_without_frames_is_exit_1_with_the_reason(
+def test_a_valid_capture_without_packets_is_exit_0_and_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     empty = tmp_path / "empty.pcap"
     empty.write_bytes(pcap_bytes([]))
-    assert main(["inspect", str(empty)]) == 1
+    assert main(["inspect", str(empty)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert (
+        out
+        == f"{empty}: pcap (little-endian, microsecond), no packets: the capture holds no packet records\n"
+    )
+    assert main(["inspect", str(empty), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["frames"], data["error"]) == (0, None)
+
+
+def test_frames_of_which_none_is_readable_are_exit_1_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "garbage.pcap"
+    path.write_bytes(pcap_bytes([b"\x45\x00", b"\x45\x00\x00"], LINKTYPE_RAW))
+    assert main(["inspect", str(path)]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert err == (
-        f"vpn-packet inspect: error: {empty}: no frame could be read: the capture holds no packet records\n"
+        f"vpn-packet inspect: error: {path}: none of its 2 frames could be read (malformed IP packets 2)\n"
     )
+
+
+def test_a_capture_of_blocks_not_decoded_is_exit_1_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
 
     # Only blocks the reader does not decode: the JSON is still printed, with the reason.
     out_ng = io.BytesIO()

@@ -128,3 +128,19 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"vpn-packet {version('vpn-packet')}\n"
+
+
+def test_pubkey_of_a_config_file_says_it_is_not_a_key_before_any_chmod_advice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 22: `vpn-packet pubkey node-a.toml` (mode 0644, as configs are) advised `chmod 600` first."""
+    path = tmp_path / "node-a.toml"
+    path.write_text('[interface]\nname = "vpn0"\n')
+    path.chmod(0o644)
+    assert main(["pubkey", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"vpn-packet pubkey: error: {path}: not a key file written by `vpn-packet genkey` "
+        "(PEM key and certificate)\n"
+    )
+    assert "chmod" not in err

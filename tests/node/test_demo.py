@@ -132,3 +132,25 @@ def test_demo_both_ways(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCa
     assert "OK: all 4,000 packets" in out
     # Nothing logged at ERROR level (both nodes stop sending before either receiver stops).
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize("extra", [[], ["--both-ways"]])
+def test_a_clean_demo_prints_no_error(extra: list[str]) -> None:
+    """Issue 22: every clean run printed `cannot open a stream to node-a at 127.0.0.1:9 (connect):
+    ECONNREFUSED`: node B, which only receives, dialled node A's placeholder endpoint. The real process,
+    whose stderr is what a user sees."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "vpn_packet.cli", "demo", "--packets", "2000", "--destinations", "50", *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: all" in result.stdout
+    assert "ECONNREFUSED" not in result.stdout + result.stderr
+    assert "cannot open a stream" not in result.stdout + result.stderr
+    assert result.stderr == ""

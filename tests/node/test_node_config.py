@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -17,7 +18,14 @@ from typing import Any
 import pytest
 
 from vpn_packet.cli import main
-from vpn_packet.node.config import NODE_RESILIENCE, ConfigError, Tuning, load_config, parse_config
+from vpn_packet.node.config import (
+    NODE_RESILIENCE,
+    ConfigError,
+    Tuning,
+    load_config,
+    parse_config,
+    start_warnings,
+)
 from vpn_packet.node.tun_node import INSECURE_WARNING, TunNode
 from vpn_packet.resilience import ResilienceConfig
 from vpn_packet.testutil.faketun import FakeTun
@@ -217,6 +225,17 @@ _DELETE = object()
         ("listen.address", "0.0.0.0", "listen.address: '0.0.0.0' is not an IP address and port"),
         ("listen.address", "example.org:7000", "listen.address: 'example.org:7000' is not an IP address"),
         ("node.id", "node-b", "node.id: 'node-b' is also the id of a peer"),
+        ("tuning", {"ack_timeout": 0.001}, "tuning.ack_timeout: 0.001 is below 0.1 seconds: no ack"),
+        (
+            "tuning",
+            {"receive_idle_timeout": 20},
+            "tuning.receive_idle_timeout: 20 is not above tuning.keepalive_interval (25 s): a quiet peer",
+        ),
+        (
+            "tuning",
+            {"keepalive_interval": 60, "receive_idle_timeout": 60},
+            "tuning.receive_idle_timeout: 60 is not above tuning.keepalive_interval (60 s)",
+        ),
         ("node.key", "absent.key", "node.key: file not found"),
         ("node.insecure", "yes", "node.insecure: expected true or false"),
         ("peers.0.public_key", _DELETE, "peers[0].public_key: missing"),
@@ -602,3 +621,108 @@ def test_cli_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert "none.toml" in err
     assert err.count("\n") == 1
+
+
+# ---- issue 22: settings that cannot work, said at start naming the key ----
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "where"),
+    [
+        ("[tuning]\nack_timeout = 0.0.1\n", "tuning.ack_timeout", "line 2, column 18"),
+        (
+            '[[peers]]\nid = "a"\n[[peers]]\nid = "b"\nallowed_ips = ["10.8.0.2/32",\n',
+            "peers[1].allowed_ips",
+            "",
+        ),
+        ("[node]\nlog_level = info\n", "node.log_level", "line 2"),
+        ('[interface]\nname = "vpn0"\nname = "vpn1"\n', "interface.name", "line 3"),
+        ("[node\nid = 1\n", "", "line 1"),  # a broken table header: no key to name
+    ],
+)
+def test_a_toml_syntax_error_names_the_key(tmp_path: Path, text: str, key: str, where: str) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key
+    message = str(info.value)
+    assert message.startswith(f"{key}: not valid TOML: " if key else f"{path}: not valid TOML: ")
+    assert where in message
+
+
+def test_the_node_command_names_the_file_and_the_key_of_a_toml_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text("[tuning]\nack_timeout = 0.0.1\n")
+    assert main(["node", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"vpn-packet node: error: {path}: tuning.ack_timeout: not valid TOML: Expected newline or end of "
+        "document after a statement (at line 2, column 18)\n"
+    )
+
+
+def test_a_metrics_file_the_node_cannot_write_is_refused_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22: `/run/vpn0.json` under the shipped unit (only /run/vpn-packet writable) failed at exit."""
+    data = base(tmp_path)
+    data["node"]["metrics_file"] = str(tmp_path / "missing" / "m.json")
+    error = _refused(data, tmp_path)
+    assert error.key == "node.metrics_file"
+    assert f"the directory {tmp_path / 'missing'} does not exist" in str(error)
+    data["node"]["metrics_file"] = str(tmp_path)
+    assert "is a directory" in str(_refused(data, tmp_path))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    data["node"]["metrics_file"] = str(locked / "m.json")
+    assert parse_config(data, base=tmp_path).node.metrics_file == locked / "m.json"
+    # A directory this process may not write to (root may write anywhere, so the answer of access(2) is
+    # given here): refused with the reason and the way out under the systemd unit.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    error = _refused(data, tmp_path)
+    assert error.key == "node.metrics_file"
+    assert (
+        f"cannot write {locked / 'm.json'}: this process (uid {os.getuid()}) may not create files in"
+        in str(error)
+    )
+    assert "only /run/vpn-packet is writable" in str(error)
+
+
+def test_start_warnings_name_the_key(tmp_path: Path) -> None:
+    """Valid settings that may not work as meant: said at start (issue 22)."""
+    data = base(tmp_path)
+    forwarding_off = {"net.ipv4.ip_forward": "0", "net.ipv6.conf.all.forwarding": "0"}.get
+    # node-c's fd00:8::/64 is beyond an interface without IPv6: a network behind node-c.
+    (warning,) = start_warnings(parse_config(data, base=tmp_path), read_sysctl=forwarding_off)
+    assert warning.startswith("peers[1].allowed_ips: 'node-c' owns fd00:8::/64, beyond this tunnel's")
+    # Every peer inside the tunnel's subnets: nothing to say.
+    data["interface"]["address"] = ["10.8.0.1/24", "fd00::1/16"]
+    assert start_warnings(parse_config(data, base=tmp_path), read_sysctl=forwarding_off) == []
+
+    # A gateway peer: node-b owns two networks behind it.
+    data["peers"][0]["allowed_ips"] = ["10.8.0.2/32", "192.168.50.0/24", "198.51.100.0/24"]
+    config = parse_config(data, base=tmp_path)
+    (warning,) = start_warnings(config, read_sysctl=forwarding_off)
+    assert warning.startswith("peers[0].allowed_ips: 'node-b' owns 192.168.50.0/24, 198.51.100.0/24, beyond")
+    assert "net.ipv4.ip_forward is 0 here (sysctl -w net.ipv4.ip_forward=1" in warning
+    assert "node-b needs it too" in warning
+    forwarding_on = {"net.ipv4.ip_forward": "1"}.get
+    assert start_warnings(config, read_sysctl=forwarding_on) == []
+    # IPv6 beyond the subnets, with IPv6 forwarding off.
+    data["peers"][1]["allowed_ips"] = ["10.8.0.3/32", "2001:db8::/32"]
+    warnings = start_warnings(parse_config(data, base=tmp_path), read_sysctl=forwarding_off)
+    assert [w.split(":")[0] for w in warnings] == ["peers[0].allowed_ips", "peers[1].allowed_ips"]
+    assert "net.ipv6.conf.all.forwarding is 0 here" in warnings[1]
+
+
+def test_a_node_id_other_than_the_key_name_is_warned(tmp_path: Path) -> None:
+    data = base(tmp_path)
+    data["node"]["id"] = "gateway"
+    config = parse_config(data, base=tmp_path)  # the id is a label: it runs
+    (warning,) = start_warnings(config, read_sysctl=lambda _: "1")
+    assert warning.startswith(f"node.id: 'gateway' is not the name in the key file {tmp_path / 'node-a.key'}")
+    data["node"]["id"] = "node-a"
+    assert start_warnings(parse_config(data, base=tmp_path), read_sysctl=lambda _: "1") == []

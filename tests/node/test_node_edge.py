@@ -175,9 +175,9 @@ def test_deprecated_tuning_keys_are_accepted_and_warned_once(
     with pytest.raises(Exception, match=r"tuning\.idle_timeout: 0 must be positive"):
         parse_config(data, base=tmp_path)
     # In Python too: the old keyword and the old attribute, warned once each.
-    assert Tuning(idle_timeout=12).receive_idle_timeout == 12.0  # type: ignore[call-arg]
-    assert Tuning().with_changes(idle_timeout=13).receive_idle_timeout == 13.0
-    assert Tuning(receive_idle_timeout=14).idle_timeout == 14.0
+    assert Tuning(idle_timeout=32).receive_idle_timeout == 32.0  # type: ignore[call-arg]
+    assert Tuning().with_changes(idle_timeout=33).receive_idle_timeout == 33.0
+    assert Tuning(receive_idle_timeout=34).idle_timeout == 34.0
     warned = [str(w.message) for w in recwarn if issubclass(w.category, DeprecationWarning)]
     assert sum("Tuning.idle_timeout" in m for m in warned) == 1
     assert "write_backlog" not in Tuning.names()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -290,3 +291,194 @@ async def test_control_protocol_is_bounded_and_stale_sockets_are_replaced(tmp_pa
     finally:
         await server.stop()
     assert not path.exists()
+
+
+# ---- issue 22: readable at 80 columns, a clear line for a user who may not look, one socket per netns ----
+
+SNAPSHOT: dict[str, Any] = {
+    "id": "node-a",
+    "interface": "vpn0",
+    "listen": "0.0.0.0:7000",
+    "state": "running",
+    "uptime": 86400.0,
+    "peers": [
+        {
+            "id": "branch-office-gateway",
+            "endpoint": "[2001:db8:1234:5678::77]:7000",
+            "allowed_ips": ["10.8.0.2/32", "192.168.50.0/24"],
+            "connected": True,
+            "last_error": None,
+            "last_handshake": 12.0,
+            "last_tx": 0.5,
+            "last_rx": 0.2,
+            "tx_packets": 123_456_789,
+            "tx_bytes": 98_765_432_100,
+            "rx_packets": 87_654_321,
+            "rx_bytes": 65_432_109_876,
+            "drops": {},
+            "breaker": "closed",
+            "connections": {"out": 4, "in": 4},
+        },
+        {
+            "id": "node-c",
+            "endpoint": "192.168.77.3:7000",
+            "allowed_ips": ["10.8.0.3/32"],
+            "connected": False,
+            "last_error": "connect to 192.168.77.3:7000: ECONNREFUSED (Connection refused)",
+            "last_handshake": None,
+            "last_tx": None,
+            "last_rx": None,
+            "tx_packets": 0,
+            "tx_bytes": 0,
+            "rx_packets": 0,
+            "rx_bytes": 0,
+            "drops": {"connect_failed.ECONNREFUSED": 3},
+            "breaker": "open",
+            "connections": {"out": 0, "in": 0},
+        },
+    ],
+    "totals": {"tx_packets": 123_456_789, "tx_bytes": 98_765_432_100, "rx_packets": 87_654_321},
+}
+
+
+def rendered(wide: bool, width: int) -> list[str]:
+    from rich.console import Console
+
+    from vpn_packet.cli.status import render
+
+    console = Console(width=width, record=True, highlight=False, color_system=None)
+    with console.capture() as captured:
+        console.print(render(SNAPSHOT, wide=wide))
+    return captured.get().splitlines()
+
+
+def test_status_fits_80_columns_with_every_number_whole() -> None:
+    lines = rendered(wide=False, width=80)
+    assert max(map(len, lines)) <= 80, "\n".join(lines)
+    text = "\n".join(lines)
+    header = next(line for line in lines if line.lstrip().startswith("peer"))
+    assert header.split() == ["peer", "state", "handshake", "tx", "rx"]
+    row = next(line for line in lines if "connected" in line)
+    assert row.startswith("branch-")  # a long name folds onto the next lines, the numbers stay whole
+    assert "123.5M (92.0 GiB)" in row  # not cut to a few characters
+    assert "87.7M (60.9 GiB)" in row
+    assert "12s ago" in row
+    assert "node-c: breaker open" in text  # left out of the narrow table, said below it
+    assert "node-c: last error: connect to 192.168.77.3:7000: ECONNREFUSED" in text.replace("\n", " ")
+
+
+def test_status_wide_shows_every_column() -> None:
+    from vpn_packet.cli.status import wide_width
+
+    width = wide_width(SNAPSHOT)
+    lines = rendered(wide=True, width=width)
+    assert max(len(line.rstrip()) for line in lines if not line.startswith("totals")) <= width
+    header = next(line for line in lines if line.lstrip().startswith("peer"))
+    assert header.split() == [
+        *["peer", "endpoint", "state", "handshake", "tx", "rx", "last", "tx", "last", "rx"],
+        *["in/out", "breaker"],
+    ]
+    row = next(line for line in lines if "connected" in line)
+    assert "[2001:db8:1234:5678::77]:7000" in row
+    assert "123,456,789 (92.0 GiB)" in row
+
+
+def test_the_command_picks_the_layout_by_the_terminal_width_unless_wide(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vpn_packet.cli import status
+
+    monkeypatch.setattr(status, "socket_for", lambda name: Path("/nonexistent"))
+    monkeypatch.setattr("vpn_packet.node.control.request", lambda path, command: {"status": SNAPSHOT})
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "endpoint" not in out
+    assert max(map(len, out.splitlines())) <= 80
+    assert main(["status", "--wide"]) == 0
+    assert "endpoint" in capsys.readouterr().out
+    monkeypatch.setenv("COLUMNS", str(status.wide_width(SNAPSHOT)))
+    assert main(["status"]) == 0
+    assert "endpoint" in capsys.readouterr().out
+
+
+def test_a_user_who_may_not_read_the_control_directory_is_told_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Issue 22: a non-root `status` said "no node is running" while one ran. (Root reads any directory, so
+    the directory's answer to this test's root user is replaced by the one a user gets.)"""
+    from vpn_packet.node import control
+
+    monkeypatch.setattr(control, "CONTROL_DIR", tmp_path)
+
+    def denied(self: Path) -> Iterator[Path]:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    monkeypatch.setattr(sys, "argv", ["/opt/vpn-packet/bin/vpn-packet", "status"])
+    assert main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"vpn-packet status: error: cannot read {tmp_path}: permission denied (the nodes' control directory "
+        "is root-only, mode 0700); run it as root: sudo /opt/vpn-packet/bin/vpn-packet status\n"
+    )
+
+
+def documented_top_level_keys() -> set[str]:
+    """The keys of docs/status-json.md's "Top level" table."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "status-json.md").read_text()
+    table = text.split("## Top level", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE))
+
+
+def test_two_nodes_in_two_network_namespaces_each_have_their_control_socket(tmp_path: Path) -> None:
+    """Issue 22: two nodes on `vpnns0` in two namespaces sharing /run: the second ran without a control
+    socket. Each now has its own default socket, and `status vpnns0` in each namespace reaches its own."""
+    reason = netns_unavailable()
+    if reason is not None:
+        skip_or_fail(reason)
+    names = [f"vpnp-cs{i}-{os.getpid()}" for i in (1, 2)]
+    nodes: list[NodeProcess] = []
+    try:
+        for i, ns in enumerate(names):
+            subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+            config = tmp_path / f"node{i}.toml"
+            # node-c is a gateway (a network behind it), and a new namespace does not forward: warned.
+            peer = PEER_C.replace('["10.77.0.3/32"]', '["10.77.0.3/32", "192.168.99.0/24"]')
+            text = node_config(Path("unused"), peer).replace('name = "vpnst0"', 'name = "vpnns0"')
+            text = text.replace('id = "node-a"', f'id = "node-{ns}"')
+            config.write_text("\n".join(line for line in text.splitlines() if "control_socket" not in line))
+            nodes.append(start_node(ns, config, tmp_path / f"node{i}.log"))
+        for ns in names:
+            sock = Path(f"/run/vpn-packet/vpnns0@{ns}.sock")
+            assert sock.is_socket(), [node.log_text() for node in nodes]
+            result = subprocess.run(
+                ["ip", "netns", "exec", ns, sys.executable, "-c", _CLI, "status", "vpnns0", "--json"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            snapshot = json.loads(result.stdout)
+            assert snapshot["id"] == f"node-{ns}"
+            assert set(snapshot) - {"node", "tun"} == documented_top_level_keys()
+            # Without NAME: the only node of this namespace, though two run on the host.
+            result = subprocess.run(
+                ["ip", "netns", "exec", ns, sys.executable, "-c", _CLI, "status", "--json"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout)["id"] == f"node-{ns}"
+        for node in nodes:
+            assert "no control socket" not in node.log_text()
+            warning = "peers[0].allowed_ips: 'node-c' owns 192.168.99.0/24, beyond this tunnel's subnets"
+            assert warning in node.log_text()
+            assert "net.ipv4.ip_forward is 0 here" in node.log_text()
+    finally:
+        for node in nodes:
+            stop_node(node)
+        for ns in names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)

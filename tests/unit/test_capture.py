@@ -342,16 +342,28 @@ def test_truncated_file_header(tmp_path: Path) -> None:
     assert caught.value.kind == "truncated_header"
 
 
-def test_empty_capture_reads_fine_and_says_it_holds_no_frame(tmp_path: Path) -> None:
+def test_empty_capture_reads_fine_and_is_no_error(tmp_path: Path) -> None:
+    """A valid capture without packet records is an answer (no packets), not a failure (issue 22)."""
     for data in (pcap_bytes([]), pcapng_bytes([], [LINKTYPE_RAW])):
         packets, reader = read_all(write(tmp_path, data))
         assert (packets, reader.frames, reader.batches) == ([], 0, 0)
         summary = summarize_capture(tmp_path / "capture.pcap")
-        assert summary.destinations == {}
-        assert summary.error_kind == "no_frames"
-        assert summary.error == (
-            f"{tmp_path / 'capture.pcap'}: no frame could be read: the capture holds no packet records"
-        )
+        assert (summary.frames, summary.destinations) == (0, {})
+        assert (summary.error, summary.error_kind) == (None, None)
+
+
+def test_frames_of_which_none_is_readable_say_why(tmp_path: Path) -> None:
+    """Frames that are all too short, of an unknown link type or malformed IP: an error, with the counts."""
+    path = write(tmp_path, pcap_bytes([b"\x45\x00", b"\x70" + b"\0" * 30], LINKTYPE_RAW))
+    summary = summarize_capture(path)
+    assert (summary.frames, summary.malformed_packets, summary.error_kind) == (2, 2, "no_readable_frames")
+    assert summary.error == f"{path}: none of its 2 frames could be read (malformed IP packets 2)"
+    path = write(tmp_path, pcap_bytes([b"\0" * 10], 147))  # LINKTYPE_USER0: not one this reader strips
+    summary = summarize_capture(path)
+    assert summary.error == f"{path}: none of its 1 frames could be read (unsupported link type 1)"
+    # One readable frame (an ARP frame is read fine, it just carries no IP) is enough.
+    path = write(tmp_path, pcap_bytes([b"\0" * 28], 1))
+    assert summarize_capture(path).error is None
 
 
 def test_missing_file_and_directory_are_os_errors(tmp_path: Path) -> None:

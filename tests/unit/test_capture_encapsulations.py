@@ -130,3 +130,68 @@ def test_summary_and_json_count_encapsulations_per_link_type(tmp_path: Path) -> 
     assert as_dict["link_types"] == [
         {"linktype": 1, "name": "ETHERNET", "frames": 5, "encapsulations": expected}
     ]
+
+
+# ---- PPP links: MPLS inside PPP, Cisco HDLC framing under a PPP link type ----
+
+LINKTYPE_PPP = 9
+LINKTYPE_PPP_HDLC = 50  # PPP in HDLC-like framing ("PPP serial" in Wireshark)
+
+
+def mpls_stack(labels: list[int]) -> bytes:
+    """Label stack entries, the last with the bottom-of-stack bit (RFC 3032), TTL 64."""
+    return b"".join(
+        struct.pack("!I", label << 12 | (i == len(labels) - 1) << 8 | 64) for i, label in enumerate(labels)
+    )
+
+
+def ppp_frame(protocol: int, payload: bytes, *, address_control: bool = True) -> bytes:
+    """A PPP frame: the HDLC-like address and control bytes (0xff 0x03) unless compressed away, the
+    2-byte protocol, the payload."""
+    return (b"\xff\x03" if address_control else b"") + struct.pack("!H", protocol) + payload
+
+
+def cisco_hdlc_frame(ethertype: int, payload: bytes, *, address: int = 0x0F) -> bytes:
+    """A Cisco HDLC frame: address (0x0f unicast, 0x8f broadcast), control 0, EtherType, payload."""
+    return struct.pack("!BBH", address, 0, ethertype) + payload
+
+
+@pytest.mark.parametrize("linktype", [LINKTYPE_PPP, LINKTYPE_PPP_HDLC])
+def test_mpls_inside_ppp_is_followed_and_counted(tmp_path: Path, linktype: int) -> None:
+    frames = [
+        ppp_frame(0x0281, mpls_stack([100]) + V4),  # MPLS unicast
+        ppp_frame(0x0283, mpls_stack([100, 200, 300]) + V6, address_control=False),  # multicast
+        ppp_frame(0x0021, PING),  # plain IPv4: no encapsulation
+        ppp_frame(0x0281, mpls_stack([100]) + b"\x10" + b"\0" * 30),  # not IP at the bottom
+    ]
+    packets, reader = read(tmp_path, frames, linktype)
+    assert packets == [V4, V6, PING]
+    assert (reader.frames, reader.ip_packets, reader.non_ip_frames) == (4, 3, 1)
+    assert reader.encapsulations == {"mpls": 3}
+    assert reader.link_encapsulations == {linktype: {"mpls": 3}}
+
+
+@pytest.mark.parametrize("linktype", [LINKTYPE_PPP, LINKTYPE_PPP_HDLC])
+def test_cisco_hdlc_framing_on_a_ppp_link_type_is_followed_and_counted(tmp_path: Path, linktype: int) -> None:
+    frames = [
+        cisco_hdlc_frame(0x0800, V4),
+        cisco_hdlc_frame(0x86DD, V6, address=0x8F),
+        cisco_hdlc_frame(0x8847, mpls_stack([16, 17]) + PING),  # MPLS behind Cisco HDLC
+        cisco_hdlc_frame(0x8035, b"\0" * 20),  # SLARP, Cisco's keepalive: not IP
+        ppp_frame(0x0021, V4),  # real PPP on the same link still reads as PPP
+    ]
+    packets, reader = read(tmp_path, frames, linktype)
+    assert packets == [V4, V6, PING, V4]
+    assert (reader.frames, reader.ip_packets, reader.non_ip_frames) == (5, 4, 1)
+    assert reader.encapsulations == {"cisco_hdlc": 4, "mpls": 1}
+
+
+def test_ppp_encapsulations_in_the_summary_and_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "serial.pcap"
+    frames = [cisco_hdlc_frame(0x0800, V4), ppp_frame(0x0281, mpls_stack([5]) + V6)]
+    path.write_bytes(pcap_bytes(frames, LINKTYPE_PPP_HDLC))
+    summary = summarize_capture(path)
+    assert set(summary.destinations) == {"10.0.0.1:443", "[2001:db8::53]:53"}
+    assert summary.to_dict()["link_types"] == [
+        {"linktype": 50, "name": "PPP_HDLC", "frames": 2, "encapsulations": {"cisco_hdlc": 1, "mpls": 1}}
+    ]

@@ -239,6 +239,66 @@ def test_building_the_parser_loads_no_runtime(loaded_by_the_parser: set[str], mo
     assert module not in loaded_by_the_parser
 
 
+@pytest.mark.parametrize("module", ["asyncio", "ssl", "cryptography", "vpn_packet.dispatcher", "rich"])
+def test_a_bare_import_of_the_package_loads_no_runtime(module: str) -> None:
+    """Issue 22: `import vpn_packet` loaded everything (about 55 ms); its re-exports are lazy now (PEP 562),
+    so it loads the native core and nothing of the network stack until a name is used."""
+    script = "import json, sys\nimport vpn_packet\nprint(json.dumps(sorted(sys.modules)))\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert "vpn_packet._native" in loaded
+    assert module not in loaded
+
+
+_INSPECT = """
+import json, sys
+from vpn_packet.cli import main
+status = main(["inspect", sys.argv[1]])
+print(json.dumps(sorted(sys.modules)))
+sys.exit(status)
+"""
+
+
+@pytest.fixture(scope="module")
+def loaded_by_inspect(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """The modules a fresh interpreter has loaded after a whole `vpn-packet inspect` of a small capture."""
+    from vpn_packet.testutil.packets import UDP, ipv4_packet
+    from vpn_packet.testutil.pcap import LINKTYPE_RAW, pcap_bytes
+
+    path = tmp_path_factory.mktemp("inspect") / "one.pcap"
+    path.write_bytes(pcap_bytes([ipv4_packet("10.0.0.2", "10.0.0.1", UDP, 1, 2, b"x")], LINKTYPE_RAW))
+    result = subprocess.run(
+        [sys.executable, "-c", _INSPECT, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+# Issue 22: `vpn-packet inspect` is a start-up race (10x tshark as a whole process): it loads what it runs
+# and nothing else, not the other commands, the network stack, `rich` or `dataclasses`.
+@pytest.mark.parametrize(
+    "module",
+    [
+        "asyncio",
+        "ssl",
+        "cryptography",
+        "rich",
+        "dataclasses",
+        "typing",
+        "importlib.metadata",
+        "vpn_packet.dispatcher",
+        "vpn_packet.errors",  # loaded when an error is to be reported, not by a capture that reads fine
+        "vpn_packet.tuning",
+        "vpn_packet.cli.node",
+        "vpn_packet.cli.demo",
+        "vpn_packet.cli.status",
+    ],
+)
+def test_inspect_loads_only_what_it_runs(loaded_by_inspect: set[str], module: str) -> None:
+    assert "vpn_packet.capture" in loaded_by_inspect
+    assert module not in loaded_by_inspect
+
+
 # --- the checks can fail ----------------------------------------------------------------------------------
 
 

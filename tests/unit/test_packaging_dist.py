@@ -80,6 +80,10 @@ def test_sdist_has_what_a_build_and_the_tests_need() -> None:
     tests = _tree_files("tests", (".py", ".md"))
     assert tests <= members, sorted(tests - members)
     assert _tree_files("rust", (".rs", ".toml")) <= members
+    docs = _tree_files("docs", (".md",))  # the contracts the code and README cite (issue 22)
+    assert {"docs/config.md", "docs/status-json.md", "docs/extraction.md"} <= docs <= members, sorted(
+        docs - members
+    )
     assert not [name for name in members if "__pycache__" in name or name.endswith(".pyc")]
 
 

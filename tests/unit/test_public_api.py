@@ -102,12 +102,15 @@ def test_all_lists_exactly_the_exported_names() -> None:
     assert len(exported) == len(set(exported))
     expected = {name for _, name in _pairs(CONTRACT) + _pairs(LIBRARY)} | set(GO_ALIASES) | {"__version__"}
     assert set(exported) == expected
+    for name in exported:  # the re-exports are lazy: load them all first
+        getattr(vpn_packet, name)
     public = {
         name
         for name, value in vars(vpn_packet).items()
         if not name.startswith("_") and not isinstance(value, types.ModuleType)
     }
     assert public == set(exported) - {"__version__"}
+    assert set(exported) <= set(dir(vpn_packet))
     assert isinstance(vpn_packet.__version__, str)
 
 
@@ -160,6 +163,55 @@ def test_import_stays_light() -> None:
     assert loaded == []
 
 
+_LOADED_BY = "import sys; {statement}; print('\\n'.join(sorted(sys.modules)))"
+
+
+def modules_loaded_by(statement: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running `statement`."""
+    code = _LOADED_BY.format(statement=statement)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+# Issue 22: `import vpn_packet` loaded everything (asyncio, ssl, the dispatcher) and cost about 55 ms of
+# every command; the re-exports are lazy now (PEP 562) and the error taxonomy needs neither ssl nor asyncio.
+HEAVY = ("asyncio", "ssl", "_ssl", "cryptography", "vpn_packet.dispatcher", "vpn_packet.errors", "typing")
+
+
+@pytest.mark.parametrize("module", HEAVY)
+def test_a_bare_import_loads_no_heavy_module(module: str) -> None:
+    loaded = modules_loaded_by("import vpn_packet")
+    assert "vpn_packet._native" in loaded
+    assert module not in loaded
+
+
+@pytest.mark.parametrize(
+    "module", ["asyncio", "ssl", "_ssl", "cryptography", "socket", "vpn_packet.dispatcher"]
+)
+def test_the_error_taxonomy_and_capture_summaries_load_no_network_stack(module: str) -> None:
+    assert module not in modules_loaded_by("import vpn_packet.errors, vpn_packet.capture")
+
+
+def test_a_lazy_name_loads_its_module_on_first_use() -> None:
+    loaded = modules_loaded_by("from vpn_packet import Dispatcher")
+    assert {"vpn_packet.dispatcher", "asyncio"} <= loaded
+    with pytest.raises(AttributeError, match="has no attribute 'Nonexistent'"):
+        vpn_packet.Nonexistent  # noqa: B018
+
+
+def test_the_predicates_still_classify_tls_and_asyncio_errors_once_loaded() -> None:
+    """The taxonomy looks TLS and asyncio errors up only once their modules are loaded: same answers."""
+    import asyncio
+    import ssl
+
+    assert vpn_packet.is_stream_closed_error(ssl.SSLEOFError())
+    assert vpn_packet.is_connection_reset_error(ssl.SSLSyscallError())
+    assert vpn_packet.is_network_error(ssl.SSLCertVerificationError())
+    assert not vpn_packet.is_temporary_error(ssl.SSLCertVerificationError())
+    assert vpn_packet.is_network_error(asyncio.IncompleteReadError(b"", 4))
+    assert not vpn_packet.is_network_error(EOFError())
+
+
 def test_no_star_import_in_the_root() -> None:
     tree = ast.parse(Path(inspect.getfile(vpn_packet)).read_text())
     stars = [
@@ -168,3 +220,26 @@ def test_no_star_import_in_the_root() -> None:
         if isinstance(node, ast.ImportFrom) and node.names[0].name == "*"
     ]
     assert stars == []
+
+
+def test_type_checkers_see_every_lazy_name_and_no_other(tmp_path: Path) -> None:
+    """The lazy root must not cost the type checking: every exported name has its real type, and a
+    misspelt one is an error (a module `__getattr__` visible to mypy would make it `object`)."""
+    pytest.importorskip("mypy")
+    code = tmp_path / "use.py"
+    code.write_text(
+        "import vpn_packet\n"
+        "from vpn_packet import Dispatcher, ExtractIPAndPorts\n"
+        "reveal_type(vpn_packet.extract_ip_and_ports)\n"
+        "reveal_type(ExtractIPAndPorts)\n"
+        "vpn_packet.Dispatchr\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(code)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    out = result.stdout
+    assert out.count("vpn_packet._native.PacketInfo") == 2, out
+    assert 'Module has no attribute "Dispatchr"' in out, out

@@ -138,7 +138,9 @@ def test_seconds_have_an_upper_bound_everywhere() -> None:
     field of `Tuning` refuses it, and so does `Tuning.check_fields`, the check of the library classes."""
     for name in Tuning.names():
         if Tuning.spec(name).seconds:
-            assert getattr(Tuning(**{name: tuning.MAX_SECONDS}), name) == tuning.MAX_SECONDS  # type: ignore[arg-type]
+            Tuning.check_fields(**{name: tuning.MAX_SECONDS})
+            if name != "keepalive_interval":  # a day of keepalive interval leaves no room for idle_timeout
+                assert getattr(Tuning(**{name: tuning.MAX_SECONDS}), name) == tuning.MAX_SECONDS  # type: ignore[arg-type]
             with pytest.raises(ValueError, match=f"^{name}: 1e\\+308 is more than 86400 seconds"):
                 Tuning(**{name: 1e308})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"write_timeout: .* is more than 86400 seconds"):
@@ -209,12 +211,31 @@ def test_every_component_takes_its_knobs_from_the_tuning_whole() -> None:
             Tuning.spec(name)  # a field (KeyError otherwise)
             taken.add(name)
     assert taken == set(Tuning.names())
-    t = Tuning(read_size=8192, receive_idle_timeout=7, max_pending=3)
+    t = Tuning(read_size=8192, receive_idle_timeout=37, max_pending=3)
     receiver = tuning.build(
         Receiver, t, StaticPeerDiscovery([]), lambda *_: None, security=Security.insecure("x")
     )
-    assert (receiver.read_size, receiver.idle_timeout, receiver.max_pending) == (8192, 7.0, 3)
+    assert (receiver.read_size, receiver.idle_timeout, receiver.max_pending) == (8192, 37.0, 3)
     explicit = tuning.build(
         Receiver, t, StaticPeerDiscovery([]), print, security=Security.insecure("x"), max_pending=9
     )
     assert explicit.max_pending == 9  # a keyword given wins
+
+
+def test_settings_that_cannot_work_are_refused_naming_the_field() -> None:
+    """Issue 22 item 3b: an ack_timeout no acknowledgement can meet, a receive_idle_timeout at or below the
+    keepalive interval (a quiet peer's connections closed between keepalives)."""
+    with pytest.raises(ValueError, match=r"^ack_timeout: 0\.001 is below 0\.1 seconds: no acknowledgement"):
+        Tuning(ack_timeout=0.001)
+    with pytest.raises(ValueError, match=r"^ack_timeout: 0\.05 is below"):
+        Tuning.check_fields(ack_timeout=0.05)  # the library classes' check: the same rule
+    assert Tuning(ack_timeout=tuning.MIN_ACK_TIMEOUT).ack_timeout == tuning.MIN_ACK_TIMEOUT
+    not_above = r"^receive_idle_timeout: {} is not above keepalive_interval \({} s\)"
+    with pytest.raises(ValueError, match=not_above.format(20, 25)):
+        Tuning(receive_idle_timeout=20)
+    with pytest.raises(ValueError, match=r"^receive_idle_timeout: 25 is not above"):
+        Tuning(receive_idle_timeout=25)  # equal: closed just as the keepalive is due
+    with pytest.raises(ValueError, match=not_above.format(180, 200)):
+        Tuning(keepalive_interval=200)
+    assert Tuning(receive_idle_timeout=26).receive_idle_timeout == 26.0
+    assert Tuning(receive_idle_timeout=10, keepalive_interval=5).receive_idle_timeout == 10.0

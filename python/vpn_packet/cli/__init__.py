@@ -13,9 +13,12 @@ from collections.abc import Sequence
 from importlib import import_module
 
 from vpn_packet.cli._command import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, Subcommand
-from vpn_packet.errors import CaptureError, ConfigError, UsageError
 
-__all__ = ["COMMAND_MODULES", "Subcommand", "build_parser", "commands", "main"]
+TYPE_CHECKING = False  # not `typing`'s, whose loading is a cost every command would pay
+if TYPE_CHECKING:
+    from typing import Any
+
+__all__ = ["COMMAND_MODULES", "Subcommand", "build_parser", "commands", "main", "module_of"]
 
 #: The subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -40,12 +43,44 @@ def commands() -> dict[str, Subcommand]:
     return found
 
 
+def module_of(command_name: str) -> str | None:
+    """The module of the command called `command_name` (`example-config`: `vpn_packet.cli.example_config`),
+    or None when there is no such command. Each module is named after its command, dashes as underscores."""
+    module = f"{__name__}.{command_name.replace('-', '_')}"
+    return module if module in COMMAND_MODULES else None
+
+
+def _chosen(argv: Sequence[str]) -> dict[str, Subcommand] | None:
+    """The one command `argv` runs, imported alone; None when `argv` names none (then `--help`, `--version`
+    or a usage error needs them all). Why: a command should load only what it runs; importing every command
+    module made `vpn-packet inspect` pay for `node` and `demo` (asyncio, the node's settings)."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    if first is None or first != (argv[0] if argv else None):
+        return None
+    module = module_of(first)
+    if module is None:
+        return None
+    command: Subcommand = import_module(module).COMMAND
+    return {command.name: command} if command.name == first else None
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, reading the installed version only when asked (`importlib.metadata` is slow to load)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
+
+
 def build_parser(available: dict[str, Subcommand] | None = None) -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="The packet layer of a VPN data plane: tools around the vpn-packet library."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show the program's version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in (commands() if available is None else available).values():
         sub = subparsers.add_parser(
@@ -78,7 +113,7 @@ def _error_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `vpn-packet` with `argv` (default: the process arguments); returns the exit status."""
-    available = commands()
+    available = _chosen(sys.argv[1:] if argv is None else argv) or commands()
     parser = build_parser(available)
     try:
         args = parser.parse_args(argv)
@@ -93,6 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into something that stopped reading (`| head`): not an error worth a traceback.
         sys.stderr.close()
         return EXIT_OK
-    except (CaptureError, ConfigError, UsageError, OSError) as exc:
+    except Exception as exc:
+        # The error taxonomy is loaded only now: a command that succeeds never pays for it (`inspect`'s
+        # start-up is measured against tshark). Any of its errors raised before was loaded with it.
+        from vpn_packet.errors import CaptureError, ConfigError, UsageError
+
+        if not isinstance(exc, (CaptureError, ConfigError, UsageError, OSError)):
+            raise
         print(f"{PROG} {command.name}: error: {_error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE

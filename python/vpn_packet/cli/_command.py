@@ -8,8 +8,10 @@ the parser (which imports every command module) stays cheap: `vpn-packet inspect
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from dataclasses import dataclass
+
+TYPE_CHECKING = False  # not `typing`'s: every command imports this module, and `typing` is slow to load
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "EXIT_FAILED",
@@ -30,15 +32,29 @@ EXIT_USAGE = 2  # bad arguments, configuration or input file; missing privilege 
 EXIT_INTERRUPTED = 130
 
 
-@dataclass(frozen=True, slots=True)
 class Subcommand:
-    """One `vpn-packet` subcommand: its name, help, arguments and the function that runs it."""
+    """One `vpn-packet` subcommand: its name, help, arguments and the function that runs it.
 
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-    description: str | None = None
+    A plain class, not a dataclass: `dataclasses` loads `inspect`, milliseconds every command would pay."""
+
+    __slots__ = ("add_arguments", "description", "help", "name", "run")
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        add_arguments: Callable[[argparse.ArgumentParser], None],
+        run: Callable[[argparse.Namespace], int],
+        description: str | None = None,
+    ) -> None:
+        self.name = name
+        self.help = help
+        self.add_arguments = add_arguments
+        self.run = run
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"Subcommand(name={self.name!r})"
 
 
 def non_negative_int(text: str) -> int:

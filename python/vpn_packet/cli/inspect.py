@@ -1,19 +1,18 @@
 """`vpn-packet inspect FILE`: a pcap/pcapng capture summarised per destination (table or JSON).
 
 FILE may be gzip-compressed, or `-` for standard input. A capture from which no frame could be read is not a
-silent zero: the command says why and exits with `EXIT_FAILED`.
+silent zero: the command says why and exits with `EXIT_FAILED`. A valid capture without packets is an answer:
+the command says so and exits with `EXIT_OK`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from vpn_packet.cli._command import EXIT_FAILED, EXIT_OK, PROG, Subcommand, non_negative_int
 
+TYPE_CHECKING = False  # not `typing`'s: this command's start-up time is measured against tshark
 if TYPE_CHECKING:
     from vpn_packet.capture import CaptureSummary
 
@@ -26,7 +25,7 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "file",
         metavar="FILE",
-        type=Path,
+        # a str, not a pathlib.Path: the command does not load pathlib (its start-up time is measured)
         help="a pcap or pcapng capture, possibly gzip-compressed; - reads standard input",
     )
     parser.add_argument(
@@ -50,71 +49,80 @@ def _source_label(summary: CaptureSummary) -> str:
     return "<stdin>" if summary.path == "-" else summary.path
 
 
-def _print_table(summary: CaptureSummary, top: int) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
+def _columns(rows: list[list[str]], right: set[int], gap: str = "  ") -> list[str]:
+    """`rows` as lines of aligned columns (those in `right` right-justified), trailing blanks cut."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        gap.join(
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
 
-    console = Console(
-        file=sys.stdout, highlight=False, emoji=False, width=None if sys.stdout.isatty() else 120
-    )
+
+def _print_table(summary: CaptureSummary, top: int) -> None:
+    """The table as plain aligned text. Not `rich`: loading it cost a fifth of the whole command's time
+    (issue 22: `inspect` is a start-up race against tshark), and a column layout needs none of it."""
     ranked = summary.top(top or None)
     count = len(summary.destinations)
     shown = f"top {len(ranked)} of {count:,}" if len(ranked) < count else f"{count:,}"
-    console.print(
-        Text(f"{_source_label(summary)}: {summary.format_detail}, {shown} destinations"), soft_wrap=True
-    )
-    table = Table(box=box.SIMPLE_HEAVY)
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("destination", no_wrap=True)
-    table.add_column("packets", justify="right")
-    table.add_column("bytes", justify="right")
-    table.add_column("protocols")
-    for rank, (key, stats) in enumerate(ranked, 1):
-        names = " ".join(stats.protocol_names())
-        table.add_row(str(rank), Text(key), f"{stats.packets:,}", f"{stats.bytes:,}", names)
-    console.print(table)
+    out = [f"{_source_label(summary)}: {summary.format_detail}, {shown} destinations", ""]
+    rows = [["#", "destination", "packets", "bytes", "protocols"]]
+    rows += [
+        [str(rank), key, f"{stats.packets:,}", f"{stats.bytes:,}", " ".join(stats.protocol_names())]
+        for rank, (key, stats) in enumerate(ranked, 1)
+    ]
+    lines = _columns(rows, right={0, 2, 3})
+    rule = "-" * max(len(line) for line in lines)
+    out += [" " + lines[0], " " + rule, *(" " + line for line in lines[1:]), ""]
 
-    totals = Table.grid(padding=(0, 2))
-    totals.add_column(style="bold")
-    totals.add_column(justify="right")
-    totals.add_column()
     skipped = (
         f"non-IP {summary.non_ip_frames:,}, too short for their link header {summary.short_frames:,}, "
         f"unsupported link type {summary.unsupported_link_frames:,}"
     )
-    totals.add_row("frames", f"{summary.frames:,}", skipped)
-    totals.add_row("IP packets", f"{summary.ip_packets:,}", f"{summary.ip_bytes:,} bytes")
-    totals.add_row("parsed", f"{summary.parsed_packets:,}", "")
     reasons = ", ".join(f"{reason} {n:,}" for reason, n in sorted(summary.malformed_by_reason.items()))
-    totals.add_row("malformed", f"{summary.malformed_packets:,}", reasons)
     links = ", ".join(f"{_link_label(link)} {n:,}" for link, n in sorted(summary.link_types.items()))
-    totals.add_row("link types", "", links or "none")
+    totals = [
+        ["frames", f"{summary.frames:,}", skipped],
+        ["IP packets", f"{summary.ip_packets:,}", f"{summary.ip_bytes:,} bytes"],
+        ["parsed", f"{summary.parsed_packets:,}", ""],
+        ["malformed", f"{summary.malformed_packets:,}", reasons],
+        ["link types", "", links or "none"],
+    ]
     if summary.encapsulations:
         layers = ", ".join(f"{name} {n:,}" for name, n in sorted(summary.encapsulations.items()))
-        totals.add_row("encapsulations", "", layers)
+        totals.append(["encapsulations", "", layers])
     if summary.format == "pcapng":
         from vpn_packet.capture import block_type_label
 
         blocks = ", ".join(
             f"{block_type_label(kind)} {n:,}" for kind, n in sorted(summary.undecoded_blocks.items())
         )
-        totals.add_row("blocks not decoded", f"{sum(summary.undecoded_blocks.values()):,}", blocks)
-    console.print(totals)
+        totals.append(["blocks not decoded", f"{sum(summary.undecoded_blocks.values()):,}", blocks])
+    out += _columns(totals, right={1})
+    sys.stdout.write("\n".join(out) + "\n")
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from vpn_packet.capture import summarize_capture
+    from vpn_packet.capture import NO_FRAMES, NO_READABLE_FRAMES, summarize_capture
 
     summary = summarize_capture(args.file)
     if args.json:
-        json.dump(summary.to_dict(args.top or None), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    if summary.frames == 0:
-        # Nothing was read: a table of zeros would look like an answer.
+        import json  # only here: the table does not pay for it
+
+        # One string, one write: `json.dump` to a stream writes it in thousands of small pieces.
+        sys.stdout.write(json.dumps(summary.to_dict(args.top or None), indent=2) + "\n")
+    if summary.error_kind in (NO_FRAMES, NO_READABLE_FRAMES) or (summary.frames == 0 and summary.error):
+        # Nothing could be read: a table of zeros would look like an answer.
         print(f"{PROG} inspect: error: {summary.error}", file=sys.stderr)
         return EXIT_FAILED
+    if summary.frames == 0:
+        # A valid capture without a single packet record: an answer, not a failure.
+        if not args.json:
+            detail = f"{summary.format_detail}, no packets: the capture holds no packet records"
+            print(f"{_source_label(summary)}: {detail}")
+        return EXIT_OK
     if not args.json:
         _print_table(summary, _DEFAULT_TOP if args.top is None else args.top)
     if summary.error is not None:
@@ -136,8 +144,9 @@ COMMAND = Subcommand(
         "the frames skipped, the encapsulations crossed and the pcapng blocks not decoded.\n\n"
         "A file that is not a capture, or cannot be opened, is an error (exit status 2). A capture that\n"
         "ends early (cut mid-record, as when it is still being written, or corrupt further on) is\n"
-        "summarised up to that point, with a warning on stderr (exit status 0). A capture from which no\n"
-        "frame could be read says why on stderr (exit status 1). Byte offsets in messages about a\n"
+        "summarised up to that point, with a warning on stderr (exit status 0). A valid capture with no\n"
+        "packets says so (exit status 0). One whose frames are all unreadable, or that holds only blocks\n"
+        "this reader does not decode, says why on stderr (exit status 1). Byte offsets in messages about a\n"
         "gzip-compressed capture count decompressed bytes."
     ),
     add_arguments=_inspect_arguments,

@@ -62,7 +62,7 @@ def _node_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_node_command(args: argparse.Namespace) -> int:
-    from vpn_packet.node.config import load_config
+    from vpn_packet.node.config import load_config, start_warnings
     from vpn_packet.node.tun_node import run_node
 
     try:
@@ -70,6 +70,8 @@ def _run_node_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise UsageError(f"{args.config}: {exc}" if exc.key else str(exc)) from None
     setup_logging(args.log_level or config.node.log_level, libraries=args.log_libraries)
+    for warning in start_warnings(config):  # valid, but may not work as meant: IP forwarding off
+        logging.getLogger("vpn_packet.node").warning("%s: %s", args.config, warning)
     if config.tls is not None:
         try:
             config.security()  # loads the certificates now: a bad file is a one-line error, not a traceback

@@ -5,7 +5,7 @@ NAME is the node's interface name (its socket is `/run/vpn-packet/NAME.sock`), o
 is a table; `--json` prints the node's snapshot, the one its SIGUSR1 line, metrics file and metrics endpoint
 (/metrics.json) give too.
 
-`--json` (**contract**, DESIGN.md section 6): one object. Stable keys:
+`--json` (**contract**, docs/status-json.md): one object. Stable keys:
 
 - `id` (this node's id), `interface`, `listen` (`host:port`), `state` (`running`), `uptime` (seconds);
 - `peers`: a list, one object per configured peer, in config order:
@@ -55,7 +55,7 @@ from vpn_packet.cli._command import EXIT_FAILED, EXIT_OK, PROG, Subcommand
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["COMMAND", "node_arguments", "render", "socket_for"]
+__all__ = ["COMMAND", "PEER_MIN_WIDTH", "node_arguments", "render", "socket_for", "wide_width"]
 
 
 def node_arguments(parser: argparse.ArgumentParser, json_help: str) -> None:
@@ -70,7 +70,27 @@ def node_arguments(parser: argparse.ArgumentParser, json_help: str) -> None:
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    node_arguments(parser, "print the snapshot as JSON (see the docs)")
+    node_arguments(parser, "print the snapshot as JSON (docs/status-json.md)")
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="every column (endpoint, last tx/rx, connections, breaker), however wide the terminal; "
+        "by default they are shown only when the terminal has room for them",
+    )
+
+
+#: The peer column's width at least (a longer name folds): the narrow table then fits 80 columns with
+#: tx and rx of billions of packets and GiB (issue 22: at 80 every column was cut to a few characters).
+PEER_MIN_WIDTH = 10
+
+
+def wide_width(snapshot: dict[str, Any]) -> int:
+    """The columns the wide table of `snapshot` needs (about 125 with typical values): the command shows it
+    when the terminal has them, else the narrow one."""
+    from rich.console import Console
+
+    table = render(snapshot, wide=True).renderables[1]
+    return int(Console(width=1000).measure(table).maximum)
 
 
 def socket_for(name: str | None) -> Path:
@@ -83,12 +103,20 @@ def socket_for(name: str | None) -> Path:
 
     if name is not None:
         return Path(name) if "/" in name else control.default_socket_path(name)
-    found = control.find_sockets()
+    try:
+        found = control.find_sockets()
+    except PermissionError:
+        # Not "no node is running" (issue 22): a node may well run, this user just may not look.
+        raise ConnectionError(
+            f"cannot read {control.CONTROL_DIR}: permission denied (the nodes' control directory is "
+            f"root-only, mode 0700); run it as root: {control.sudo_hint('status')}"
+        ) from None
     if not found:
         raise ConnectionError(f"no node is running (no control socket in {control.CONTROL_DIR})")
     if len(found) > 1:
-        names = ", ".join(p.stem for p in found)
-        raise UsageError(f"several nodes run ({names}): say which, e.g. {PROG} status {found[0].stem}")
+        names = ", ".join(control.interface_of(p) for p in found)
+        first = control.interface_of(found[0])
+        raise UsageError(f"several nodes run ({names}): say which, e.g. {PROG} status {first}")
     return found[0]
 
 
@@ -111,12 +139,26 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _count(n: int) -> str:
+    """A packet count in at most 6 characters (`9,999`, `12.3k`, `123.5M`), for the narrow table."""
+    if n < 10_000:
+        return f"{n:,}"
+    for unit, scale in (("k", 1e3), ("M", 1e6), ("G", 1e9)):
+        if n < scale * 1000 or unit == "G":
+            return f"{n / scale:.1f}{unit}"
+    return str(n)  # pragma: no cover
+
+
 def _drops(drops: dict[str, int]) -> str:
     return ", ".join(f"{k}={v:,}" for k, v in sorted(drops.items())) if drops else "-"
 
 
-def render(snapshot: dict[str, Any]) -> Any:
-    """The human form of a status snapshot: a `rich` renderable (a header line, the peer table, totals)."""
+def render(snapshot: dict[str, Any], *, wide: bool = True) -> Any:
+    """The human form of a status snapshot: a `rich` renderable (a header line, the peer table, totals).
+
+    `wide`: every column. Narrow (for 80 columns): peer, state, handshake, tx and rx (packet counts as
+    `123.5M`); the endpoint, the last packet each way and the connections are left out, and a breaker that
+    is not closed gets a note."""
     from rich import box
     from rich.console import Group
     from rich.markup import escape
@@ -130,38 +172,50 @@ def render(snapshot: dict[str, Any]) -> Any:
         f" on {snapshot.get('interface', '?')}, listening on {snapshot.get('listen', '?')}, "
         f"{snapshot.get('state', '?')}, up {uptime:.0f}s",
     )
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for column, justify in (
-        ("peer", "left"),
-        ("endpoint", "left"),
-        ("state", "left"),
-        ("handshake", "right"),
-        ("tx", "right"),
-        ("rx", "right"),
-        ("last tx", "right"),
-        ("last rx", "right"),
-        ("in/out", "right"),
-        ("breaker", "left"),
-    ):
-        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1) if wide else (0, 0))
+    columns = (
+        ("peer", "left", True),
+        ("endpoint", "left", False),
+        ("state", "left", True),
+        ("handshake", "right", True),
+        ("tx", "right", True),
+        ("rx", "right", True),
+        ("last tx", "right", False),
+        ("last rx", "right", False),
+        ("in/out", "right", False),
+        ("breaker", "left", False),
+    )
+    shown = [wide or narrow for _, _, narrow in columns]
+    longest = max((len(str(peer["id"])) for peer in snapshot.get("peers", [])), default=4)
+    for (column, justify, _), show in zip(columns, shown, strict=True):
+        if not show:
+            continue
+        if column == "peer":  # a long name folds onto more lines rather than pushing the numbers out
+            table.add_column(column, overflow="fold", min_width=min(longest, PEER_MIN_WIDTH))
+        else:
+            table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     notes: list[Text] = []
+    count = (lambda n: f"{n:,}") if wide else _count
     for peer in snapshot.get("peers", []):
         name = str(peer["id"])
         state = "[green]connected[/green]" if peer["connected"] else "[red]down[/red]"  # (not "up": uptime)
         breaker = peer.get("breaker", "closed")
         conns = peer.get("connections", {"out": 0, "in": 0})
-        table.add_row(
+        cells = (
             escape(name),
             escape(str(peer.get("endpoint", ""))),
             state,
             _ago(peer.get("last_handshake")),
-            f"{peer['tx_packets']:,} ({_size(peer['tx_bytes'])})",
-            f"{peer['rx_packets']:,} ({_size(peer['rx_bytes'])})",
+            f"{count(peer['tx_packets'])} ({_size(peer['tx_bytes'])})",
+            f"{count(peer['rx_packets'])} ({_size(peer['rx_bytes'])})",
             _ago(peer.get("last_tx")),
             _ago(peer.get("last_rx")),
             f"{conns['in']}/{conns['out']}",
             breaker if breaker == "closed" else f"[yellow]{breaker}[/yellow]",
         )
+        table.add_row(*(cell for cell, show in zip(cells, shown, strict=True) if show))
+        if not wide and breaker != "closed":
+            notes.append(Text.assemble((name, "bold"), ": breaker ", (str(breaker), "yellow")))
         if peer.get("last_error"):
             notes.append(Text.assemble((name, "bold"), ": last error: ", (str(peer["last_error"]), "red")))
         if peer.get("drops"):
@@ -192,7 +246,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(snapshot, indent=2, default=str))
     else:
-        Console(highlight=False).print(render(snapshot))
+        console = Console(highlight=False)
+        console.print(render(snapshot, wide=args.wide or wide_width(snapshot) <= console.width))
     return EXIT_OK
 
 
@@ -204,6 +259,8 @@ COMMAND = Subcommand(
         "for its status: per peer, whether it is connected or why not, the last handshake and packet each\n"
         "way, packets and bytes each way, drops by reason, breaker state, connections; then the node's\n"
         "totals. --json prints the same as one documented JSON object (top level `peers`, `totals`).\n"
+        "The table fits 80 columns (peer, state, handshake, tx, rx); a terminal wide enough, or --wide,\n"
+        "adds the endpoint, the last packet each way, the connections and the breaker.\n"
         "Exit status: 0; 1 when no node answers; 2 for bad usage (several nodes and no NAME)."
     ),
     add_arguments=_arguments,

@@ -1,6 +1,6 @@
 """The node configuration file (TOML), parsed into typed dataclasses with errors that name the key.
 
-The contract (DESIGN.md section 6)::
+The contract (docs/config.md, every key)::
 
     [interface]
     name = "vpn0"
@@ -30,7 +30,7 @@ A node is secure unless it says otherwise: it needs `[node] key` and a `public_k
 Optional keys of `[node]`::
 
     log_level = "info"               # debug, info, warning, error
-    metrics_file = "/run/vpn0.json"  # written on SIGUSR1, every metrics_interval seconds and at exit
+    metrics_file = "/run/vpn-packet/vpn0.json"  # on SIGUSR1, every metrics_interval and at exit
     metrics_interval = 0             # seconds; 0: only on SIGUSR1 and at exit
     metrics_listen = "127.0.0.1:9108"  # optional HTTP endpoint: /metrics (Prometheus text), /metrics.json
     shutdown_timeout = 5.0           # seconds for the whole ordered shutdown
@@ -68,6 +68,8 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -100,6 +102,7 @@ __all__ = [
     "diff_configs",
     "load_config",
     "parse_config",
+    "start_warnings",
 ]
 
 
@@ -253,6 +256,26 @@ def _existing(base: Path | None, value: object, where: str) -> Path:
     path = _path(base, value, where)
     if not path.is_file():
         raise ConfigError(where, f"file not found: {path}")
+    return path
+
+
+def _writable(path: Path, where: str) -> Path:
+    """A file the node writes later (`metrics_file`, on SIGUSR1 and at exit, through a temporary file in the
+    same directory and a rename): checked now, so that a path this process cannot write is refused at start
+    with its reason instead of a warning at exit (issue 22: under the shipped systemd unit only
+    /run/vpn-packet is writable, and `/run/vpn0.json` failed only when the node stopped)."""
+    directory = path.parent
+    if path.is_dir():
+        raise ConfigError(where, f"{path} is a directory, not a file")
+    if not directory.is_dir():
+        raise ConfigError(where, f"cannot write {path}: the directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(
+            where,
+            f"cannot write {path}: this process (uid {os.getuid()}) may not create files in {directory} "
+            "(the file is replaced through a temporary file there); under the systemd unit "
+            "(packaging/systemd) only /run/vpn-packet is writable: use /run/vpn-packet/NAME.json",
+        )
     return path
 
 
@@ -452,7 +475,9 @@ def _node(data: Mapping[str, Any], base: Path | None) -> NodeSection:
     if level not in LOG_LEVELS:
         raise ConfigError("node.log_level", f"{level!r}: expected one of {', '.join(LOG_LEVELS)}")
     metrics_file = (
-        _path(base, table["metrics_file"], "node.metrics_file") if "metrics_file" in table else None
+        _writable(_path(base, table["metrics_file"], "node.metrics_file"), "node.metrics_file")
+        if "metrics_file" in table
+        else None
     )
     return NodeSection(
         id=peer_id,
@@ -562,7 +587,13 @@ def _tuning(data: Mapping[str, Any]) -> Tuning:
     for key, value in table.items():
         name = TUNING_ALIASES.get(key, key)  # a deprecated key: its new name's rule, its own name in errors
         values[key] = value if name is None else _checked(f"tuning.{key}", Tuning.spec(name).check, value)
-    return Tuning(**Tuning.resolve_aliases(values))
+    try:
+        return Tuning(**Tuning.resolve_aliases(values))
+    except ValueError as exc:  # a rule between fields: its message starts with the field it names
+        name, _, message = str(exc).partition(": ")
+        raise ConfigError(
+            f"tuning.{name}", message.replace("keepalive_interval", "tuning.keepalive_interval")
+        ) from None
 
 
 _RESILIENCE_INT = {
@@ -628,8 +659,113 @@ def load_config(path: str | Path) -> NodeConfig:
     except UnicodeDecodeError:
         raise ConfigError("", f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("", f"{path}: not valid TOML: {exc}") from None
+        # With a key, the message is like every other key's (the caller names the file in front of it).
+        key = _toml_error_key(text, str(exc))
+        raise ConfigError(
+            key, f"not valid TOML: {exc}" if key else f"{path}: not valid TOML: {exc}"
+        ) from None
     return parse_config(data, base=path.resolve().parent, path=path)
+
+
+_TOML_POSITION = re.compile(r"\(at line (\d+), column \d+\)")
+_TOML_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]")
+_TOML_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+(?:\s*\.\s*[A-Za-z0-9_\-]+)*)\s*=")
+
+
+def _toml_error_key(text: bytes, message: str) -> str:
+    """The dotted key (`tuning.ack_timeout`, `peers[1].allowed_ips`) a TOML syntax error is in, as the
+    other errors name it: the key on the error's line or the nearest one above it (a value may span lines),
+    under the table header above that. `tomllib` gives only a line and column (issue 22); "" when no key
+    can be told (an error in a table header, or before any key)."""
+    lines = text.decode("utf-8", "replace").splitlines()
+    found = _TOML_POSITION.search(message)
+    line = int(found[1]) - 1 if found else len(lines) - 1  # "at end of document": the last line
+    key = ""
+    for index in range(min(line, len(lines) - 1), -1, -1):
+        if _TOML_HEADER.match(lines[index]):
+            if index == line:
+                return ""  # the header itself is broken
+            break
+        matched = _TOML_KEY.match(lines[index])
+        if matched:
+            key, line = re.sub(r"\s+", "", matched[1]), index
+            break
+    if not key:
+        return ""
+    arrays: dict[str, int] = {}
+    table = ""
+    for header_line in lines[:line]:
+        header = _TOML_HEADER.match(header_line)
+        if header:
+            name = re.sub(r"\s+", "", header[2])
+            if header[1] == "[[":
+                arrays[name] = arrays.get(name, -1) + 1
+                table = f"{name}[{arrays[name]}]"
+            else:
+                table = name
+    return f"{table}.{key}" if table else key
+
+
+_FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+
+
+def _read_sysctl(name: str) -> str | None:
+    """The value of sysctl `name` in this network namespace, or None when it cannot be read."""
+    try:
+        return Path("/proc/sys", *name.split(".")).read_text().strip()
+    except OSError:
+        return None
+
+
+def start_warnings(
+    config: NodeConfig, *, read_sysctl: Callable[[str], str | None] = _read_sysctl
+) -> list[str]:
+    """What may not work although the file is valid, one line each, for the node to log at start.
+
+    `[node] id` different from the name in the key file: allowed (the id is a label), said (issue 22).
+
+    A gateway peer (allowed_ips beyond the interface's own subnets, like `0.0.0.0/0` or a LAN behind it)
+    carries traffic between the tunnel and other networks: the host that forwards it needs IP forwarding
+    (issue 22: nothing said so). This node can see only its own sysctl: it warns when forwarding of that IP
+    version is off here (this node forwards when it routes other hosts' traffic into the tunnel, or theirs
+    out of it), and names the peer, which must forward too."""
+    warnings = []
+    identity = config.identity
+    if identity is not None and identity.name and config.node.id != identity.name:
+        # The key proves who this node is and the id is only a label, so it runs; but peers' configs and
+        # logs name it by the name `genkey` put in its key, and a different id is a node named two ways
+        # (a copied config whose id was not changed, say).
+        warnings.append(
+            f"node.id: {config.node.id!r} is not the name in the key file {config.node.key} "
+            f"({identity.name!r}): peers know this node by its key and name it {identity.name!r}, this "
+            f"node's logs and status say {config.node.id!r}; remove node.id (it defaults to the key's "
+            "name) or make the two agree"
+        )
+    own = [ipaddress.ip_interface(a).network for a in config.interface.addresses]
+    for i, peer in enumerate(config.peers):
+        for version in (4, 6):
+            beyond = [
+                prefix
+                for prefix in peer.allowed_ips
+                if ipaddress.ip_network(prefix).version == version
+                and not any(
+                    net.version == version and ipaddress.ip_network(prefix).subnet_of(net)  # type: ignore[arg-type]
+                    for net in own
+                )
+            ]
+            if not beyond:
+                continue
+            sysctl = _FORWARDING_SYSCTL[version]
+            if read_sysctl(sysctl) != "0":
+                continue
+            shown = ", ".join(beyond[:3]) + (", ..." if len(beyond) > 3 else "")
+            warnings.append(
+                f"peers[{i}].allowed_ips: {peer.id!r} owns {shown}, beyond this tunnel's subnets: traffic "
+                f"between the tunnel and other networks needs IP forwarding on the host that routes it, and "
+                f"{sysctl} is 0 here (sysctl -w {sysctl}=1 if this node routes other hosts' traffic; "
+                f"{peer.id} needs it too, to forward what it receives)"
+            )
+    return warnings
 
 
 def level_number(level: str) -> int:

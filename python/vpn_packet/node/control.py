@@ -1,7 +1,12 @@
 """The control socket of a running node: what `vpn-packet status` and `vpn-packet reload` talk to.
 
-A unix stream socket, by default `/run/vpn-packet/NAME.sock` (NAME: the interface name), or
-`[node] control_socket`. Root only: the socket is created mode 0600 (under a umask, so never wider, not even
+A unix stream socket, by default `/run/vpn-packet/NAME.sock` (NAME: the interface name) in the host's network
+namespace and `/run/vpn-packet/NAME@NETNS.sock` in any other (NETNS: its `ip netns` name, else `net-INODE`),
+or `[node] control_socket`. Why the namespace: interface names are per namespace and /run is usually shared,
+so two nodes in two namespaces may both run `vpn0`; with one path the second ran without a control socket
+(issue 22). `vpn-packet status NAME`, run in the same namespace, finds the same path.
+
+Root only: the socket is created mode 0600 (under a umask, so never wider, not even
 for an instant) in a directory the node makes mode 0700; a client whose uid (`SO_PEERCRED`) is neither 0 nor
 the node's is refused anyway.
 
@@ -43,7 +48,10 @@ __all__ = [
     "ControlServer",
     "default_socket_path",
     "find_sockets",
+    "interface_of",
+    "netns_suffix",
     "request",
+    "sudo_hint",
 ]
 
 _log = logging.getLogger("vpn_packet.node")
@@ -63,19 +71,69 @@ Handler = Callable[[str], Awaitable[Mapping[str, Any]]]
 """`handler(command)`: the answer's body (`{"status": ...}`); raises `UsageError` (one line) to refuse."""
 
 
+def netns_suffix() -> str:
+    """The empty string in the host's network namespace, else `@NAME` (the namespace's `ip netns` name,
+    found in /run/netns) or `@net-INODE` (a namespace without a name, known not to be PID 1's).
+
+    The host's namespace is PID 1's when this process may look at it; where it may not (a container, or
+    not root), a namespace named in /run/netns is still told apart, and any other counts as the host's."""
+    try:
+        own = os.stat("/proc/self/ns/net")
+    except OSError:
+        return ""
+    own_id = (own.st_dev, own.st_ino)
+    try:
+        init = os.stat("/proc/1/ns/net")
+    except OSError:
+        init_id = None
+    else:
+        init_id = (init.st_dev, init.st_ino)
+        if init_id == own_id:
+            return ""
+    with contextlib.suppress(OSError):
+        for entry in sorted(Path("/run/netns").iterdir()):
+            with contextlib.suppress(OSError):
+                found = entry.stat()
+                if (found.st_dev, found.st_ino) == own_id:
+                    return f"@{entry.name}"
+    return "" if init_id is None else f"@net-{own.st_ino}"
+
+
 def default_socket_path(interface: str) -> Path:
-    """The control socket of the node on interface `interface`."""
-    return CONTROL_DIR / f"{interface}.sock"
+    """The control socket of the node on interface `interface` in this network namespace."""
+    return CONTROL_DIR / f"{interface}{netns_suffix()}.sock"
+
+
+def interface_of(path: Path) -> str:
+    """The interface name in a default socket path (`vpn0` for `vpn0.sock` and `vpn0@blue.sock`)."""
+    return path.stem.partition("@")[0]
 
 
 def find_sockets(directory: Path | None = None) -> list[Path]:
-    """The control sockets in `directory` (default `CONTROL_DIR`), by name."""
+    """The control sockets of this network namespace's nodes in `directory` (default `CONTROL_DIR`), by
+    name. Raises `PermissionError` when the directory exists but this process may not read it (it is the
+    nodes' own, mode 0700): that is not "no node"."""
     directory = CONTROL_DIR if directory is None else directory
     try:
         entries = sorted(directory.iterdir())
+    except PermissionError:
+        raise
     except OSError:
         return []
-    return [p for p in entries if p.suffix == ".sock" and p.is_socket()]
+    suffix = netns_suffix()
+    return [
+        p for p in entries if p.suffix == ".sock" and p.stem.partition("@")[2] == suffix[1:] and p.is_socket()
+    ]
+
+
+def sudo_hint(command: str) -> str:
+    """`sudo /full/path/vpn-packet COMMAND`: sudo does not keep a venv's PATH, so the program is named by
+    its path when it was started by one."""
+    import sys
+
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    shown = str(program.resolve()) if program is not None and program.name == "vpn-packet" else "vpn-packet"
+    return f"sudo {shown} {command}"
 
 
 def _answers(path: Path) -> bool:
@@ -207,7 +265,10 @@ def request(path: Path, command: str, *, timeout: float = ANSWER_TIMEOUT) -> dic
         except ConnectionRefusedError:
             raise ConnectionError(f"no node answers on {path} (stale: the node is not running)") from None
         except PermissionError:
-            raise ConnectionError(f"{path}: permission denied (root only: try sudo)") from None
+            raise ConnectionError(
+                f"{path}: permission denied: the control socket is root-only (run it as root: "
+                f"{sudo_hint(command)})"
+            ) from None
         except OSError as exc:
             raise ConnectionError(f"cannot reach the node on {path}: {exc.strerror or exc}") from None
         try:

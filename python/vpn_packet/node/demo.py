@@ -395,6 +395,10 @@ async def run_demo(
             [Peer(A_ID, a_endpoint, A_PREFIXES)],
             ab.verifier,
             worker_buffer_size=buffer,
+            # B starts first, so it must not dial A at start: one way, A's endpoint is a placeholder; both
+            # ways, A is not listening yet. Keeping a connection to every peer from the start made B log
+            # ECONNREFUSED on every clean run (issue 22); it connects when it has something to send.
+            keep_connections=False,
         )
         await node_b.start()
         try:

@@ -5,7 +5,7 @@ tunnel benchmark (root only).
         lab.run_python(lab.ns_a, ICMP_ECHO_SCRIPT, "10.8.0.2", "1", "2")
         lab.metrics("b")                    # SIGUSR1 to node B, then its metrics file
 
-The nodes run the contract config (DESIGN.md section 6): each has a key made with `vpn-packet genkey`
+The nodes run the contract config (docs/config.md): each has a key made with `vpn-packet genkey`
 (`lab.keys`: node name -> public key string), `[node] key`, and its peer's `public_key`; no `[node] id` (it
 comes from the key file). `TunnelLab(..., insecure=True)` runs them with `[node] insecure = true` instead
 (plaintext, for comparisons).

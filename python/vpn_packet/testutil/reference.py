@@ -1,4 +1,4 @@
-"""A plain-Python reference of packet extraction (DESIGN.md section 3), independent of the Rust core.
+"""A plain-Python reference of packet extraction (docs/extraction.md), independent of the Rust core.
 
 Two uses: the oracle of the property tests (the native parser must agree with it on any input), and the
 "plain-Python `struct` extractor" peer of the benchmarks. It returns address *strings*, as a plain-Python

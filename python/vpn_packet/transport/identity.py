@@ -231,13 +231,15 @@ def load_identity(path: str | os.PathLike[str]) -> NodeIdentity:
         data = path.read_bytes()
     except OSError as exc:
         raise IdentityError(f"{path}: {exc.strerror or exc}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise IdentityError(
-            f"{path}: permissions {stat.filemode(mode)} let others read the private key; run chmod 600 {path}"
-        )
+    # What the file is comes first: advising `chmod 600` for a file that is no key at all (a config
+    # given by mistake) sends the user the wrong way (issue 22).
     if _PEM_KEY_MARK not in data or _PEM_CERT_MARK not in data:
         raise IdentityError(
             f"{path}: not a key file written by `vpn-packet genkey` (PEM key and certificate)"
+        )
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise IdentityError(
+            f"{path}: permissions {stat.filemode(mode)} let others read the private key; run chmod 600 {path}"
         )
     try:
         key = serialization.load_pem_private_key(data, password=None)

@@ -3,7 +3,8 @@
 //! [`strip_link`] removes the link-layer header of a frame of a given `LINKTYPE_*` and walks the
 //! encapsulations real networks put between it and IP: stacked 802.1Q/802.1ad VLAN tags, MPLS label stacks
 //! (including an Ethernet pseudowire with a control word), PPPoE sessions, 802.2 LLC/SNAP and 802.1ah
-//! provider backbone bridging. It says which encapsulations it crossed ([`Encapsulations`]), so that a
+//! provider backbone bridging; on PPP links, MPLS inside PPP and Cisco HDLC framing (some captures of
+//! serial links record Cisco HDLC frames under a PPP link type). It says which encapsulations it crossed ([`Encapsulations`]), so that a
 //! summary can count them. The walk is a loop over a small state machine, never recursion: every step
 //! consumes bytes of the frame, so it ends for any input, in time linear in the frame's length.
 
@@ -84,10 +85,18 @@ mod ethertype {
     pub const MAX_8023_LENGTH: u16 = 1500;
 }
 
-/// PPP protocol numbers that carry IP.
+/// PPP protocol numbers that carry IP, or an MPLS label stack (RFC 3032) with IP at its bottom.
 mod ppp {
     pub const IPV4: u16 = 0x0021;
     pub const IPV6: u16 = 0x0057;
+    pub const MPLS: u16 = 0x0281;
+    pub const MPLS_MULTICAST: u16 = 0x0283;
+}
+
+/// Cisco HDLC's address bytes (unicast, broadcast); the control byte after them is 0.
+mod cisco_hdlc {
+    pub const UNICAST: u8 = 0x0f;
+    pub const BROADCAST: u8 = 0x8f;
 }
 
 /// Address-family values of the NULL and LOOP link types (they differ between operating systems).
@@ -127,11 +136,13 @@ pub enum Encapsulation {
     LlcSnap,
     /// An 802.1ah I-TAG and the customer's Ethernet header.
     Pbb,
+    /// Cisco HDLC framing (address, control, EtherType) on a link type that says PPP.
+    CiscoHdlc,
 }
 
 impl Encapsulation {
     /// Every encapsulation, in report order.
-    pub const ALL: [Encapsulation; 7] = [
+    pub const ALL: [Encapsulation; 8] = [
         Encapsulation::Vlan,
         Encapsulation::Qinq,
         Encapsulation::Mpls,
@@ -139,9 +150,11 @@ impl Encapsulation {
         Encapsulation::Pppoe,
         Encapsulation::LlcSnap,
         Encapsulation::Pbb,
+        Encapsulation::CiscoHdlc,
     ];
 
-    /// A short stable name: `vlan`, `qinq`, `mpls`, `mpls_pw_ethernet`, `pppoe`, `llc_snap`, `pbb`.
+    /// A short stable name: `vlan`, `qinq`, `mpls`, `mpls_pw_ethernet`, `pppoe`, `llc_snap`, `pbb`,
+    /// `cisco_hdlc`.
     pub fn name(self) -> &'static str {
         match self {
             Encapsulation::Vlan => "vlan",
@@ -151,6 +164,7 @@ impl Encapsulation {
             Encapsulation::Pppoe => "pppoe",
             Encapsulation::LlcSnap => "llc_snap",
             Encapsulation::Pbb => "pbb",
+            Encapsulation::CiscoHdlc => "cisco_hdlc",
         }
     }
 
@@ -321,10 +335,14 @@ fn walk<'a>(frame: &'a [u8], mut next: Next, mut at: usize, layers: &mut Encapsu
                     None => return LinkPayload::Short,
                 };
                 at += len;
-                return match protocol {
-                    ppp::IPV4 | ppp::IPV6 => LinkPayload::Ip(&frame[at..]),
-                    _ => LinkPayload::NotIp,
-                };
+                match protocol {
+                    ppp::IPV4 | ppp::IPV6 => return LinkPayload::Ip(&frame[at..]),
+                    ppp::MPLS | ppp::MPLS_MULTICAST => {
+                        layers.insert(E::Mpls);
+                        Next::Mpls
+                    }
+                    _ => return LinkPayload::NotIp,
+                }
             }
         };
     }
@@ -347,7 +365,8 @@ fn after_family(frame: &[u8], family: u32) -> LinkPayload<'_> {
 /// 0x0057), 802.3 frames with LLC/SNAP and 802.1ah I-TAGs are walked, in any nesting. NULL: the family is in
 /// the capturing host's byte order, which the file does not record, so a value with its high 16 bits set is
 /// taken as byte-swapped (families are small numbers). LOOP: network byte order. SLL/SLL2 and Cisco HDLC:
-/// the protocol field is an EtherType.
+/// the protocol field is an EtherType. PPP: IPv4, IPv6 and MPLS (0x0281, 0x0283) protocols, and Cisco HDLC
+/// frames recorded under a PPP link type.
 pub fn strip_link<'a>(link: u16, frame: &'a [u8], layers: &mut Encapsulations) -> LinkPayload<'a> {
     match link {
         linktype::RAW | linktype::DLT_RAW_12 | linktype::DLT_RAW_14 | linktype::IPV4 | linktype::IPV6 => {
@@ -380,10 +399,22 @@ pub fn strip_link<'a>(link: u16, frame: &'a [u8], layers: &mut Encapsulations) -
             None => LinkPayload::Short,
         },
         // PPP: the address and control bytes 0xff 0x03 are optional (address/control field compression).
-        linktype::PPP | linktype::PPP_HDLC => {
-            let at = if frame.starts_with(&[0xff, 0x03]) { 2 } else { 0 };
-            walk(frame, Next::Ppp, at, layers)
-        }
+        // A frame that starts with Cisco HDLC's address (0x0f or 0x8f) and control (0) is Cisco HDLC, as
+        // Wireshark reads it: routers' serial-link captures mix the two under one PPP link type, and no PPP
+        // frame starts so (a compressed protocol field 0x0f or 0x8f is not an assigned protocol).
+        linktype::PPP | linktype::PPP_HDLC => match frame {
+            [cisco_hdlc::UNICAST | cisco_hdlc::BROADCAST, 0, ..] => match be16(frame, 2) {
+                Some(kind) => {
+                    layers.insert(Encapsulation::CiscoHdlc);
+                    walk(frame, Next::Type(kind), 4, layers)
+                }
+                None => LinkPayload::Short,
+            },
+            _ => {
+                let at = if frame.starts_with(&[0xff, 0x03]) { 2 } else { 0 };
+                walk(frame, Next::Ppp, at, layers)
+            }
+        },
         linktype::PPP_ETHER => walk(frame, Next::Pppoe, 0, layers),
         _ => LinkPayload::Unsupported,
     }
@@ -549,6 +580,67 @@ mod tests {
     }
 
     #[test]
+    fn mpls_inside_ppp_links() {
+        let v6 = ipv6();
+        // Unicast and multicast MPLS, with and without the HDLC address/control bytes, on both PPP types.
+        for (link, head) in [(9, &[0xff, 0x03][..]), (9, &[]), (50, &[0xff, 0x03]), (50, &[])] {
+            for (protocol, depth, payload) in [(0x0281u16, 1, &IPV4[..]), (0x0283, 3, &v6[..])] {
+                let frame = [head, &protocol.to_be_bytes(), &mpls(depth, payload)].concat();
+                assert_eq!(
+                    strip(link, &frame),
+                    (LinkPayload::Ip(payload), vec!["mpls"]),
+                    "link {link}"
+                );
+            }
+        }
+        // Inside a PPPoE session too.
+        let frame = eth(0x8864, &pppoe(&[0x02, 0x81], &mpls(2, &IPV4)));
+        assert_eq!(
+            strip(1, &frame),
+            (LinkPayload::Ip(&IPV4[..]), vec!["mpls", "pppoe"])
+        );
+        // A stack cut short, and one with no IP at its bottom.
+        assert_eq!(strip(9, &[0x02, 0x81, 0, 1]).0, LinkPayload::Short);
+        assert_eq!(
+            strip(9, &[&[0x02, 0x81][..], &mpls(1, &[0x10, 0])].concat()).0,
+            LinkPayload::NotIp
+        );
+    }
+
+    #[test]
+    fn cisco_hdlc_framing_on_ppp_link_types() {
+        let v6 = ipv6();
+        for link in [9, 50] {
+            for address in [0x0f, 0x8f] {
+                let frame = [&[address, 0x00][..], &0x0800u16.to_be_bytes(), &IPV4].concat();
+                assert_eq!(
+                    strip(link, &frame),
+                    (LinkPayload::Ip(&IPV4[..]), vec!["cisco_hdlc"])
+                );
+            }
+            // IPv6, MPLS behind it, something else (Cisco SLARP), cut short.
+            let frame = [&[0x0f, 0x00][..], &0x86ddu16.to_be_bytes(), &v6].concat();
+            assert_eq!(strip(link, &frame).0, LinkPayload::Ip(&v6[..]));
+            let frame = [&[0x0f, 0x00][..], &0x8847u16.to_be_bytes(), &mpls(2, &IPV4)].concat();
+            assert_eq!(
+                strip(link, &frame),
+                (LinkPayload::Ip(&IPV4[..]), vec!["mpls", "cisco_hdlc"])
+            );
+            assert_eq!(strip(link, &[0x8f, 0x00, 0x80, 0x35, 0, 0]).0, LinkPayload::NotIp);
+            assert_eq!(strip(link, &[0x0f, 0x00, 0x08]).0, LinkPayload::Short);
+        }
+        // Real PPP still reads as PPP: the HDLC-like 0xff 0x03, or a protocol field first.
+        assert_eq!(
+            strip(9, &[&[0xff, 0x03, 0x00, 0x21][..], &IPV4].concat()),
+            (LinkPayload::Ip(&IPV4[..]), vec![])
+        );
+        assert_eq!(
+            strip(9, &[&[0x21][..], &IPV4].concat()),
+            (LinkPayload::Ip(&IPV4[..]), vec![])
+        );
+    }
+
+    #[test]
     fn llc_snap_after_an_8023_length() {
         let v6 = ipv6();
         let frame = [&MACS[..], &48u16.to_be_bytes(), &snap([0, 0, 0], 0x0800, &IPV4)].concat();
@@ -631,7 +723,7 @@ mod tests {
     fn names() {
         assert_eq!(linktype::name(104), Some("C_HDLC"));
         assert!(linktype::is_supported(51));
-        assert_eq!(Encapsulation::ALL.map(Encapsulation::name).len(), 7);
+        assert_eq!(Encapsulation::ALL.map(Encapsulation::name).len(), 8);
         assert!(Encapsulations::default().is_empty());
     }
 

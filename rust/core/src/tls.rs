@@ -47,7 +47,7 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use crate::ed25519::KeyProblem;
 use crate::framing::DEFAULT_MAX_FRAME_SIZE;
 use crate::handshake::{MAX_PEER_ID_LEN, PUBLIC_KEY_LEN};
-use crate::key_checks::accept_public_key;
+use crate::key_checks::{accept_public_key, verify_signature};
 
 /// The key exchange groups offered, preferred first.
 pub const KEY_EXCHANGE_GROUPS: [&str; 2] = ["X25519MLKEM768", "X25519"];
@@ -322,7 +322,6 @@ impl PeerKeys {
 pub struct KeyServerVerifier {
     peer_id: String,
     expected: [u8; PUBLIC_KEY_LEN],
-    provider: Arc<CryptoProvider>,
 }
 
 impl ServerCertVerifier for KeyServerVerifier {
@@ -364,12 +363,7 @@ impl ServerCertVerifier for KeyServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        strict_certificate_verify(message, cert, dss.scheme, dss.signature())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -449,6 +443,27 @@ impl ServerCertVerifier for CaServerVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+/// A key-mode server's CertificateVerify, checked with the project's strict verifier (canonical `s`, no
+/// small-order `R`), the same one the hello's signature goes through; the key passes the strict key check.
+fn strict_certificate_verify(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    scheme: SignatureScheme,
+    signature: &[u8],
+) -> Result<HandshakeSignatureValid, TlsError> {
+    if scheme != SignatureScheme::ED25519 {
+        return Err(TlsError::PeerIncompatible(
+            rustls::PeerIncompatible::NoSignatureSchemesInCommon,
+        ));
+    }
+    let key = certificate_key(cert)?;
+    if verify_signature(&key, message, signature) {
+        Ok(HandshakeSignatureValid::assertion())
+    } else {
+        Err(TlsError::InvalidCertificate(CertificateError::BadSignature))
     }
 }
 
@@ -787,7 +802,6 @@ impl Security {
                     .with_custom_certificate_verifier(Arc::new(KeyServerVerifier {
                         peer_id: peer_id.to_owned(),
                         expected,
-                        provider,
                     }))
                     .with_no_client_auth()
             }
@@ -854,7 +868,6 @@ mod tests {
         let verifier = KeyServerVerifier {
             peer_id: "b".into(),
             expected: weak,
-            provider: provider(),
         };
         let err = verifier
             .verify_server_cert(
@@ -871,6 +884,37 @@ mod tests {
         // And a weak key cannot be configured for a peer in the first place.
         let err = PeerKeys::new([("b", &weak[..])]).unwrap_err();
         assert!(err.detail.contains("small order"), "{err}");
+    }
+
+    #[test]
+    fn certificate_verify_is_checked_strictly() {
+        use ed25519_dalek::{Signer, SigningKey};
+        let signer = SigningKey::from_bytes(&[7; 32]);
+        let public = signer.verifying_key().to_bytes();
+        let cert = certificate_with_key(&public);
+        let message = b"TLS 1.3, server CertificateVerify transcript";
+        let honest = signer.sign(message).to_bytes();
+        let check =
+            |signature: &[u8]| strict_certificate_verify(message, &cert, SignatureScheme::ED25519, signature);
+        assert!(check(&honest).is_ok());
+        // s + L: the same signature to a lax verifier, a second encoding refused here.
+        const L: [u8; 32] = [
+            0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde, 0x14,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+        ];
+        let mut malleated = honest;
+        let mut carry = 0u16;
+        for i in 0..32 {
+            let sum = u16::from(malleated[32 + i]) + u16::from(L[i]) + carry;
+            malleated[32 + i] = sum as u8;
+            carry = sum >> 8;
+        }
+        if carry == 0 {
+            assert!(check(&malleated).is_err());
+        }
+        let mut bent = honest;
+        bent[0] ^= 1;
+        assert!(check(&bent).is_err());
     }
 
     #[test]

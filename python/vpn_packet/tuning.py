@@ -38,6 +38,7 @@ from vpn_packet.resilience import ResilienceConfig
 
 __all__ = [
     "ACK_TIMEOUT",
+    "CLOCK_SKEW",
     "CONNECT_TIMEOUT",
     "COALESCE",
     "COALESCE_QUIET",
@@ -49,6 +50,8 @@ __all__ = [
     "IN_FLIGHT_WINDOW",
     "IPV6_MIN_MTU",
     "MAX_CONNECTIONS",
+    "MAX_MEMBERSHIP_DAYS",
+    "MAX_MEMBERSHIP_PREFIXES",
     "MAX_CONNECTIONS_PER_PEER",
     "MAX_MTU",
     "MAX_PENDING",
@@ -57,6 +60,7 @@ __all__ = [
     "MAX_STREAMS_PER_PEER",
     "MAX_TXQUEUELEN",
     "MAX_WORKERS",
+    "MEMBERSHIP_DAYS",
     "MIN_ACK_TIMEOUT",
     "MIN_MTU",
     "MTU",
@@ -193,6 +197,18 @@ SHUTDOWN_TIMEOUT: Final = 5.0
 #: reasons; an open breaker probes again after 2 s, so a peer that restarts is reachable within seconds).
 #: Kept as a name for the node and its config parser, never as a second set of values.
 NODE_RESILIENCE: Final = ResilienceConfig()
+
+#: Mesh memberships (`vpn_packet.mesh.membership`): how long `vpn-packet sign` makes one valid by default
+#: (90 days, as Let's Encrypt's certificates: short enough that a forgotten node falls out, long enough that
+#: re-signing is a quarterly chore, not a daily one), and the longest it may (a year: a membership is a
+#: credential, and a revocation must be kept until every membership it covers has expired).
+MEMBERSHIP_DAYS: Final = 90
+MAX_MEMBERSHIP_DAYS: Final = 365
+#: Clock skew tolerated between the authority that signed and the node that checks: a membership issued up
+#: to this many seconds "in the future", or expired less than this long ago, is still accepted.
+CLOCK_SKEW: Final = 300
+#: The most prefixes one membership may name (a node with more is a gateway that should own a larger one).
+MAX_MEMBERSHIP_PREFIXES: Final = 255
 
 #: The longest duration any setting in seconds may have: one day. Larger values cannot be meant, and they
 #: break timers: `asyncio` (`call_at`, `wait_for`) adds them to the loop's clock, where 1e308 overflows to

@@ -43,6 +43,11 @@ __all__ = [
     "COALESCE",
     "COALESCE_QUIET",
     "DEFAULT_TUNING",
+    "DISCOVERY_PREFIX",
+    "DISCOVERY_STATE_DIR",
+    "DISCOVERY_TTL",
+    "MAX_DISCOVERY_TTL",
+    "MIN_DISCOVERY_TTL",
     "HELLO_TIMEOUT",
     "LOG_INTERVAL",
     "LOG_LEVELS",
@@ -209,6 +214,16 @@ MAX_MEMBERSHIP_DAYS: Final = 365
 CLOCK_SKEW: Final = 300
 #: The most prefixes one membership may name (a node with more is a gateway that should own a larger one).
 MAX_MEMBERSHIP_PREFIXES: Final = 255
+
+#: `[discovery]`: where the members live in etcd, and the lease TTL in seconds: a node that stops renewing
+#: leaves the others within it. At least 2 s (the lease is renewed every third of it, and one lost renewal
+#: must not drop a live node), at most an hour (a dead node's tunnels would linger longer than anyone waits).
+DISCOVERY_PREFIX: Final = "/vpn-packet/default/"
+DISCOVERY_TTL: Final = 10
+MIN_DISCOVERY_TTL: Final = 2
+MAX_DISCOVERY_TTL: Final = 3600
+#: Where a node keeps the last memberships seen and its revocations (`StateDirectory=vpn-packet`).
+DISCOVERY_STATE_DIR: Final = "/var/lib/vpn-packet"
 
 #: The longest duration any setting in seconds may have: one day. Larger values cannot be meant, and they
 #: break timers: `asyncio` (`call_at`, `wait_for`) adds them to the loop's clock, where 1e308 overflows to

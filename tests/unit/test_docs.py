@@ -57,7 +57,9 @@ def _insecure_config() -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("table", ["interface", "listen", "node", "tls", "tuning", "resilience", "peers"])
+@pytest.mark.parametrize(
+    "table", ["interface", "listen", "node", "tls", "tuning", "resilience", "peers", "discovery"]
+)
 def test_the_documented_config_keys_are_the_parsers(table: str) -> None:
     data = _insecure_config()
     if table == "peers":
@@ -82,9 +84,10 @@ def test_every_config_table_is_documented() -> None:
         "tls",
         "tuning",
         "resilience",
+        "discovery",
     }
     documented = set(documented_keys("config.md"))
-    assert {"interface", "listen", "peers", "node", "tls", "tuning", "resilience"} <= documented
+    assert {"interface", "listen", "peers", "node", "tls", "tuning", "resilience", "discovery"} <= documented
 
 
 def test_the_documented_tuning_defaults_are_the_codes() -> None:

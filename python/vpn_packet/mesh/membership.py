@@ -72,6 +72,7 @@ from vpn_packet.tuning import (
 )
 
 __all__ = [
+    "ANY_AUTHORITY",
     "ENTRY_CONTEXT",
     "MAX_RECORD_LEN",
     "MEMBERSHIP_CONTEXT",
@@ -109,6 +110,18 @@ _K = TypeVar("_K", str, bytes)
 MAX_RECORD_LEN: Final = 8192
 _MAX_FILE_LEN: Final = 4 * MAX_RECORD_LEN  # base64 and the comment lines
 _MAX_ENDPOINT_LEN: Final = 255
+
+
+class _AnyAuthority(frozenset[bytes]):
+    """Every key counts as an authority: `[discovery] trust_store = true` (labs only, warned at every start).
+    Signatures are still verified, keys still checked: the store is trusted to say who is a member."""
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes)
+
+
+#: The authorities of a node that trusts its store (`trust_store = true`).
+ANY_AUTHORITY: Final[frozenset[bytes]] = _AnyAuthority()
 
 
 def _timestamp(seconds: int) -> str:

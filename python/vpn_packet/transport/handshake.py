@@ -27,7 +27,7 @@ import itertools
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -127,6 +127,9 @@ class Security:
     server_context: ssl.SSLContext | None = field(default=None, repr=False)
     client_context: ssl.SSLContext | None = field(default=None, repr=False)
     _ids_by_key: dict[bytes, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: Keys already checked (key -> peer id), from the `Security` this one was derived from: their
+    #: `key_problem` is not computed again (`with_key_changes`).
+    _checked: Mapping[bytes, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode == "key" and self.identity is None:
@@ -134,8 +137,9 @@ class Security:
         if (self.server_context is None) != (self.mode == "insecure"):
             raise ValueError(f"{self.mode} mode {'needs' if self.mode != 'insecure' else 'has no'} TLS")
         by_key: dict[bytes, str] = {}
+        checked = self._checked
         for peer_id, key in self.peer_keys.items():
-            problem = key_problem(key)
+            problem = None if checked.get(key) == peer_id else key_problem(key)
             if problem is not None:  # a library caller's keys get the check a config's get
                 raise IdentityError(f"peer {peer_id!r}'s public key cannot be trusted: {problem}")
             if key in by_key:
@@ -186,6 +190,17 @@ class Security:
         if self.mode != "key":
             raise ValueError(f"{self.mode} mode has no peer keys")
         return dataclasses.replace(self, peer_keys=dict(peer_keys))
+
+    def with_key_changes(self, keys: Mapping[str, bytes], removed: Iterable[str] = ()) -> Security:
+        """The same, with the keys of `keys`' peers set and `removed`'s dropped: only the changed keys get
+        the strict check (the others were checked when this one was made). Raises like `with_peer_keys`."""
+        if self.mode != "key":
+            raise ValueError(f"{self.mode} mode has no peer keys")
+        peer_keys = dict(self.peer_keys)
+        for peer_id in removed:
+            peer_keys.pop(peer_id, None)
+        peer_keys.update(keys)
+        return dataclasses.replace(self, peer_keys=peer_keys, _checked=self._ids_by_key)
 
     @property
     def encrypted(self) -> bool:

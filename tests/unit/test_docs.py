@@ -120,7 +120,17 @@ def test_the_documented_top_level_status_keys() -> None:
     assert documented_keys("status-json.md")["Top level"] == STATUS_TOP_LEVEL
 
 
-STATUS_TOP_LEVEL = {"id", "interface", "listen", "state", "uptime", "peers", "totals", "discovery", "deprecated"}
+STATUS_TOP_LEVEL = {
+    "id",
+    "interface",
+    "listen",
+    "state",
+    "uptime",
+    "peers",
+    "totals",
+    "discovery",
+    "deprecated",
+}
 
 
 def test_the_documented_commands_are_the_cli_s() -> None:

@@ -144,6 +144,15 @@ async def test_nodes_find_each_other_in_etcd_and_traffic_flows(
     assert snapshot["discovery"]["connected"] is True
     assert snapshot["discovery"]["members"] == 2
     assert snapshot["discovery"]["revision"] > 0
+    from vpn_packet.node.metrics_endpoint import node_samples
+
+    samples = {
+        (name, tuple(sorted(labels.items()))): value for name, _, labels, value in node_samples(snapshot)
+    }
+    assert samples[("vpn_packet_discovery_connected", ())] == 1
+    assert samples[("vpn_packet_discovery_members", ())] == 2
+    assert samples[("vpn_packet_discovery_refused_total", (("reason", "unknown_authority"),))] >= 1
+    assert samples[("vpn_packet_peer_connected", (("peer", "node-b"), ("source", "discovery")))] in (0, 1)
 
     # c stops: it leaves the others.
     await c.shutdown()

@@ -4,10 +4,10 @@
 
 - at start it reads the state file (the last entries seen and the revocations held) and applies them, so a
   node starts even while etcd is down; its own membership is refused if a held revocation covers it;
-- it connects to etcd (retrying with backoff), grants a lease of `ttl` seconds, puts its entry at
-  `PREFIX/members/ID` under it (its membership, endpoint and a sequence number, signed by its key), reads
-  the prefix once and then watches it from the next revision: every event goes through the `MemberTable`
-  and what it changes goes to `apply`, the node's one add/update/remove path;
+- it connects to etcd (retrying with backoff), reads the prefix and applies it, then grants a lease of `ttl`
+  seconds and puts its entry at `PREFIX/members/ID` under it (its membership, endpoint and a sequence
+  number, signed by its key), then watches the prefix from the revision after the read: every event goes
+  through the `MemberTable` and what it changes goes to `apply`, the node's one add/update/remove path;
 - it renews the lease every third of the TTL. If etcd is lost, the tunnels keep working and the membership
   stays as it was (frozen), with one WARNING; when etcd is back it re-publishes and re-reads the prefix
   (what left meanwhile is removed);
@@ -173,11 +173,13 @@ class Registry:
         """One connected session: publish, read, watch and renew until something fails."""
         client = self._client
         ttl = self.config.ttl
+        # Read (and apply) the members first, then publish: whoever sees this node's entry finds this node
+        # already knowing it, so its first packet here is not refused as from an unknown peer.
+        listing = await client.get_prefix(self.config.prefix.encode())
+        await self._resync(listing)
         lease = await client.lease(ttl)
         self._lease_id = lease.id
         await self._publish()
-        listing = await client.get_prefix(self.config.prefix.encode())
-        await self._resync(listing)
         self.connected = True
         if self._lost_logged:
             _log.warning("discovery: etcd is back (revision %d)", self.revision)

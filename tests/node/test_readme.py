@@ -5,9 +5,9 @@ defined).
 - Every `vpn-packet ...` command of the ```sh blocks: those that need no root, no TUN and no running node
   (`genkey`, `pubkey`, `example-config`, `sample-capture`, `inspect`, `demo`, `sign`, `revoke`) run for
   real, in order, in a scratch directory, as the README shows them (pipes and redirections included); those
-  that need root, a TUN device or a running node (`node`, `status`, `reload`), and the demo of a million packets (minutes of CPU on
-  a busy machine, the same code as the demo that runs), are checked by the command's own argument parser
-  only. Other shell commands (pip, venv, systemctl, ping, cargo, ...) are not ours and are not run.
+  that need root, a TUN device or a running node (`node`, `status`, `reload`), and the demo of a million
+  packets (minutes of CPU on a busy machine, the same code as the demo that runs), are checked by the
+  command's own argument parser only. Other shell commands (pip, venv, systemctl, ping, cargo, ...) are not ours and are not run.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ defined).
   real, in order, in a scratch directory, as the README shows them (pipes and redirections included); those
   that need root, a TUN device or a running node (`node`, `status`, `reload`), and the demo of a million
   packets (minutes of CPU on a busy machine, the same code as the demo that runs), are checked by the
-  command's own argument parser only. Other shell commands (pip, venv, systemctl, ping, cargo, ...) are not ours and are not run.
+  command's own argument parser only. Other shell commands (pip, venv, systemctl, ping, cargo, ...) are not
+  ours and are not run.
 """
 
 from __future__ import annotations

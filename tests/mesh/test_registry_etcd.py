@@ -257,3 +257,30 @@ async def test_a_three_member_cluster_losing_one_keeps_the_mesh(
         for registry in registries:
             await registry.stop()
         cluster.close()
+
+
+async def test_revoke_puts_the_revocation_in_etcd_and_the_members_apply_it(
+    start: object, etcd: EtcdCluster, keys: dict[str, NodeIdentity], tmp_path: Path
+) -> None:
+    from vpn_packet.cli import main
+
+    assert callable(start)
+    a = await start("a", "10.8.0.1/32")
+    await start("b", "10.8.0.2/32")
+    await a.peers.until(lambda peers: "b" in peers)
+    args = [
+        "revoke",
+        "--authority",
+        str(keys["authority"].path),
+        "--id",
+        "b",
+        "--etcd",
+        ",".join(etcd.client_urls),
+    ]
+    status = await asyncio.to_thread(main, [*args, "--prefix", PREFIX])
+    assert status == 0
+    await a.peers.until(lambda peers: "b" not in peers)
+    assert a.registry.status()["revocations"] == 1
+    dead = await asyncio.to_thread(main, ["revoke", "--authority", str(keys["authority"].path), "--id", "b",
+                                          "--etcd", "http://127.0.0.1:1", "--prefix", PREFIX])  # fmt: skip
+    assert dead == 1

@@ -174,3 +174,11 @@ def test_revoke_needs_exactly_one_target(
     )
     assert status == 2
     assert len(err.splitlines()) == 1
+
+
+def test_revoke_needs_somewhere_to_go(
+    tmp_path: Path, keyfiles: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = _run(capsys, "revoke", "--authority", str(tmp_path / "authority.key"), "--id", "node-a")
+    assert status == 2
+    assert "--out FILE, --etcd URL, or both" in err

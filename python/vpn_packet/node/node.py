@@ -499,12 +499,14 @@ class Node:
     async def reconfigure(
         self, peers: Iterable[Peer], peer_keys: Mapping[str, bytes] | None = None
     ) -> PeerChanges:
-        """Swap in a new peer set while running (see the module docstring). `peer_keys` (key mode): the
-        public key of every peer, replacing the current ones. Raises `ValueError` (a prefix given twice, two
-        peers with one key, ...) before changing anything. The difference is applied by `update_peers`, the
-        one path every peer change takes (a reload's, and discovery's)."""
+        """Swap in a new set of static peers while running (see the module docstring); discovered peers
+        stay. `peer_keys` (key mode): the public key of every static peer, replacing the current ones. Raises
+        `ValueError` (a prefix given twice, two peers with one key, ...) before changing anything. The
+        difference is applied by `update_peers`, the one path every peer change takes (a reload's, and
+        discovery's)."""
         new_peers = list(peers)
-        old = {peer.id: peer for peer in self.discovery.peers}
+        # The static peers only: discovered ones (`[discovery]`) are the registry's to add and remove.
+        old = {peer.id: peer for peer in self.discovery.peers if peer.id not in self._sources}
         new: dict[str, Peer] = {}
         for peer in new_peers:
             if peer.id in new:
@@ -521,7 +523,7 @@ class Node:
             and (peer != old[peer_id] or (keys is not None and keys.get(peer_id) != old_keys.get(peer_id)))
         ]
         if keys is not None:
-            missing = set(old_keys) - set(keys) - set(removed)
+            missing = (set(old_keys) - set(self._sources)) - set(keys) - set(removed)
             removed_keys = [*removed, *sorted(missing)]
             changed_keys = {p.id: keys[p.id] for p in (*added, *updated) if p.id in keys}
         else:
@@ -557,8 +559,8 @@ class Node:
         old_peers = {peer.id: self.discovery.peer(peer.id) for peer in updated if peer.id in self.discovery}
         security = self.security
         gone_keys = list(removed if removed_keys is None else removed_keys)
-        if keys is not None and (keys or gone_keys):
-            security = security.with_key_changes(keys, gone_keys)  # ValueError before anything changed
+        if security.mode == "key" and (keys or gone_keys):
+            security = security.with_key_changes(keys or {}, gone_keys)  # ValueError before anything changed
         old_keys = self.security.peer_keys
         changed: dict[str, tuple[str, ...]] = {}
         for peer in updated:

@@ -45,6 +45,8 @@ _log = logging.getLogger("vpn_packet.mesh")
 
 #: How often the state file is written at most (seconds): a burst of joins is one write.
 STATE_WRITE_INTERVAL = 1.0
+#: The longest a close of the etcd client or a watch may take (seconds).
+CLOSE_TIMEOUT = 2.0
 
 
 def load_state(path: Path) -> tuple[list[bytes], list[bytes], int]:
@@ -121,10 +123,6 @@ class Registry:
         if change:
             _log.info("discovery: %d members from the state file %s", len(change.added), self.config.state)
             await self._apply(change)
-        from vpn_packet.mesh.etcd import TlsEtcdClient  # the optional extra, loaded only now
-
-        c = self.config
-        self._client = TlsEtcdClient(c.etcd, ca=c.ca, cert=c.cert, key=c.key, timeout=max(1.0, c.ttl / 3))
         self._task = asyncio.create_task(self._run(), name="vpn-packet discovery")
         self._expiry_task = asyncio.create_task(self._expire_loop(), name="vpn-packet discovery expiry")
 
@@ -135,12 +133,10 @@ class Registry:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._client is not None:
-            if self._lease_id is not None and self.connected:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._client.revoke_lease(self._lease_id), 1.0)
+        if self._client is not None and self._lease_id is not None and self.connected:
             with contextlib.suppress(Exception):
-                await self._client.close()
+                await asyncio.wait_for(self._client.revoke_lease(self._lease_id), 1.0)
+        await self._close_client()
         self._write_state()
 
     # --- the connection loop --------------------------------------------------------------------------------
@@ -164,15 +160,20 @@ class Registry:
                         ",".join(self.config.etcd),
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                     )
-                with contextlib.suppress(Exception):
-                    await self._client.close()
+                await self._close_client()
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))  # backoff with jitter between attempts
             backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
 
     async def _session(self) -> None:
         """One connected session: publish, read, watch and renew until something fails."""
-        client = self._client
-        ttl = self.config.ttl
+        from vpn_packet.mesh.etcd import TlsEtcdClient  # the optional extra, loaded only now
+
+        c = self.config
+        # A new client (and gRPC channel) per session: nothing of a broken one is reused.
+        client = self._client = TlsEtcdClient(
+            c.etcd, ca=c.ca, cert=c.cert, key=c.key, timeout=max(1.0, c.ttl / 3)
+        )
+        ttl = c.ttl
         # Read (and apply) the members first, then publish: whoever sees this node's entry finds this node
         # already knowing it, so its first packet here is not refused as from an unknown peer.
         listing = await client.get_prefix(self.config.prefix.encode())
@@ -198,8 +199,16 @@ class Registry:
             with contextlib.suppress(BaseException):
                 await renew
             with contextlib.suppress(Exception):
-                await watch.cancel()
+                await asyncio.wait_for(watch.cancel(), CLOSE_TIMEOUT)
         raise ConnectionError("the watch ended")
+
+    async def _close_client(self) -> None:
+        """Closes the gRPC channel, bounded: aetcd's close waits on its watcher's queue and stream, which a
+        dead connection can leave stuck (the reconnect loop must never hang on it)."""
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
 
     async def _renew(self, lease_id: int, ttl: int) -> None:
         while True:

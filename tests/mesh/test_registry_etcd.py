@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -71,16 +71,17 @@ class Peers:
 
 
 def _config(
-    tmp_path: Path, keys: dict[str, NodeIdentity], name: str, address: str, urls: list[str]
-) -> DiscoveryConfig:
+    tmp_path: Path, keys: dict[str, NodeIdentity], name: str, address: str, urls: list[str],
+    *, endpoint: str | None = None, days: int = 1,
+) -> DiscoveryConfig:  # fmt: skip
     membership = sign_membership(
         keys["authority"], member_id=name, public_key=keys[name].public_key_bytes, allowed_ips=[address],
-        issued=int(time.time()), days=1,
+        issued=int(time.time()), days=days,
     )  # fmt: skip
     return DiscoveryConfig(
         etcd=tuple(urls), authorities=(keys["authority"].public_key_bytes,),
         membership_path=tmp_path / "unused", membership=membership, prefix=PREFIX, ttl=TTL,
-        endpoint=f"127.0.0.1:{7000 + ord(name)}", state=tmp_path / f"{name}.state",
+        endpoint=endpoint or f"127.0.0.1:{7000 + ord(name)}", state=tmp_path / f"{name}.state",
     )  # fmt: skip
 
 
@@ -94,11 +95,15 @@ class Node:
 async def start(tmp_path: Path, keys: dict[str, NodeIdentity], etcd: EtcdCluster) -> AsyncIterator[object]:
     started: list[Registry] = []
 
-    async def make(name: str, address: str, urls: list[str] | None = None, *, wait: bool = True) -> Node:
+    async def make(
+        name: str, address: str, urls: list[str] | None = None, *, wait: bool = True,
+        endpoint: str | None = None, days: int = 1, clock: Callable[[], float] = time.time,
+    ) -> Node:  # fmt: skip
         peers = Peers()
-        registry = Registry(
-            _config(tmp_path, keys, name, address, urls or etcd.client_urls), keys[name], peers.apply
+        config = _config(
+            tmp_path, keys, name, address, urls or etcd.client_urls, endpoint=endpoint, days=days
         )
+        registry = Registry(config, keys[name], peers.apply, clock=clock)
         await registry.start()
         started.append(registry)
         if wait:
@@ -284,3 +289,27 @@ async def test_revoke_puts_the_revocation_in_etcd_and_the_members_apply_it(
     dead = await asyncio.to_thread(main, ["revoke", "--authority", str(keys["authority"].path), "--id", "b",
                                           "--etcd", "http://127.0.0.1:1", "--prefix", PREFIX])  # fmt: skip
     assert dead == 1
+
+
+async def test_a_member_that_restarts_with_a_new_endpoint_is_reached_there(start: object) -> None:
+    assert callable(start)
+    a = await start("a", "10.8.0.1/32")
+    b = await start("b", "10.8.0.2/32", endpoint="127.0.0.1:7101")
+    await a.peers.until(lambda peers: "b" in peers)
+    await b.registry.stop()
+    await a.peers.until(lambda peers: "b" not in peers)
+    await start("b", "10.8.0.2/32", endpoint="127.0.0.1:7202")
+    await a.peers.until(lambda peers: peers.get("b") is not None and peers["b"].endpoint == "127.0.0.1:7202")
+
+
+async def test_a_membership_that_expires_while_running_is_removed_like_a_departure(start: object) -> None:
+    """a's clock is injected: it jumps two days ahead; b's membership (one day) has expired, c's (30 days)
+    has not. The expiry timer is re-armed by the next change (c joining) and removes b."""
+    assert callable(start)
+    now = [time.time()]
+    a = await start("a", "10.8.0.1/32", days=30, clock=lambda: now[0])
+    await start("b", "10.8.0.2/32", days=1)
+    await a.peers.until(lambda peers: "b" in peers)
+    now[0] += 2 * 86_400
+    await start("c", "10.8.0.3/32", days=30)
+    await a.peers.until(lambda peers: set(peers) == {"c"})

@@ -93,6 +93,8 @@ class Registry:
         self._client: Any = None
         self._lease_id: int | None = None
         self._lost_logged = False
+        self._apply_lock = asyncio.Lock()
+        self._rearm = asyncio.Event()
         #: Set while the registry is connected and in sync with the store; `lost` while it is not (after it
         #: was once), so that tests and callers wait on the transition instead of polling.
         self.synced = asyncio.Event()
@@ -122,7 +124,7 @@ class Registry:
             )
         if change:
             _log.info("discovery: %d members from the state file %s", len(change.added), self.config.state)
-            await self._apply(change)
+            await self._apply_change(change)
         self._task = asyncio.create_task(self._run(), name="vpn-packet discovery")
         self._expiry_task = asyncio.create_task(self._expire_loop(), name="vpn-packet discovery expiry")
 
@@ -260,27 +262,33 @@ class Registry:
             _log.warning("discovery: alarm: %s", alarm)
             self.table.last_alarm = ""
         if change:
-            await self._apply(change)
+            await self._apply_change(change)
             self._schedule_state_write()
-            if self._expiry_task is not None and not self._expiry_task.done():
-                self._expiry_task.cancel()  # the next expiry may be sooner now
-                self._expiry_task = asyncio.create_task(
-                    self._expire_loop(), name="vpn-packet discovery expiry"
-                )
+            self._rearm.set()  # the next expiry may be sooner now
 
     async def _expire_loop(self) -> None:
+        """Removes memberships as they expire: waits until the next expiry, or until re-armed by a change
+        (the next expiry may be sooner then)."""
         from vpn_packet.tuning import CLOCK_SKEW
 
         while True:
+            self._rearm.clear()
             due = self.table.next_expiry()
-            if due is None:
-                return
-            await asyncio.sleep(max(0.0, due + CLOCK_SKEW + 1 - self._clock()))
+            delay = None if due is None else max(0.0, due + CLOCK_SKEW + 1 - self._clock())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._rearm.wait()
             change = self.table.expire(self._clock())
             if change:
                 _log.info("discovery: memberships expired: %s", ", ".join(sorted(change.removed)))
-                await self._apply(change)
+                await self._apply_change(change)
                 self._schedule_state_write()
+
+    async def _apply_change(self, change: PeerSetChange) -> None:
+        """`apply`, one change at a time, in the order they were made (the watch and the expiry timer both
+        make changes; asyncio's lock queues them first come, first served)."""
+        async with self._apply_lock:
+            await self._apply(change)
 
     # --- the state file -------------------------------------------------------------------------------------
 

@@ -40,21 +40,31 @@ def _free_ports(count: int) -> list[int]:
 
 @dataclass
 class EtcdCluster:
+    """Members on `host` (loopback by default), inside network namespace `netns` when given."""
+
     directory: Path
     client_ports: list[int]
     peer_ports: list[int]
     processes: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    netns: str | None = None
 
     @property
     def client_urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{port}" for port in self.client_ports]
+        return [f"http://{self.host}:{port}" for port in self.client_ports]
 
     @classmethod
-    def start(cls, directory: Path, members: int = 1) -> EtcdCluster:
+    def start(
+        cls, directory: Path, members: int = 1, *, host: str = "127.0.0.1", netns: str | None = None
+    ) -> EtcdCluster:
         if ETCD is None:
             raise RuntimeError("etcd is not installed (apt-get install etcd-server)")
-        ports = _free_ports(2 * members)
-        cluster = cls(Path(directory), ports[:members], ports[members:])
+        # In a fresh namespace every port is free; on the host, ports nobody holds now.
+        if netns is not None:
+            ports = [*range(2379, 2379 + members), *range(2480, 2480 + members)]
+        else:
+            ports = _free_ports(2 * members)
+        cluster = cls(Path(directory), ports[:members], ports[members:], host=host, netns=netns)
         cluster.directory.mkdir(parents=True, exist_ok=True)
         try:
             cluster.processes = [None] * members
@@ -84,17 +94,20 @@ class EtcdCluster:
 
     def _spawn(self, i: int) -> subprocess.Popen[bytes]:
         assert ETCD is not None
-        initial = ",".join(f"m{k}=http://127.0.0.1:{port}" for k, port in enumerate(self.peer_ports))
+        host = self.host
+        initial = ",".join(f"m{k}=http://{host}:{port}" for k, port in enumerate(self.peer_ports))
         data = self.directory / f"m{i}.etcd"
+        inside = ["ip", "netns", "exec", self.netns] if self.netns is not None else []
         return subprocess.Popen(
             [
+                *inside,
                 ETCD,
                 f"--name=m{i}",
                 f"--data-dir={data}",
-                f"--listen-client-urls=http://127.0.0.1:{self.client_ports[i]}",
-                f"--advertise-client-urls=http://127.0.0.1:{self.client_ports[i]}",
-                f"--listen-peer-urls=http://127.0.0.1:{self.peer_ports[i]}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{self.peer_ports[i]}",
+                f"--listen-client-urls=http://{host}:{self.client_ports[i]}",
+                f"--advertise-client-urls=http://{host}:{self.client_ports[i]}",
+                f"--listen-peer-urls=http://{host}:{self.peer_ports[i]}",
+                f"--initial-advertise-peer-urls=http://{host}:{self.peer_ports[i]}",
                 f"--initial-cluster={initial}",
                 "--initial-cluster-state=new",
                 "--initial-cluster-token=vpn-packet-test",

@@ -8,7 +8,11 @@ an added/updated/removed set, the one input of the node's peer-set path."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vpn_packet.mesh.members import DiscoveredPeer, MemberTable, PeerSetChange
 from vpn_packet.mesh.membership import Entry, Membership, sign_entry, sign_membership, sign_revocation
@@ -186,3 +190,41 @@ def test_changes_merge_in_order() -> None:
     change.merge(PeerSetChange(added={"a": peer}))
     assert change.updated == {"a": peer}
     assert not change.removed
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 255), st.sampled_from([8, 16, 24, 30, 32])
+        ),
+        max_size=12,
+    ),
+    st.integers(0, 255),
+    st.sampled_from([0, 8, 24, 32]),
+)
+def test_overlaps_are_found_exactly_as_ipaddress_says(
+    claims: list[tuple[str, int, int]], probe_byte: int, probe_length: int
+) -> None:
+    """The index's answer (supernets by integer masks, narrower claims by a sorted range) against the
+    brute force of `ipaddress.overlaps`, including removals."""
+    from vpn_packet.mesh.members import _Prefixes
+
+    def network(byte: int, length: int) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network((f"10.{byte}.{byte}.{byte}", length), strict=False)
+
+    index = _Prefixes()
+    held = []
+    for owner, byte, length in claims:
+        if (network(byte, length), owner) in held:
+            continue  # an owner claims a prefix once (a membership's prefixes are distinct)
+        index.add(network(byte, length), owner)
+        held.append((network(byte, length), owner))
+    for net, owner in held[::2]:
+        index.remove(net, owner)
+    remaining = held[1::2]
+    probe = network(probe_byte, probe_length)
+    assert index.overlapping(probe) == {owner for net, owner in remaining if net.overlaps(probe)}
+    v6 = ipaddress.IPv6Network("fd00::/64")
+    index.add(v6, "six")
+    assert index.overlapping(ipaddress.IPv6Network("fd00::1/128")) == {"six"}
+    assert "six" not in index.overlapping(probe)

@@ -22,9 +22,10 @@ make anyone trusted, move a member's endpoint or lock a member out):
   and is held until every membership it covers has expired, so deleting it from etcd revokes nothing back;
 - a membership that expires is removed like a departure (`expire`, driven by the caller's timer).
 
-Cost: an event costs O(its entry's prefixes x prefix length) dict probes and one binary search per
-prefix, whatever the number of members (overlaps are found through an exact-prefix index for the wider
-prefixes and a sorted list of ranges for the narrower ones).
+Cost: an event costs, per prefix of its entry, one dict probe per prefix length in use and one binary
+search, whatever the number of members (overlaps are found through an exact-prefix index for the wider
+prefixes and a sorted list of ranges for the narrower ones); inserting into that sorted list moves its tail
+(a memmove, O(n) bytes but no Python work per member).
 """
 
 from __future__ import annotations
@@ -96,38 +97,55 @@ class PeerSetChange:
 
 
 class _Prefixes:
-    """Which ids claim which prefixes, and which claims overlap a given prefix, in O(prefix length) probes
-    plus a binary search: prefixes either nest or are disjoint, so the claims overlapping Q are Q's
-    supernets (looked up exactly, one per length) and the claims starting inside Q's range (found sorted)."""
+    """Which ids claim which prefixes, and which claims overlap a given prefix: prefixes either nest or are
+    disjoint, so the claims overlapping Q are Q's supernets (one exact probe per prefix length in use, as
+    integers: no `ipaddress` object per probe) and the claims starting inside Q's range (found sorted)."""
 
     def __init__(self) -> None:
-        self._exact: dict[_Network, set[str]] = {}
+        self._exact: dict[tuple[int, int, int], set[str]] = {}  # (version, network as int, length) -> ids
+        self._lengths: dict[int, Counter[int]] = {4: Counter(), 6: Counter()}  # the lengths in use
         self._starts: dict[int, list[tuple[int, int, str]]] = {4: [], 6: []}
 
+    @staticmethod
+    def _key(network: _Network) -> tuple[int, int, int]:
+        return (network.version, int(network.network_address), network.prefixlen)
+
     def add(self, network: _Network, owner: str) -> None:
-        self._exact.setdefault(network, set()).add(owner)
-        bisect.insort(self._starts[network.version], (int(network.network_address), network.prefixlen, owner))
+        key = self._key(network)
+        self._exact.setdefault(key, set()).add(owner)
+        self._lengths[key[0]][key[2]] += 1
+        bisect.insort(self._starts[key[0]], (key[1], key[2], owner))
 
     def remove(self, network: _Network, owner: str) -> None:
-        owners = self._exact.get(network)
-        if owners is not None:
-            owners.discard(owner)
-            if not owners:
-                del self._exact[network]
-        starts = self._starts[network.version]
-        item = (int(network.network_address), network.prefixlen, owner)
+        key = self._key(network)
+        owners = self._exact.get(key)
+        if owners is None or owner not in owners:
+            return
+        owners.discard(owner)
+        if not owners:
+            del self._exact[key]
+        lengths = self._lengths[key[0]]
+        lengths[key[2]] -= 1
+        if not lengths[key[2]]:
+            del lengths[key[2]]
+        starts = self._starts[key[0]]
+        item = (key[1], key[2], owner)
         index = bisect.bisect_left(starts, item)
         if index < len(starts) and starts[index] == item:
             del starts[index]
 
     def overlapping(self, network: _Network) -> set[str]:
         """The owners of every claim overlapping `network` (equal, wider or narrower)."""
+        version, address, length = self._key(network)
+        bits = 32 if version == 4 else 128
         owners: set[str] = set()
-        for length in range(network.prefixlen + 1):
-            owners |= self._exact.get(network.supernet(new_prefix=length), set())
-        starts = self._starts[network.version]
-        first, last = int(network.network_address), int(network.broadcast_address)
-        index = bisect.bisect_left(starts, (first, -1, ""))
+        for wider in self._lengths[version]:
+            if wider <= length:
+                mask = ((1 << wider) - 1) << (bits - wider)
+                owners |= self._exact.get((version, address & mask, wider), set())
+        starts = self._starts[version]
+        last = address | ((1 << (bits - length)) - 1)
+        index = bisect.bisect_left(starts, (address, -1, ""))
         while index < len(starts) and starts[index][0] <= last:
             owners.add(starts[index][2])
             index += 1

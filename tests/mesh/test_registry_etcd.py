@@ -313,3 +313,63 @@ async def test_a_membership_that_expires_while_running_is_removed_like_a_departu
     now[0] += 2 * 86_400
     await start("c", "10.8.0.3/32", days=30)
     await a.peers.until(lambda peers: set(peers) == {"c"})
+
+
+async def test_tls_to_etcd_with_a_client_certificate(tmp_path: Path, keys: dict[str, NodeIdentity]) -> None:
+    """etcd with TLS and client-certificate authentication: the registry with `ca`, `cert` and `key` joins;
+    one without a client certificate cannot (it stays unconnected, retrying)."""
+    import dataclasses
+
+    from vpn_packet.testutil.certs import CertificateAuthority
+
+    ca = CertificateAuthority("etcd test CA")
+    ca_path = ca.write(tmp_path)
+    server = ca.issue("localhost", tmp_path / "server")
+    client = ca.issue("node-a", tmp_path / "client")
+    cluster = EtcdCluster.start(tmp_path / "etcd-tls", tls=(server.cert, server.key, ca_path))
+    registries: list[Registry] = []
+    try:
+        peers = Peers()
+        config = dataclasses.replace(
+            _config(tmp_path, keys, "a", "10.8.0.1/32", cluster.client_urls),
+            ca=ca_path, cert=client.cert, key=client.key,
+        )  # fmt: skip
+        registry = Registry(config, keys["a"], peers.apply)
+        registries.append(registry)
+        await registry.start()
+        async with asyncio.timeout(GUARD):
+            await registry.synced.wait()
+        assert registry.status()["connected"] is True
+        anonymous = Registry(
+            dataclasses.replace(config, cert=None, key=None, state=tmp_path / "anonymous.state"),
+            keys["b"],
+            Peers().apply,
+        )
+        registries.append(anonymous)
+        await anonymous.start()
+        async with asyncio.timeout(GUARD):
+            await anonymous.lost.wait()
+        assert anonymous.status()["connected"] is False
+    finally:
+        for r in registries:
+            await r.stop()
+        cluster.close()
+
+
+async def test_a_node_whose_own_membership_is_revoked_in_its_state_refuses_to_start(
+    tmp_path: Path, keys: dict[str, NodeIdentity]
+) -> None:
+    import base64
+    import json
+
+    from vpn_packet.errors import MembershipError
+
+    config = _config(tmp_path, keys, "a", "10.8.0.1/32", ["http://127.0.0.1:1"])
+    revocation = sign_revocation(keys["authority"], member_id="a", issued=int(time.time()))
+    config.state.write_text(
+        json.dumps(
+            {"entries": [], "revocations": [base64.b64encode(revocation.record).decode()], "sequence": 0}
+        )
+    )
+    with pytest.raises(MembershipError, match="own membership is revoked"):
+        await Registry(config, keys["a"], Peers().apply).start()

@@ -48,14 +48,25 @@ class EtcdCluster:
     processes: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
     host: str = "127.0.0.1"
     netns: str | None = None
+    #: TLS for clients: (server certificate, its key, the CA client certificates must chain to). The
+    #: certificate names "localhost", which `client_urls` then use.
+    tls: tuple[Path, Path, Path] | None = None
 
     @property
     def client_urls(self) -> list[str]:
+        if self.tls is not None:
+            return [f"https://localhost:{port}" for port in self.client_ports]
         return [f"http://{self.host}:{port}" for port in self.client_ports]
 
     @classmethod
     def start(
-        cls, directory: Path, members: int = 1, *, host: str = "127.0.0.1", netns: str | None = None
+        cls,
+        directory: Path,
+        members: int = 1,
+        *,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> EtcdCluster:
         if ETCD is None:
             raise RuntimeError("etcd is not installed (apt-get install etcd-server)")
@@ -64,7 +75,7 @@ class EtcdCluster:
             ports = [*range(2379, 2379 + members), *range(2480, 2480 + members)]
         else:
             ports = _free_ports(2 * members)
-        cluster = cls(Path(directory), ports[:members], ports[members:], host=host, netns=netns)
+        cluster = cls(Path(directory), ports[:members], ports[members:], host=host, netns=netns, tls=tls)
         cluster.directory.mkdir(parents=True, exist_ok=True)
         try:
             cluster.processes = [None] * members
@@ -98,14 +109,25 @@ class EtcdCluster:
         initial = ",".join(f"m{k}=http://{host}:{port}" for k, port in enumerate(self.peer_ports))
         data = self.directory / f"m{i}.etcd"
         inside = ["ip", "netns", "exec", self.netns] if self.netns is not None else []
+        scheme, secure = "http", []
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            scheme = "https"
+            secure = [
+                f"--cert-file={cert}",
+                f"--key-file={key}",
+                f"--trusted-ca-file={ca}",
+                "--client-cert-auth",
+            ]
         return subprocess.Popen(
             [
                 *inside,
                 ETCD,
                 f"--name=m{i}",
                 f"--data-dir={data}",
-                f"--listen-client-urls=http://{host}:{self.client_ports[i]}",
-                f"--advertise-client-urls=http://{host}:{self.client_ports[i]}",
+                f"--listen-client-urls={scheme}://{host}:{self.client_ports[i]}",
+                f"--advertise-client-urls={scheme}://{host}:{self.client_ports[i]}",
+                *secure,
                 f"--listen-peer-urls=http://{host}:{self.peer_ports[i]}",
                 f"--initial-advertise-peer-urls=http://{host}:{self.peer_ports[i]}",
                 f"--initial-cluster={initial}",

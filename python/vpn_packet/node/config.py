@@ -64,12 +64,14 @@ peer id, endpoint, prefix, seconds) is `vpn_packet.tuning`'s, the same ones `Nod
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import ipaddress
 import logging
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -440,6 +442,13 @@ def _check_routes(interface: InterfaceConfig, listen: tuple[str, int], peers: tu
         endpoints[key] = i
         with contextlib.suppress(ValueError):  # a host name: its address is only known when connecting
             underlay.append((i, ipaddress.ip_address(host)))
+    # Endpoint addresses sorted per IP version: a prefix finds those inside it by binary search, so the
+    # check is linear in the peers (issue 21: it was every prefix against every endpoint).
+    endpoint_index: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    for k, ip in underlay:
+        endpoint_index[ip.version].append((int(ip), k))
+    for entries in endpoint_index.values():
+        entries.sort()
     for i, peer in enumerate(peers):
         for j, prefix in enumerate(peer.allowed_ips):
             where = f"peers[{i}].allowed_ips[{j}]"
@@ -458,14 +467,29 @@ def _check_routes(interface: InterfaceConfig, listen: tuple[str, int], peers: tu
                         f"{prefix} contains this node's own address {address.ip} (interface.address): "
                         "packets from it would be dropped by the kernel as martians",
                     )
-            for k, ip in underlay:
-                if ip in network:
-                    raise ConfigError(
-                        where,
-                        f"{prefix} contains {ip}, the endpoint of peer {peers[k].id!r} "
-                        f"(peers[{k}].endpoint): the tunnel would route its own traffic to that peer "
-                        "into itself",
-                    )
+            inside = _endpoints_in(endpoint_index, network)
+            if inside is not None:
+                k, ip = inside
+                raise ConfigError(
+                    where,
+                    f"{prefix} contains {ip}, the endpoint of peer {peers[k].id!r} "
+                    f"(peers[{k}].endpoint): the tunnel would route its own traffic to that peer "
+                    "into itself",
+                )
+
+
+def _endpoints_in(
+    index: Mapping[int, list[tuple[int, int]]], network: ipaddress.IPv4Network | ipaddress.IPv6Network
+) -> tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The first peer (by position) whose endpoint address is inside `network`, with that address."""
+    entries = index[network.version]
+    first, last = int(network.network_address), int(network.broadcast_address)
+    start = bisect.bisect_left(entries, (first, -1))
+    stop = bisect.bisect_right(entries, (last, sys.maxsize))
+    if start >= stop:
+        return None
+    value, k = min(entries[start:stop], key=lambda entry: entry[1])
+    return k, ipaddress.ip_address(value) if network.version == 4 else ipaddress.IPv6Address(value)
 
 
 def _node(data: Mapping[str, Any], base: Path | None) -> NodeSection:

@@ -85,6 +85,7 @@ __all__ = [
     "Spec",
     "TXQUEUELEN",
     "Tuning",
+    "WARM_DISCOVERED_PEERS",
     "WORKER_BUFFER_SIZE",
     "WORKER_CLEANUP_INTERVAL",
     "WORKER_IDLE_TIMEOUT",
@@ -222,6 +223,10 @@ DISCOVERY_PREFIX: Final = "/vpn-packet/default/"
 DISCOVERY_TTL: Final = 10
 MIN_DISCOVERY_TTL: Final = 2
 MAX_DISCOVERY_TTL: Final = 3600
+#: Discovered peers kept connected from the start (the first ones to join, in order); the others are
+#: connected on demand, when a packet goes to them (it waits, bounded, in its worker) or they connect to us.
+#: A mesh of thousands then costs each node a few connections, not thousands. Static peers are all kept.
+WARM_DISCOVERED_PEERS: Final = 8
 #: Where a node keeps the last memberships seen and its revocations (`StateDirectory=vpn-packet`).
 DISCOVERY_STATE_DIR: Final = "/var/lib/vpn-packet"
 

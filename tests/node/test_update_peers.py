@@ -121,3 +121,18 @@ async def test_a_key_given_twice_is_refused_before_anything_changes(tmp_path: Pa
             added=[Peer("d1", "127.0.0.1:8", ["10.8.0.21/32"])], keys={"d1": keys["s1"].public_key_bytes}
         )
     assert [p.id for p in node.peers] == ["s1"]
+
+
+async def test_a_few_discovered_peers_are_kept_warm_the_others_connect_on_demand(tmp_path: Path) -> None:
+    from vpn_packet.tuning import WARM_DISCOVERED_PEERS
+
+    keys = identities(tmp_path, "self")
+    node = Node(Security.with_keys(keys["self"], {}), peers=[], keep_connections=True)
+    discovered = [Peer(f"d{i}", f"127.0.0.1:{9000 + i}", [f"10.9.0.{i + 1}/32"]) for i in range(20)]
+    await node.update_peers(added=discovered, source="discovery")
+    await node.update_peers(added=[Peer("s1", "127.0.0.1:8999", ["10.8.0.11/32"])])
+    assert node.keeper is not None
+    assert list(node.keeper.peers()) == ["s1", *[f"d{i}" for i in range(WARM_DISCOVERED_PEERS)]]
+    await node.update_peers(removed=["d0"], source="discovery")  # the next one to have joined becomes warm
+    assert list(node.keeper.peers())[-1] == f"d{WARM_DISCOVERED_PEERS}"
+    assert len(list(node.keeper.peers())) == 1 + WARM_DISCOVERED_PEERS

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -62,7 +63,14 @@ from vpn_packet.transport.keeper import ConnectionKeeper
 from vpn_packet.transport.pool import StreamPool, StreamPoolMetrics
 from vpn_packet.transport.receiver import PeerReceiverMetrics, Receiver, ReceiverMetrics, Sink
 from vpn_packet.transport.tcp import PeerSendStats, TcpStreamService
-from vpn_packet.tuning import DEFAULT_TUNING, NODE_RESILIENCE, SHUTDOWN_TIMEOUT, Tuning, build
+from vpn_packet.tuning import (
+    DEFAULT_TUNING,
+    NODE_RESILIENCE,
+    SHUTDOWN_TIMEOUT,
+    WARM_DISCOVERED_PEERS,
+    Tuning,
+    build,
+)
 from vpn_packet.worker import WorkerMetrics
 
 __all__ = [
@@ -249,7 +257,9 @@ class Node:
         self.listen = listen
         self.stop_timeout = stop_timeout
         self.discovery = StaticPeerDiscovery(peers)
-        self._sources: dict[str, str] = {}  # peer id -> where it came from, when not `static`
+        # Peer id -> where it came from, when not `static`, in the order they came (the first few are warm).
+        self._sources: dict[str, str] = {}
+        self._static_ids: dict[str, None] = dict.fromkeys(peer.id for peer in self.discovery.peers)
         # Each part takes the `Tuning` whole: the part itself says which of its keywords are which knobs
         # (its `TUNING_FIELDS`), so this is not a second list of them.
         self.stream_service = build(TcpStreamService, t, self.discovery, security)
@@ -291,7 +301,9 @@ class Node:
         return self._sources.get(peer_id, "static")
 
     def _peer_ids(self) -> list[str]:
-        return [peer.id for peer in self.discovery.peers]
+        """The peers the keeper keeps connected: every static one and the first `WARM_DISCOVERED_PEERS`
+        discovered ones (the others connect on demand). O(static peers + a few), not O(discovered)."""
+        return [*self._static_ids, *itertools.islice(self._sources, WARM_DISCOVERED_PEERS)]
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
@@ -580,10 +592,13 @@ class Node:
         for peer in (*added, *updated):
             if source == "static":
                 self._sources.pop(peer.id, None)
+                self._static_ids[peer.id] = None
             else:
-                self._sources[peer.id] = source
+                self._static_ids.pop(peer.id, None)
+                self._sources.setdefault(peer.id, source)
         for peer_id in removed:
             self._sources.pop(peer_id, None)
+            self._static_ids.pop(peer_id, None)
         if security is not self.security:
             self.security = security
             self.stream_service.security = security

@@ -288,7 +288,15 @@ class Registry:
         """`apply`, one change at a time, in the order they were made (the watch and the expiry timer both
         make changes; asyncio's lock queues them first come, first served)."""
         async with self._apply_lock:
-            await self._apply(change)
+            try:
+                await self._apply(change)
+            except Exception:  # the node's fault, not etcd's: logged, and the registry goes on
+                _log.exception(
+                    "discovery: applying a change failed (%d added, %d updated, %d removed)",
+                    len(change.added),
+                    len(change.updated),
+                    len(change.removed),
+                )
 
     # --- the state file -------------------------------------------------------------------------------------
 
@@ -309,6 +317,7 @@ class Registry:
         }
         path = self.config.state
         try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the unit's StateDirectory, or ours
             temporary = path.with_name(f".{path.name}.tmp")
             temporary.write_text(json.dumps(data))
             os.replace(temporary, path)

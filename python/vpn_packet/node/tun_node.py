@@ -310,7 +310,10 @@ class TunNode:
             except ConfigError as exc:
                 _log.warning("discovery: not applied, a route conflicts: %s", exc)
                 return
-        await self.node.update_peers(added, updated, removed, keys, removed, source="discovery")
+        try:
+            await self.node.update_peers(added, updated, removed, keys, removed, source="discovery")
+        except ValueError as exc:  # e.g. a member with a static peer's key: that member is not applied
+            _log.warning("discovery: not applied: %s", exc)
 
     async def _settle_connections(self, bound: float) -> tuple[int, int]:
         """Wait at most `bound` seconds for the connections to the peers (`ConnectionKeeper.settle`) and from

@@ -298,9 +298,10 @@ class TunNode:
         added += [peer(m) for m in change.updated.values() if m.id not in self.node.discovery]
         removed = [peer_id for peer_id in change.removed if peer_id in self.node.discovery]
         keys = {m.id: m.public_key for m in (*change.added.values(), *change.updated.values())}
-        if self.routes is not None:
-            # PeerRoutes plans from the whole peer map (netlink only for the difference): O(peers) per
-            # change, the one step of this path that is not O(changed) yet.
+        changed_prefixes = {p.id: p.allowed_ips for p in (*added, *updated)}
+        if self.routes is not None and self.routes.affects(changed_prefixes, removed):
+            # PeerRoutes plans from the whole peer map (netlink only for the difference): O(peers), but only
+            # when a route can change (a gateway member); a /32 inside the subnet skips it.
             prefixes = {p.id: p.allowed_ips for p in self.node.discovery.peers}
             for peer_id in removed:
                 prefixes.pop(peer_id, None)

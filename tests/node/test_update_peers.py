@@ -136,3 +136,27 @@ async def test_a_few_discovered_peers_are_kept_warm_the_others_connect_on_demand
     await node.update_peers(removed=["d0"], source="discovery")  # the next one to have joined becomes warm
     assert list(node.keeper.peers())[-1] == f"d{WARM_DISCOVERED_PEERS}"
     assert len(list(node.keeper.peers())) == 1 + WARM_DISCOVERED_PEERS
+
+
+def test_security_key_changes_check_only_the_changed_keys(tmp_path: Path) -> None:
+    from vpn_packet.errors import IdentityError
+    from vpn_packet.testutil.weak_keys import small_order_keys
+
+    keys = identities(tmp_path, "self", "a", "b", "c")
+    security = Security.with_keys(keys["self"], {"a": keys["a"].public_key_bytes})
+    changed = security.with_key_changes({"b": keys["b"].public_key_bytes})
+    assert changed.peer_keys == {"a": keys["a"].public_key_bytes, "b": keys["b"].public_key_bytes}
+    assert changed.peer_of_key(keys["b"].public_key_bytes) == "b"
+    assert changed.server_context is security.server_context
+    assert security.peer_keys == {"a": keys["a"].public_key_bytes}  # the original is unchanged
+    with pytest.raises(IdentityError):
+        changed.with_key_changes({"c": small_order_keys()[0]})
+    with pytest.raises(ValueError, match="same public key"):
+        changed.with_key_changes({"c": keys["a"].public_key_bytes})
+    # A key freed by a removal (or a rekey) can be given again in the same change.
+    moved = changed.with_key_changes({"c": keys["a"].public_key_bytes}, removed=["a"])
+    assert moved.peer_keys == {"b": keys["b"].public_key_bytes, "c": keys["a"].public_key_bytes}
+    assert moved.peer_of_key(keys["a"].public_key_bytes) == "c"
+    rekeyed = moved.with_key_changes({"b": keys["c"].public_key_bytes})
+    assert rekeyed.peer_of_key(keys["b"].public_key_bytes) is None
+    assert rekeyed.peer_of_key(keys["c"].public_key_bytes) == "b"

@@ -168,14 +168,15 @@ async def run(peers: int, joins: int, workdir: Path, *, trace: bool = False) -> 
                 await changed.wait_for(lambda m=membership: m.id in applied)  # type: ignore[misc]
             join_latencies.append(applied[membership.id] - put_at)
         leave_latencies = []
-        for key, _record, membership in generated[:joins]:
+        leaves = min(joins, peers // 2)  # members left for the lookups
+        for key, _record, membership in generated[:leaves]:
             delete_at = time.perf_counter()
             await client.delete(key.encode())
             async with changed:
                 await changed.wait_for(lambda m=membership: m.id in removed)  # type: ignore[misc]
             leave_latencies.append(removed[membership.id] - delete_at)
 
-        addresses = [_address(i) for i in range(joins, peers)]
+        addresses = [_address(i) for i in range(leaves, peers)]
         static = StaticPeerDiscovery(
             Peer(f"member-{i:06d}", f"198.18.0.1:{7000 + i % 1000}", [f"{_address(i)}/32"])
             for i in range(peers)

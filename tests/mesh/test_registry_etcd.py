@@ -373,3 +373,27 @@ async def test_a_node_whose_own_membership_is_revoked_in_its_state_refuses_to_st
     )
     with pytest.raises(MembershipError, match="own membership is revoked"):
         await Registry(config, keys["a"], Peers().apply).start()
+
+
+async def test_refusals_are_counted_each_and_logged_once_per_reason_and_interval(
+    start: object, etcd: EtcdCluster, caplog: pytest.LogCaptureFixture, keys: dict[str, NodeIdentity]
+) -> None:
+    """Whoever can write to etcd cannot flood the log: 20 garbage entries are 20 counts and one line."""
+    assert callable(start)
+    caplog.set_level(logging.WARNING, "vpn_packet.mesh")
+    a = await start("a", "10.8.0.1/32")
+    client = await _raw_client(etcd)
+    for i in range(20):
+        await client.put(f"{PREFIX}members/junk-{i}".encode(), b"not an entry %d" % i)
+    marker = sign_membership(
+        keys["authority"], member_id="c", public_key=keys["c"].public_key_bytes, allowed_ips=["10.8.0.3/32"],
+        issued=int(time.time()), days=1,
+    )  # fmt: skip
+    await client.put(
+        f"{PREFIX}members/c".encode(),
+        sign_entry(keys["c"], marker, endpoint="127.0.0.1:9", sequence=1).record,
+    )
+    await a.peers.until(lambda peers: "c" in peers)
+    await client.close()
+    assert a.registry.status()["refused"] == {"malformed": 20}
+    assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1

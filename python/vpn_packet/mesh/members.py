@@ -182,6 +182,7 @@ class MemberTable:
         self.overlap_alarms = 0
         #: The last refusal and the last alarm, one line each, for the log.
         self.last_refusal = ""
+        self.last_refusal_reason = ""
         self.last_alarm = ""
         self._reserved = _Prefixes()
         for network in _networks(own.allowed_ips):
@@ -225,6 +226,7 @@ class MemberTable:
 
     def _refuse(self, reason: str) -> PeerSetChange:
         self.refused[reason] += 1
+        self.last_refusal_reason = reason
         return PeerSetChange()
 
     def put(self, key: str, value: bytes, now: float) -> PeerSetChange:

@@ -36,8 +36,9 @@ from vpn_packet.errors import MembershipError
 from vpn_packet.mesh.config import DiscoveryConfig
 from vpn_packet.mesh.members import MEMBERS_DIR, MemberTable, PeerSetChange
 from vpn_packet.mesh.membership import sign_entry, verify_entry, verify_revocation
+from vpn_packet.ratelimit import LogLimiter
 from vpn_packet.transport.identity import NodeIdentity
-from vpn_packet.tuning import RECONNECT_BACKOFF, RECONNECT_BACKOFF_MAX
+from vpn_packet.tuning import LOG_INTERVAL, RECONNECT_BACKOFF, RECONNECT_BACKOFF_MAX
 
 __all__ = ["Registry", "load_state"]
 
@@ -94,6 +95,7 @@ class Registry:
         self._lease_id: int | None = None
         self._lost_logged = False
         self._apply_lock = asyncio.Lock()
+        self._log_limit = LogLimiter(_log, LOG_INTERVAL)
         self._rearm = asyncio.Event()
         #: Set while the registry is connected and in sync with the store; `lost` while it is not (after it
         #: was once), so that tests and callers wait on the transition instead of polling.
@@ -255,11 +257,12 @@ class Registry:
 
     async def _changed(self, change: PeerSetChange) -> None:
         refusal, alarm = self.table.last_refusal, self.table.last_alarm
+        # Rate-limited per reason: whoever can write to etcd must not be able to flood the log either.
         if refusal:
-            _log.warning("discovery: refused %s", refusal)
+            self._log_limit.warning(self.table.last_refusal_reason, "discovery: refused %s", refusal)
             self.table.last_refusal = ""
         if alarm:
-            _log.warning("discovery: alarm: %s", alarm)
+            self._log_limit.warning("overlap", "discovery: alarm: %s", alarm)
             self.table.last_alarm = ""
         if change:
             await self._apply_change(change)

@@ -55,6 +55,7 @@ __all__ = [
     "IsServiceError",
     "IsStreamClosedError",
     "IsTemporaryError",
+    "MembershipError",
     "NetworkError",
     "PacketError",
     "PeerNotFoundError",
@@ -709,3 +710,18 @@ class UsageError(VpnPacketError):
 class IdentityError(UsageError, ValueError):
     """A key file or public key string that cannot be used (`vpn_packet.transport.identity`); the message says
     which and why. A `UsageError`, so the `vpn-packet` commands report it on one line."""
+
+
+class MembershipError(UsageError, ValueError):
+    """A mesh membership, revocation or store entry that cannot be trusted or read
+    (`vpn_packet.mesh.membership`). `reason` is a short stable name for counting (`malformed`, `bad_key`,
+    `bad_signature`, `unknown_authority`, `authority_as_member`, `expired`, `not_yet_valid`, `revoked`,
+    `superseded`, `validity_too_long`); the message says more. A `UsageError`, so `vpn-packet sign` and
+    `revoke` report it on one line; a node counts it by `reason` and never applies the entry."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (MembershipError, (self.reason, str(self)))

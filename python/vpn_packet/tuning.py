@@ -38,10 +38,16 @@ from vpn_packet.resilience import ResilienceConfig
 
 __all__ = [
     "ACK_TIMEOUT",
+    "CLOCK_SKEW",
     "CONNECT_TIMEOUT",
     "COALESCE",
     "COALESCE_QUIET",
     "DEFAULT_TUNING",
+    "DISCOVERY_PREFIX",
+    "DISCOVERY_STATE_DIR",
+    "DISCOVERY_TTL",
+    "MAX_DISCOVERY_TTL",
+    "MIN_DISCOVERY_TTL",
     "HELLO_TIMEOUT",
     "LOG_INTERVAL",
     "LOG_LEVELS",
@@ -49,6 +55,8 @@ __all__ = [
     "IN_FLIGHT_WINDOW",
     "IPV6_MIN_MTU",
     "MAX_CONNECTIONS",
+    "MAX_MEMBERSHIP_DAYS",
+    "MAX_MEMBERSHIP_PREFIXES",
     "MAX_CONNECTIONS_PER_PEER",
     "MAX_MTU",
     "MAX_PENDING",
@@ -59,6 +67,7 @@ __all__ = [
     "MAX_STREAMS_PER_PEER",
     "MAX_TXQUEUELEN",
     "MAX_WORKERS",
+    "MEMBERSHIP_DAYS",
     "MIN_ACK_TIMEOUT",
     "MIN_MTU",
     "MTU",
@@ -78,6 +87,7 @@ __all__ = [
     "Spec",
     "TXQUEUELEN",
     "Tuning",
+    "WARM_DISCOVERED_PEERS",
     "WORKER_BUFFER_SIZE",
     "WORKER_CLEANUP_INTERVAL",
     "WORKER_IDLE_TIMEOUT",
@@ -204,6 +214,32 @@ SHUTDOWN_TIMEOUT: Final = 5.0
 #: reasons; an open breaker probes again after 2 s, so a peer that restarts is reachable within seconds).
 #: Kept as a name for the node and its config parser, never as a second set of values.
 NODE_RESILIENCE: Final = ResilienceConfig()
+
+#: Mesh memberships (`vpn_packet.mesh.membership`): how long `vpn-packet sign` makes one valid by default
+#: (90 days, as Let's Encrypt's certificates: short enough that a forgotten node falls out, long enough that
+#: re-signing is a quarterly chore, not a daily one), and the longest it may (a year: a membership is a
+#: credential, and a revocation must be kept until every membership it covers has expired).
+MEMBERSHIP_DAYS: Final = 90
+MAX_MEMBERSHIP_DAYS: Final = 365
+#: Clock skew tolerated between the authority that signed and the node that checks: a membership issued up
+#: to this many seconds "in the future", or expired less than this long ago, is still accepted.
+CLOCK_SKEW: Final = 300
+#: The most prefixes one membership may name (a node with more is a gateway that should own a larger one).
+MAX_MEMBERSHIP_PREFIXES: Final = 255
+
+#: `[discovery]`: where the members live in etcd, and the lease TTL in seconds: a node that stops renewing
+#: leaves the others within it. At least 2 s (the lease is renewed every third of it, and one lost renewal
+#: must not drop a live node), at most an hour (a dead node's tunnels would linger longer than anyone waits).
+DISCOVERY_PREFIX: Final = "/vpn-packet/default/"
+DISCOVERY_TTL: Final = 10
+MIN_DISCOVERY_TTL: Final = 2
+MAX_DISCOVERY_TTL: Final = 3600
+#: Discovered peers kept connected from the start (the first ones to join, in order); the others are
+#: connected on demand, when a packet goes to them (it waits, bounded, in its worker) or they connect to us.
+#: A mesh of thousands then costs each node a few connections, not thousands. Static peers are all kept.
+WARM_DISCOVERED_PEERS: Final = 8
+#: Where a node keeps the last memberships seen and its revocations (`StateDirectory=vpn-packet`).
+DISCOVERY_STATE_DIR: Final = "/var/lib/vpn-packet"
 
 #: The longest duration any setting in seconds may have: one day. Larger values cannot be meant, and they
 #: break timers: `asyncio` (`call_at`, `wait_for`) adds them to the loop's clock, where 1e308 overflows to

@@ -304,6 +304,8 @@ def test_unit_runs_the_instance_config_with_cap_net_admin_only() -> None:
         "PrivateTmp": "yes",
         "RuntimeDirectory": "vpn-packet",
         "RuntimeDirectoryMode": "0700",
+        "StateDirectory": "vpn-packet",  # [discovery] state (issue 21)
+        "StateDirectoryMode": "0700",
         "DevicePolicy": "closed",
         "DeviceAllow": "/dev/net/tun rw",
     }

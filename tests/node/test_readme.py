@@ -3,11 +3,12 @@ defined).
 
 - Every ```python block runs as a script in a fresh interpreter and must exit 0.
 - Every `vpn-packet ...` command of the ```sh blocks: those that need no root, no TUN and no running node
-  (`genkey`, `pubkey`, `example-config`, `sample-capture`, `inspect`, `demo`) run for real, in order, in a
-  scratch directory, as the README shows them (pipes and redirections included); those that need root, a TUN
-  device or a running node (`node`, `status`, `reload`), and the demo of a million packets (minutes of CPU on
-  a busy machine, the same code as the demo that runs), are checked by the command's own argument parser
-  only. Other shell commands (pip, venv, systemctl, ping, cargo, ...) are not ours and are not run.
+  (`genkey`, `pubkey`, `example-config`, `sample-capture`, `inspect`, `demo`, `sign`, `revoke`) run for
+  real, in order, in a scratch directory, as the README shows them (pipes and redirections included); those
+  that need root, a TUN device or a running node (`node`, `status`, `reload`), and the demo of a million
+  packets (minutes of CPU on a busy machine, the same code as the demo that runs), are checked by the
+  command's own argument parser only. Other shell commands (pip, venv, systemctl, ping, cargo, ...) are not
+  ours and are not run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 from vpn_packet.cli import build_parser
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-RUN = {"genkey", "pubkey", "example-config", "sample-capture", "inspect", "demo"}
+RUN = {"genkey", "pubkey", "example-config", "sample-capture", "inspect", "demo", "sign", "revoke"}
 PARSE_ONLY = {"node", "status", "reload"}
 MAX_DEMO_PACKETS = 200_000  # the default; more is only parsed (see the module docstring)
 

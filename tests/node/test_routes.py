@@ -385,3 +385,16 @@ def test_a_tun_node_adds_its_peers_routes_at_start_and_removes_them_at_shutdown(
     running, after = asyncio.run(main())
     assert running == {"10.99.0.0/16"}  # 10.8.0.2/32 is inside the interface's own 10.8.0.0/24
     assert after == set()
+
+
+def test_affects_says_when_a_change_can_change_the_routes() -> None:
+    """Issue 21: discovery skips `apply` (which plans from every peer) when no route can change."""
+    routes = PeerRoutes("vpnp-none", ["10.8.0.1/24", "fd00:8::1/64"])
+    assert not routes.affects({"m1": ["10.8.0.7/32"], "m2": ["fd00:8::9/128"]})
+    assert not routes.affects({}, removed=["m1"])
+    assert routes.affects({"gw": ["10.8.0.7/32", "192.168.0.0/16"]})
+    assert routes.affects({"gw": ["0.0.0.0/0"]})
+    routes._routes = plan_routes(routes.interface_addresses, {"gw": ["192.168.0.0/16"]})[0]  # as if applied
+    assert routes.affects({}, removed=["gw"])
+    assert routes.affects({"gw": ["10.8.0.9/32"]})  # its route must go
+    assert not routes.affects({"m1": ["10.8.0.7/32"]}, removed=["m2"])

@@ -375,7 +375,7 @@ def test_status_wide_shows_every_column() -> None:
     assert max(len(line.rstrip()) for line in lines if not line.startswith("totals")) <= width
     header = next(line for line in lines if line.lstrip().startswith("peer"))
     assert header.split() == [
-        *["peer", "endpoint", "state", "handshake", "tx", "rx", "last", "tx", "last", "rx"],
+        *["peer", "source", "endpoint", "state", "handshake", "tx", "rx", "last", "tx", "last", "rx"],
         *["in/out", "breaker"],
     ]
     row = next(line for line in lines if "connected" in line)

@@ -57,7 +57,9 @@ def _insecure_config() -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("table", ["interface", "listen", "node", "tls", "tuning", "resilience", "peers"])
+@pytest.mark.parametrize(
+    "table", ["interface", "listen", "node", "tls", "tuning", "resilience", "peers", "discovery"]
+)
 def test_the_documented_config_keys_are_the_parsers(table: str) -> None:
     data = _insecure_config()
     if table == "peers":
@@ -82,9 +84,10 @@ def test_every_config_table_is_documented() -> None:
         "tls",
         "tuning",
         "resilience",
+        "discovery",
     }
     documented = set(documented_keys("config.md"))
-    assert {"interface", "listen", "peers", "node", "tls", "tuning", "resilience"} <= documented
+    assert {"interface", "listen", "peers", "node", "tls", "tuning", "resilience", "discovery"} <= documented
 
 
 def test_the_documented_tuning_defaults_are_the_codes() -> None:
@@ -117,7 +120,17 @@ def test_the_documented_top_level_status_keys() -> None:
     assert documented_keys("status-json.md")["Top level"] == STATUS_TOP_LEVEL
 
 
-STATUS_TOP_LEVEL = {"id", "interface", "listen", "state", "uptime", "peers", "totals", "deprecated"}
+STATUS_TOP_LEVEL = {
+    "id",
+    "interface",
+    "listen",
+    "state",
+    "uptime",
+    "peers",
+    "totals",
+    "discovery",
+    "deprecated",
+}
 
 
 def test_the_documented_commands_are_the_cli_s() -> None:

@@ -382,3 +382,24 @@ def test_every_exception_is_defined_in_errors() -> None:
 def test_the_exception_check_sees_a_stray_class(tmp_path: Path) -> None:
     tree = _tree(tmp_path, {"errors.py": "class A(Exception): ...\n", "x.py": "class B(ValueError): ...\n"})
     assert exception_classes_outside_errors(tree, "pkg") == ["pkg.x.B"]
+
+
+def test_a_config_without_discovery_loads_no_mesh_and_no_etcd_client(tmp_path: Path) -> None:
+    """Issue 21: the etcd client (the mesh extra) is imported only when `[discovery]` is configured."""
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[interface]\nname = "vpn0"\naddress = "10.8.0.1/24"\n[listen]\naddress = "0.0.0.0:7000"\n'
+        '[node]\nid = "a"\ninsecure = true\n[[peers]]\nid = "b"\nendpoint = "192.168.77.2:7000"\n'
+        'allowed_ips = ["10.8.0.2/32"]\n'
+    )
+    code = (
+        "import sys, json\n"
+        "from vpn_packet.node.config import load_config\n"
+        "from vpn_packet.cli import build_parser\n"
+        f"load_config({str(config)!r})\n"
+        "build_parser()\n"
+        "loaded = [m for m in sys.modules if m.startswith(('vpn_packet.mesh', 'aetcd', 'grpc'))]\n"
+        "print(json.dumps(sorted(loaded)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == []

@@ -29,6 +29,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vpn_packet.cli.demo",
     "vpn_packet.cli.genkey",
     "vpn_packet.cli.pubkey",
+    "vpn_packet.cli.sign",
+    "vpn_packet.cli.revoke",
     "vpn_packet.cli.inspect",
     "vpn_packet.cli.sample_capture",
 )

@@ -1,5 +1,8 @@
 """`vpn-packet genkey NAME [--dir DIR]`: writes a node identity and prints its public key string.
 
+A mesh's authority key is made the same way (`vpn-packet genkey authority`): the same file format, used by
+`vpn-packet sign` and `revoke` instead of a node.
+
 Like `wg genkey | wg pubkey` in one step: the key file (`NAME.key`, mode 0600: the private key and a
 self-signed certificate that carries it) stays on this host; the last line printed is the public key string
 that peers put in their config (`public_key = "..."`).
@@ -42,7 +45,10 @@ COMMAND = Subcommand(
         "Writes NAME.key (mode 0600): an Ed25519 private key and a self-signed certificate carrying it.\n"
         "Point [node] key at it. The last line printed is the public key string, 44 characters of base64\n"
         "like a WireGuard key: peers trust this node by putting it in its [[peers]] entry as\n"
-        'public_key = "...". An existing file is kept unless --force.'
+        'public_key = "...". An existing file is kept unless --force.\n'
+        "A mesh authority key is made the same way (`vpn-packet genkey authority`: an authority key is a\n"
+        "node key file); `vpn-packet sign --authority authority.key` signs memberships with it, and nodes\n"
+        "trust it by its public key string ([discovery] authority). Keep it off the nodes."
     ),
     add_arguments=_arguments,
     run=_run,

@@ -175,6 +175,7 @@ def render(snapshot: dict[str, Any], *, wide: bool = True) -> Any:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1) if wide else (0, 0))
     columns = (
         ("peer", "left", True),
+        ("source", "left", False),
         ("endpoint", "left", False),
         ("state", "left", True),
         ("handshake", "right", True),
@@ -203,6 +204,7 @@ def render(snapshot: dict[str, Any], *, wide: bool = True) -> Any:
         conns = peer.get("connections", {"out": 0, "in": 0})
         cells = (
             escape(name),
+            escape(str(peer.get("source", "static"))),
             escape(str(peer.get("endpoint", ""))),
             state,
             _ago(peer.get("last_handshake")),
@@ -230,7 +232,18 @@ def render(snapshot: dict[str, Any], *, wide: bool = True) -> Any:
         f"accepted {t.get('accepted', 0):,}, failed {t.get('failed', 0):,}, queued {t.get('queued', 0):,}, "
         f"in flight {t.get('in_flight', 0):,}; drops: {_drops(t.get('drops', {}))}"
     )
-    return Group(header, table, *notes, totals)
+    lines = [header]
+    discovery = snapshot.get("discovery")
+    if discovery:
+        refused = discovery.get("refused") or {}
+        lines.append(
+            Text(
+                f"discovery: {'connected to etcd' if discovery.get('connected') else 'etcd unreachable'}, "
+                f"revision {discovery.get('revision', 0)}, {discovery.get('members', 0)} members; "
+                f"refused: {_drops(refused)}; overlap alarms {discovery.get('overlap_alarms', 0)}"
+            )
+        )
+    return Group(*lines, table, *notes, totals)
 
 
 def _run(args: argparse.Namespace) -> int:

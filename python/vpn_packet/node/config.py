@@ -64,17 +64,19 @@ peer id, endpoint, prefix, seconds) is `vpn_packet.tuning`'s, the same ones `Nod
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import ipaddress
 import logging
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vpn_packet import tuning
 from vpn_packet.errors import ConfigError
@@ -88,6 +90,9 @@ from vpn_packet.transport.identity import (
     load_identity,
 )
 from vpn_packet.tuning import LOG_LEVELS, NODE_RESILIENCE, Tuning, parse_endpoint
+
+if TYPE_CHECKING:
+    from vpn_packet.mesh.config import DiscoveryConfig
 
 __all__ = [
     "ConfigError",
@@ -163,6 +168,7 @@ class NodeConfig:
     path: Path | None = None
     resilience: ResilienceConfig = field(default_factory=lambda: NODE_RESILIENCE)
     identity: NodeIdentity | None = field(default=None, repr=False)
+    discovery: DiscoveryConfig | None = None
 
     @property
     def mode(self) -> SecurityMode:
@@ -324,7 +330,9 @@ def _listen(data: Mapping[str, Any]) -> tuple[str, int]:
     return _address(table, "address", "listen.address")
 
 
-def _peers(data: Mapping[str, Any], base: Path | None) -> tuple[PeerConfig, ...]:
+def _peers(data: Mapping[str, Any], base: Path | None, *, required: bool = True) -> tuple[PeerConfig, ...]:
+    if "peers" not in data and not required:
+        return ()
     if "peers" not in data:
         raise ConfigError("peers", "missing: a node without [[peers]] has nobody to forward packets to")
     raw = data["peers"]
@@ -434,6 +442,13 @@ def _check_routes(interface: InterfaceConfig, listen: tuple[str, int], peers: tu
         endpoints[key] = i
         with contextlib.suppress(ValueError):  # a host name: its address is only known when connecting
             underlay.append((i, ipaddress.ip_address(host)))
+    # Endpoint addresses sorted per IP version: a prefix finds those inside it by binary search, so the
+    # check is linear in the peers (issue 21: it was every prefix against every endpoint).
+    endpoint_index: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    for k, ip in underlay:
+        endpoint_index[ip.version].append((int(ip), k))
+    for entries in endpoint_index.values():
+        entries.sort()
     for i, peer in enumerate(peers):
         for j, prefix in enumerate(peer.allowed_ips):
             where = f"peers[{i}].allowed_ips[{j}]"
@@ -452,14 +467,29 @@ def _check_routes(interface: InterfaceConfig, listen: tuple[str, int], peers: tu
                         f"{prefix} contains this node's own address {address.ip} (interface.address): "
                         "packets from it would be dropped by the kernel as martians",
                     )
-            for k, ip in underlay:
-                if ip in network:
-                    raise ConfigError(
-                        where,
-                        f"{prefix} contains {ip}, the endpoint of peer {peers[k].id!r} "
-                        f"(peers[{k}].endpoint): the tunnel would route its own traffic to that peer "
-                        "into itself",
-                    )
+            inside = _endpoints_in(endpoint_index, network)
+            if inside is not None:
+                k, ip = inside
+                raise ConfigError(
+                    where,
+                    f"{prefix} contains {ip}, the endpoint of peer {peers[k].id!r} "
+                    f"(peers[{k}].endpoint): the tunnel would route its own traffic to that peer "
+                    "into itself",
+                )
+
+
+def _endpoints_in(
+    index: Mapping[int, list[tuple[int, int]]], network: ipaddress.IPv4Network | ipaddress.IPv6Network
+) -> tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The first peer (by position) whose endpoint address is inside `network`, with that address."""
+    entries = index[network.version]
+    first, last = int(network.network_address), int(network.broadcast_address)
+    start = bisect.bisect_left(entries, (first, -1))
+    stop = bisect.bisect_right(entries, (last, sys.maxsize))
+    if start >= stop:
+        return None
+    value, k = min(entries[start:stop], key=lambda entry: entry[1])
+    return k, ipaddress.ip_address(value) if network.version == 4 else ipaddress.IPv6Address(value)
 
 
 def _node(data: Mapping[str, Any], base: Path | None) -> NodeSection:
@@ -629,13 +659,15 @@ def parse_config(
 ) -> NodeConfig:
     """A `NodeConfig` from parsed TOML; relative paths are relative to `base`. Raises `ConfigError`."""
     for key in data:
-        if key not in {"interface", "listen", "peers", "node", "tls", "tuning", "resilience"}:
+        if key not in {"interface", "listen", "peers", "node", "tls", "tuning", "resilience", "discovery"}:
             raise ConfigError(
-                key, "unknown key (expected interface, listen, peers, node, tls, tuning, resilience)"
+                key,
+                "unknown key (expected interface, listen, peers, node, tls, tuning, resilience, discovery)",
             )
     interface = _interface(data)
     listen = _listen(data)
-    peers = _peers(data, base)
+    # With [discovery], static [[peers]] are optional: the mesh's members come from etcd.
+    peers = _peers(data, base, required="discovery" not in data)
     _check_routes(interface, listen, peers)
     tls = _tls(data, base)
     node, identity = _security(_node(data, base), tls, peers)
@@ -643,7 +675,20 @@ def parse_config(
         raise ConfigError("node.id", f"{node.id!r} is also the id of a peer")
     tuning = _tuning(data)
     resilience = _resilience(data)
-    return NodeConfig(interface, listen, peers, node, tls, tuning, path, resilience, identity)
+    discovery = None
+    if "discovery" in data:
+        # Imported only when configured: a node without [discovery] does not load the mesh.
+        from vpn_packet.mesh.config import parse_discovery
+
+        discovery = parse_discovery(
+            _table(data, "discovery", required=True),
+            base=base,
+            identity=identity,
+            node_id=node.id,
+            listen=listen,
+            interface_name=interface.name,
+        )
+    return NodeConfig(interface, listen, peers, node, tls, tuning, path, resilience, identity, discovery)
 
 
 def load_config(path: str | Path) -> NodeConfig:
@@ -740,6 +785,11 @@ def start_warnings(
             f"({identity.name!r}): peers know this node by its key and name it {identity.name!r}, this "
             f"node's logs and status say {config.node.id!r}; remove node.id (it defaults to the key's "
             "name) or make the two agree"
+        )
+    if config.discovery is not None and config.discovery.trust_store:
+        warnings.append(
+            "discovery.trust_store = true: any entry in etcd that is signed by its own membership's key is "
+            "accepted, so whoever can write to etcd can make a trusted peer (labs only; set authority)"
         )
     own = [ipaddress.ip_interface(a).network for a in config.interface.addresses]
     for i, peer in enumerate(config.peers):
@@ -845,6 +895,8 @@ def diff_configs(old: NodeConfig, new: NodeConfig) -> ConfigDiff:
         restart.append("tls")
     restart += _section_changes("tuning", old.tuning, new.tuning)
     restart += _section_changes("resilience", old.resilience, new.resilience)
+    if old.discovery != new.discovery:
+        restart.append("discovery")
     before = {peer.id: peer for peer in old.peers}
     after = {peer.id: peer for peer in new.peers}
     changed: dict[str, tuple[str, ...]] = {}

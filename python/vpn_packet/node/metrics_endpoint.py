@@ -94,8 +94,16 @@ def node_samples(snapshot: Mapping[str, Any], prefix: str = "vpn_packet") -> Ite
     yield f"{prefix}_connect_failures_total", "counter", {}, node["connect_failures"]
     for reason, n in node.get("refusals", {}).items():  # peers that refused our handshake, by their reason
         yield f"{prefix}_refused_by_peer_total", "counter", {"reason": reason}, n
+    discovery = snapshot.get("discovery")
+    if discovery is not None:  # [discovery]: the mesh's state (etcd, refusals by reason, alarms)
+        yield f"{prefix}_discovery_connected", "gauge", {}, int(discovery["connected"])
+        yield f"{prefix}_discovery_revision", "gauge", {}, discovery["revision"]
+        yield f"{prefix}_discovery_members", "gauge", {}, discovery["members"]
+        yield f"{prefix}_discovery_overlap_alarms_total", "counter", {}, discovery["overlap_alarms"]
+        for reason, n in discovery["refused"].items():
+            yield f"{prefix}_discovery_refused_total", "counter", {"reason": reason}, n
     for peer in snapshot.get("peers", ()):  # `Node.peer_status`: the snapshot `vpn-packet status` shows
-        labels = {"peer": peer["id"]}
+        labels = {"peer": peer["id"], "source": peer.get("source", "static")}
         for key in _PEER_COUNTERS:
             yield f"{prefix}_peer_{key}_total", "counter", labels, peer[key]
         yield f"{prefix}_peer_connected", "gauge", labels, int(peer["connected"])

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -62,7 +63,14 @@ from vpn_packet.transport.keeper import ConnectionKeeper
 from vpn_packet.transport.pool import StreamPool, StreamPoolMetrics
 from vpn_packet.transport.receiver import PeerReceiverMetrics, Receiver, ReceiverMetrics, Sink
 from vpn_packet.transport.tcp import PeerSendStats, TcpStreamService
-from vpn_packet.tuning import DEFAULT_TUNING, NODE_RESILIENCE, SHUTDOWN_TIMEOUT, Tuning, build
+from vpn_packet.tuning import (
+    DEFAULT_TUNING,
+    NODE_RESILIENCE,
+    SHUTDOWN_TIMEOUT,
+    WARM_DISCOVERED_PEERS,
+    Tuning,
+    build,
+)
 from vpn_packet.worker import WorkerMetrics
 
 __all__ = [
@@ -247,9 +255,11 @@ class Node:
         self.security = security
         self.peer_id = security.local_id
         self.listen = listen
-        self.peers: list[Peer] = list(peers)
         self.stop_timeout = stop_timeout
-        self.discovery = StaticPeerDiscovery(self.peers)
+        self.discovery = StaticPeerDiscovery(peers)
+        # Peer id -> where it came from, when not `static`, in the order they came (the first few are warm).
+        self._sources: dict[str, str] = {}
+        self._static_ids: dict[str, None] = dict.fromkeys(peer.id for peer in self.discovery.peers)
         # Each part takes the `Tuning` whole: the part itself says which of its keywords are which knobs
         # (its `TUNING_FIELDS`), so this is not a second list of them.
         self.stream_service = build(TcpStreamService, t, self.discovery, security)
@@ -281,8 +291,19 @@ class Node:
         self._stopped = False
         self._sending_stopped = False
 
+    @property
+    def peers(self) -> list[Peer]:
+        """The peers known now, in the order they came."""
+        return list(self.discovery.peers)
+
+    def peer_source(self, peer_id: str) -> str:
+        """Where a peer came from: `static` (the config, or the library caller) or `discovery` (etcd)."""
+        return self._sources.get(peer_id, "static")
+
     def _peer_ids(self) -> list[str]:
-        return [peer.id for peer in self.discovery.peers]
+        """The peers the keeper keeps connected: every static one and the first `WARM_DISCOVERED_PEERS`
+        discovered ones (the others connect on demand). O(static peers + a few), not O(discovered)."""
+        return [*self._static_ids, *itertools.islice(self._sources, WARM_DISCOVERED_PEERS)]
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
@@ -439,6 +460,7 @@ class Node:
             out.append(
                 {
                     "id": peer.id,
+                    "source": self._sources.get(peer.id, "static"),
                     "endpoint": peer.endpoint,
                     "allowed_ips": list(peer.allowed_ips),
                     "connected": streams_out > 0 or streams_in > 0,
@@ -489,51 +511,116 @@ class Node:
     async def reconfigure(
         self, peers: Iterable[Peer], peer_keys: Mapping[str, bytes] | None = None
     ) -> PeerChanges:
-        """Swap in a new peer set while running (see the module docstring). `peer_keys` (key mode): the
-        public key of every peer, replacing the current ones. Raises `ValueError` (a prefix given twice, two
-        peers with one key, ...) before changing anything."""
+        """Swap in a new set of static peers while running (see the module docstring); discovered peers
+        stay. `peer_keys` (key mode): the public key of every static peer, replacing the current ones. Raises
+        `ValueError` (a prefix given twice, two peers with one key, ...) before changing anything. The
+        difference is applied by `update_peers`, the one path every peer change takes (a reload's, and
+        discovery's)."""
         new_peers = list(peers)
-        old = {peer.id: peer for peer in self.peers}
-        new = {peer.id: peer for peer in new_peers}
-        security = self.security
-        if peer_keys is not None and dict(peer_keys) != dict(security.peer_keys):
-            security = security.with_peer_keys(peer_keys)  # ValueError before anything changed
+        # The static peers only: discovered ones (`[discovery]`) are the registry's to add and remove.
+        old = {peer.id: peer for peer in self.discovery.peers if peer.id not in self._sources}
+        new: dict[str, Peer] = {}
+        for peer in new_peers:
+            if peer.id in new:
+                raise ValueError(f"duplicate peer id {peer.id!r}")
+            new[peer.id] = peer
         old_keys = self.security.peer_keys
-        removed = tuple(peer_id for peer_id in old if peer_id not in new)
-        added = tuple(peer_id for peer_id in new if peer_id not in old)
+        keys = dict(peer_keys) if peer_keys is not None else None
+        removed = [peer_id for peer_id in old if peer_id not in new]
+        added = [peer for peer_id, peer in new.items() if peer_id not in old]
+        updated = [
+            peer
+            for peer_id, peer in new.items()
+            if peer_id in old
+            and (peer != old[peer_id] or (keys is not None and keys.get(peer_id) != old_keys.get(peer_id)))
+        ]
+        if keys is not None:
+            missing = (set(old_keys) - set(self._sources)) - set(keys) - set(removed)
+            removed_keys = [*removed, *sorted(missing)]
+            changed_keys = {p.id: keys[p.id] for p in (*added, *updated) if p.id in keys}
+        else:
+            removed_keys, changed_keys = [], {}
+        return await self.update_peers(
+            added,
+            updated,
+            removed,
+            changed_keys if keys is not None else None,
+            removed_keys,
+            count_workers=True,
+        )
+
+    async def update_peers(
+        self,
+        added: Sequence[Peer] = (),
+        updated: Sequence[Peer] = (),
+        removed: Sequence[str] = (),
+        keys: Mapping[str, bytes] | None = None,
+        removed_keys: Sequence[str] | None = None,
+        *,
+        source: str = "static",
+        count_workers: bool = False,
+    ) -> PeerChanges:
+        """The one add/update/remove path of the peer set: O(the peers changed), however many are known.
+
+        `keys` (key mode): the public keys of added and updated peers (`removed_keys`: ids whose key goes,
+        default `removed`). `source` is what `peer_status()` says for added and updated peers (`static` or
+        `discovery`). Raises `ValueError` (an unknown or duplicate id, a prefix another peer holds, a key
+        given twice) before changing anything. The connections of unchanged peers are untouched; see the
+        module docstring for what happens to the changed ones. `count_workers`: also count the workers
+        whose destination changed owner (a scan of the workers: a reload's report; discovery skips it)."""
+        old_peers = {peer.id: self.discovery.peer(peer.id) for peer in updated if peer.id in self.discovery}
+        security = self.security
+        gone_keys = list(removed if removed_keys is None else removed_keys)
+        if security.mode == "key" and (keys or gone_keys):
+            security = security.with_key_changes(keys or {}, gone_keys)  # ValueError before anything changed
+        old_keys = self.security.peer_keys
         changed: dict[str, tuple[str, ...]] = {}
-        for peer_id in new.keys() & old.keys():
-            keys = tuple(
+        for peer in updated:
+            before = old_peers.get(peer.id)
+            fields = tuple(
                 key
                 for key, differs in (
-                    ("endpoint", new[peer_id].endpoint != old[peer_id].endpoint),
-                    ("allowed_ips", new[peer_id].allowed_ips != old[peer_id].allowed_ips),
-                    ("public_key", security.peer_keys.get(peer_id) != old_keys.get(peer_id)),
+                    ("endpoint", before is None or peer.endpoint != before.endpoint),
+                    ("allowed_ips", before is None or peer.allowed_ips != before.allowed_ips),
+                    ("public_key", security.peer_keys.get(peer.id) != old_keys.get(peer.id)),
                 )
                 if differs
             )
-            if keys:
-                changed[peer_id] = keys
-        self.discovery.replace(new_peers)  # ValueError before anything changed
-        self.peers = new_peers
+            if fields:
+                changed[peer.id] = fields
+        self.discovery.update(added, updated, removed)  # ValueError before anything changed
+        for peer in (*added, *updated):
+            if source == "static":
+                self._sources.pop(peer.id, None)
+                self._static_ids[peer.id] = None
+            else:
+                self._static_ids.pop(peer.id, None)
+                self._sources.setdefault(peer.id, source)
+        for peer_id in removed:
+            self._sources.pop(peer_id, None)
+            self._static_ids.pop(peer_id, None)
         if security is not self.security:
             self.security = security
             self.stream_service.security = security
             self.receiver.update_security(security)
-        rekeyed = {peer_id for peer_id, keys in changed.items() if "public_key" in keys}
-        moved = {peer_id for peer_id, keys in changed.items() if "endpoint" in keys}
+        rekeyed = {peer_id for peer_id, keys_changed in changed.items() if "public_key" in keys_changed}
+        moved = {peer_id for peer_id, keys_changed in changed.items() if "endpoint" in keys_changed}
         closed = 0
         for peer_id in (*removed, *sorted(rekeyed)):
             closed += self.receiver.close_peer(peer_id, "removed" if peer_id in removed else "key changed")
         # Workers whose destination changed owner, or whose peer's connections are about to close: every
         # worker looks its destination's owner up again before its next batch (never in the middle of one).
         stale = set(removed) | rekeyed | moved
-        retargeted = sum(
-            1
-            for worker in self.dispatcher.workers()
-            if worker.peer_id is not None
-            and not worker.closed
-            and (worker.peer_id in stale or self.discovery.lookup(worker.dest_ip) != worker.peer_id)
+        retargeted = (
+            sum(
+                1
+                for worker in self.dispatcher.workers()
+                if worker.peer_id is not None
+                and not worker.closed
+                and (worker.peer_id in stale or self.discovery.lookup(worker.dest_ip) != worker.peer_id)
+            )
+            if count_workers
+            else 0
         )
         self.dispatcher.invalidate_routes()
         for peer_id in rekeyed | moved:
@@ -544,13 +631,16 @@ class Node:
         retiring += [self.stream_service.retire_peer(peer_id) for peer_id in sorted(rekeyed | moved)]
         if retiring:
             closed += sum(await asyncio.gather(*retiring))
-        result = PeerChanges(added, removed, changed, closed, retargeted)
+        result = PeerChanges(tuple(peer.id for peer in added), tuple(removed), changed, closed, retargeted)
         _log.info(
-            "peers reconfigured: %s",
+            "peers %s: %s",
+            "reconfigured" if source == "static" else f"changed by {source}",
             json.dumps(result.as_dict(), separators=(",", ":")),
         )
         return result
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped" if self._stopped else "new"
-        return f"<Node {self.peer_id} {state} listen={self.address or self.listen} peers={len(self.peers)}>"
+        return (
+            f"<Node {self.peer_id} {state} listen={self.address or self.listen} peers={len(self.discovery)}>"
+        )

@@ -64,7 +64,11 @@ async def reload(node: TunNode) -> dict[str, Any]:
         )
         if node.routes is not None:
             try:  # before the peers change: a conflict refuses the reload with the old routes intact
-                answer["routes"] = node.routes.apply(peer_prefixes(new)).describe()
+                prefixes = peer_prefixes(new)
+                for peer in node.node.discovery.peers:  # discovered peers keep their routes
+                    if node.node.peer_source(peer.id) != "static":
+                        prefixes.setdefault(peer.id, tuple(peer.allowed_ips))
+                answer["routes"] = node.routes.apply(prefixes).describe()
             except ConfigError as exc:
                 raise UsageError(f"{path}: {exc}") from None
         try:

@@ -210,6 +210,22 @@ class PeerRoutes:
             _log.info("routes through %s: %s", self.ifname, changes.describe())
         return changes
 
+    def affects(self, changed: Mapping[str, Iterable[str]], removed: Iterable[str] = ()) -> bool:
+        """Whether a peer-set change can change the routes: a changed peer (id -> its new prefixes) has a
+        prefix outside the interface's subnets, or a changed or removed peer owns a route now. False lets a
+        caller skip `apply` (which plans from every peer): a mesh member with a /32 inside the tunnel's subnet
+        joins and leaves at a cost that does not grow with the number of peers."""
+        own = [ipaddress.ip_interface(a).network for a in self.interface_addresses]
+        owners = {route.peer_id for route in self._routes.values()}
+        if any(peer_id in owners for peer_id in (*changed, *removed)):
+            return True
+        for prefixes in changed.values():
+            for prefix in prefixes:
+                network = ipaddress.ip_network(prefix)
+                if not any(n.version == network.version and network.subnet_of(n) for n in own):  # type: ignore[arg-type]
+                    return True
+        return False
+
     def remove_all(self) -> RouteChanges:
         """Removes every route this object added. Idempotent; never raises: a route it cannot remove is
         logged at WARNING and listed in `failed` (one already gone, with its device or by hand, is not)."""

@@ -61,6 +61,7 @@ def snapshot(node: TunNode) -> dict[str, Any]:
         "uptime": node.uptime,
         "peers": inner.peer_status(),
         "totals": inner.totals(detail),
+        "discovery": node.registry.status() if node.registry is not None else None,
         "tun": tun_metrics(node),
         "node": detail,
     }

@@ -62,6 +62,8 @@ from vpn_packet.node.control import ControlServer, default_socket_path
 from vpn_packet.node.status import drop_counters
 
 if TYPE_CHECKING:
+    from vpn_packet.mesh.members import PeerSetChange
+    from vpn_packet.mesh.registry import Registry
     from vpn_packet.node.metrics_endpoint import MetricsEndpoint
     from vpn_packet.node.node import Node
     from vpn_packet.node.routes import PeerRoutes
@@ -138,6 +140,7 @@ class TunNode:
         self.tun: TunDevice | None = None
         self._manage_routes = manage_routes
         self.routes: PeerRoutes | None = None
+        self.registry: Registry | None = None  # [discovery]: membership in etcd (vpn_packet.mesh)
         self.node: Node = Node(
             config.security(),
             config.listen,
@@ -216,7 +219,11 @@ class TunNode:
             except OSError as exc:
                 _raise_bind_error("listen.address", self.config.listen, exc)
                 raise
+            if self.config.discovery is not None:
+                await self._start_discovery()
         except BaseException:
+            if self.registry is not None:
+                await self.registry.stop()
             if self.routes is not None:
                 self.routes.remove_all()
             self.tun.close()
@@ -257,6 +264,57 @@ class TunNode:
             connected,
             self.node.security.describe(),
         )
+
+    async def _start_discovery(self) -> None:
+        """Joins the mesh: the registry applies the state file's members, then etcd's, through
+        `_apply_discovered` (the node's one add/update/remove path, the same a reload takes)."""
+        from vpn_packet.errors import MembershipError
+        from vpn_packet.mesh.registry import Registry
+
+        discovery = self.config.discovery
+        assert discovery is not None
+        assert self.config.identity is not None
+        self.registry = Registry(
+            discovery,
+            self.config.identity,
+            self._apply_discovered,
+            static={peer.id: peer.allowed_ips for peer in self.config.peers},
+        )
+        try:
+            await self.registry.start()
+        except MembershipError as exc:
+            raise ConfigError("discovery.membership", str(exc)) from None
+
+    async def _apply_discovered(self, change: PeerSetChange) -> None:
+        """A change of discovered members, applied to the routes and the peer set. A member whose routes
+        conflict with the host's is not applied (logged); the others are."""
+        from vpn_packet.transport.discovery import Peer
+
+        def peer(member: Any) -> Peer:
+            return Peer(member.id, member.endpoint, member.allowed_ips)
+
+        added = [peer(m) for m in change.added.values()]
+        updated = [peer(m) for m in change.updated.values() if m.id in self.node.discovery]
+        added += [peer(m) for m in change.updated.values() if m.id not in self.node.discovery]
+        removed = [peer_id for peer_id in change.removed if peer_id in self.node.discovery]
+        keys = {m.id: m.public_key for m in (*change.added.values(), *change.updated.values())}
+        changed_prefixes = {p.id: p.allowed_ips for p in (*added, *updated)}
+        if self.routes is not None and self.routes.affects(changed_prefixes, removed):
+            # PeerRoutes plans from the whole peer map (netlink only for the difference): O(peers), but only
+            # when a route can change (a gateway member); a /32 inside the subnet skips it.
+            prefixes = {p.id: p.allowed_ips for p in self.node.discovery.peers}
+            for peer_id in removed:
+                prefixes.pop(peer_id, None)
+            prefixes.update({p.id: p.allowed_ips for p in (*added, *updated)})
+            try:
+                self.routes.apply(prefixes)
+            except ConfigError as exc:
+                _log.warning("discovery: not applied, a route conflicts: %s", exc)
+                return
+        try:
+            await self.node.update_peers(added, updated, removed, keys, removed, source="discovery")
+        except ValueError as exc:  # e.g. a member with a static peer's key: that member is not applied
+            _log.warning("discovery: not applied: %s", exc)
 
     async def _settle_connections(self, bound: float) -> tuple[int, int]:
         """Wait at most `bound` seconds for the connections to the peers (`ConnectionKeeper.settle`) and from
@@ -358,6 +416,9 @@ class TunNode:
         control, self._control = self._control, None
         if control is not None:
             await control.stop()
+        registry, self.registry = self.registry, None
+        if registry is not None:
+            await registry.stop()  # leaves the mesh: the others drop this node at once
         for task in list(self._reloads):
             task.cancel()
         endpoint, self._metrics_endpoint = self._metrics_endpoint, None

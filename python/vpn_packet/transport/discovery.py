@@ -77,14 +77,17 @@ class StaticPeerDiscovery:
     """
 
     def __init__(self, peers: Iterable[Peer]) -> None:
-        self._peers, self._index, self._table = self._build(peers)
+        self._slots, self._index, self._table, self._owner = self._build(peers)
+        self._listed: tuple[Peer, ...] | None = None
         self.generation = 0
 
     @staticmethod
-    def _build(peers: Iterable[Peer]) -> tuple[tuple[Peer, ...], dict[str, int], PrefixTable]:
+    def _build(
+        peers: Iterable[Peer],
+    ) -> tuple[list[Peer | None], dict[str, int], PrefixTable, dict[str, str]]:
         """The peers, their index and the native table; raises (`ValueError`, `TypeError`) before anything
         is swapped in."""
-        listed: tuple[Peer, ...] = tuple(peers)
+        listed: list[Peer | None] = list(peers)
         index: dict[str, int] = {}
         table = PrefixTable()
         owner: dict[str, str] = {}
@@ -99,14 +102,80 @@ class StaticPeerDiscovery:
                     raise ValueError(f"prefix {prefix} is given to both {owner[prefix]!r} and {peer.id!r}")
                 owner[prefix] = peer.id
                 table.insert(prefix, i)
-        return listed, index, table
+        return listed, index, table, owner
 
     def replace(self, peers: Iterable[Peer]) -> None:
         """Swap in a new set of peers at once (a reload): lookups after this call see only the new ones, and
         `generation` grows by one so that holders of `table` or `index_of` results know to fetch them again.
         Validated first: on `ValueError`/`TypeError` nothing changes."""
-        self._peers, self._index, self._table = self._build(peers)
+        self._slots, self._index, self._table, self._owner = self._build(peers)
+        self._listed = None
         self.generation += 1
+
+    def update(
+        self, added: Iterable[Peer] = (), updated: Iterable[Peer] = (), removed: Iterable[str] = ()
+    ) -> None:
+        """Adds, updates and removes peers in place: O(the peers changed), whatever the number known.
+
+        The native table is changed in place and every unchanged peer keeps its index, so `generation` does
+        not move and the holders of `table` and `index_of` results (the receiver's connections) stay valid. An
+        added peer gets a new index (never a removed peer's: a connection of the removed peer still closing
+        must not speak for another); an updated one keeps its own. Validated first: a duplicate or unknown
+        id, or a prefix another peer holds, raises `ValueError` (`TypeError` for a non-`Peer`) and nothing
+        changes. When removed slots outnumber the peers, the table is rebuilt compactly (`replace`)."""
+        added, updated, removed = list(added), list(updated), list(removed)
+        gone = set(removed)
+        for peer in (*added, *updated):
+            if not isinstance(peer, Peer):
+                raise TypeError(f"expected Peer, got {type(peer).__name__}")
+        for peer_id in gone:
+            if peer_id not in self._index:
+                raise ValueError(f"unknown peer id {peer_id!r}")
+        seen: set[str] = set()
+        for peer in added:
+            if peer.id in seen or (peer.id in self._index and peer.id not in gone):
+                raise ValueError(f"duplicate peer id {peer.id!r}")
+            seen.add(peer.id)
+        for peer in updated:
+            if peer.id in seen or peer.id not in self._index or peer.id in gone:
+                raise ValueError(f"unknown or repeated peer id {peer.id!r}")
+            seen.add(peer.id)
+        leaving = gone | {peer.id for peer in updated}
+        claimed: dict[str, str] = {}
+        for peer in (*added, *updated):
+            for prefix in peer.allowed_ips:
+                holder = self._owner.get(prefix)
+                if (holder is not None and holder not in leaving) or prefix in claimed:
+                    other = claimed.get(prefix, holder)
+                    raise ValueError(f"prefix {prefix} is given to both {other!r} and {peer.id!r}")
+                claimed[prefix] = peer.id
+        # Validated: apply. Removed and updated peers' prefixes out first, then the new ones in.
+        for peer_id in leaving:
+            index = self._index[peer_id]
+            old = self._slots[index]
+            assert old is not None
+            for prefix in old.allowed_ips:
+                self._table.remove(prefix)
+                del self._owner[prefix]
+            if peer_id in gone:
+                self._slots[index] = None
+                del self._index[peer_id]
+        for peer in updated:
+            index = self._index[peer.id]
+            self._slots[index] = peer
+            for prefix in peer.allowed_ips:
+                self._table.insert(prefix, index)
+                self._owner[prefix] = peer.id
+        for peer in added:
+            index = len(self._slots)
+            self._slots.append(peer)
+            self._index[peer.id] = index
+            for prefix in peer.allowed_ips:
+                self._table.insert(prefix, index)
+                self._owner[prefix] = peer.id
+        self._listed = None
+        if len(self._slots) > 64 and len(self._slots) > 2 * len(self._index):
+            self.replace(self.peers)
 
     @classmethod
     def from_config(cls, entries: Iterable[Mapping[str, Any]]) -> StaticPeerDiscovery:
@@ -115,7 +184,10 @@ class StaticPeerDiscovery:
 
     @property
     def peers(self) -> tuple[Peer, ...]:
-        return self._peers
+        """The peers in the order they were added (built once per change)."""
+        if self._listed is None:
+            self._listed = tuple(peer for peer in self._slots if peer is not None)
+        return self._listed
 
     @property
     def table(self) -> PrefixTable:
@@ -123,7 +195,7 @@ class StaticPeerDiscovery:
         return self._table
 
     def __len__(self) -> int:
-        return len(self._peers)
+        return len(self._index)
 
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._index
@@ -134,7 +206,9 @@ class StaticPeerDiscovery:
 
     def peer(self, peer_id: str) -> Peer:
         """The peer with this id; raises `KeyError` for an unknown id."""
-        return self._peers[self._index[peer_id]]
+        peer = self._slots[self._index[peer_id]]
+        assert peer is not None  # the index holds live peers only
+        return peer
 
     def endpoint(self, peer_id: str) -> tuple[str, int]:
         """Where to connect to the peer, as `(host, port)`; raises `KeyError` for an unknown id."""
@@ -146,7 +220,10 @@ class StaticPeerDiscovery:
             index = self._table.lookup(ip)
         except (ValueError, TypeError):
             return None
-        return None if index is None else self._peers[index].id
+        if index is None:
+            return None
+        peer = self._slots[index]
+        return None if peer is None else peer.id
 
     async def get_peer_id(self, dest_ip: str) -> str:
         """The peer owning `dest_ip` by longest-prefix match; raises `PeerNotFoundError` when none does."""
@@ -156,6 +233,6 @@ class StaticPeerDiscovery:
         return peer_id
 
     def __repr__(self) -> str:
-        ids = ", ".join(peer.id for peer in self._peers[:5])
-        more = ", ..." if len(self._peers) > 5 else ""
-        return f"StaticPeerDiscovery({len(self._peers)} peers [{ids}{more}], {len(self._table)} prefixes)"
+        ids = ", ".join(peer.id for peer in self.peers[:5])
+        more = ", ..." if len(self) > 5 else ""
+        return f"StaticPeerDiscovery({len(self)} peers [{ids}{more}], {len(self._table)} prefixes)"

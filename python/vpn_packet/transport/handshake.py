@@ -22,12 +22,13 @@ A refused client gets the reason on the wire before the connection closes, so bo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -186,6 +187,31 @@ class Security:
         if self.mode != "key":
             raise ValueError(f"{self.mode} mode has no peer keys")
         return dataclasses.replace(self, peer_keys=dict(peer_keys))
+
+    def with_key_changes(self, keys: Mapping[str, bytes], removed: Iterable[str] = ()) -> Security:
+        """The same, with the keys of `keys`' peers set and `removed`'s dropped: a copy of the two key maps
+        (no Python work per peer) and the strict check of the changed keys only, so a change costs the
+        same with 10 peers or 10,000 (issue 21). Raises like `with_peer_keys`, before anything changed."""
+        if self.mode != "key":
+            raise ValueError(f"{self.mode} mode has no peer keys")
+        peer_keys = dict(self.peer_keys)
+        by_key = dict(self._ids_by_key)
+        for peer_id in (*removed, *keys):
+            old = peer_keys.pop(peer_id, None)
+            if old is not None and by_key.get(old) == peer_id:
+                del by_key[old]
+        for peer_id, key in keys.items():
+            problem = key_problem(key)
+            if problem is not None:
+                raise IdentityError(f"peer {peer_id!r}'s public key cannot be trusted: {problem}")
+            if key in by_key:
+                raise ValueError(f"peers {by_key[key]!r} and {peer_id!r} have the same public key")
+            by_key[key] = peer_id
+            peer_keys[peer_id] = key
+        derived = copy.copy(self)  # the same contexts and identity; no __post_init__ (checked above)
+        object.__setattr__(derived, "peer_keys", peer_keys)
+        object.__setattr__(derived, "_ids_by_key", by_key)
+        return derived
 
     @property
     def encrypted(self) -> bool:

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from vpn_packet.cli import build_parser, main
-from vpn_packet.mesh.membership import read_record_file, verify_membership, verify_revocation
+from vpn_packet.mesh.membership import (
+    decode_record_text,
+    read_record_file,
+    verify_membership,
+    verify_revocation,
+)
 from vpn_packet.transport.identity import decode_public_key
 from vpn_packet.tuning import MEMBERSHIP_DAYS
 
@@ -176,9 +181,13 @@ def test_revoke_needs_exactly_one_target(
     assert len(err.splitlines()) == 1
 
 
-def test_revoke_needs_somewhere_to_go(
+def test_revoke_without_a_destination_writes_the_record_to_stdout(
     tmp_path: Path, keyfiles: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status, _, err = _run(capsys, "revoke", "--authority", str(tmp_path / "authority.key"), "--id", "node-a")
-    assert status == 2
-    assert "--out FILE, --etcd URL, or both" in err
+    """The contract's form, `revoke --authority A --id ID`: the signed record on stdout (for a pipe)."""
+    authority = str(tmp_path / "authority.key")
+    status, out, err = _run(capsys, "revoke", "--authority", authority, "--id", "node-a")
+    assert status == 0, err
+    record = decode_record_text(out, "stdout")
+    authorities = {decode_public_key(keyfiles["authority"])}
+    assert verify_revocation(record, authorities, time.time()).id == "node-a"

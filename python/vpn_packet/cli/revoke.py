@@ -1,6 +1,7 @@
 """`vpn-packet revoke --authority AUTH.key (--id ID | --public-key STRING) [--out FILE] [--etcd URL[,URL...]
 [--prefix PREFIX] [--ca FILE --cert FILE --key FILE]]`: writes a revocation signed by an authority key, to a
-file, or under the mesh's prefix in etcd (`PREFIX/revoked/...`), or both.
+file, or under the mesh's prefix in etcd (`PREFIX/revoked/...`), or both; with neither, to stdout (the
+contract's form, for a pipe).
 
 A revocation covers every membership of that id (or key) issued up to now; nodes keep it until every such
 membership has expired, so deleting it from the store later revokes nothing back. The format and the rules
@@ -46,12 +47,10 @@ def _run(args: argparse.Namespace) -> int:
     import time
 
     from vpn_packet.errors import UsageError
-    from vpn_packet.mesh.membership import sign_revocation, write_record_file
+    from vpn_packet.mesh.membership import encode_record_text, sign_revocation, write_record_file
     from vpn_packet.transport.identity import decode_public_key, load_identity
     from vpn_packet.tuning import DISCOVERY_PREFIX
 
-    if args.out is None and args.etcd is None:
-        raise UsageError("say where the revocation goes: --out FILE, --etcd URL, or both")
     prefix = args.prefix or DISCOVERY_PREFIX
     if not prefix.startswith("/") or not prefix.endswith("/"):
         raise UsageError(f"--prefix {prefix!r}: a key prefix like /vpn-packet/default/")
@@ -62,6 +61,8 @@ def _run(args: argparse.Namespace) -> int:
         public_key=None if args.public_key is None else decode_public_key(args.public_key),
         issued=int(time.time()),
     )
+    if args.out is None and args.etcd is None:  # the contract's form: the record on stdout, for a pipe
+        sys.stdout.write(encode_record_text(revocation.record, revocation.summary()))
     if args.out is not None:
         path = write_record_file(args.out, revocation.record, revocation.summary())
         print(f"wrote {path}: {revocation.summary()}", file=sys.stderr)
@@ -99,7 +100,7 @@ COMMAND = Subcommand(
     description=(
         "Writes a revocation signed by the authority key, of every membership of ID (or naming the\n"
         "public key) issued up to now: to FILE (--out), and/or under the mesh's prefix in etcd (--etcd),\n"
-        "where the nodes apply it at once. Nodes keep a revocation until every membership it covers has\n"
+        "where the nodes apply it at once; with neither, to standard output. Nodes keep a revocation until every membership it covers has\n"
         "expired. To re-admit an id, sign its new membership more than 5 minutes (the clock skew\n"
         "tolerated) after the revocation."
     ),

@@ -100,9 +100,9 @@ COMMAND = Subcommand(
     description=(
         "Writes a revocation signed by the authority key, of every membership of ID (or naming the\n"
         "public key) issued up to now: to FILE (--out), and/or under the mesh's prefix in etcd (--etcd),\n"
-        "where the nodes apply it at once; with neither, to standard output. Nodes keep a revocation until every membership it covers has\n"
-        "expired. To re-admit an id, sign its new membership more than 5 minutes (the clock skew\n"
-        "tolerated) after the revocation."
+        "where the nodes apply it at once; with neither, to standard output. Nodes keep a revocation\n"
+        "until every membership it covers has expired. To re-admit an id, sign its new membership more\n"
+        "than 5 minutes (the clock skew tolerated) after the revocation."
     ),
     add_arguments=_arguments,
     run=_run,

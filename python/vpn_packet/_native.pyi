@@ -402,3 +402,106 @@ def framed_payload_bytes(data: Buffer, count: int | None = None) -> int:
 
 def framed_without(data: Buffer, positions: Sequence[int]) -> tuple[bytes, int]:
     """`data` without the frames at `positions`: `(framed, count)` of what is left."""
+
+# --- the connection core: TLS 1.3, handshake, frames and acks without I/O (rust/core/src/connection.rs) ---
+
+__all__ += ["KEY_EXCHANGE_GROUPS", "CONNECTION_FAILURE_REASONS", "MAX_OUTPUT", "TlsSecurity", "TlsConnection"]
+__all__ += ["Established", "Refused", "Failed", "Closed", "check_ca_files"]
+
+KEY_EXCHANGE_GROUPS: Final[tuple[str, ...]]  # ("X25519MLKEM768", "X25519"): preferred first
+CONNECTION_FAILURE_REASONS: Final[tuple[str, ...]]  # every `Failed.reason`
+MAX_OUTPUT: Final[int]  # ciphertext bytes `send_packets` lets wait in the output
+
+def check_ca_files(cert: bytes, key: bytes, ca: bytes) -> list[str]:
+    """Checks CA-mode PEM files as a node does at start (raises `IdentityError` naming what is refused);
+    returns the names the certificate carries."""
+
+@final
+class TlsSecurity:
+    """A node's TLS setup: its key or certificate, and whom it trusts (checked when made)."""
+
+    @staticmethod
+    def with_keys(
+        local_id: str, key_file: bytes, peer_keys: Sequence[tuple[str, bytes]], *, max_frame_size: int = 65535
+    ) -> TlsSecurity: ...
+    @staticmethod
+    def with_ca(
+        local_id: str,
+        cert: bytes,
+        key: bytes,
+        ca: bytes,
+        peers: Sequence[str],
+        *,
+        max_frame_size: int = 65535,
+    ) -> TlsSecurity: ...
+    @property
+    def local_id(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    def client(self, peer_id: str, epoch: int) -> TlsConnection: ...
+    def server(self, refuse: str | None = None) -> TlsConnection: ...
+
+@final
+class Established:
+    """The handshake is done."""
+
+    @property
+    def peer_id(self) -> str: ...
+    @property
+    def announced_id(self) -> str: ...
+    @property
+    def epoch(self) -> int: ...
+
+@final
+class Refused:
+    """The server refused the client, with its reason."""
+
+    @property
+    def code(self) -> int: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+
+@final
+class Failed:
+    """The connection failed; `reason` is one of `CONNECTION_FAILURE_REASONS`."""
+
+    @property
+    def reason(self) -> str: ...
+    @property
+    def detail(self) -> str: ...
+
+@final
+class Closed:
+    """The peer closed an established connection."""
+
+@final
+class TlsConnection:
+    """One node-to-node connection without I/O: feed `receive` what the socket read, write `take_output`."""
+
+    def receive(self, data: Buffer) -> list[Established | Refused | Failed | Closed]: ...
+    def receive_eof(self) -> list[Established | Refused | Failed | Closed]: ...
+    def take_frames(self) -> list[bytes]: ...
+    def take_output(self) -> bytes: ...
+    def send_packets(self, packets: Iterable[Buffer]) -> int: ...
+    def send_keepalive(self) -> None: ...
+    def close(self) -> None: ...
+    @property
+    def is_client(self) -> bool: ...
+    @property
+    def stage(self) -> str: ...
+    @property
+    def failure(self) -> Failed | None: ...
+    @property
+    def key_exchange_group(self) -> str | None: ...
+    @property
+    def frames(self) -> int: ...
+    @property
+    def acked(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def keepalives(self) -> int: ...
+    @property
+    def tls_bytes(self) -> tuple[int, int]: ...

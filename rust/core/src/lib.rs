@@ -20,6 +20,10 @@ pub mod handshake;
 pub mod inbound;
 pub mod prefix;
 
+pub mod connection;
+pub mod key_checks;
+pub mod tls;
+
 pub use framing::{encode_frames, encode_frames_into, FrameDecoder, FrameKind, FramingError};
 pub use handshake::{Answer, HandshakeError, Hello, Parsed};
 pub use prefix::{check_source, parse_prefix, source_address, PrefixError, PrefixTable, SourceCheck};

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod ack;
 mod buffer;
 mod capture;
+mod connection;
 mod ed25519;
 mod errors;
 mod framing;
@@ -39,5 +40,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     prefix::register(m)?;
     queues::register(m)?;
     tun_io::register(m)?;
+    connection::register(m)?;
     Ok(())
 }

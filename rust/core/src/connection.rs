@@ -1,0 +1,1007 @@
+//! One node-to-node connection as a state machine without I/O: TLS bytes in, typed results out (issue 20,
+//! item 2), the way boringtun's `Tunn` is a WireGuard peer without sockets.
+//!
+//! ```text
+//! client (sends frames)                           server (takes frames, sends acks)
+//!   TLS 1.3 handshake (crate::tls)      <---->      TLS 1.3 handshake
+//!                                        <----      challenge (nonce)
+//!   hello (id, epoch, key, signature)    ---->      judged: the peer is who its key proves
+//!                                        <----      answer (accepted, or a refusal with its reason)
+//!   frames (crate::framing)              ---->      handed to a sink, counted
+//!                                        <----      acks (crate::ack): one per receive call
+//! ```
+//!
+//! The caller owns the socket: it passes what it read to [`Connection::receive`] (server: with a sink for
+//! the frames), writes what [`Connection::output`] holds, and learns what happened from the returned
+//! [`Event`]s (established, refused, failed, closed) and the counters. On the fast path a call returns no
+//! event: frames go to the sink and the counts move. Any read boundaries give the same result.
+//!
+//! Bad input ends only its own connection, with a reason ([`Failure::reason`], counted by the caller, see
+//! [`FailureTally`]): malformed TLS records, a malformed handshake message, a bad frame length, an offload
+//! frame whose virtio_net_hdr cannot be honoured ([`crate::gso::validate`]), an ack stream that contradicts
+//! itself. The connection then queues a TLS alert or close_notify and takes nothing more.
+//!
+//! Memory per connection is bounded. rustls reads 4 KiB at a time and holds at most one TLS record
+//! (18.4 KiB with its header and slack), or, while it joins a handshake message before authentication, at
+//! most 64 KiB; the plaintext of each read is handed on before the next. Beyond that: a handshake message
+//! in progress (at most [`crate::handshake::MAX_HELLO_LEN`] bytes), one partial frame (at most
+//! `4 + max(max_frame_size, 10 + 65535)` bytes), one partial ack record (8 bytes), and the output: at most
+//! [`MAX_OUTPUT`] + one frame + TLS overhead (about 0.2%), because [`Connection::send_packets`] stops
+//! taking packets at [`MAX_OUTPUT`] until the caller has written. With the default frame size that is
+//! under 420 KiB per connection, most of it only while output waits for a slow socket. There is no clock
+//! here: the time bounds (handshake timeout, idle timeout) are the caller's, as the I/O is.
+//!
+//! Why this is not yet what a node runs: the node's connections still use Python's `ssl` and asyncio
+//! (`transport/tcp.py`, `receiver.py`); moving them onto this core, with one native call per socket or TUN
+//! readiness event, is issue 20's items 3 to 5. This module is the tested foundation they build on.
+
+use std::fmt;
+
+use rustls::{ClientConnection, Error as TlsError, ServerConnection};
+
+use crate::ack::{encode_ack, AckDecoder, AckError};
+use crate::framing::{
+    encode_frames_into, encode_offload_frame_into, FrameDecoder, FrameKind, FramingError, KEEPALIVE,
+    VNET_HDR_LEN,
+};
+use crate::gso::{self, GsoError};
+use crate::handshake::{self, Answer, HandshakeError, Hello, Parsed, NONCE_LEN};
+use crate::key_checks::verify_signature;
+use crate::tls::{certificate_names, placeholder_server_name, refusal_of, ConfigError, Security, Trust};
+
+/// Bytes of ciphertext [`Connection::send_packets`] lets wait in the output before it stops taking packets.
+pub const MAX_OUTPUT: usize = 256 * 1024;
+
+/// A connection's end: what ended it, by a stable reason.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// rustls refused what the peer sent (a malformed or undecryptable record, a TLS alert, an incompatible
+    /// or misbehaving peer).
+    Tls(TlsError),
+    /// A verifier of ours refused the peer's certificate: `key_mismatch`, `identity_mismatch`,
+    /// `no_ed25519_key`, `weak_key`.
+    Certificate { reason: &'static str, detail: String },
+    /// Bytes that are not the handshake message expected (another version, not this protocol, malformed).
+    Handshake(HandshakeError),
+    /// A frame length that cannot be honoured.
+    Framing(FramingError),
+    /// An offload frame whose virtio_net_hdr cannot be honoured.
+    Offload(GsoError),
+    /// An ack stream that contradicts itself.
+    Ack(AckError),
+    /// An ack for more frames than were sent.
+    AckBeyondSent { acked: u64, sent: u64 },
+    /// Bytes where the protocol has none (the client sent after its hello, before the answer).
+    UnexpectedData,
+    /// The peer closed (or the stream ended) before the handshake was done.
+    ClosedEarly,
+}
+
+impl Failure {
+    /// Every reason [`Failure::reason`] can return (for registering counters up front).
+    pub const REASONS: [&'static str; 25] = [
+        "tls_bad_record",
+        "tls_alert",
+        "tls_certificate",
+        "tls_no_certificate",
+        "tls_incompatible",
+        "tls_misbehaved",
+        "tls_error",
+        "key_mismatch",
+        "identity_mismatch",
+        "no_ed25519_key",
+        "weak_key",
+        "bad_magic",
+        "tls_expected_plaintext",
+        "unsupported_version",
+        "unexpected_message",
+        "bad_hello",
+        "zero_length",
+        "too_large",
+        "short_offload",
+        "offload_invalid",
+        "ack_unexpected",
+        "ack_regressed",
+        "ack_beyond_sent",
+        "unexpected_data",
+        "closed_early",
+    ];
+
+    /// A short stable name, for counting.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Failure::Tls(err) => tls_reason(err),
+            Failure::Certificate { reason, .. } => reason,
+            Failure::Handshake(err) => match err {
+                HandshakeError::BadMagic { .. }
+                | HandshakeError::UnsupportedVersion(_)
+                | HandshakeError::UnexpectedKind { .. } => err.reason(),
+                _ => "bad_hello",
+            },
+            Failure::Framing(err) => err.reason(),
+            Failure::Offload(_) => "offload_invalid",
+            Failure::Ack(AckError::UnexpectedKind(_)) => "ack_unexpected",
+            Failure::Ack(AckError::Regressed { .. }) => "ack_regressed",
+            Failure::AckBeyondSent { .. } => "ack_beyond_sent",
+            Failure::UnexpectedData => "unexpected_data",
+            Failure::ClosedEarly => "closed_early",
+        }
+    }
+}
+
+fn tls_reason(err: &TlsError) -> &'static str {
+    if let Some(refusal) = refusal_of(err) {
+        return refusal.reason;
+    }
+    match err {
+        TlsError::InvalidMessage(_)
+        | TlsError::DecryptError
+        | TlsError::PeerSentOversizedRecord
+        | TlsError::InappropriateMessage { .. }
+        | TlsError::InappropriateHandshakeMessage { .. } => "tls_bad_record",
+        TlsError::AlertReceived(_) => "tls_alert",
+        TlsError::InvalidCertificate(_) => "tls_certificate",
+        TlsError::NoCertificatesPresented => "tls_no_certificate",
+        TlsError::PeerIncompatible(_) => "tls_incompatible",
+        TlsError::PeerMisbehaved(_) => "tls_misbehaved",
+        _ => "tls_error",
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Tls(err) => match refusal_of(err) {
+                Some(refusal) => write!(f, "{}", refusal.detail),
+                None => write!(f, "TLS: {err}"),
+            },
+            Failure::Certificate { detail, .. } => f.write_str(detail),
+            Failure::Handshake(err) => write!(f, "handshake: {err}"),
+            Failure::Framing(err) => write!(f, "framing: {err}"),
+            Failure::Offload(err) => write!(f, "offload frame: {err}"),
+            Failure::Ack(err) => write!(f, "acks: {err}"),
+            Failure::AckBeyondSent { acked, sent } => {
+                write!(f, "the peer acknowledged {acked} frames of the {sent} sent")
+            }
+            Failure::UnexpectedData => write!(f, "bytes where the protocol has none"),
+            Failure::ClosedEarly => write!(f, "the connection closed before the handshake was done"),
+        }
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Failures counted by reason, across connections (what a node's counters would show).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailureTally {
+    counts: [u64; Failure::REASONS.len()],
+}
+
+impl FailureTally {
+    /// Counts one failure.
+    pub fn record(&mut self, failure: &Failure) {
+        self.record_reason(failure.reason());
+    }
+
+    fn record_reason(&mut self, reason: &str) {
+        if let Some(at) = Failure::REASONS.iter().position(|r| *r == reason) {
+            self.counts[at] += 1;
+        }
+    }
+
+    /// The count of `reason`.
+    pub fn get(&self, reason: &str) -> u64 {
+        Failure::REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |at| self.counts[at])
+    }
+
+    /// Every reason with a count above zero.
+    pub fn nonzero(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Failure::REASONS
+            .iter()
+            .zip(self.counts)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| (*r, n))
+    }
+}
+
+/// A lifecycle event; the fast path has none.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The handshake is done. `peer_id`: the configured peer (client: the one dialled; server: the one the
+    /// key or certificate proved); `announced_id`: the id the other side announced (the server's answer
+    /// text, or the hello's id, a label only in key mode); `epoch`: the hello's connection epoch.
+    Established {
+        peer_id: String,
+        announced_id: String,
+        epoch: u64,
+    },
+    /// The server refused the client: on the client, the server's reason; on the server, the reason it
+    /// answered. `code` is the wire code, `reason` its name ([`Answer::reason`], or `refused_<code>` for a
+    /// code this build does not know), `text` the server's explanation.
+    Refused { code: u8, reason: String, text: String },
+    /// The connection failed; see [`Failure`].
+    Failed(Failure),
+    /// The peer closed an established connection (close_notify).
+    Closed,
+}
+
+/// Why [`Connection::send_packets`] took nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The handshake is not done (or this is a server, which sends acks only).
+    NotEstablished,
+    /// The connection is closed or failed.
+    Closed,
+    /// A packet frames cannot carry (empty, or above the maximum frame size); the packets before it were
+    /// taken (the count says how many).
+    Framing { taken: usize, error: FramingError },
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::NotEstablished => write!(f, "the connection is not established"),
+            SendError::Closed => write!(f, "the connection is closed"),
+            SendError::Framing { taken, error } => write!(f, "packet {taken}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// Where a connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The TLS handshake.
+    Tls,
+    /// Client: TLS is done, waiting for the challenge. Server: challenge sent, waiting for the hello.
+    Challenge,
+    /// Client: hello sent, waiting for the answer.
+    Answer,
+    /// Frames flow.
+    Established,
+    /// Closed, refused or failed: nothing more is taken.
+    Closed,
+}
+
+#[derive(Debug)]
+enum Role {
+    Client {
+        peer_id: String,
+        epoch: u64,
+    },
+    Server {
+        nonce: [u8; NONCE_LEN],
+        refuse: Option<Answer>,
+    },
+}
+
+/// Counters of one connection (cumulative).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionCounts {
+    /// TLS bytes received and produced.
+    pub tls_bytes_in: u64,
+    pub tls_bytes_out: u64,
+    /// Client: frames sent (packet and offload). Server: frames taken (handed to the sink).
+    pub frames: u64,
+    /// Payload bytes of those frames.
+    pub frame_bytes: u64,
+    /// Offload frames among `frames`.
+    pub offload_frames: u64,
+    /// Keepalives sent (client) or received (server).
+    pub keepalives: u64,
+    /// Client: the highest count the server acknowledged. Server: the last count it acknowledged.
+    pub acked: u64,
+}
+
+/// One connection; see the module documentation.
+pub struct Connection {
+    tls: rustls::Connection,
+    security: Security,
+    role: Role,
+    stage: Stage,
+    /// A handshake message being received; never more than the message's bound.
+    message: Vec<u8>,
+    frames: FrameDecoder,
+    acks: AckDecoder,
+    out: Vec<u8>,
+    scratch: Vec<u8>,
+    counts: ConnectionCounts,
+    failure: Option<Failure>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("role", &self.role)
+            .field("stage", &self.stage)
+            .field("counts", &self.counts)
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// A client dialling `peer_id`, announcing `epoch` (later connections of this node have larger ones).
+    pub fn client(security: &Security, peer_id: &str, epoch: u64) -> Result<Connection, ConfigError> {
+        let config = security.client_config(peer_id)?;
+        let tls = ClientConnection::new(config, placeholder_server_name()).map_err(|err| ConfigError {
+            reason: "tls",
+            detail: err.to_string(),
+        })?;
+        let mut conn = Connection::new(
+            tls.into(),
+            security,
+            Role::Client {
+                peer_id: peer_id.to_owned(),
+                epoch,
+            },
+        );
+        conn.flush();
+        Ok(conn)
+    }
+
+    /// A server for one accepted connection, with a fresh random challenge. `refuse` answers every hello
+    /// with that reason (`too_many_connections`, `shutting_down`), so the client learns why.
+    pub fn server(security: &Security, refuse: Option<Answer>) -> Result<Connection, ConfigError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        crate::tls::provider()
+            .secure_random
+            .fill(&mut nonce)
+            .map_err(|err| ConfigError {
+                reason: "tls",
+                detail: format!("no random bytes for the challenge: {err:?}"),
+            })?;
+        Self::server_with_nonce(security, refuse, nonce)
+    }
+
+    /// [`Connection::server`] with a given challenge (tests: reproducible transcripts).
+    pub fn server_with_nonce(
+        security: &Security,
+        refuse: Option<Answer>,
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<Connection, ConfigError> {
+        let tls = ServerConnection::new(security.server_config()).map_err(|err| ConfigError {
+            reason: "tls",
+            detail: err.to_string(),
+        })?;
+        Ok(Connection::new(
+            tls.into(),
+            security,
+            Role::Server { nonce, refuse },
+        ))
+    }
+
+    fn new(tls: rustls::Connection, security: &Security, role: Role) -> Connection {
+        Connection {
+            tls,
+            security: security.clone(),
+            role,
+            stage: Stage::Tls,
+            message: Vec::new(),
+            frames: FrameDecoder::new(security.max_frame_size()),
+            acks: AckDecoder::new(),
+            out: Vec::new(),
+            scratch: Vec::new(),
+            counts: ConnectionCounts::default(),
+            failure: None,
+        }
+    }
+
+    /// Whether this is the client (sending) side.
+    pub fn is_client(&self) -> bool {
+        matches!(self.role, Role::Client { .. })
+    }
+
+    /// Where the connection stands.
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// The failure that ended the connection, if one did.
+    pub fn failure(&self) -> Option<&Failure> {
+        self.failure.as_ref()
+    }
+
+    /// The counters.
+    pub fn counts(&self) -> ConnectionCounts {
+        self.counts
+    }
+
+    /// Client: frames sent and not yet acknowledged.
+    pub fn in_flight(&self) -> u64 {
+        if self.is_client() {
+            self.counts.frames.saturating_sub(self.counts.acked)
+        } else {
+            0
+        }
+    }
+
+    /// The TLS key exchange group negotiated (`X25519MLKEM768`, `X25519`), once known.
+    pub fn key_exchange_group(&self) -> Option<String> {
+        self.tls
+            .negotiated_key_exchange_group()
+            .map(|group| format!("{:?}", group.name()))
+    }
+
+    /// Bytes held of a handshake message, a partial frame and a partial ack record (bounded, see the
+    /// module documentation; rustls' own buffers and the output come on top).
+    pub fn buffered(&self) -> usize {
+        self.message.len() + self.frames.buffered() + self.acks.buffered()
+    }
+
+    /// The TLS bytes to write to the socket.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// Marks the first `n` bytes of [`Connection::output`] as written.
+    pub fn consume_output(&mut self, n: usize) {
+        let n = n.min(self.out.len());
+        self.out.drain(..n);
+    }
+
+    /// Takes all of [`Connection::output`].
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn flush(&mut self) {
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut self.out) {
+                Ok(0) | Err(_) => break, // writing to a Vec does not fail
+                Ok(n) => self.counts.tls_bytes_out += n as u64,
+            }
+        }
+    }
+
+    /// Ends the connection from this side (close_notify queued in the output).
+    pub fn close(&mut self) {
+        if self.stage != Stage::Closed {
+            self.tls.send_close_notify();
+            self.stage = Stage::Closed;
+            self.flush();
+        }
+    }
+
+    fn fail(&mut self, failure: Failure, events: &mut Vec<Event>) {
+        if self.stage == Stage::Closed {
+            return;
+        }
+        // The frames taken before the failure are acknowledged: they were delivered (or counted).
+        self.send_ack();
+        // A failure of rustls queued its own alert; ours end with close_notify.
+        if !matches!(failure, Failure::Tls(_) | Failure::Certificate { .. }) {
+            self.tls.send_close_notify();
+        }
+        self.stage = Stage::Closed;
+        self.failure = Some(failure.clone());
+        events.push(Event::Failed(failure));
+    }
+
+    /// The stream ended (the socket read returned 0). Before the handshake is done this is a failure
+    /// (`closed_early`); after it, the end of the connection.
+    pub fn receive_eof(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        match self.stage {
+            Stage::Closed => {}
+            Stage::Established => {
+                self.stage = Stage::Closed;
+                events.push(Event::Closed);
+            }
+            _ => self.fail(Failure::ClosedEarly, &mut events),
+        }
+        self.flush();
+        events
+    }
+
+    /// Takes TLS bytes read from the socket. Frames (server) go to `sink` as `(kind, payload)` (an offload
+    /// frame's payload starts with its virtio_net_hdr, checked); acks (client) move the counts. Returns the
+    /// lifecycle events, usually none. After the connection closed, bytes are ignored.
+    pub fn receive(&mut self, data: &[u8], mut sink: impl FnMut(FrameKind, &[u8])) -> Vec<Event> {
+        let mut events = Vec::new();
+        let mut rest = data;
+        let frames_before = self.counts.frames;
+        while !rest.is_empty() && self.stage != Stage::Closed {
+            let before = rest.len();
+            match self.tls.read_tls(&mut rest) {
+                Ok(0) => break, // close_notify was received: nothing after it counts
+                Ok(_) => {}
+                Err(_) => {
+                    // Only when plaintext was left unread, which process_plaintext never does.
+                    self.fail(
+                        Failure::Tls(TlsError::General("receive buffer full".into())),
+                        &mut events,
+                    );
+                    break;
+                }
+            }
+            self.counts.tls_bytes_in += (before - rest.len()) as u64;
+            let processed = self.tls.process_new_packets();
+            if processed.is_ok() && self.stage == Stage::Tls && !self.tls.is_handshaking() {
+                self.tls_done();
+            }
+            // Records before a bad one in the same read were authenticated: their plaintext is taken
+            // (delivered and acknowledged) before the failure ends the connection.
+            self.process_plaintext(&mut sink, &mut events);
+            match processed {
+                Err(err) => {
+                    let failure = match refusal_of(&err) {
+                        Some(refusal) => Failure::Certificate {
+                            reason: refusal.reason,
+                            detail: refusal.detail.clone(),
+                        },
+                        None => Failure::Tls(err),
+                    };
+                    self.fail(failure, &mut events);
+                    break;
+                }
+                Ok(state) if state.peer_has_closed() && self.stage != Stage::Closed => {
+                    if self.stage == Stage::Established {
+                        self.stage = Stage::Closed;
+                        events.push(Event::Closed);
+                    } else {
+                        self.fail(Failure::ClosedEarly, &mut events);
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+        if self.stage == Stage::Established && self.counts.frames > frames_before {
+            self.send_ack();
+        }
+        self.flush();
+        events
+    }
+
+    /// Server: one ack per receive call, for the frames taken so far (handed to the sink, which delivers
+    /// or drops and counts them).
+    fn send_ack(&mut self) {
+        if !self.is_client() && self.counts.frames > self.counts.acked {
+            let taken = self.counts.frames;
+            self.counts.acked = taken;
+            let _ = self.tls.writer().write_all_ack(&encode_ack(taken));
+        }
+    }
+
+    fn tls_done(&mut self) {
+        self.stage = Stage::Challenge;
+        if let Role::Server { nonce, .. } = &self.role {
+            let challenge = handshake::encode_challenge(nonce);
+            let _ = self.tls.writer().write_all_ack(&challenge);
+        }
+    }
+
+    fn process_plaintext(&mut self, sink: &mut impl FnMut(FrameKind, &[u8]), events: &mut Vec<Event>) {
+        use std::io::BufRead;
+        loop {
+            if self.stage == Stage::Closed {
+                // Drain and ignore what follows an end (bytes after a refusal, after a failure).
+                let mut reader = self.tls.reader();
+                while let Ok(chunk) = reader.fill_buf() {
+                    let n = chunk.len();
+                    if n == 0 {
+                        break;
+                    }
+                    reader.consume(n);
+                }
+                return;
+            }
+            let mut reader = self.tls.reader();
+            let chunk = match reader.fill_buf() {
+                Ok(chunk) if !chunk.is_empty() => chunk,
+                _ => return,
+            };
+            let n = chunk.len();
+            match self.stage {
+                Stage::Established if !matches!(self.role, Role::Client { .. }) => {
+                    let mut bad_offload = None;
+                    let counts = &mut self.counts;
+                    let keepalives_before = self.frames.keepalives();
+                    let result = self.frames.feed_frames(chunk, |kind, payload| {
+                        if bad_offload.is_some() {
+                            return;
+                        }
+                        if kind == FrameKind::Offload {
+                            let (header, packet) = payload.split_at(VNET_HDR_LEN);
+                            let checked =
+                                gso::VirtioNetHdr::parse(header).and_then(|hdr| gso::validate(&hdr, packet));
+                            if let Err(err) = checked {
+                                bad_offload = Some(err);
+                                return;
+                            }
+                            counts.offload_frames += 1;
+                        }
+                        counts.frames += 1;
+                        counts.frame_bytes += payload.len() as u64;
+                        sink(kind, payload);
+                    });
+                    counts.keepalives += self.frames.keepalives() - keepalives_before;
+                    reader.consume(n);
+                    if let Some(err) = bad_offload {
+                        self.fail(Failure::Offload(err), events);
+                    } else if let Err(err) = result {
+                        self.fail(Failure::Framing(err), events);
+                    }
+                }
+                Stage::Established => {
+                    let result = self.acks.feed(chunk);
+                    reader.consume(n);
+                    match result {
+                        Ok(taken) if taken > self.counts.frames => self.fail(
+                            Failure::AckBeyondSent {
+                                acked: taken,
+                                sent: self.counts.frames,
+                            },
+                            events,
+                        ),
+                        Ok(taken) => self.counts.acked = taken,
+                        Err(err) => self.fail(Failure::Ack(err), events),
+                    }
+                }
+                Stage::Tls | Stage::Challenge | Stage::Answer => {
+                    // A handshake message: take exactly the bytes it still needs, never past its end.
+                    let needed = match self.parse_message() {
+                        Ok(Some(needed)) => needed,
+                        Ok(None) => {
+                            // The client sent before the answer (or the server before the hello):
+                            // the protocol has no such bytes.
+                            self.fail(Failure::UnexpectedData, events);
+                            continue;
+                        }
+                        Err(err) => {
+                            self.handshake_failed(err, events);
+                            continue;
+                        }
+                    };
+                    let take = needed.min(n);
+                    let mut reader = self.tls.reader();
+                    if let Ok(chunk) = reader.fill_buf() {
+                        self.message.extend_from_slice(&chunk[..take]);
+                    }
+                    reader.consume(take);
+                    match self.parse_message() {
+                        Ok(Some(_)) => {}
+                        Ok(None) => self.message_complete(events),
+                        Err(err) => self.handshake_failed(err, events),
+                    }
+                }
+                Stage::Closed => {}
+            }
+        }
+    }
+
+    /// `Ok(Some(needed))` while the message is incomplete, `Ok(None)` when it is complete (or when no
+    /// message belongs here), or the error of bytes that cannot be it.
+    fn parse_message(&self) -> Result<Option<usize>, HandshakeError> {
+        fn progress<T>(parsed: Parsed<T>) -> Option<usize> {
+            match parsed {
+                Parsed::NeedMore { needed } => Some(needed),
+                Parsed::Done { .. } => None,
+            }
+        }
+        let buf = &self.message;
+        match (&self.role, self.stage) {
+            (Role::Client { .. }, Stage::Tls | Stage::Challenge) => {
+                Ok(progress(handshake::parse_challenge(buf)?))
+            }
+            (Role::Client { .. }, Stage::Answer) => Ok(progress(handshake::parse_answer(buf)?)),
+            (Role::Server { .. }, Stage::Challenge) => Ok(progress(handshake::parse_hello(buf)?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn handshake_failed(&mut self, err: HandshakeError, events: &mut Vec<Event>) {
+        if !self.is_client() {
+            // As the Python server did: another version is told so; a malformed hello is answered
+            // bad_hello; bytes that are not this protocol at all get no answer.
+            let answer = match err {
+                HandshakeError::UnsupportedVersion(_) => Some(Answer::UnsupportedVersion),
+                HandshakeError::BadMagic { .. } => None,
+                _ => Some(Answer::BadHello),
+            };
+            if let Some(answer) = answer {
+                let wire = handshake::encode_answer(answer as u8, &err.to_string());
+                let _ = self.tls.writer().write_all_ack(&wire);
+            }
+        }
+        self.fail(Failure::Handshake(err), events);
+    }
+
+    fn message_complete(&mut self, events: &mut Vec<Event>) {
+        let message = std::mem::take(&mut self.message);
+        match &self.role {
+            Role::Client { .. } if self.stage != Stage::Answer => self.send_hello(&message, events),
+            Role::Client { .. } => self.take_answer(&message, events),
+            Role::Server { .. } => self.judge_hello(&message, events),
+        }
+    }
+
+    fn send_hello(&mut self, message: &[u8], events: &mut Vec<Event>) {
+        let Ok(Parsed::Done { message: nonce, .. }) = handshake::parse_challenge(message) else {
+            return; // parse_message said it is complete
+        };
+        let Role::Client { epoch, .. } = self.role else {
+            return;
+        };
+        let local_id = self.security.local_id().to_owned();
+        let wire = match self.security.trust() {
+            Trust::Keys { key, peers } => {
+                let Role::Client { peer_id, .. } = &self.role else {
+                    return;
+                };
+                // The verifier accepted exactly this key for the peer dialled.
+                let Some(server_key) = peers.key_of(peer_id) else {
+                    return;
+                };
+                let signed =
+                    handshake::hello_transcript(&nonce, server_key, &local_id, epoch, key.public_key())
+                        .map_err(Failure::Handshake)
+                        .and_then(|transcript| key.sign(&transcript).map_err(Failure::Tls));
+                let signature = match signed {
+                    Ok(signature) => signature,
+                    Err(failure) => return self.fail(failure, events),
+                };
+                handshake::encode_hello(&Hello {
+                    peer_id: &local_id,
+                    epoch,
+                    public_key: Some(key.public_key()),
+                    signature: Some(&signature),
+                })
+            }
+            Trust::Ca { .. } => handshake::encode_hello(&Hello {
+                peer_id: &local_id,
+                epoch,
+                public_key: None,
+                signature: None,
+            }),
+        };
+        match wire {
+            Ok(wire) => {
+                let _ = self.tls.writer().write_all_ack(&wire);
+                self.stage = Stage::Answer;
+            }
+            Err(err) => self.fail(Failure::Handshake(err), events),
+        }
+    }
+
+    fn take_answer(&mut self, message: &[u8], events: &mut Vec<Event>) {
+        let Ok(Parsed::Done {
+            message: (code, text),
+            ..
+        }) = handshake::parse_answer(message)
+        else {
+            return;
+        };
+        let Role::Client { peer_id, epoch } = &self.role else {
+            return;
+        };
+        if code == Answer::Accepted as u8 {
+            self.stage = Stage::Established;
+            events.push(Event::Established {
+                peer_id: peer_id.clone(),
+                announced_id: text.to_owned(),
+                epoch: *epoch,
+            });
+        } else {
+            let reason =
+                Answer::from_code(code).map_or_else(|| format!("refused_{code}"), |a| a.reason().to_owned());
+            events.push(Event::Refused {
+                code,
+                reason,
+                text: text.to_owned(),
+            });
+            self.close();
+        }
+    }
+
+    fn judge_hello(&mut self, message: &[u8], events: &mut Vec<Event>) {
+        let Ok(Parsed::Done { message: hello, .. }) = handshake::parse_hello(message) else {
+            return;
+        };
+        let Role::Server { nonce, refuse } = &self.role else {
+            return;
+        };
+        let verdict = match refuse {
+            Some(answer) => Err((*answer, answer.reason().replace('_', " "))),
+            None => judge(&self.security, &hello, nonce, self.tls.peer_certificates()),
+        };
+        match verdict {
+            Ok(peer_id) => {
+                let answer = handshake::encode_answer(Answer::Accepted as u8, self.security.local_id());
+                let _ = self.tls.writer().write_all_ack(&answer);
+                self.stage = Stage::Established;
+                events.push(Event::Established {
+                    peer_id,
+                    announced_id: hello.peer_id.to_owned(),
+                    epoch: hello.epoch,
+                });
+            }
+            Err((answer, text)) => {
+                let wire = handshake::encode_answer(answer as u8, &text);
+                let _ = self.tls.writer().write_all_ack(&wire);
+                events.push(Event::Refused {
+                    code: answer as u8,
+                    reason: answer.reason().to_owned(),
+                    text,
+                });
+                self.close();
+            }
+        }
+    }
+
+    /// Client: frames `packets` into the output (encrypted), as many as fit under [`MAX_OUTPUT`]; returns
+    /// how many were taken. The caller writes the output, then sends the rest.
+    pub fn send_packets<'a>(
+        &mut self,
+        packets: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<usize, SendError> {
+        self.check_sendable()?;
+        let max = self.security.max_frame_size();
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let mut taken = 0usize;
+        let mut bytes = 0u64;
+        let mut error = None;
+        for packet in packets {
+            if self.out.len() + scratch.len() >= MAX_OUTPUT {
+                break;
+            }
+            if let Err(err) = encode_frames_into([packet], max, &mut scratch) {
+                error = Some(err);
+                break;
+            }
+            taken += 1;
+            bytes += packet.len() as u64;
+        }
+        self.write_frames(&scratch, taken as u64, bytes);
+        self.scratch = scratch;
+        match error {
+            Some(error) => Err(SendError::Framing { taken, error }),
+            None => Ok(taken),
+        }
+    }
+
+    /// Client: one offload frame (a virtio_net_hdr and its super-packet); `Ok(false)` when the output is
+    /// full (write it first).
+    pub fn send_offload(&mut self, header: &[u8; VNET_HDR_LEN], packet: &[u8]) -> Result<bool, SendError> {
+        self.check_sendable()?;
+        if self.out.len() >= MAX_OUTPUT {
+            return Ok(false);
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let result = encode_offload_frame_into(header, packet, &mut scratch);
+        if result.is_ok() {
+            self.write_frames(&scratch, 1, (VNET_HDR_LEN + packet.len()) as u64);
+            self.counts.offload_frames += 1;
+        }
+        self.scratch = scratch;
+        result
+            .map(|()| true)
+            .map_err(|error| SendError::Framing { taken: 0, error })
+    }
+
+    /// Client: a keepalive (a length prefix of 0), so that the server does not close an idle connection.
+    pub fn send_keepalive(&mut self) -> Result<(), SendError> {
+        self.check_sendable()?;
+        let _ = self.tls.writer().write_all_ack(&KEEPALIVE);
+        self.counts.keepalives += 1;
+        self.flush();
+        Ok(())
+    }
+
+    fn check_sendable(&self) -> Result<(), SendError> {
+        match (self.stage, self.is_client()) {
+            (Stage::Established, true) => Ok(()),
+            (Stage::Closed, _) => Err(SendError::Closed),
+            _ => Err(SendError::NotEstablished),
+        }
+    }
+
+    fn write_frames(&mut self, wire: &[u8], frames: u64, bytes: u64) {
+        if frames == 0 {
+            return;
+        }
+        let _ = self.tls.writer().write_all_ack(wire);
+        self.counts.frames += frames;
+        self.counts.frame_bytes += bytes;
+        self.flush();
+    }
+}
+
+/// The server's verdict on a hello: the configured peer it proved to be, or a refusal and its text. The
+/// rules of `vpn_packet.transport.handshake.judge_hello`.
+fn judge(
+    security: &Security,
+    hello: &Hello<'_>,
+    nonce: &[u8; NONCE_LEN],
+    peer_certificates: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+) -> Result<String, (Answer, String)> {
+    match security.trust() {
+        Trust::Keys { key, peers } => {
+            let (Some(public_key), Some(signature)) = (hello.public_key, hello.signature) else {
+                return Err((
+                    Answer::KeyRequired,
+                    "this node authenticates peers by key; the hello has none".into(),
+                ));
+            };
+            let Some(peer_id) = peers.peer_of_key(public_key) else {
+                if peers.contains(hello.peer_id) {
+                    return Err((
+                        Answer::KeyMismatch,
+                        format!("your key is not the one configured here for {:?}", hello.peer_id),
+                    ));
+                }
+                return Err((
+                    Answer::UnknownPeer,
+                    format!(
+                        "no peer here has your key (you call yourself {:?})",
+                        hello.peer_id
+                    ),
+                ));
+            };
+            let Ok(client_key) = <&[u8; 32]>::try_from(public_key) else {
+                return Err((Answer::BadHello, "a public key of another length".into()));
+            };
+            let transcript =
+                handshake::hello_transcript(nonce, key.public_key(), hello.peer_id, hello.epoch, client_key)
+                    .map_err(|err| (Answer::BadHello, err.to_string()))?;
+            if !verify_signature(public_key, &transcript, signature) {
+                return Err((
+                    Answer::BadSignature,
+                    "the hello's signature does not verify with its key".into(),
+                ));
+            }
+            Ok(peer_id.to_owned())
+        }
+        Trust::Ca { peers, .. } => {
+            if !peers.contains(hello.peer_id) {
+                return Err((
+                    Answer::UnknownPeer,
+                    format!("no peer {:?} is configured here", hello.peer_id),
+                ));
+            }
+            let names = peer_certificates
+                .and_then(|certs| certs.first())
+                .map(|cert| certificate_names(cert))
+                .unwrap_or_default();
+            if !names.iter().any(|name| name == hello.peer_id) {
+                let named = if names.is_empty() {
+                    "nobody".to_owned()
+                } else {
+                    names.join(", ")
+                };
+                return Err((
+                    Answer::IdentityMismatch,
+                    format!("the certificate names {named}, not {:?}", hello.peer_id),
+                ));
+            }
+            if let Some(other) = names
+                .iter()
+                .find(|name| *name != hello.peer_id && peers.contains(name.as_str()))
+            {
+                return Err((
+                    Answer::IdentityMismatch,
+                    format!("the certificate also names peer {other:?}: one certificate, one peer"),
+                ));
+            }
+            Ok(hello.peer_id.to_owned())
+        }
+    }
+}
+
+/// Writing plaintext into rustls cannot fail after the handshake (it buffers without a limit, and the
+/// caller bounds what it sends); this names that once instead of at every call.
+trait WriteAll {
+    fn write_all_ack(&mut self, data: &[u8]) -> std::io::Result<()>;
+}
+
+impl WriteAll for rustls::Writer<'_> {
+    fn write_all_ack(&mut self, data: &[u8]) -> std::io::Result<()> {
+        std::io::Write::write_all(self, data)
+    }
+}

@@ -1263,6 +1263,10 @@ class Receiver:
             refuse = "shutting_down"
         target = self.tun_target
         discovery = self.discovery
+        # Acks are small writes the sender's window waits for: no Nagle delay (asyncio's transports set
+        # this too).
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = ReceiveSession(
             tls,
             sock.fileno(),

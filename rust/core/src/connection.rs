@@ -31,9 +31,10 @@
 //! under 420 KiB per connection, most of it only while output waits for a slow socket. There is no clock
 //! here: the time bounds (handshake timeout, idle timeout) are the caller's, as the I/O is.
 //!
-//! Why this is not yet what a node runs: the node's connections still use Python's `ssl` and asyncio
-//! (`transport/tcp.py`, `receiver.py`); moving them onto this core, with one native call per socket or TUN
-//! readiness event, is issue 20's items 3 to 5. This module is the tested foundation they build on.
+//! Where it runs: a receiver's TLS connections are server `Connection`s inside [`crate::receive`] (one
+//! native call per socket readiness event, from the socket to the TUN). The sending side
+//! (`transport/tcp.py`) still uses Python's `ssl`; moving it onto client `Connection`s with one native call
+//! per TUN readiness event is the rest of issue 20's item 3.
 
 use std::fmt;
 

@@ -2,9 +2,9 @@
 //! client or server) and its lifecycle events as named types (`Established`, `Refused`, `Failed`,
 //! `Closed`). The protocol is `vpn_packet_core::connection` and `vpn_packet_core::tls`; this file converts.
 //!
-//! Not yet on a node's data path (issue 20, items 3 to 5): the node still runs Python's `ssl`. Frames a
-//! server connection receives are kept until `take_frames` (at most `MAX_PENDING_FRAME_BYTES`), a bridge
-//! for tests and for the wiring to come, which will hand them to the TUN natively instead.
+//! A receiver's connections use `ReceiveSession` (`receive.rs`), which hands frames to the TUN natively;
+//! a `TlsConnection` server keeps the frames it receives until `take_frames` (at most
+//! `MAX_PENDING_FRAME_BYTES`), for tests and tools. The sending side does not use `TlsConnection` yet.
 
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::prelude::*;

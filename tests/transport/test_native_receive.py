@@ -113,3 +113,30 @@ async def test_an_awaitable_sink_has_the_packets_before_they_are_acknowledged(tm
         assert await sending == len(packets)
         assert delivered == packets
         assert rx.peer_metrics()["node-a"].packets_delivered == len(packets)
+
+
+async def test_a_sink_call_cancelled_by_stop_is_counted(tmp_path: Path) -> None:
+    """The receiver stops while its sink holds a batch: the batch is `sink_cancelled` (never acknowledged,
+    so the sender counts it lost) and the stop does not wait for the sink."""
+    client, security, peers = nodes(tmp_path)
+    called = asyncio.Event()
+
+    async def sink(peer_id: str, batch: list[bytes]) -> None:
+        called.set()
+        await asyncio.Event().wait()  # nobody sets it: only the stop ends this call
+
+    packets = [pkt("10.8.0.2", i) for i in range(5)]
+    rx = Receiver(peers, sink, security=security)
+    async with rx:
+        sock = await asyncio.to_thread(socket.create_connection, rx.address)
+        side = Side(client.client("node-b", epoch=1), sock)
+        await asyncio.to_thread(pump, [side], lambda: bool(side.events))
+        side.conn.send_packets(packets)
+        side.flush()
+        async with asyncio.timeout(10):  # a hang guard
+            await called.wait()
+    sock.close()
+    peer = rx.peer_metrics()["node-a"]
+    assert peer.frames == len(packets)
+    assert (peer.sink_cancelled, peer.packets_delivered) == (len(packets), 0)
+    assert side.conn.acked == 0

@@ -1294,6 +1294,10 @@ class Receiver:
                 if self._state != "stopped" and conn.closed_because is None:
                     raise
                 clean = conn.closed_because is None  # our stop: close gracefully, so the last acks get out
+                pump.cancel_sink()  # our stop cancels a sink call in progress (counted: sink_cancelled)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump.sink_taken()
+            # A sink call in progress when the connection ends otherwise finishes: its packets are counted.
             await pump.sink_taken()
         except asyncio.CancelledError:
             pump.cancel_sink()

@@ -454,7 +454,7 @@ class Established:
 
 @final
 class Refused:
-    """The server refused the client, with its reason."""
+    """The server refused the client, with its reason (on the server, `claimed`: the hello's id)."""
 
     @property
     def code(self) -> int: ...
@@ -462,6 +462,8 @@ class Refused:
     def reason(self) -> str: ...
     @property
     def text(self) -> str: ...
+    @property
+    def claimed(self) -> str: ...
 
 @final
 class Failed:
@@ -505,3 +507,51 @@ class TlsConnection:
     def keepalives(self) -> int: ...
     @property
     def tls_bytes(self) -> tuple[int, int]: ...
+
+__all__ += ["ReceiveSession"]
+
+@final
+class ReceiveSession:
+    """One accepted TLS connection of a node's receiver on the native core: one `pump` per readiness event
+    reads, decrypts, judges the hello, decodes, checks sources, writes the TUN and sends the ack."""
+
+    def __new__(
+        cls,
+        security: TlsSecurity,
+        sock: int,
+        tun_fd: int | None,
+        table: PrefixTable,
+        indexes: dict[str, int],
+        *,
+        vnet_header: bool = False,
+        read_size: int = 262144,
+        refuse: str | None = None,
+    ) -> ReceiveSession: ...
+    def pump(
+        self,
+    ) -> tuple[
+        list[Established | Refused | Failed | Closed] | None,
+        int,
+        int,
+        tuple[int, int, int, int, int, int, int, int, int, int],
+    ]: ...
+    def flush(self) -> int: ...
+    def take_packets(self) -> list[bytes]: ...
+    def set_route(self, table: PrefixTable, indexes: dict[str, int]) -> None: ...
+    def close(self) -> None: ...
+    @property
+    def stage(self) -> str: ...
+    @property
+    def peer_id(self) -> str | None: ...
+    @property
+    def failure(self) -> Failed | None: ...
+    @property
+    def frames(self) -> int: ...
+    @property
+    def fatal_errno(self) -> int: ...
+    @property
+    def unsent(self) -> int: ...
+    @property
+    def buffered(self) -> int: ...
+    @property
+    def key_exchange_group(self) -> str | None: ...

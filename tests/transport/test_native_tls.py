@@ -1,9 +1,9 @@
 """The native TLS connection core (`TlsSecurity`, `TlsConnection`) over real loopback TCP sockets.
 
 Two binding objects talk through a connected socket pair: TLS 1.3 (rustls, X25519MLKEM768), the signed
-hello, frames and acks; refusals and failures arrive as named event types. The core is not yet on a
-node's data path (issue 20, items 3-5), so the last test checks the wire against today's node: a native
-client delivers to a `Receiver` that still runs Python's `ssl`.
+hello, frames and acks; refusals and failures arrive as named event types. A `Receiver` runs its TLS
+connections on this core (`test_native_receive.py`); the last tests check the wire both ways against
+Python's `ssl`, which the sending side still uses.
 """
 
 from __future__ import annotations
@@ -205,9 +205,9 @@ def test_ca_mode_with_the_test_pki(tmp_path: Path, sockets: tuple[socket.socket,
         check_ca_files(pki.nodes["node-a"].cert.read_bytes(), pki.nodes["node-a"].key.read_bytes(), b"")
 
 
-async def test_a_native_client_delivers_to_todays_python_receiver(tmp_path: Path) -> None:
-    """The wire is unchanged (protocol version 3): a native client completes TLS with Python's `ssl`
-    server, is accepted by its signed hello, and its frames are delivered and acknowledged."""
+async def test_a_native_client_delivers_to_a_receiver(tmp_path: Path) -> None:
+    """A native client completes TLS with a `Receiver` (whose TLS connections run on the native core), is
+    accepted by its signed hello, and its frames are delivered and acknowledged."""
     sec = key_securities(tmp_path, "node-a", "node-b")
     ida, idb = sec["node-a"].identity, sec["node-b"].identity
     assert ida is not None

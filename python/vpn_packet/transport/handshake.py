@@ -30,6 +30,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal
 
 from vpn_packet._native import (
@@ -38,6 +39,7 @@ from vpn_packet._native import (
     MAX_ANSWER_LEN,
     MAX_HELLO_LEN,
     NONCE_LEN,
+    TlsSecurity,
     encode_answer,
     encode_challenge,
     encode_hello,
@@ -127,6 +129,8 @@ class Security:
     peer_keys: Mapping[str, bytes] = field(default_factory=dict)
     server_context: ssl.SSLContext | None = field(default=None, repr=False)
     client_context: ssl.SSLContext | None = field(default=None, repr=False)
+    #: CA mode: the certificate, key and CA files' bytes, for the native TLS core (`native_tls`).
+    ca_files: tuple[bytes, bytes, bytes] | None = field(default=None, repr=False, compare=False)
     _ids_by_key: dict[bytes, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -171,8 +175,15 @@ class Security:
         """CA mode: mutual TLS, certificates chained to `ca` and naming their node's id."""
         from vpn_packet.transport.tls import ca_client_context, ca_server_context
 
+        files = (Path(cert).read_bytes(), Path(key).read_bytes(), Path(ca).read_bytes())
         return cls(
-            "ca", local_id, None, {}, ca_server_context(cert, key, ca), ca_client_context(cert, key, ca)
+            "ca",
+            local_id,
+            None,
+            {},
+            ca_server_context(cert, key, ca),
+            ca_client_context(cert, key, ca),
+            ca_files=files,
         )
 
     @classmethod
@@ -212,6 +223,25 @@ class Security:
         object.__setattr__(derived, "peer_keys", peer_keys)
         object.__setattr__(derived, "_ids_by_key", by_key)
         return derived
+
+    def native_tls(self, peers: Iterable[str], max_frame_size: int) -> TlsSecurity | None:
+        """The same identity and trust for the native TLS core (`vpn_packet._native.TlsSecurity`), which
+        runs a receiver's connections; `peers` are the configured peer ids (CA mode). None in plaintext."""
+        if self.mode == "key":
+            assert self.identity is not None
+            return TlsSecurity.with_keys(
+                self.local_id,
+                self.identity.path.read_bytes(),
+                list(self.peer_keys.items()),
+                max_frame_size=max_frame_size,
+            )
+        if self.mode == "ca":
+            assert self.ca_files is not None
+            cert, key, ca = self.ca_files
+            return TlsSecurity.with_ca(
+                self.local_id, cert, key, ca, list(peers), max_frame_size=max_frame_size
+            )
+        return None
 
     @property
     def encrypted(self) -> bool:

@@ -15,13 +15,19 @@ Per connection (the wire messages are drawn in `rust/core/src/handshake.rs` and 
    wait, TLS, challenge and hello together. Memory per pending connection is bounded: asyncio's TLS buffer
    (256 KiB once TLS starts) and at most one hello (`MAX_HANDSHAKE_HELLO_LEN` bytes); once the pending
    connections are gone after a flood, the heap's free pages go back to the system (`vpn_packet.heap`).
-2. **Handshake**: TLS when the `Security` has a server context; then the challenge, the hello, the
-   verdict (`vpn_packet.transport.handshake.judge_hello`), and the answer, sent before closing a refused
-   connection so the sender knows why. A refusal is counted by reason (`refused`) and logged at WARNING
+2. **Handshake**: with TLS (key or CA mode) the connection runs on the native core from its first byte
+   (`vpn_packet._native.ReceiveSession`, `rust/core/src/receive.rs`: rustls, the challenge, the signed hello
+   judged by the rules of `rust/core/src/connection.rs`, the answer); Python's `ssl` is not on the path. In
+   plaintext (`insecure`) the challenge, hello and verdict (`vpn_packet.transport.handshake.judge_hello`)
+   run here. Either way the answer is sent before closing a refused connection so the sender knows why.
+   A refusal is counted by reason (`refused`) and logged at WARNING
    once per reason and address per interval; so is a failed handshake (`handshake_failures`: `timeout`,
    `tls_failed`, `closed_early`, wire errors such as `bad_magic`). The peer is the one its key (or CA
    certificate) proved, never the id it claims.
-3. **Frames**: one pump per connection (`_InboundProtocol`): every socket read goes, in one native call
+3. **Frames**: with TLS, one native call per socket readiness event (`_NativePump.readable`) reads,
+   decrypts, decodes, checks sources, writes the TUN and sends the ack; Python sees the counts of that call
+   and the lifecycle events (established, refused, failed, closed), never a packet on the TUN path. In
+   plaintext, one pump per connection (`_InboundProtocol`): every socket read goes, in one native call
    (`vpn_packet._native.InboundDecoder`, the GIL released), through the frame decoder (across any read
    boundaries) and the source check against the peer table: a packet whose source's longest prefix is not one
    of the sending peer's is dropped and counted (`spoofed_dropped`); one without a readable IP header is
@@ -47,7 +53,10 @@ does not read again until the sink has taken the packets of that read (an awaita
 transport paused: that is the backpressure, and TCP pushes back on the sender). The native decoder holds at
 most one partial frame (`max_frame_size + 4` bytes) and the packets of one read until the sink takes them.
 So a connection holds about `2 * read_size + 256 KiB (TLS) + max_frame_size` bytes, and the receiver at most
-`max_connections` times that plus the pending ones.
+`max_connections` times that plus the pending ones. On the native TLS path: one `read_size` buffer, rustls'
+one record (18.4 KiB; 64 KiB while a handshake message is joined before authentication), one partial frame,
+the packets of one read (library path) and the output waiting for the socket (acks; above 64 KiB reading
+stops until it drains): see `rust/core/src/connection.rs` for the whole bound.
 """
 
 from __future__ import annotations
@@ -72,7 +81,16 @@ from types import TracebackType
 from typing import ClassVar, Final, cast
 
 from vpn_packet import tuning
-from vpn_packet._native import InboundDecoder, encode_ack
+from vpn_packet._native import (
+    Closed,
+    Established,
+    Failed,
+    InboundDecoder,
+    ReceiveSession,
+    Refused,
+    TlsSecurity,
+    encode_ack,
+)
 from vpn_packet.errors import FramingError
 from vpn_packet.heap import HeapRelease
 from vpn_packet.ratelimit import LogLimiter
@@ -267,10 +285,13 @@ def _reset_by_sender(transport: asyncio.BaseTransport, *, clean_eof: bool) -> bo
 def _unread_bytes(transport: asyncio.BaseTransport) -> int:
     """Bytes waiting in the kernel's receive queue of the transport's socket (0 when unknown)."""
     sock = transport.get_extra_info("socket")
-    if sock is None:
-        return 0
+    return 0 if sock is None else _queued_bytes(sock.fileno())
+
+
+def _queued_bytes(fd: int) -> int:
+    """Bytes waiting in the kernel's receive queue of socket `fd` (0 when unknown)."""
     try:
-        answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        answer = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
     except OSError:
         return 0
     return int(struct.unpack("i", answer)[0])
@@ -498,6 +519,300 @@ class _InboundProtocol(asyncio.BufferedProtocol):
             self.done.set_result(clean)
 
 
+#: Failure reasons of the TLS layer (rustls, and our certificate verifiers): counted together as
+#: `tls_failed` among the handshake failures (the exact reason is in the log line).
+_TLS_REASONS: Final = frozenset({"key_mismatch", "identity_mismatch", "no_ed25519_key", "weak_key"})
+#: Output bytes (acks) a native connection lets wait for a slow socket before it stops reading.
+_MAX_UNSENT = 64 * 1024
+
+
+def _handshake_reason(reason: str) -> str:
+    return "tls_failed" if reason.startswith("tls_") or reason in _TLS_REASONS else reason
+
+
+@dataclass(eq=False, slots=True)
+class _NativeConnection:
+    """One accepted TLS connection on the native core (`vpn_packet._native.ReceiveSession`): TLS, the
+    signed hello, frames, the source check, the TUN write and the ack run in one native call per socket
+    readiness event (`_NativePump`); the task waits for its end."""
+
+    sock: socket.socket
+    session: ReceiveSession
+    source: str
+    ticket: Ticket
+    reloads: int
+    task: asyncio.Task[None] = field(init=False)
+    pump: _NativePump = field(init=False)
+    peer_id: str | None = None
+    closed_because: str | None = None
+
+    def close(self, because: str) -> None:
+        """Close at once (reset): another connection needs the slot, or the peer was removed."""
+        self.closed_because = because
+        self.pump.finish(False)
+
+    @property
+    def buffered(self) -> int:
+        return self.session.buffered
+
+
+class _NativePump:
+    """The readiness callbacks of one `_NativeConnection`: `readable` pumps the session once (one native
+    call: read, decrypt, judge, decode, check, write the TUN, send the ack), handles the lifecycle events
+    it returns (established, refused, failed, closed) and counts what the call did. On the library path
+    the packets go to the sink and the ack is written once the sink took them (reading paused while an
+    awaitable sink is pending). `done` resolves with True when the connection ended cleanly."""
+
+    def __init__(self, receiver: Receiver, conn: _NativeConnection, target: TunTarget | None) -> None:
+        self.receiver = receiver
+        self.conn = conn
+        self.target = target
+        self.peer: PeerReceiverMetrics | None = None
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[bool] = self._loop.create_future()
+        self._fd = conn.sock.fileno()
+        self._generation = receiver.discovery.generation
+        self._reading = False
+        self._writing = False
+        self._stage = "tls"
+        self._last_data = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._hello_timer: asyncio.TimerHandle | None = self._loop.call_at(
+            conn.ticket.accepted + receiver.hello_timeout, self._hello_timed_out
+        )
+        self._sink_task: asyncio.Task[None] | None = None
+        self._watch(True)
+
+    def _watch(self, reading: bool) -> None:
+        if reading and not self._reading and not self.done.done():
+            self._loop.add_reader(self._fd, self.readable)
+        elif not reading and self._reading:
+            self._loop.remove_reader(self._fd)
+        self._reading = reading and not self.done.done()
+
+    def _want_write(self, unsent: int) -> None:
+        if unsent and not self._writing and not self.done.done():
+            self._loop.add_writer(self._fd, self._writable)
+            self._writing = True
+            if unsent > _MAX_UNSENT:
+                self._watch(False)
+        elif not unsent and self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+
+    def _writable(self) -> None:
+        try:
+            unsent = self.conn.session.flush()
+        except OSError as exc:
+            self._socket_failed(exc)
+            return
+        self._want_write(unsent)
+        if not unsent and self._sink_task is None and not self.done.done():
+            self._watch(True)
+
+    def readable(self) -> None:
+        """One readiness event: one native call, then the lifecycle it reports."""
+        if self.done.done():
+            return
+        receiver, conn = self.receiver, self.conn
+        session = conn.session
+        discovery = receiver.discovery
+        if discovery.generation != self._generation:  # a reload: the new table and indexes
+            self._generation = discovery.generation
+            if conn.peer_id is not None and conn.peer_id not in discovery:
+                conn.closed_because = "peer removed"
+                self.finish(False)
+                return
+            session.set_route(discovery.table, receiver._peer_indexes())
+        try:
+            events, read, unsent, counts = session.pump()
+        except OSError as exc:
+            self._socket_failed(exc)
+            return
+        if read < -1:  # the sender reset the connection: what waits behind the reset is counted lost there
+            self._reset_by_sender(-2 - read)
+            return
+        if events is not None:
+            for event in events:
+                self._event(event)
+        if read:
+            self._last_data = self._loop.time()
+        if conn.peer_id is None and read > 0 and not self.done.done():
+            stage = session.stage
+            if stage != self._stage or stage == "challenge":  # TLS done, or a part of the hello: a step
+                receiver._admission.progress(conn.ticket)
+            self._stage = stage
+        peer = self.peer
+        if counts[0] and peer is not None:
+            receiver._count_native(peer, counts, self.target, session.fatal_errno)
+            peer.last_packet = time.monotonic()
+        if self.target is None and peer is not None and counts[0]:
+            packets = session.take_packets()
+            if packets:
+                assert conn.peer_id is not None
+                pending = receiver._deliver(conn.peer_id, peer, packets)
+                if pending is not None:  # an awaitable sink: wait for it, reading paused, then the ack
+                    self._watch(False)
+                    self._sink_task = self._loop.create_task(self._after_sink(pending, read < 0))
+                    return
+        if self.target is None:
+            try:
+                unsent = session.flush()
+            except OSError as exc:
+                self._socket_failed(exc)
+                return
+        self._want_write(unsent)
+        if read < 0 and not self.done.done():
+            self._end_of_stream()
+
+    async def _after_sink(self, pending: Awaitable[None], eof: bool) -> None:
+        try:
+            await pending
+        finally:
+            self._sink_task = None
+        self._last_data = self._loop.time()
+        if self.done.done():
+            return
+        sock = self.conn.sock
+        try:
+            reset = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+        except OSError:
+            reset = True
+        if reset:  # the sender reset the connection while the sink held us: not acknowledged, discarded
+            self._reset_by_sender(_queued_bytes(sock.fileno()))
+            return
+        try:
+            unsent = self.conn.session.flush()
+        except OSError as exc:
+            self._socket_failed(exc)
+            return
+        self._want_write(unsent)
+        if eof:
+            self._end_of_stream()
+        elif unsent <= _MAX_UNSENT:
+            self._watch(True)
+
+    def _end_of_stream(self) -> None:
+        if self.peer is not None and self.conn.session.buffered:
+            self.receiver._protocol_error(self.peer, "truncated")
+            self.finish(False)
+        else:
+            self.finish(self.peer is not None)
+
+    def _event(self, event: Established | Refused | Failed | Closed) -> None:
+        receiver, conn = self.receiver, self.conn
+        if isinstance(event, Established):
+            self._cancel_hello_timer()
+            receiver._leave_pending(conn)
+            if conn.reloads != receiver._reloads or event.peer_id not in receiver.discovery:
+                conn.closed_because = "reloaded during the handshake"
+                self.finish(False)
+                return
+            if event.announced_id != event.peer_id and receiver.security.mode == "key":
+                _log.info(
+                    "peer %s connects under the name %r (its key decides)", event.peer_id, event.announced_id
+                )
+            self.peer = receiver._enter_peer(conn, event.peer_id)
+            self._arm_idle(self._loop.time() + receiver.idle_timeout)
+        elif isinstance(event, Refused):
+            self._cancel_hello_timer()
+            receiver._refused(conn.source, event.claimed or "?", event.reason, event.text)
+            self.finish(True)  # gracefully: the answer must reach the client
+        elif isinstance(event, Failed):
+            if self.peer is None:
+                self._cancel_hello_timer()
+                detail = event.detail
+                if event.reason == "closed_early":
+                    detail = receiver._why_closed_early(conn)
+                receiver._count_failure(conn.source, _handshake_reason(event.reason), detail)
+                self.finish(False)
+            else:
+                if event.reason == "offload_invalid":  # a frame received and dropped: counted as both
+                    receiver._count(self.peer, "frames", 1)
+                    receiver._count(self.peer, "offload_invalid", 1)
+                receiver._framing_broken(conn, self.peer, event.reason)
+                self.finish(False)
+        else:  # Closed: the peer ended an established connection
+            self.finish(True)
+
+    def _reset_by_sender(self, unread: int) -> None:
+        receiver, conn = self.receiver, self.conn
+        if self.peer is not None:
+            receiver._discard_after_reset(conn, self.peer, unread)
+        else:  # inside the handshake: it ended early (a client that refuses our key hangs up so)
+            self._cancel_hello_timer()
+            receiver._count_failure(conn.source, "closed_early", receiver._why_closed_early(conn))
+        self.finish(False)
+
+    def _socket_failed(self, exc: OSError) -> None:
+        """Reset, broken pipe: the peer's side went away, not a protocol violation."""
+        receiver, conn = self.receiver, self.conn
+        _log.debug("receiver connection error from %s: %r", conn.source, exc)
+        if self.peer is not None:
+            receiver._totals.connection_errors += 1
+            self.peer.connection_errors += 1
+        else:
+            self._cancel_hello_timer()
+            receiver._count_failure(conn.source, "closed_early", receiver._why_closed_early(conn))
+        self.finish(False)
+
+    def _hello_timed_out(self) -> None:
+        self._hello_timer = None
+        if self.conn.peer_id is None and not self.done.done():
+            timeout = self.receiver.hello_timeout
+            self.receiver._count_failure(
+                self.conn.source, "timeout", f"no complete handshake within {timeout:g}s"
+            )
+            self.finish(False)
+
+    def _cancel_hello_timer(self) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+
+    def _arm_idle(self, when: float) -> None:
+        self._idle_timer = self._loop.call_at(when, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Runs at most once per idle period: re-armed from the last data seen (time waiting for the sink
+        is not silence from the sender)."""
+        self._idle_timer = None
+        receiver = self.receiver
+        deadline = self._last_data + receiver.idle_timeout
+        if self._sink_task is not None or self._loop.time() < deadline:
+            self._arm_idle(max(deadline, self._loop.time() + receiver.idle_timeout / 4))
+            return
+        assert self.peer is not None
+        self.peer.idle_closed += 1
+        receiver._totals.idle_closed += 1
+        self.conn.closed_because = "idle"
+        self.finish(True)
+
+    async def sink_taken(self) -> None:
+        """Returns when no sink call is pending."""
+        task = self._sink_task
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
+    def cancel_sink(self) -> None:
+        if self._sink_task is not None:
+            self._sink_task.cancel()
+
+    def finish(self, clean: bool) -> None:
+        """Stops watching the socket; `done` says whether the end is clean."""
+        self._cancel_hello_timer()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._watch(False)
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        if not self.done.done():
+            self.done.set_result(clean)
+
+
 class Receiver:
     """Accepts peer connections on `host:port` and delivers their packets to `sink(peer_id, packets)`.
 
@@ -577,7 +892,7 @@ class Receiver:
         self._address: tuple[str, int] | None = None
         self._state = "new"  # new -> running -> stopped
         # Every connection task, pending or authenticated (per peer, oldest first).
-        self._connections: dict[asyncio.Task[None], _Connection] = {}
+        self._connections: dict[asyncio.Task[None], _Connection | _NativeConnection] = {}
         # Who holds a pending place, silent or handshaking (see `vpn_packet.transport.admission`).
         self._admission = Admission(
             max_silent=max_silent_pending,
@@ -589,11 +904,13 @@ class Receiver:
         self._peer_addresses: tuple[int, frozenset[str]] = (-1, frozenset())  # (discovery generation, hosts)
         self._attaching: set[asyncio.Task[None]] = set()  # a started connection getting its transport
         self._heap = HeapRelease()
-        self._by_peer: dict[str, OrderedDict[asyncio.Task[None], _Connection]] = {}
+        self._by_peer: dict[str, OrderedDict[asyncio.Task[None], _Connection | _NativeConnection]] = {}
         self._authenticated = 0
         self._totals = ReceiverMetrics()
         self._per_peer: dict[str, PeerReceiverMetrics] = {}
         self._reloads = 0  # `update_security` calls: a handshake that spans one is not trusted
+        # The native TLS core's setup, for (reloads, discovery generation) it was made at (see `_native`).
+        self._native_tls: tuple[int, int, TlsSecurity | None] | None = None
         # Set before `start()` by a node on a TUN: packets then go from socket to TUN in one native call per
         # read, without the sink (see `_pump`).
         self.tun_target: TunTarget | None = None
@@ -609,6 +926,7 @@ class Receiver:
             raise RuntimeError(f"receiver is {self._state}; a receiver is started once")
         self._state = "running"
         try:
+            self._native()  # a certificate or key the native TLS core refuses: named at start
             self._listeners = await self._listen()
         except BaseException:
             self._state = "stopped"
@@ -758,6 +1076,9 @@ class Receiver:
         """Bytes the open connections hold right now: stream buffers plus partial frames (introspection)."""
         total = 0
         for conn in self._connections.values():
+            if isinstance(conn, _NativeConnection):
+                total += conn.buffered
+                continue
             total += len(getattr(conn.reader, "_buffer", b""))
             if conn.decoder is not None:
                 total += conn.decoder.buffered
@@ -896,8 +1217,28 @@ class Receiver:
         silent.sock.close()
         self._heap.note_closed()
 
+    def _native(self) -> TlsSecurity | None:
+        """The native TLS core's setup for new connections (None in plaintext): made again after a reload
+        of the security or of the peers (CA mode names the configured peers)."""
+        made = self._native_tls
+        generation = self.discovery.generation
+        if made is None or made[0] != self._reloads or made[1] != generation:
+            peers = [peer.id for peer in self.discovery.peers]
+            made = (self._reloads, generation, self.security.native_tls(peers, self.max_frame_size))
+            self._native_tls = made
+        return made[2]
+
+    def _peer_indexes(self) -> dict[str, int]:
+        discovery = self.discovery
+        return {peer.id: discovery.index_of(peer.id) for peer in discovery.peers}
+
     def _open(self, ticket: Ticket, sock: socket.socket) -> None:
-        """Gives `sock` its asyncio transport and stream; `_on_connection` then runs its handshake."""
+        """With TLS: the connection runs on the native core (`_open_native`). In plaintext: gives `sock` its
+        asyncio transport and stream; `_on_connection` then runs its handshake."""
+        tls = self._native()
+        if tls is not None:
+            self._open_native(ticket, sock, tls)
+            return
         reader = asyncio.StreamReader(limit=max(self.read_size // 2, 1024))  # paused above 2 * limit
         protocol = asyncio.StreamReaderProtocol(reader, functools.partial(self._on_connection, ticket))
         loop = asyncio.get_running_loop()
@@ -913,6 +1254,69 @@ class Receiver:
         task = loop.create_task(attach())
         self._attaching.add(task)
         task.add_done_callback(self._attaching.discard)
+
+    def _open_native(self, ticket: Ticket, sock: socket.socket, tls: TlsSecurity) -> None:
+        """A TLS connection on the native core: its session, pumped at once (its first bytes are here) and
+        at every readiness event; a task waits for its end and closes it."""
+        refuse = None if self._authenticated < self.max_connections else "too_many_connections"
+        if self._state != "running":
+            refuse = "shutting_down"
+        target = self.tun_target
+        discovery = self.discovery
+        # Acks are small writes the sender's window waits for: no Nagle delay (asyncio's transports set
+        # this too).
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = ReceiveSession(
+            tls,
+            sock.fileno(),
+            None if target is None else target.fd,
+            discovery.table,
+            self._peer_indexes(),
+            vnet_header=target is not None and target.vnet_header,
+            read_size=self.read_size,
+            refuse=refuse,
+        )
+        conn = _NativeConnection(sock, session, ticket.source, ticket, self._reloads)
+        ticket.handle = conn
+        conn.task = asyncio.get_running_loop().create_task(self._run_native(conn))
+        self._connections[conn.task] = conn
+        conn.pump = _NativePump(self, conn, target)
+        conn.pump.readable()
+
+    async def _run_native(self, conn: _NativeConnection) -> None:
+        pump = conn.pump
+        clean = False
+        try:
+            try:
+                clean = await pump.done
+            except asyncio.CancelledError:
+                if self._state != "stopped" and conn.closed_because is None:
+                    raise
+                clean = conn.closed_because is None  # our stop: close gracefully, so the last acks get out
+                pump.cancel_sink()  # our stop cancels a sink call in progress (counted: sink_cancelled)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump.sink_taken()
+            # A sink call in progress when the connection ends otherwise finishes: its packets are counted.
+            await pump.sink_taken()
+        except asyncio.CancelledError:
+            pump.cancel_sink()
+            raise
+        finally:
+            pump.finish(clean)
+            self._connections.pop(conn.task, None)
+            self._leave_pending(conn)
+            if conn.peer_id is not None:
+                self._leave_peer(conn)
+            sock = conn.sock
+            if clean:
+                conn.session.close()
+                with contextlib.suppress(OSError):
+                    conn.session.flush()  # close_notify, best effort: the socket does not block
+            else:  # a reset: nothing read and not acknowledged is counted as delivered by the sender
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
 
     def _evict(self, tickets: list[Ticket], why: str) -> None:
         """Closes the connections the admission displaced (already out of its tables) to make room."""
@@ -940,11 +1344,11 @@ class Receiver:
             self._close_silent(handle)
             return
         self._heap.note_closed()
-        if isinstance(handle, _Connection):
+        if isinstance(handle, _Connection | _NativeConnection):
             handle.close("evicted_pending")
         # else: its transport is being made; `_on_connection` sees the ticket gone and closes it.
 
-    def _leave_pending(self, conn: _Connection) -> None:
+    def _leave_pending(self, conn: _Connection | _NativeConnection) -> None:
         """Stops counting `conn` as pending (idempotent: eviction and the task's own exit both call it)."""
         if self._admission.leave(conn.ticket):
             self._heap.note_closed()
@@ -1059,28 +1463,32 @@ class Receiver:
                 raise _Failed(conn.closed_because) from exc
             raise self._handshake_failed(conn, "closed_early", self._why_closed_early(conn)) from exc
         if not verdict.accepted:
-            _bump(self._totals.refused, verdict.reason)
             claimed = hello.peer_id if hello is not None else "?"
-            advice = ""
-            if verdict.reason in ("key_mismatch", "unknown_peer"):
-                advice = (
-                    f"; if {claimed!r} is a peer of ours whose key changed, put its new public key "
-                    "(`vpn-packet pubkey` of its key file) as its public_key in this node's config"
-                )
-            self._warn.warning(
-                ("refused", conn.source, verdict.reason),
-                "receiver: refused %s (calls itself %r): %s: %s%s",
-                conn.source,
-                claimed,
-                verdict.reason,
-                verdict.detail,
-                advice,
-            )
+            self._refused(conn.source, claimed, verdict.reason, verdict.detail)
         elif hello is not None and hello.peer_id != verdict.peer_id:
             _log.info("peer %s connects under the name %r (its key decides)", verdict.peer_id, hello.peer_id)
         return verdict
 
-    def _why_closed_early(self, conn: _Connection) -> str:
+    def _refused(self, source: str, claimed: str, reason: str, detail: str) -> None:
+        """A hello refused with an answer: counted by reason, logged once per reason and address."""
+        _bump(self._totals.refused, reason)
+        advice = ""
+        if reason in ("key_mismatch", "unknown_peer"):
+            advice = (
+                f"; if {claimed!r} is a peer of ours whose key changed, put its new public key "
+                "(`vpn-packet pubkey` of its key file) as its public_key in this node's config"
+            )
+        self._warn.warning(
+            ("refused", source, reason),
+            "receiver: refused %s (calls itself %r): %s: %s%s",
+            source,
+            claimed,
+            reason,
+            detail,
+            advice,
+        )
+
+    def _why_closed_early(self, conn: _Connection | _NativeConnection) -> str:
         """What a connection that ended inside the handshake tells. In key mode, one that ended right after
         TLS, before a byte of its hello, is what a peer does when the key it has for us is not ours (it
         checks our key in TLS and hangs up): say so, name the peers configured at that address, and what
@@ -1096,7 +1504,7 @@ class Receiver:
             f"{security.identity.public_key} as public_key of peer {security.local_id} in its config"
         )
 
-    def _enter_peer(self, conn: _Connection, peer_id: str) -> PeerReceiverMetrics:
+    def _enter_peer(self, conn: _Connection | _NativeConnection, peer_id: str) -> PeerReceiverMetrics:
         """Counts `conn` as `peer_id`'s; at the peer's limit its oldest connection is closed."""
         peer = self._per_peer.setdefault(peer_id, PeerReceiverMetrics())
         held = self._by_peer.setdefault(peer_id, OrderedDict())
@@ -1123,7 +1531,7 @@ class Receiver:
         )
         return peer
 
-    def _leave_peer(self, conn: _Connection) -> None:
+    def _leave_peer(self, conn: _Connection | _NativeConnection) -> None:
         assert conn.peer_id is not None
         held = self._by_peer.get(conn.peer_id)
         if held is not None:
@@ -1187,12 +1595,16 @@ class Receiver:
             protocol.cancel_sink()
             raise
 
-    def _discard_after_reset(self, conn: _Connection, peer: PeerReceiverMetrics, n: int) -> None:
+    def _discard_after_reset(
+        self, conn: _Connection | _NativeConnection, peer: PeerReceiverMetrics, n: int
+    ) -> None:
         peer.discarded_after_reset += n
         self._totals.discarded_after_reset += n
         conn.closed_because = "reset by the sender"
 
-    def _framing_broken(self, conn: _Connection, peer: PeerReceiverMetrics, reason: str) -> None:
+    def _framing_broken(
+        self, conn: _Connection | _NativeConnection, peer: PeerReceiverMetrics, reason: str
+    ) -> None:
         self._protocol_error(peer, reason)
         _log.warning("receiver: peer %s broke the framing (%s); connection closed", conn.peer_id, reason)
 
@@ -1243,6 +1655,46 @@ class Receiver:
             if inbound.fatal_errno and target.on_fatal is not None:
                 target.on_fatal(inbound.fatal_errno)
         return frames, error
+
+    def _count_native(
+        self,
+        peer: PeerReceiverMetrics,
+        counts: tuple[int, int, int, int, int, int, int, int, int, int],
+        target: TunTarget | None,
+        fatal_errno: int,
+    ) -> None:
+        """What one native pump did, counted by reason (as `_take` counts the plaintext path's reads)."""
+        (
+            frames,
+            payload,
+            delivered,
+            written,
+            extra_segments,
+            spoofed,
+            unparsable,
+            offload_invalid,
+            tun_dropped,
+            tun_refused,
+        ) = counts
+        count = self._count
+        count(peer, "frames", frames)
+        count(peer, "bytes", payload)
+        if extra_segments:
+            count(peer, "extra_segments", extra_segments)
+        if spoofed or unparsable or offload_invalid or tun_dropped or tun_refused:
+            count(peer, "spoofed_dropped", spoofed)
+            count(peer, "unparsable_dropped", unparsable)
+            count(peer, "offload_invalid", offload_invalid)
+            count(peer, "tun_dropped", tun_dropped)
+            count(peer, "tun_refused", tun_refused)
+        if target is not None:
+            if delivered:
+                count(peer, "packets_delivered", delivered)
+                count(peer, "batches_delivered", 1)
+                target.packets_written += delivered
+                target.bytes_written += written
+            if fatal_errno and target.on_fatal is not None:
+                target.on_fatal(fatal_errno)
 
     def _deliver(
         self, peer_id: str, peer: PeerReceiverMetrics, packets: list[bytes]

@@ -31,9 +31,10 @@
 //! under 420 KiB per connection, most of it only while output waits for a slow socket. There is no clock
 //! here: the time bounds (handshake timeout, idle timeout) are the caller's, as the I/O is.
 //!
-//! Why this is not yet what a node runs: the node's connections still use Python's `ssl` and asyncio
-//! (`transport/tcp.py`, `receiver.py`); moving them onto this core, with one native call per socket or TUN
-//! readiness event, is issue 20's items 3 to 5. This module is the tested foundation they build on.
+//! Where it runs: a receiver's TLS connections are server `Connection`s inside [`crate::receive`] (one
+//! native call per socket readiness event, from the socket to the TUN). The sending side
+//! (`transport/tcp.py`) still uses Python's `ssl`; moving it onto client `Connection`s with one native call
+//! per TUN readiness event is the rest of issue 20's item 3.
 
 use std::fmt;
 
@@ -46,7 +47,7 @@ use crate::framing::{
 };
 use crate::gso::{self, GsoError};
 use crate::handshake::{self, Answer, HandshakeError, Hello, Parsed, NONCE_LEN};
-use crate::key_checks::verify_signature;
+use crate::key_checks::{accept_public_key, verify_signature};
 use crate::tls::{certificate_names, placeholder_server_name, refusal_of, ConfigError, Security, Trust};
 
 /// Bytes of ciphertext [`Connection::send_packets`] lets wait in the output before it stops taking packets.
@@ -221,7 +222,14 @@ pub enum Event {
     /// The server refused the client: on the client, the server's reason; on the server, the reason it
     /// answered. `code` is the wire code, `reason` its name ([`Answer::reason`], or `refused_<code>` for a
     /// code this build does not know), `text` the server's explanation.
-    Refused { code: u8, reason: String, text: String },
+    /// `claimed`: on the server, the id the refused hello announced (empty when no hello was judged); on
+    /// the client, empty.
+    Refused {
+        code: u8,
+        reason: String,
+        text: String,
+        claimed: String,
+    },
     /// The connection failed; see [`Failure`].
     Failed(Failure),
     /// The peer closed an established connection (close_notify).
@@ -311,6 +319,8 @@ pub struct Connection {
     scratch: Vec<u8>,
     counts: ConnectionCounts,
     failure: Option<Failure>,
+    /// The configured peer, once established (what [`Connection::receive_frames`] names to its sink).
+    peer_id: Option<String>,
 }
 
 impl fmt::Debug for Connection {
@@ -388,6 +398,7 @@ impl Connection {
             scratch: Vec::new(),
             counts: ConnectionCounts::default(),
             failure: None,
+            peer_id: None,
         }
     }
 
@@ -399,6 +410,11 @@ impl Connection {
     /// Where the connection stands.
     pub fn stage(&self) -> Stage {
         self.stage
+    }
+
+    /// The configured peer once the handshake is done (client: the one dialled; server: the one proved).
+    pub fn peer_id(&self) -> Option<&str> {
+        self.peer_id.as_deref()
     }
 
     /// The failure that ended the connection, if one did.
@@ -502,6 +518,17 @@ impl Connection {
     /// frame's payload starts with its virtio_net_hdr, checked); acks (client) move the counts. Returns the
     /// lifecycle events, usually none. After the connection closed, bytes are ignored.
     pub fn receive(&mut self, data: &[u8], mut sink: impl FnMut(FrameKind, &[u8])) -> Vec<Event> {
+        self.receive_frames(data, |_, kind, payload| sink(kind, payload))
+    }
+
+    /// [`Connection::receive`] with a sink that is also told the proved peer's id (`(peer_id, kind,
+    /// payload)`): frames that arrive in the same read as the hello reach a sink that learns who sent them
+    /// without waiting for the caller to see the `Established` event.
+    pub fn receive_frames(
+        &mut self,
+        data: &[u8],
+        mut sink: impl FnMut(&str, FrameKind, &[u8]),
+    ) -> Vec<Event> {
         let mut events = Vec::new();
         let mut rest = data;
         let frames_before = self.counts.frames;
@@ -575,7 +602,7 @@ impl Connection {
         }
     }
 
-    fn process_plaintext(&mut self, sink: &mut impl FnMut(FrameKind, &[u8]), events: &mut Vec<Event>) {
+    fn process_plaintext(&mut self, sink: &mut impl FnMut(&str, FrameKind, &[u8]), events: &mut Vec<Event>) {
         use std::io::BufRead;
         loop {
             if self.stage == Stage::Closed {
@@ -600,6 +627,7 @@ impl Connection {
                 Stage::Established if !matches!(self.role, Role::Client { .. }) => {
                     let mut bad_offload = None;
                     let counts = &mut self.counts;
+                    let peer_id = self.peer_id.as_deref().unwrap_or_default();
                     let keepalives_before = self.frames.keepalives();
                     let result = self.frames.feed_frames(chunk, |kind, payload| {
                         if bad_offload.is_some() {
@@ -617,7 +645,7 @@ impl Connection {
                         }
                         counts.frames += 1;
                         counts.frame_bytes += payload.len() as u64;
-                        sink(kind, payload);
+                        sink(peer_id, kind, payload);
                     });
                     counts.keepalives += self.frames.keepalives() - keepalives_before;
                     reader.consume(n);
@@ -781,6 +809,7 @@ impl Connection {
         };
         if code == Answer::Accepted as u8 {
             self.stage = Stage::Established;
+            self.peer_id = Some(peer_id.clone());
             events.push(Event::Established {
                 peer_id: peer_id.clone(),
                 announced_id: text.to_owned(),
@@ -793,6 +822,7 @@ impl Connection {
                 code,
                 reason,
                 text: text.to_owned(),
+                claimed: String::new(),
             });
             self.close();
         }
@@ -814,6 +844,7 @@ impl Connection {
                 let answer = handshake::encode_answer(Answer::Accepted as u8, self.security.local_id());
                 let _ = self.tls.writer().write_all_ack(&answer);
                 self.stage = Stage::Established;
+                self.peer_id = Some(peer_id.clone());
                 events.push(Event::Established {
                     peer_id,
                     announced_id: hello.peer_id.to_owned(),
@@ -827,6 +858,7 @@ impl Connection {
                     code: answer as u8,
                     reason: answer.reason().to_owned(),
                     text,
+                    claimed: hello.peer_id.to_owned(),
                 });
                 self.close();
             }
@@ -929,6 +961,12 @@ fn judge(
                     "this node authenticates peers by key; the hello has none".into(),
                 ));
             };
+            if let Err(problem) = accept_public_key(public_key) {
+                return Err((
+                    Answer::BadKey,
+                    format!("your public key cannot be trusted: {problem}"),
+                ));
+            }
             let Some(peer_id) = peers.peer_of_key(public_key) else {
                 if peers.contains(hello.peer_id) {
                     return Err((

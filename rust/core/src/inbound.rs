@@ -144,66 +144,124 @@ impl Inbound {
             segment_lengths,
             counts,
         } = self;
-        let vnet = *vnet_header;
-        decoder.feed_frames(data, |kind, payload| {
-            let (header, packet) = match kind {
-                FrameKind::Packet => (None, payload),
-                FrameKind::Offload => {
-                    let (header, packet) = payload.split_at(VNET_HDR_LEN);
-                    (Some(header), packet)
-                }
-            };
-            match check_source(table, packet, peer) {
-                SourceCheck::Accepted => {}
-                SourceCheck::Spoofed => {
-                    counts.spoofed += 1;
-                    return;
-                }
-                SourceCheck::Unparsable => {
-                    counts.unparsable += 1;
-                    return;
-                }
+        let mut rest = Frames {
+            vnet: *vnet_header,
+            segments,
+            segment_lengths,
+            counts,
+        };
+        decoder.feed_frames(data, |kind, payload| rest.take(kind, payload, table, peer, tun))
+    }
+
+    /// One frame decoded elsewhere (by [`crate::connection::Connection`], which decodes the frames of a TLS
+    /// stream itself): its source checked against `peer` in `table`, and written to `tun` when accepted,
+    /// counted as [`Inbound::feed`] counts. The frame decoder is not used (its counts stay 0).
+    pub fn take_frame<W: TunWrite>(
+        &mut self,
+        kind: FrameKind,
+        payload: &[u8],
+        table: &PrefixTable<u32>,
+        peer: u32,
+        tun: &mut W,
+    ) {
+        let Inbound {
+            vnet_header,
+            segments,
+            segment_lengths,
+            counts,
+            ..
+        } = self;
+        Frames {
+            vnet: *vnet_header,
+            segments,
+            segment_lengths,
+            counts,
+        }
+        .take(kind, payload, table, peer, tun);
+    }
+}
+
+/// The parts of an [`Inbound`] one frame needs (the decoder is borrowed apart while it hands out frames).
+struct Frames<'a> {
+    vnet: bool,
+    segments: &'a mut Vec<u8>,
+    segment_lengths: &'a mut Vec<u32>,
+    counts: &'a mut InboundCounts,
+}
+
+impl Frames<'_> {
+    fn take<W: TunWrite>(
+        &mut self,
+        kind: FrameKind,
+        payload: &[u8],
+        table: &PrefixTable<u32>,
+        peer: u32,
+        tun: &mut W,
+    ) {
+        let Frames {
+            vnet,
+            segments,
+            segment_lengths,
+            counts,
+        } = self;
+        let vnet = *vnet;
+        let (header, packet) = match kind {
+            FrameKind::Packet => (None, payload),
+            FrameKind::Offload => {
+                let (header, packet) = payload.split_at(VNET_HDR_LEN);
+                (Some(header), packet)
             }
-            match header {
-                None => {
-                    let header = vnet.then_some(&PLAIN_VNET_HDR[..]);
-                    write_one(tun, counts, header, packet);
-                }
-                Some(header) => {
-                    let parsed = match gso::VirtioNetHdr::parse(header) {
-                        Ok(parsed) => parsed,
-                        Err(_) => {
-                            counts.offload_invalid += 1;
-                            return;
-                        }
-                    };
-                    if vnet {
-                        // The header comes from a peer, not from our kernel: the same checks as for
-                        // segmenting it ourselves, so the kernel is never handed a header we would refuse.
-                        if gso::validate(&parsed, packet).is_err() {
-                            counts.offload_invalid += 1;
-                            return;
-                        }
-                        write_one(tun, counts, Some(header), packet);
-                        return;
-                    }
-                    segments.clear();
-                    segment_lengths.clear();
-                    if gso::segment(&parsed, packet, segments, segment_lengths).is_err() {
+        };
+        match check_source(table, packet, peer) {
+            SourceCheck::Accepted => {}
+            SourceCheck::Spoofed => {
+                counts.spoofed += 1;
+                return;
+            }
+            SourceCheck::Unparsable => {
+                counts.unparsable += 1;
+                return;
+            }
+        }
+        match header {
+            None => {
+                let header = vnet.then_some(&PLAIN_VNET_HDR[..]);
+                write_one(tun, counts, header, packet);
+            }
+            Some(header) => {
+                let parsed = match gso::VirtioNetHdr::parse(header) {
+                    Ok(parsed) => parsed,
+                    Err(_) => {
                         counts.offload_invalid += 1;
                         return;
                     }
-                    counts.segmented += 1;
-                    counts.extra_segments += segment_lengths.len().saturating_sub(1) as u64;
-                    let mut start = 0usize;
-                    for &len in segment_lengths.iter() {
-                        let end = start + len as usize;
-                        write_one(tun, counts, None, &segments[start..end]);
-                        start = end;
+                };
+                if vnet {
+                    // The header comes from a peer, not from our kernel: the same checks as for
+                    // segmenting it ourselves, so the kernel is never handed a header we would refuse.
+                    if gso::validate(&parsed, packet).is_err() {
+                        counts.offload_invalid += 1;
+                        return;
                     }
+                    write_one(tun, counts, Some(header), packet);
+                    return;
+                }
+                segments.clear();
+                segment_lengths.clear();
+                if gso::segment(&parsed, packet, segments, segment_lengths).is_err() {
+                    counts.offload_invalid += 1;
+                    return;
+                }
+                counts.segmented += 1;
+                counts.extra_segments += segment_lengths.len().saturating_sub(1) as u64;
+                let mut start = 0usize;
+                for &len in segment_lengths.iter() {
+                    let end = start + len as usize;
+                    write_one(tun, counts, None, &segments[start..end]);
+                    start = end;
                 }
             }
-        })
+        }
     }
 }
 

@@ -29,5 +29,6 @@ pub use handshake::{Answer, HandshakeError, Hello, Parsed};
 pub use prefix::{check_source, parse_prefix, source_address, PrefixError, PrefixTable, SourceCheck};
 
 pub mod queues;
+pub mod receive;
 pub mod tun;
 pub use queues::{DestinationQueues, KeyedPush, Pushed, QueueId, Rejections, OFFLOAD_FLAG, VNET_HDR_LEN};

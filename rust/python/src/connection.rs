@@ -2,9 +2,9 @@
 //! client or server) and its lifecycle events as named types (`Established`, `Refused`, `Failed`,
 //! `Closed`). The protocol is `vpn_packet_core::connection` and `vpn_packet_core::tls`; this file converts.
 //!
-//! Not yet on a node's data path (issue 20, items 3 to 5): the node still runs Python's `ssl`. Frames a
-//! server connection receives are kept until `take_frames` (at most `MAX_PENDING_FRAME_BYTES`), a bridge
-//! for tests and for the wiring to come, which will hand them to the TUN natively instead.
+//! A receiver's connections use `ReceiveSession` (`receive.rs`), which hands frames to the TUN natively;
+//! a `TlsConnection` server keeps the frames it receives until `take_frames` (at most
+//! `MAX_PENDING_FRAME_BYTES`), for tests and tools. The sending side does not use `TlsConnection` yet.
 
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::prelude::*;
@@ -21,7 +21,7 @@ pyo3::import_exception!(vpn_packet.errors, IdentityError);
 /// Frame bytes a server connection keeps for `take_frames` before `receive` refuses more.
 const MAX_PENDING_FRAME_BYTES: usize = 4 * 1024 * 1024;
 
-fn config_error(err: ConfigError) -> PyErr {
+pub(crate) fn config_error(err: ConfigError) -> PyErr {
     IdentityError::new_err(format!("{} ({})", err.detail, err.reason))
 }
 
@@ -29,7 +29,7 @@ fn config_error(err: ConfigError) -> PyErr {
 /// certificate or CA that cannot be used raises `IdentityError` naming what is wrong.
 #[pyclass(module = "vpn_packet._native", name = "TlsSecurity", frozen)]
 pub struct TlsSecurity {
-    inner: Security,
+    pub(crate) inner: Security,
 }
 
 #[pymethods]
@@ -103,21 +103,22 @@ impl TlsSecurity {
     #[pyo3(signature = (refuse = None))]
     fn server(&self, refuse: Option<&str>) -> PyResult<TlsConnection> {
         no_panic(|| {
-            let refuse = match refuse {
-                None => None,
-                Some(reason) => Some(
-                    Answer::ALL
-                        .into_iter()
-                        .find(|a| *a != Answer::Accepted && a.reason() == reason)
-                        .ok_or_else(|| {
-                            PyValueError::new_err(format!("{reason:?} is not a refusal reason"))
-                        })?,
-                ),
-            };
-            let inner = Connection::server(&self.inner, refuse).map_err(config_error)?;
+            let inner = Connection::server(&self.inner, refusal(refuse)?).map_err(config_error)?;
             Ok(TlsConnection::new(inner))
         })
     }
+}
+
+/// The answer of a refusal reason (`"too_many_connections"`, ...), or None.
+pub(crate) fn refusal(reason: Option<&str>) -> PyResult<Option<Answer>> {
+    reason
+        .map(|reason| {
+            Answer::ALL
+                .into_iter()
+                .find(|a| *a != Answer::Accepted && a.reason() == reason)
+                .ok_or_else(|| PyValueError::new_err(format!("{reason:?} is not a refusal reason")))
+        })
+        .transpose()
 }
 
 /// Checks CA-mode files (PEM bytes) as a node does at start; raises `IdentityError` naming what webpki (or
@@ -150,12 +151,14 @@ impl Established {
     }
 }
 
-/// The server refused the client (on the client: the server's reason; on the server: its answer).
+/// The server refused the client (on the client: the server's reason; on the server: its answer, and
+/// `claimed`, the id the refused hello announced).
 #[pyclass(module = "vpn_packet._native", name = "Refused", frozen, get_all)]
 pub struct Refused {
     code: u8,
     reason: String,
     text: String,
+    claimed: String,
 }
 
 #[pymethods]
@@ -190,14 +193,14 @@ impl Closed {
     }
 }
 
-fn failed(failure: &Failure) -> Failed {
+pub(crate) fn failed(failure: &Failure) -> Failed {
     Failed {
         reason: failure.reason(),
         detail: failure.to_string(),
     }
 }
 
-fn events_to_python<'py>(py: Python<'py>, events: Vec<Event>) -> PyResult<Bound<'py, PyList>> {
+pub(crate) fn events_to_python<'py>(py: Python<'py>, events: Vec<Event>) -> PyResult<Bound<'py, PyList>> {
     let list = PyList::empty(py);
     for event in events {
         let item: Bound<'py, PyAny> = match event {
@@ -214,9 +217,21 @@ fn events_to_python<'py>(py: Python<'py>, events: Vec<Event>) -> PyResult<Bound<
                 },
             )?
             .into_any(),
-            Event::Refused { code, reason, text } => {
-                Bound::new(py, Refused { code, reason, text })?.into_any()
-            }
+            Event::Refused {
+                code,
+                reason,
+                text,
+                claimed,
+            } => Bound::new(
+                py,
+                Refused {
+                    code,
+                    reason,
+                    text,
+                    claimed,
+                },
+            )?
+            .into_any(),
             Event::Failed(failure) => Bound::new(py, failed(&failure))?.into_any(),
             Event::Closed => Bound::new(py, Closed)?.into_any(),
         };

@@ -17,6 +17,7 @@ mod packet_batch;
 mod packet_info;
 mod prefix;
 mod queues;
+mod receive;
 mod tun_io;
 
 #[pymodule]
@@ -41,5 +42,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     queues::register(m)?;
     tun_io::register(m)?;
     connection::register(m)?;
+    receive::register(m)?;
     Ok(())
 }

@@ -644,7 +644,7 @@ class _NativePump:
             self._stage = stage
         peer = self.peer
         if counts[0] and peer is not None:
-            receiver._count_native(peer, counts, self.target, session.fatal_errno)
+            receiver._count_pump(peer, counts, self.target, session.fatal_errno)
             peer.last_packet = time.monotonic()
         if self.target is None and peer is not None and counts[0]:
             packets = session.take_packets()
@@ -1622,48 +1622,20 @@ class Receiver:
     ) -> tuple[int, str | None]:
         """One native call: frames decoded, sources checked, accepted packets written to the TUN (or
         collected for the sink, which counts its own deliveries); every outcome counted by reason."""
-        (
-            frames,
-            payload,
-            delivered,
-            written,
-            extra_segments,
-            spoofed,
-            unparsable,
-            offload_invalid,
-            tun_dropped,
-            tun_refused,
-            error,
-        ) = inbound.feed(data)
-        count = self._count
-        count(peer, "frames", frames)
-        count(peer, "bytes", payload)
-        if extra_segments:
-            count(peer, "extra_segments", extra_segments)
-        if spoofed or unparsable or offload_invalid or tun_dropped or tun_refused:
-            count(peer, "spoofed_dropped", spoofed)
-            count(peer, "unparsable_dropped", unparsable)
-            count(peer, "offload_invalid", offload_invalid)
-            count(peer, "tun_dropped", tun_dropped)
-            count(peer, "tun_refused", tun_refused)
-        if target is not None:
-            if delivered:
-                count(peer, "packets_delivered", delivered)
-                count(peer, "batches_delivered", 1)
-                target.packets_written += delivered
-                target.bytes_written += written
-            if inbound.fatal_errno and target.on_fatal is not None:
-                target.on_fatal(inbound.fatal_errno)
-        return frames, error
+        result = inbound.feed(data)
+        counts, error = result[:10], result[10]
+        self._count_pump(peer, counts, target, inbound.fatal_errno)
+        return counts[0], error
 
-    def _count_native(
+    def _count_pump(
         self,
         peer: PeerReceiverMetrics,
         counts: tuple[int, int, int, int, int, int, int, int, int, int],
         target: TunTarget | None,
         fatal_errno: int,
     ) -> None:
-        """What one native pump did, counted by reason (as `_take` counts the plaintext path's reads)."""
+        """What one native call did (a TLS session's pump, or `_take`'s plaintext read), counted by
+        reason: the one place the receiver's counters follow the core's counts."""
         (
             frames,
             payload,

@@ -124,8 +124,8 @@ def certificate_public_key(der: bytes | None) -> bytes | None:
 
 def certificate_key_problem(der: bytes | None) -> str | None:
     """Why a certificate's Ed25519 key cannot be trusted (`key_problem`); None when it can, and for keys of
-    other types (a CA may issue ECDSA or RSA certificates: OpenSSL validates those points itself, and their
-    groups have no small subgroup to fall into)."""
+    other types (a CA may issue ECDSA or RSA certificates: OpenSSL checks that an ECDSA key is a point of
+    its curve, and P-256's cofactor of 1 leaves no small subgroup; RSA has no such weakness)."""
     raw = certificate_public_key(der)
     return None if raw is None else key_problem(raw)
 

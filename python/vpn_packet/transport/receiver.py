@@ -333,7 +333,60 @@ class _Connection:
             self.writer.transport.abort()
 
 
-class _InboundProtocol(asyncio.BufferedProtocol):
+class _Pump:
+    """What both receive pumps share (`_InboundProtocol` for plaintext, `_NativePump` for TLS on the native
+    core): the idle rule and the sink call in progress. The idle timer runs at most once per idle period
+    (not per read), re-armed from the last data seen; time spent waiting for the sink is not silence from the
+    sender. Each pump sets the attributes below and says how it ends (`_end`) and whose connection it is
+    (`_idle_peer`)."""
+
+    receiver: Receiver
+    conn: _Connection | _NativeConnection
+    _loop: asyncio.AbstractEventLoop
+    _last_data: float
+    _idle_timer: asyncio.TimerHandle | None
+    _sink_task: asyncio.Task[None] | None
+
+    def _end(self, clean: bool) -> None:
+        raise NotImplementedError
+
+    def _idle_peer(self) -> PeerReceiverMetrics:
+        raise NotImplementedError
+
+    def _arm_idle(self, when: float) -> None:
+        self._idle_timer = self._loop.call_at(when, self._check_idle)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        receiver = self.receiver
+        deadline = self._last_data + receiver.idle_timeout
+        if self._sink_task is not None or self._loop.time() < deadline:
+            self._arm_idle(max(deadline, self._loop.time() + receiver.idle_timeout / 4))
+            return
+        self._idle_peer().idle_closed += 1
+        receiver._totals.idle_closed += 1
+        self.conn.closed_because = "idle"
+        self._end(True)
+
+    async def sink_taken(self) -> None:
+        """Returns when no sink call is pending."""
+        task = self._sink_task
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
+    def cancel_sink(self) -> None:
+        """The connection ends: a sink call in progress is cancelled."""
+        if self._sink_task is not None:
+            self._sink_task.cancel()
+
+
+class _InboundProtocol(_Pump, asyncio.BufferedProtocol):
     """The one receive pump of an authenticated connection: the transport reads into one reused buffer and
     every read goes to the connection's native decoder (`InboundDecoder`), which decodes the frames, checks
     each packet's source and either writes the accepted packets to the TUN itself (a node: `tun_target`)
@@ -346,6 +399,8 @@ class _InboundProtocol(asyncio.BufferedProtocol):
 
     `done` resolves with True when the stream ended cleanly (end of stream at a frame boundary, or idle),
     False after a protocol error or a reset by the sender, or fails with the connection's error."""
+
+    conn: _Connection
 
     def __init__(
         self,
@@ -478,45 +533,17 @@ class _InboundProtocol(asyncio.BufferedProtocol):
             self.receiver._framing_broken(self.conn, self.peer, error)
             self._finish(False)
 
-    async def sink_taken(self) -> None:
-        """Returns when no sink call is pending."""
-        task = self._sink_task
-        if task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(task)
-
-    def cancel_sink(self) -> None:
-        """The connection ends: a sink call in progress is cancelled."""
-        if self._sink_task is not None:
-            self._sink_task.cancel()
-
     # --- idle timeout and the end ---------------------------------------------------------------------------
 
-    def _arm_idle(self, when: float) -> None:
-        self._idle_timer = self._loop.call_at(when, self._check_idle)
-
-    def _cancel_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-
-    def _check_idle(self) -> None:
-        """Runs at most once per idle period (not per read): re-armed from the last data seen. Time spent
-        waiting for the sink is not silence from the sender."""
-        self._idle_timer = None
-        deadline = self._last_data + self.receiver.idle_timeout
-        if self._sink_task is not None or self._loop.time() < deadline:
-            self._arm_idle(max(deadline, self._loop.time() + self.receiver.idle_timeout / 4))
-            return
-        self.peer.idle_closed += 1
-        self.receiver._totals.idle_closed += 1
-        self.conn.closed_because = "idle"
-        self._finish(True)
+    def _idle_peer(self) -> PeerReceiverMetrics:
+        return self.peer
 
     def _finish(self, clean: bool) -> None:
         self._cancel_idle()
         if not self.done.done():
             self.done.set_result(clean)
+
+    _end = _finish
 
 
 #: Failure reasons of the TLS layer (rustls, and our certificate verifiers): counted together as
@@ -556,12 +583,14 @@ class _NativeConnection:
         return self.session.buffered
 
 
-class _NativePump:
+class _NativePump(_Pump):
     """The readiness callbacks of one `_NativeConnection`: `readable` pumps the session once (one native
     call: read, decrypt, judge, decode, check, write the TUN, send the ack), handles the lifecycle events
     it returns (established, refused, failed, closed) and counts what the call did. On the library path
     the packets go to the sink and the ack is written once the sink took them (reading paused while an
     awaitable sink is pending). `done` resolves with True when the connection ended cleanly."""
+
+    conn: _NativeConnection
 
     def __init__(self, receiver: Receiver, conn: _NativeConnection, target: TunTarget | None) -> None:
         self.receiver = receiver
@@ -770,47 +799,22 @@ class _NativePump:
             self._hello_timer.cancel()
             self._hello_timer = None
 
-    def _arm_idle(self, when: float) -> None:
-        self._idle_timer = self._loop.call_at(when, self._check_idle)
-
-    def _check_idle(self) -> None:
-        """Runs at most once per idle period: re-armed from the last data seen (time waiting for the sink
-        is not silence from the sender)."""
-        self._idle_timer = None
-        receiver = self.receiver
-        deadline = self._last_data + receiver.idle_timeout
-        if self._sink_task is not None or self._loop.time() < deadline:
-            self._arm_idle(max(deadline, self._loop.time() + receiver.idle_timeout / 4))
-            return
-        assert self.peer is not None
-        self.peer.idle_closed += 1
-        receiver._totals.idle_closed += 1
-        self.conn.closed_because = "idle"
-        self.finish(True)
-
-    async def sink_taken(self) -> None:
-        """Returns when no sink call is pending."""
-        task = self._sink_task
-        if task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(task)
-
-    def cancel_sink(self) -> None:
-        if self._sink_task is not None:
-            self._sink_task.cancel()
+    def _idle_peer(self) -> PeerReceiverMetrics:
+        assert self.peer is not None  # the idle timer is armed once the hello is accepted
+        return self.peer
 
     def finish(self, clean: bool) -> None:
         """Stops watching the socket; `done` says whether the end is clean."""
         self._cancel_hello_timer()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._cancel_idle()
         self._watch(False)
         if self._writing:
             self._loop.remove_writer(self._fd)
             self._writing = False
         if not self.done.done():
             self.done.set_result(clean)
+
+    _end = finish
 
 
 class Receiver:

@@ -163,11 +163,17 @@ def test_import_stays_light() -> None:
     assert loaded == []
 
 
-_LOADED_BY = "import sys; {statement}; print('\\n'.join(sorted(sys.modules)))"
+# Measured against what the interpreter had loaded before the statement: site-packages' `.pth` files run
+# at start-up and differ between machines (one that imports certifi brings `typing` in with it), and they
+# are not ours to answer for.
+_LOADED_BY = (
+    "import sys; _before = set(sys.modules); {statement}; "
+    "print('\\n'.join(sorted(set(sys.modules) - _before)))"
+)
 
 
 def modules_loaded_by(statement: str) -> set[str]:
-    """The modules a fresh interpreter has loaded after running `statement`."""
+    """The modules a fresh interpreter loads to run `statement`, beyond those it had loaded at start-up."""
     code = _LOADED_BY.format(statement=statement)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return set(out.split())

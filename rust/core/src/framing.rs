@@ -548,12 +548,20 @@ mod tests {
             max in 1usize..500,
             step in 1usize..64,
         ) {
+            // Packet frames are bounded by `max`, offload frames (the prefix's high bit) by
+            // MAX_OFFLOAD_FRAME whatever `max` is: random bytes make both kinds.
             let mut d = FrameDecoder::new(max);
             for chunk in data.chunks(step) {
                 let mut frames_ok = true;
-                let res = d.feed(chunk, |f| frames_ok &= !f.is_empty() && f.len() <= max);
+                let res = d.feed_frames(chunk, |kind, f| {
+                    let bound = match kind {
+                        FrameKind::Packet => max,
+                        FrameKind::Offload => MAX_OFFLOAD_FRAME,
+                    };
+                    frames_ok &= !f.is_empty() && f.len() <= bound;
+                });
                 prop_assert!(frames_ok);
-                prop_assert!(d.buffered() <= max + LENGTH_PREFIX_LEN);
+                prop_assert!(d.buffered() <= max.max(MAX_OFFLOAD_FRAME) + LENGTH_PREFIX_LEN);
                 if res.is_err() {
                     prop_assert_eq!(d.buffered(), 0);
                 }

@@ -164,6 +164,15 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _port_holder(host: str) -> socket.socket:
+    """A listening socket holding a port it chose itself: a port from `_free_ports` bound here could be taken
+    by another process in between (that race failed these tests once on a busy machine)."""
+    sock = socket.socket()
+    sock.bind((host, 0))
+    sock.listen()
+    return sock
+
+
 def _identity(tmp: Path, name: str) -> NodeIdentity:
     """`name`'s key file under `tmp` (made on first use: both nodes' configs share it)."""
     path = tmp / "keys" / f"{name}.key"
@@ -389,10 +398,9 @@ async def test_shutdown_deadline(
 
 
 async def test_start_failure_closes_the_tun(tmp_path: Path) -> None:
-    port, other = _free_ports(2)
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", port))
-    blocker.listen()
+    (other,) = _free_ports(1)
+    blocker = _port_holder("127.0.0.1")
+    port = blocker.getsockname()[1]
     tuns: list[FakeTun] = []
 
     def factory(name: str, **kwargs: Any) -> Any:
@@ -437,9 +445,8 @@ allowed_ips = ["10.99.0.2/32"]
 def test_cli_listen_port_in_use_is_one_line_naming_the_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    port, other = _free_ports(2)
+    (other,) = _free_ports(1)
     config = tmp_path / "node.toml"
-    config.write_text(_IN_USE_CONFIG.format(name="vpnp-inuse", port=port, other=other))
     tuns: list[FakeTun] = []
 
     def open_fake(cls: type[TunDevice], /, name: str, **kwargs: Any) -> Any:
@@ -447,9 +454,9 @@ def test_cli_listen_port_in_use_is_one_line_naming_the_key(
         return tuns[-1]
 
     monkeypatch.setattr(TunDevice, "open", classmethod(open_fake))
-    with socket.socket() as blocker:  # a real socket holds the port
-        blocker.bind(("0.0.0.0", port))
-        blocker.listen()
+    with _port_holder("0.0.0.0") as blocker:
+        port = blocker.getsockname()[1]
+        config.write_text(_IN_USE_CONFIG.format(name="vpnp-inuse", port=port, other=other))
         assert main(["node", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert err == f"vpn-packet node: error: {config}: listen.address: 0.0.0.0:{port} is in use (EADDRINUSE)\n"
@@ -457,21 +464,20 @@ def test_cli_listen_port_in_use_is_one_line_naming_the_key(
 
 
 async def test_metrics_listen_in_use_names_its_key(tmp_path: Path) -> None:
-    port_a, port_b, port_m = _free_ports(3)
-    config = _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port_a, port_b, tmp_path)
-    config = dataclasses.replace(
-        config, node=dataclasses.replace(config.node, metrics_listen=("127.0.0.1", port_m))
-    )
+    port_a, port_b = _free_ports(2)
     tuns: list[FakeTun] = []
 
     def factory(name: str, **kwargs: Any) -> Any:
         tuns.append(FakeTun(name, **kwargs))
         return tuns[-1]
 
-    node = TunNode(config, tun_factory=factory)
-    with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", port_m))
-        blocker.listen()
+    with _port_holder("127.0.0.1") as blocker:
+        port_m = blocker.getsockname()[1]
+        config = _config("node-a", "node-b", "10.8.0.1", "10.8.0.2", port_a, port_b, tmp_path)
+        config = dataclasses.replace(
+            config, node=dataclasses.replace(config.node, metrics_listen=("127.0.0.1", port_m))
+        )
+        node = TunNode(config, tun_factory=factory)
         with pytest.raises(ConfigError, match=rf"^node\.metrics_listen: 127\.0\.0\.1:{port_m} is in use"):
             await node.start()
     assert tuns[0].closed

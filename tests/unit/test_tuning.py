@@ -53,7 +53,6 @@ def test_library_defaults_are_the_tuning_constants() -> None:
         (Receiver, "max_silent_pending_per_source", t.max_silent_pending_per_source),
         (Receiver, "idle_timeout", t.receive_idle_timeout),
         (Receiver, "log_interval", tuning.LOG_INTERVAL),
-        (TcpStreamService, "log_interval", tuning.LOG_INTERVAL),
         (TunDevice.open, "mtu", tuning.MTU),
         (TunDevice.open, "txqueuelen", tuning.TXQUEUELEN),
         (TunDevice.start_reading, "max_packets", t.read_batch),

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import ipaddress
 import math
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, TypeVar
@@ -109,6 +110,7 @@ __all__ = [
     "check_prefix",
     "check_seconds",
     "parse_endpoint",
+    "prefix_bounds",
 ]
 
 T = TypeVar("T")
@@ -397,6 +399,25 @@ def _check_prefix_text(prefix: str) -> str:
         except ValueError:
             raise ValueError(f"{prefix!r} is not an IP prefix") from None
         raise ValueError(f"{prefix!r} has host bits set (did you mean {loose}?)") from None
+
+
+def prefix_bounds(prefix: str) -> tuple[int, int, int]:
+    """`(version, first, last)`: the addresses of a prefix as integers, for a prefix `check_prefix` passed
+    (normalised: no host bits). Containment rules then compare integers: `ipaddress` takes about 10 us to
+    parse a prefix and as much again per `subnet_of`, which at 10,000 peers is most of a node's start.
+    Raises `ValueError` for text that is not such a prefix."""
+    address, slash, length = prefix.partition("/")
+    version, family, bits = (6, socket.AF_INET6, 128) if ":" in address else (4, socket.AF_INET, 32)
+    try:
+        first = int.from_bytes(socket.inet_pton(family, address), "big")
+    except OSError:
+        raise ValueError(f"{prefix!r} is not an IP prefix") from None
+    if not slash or not length.isdigit() or not 0 <= int(length) <= bits:
+        raise ValueError(f"{prefix!r} is not an IP prefix")
+    host = (1 << (bits - int(length))) - 1
+    if first & host:
+        raise ValueError(f"{prefix!r} has host bits set")
+    return version, first, first | host
 
 
 def check_idle_after_keepalive(receive_idle_timeout: float, keepalive_interval: float) -> None:

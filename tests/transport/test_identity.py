@@ -145,27 +145,3 @@ def test_handshake_refused_error_reads_well_and_classifies() -> None:
     back = pickle.loads(pickle.dumps(exc))
     assert str(back) == str(exc)
     assert back.reason == "key_mismatch"
-
-
-def test_a_configured_key_is_checked_once_a_strangers_is_never_remembered() -> None:
-    """Issue 21 item 8: a config's peer keys are checked by the parser and again by `Security`; the second
-    check is skipped for keys a config named (`decode_public_key`), never for a key a hello brought."""
-    from cryptography.hazmat.primitives import serialization
-
-    from vpn_packet.transport import identity
-
-    def fresh() -> bytes:
-        return (
-            ed25519.Ed25519PrivateKey.generate()
-            .public_key()
-            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        )
-
-    stranger, configured = fresh(), fresh()
-    assert identity.key_problem(stranger) is None
-    assert stranger not in identity._GOOD_KEYS
-    assert identity.decode_public_key(identity.encode_public_key(configured)) == configured
-    assert configured in identity._GOOD_KEYS
-    assert identity.key_problem(configured) is None
-    assert identity.key_problem(bytes(32), remember=True) is not None  # small order: refused, not kept
-    assert bytes(32) not in identity._GOOD_KEYS

@@ -81,28 +81,10 @@ def encode_public_key(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-#: Keys read from this node's own configuration that passed the check, so that a key read twice (by the
-#: config parser, then by the node's `Security`) is checked once: the strict check is a scalar multiplication
-#: (about 50 us), and a node of 10,000 peers would spend half a second of its start on the second round.
-#: Only keys a config named are added (`decode_public_key`), never a stranger's (a hello's key that no peer
-#: has); cleared when it reaches `_GOOD_KEYS_MAX`, so bounded (a few MB at most).
-_GOOD_KEYS: set[bytes] = set()
-_GOOD_KEYS_MAX: Final = 1 << 16
-
-
-def key_problem(raw: bytes, *, remember: bool = False) -> str | None:
+def key_problem(raw: bytes) -> str | None:
     """Why the raw public key `raw` cannot be trusted, in one sentence (wrong length, not a point, not
-    canonical, small order, mixed order); None when it is a key. The one check for every key read.
-    `remember`: a key this node's configuration names; once it passed, it is not checked again."""
-    exact = type(raw) is bytes
-    if exact and raw in _GOOD_KEYS:
-        return None
-    problem = public_key_problem(raw)
-    if problem is None and exact and remember:
-        if len(_GOOD_KEYS) >= _GOOD_KEYS_MAX:
-            _GOOD_KEYS.clear()
-        _GOOD_KEYS.add(raw)
-    return problem
+    canonical, small order, mixed order); None when it is a key. The one check for every key read."""
+    return public_key_problem(raw)
 
 
 def decode_public_key(text: str) -> bytes:
@@ -120,7 +102,7 @@ def decode_public_key(text: str) -> bytes:
             f"{text!r} decodes to {len(raw)} bytes; a public key is {PUBLIC_KEY_LEN} bytes "
             "(44 characters of base64, as `vpn-packet genkey` prints)"
         )
-    problem = key_problem(raw, remember=True)  # a key a config or a command line names
+    problem = key_problem(raw)
     if problem is not None:
         raise IdentityError(f"{stripped!r} is not a usable public key: {problem}")
     return raw

@@ -242,11 +242,12 @@ class ConnectionKeeper:
 
     def _close_idle(self, wanted: dict[str, None]) -> None:
         """The connections of the peers neither warm nor in use are closed (gracefully)."""
-        idle = [peer_id for peer_id in self.pool.peer_ids() if peer_id not in wanted]
-        closed = sum(self.pool.close_peer(peer_id) for peer_id in idle)
+        unwanted = [peer_id for peer_id in self.pool.peer_ids() if peer_id not in wanted]
+        closed = {peer_id: self.pool.close_peer(peer_id) for peer_id in unwanted}
+        idle = [peer_id for peer_id, n in closed.items() if n]
         if idle:
-            self.metrics.idle_closed += closed
-            _log.debug("keeper: closed %d connections of %d idle peers", closed, len(idle))
+            self.metrics.idle_closed += sum(closed[peer_id] for peer_id in idle)
+            _log.debug("keeper: closed the connections of %d idle peers", len(idle))
             if self.on_idle_close is not None:
                 self.on_idle_close(idle)
 

@@ -459,8 +459,8 @@ def _check_routes(interface: InterfaceConfig, listen: tuple[str, int], peers: tu
         for j, prefix in enumerate(peer.allowed_ips):
             where = f"peers[{i}].allowed_ips[{j}]"
             version, first, last = tuning.prefix_bounds(prefix)  # normalised by _peers already
-            for own_version, ip, subnet_first, subnet_last, address in own_bounds:
-                if own_version != version or not first <= ip <= last:
+            for own_version, own_ip, subnet_first, subnet_last, address in own_bounds:
+                if own_version != version or not first <= own_ip <= last:
                     continue
                 # A prefix wider than the interface's own subnet (a gateway peer's 0.0.0.0/0, 10.0.0.0/8)
                 # is fine: the subnet's connected route is more specific, and only a peer forging our own

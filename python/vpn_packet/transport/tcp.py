@@ -598,7 +598,6 @@ class TcpStreamService:
     - `send_buffer`: `SO_SNDBUF` in bytes (the kernel may cap it; None leaves the default).
     - `keepalive_interval`: TCP keepalive idle time (then 3 probes 5 s apart): a peer that vanished while
       nothing was in flight is noticed, and the connection replaced, within about that.
-
     - `failure_log`: where failed connections are logged (`vpn_packet.ratelimit.FailureLog`: one budget for
       every peer and a periodic summary, which the node's keeper ticks); default: a new one.
 

@@ -13,10 +13,11 @@ layers import them. (wireguard-go keeps its tunables in `device/constants.go` fo
   They equal `Tuning`'s, except where a node needs more (`NODE_WORKER_BUFFER_SIZE`). `NODE_RESILIENCE` is
   the library's `ResilienceConfig()` itself: the breaker and retry defaults have one source.
 - Rules: `check_int`, `check_seconds` (at most `MAX_SECONDS`; a field may have a floor, as `ack_timeout`
-  has `MIN_ACK_TIMEOUT`), `check_idle_after_keepalive` (between two fields), `check_interface_name`,
-  `check_interface_address`, `check_mtu`, `check_peer_id`, `parse_endpoint`, `check_prefix`. Each raises
-  `ValueError` with a message that does not name the setting, so that the caller can put its own name in
-  front (`interface.mtu: 100 is out of range 576..65535`). Rules between settings (a peer's prefix against
+  has `MIN_ACK_TIMEOUT`), `check_idle_after_keepalive` and `check_idle_close_after_keepalive` (between two
+  fields), `check_interface_name`, `check_interface_address`, `check_mtu`, `check_peer_id`,
+  `parse_endpoint`, `check_prefix`. Each raises `ValueError` with a message that does not name the
+  setting, so that the caller can put its own name in front (`interface.mtu: 100 is out of range
+  576..65535`). Rules between settings (a peer's prefix against
   the node's own address, endpoints against the listen address) name several keys, so they live with the
   parser that knows the keys (`vpn_packet.node.config`).
 
@@ -27,8 +28,10 @@ The wire format's constants (frame size, hello) are not here: they are the Rust 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import math
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, TypeVar
@@ -48,7 +51,11 @@ __all__ = [
     "DISCOVERY_TTL",
     "MAX_DISCOVERY_TTL",
     "MIN_DISCOVERY_TTL",
+    "FAILURE_LOG_BURST",
+    "FAILURE_LOG_RATE",
+    "FAILURE_SUMMARY_INTERVAL",
     "HELLO_TIMEOUT",
+    "IDLE_CLOSE",
     "LOG_INTERVAL",
     "LOG_LEVELS",
     "IFNAMSIZ",
@@ -87,13 +94,14 @@ __all__ = [
     "Spec",
     "TXQUEUELEN",
     "Tuning",
-    "WARM_DISCOVERED_PEERS",
+    "WARM_PEERS",
     "WORKER_BUFFER_SIZE",
     "WORKER_CLEANUP_INTERVAL",
     "WORKER_IDLE_TIMEOUT",
     "WRITE_TIMEOUT",
     "build",
     "check_idle_after_keepalive",
+    "check_idle_close_after_keepalive",
     "check_int",
     "check_interface_address",
     "check_interface_name",
@@ -102,6 +110,7 @@ __all__ = [
     "check_prefix",
     "check_seconds",
     "parse_endpoint",
+    "prefix_bounds",
 ]
 
 T = TypeVar("T")
@@ -135,9 +144,20 @@ STREAM_IDLE_TIMEOUT: Final = 60.0
 #: uses 25 s for the same reason (NAT state). It is also the TCP keepalive idle time, so a peer that vanished
 #: while nothing was sent is noticed within about this plus 3 probes 5 s apart.
 KEEPALIVE_INTERVAL: Final = 25.0
-#: Seconds a starting node waits for its first connections before it says it is running (the data path runs
-#: already; a peer that is down only delays the line).
-KEEPER_START_WAIT: Final = 1.0
+#: Seconds a starting node waits for its warm peers' connections before it says it is running (the data path
+#: runs already; a peer that is down only delays the line). Half a second: a reachable peer on a LAN or
+#: loopback answers in milliseconds, and a node of 10,000 peers must still say "running" within 2 s.
+KEEPER_START_WAIT: Final = 0.5
+#: Peers kept connected from the start, whatever their traffic (`vpn_packet.transport.keeper`): the first
+#: ones in the node's order (static peers in config order, then discovered ones in the order they joined).
+#: A small mesh has them all warm, so its first packet never waits for a handshake; a node of thousands keeps
+#: a few connections, not thousands (each costs a socket, TLS state and a reconnect loop while it is down).
+WARM_PEERS: Final = 8
+#: Seconds without traffic (a packet either way; keepalives do not count) after which the connections to a
+#: peer that is not warm are closed; it is connected again by its next packet, or when it connects to us.
+#: Two minutes: a few keepalive intervals, so a peer in occasional use (a poll a minute) keeps its
+#: connection, and an idle one costs nothing after a while.
+IDLE_CLOSE: Final = 120.0
 #: Seconds before retrying a configured peer whose connection failed, doubled per failure up to the max.
 RECONNECT_BACKOFF: Final = 0.5
 RECONNECT_BACKOFF_MAX: Final = 30.0
@@ -187,6 +207,14 @@ MAX_SILENT_PENDING_PER_SOURCE: Final = 32
 RECEIVE_IDLE_TIMEOUT: Final = 180.0
 #: Seconds between two warnings about the same peer/address and reason (refusals, failed handshakes).
 LOG_INTERVAL: Final = 10.0
+#: Failed connections to peers (`vpn_packet.ratelimit.FailureLog`): lines a second on average over all peers
+#: (not per peer), with a burst of a few at once, then one summary line (peers unreachable, by reason) per
+#: interval. Half a line a second leaves room for the node's other warnings (its drop report, at most two
+#: lines every `drop_log_interval`) within one line a second with 10,000 peers down; the per-peer detail
+#: is in `vpn-packet status` and the Prometheus export, not in the log.
+FAILURE_LOG_RATE: Final = 0.5
+FAILURE_LOG_BURST: Final = 10
+FAILURE_SUMMARY_INTERVAL: Final = 60.0
 
 #: TUN packets read per readiness event at most (one `dispatch_batch` call).
 READ_BATCH: Final = 256
@@ -234,10 +262,6 @@ DISCOVERY_PREFIX: Final = "/vpn-packet/default/"
 DISCOVERY_TTL: Final = 10
 MIN_DISCOVERY_TTL: Final = 2
 MAX_DISCOVERY_TTL: Final = 3600
-#: Discovered peers kept connected from the start (the first ones to join, in order); the others are
-#: connected on demand, when a packet goes to them (it waits, bounded, in its worker) or they connect to us.
-#: A mesh of thousands then costs each node a few connections, not thousands. Static peers are all kept.
-WARM_DISCOVERED_PEERS: Final = 8
 #: Where a node keeps the last memberships seen and its revocations (`StateDirectory=vpn-packet`).
 DISCOVERY_STATE_DIR: Final = "/var/lib/vpn-packet"
 
@@ -356,9 +380,17 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 def check_prefix(prefix: object) -> str:
-    """An IP prefix in `ipaddress` text (`"10.8.0.0/24"`); host bits set is an error, not rounded away."""
+    """An IP prefix in `ipaddress` text (`"10.8.0.0/24"`); host bits set is an error, not rounded away.
+
+    Remembered (the last `1 << 16` good ones): each prefix of a config is checked by its parser and again by
+    the `Peer` it becomes, and `ipaddress` takes about 10 us a prefix, a tenth of a second at 10,000 peers."""
     if not isinstance(prefix, str):
         raise ValueError(f"{prefix!r} is not an IP prefix")
+    return _check_prefix_text(prefix)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _check_prefix_text(prefix: str) -> str:
     try:
         return str(ipaddress.ip_network(prefix, strict=True))
     except ValueError:
@@ -367,6 +399,25 @@ def check_prefix(prefix: object) -> str:
         except ValueError:
             raise ValueError(f"{prefix!r} is not an IP prefix") from None
         raise ValueError(f"{prefix!r} has host bits set (did you mean {loose}?)") from None
+
+
+def prefix_bounds(prefix: str) -> tuple[int, int, int]:
+    """`(version, first, last)`: the addresses of a prefix as integers, for a prefix `check_prefix` passed
+    (normalised: no host bits). Containment rules then compare integers: `ipaddress` takes about 10 us to
+    parse a prefix and as much again per `subnet_of`, which at 10,000 peers is most of a node's start.
+    Raises `ValueError` for text that is not such a prefix."""
+    address, slash, length = prefix.partition("/")
+    version, family, bits = (6, socket.AF_INET6, 128) if ":" in address else (4, socket.AF_INET, 32)
+    try:
+        first = int.from_bytes(socket.inet_pton(family, address), "big")
+    except OSError:
+        raise ValueError(f"{prefix!r} is not an IP prefix") from None
+    if not slash or not length.isdigit() or not 0 <= int(length) <= bits:
+        raise ValueError(f"{prefix!r} is not an IP prefix")
+    host = (1 << (bits - int(length))) - 1
+    if first & host:
+        raise ValueError(f"{prefix!r} has host bits set")
+    return version, first, first | host
 
 
 def check_idle_after_keepalive(receive_idle_timeout: float, keepalive_interval: float) -> None:
@@ -381,6 +432,20 @@ def check_idle_after_keepalive(receive_idle_timeout: float, keepalive_interval: 
             f"({keepalive_interval:g} s): a quiet peer sends a keepalive only that often, so its connections "
             "would be closed as idle between keepalives; make receive_idle_timeout larger (the default is "
             f"{RECEIVE_IDLE_TIMEOUT:g}) or keepalive_interval smaller"
+        )
+
+
+def check_idle_close_after_keepalive(idle_close: float, keepalive_interval: float) -> None:
+    """The rule between `idle_close` and `keepalive_interval`: a connection in use that goes quiet writes a
+    keepalive after `keepalive_interval`, and keepalives do not count as use. An `idle_close` at or below it
+    would close a peer's connections between two of its packets sooner than a keepalive is even due, and
+    redial (TCP, TLS, hello) at its next packet: the connection the keepalive exists to keep. Raises
+    `ValueError` starting with `idle_close: `."""
+    if idle_close <= keepalive_interval:
+        raise ValueError(
+            f"idle_close: {idle_close:g} is not above keepalive_interval ({keepalive_interval:g} s): a peer "
+            "in occasional use would have its connection closed and redialled between two packets; make "
+            f"idle_close larger (the default is {IDLE_CLOSE:g}) or keepalive_interval smaller"
         )
 
 
@@ -450,6 +515,10 @@ class Tuning:
     window: int = _int(IN_FLIGHT_WINDOW, 64 * 1024, 1 << 30, "bytes in flight per connection at most")
     stream_idle_timeout: float = _seconds(STREAM_IDLE_TIMEOUT, "seconds before an unused stream is closed")
     keepalive_interval: float = _seconds(KEEPALIVE_INTERVAL, "seconds of silence before a keepalive frame")
+    warm_peers: int = _int(WARM_PEERS, 0, 1 << 20, "peers kept connected whatever their traffic (the first)")
+    idle_close: float = _seconds(
+        IDLE_CLOSE, "seconds without traffic before the connections to a peer that is not warm are closed"
+    )
     # receiving
     receive_batch: int = _int(RECEIVE_BATCH, 1, 1 << 16, "packets per sink call")
     read_size: int = _int(READ_SIZE, 1024, 1 << 26, "bytes per socket read")
@@ -477,6 +546,7 @@ class Tuning:
                 raise ValueError(f"{f.name}: {exc}") from None
             object.__setattr__(self, f.name, value)
         check_idle_after_keepalive(self.receive_idle_timeout, self.keepalive_interval)
+        check_idle_close_after_keepalive(self.idle_close, self.keepalive_interval)
 
     @staticmethod
     def spec(name: str) -> Spec:

@@ -236,6 +236,12 @@ _DELETE = object()
             {"keepalive_interval": 60, "receive_idle_timeout": 60},
             "tuning.receive_idle_timeout: 60 is not above tuning.keepalive_interval (60 s)",
         ),
+        (
+            "tuning",
+            {"idle_close": 25},
+            "tuning.idle_close: 25 is not above tuning.keepalive_interval (25 s): a peer in occasional use",
+        ),
+        ("tuning", {"warm_peers": -1}, "tuning.warm_peers: -1 is out of range 0..1048576"),
         ("node.key", "absent.key", "node.key: file not found"),
         ("node.insecure", "yes", "node.insecure: expected true or false"),
         ("peers.0.public_key", _DELETE, "peers[0].public_key: missing"),

@@ -123,8 +123,10 @@ async def test_a_key_given_twice_is_refused_before_anything_changes(tmp_path: Pa
     assert [p.id for p in node.peers] == ["s1"]
 
 
-async def test_a_few_discovered_peers_are_kept_warm_the_others_connect_on_demand(tmp_path: Path) -> None:
-    from vpn_packet.tuning import WARM_DISCOVERED_PEERS
+async def test_the_first_peers_are_warm_static_first_then_discovered_in_join_order(tmp_path: Path) -> None:
+    """One warm rule for static and discovered peers (`Tuning.warm_peers`): the first ones in the node's
+    order, static peers first; the others connect on demand."""
+    from vpn_packet.tuning import WARM_PEERS
 
     keys = identities(tmp_path, "self")
     node = Node(Security.with_keys(keys["self"], {}), peers=[], keep_connections=True)
@@ -132,10 +134,13 @@ async def test_a_few_discovered_peers_are_kept_warm_the_others_connect_on_demand
     await node.update_peers(added=discovered, source="discovery")
     await node.update_peers(added=[Peer("s1", "127.0.0.1:8999", ["10.8.0.11/32"])])
     assert node.keeper is not None
-    assert list(node.keeper.peers()) == ["s1", *[f"d{i}" for i in range(WARM_DISCOVERED_PEERS)]]
+    assert node.keeper.warm() == ["s1", *[f"d{i}" for i in range(WARM_PEERS - 1)]]
     await node.update_peers(removed=["d0"], source="discovery")  # the next one to have joined becomes warm
-    assert list(node.keeper.peers())[-1] == f"d{WARM_DISCOVERED_PEERS}"
-    assert len(list(node.keeper.peers())) == 1 + WARM_DISCOVERED_PEERS
+    assert node.keeper.warm()[-1] == f"d{WARM_PEERS - 1}"
+    assert len(node.keeper.warm()) == WARM_PEERS
+    statics = [Peer(f"s{i}", f"127.0.0.1:{8000 + i}", [f"10.8.1.{i}/32"]) for i in range(2, 12)]
+    await node.update_peers(added=statics)
+    assert node.keeper.warm() == ["s1", *[f"s{i}" for i in range(2, WARM_PEERS + 1)]]  # static peers too
 
 
 def test_security_key_changes_check_only_the_changed_keys(tmp_path: Path) -> None:

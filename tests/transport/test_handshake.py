@@ -194,7 +194,7 @@ async def test_sender_with_the_wrong_key_for_the_receiver_refuses_it_and_both_si
     a = identity_of(keys["node-a"])
     b_key = identity_of(keys["node-b"]).public_key_bytes
     wrong = Security.with_keys(a, {"node-b": mallory.public_key_bytes})  # A's config: a wrong key for B
-    service = TcpStreamService(to_b(rx.address), wrong, log_interval=LONG)
+    service = TcpStreamService(to_b(rx.address), wrong)
 
     for attempt in (1, 2):
         with pytest.raises(NetworkError) as info:
@@ -225,7 +225,7 @@ async def test_receiver_with_the_wrong_key_for_the_sender_refuses_it_and_both_si
     c_key = identity_of(keys["node-c"]).public_key_bytes
     wrong = Security.with_keys(b, {"node-a": mallory.public_key_bytes, "node-c": c_key})  # B: wrong key for A
     async with Receiver(b_peers(), sink, security=wrong, log_interval=LONG) as receiver:
-        service = TcpStreamService(to_b(receiver.address), keys["node-a"], log_interval=LONG)
+        service = TcpStreamService(to_b(receiver.address), keys["node-a"])
         for attempt in (1, 2):
             with pytest.raises(HandshakeRefusedError) as info:
                 await service.create_stream("node-b")

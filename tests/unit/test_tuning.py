@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import ipaddress
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vpn_packet import _native, tuning
 from vpn_packet.dispatcher import Dispatcher
@@ -53,7 +56,6 @@ def test_library_defaults_are_the_tuning_constants() -> None:
         (Receiver, "max_silent_pending_per_source", t.max_silent_pending_per_source),
         (Receiver, "idle_timeout", t.receive_idle_timeout),
         (Receiver, "log_interval", tuning.LOG_INTERVAL),
-        (TcpStreamService, "log_interval", tuning.LOG_INTERVAL),
         (TunDevice.open, "mtu", tuning.MTU),
         (TunDevice.open, "txqueuelen", tuning.TXQUEUELEN),
         (TunDevice.start_reading, "max_packets", t.read_batch),
@@ -241,3 +243,25 @@ def test_settings_that_cannot_work_are_refused_naming_the_field() -> None:
         Tuning(keepalive_interval=200)
     assert Tuning(receive_idle_timeout=26).receive_idle_timeout == 26.0
     assert Tuning(receive_idle_timeout=10, keepalive_interval=5).receive_idle_timeout == 10.0
+
+
+@given(st.ip_addresses(), st.integers(min_value=0, max_value=128))
+def test_prefix_bounds_are_ipaddress_s(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, length: int
+) -> None:
+    """`prefix_bounds` (integers, for the config's and the routes' containment rules at 10,000 peers) says
+    what `ipaddress` says of every prefix, and refuses host bits as `check_prefix` does."""
+    length = min(length, address.max_prefixlen)
+    network = ipaddress.ip_network(f"{address}/{length}", strict=False)
+    text = tuning.check_prefix(str(network))
+    assert tuning.prefix_bounds(text) == (
+        network.version,
+        int(network.network_address),
+        int(network.broadcast_address),
+    )
+    if network.network_address != address:
+        with pytest.raises(ValueError, match="host bits"):
+            tuning.prefix_bounds(f"{address}/{length}")
+    for bad in ("10.0.0.0", "10.0.0.0/33", "10.0.0/8", "x/8", "::/129"):
+        with pytest.raises(ValueError, match="not an IP prefix"):
+            tuning.prefix_bounds(bad)

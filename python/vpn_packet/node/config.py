@@ -449,25 +449,31 @@ def _check_routes(interface: InterfaceConfig, listen: tuple[str, int], peers: tu
         endpoint_index[ip.version].append((int(ip), k))
     for entries in endpoint_index.values():
         entries.sort()
+    # The interface's addresses and subnets as integers: each prefix is compared by integers, not parsed
+    # into an `ipaddress` network (the most of a 10,000-peer config's checks went there).
+    own_bounds = [
+        (a.version, int(a.ip), int(a.network.network_address), int(a.network.broadcast_address), a)
+        for a in own
+    ]
     for i, peer in enumerate(peers):
         for j, prefix in enumerate(peer.allowed_ips):
             where = f"peers[{i}].allowed_ips[{j}]"
-            network = ipaddress.ip_network(prefix)
-            for address in own:
+            version, first, last = tuning.prefix_bounds(prefix)  # normalised by _peers already
+            for own_version, own_ip, subnet_first, subnet_last, address in own_bounds:
+                if own_version != version or not first <= own_ip <= last:
+                    continue
                 # A prefix wider than the interface's own subnet (a gateway peer's 0.0.0.0/0, 10.0.0.0/8)
                 # is fine: the subnet's connected route is more specific, and only a peer forging our own
                 # address as its source would be dropped. A prefix inside our subnet that holds our
                 # address hands our own address to that peer: refused.
-                wider = network.version == address.network.version and address.network.subnet_of(
-                    network  # type: ignore[arg-type]  # same version, checked just before
-                )
-                if address.ip in network and not (wider and network != address.network):
+                wider = first <= subnet_first and subnet_last <= last
+                if not wider or (first, last) == (subnet_first, subnet_last):
                     raise ConfigError(
                         where,
                         f"{prefix} contains this node's own address {address.ip} (interface.address): "
                         "packets from it would be dropped by the kernel as martians",
                     )
-            inside = _endpoints_in(endpoint_index, network)
+            inside = _endpoints_in(endpoint_index, version, first, last)
             if inside is not None:
                 k, ip = inside
                 raise ConfigError(
@@ -479,17 +485,17 @@ def _check_routes(interface: InterfaceConfig, listen: tuple[str, int], peers: tu
 
 
 def _endpoints_in(
-    index: Mapping[int, list[tuple[int, int]]], network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    index: Mapping[int, list[tuple[int, int]]], version: int, first: int, last: int
 ) -> tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
-    """The first peer (by position) whose endpoint address is inside `network`, with that address."""
-    entries = index[network.version]
-    first, last = int(network.network_address), int(network.broadcast_address)
+    """The first peer (by position) whose endpoint address is inside the prefix `first..last` of IP
+    `version`, with that address."""
+    entries = index[version]
     start = bisect.bisect_left(entries, (first, -1))
     stop = bisect.bisect_right(entries, (last, sys.maxsize))
     if start >= stop:
         return None
     value, k = min(entries[start:stop], key=lambda entry: entry[1])
-    return k, ipaddress.ip_address(value) if network.version == 4 else ipaddress.IPv6Address(value)
+    return k, ipaddress.ip_address(value) if version == 4 else ipaddress.IPv6Address(value)
 
 
 def _node(data: Mapping[str, Any], base: Path | None) -> NodeSection:

@@ -49,7 +49,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -67,7 +67,6 @@ from vpn_packet.tuning import (
     DEFAULT_TUNING,
     NODE_RESILIENCE,
     SHUTDOWN_TIMEOUT,
-    WARM_DISCOVERED_PEERS,
     Tuning,
     build,
 )
@@ -234,8 +233,9 @@ class Node:
     - `resilience`: a `ResilienceConfig` or a shared `ResilienceService` (default `NODE_RESILIENCE`, the
       config file's default too).
     - `stop_timeout`: how long `stop()` drains (the config's `node.shutdown_timeout`).
-    - `keep_connections`: open a connection to every peer at start and keep it (`ConnectionKeeper`), so the
-      first packet to a peer does not wait for a connection and a handshake. False: on demand only.
+    - `keep_connections`: keep the first `tuning.warm_peers` peers connected from the start, and any peer in
+      use, and close the connections of idle ones (`ConnectionKeeper`), so the first packet to a warm peer
+      does not wait for a connection and a handshake. False: on demand only, closed by the pool's idle rule.
     """
 
     def __init__(
@@ -264,8 +264,22 @@ class Node:
         # (its `TUNING_FIELDS`), so this is not a second list of them.
         self.stream_service = build(TcpStreamService, t, self.discovery, security)
         self.pool = build(StreamPool, t, self.stream_service)
-        # Connections to the configured peers, made at start and kept (keepalives, reconnects with backoff).
-        self.keeper = build(ConnectionKeeper, t, self.pool, self._peer_ids) if keep_connections else None
+        # Which peers have a connection: the first few kept warm, the others on demand, closed when idle
+        # (vpn_packet.transport.keeper: the one rule, for static and discovered peers alike).
+        self.keeper = (
+            build(
+                ConnectionKeeper,
+                t,
+                self.pool,
+                self._peer_order,
+                traffic=self._traffic,
+                known=self.discovery.__contains__,
+                on_idle_close=self._on_idle_close,
+                on_tick=self.stream_service.failure_log.tick,
+            )
+            if keep_connections
+            else None
+        )
         if isinstance(resilience, ResilienceService):
             self.resilience = resilience
         else:
@@ -300,10 +314,22 @@ class Node:
         """Where a peer came from: `static` (the config, or the library caller) or `discovery` (etcd)."""
         return self._sources.get(peer_id, "static")
 
-    def _peer_ids(self) -> list[str]:
-        """The peers the keeper keeps connected: every static one and the first `WARM_DISCOVERED_PEERS`
-        discovered ones (the others connect on demand). O(static peers + a few), not O(discovered)."""
-        return [*self._static_ids, *itertools.islice(self._sources, WARM_DISCOVERED_PEERS)]
+    def _peer_order(self) -> Iterator[str]:
+        """The peers in the order the keeper's warm rule reads them (`Tuning.warm_peers`: the first ones):
+        static peers in config order, then discovered ones in the order they joined. Lazy: the keeper reads
+        only the first few."""
+        return itertools.chain(self._static_ids, self._sources)
+
+    def _traffic(self, peer_id: str) -> int:
+        """Packets exchanged with `peer_id` either way (acknowledged by it, received from it), keepalives
+        excluded: the keeper's measure of use."""
+        tx = self.stream_service.peer_stats.get(peer_id)
+        return (tx.tx_packets if tx is not None else 0) + self.receiver.frames_from(peer_id)
+
+    def _on_idle_close(self, peer_ids: list[str]) -> None:
+        """The keeper closed the connections of idle peers: every worker looks its peer up again before its
+        next batch, and so gives back a stream that is closing instead of failing a write on it."""
+        self.dispatcher.invalidate_routes()
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 

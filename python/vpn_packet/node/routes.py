@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from vpn_packet.errors import ConfigError
+from vpn_packet.tuning import prefix_bounds
 
 __all__ = ["RTPROT_VPN_PACKET", "PeerRoutes", "PlannedRoute", "RouteChanges", "plan_routes"]
 
@@ -140,10 +141,20 @@ def plan_routes(
     has no IPv6 address. Raises `ConfigError` for a prefix that is not one."""
     own = [ipaddress.ip_interface(a).network for a in interface_addresses]
     ipv6 = any(n.version == 6 for n in own)
+    # The subnets as integers: a prefix inside one (most of a large mesh's) is skipped without being parsed
+    # into an `ipaddress` network, which would be most of a 10,000-peer node's start.
+    subnets = [(n.version, int(n.network_address), int(n.broadcast_address)) for n in own]
     routes: dict[Network, PlannedRoute] = {}
     skipped: list[PlannedRoute] = []
     for i, (peer_id, prefixes) in enumerate(peers.items()):
         for j, prefix in enumerate(prefixes):
+            try:
+                version, first, last = prefix_bounds(prefix)
+            except ValueError:
+                pass  # not normalised (or not a prefix): ip_network below says which
+            else:
+                if any(v == version and lo <= first and last <= hi for v, lo, hi in subnets):
+                    continue  # the connected route of the interface's subnet covers it
             key = f"peers[{i}].allowed_ips[{j}]"
             try:
                 network = ipaddress.ip_network(prefix)

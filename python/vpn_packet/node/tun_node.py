@@ -250,17 +250,19 @@ class TunNode:
         await self._start_control()
         if self.config.mode == "insecure":
             _log.warning(INSECURE_WARNING)
-        # "running" once the connections to reachable peers are made both ways (bounded): a first packet
-        # finds ours, and its reply the peer's.
-        connected, peers = await self._settle_connections(tuning.KEEPER_START_WAIT)
+        # "running" once the connections to the reachable warm peers are made both ways (bounded by
+        # KEEPER_START_WAIT, half a second): a first packet finds ours, and its reply the peer's.
+        connected, warm = await self._settle_connections(tuning.KEEPER_START_WAIT)
+        peers = len(self.node.discovery)
         _log.info(
-            "node %s running: %s on %s, listening on %s:%d, %d peer%s (%d connected), %s",
+            "node %s running: %s on %s, listening on %s:%d, %d peer%s (%d warm, %d connected), %s",
             self.config.node.id,
             ", ".join(iface.addresses),
             self.tun.name,
             *(self.node.address or self.config.listen),
             peers,
             "" if peers == 1 else "s",
+            warm,
             connected,
             self.node.security.describe(),
         )
@@ -317,18 +319,18 @@ class TunNode:
             _log.warning("discovery: not applied: %s", exc)
 
     async def _settle_connections(self, bound: float) -> tuple[int, int]:
-        """Wait at most `bound` seconds for the connections to the peers (`ConnectionKeeper.settle`) and from
-        the peers we reached (they connect back when they see us: `ConnectionKeeper.poke`); returns
-        `(connected, configured)`."""
+        """Wait at most `bound` seconds for the connections to the warm peers (`ConnectionKeeper.settle`) and
+        from the ones we reached (they connect back when they see us: `ConnectionKeeper.poke`); returns
+        `(connected, warm)`. O(warm peers), not O(peers)."""
         keeper = self.node.keeper
         if keeper is None:
-            return 0, len(self.config.peers)
+            return 0, 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + bound
-        connected, peers = await keeper.settle(bound)
-        reached = [peer.id for peer in self.config.peers if self.node.pool.streams(peer.id)]
+        connected, wanted = await keeper.settle(bound)
+        reached = [peer_id for peer_id in keeper.wanted() if self.node.pool.streams(peer_id)]
         await self.node.receiver.wait_connected(reached, max(0.0, deadline - loop.time()))
-        return connected, peers
+        return connected, wanted
 
     async def _start_control(self) -> None:
         """The control socket. A configured path that cannot be served stops the start (a `ConfigError`
@@ -482,8 +484,9 @@ class TunNode:
 
     def log_drops(self) -> dict[str, int]:
         """Logs one warning with every packet drop counter that grew since the last call, one with the
-        connection failures; returns the increases."""
-        return self._drop_log.log(self.metrics())
+        connection failures; returns the increases. Reads the node's totals only (`status.counters`), not
+        the per-peer snapshot: it runs every `drop_log_interval`, and a node may know 10,000 peers."""
+        return self._drop_log.log(status.counters(self))
 
     def summary(self) -> str:
         """A few human-readable lines (`vpn_packet.node.status.summary`)."""

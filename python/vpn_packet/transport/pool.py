@@ -20,6 +20,9 @@ batch, and each worker's packets stay in order.
 - Idle connections (no lease) unused for `idle_timeout` seconds are closed by `run_cleanup()`, which a
   background task runs every `cleanup_interval` between `start()` and `stop()`. Connections closed by the
   peer are dropped as soon as they are seen.
+- `close_peer(peer_id)` closes a peer's connections, leases or not, gracefully (what is in flight may still
+  be acknowledged): the keeper's idle close. `on_demand` (set by the keeper) hears of every `get_stream`: a
+  worker wants that peer, which is use.
 
 Metrics: `created`, `reused`, `closed_unhealthy`, `closed_idle`, `in_use` (leases), `idle` (connections
 without a lease), and more; see `StreamPoolMetrics`.
@@ -205,6 +208,8 @@ class StreamPool:
         self._tasks = TaskSet()  # the cleanup loop and background closes: `stop()` ends them all
         self._cleanup_task: asyncio.Task[None] | None = None
         self._closed = False
+        #: Called with the peer id of every `get_stream` (a worker wants the peer: it is in use).
+        self.on_demand: Callable[[str], object] | None = None
         self.created = 0
         self.create_failures = 0
         self.reused = 0
@@ -265,6 +270,8 @@ class StreamPool:
     async def get_stream(self, peer_id: str) -> PooledStream:
         """A lease on a connection to `peer_id`. Raises `ServiceError` when the pool is closed or no room
         frees up within `acquire_timeout`; connection failures propagate (a `NetworkError`)."""
+        if self.on_demand is not None:
+            self.on_demand(peer_id)
         peer = self._peers.get(peer_id)
         if peer is None:
             peer = self._peers[peer_id] = _Peer()
@@ -481,6 +488,34 @@ class StreamPool:
             peer.warming = False
         self.release_stream(peer_id, lease, True)
         return True
+
+    def peer_ids(self) -> list[str]:
+        """The peers with a connection (open or being opened) or a caller waiting for one: O(those)."""
+        return [
+            peer_id
+            for peer_id, peer in self._peers.items()
+            if peer.entries or peer.connecting or peer.waiters
+        ]
+
+    def close_peer(self, peer_id: str) -> int:
+        """Close every connection to `peer_id`, leased or not, gracefully (`close()`: what is in flight may
+        still be acknowledged, bounded by `close_timeout`, then the connection closes; a lease's write after
+        that fails as on a closed stream, and its worker moves to a fresh connection). Counted in
+        `closed_idle`; returns how many. The keeper's idle close: it turns nothing in flight into "lost"."""
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return 0
+        closed = 0
+        for entry in peer.entries:
+            if entry.alive():
+                closed += 1
+            self._close_entry(entry)
+        peer.entries.clear()
+        self.closed_idle += closed
+        self._wake(peer, everyone=True)
+        if not peer.connecting and not peer.waiters:
+            del self._peers[peer_id]
+        return closed
 
     # --- idle cleanup ---------------------------------------------------------------------------------------
 

@@ -1042,6 +1042,12 @@ class Receiver:
         """A snapshot of the counters of every peer that has had an authenticated connection."""
         return {peer_id: m._copy() for peer_id, m in self._per_peer.items()}
 
+    def frames_from(self, peer_id: str) -> int:
+        """Packets received from `peer_id` so far (keepalives are not frames): O(1), for the keeper's use
+        rule, which reads it every second for the peers with a connection."""
+        peer = self._per_peer.get(peer_id)
+        return peer.frames if peer is not None else 0
+
     async def wait_connected(self, peer_ids: Collection[str], timeout: float) -> bool:  # noqa: ASYNC109 - a bound
         """Wait (at most `timeout` seconds) until every peer of `peer_ids` has an authenticated connection to
         us; True when they all have. A node that says it is running after this has both directions of its

@@ -6,7 +6,8 @@ performs the TLS handshake of its `Security` (checking that the server holds the
 `peer_id`, or, with a CA, that its certificate names `peer_id`), then the vpn-packet handshake: it reads the
 server's challenge, sends its hello (signed with this node's key) and waits for the answer. Only an
 accepted connection becomes a `TcpStream`; a refusal raises `HandshakeRefusedError` with the server's
-reason (logged once per peer and reason per interval), before any packet is counted as sent.
+reason, before any packet is counted as sent. Failures are logged through one `FailureLog` (a budget shared by
+every peer, and a periodic summary), not one line per peer.
 
 `TcpStream.write_many(packets)` is one native `encode_frames` call, one `transport.write` and, only when the
 transport's buffer is above its high-water mark, a wait for it to drain - bounded by `write_timeout`, so a
@@ -41,7 +42,7 @@ from typing import Any, ClassVar, Final, Protocol
 from vpn_packet import tuning
 from vpn_packet._native import AckDecoder
 from vpn_packet.errors import FramingError, HandshakeRefusedError, NetworkError, ServiceError
-from vpn_packet.ratelimit import LogLimiter
+from vpn_packet.ratelimit import FailureLog
 from vpn_packet.transport.delivery import InFlight, Receipt
 from vpn_packet.transport.framing import KEEPALIVE_FRAME, LENGTH_PREFIX_LEN, encode_frames
 from vpn_packet.transport.handshake import Security, client_handshake, new_epoch, server_public_key
@@ -597,6 +598,8 @@ class TcpStreamService:
     - `send_buffer`: `SO_SNDBUF` in bytes (the kernel may cap it; None leaves the default).
     - `keepalive_interval`: TCP keepalive idle time (then 3 probes 5 s apart): a peer that vanished while
       nothing was in flight is noticed, and the connection replaced, within about that.
+    - `failure_log`: where failed connections are logged (`vpn_packet.ratelimit.FailureLog`: one budget for
+      every peer and a periodic summary, which the node's keeper ticks); default: a new one.
 
     Counters: `connects`, `connect_failures`, and `refusals` (by the server's reason); per peer,
     `peer_stats` (`PeerSendStats`: what the peer acknowledged, its open connections, its last error).
@@ -629,7 +632,7 @@ class TcpStreamService:
         send_buffer: int | None = DEFAULT_SEND_BUFFER,
         keepalive_interval: float = tuning.KEEPALIVE_INTERVAL,
         high_water: int = _HIGH_WATER,
-        log_interval: float = tuning.LOG_INTERVAL,
+        failure_log: FailureLog | None = None,
     ) -> None:
         tuning.Tuning.check_fields(
             connect_timeout=connect_timeout,
@@ -651,7 +654,8 @@ class TcpStreamService:
         self.connect_failures = 0
         self.refusals: dict[str, int] = {}
         self.peer_stats: dict[str, PeerSendStats] = {}
-        self._warn = LogLimiter(_log, log_interval)
+        # Failed connections: one budget for every peer and a periodic summary (vpn_packet.ratelimit).
+        self.failure_log = failure_log if failure_log is not None else FailureLog(_log)
 
     def stats(self, peer_id: str) -> PeerSendStats:
         """The live `PeerSendStats` of `peer_id` (created empty on first use)."""
@@ -670,6 +674,7 @@ class TcpStreamService:
         streams = list(stats.streams)
         if forget:
             del self.peer_stats[peer_id]
+            self.failure_log.forget(peer_id)
         if streams:
             await asyncio.gather(*(stream.retire() for stream in streams), return_exceptions=True)
         return len(streams)
@@ -721,7 +726,9 @@ class TcpStreamService:
             stats.connect_failures += 1
             stats.refusals[exc.reason] = stats.refusals.get(exc.reason, 0) + 1
             stats.last_error = f"refused by the peer: {exc.reason}: {exc}"
-            self._warn.warning((peer_id, exc.reason), "%s%s", exc, self._refusal_advice(peer_id, exc.reason))
+            self.failure_log.failed(
+                peer_id, f"refused:{exc.reason}", "%s%s", exc, self._refusal_advice(peer_id, exc.reason)
+            )
             if transport is not None:
                 transport.abort()
             raise
@@ -735,10 +742,11 @@ class TcpStreamService:
                 kind = _failure_kind(cause)
                 stats.failures[kind] = stats.failures.get(kind, 0) + 1
                 stats.last_error = f"{operation} to {host}:{port}: {_error_text(cause)}"
-                # One line per peer and kind of failure per interval: a peer that is down, or whose key we
-                # do not accept, must show in the log without a line per retry.
-                self._warn.warning(
-                    (peer_id, kind),
+                # A line when the peer's failure is news, within one budget for all peers, then a summary:
+                # a peer that is down shows in the log without a line per retry, 10,000 without a flood.
+                self.failure_log.failed(
+                    peer_id,
+                    kind,
                     "cannot open a stream to %s at %s:%d (%s): %s",
                     peer_id,
                     host,
@@ -753,6 +761,7 @@ class TcpStreamService:
             stats = self.stats(peer_id)
         stats.connects += 1
         stats.last_error = None
+        self.failure_log.succeeded(peer_id)
         stats.last_handshake = time.monotonic()
         return TcpStream(
             peer_id,

@@ -11,6 +11,7 @@ use std::sync::{Mutex, PoisonError};
 
 use pyo3::prelude::*;
 use vpn_packet_core::ed25519::{check_public_key, verify_with, KeyProblem, VerifyingKey, PUBLIC_KEY_LEN};
+use vpn_packet_core::key_checks::accept_public_key;
 
 use crate::errors::no_panic;
 
@@ -34,10 +35,12 @@ fn checked_key(raw: &[u8]) -> Result<VerifyingKey, KeyProblem> {
 }
 
 /// Why `key` (raw bytes) is not a public key this project trusts, in one sentence; None when it is one.
-/// Not kept: keys checked here are mostly strangers' (a hello's key that no peer has).
+/// The TLS core's check (`key_checks::accept_public_key`), so a key accepted here (a config's peer keys,
+/// read at start) is not checked again when the core builds its peer table: with 10,000 peers that is
+/// half a second of a node's start. Only accepted keys are remembered there, in a bounded set.
 #[pyfunction]
 pub fn public_key_problem(key: &[u8]) -> PyResult<Option<String>> {
-    no_panic(|| Ok(check_public_key(key).err().map(|problem| problem.to_string())))
+    no_panic(|| Ok(accept_public_key(key).err().map(|problem| problem.to_string())))
 }
 
 /// Whether `signature` is a strict Ed25519 signature of `message` by `public_key` (a checked key,

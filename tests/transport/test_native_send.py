@@ -2,9 +2,9 @@
 
 The peer is the native server connection (`TlsSecurity.server()`) over a real loopback socket, driven by the
 test: it completes the handshake, then reads and acknowledges, or stops reading, or writes bytes that are not
-TLS records. What a `TcpStream` must do about each: bounded waits with typed errors, receipts that say what the peer has,
-`lost_in_flight` for the rest. The happy paths against a real `Receiver` are in test_tcp.py, test_acks.py and
-test_tls.py.
+TLS records. What a `TcpStream` must do about each: bounded waits with typed errors, receipts that say what
+the peer has, `lost_in_flight` for the rest. The happy paths against a real `Receiver` are in test_tcp.py,
+test_acks.py and test_tls.py.
 """
 
 from __future__ import annotations

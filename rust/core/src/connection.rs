@@ -32,9 +32,11 @@
 //! here: the time bounds (handshake timeout, idle timeout) are the caller's, as the I/O is.
 //!
 //! Where it runs: a receiver's TLS connections are server `Connection`s inside [`crate::receive`] (one
-//! native call per socket readiness event, from the socket to the TUN). The sending side
-//! (`transport/tcp.py`) still uses Python's `ssl`; moving it onto client `Connection`s with one native call
-//! per TUN readiness event is the rest of issue 20's item 3.
+//! native call per socket readiness event, from the socket to the TUN); a sender's are client `Connection`s
+//! inside [`crate::send`] (`transport/tcp.py`'s `TcpStream`: a framed batch encrypted and written in the
+//! call that hands it over, acks read once per readiness event). What remains of issue 20's item 3 is the
+//! TUN readiness path: reading, routing and sending in one native call, without the dispatcher's Python
+//! worker between the TUN and the session.
 
 use std::fmt;
 
@@ -264,7 +266,10 @@ impl SendError {
         match self {
             SendError::NotEstablished => "not_established",
             SendError::Closed => "closed",
-            SendError::Framing { error, .. } | SendError::Unframed { error: Some(error), .. } => error.reason(),
+            SendError::Framing { error, .. }
+            | SendError::Unframed {
+                error: Some(error), ..
+            } => error.reason(),
             SendError::Unframed { error: None, .. } => "truncated",
             SendError::Miscounted { .. } => "miscounted",
         }
@@ -277,7 +282,10 @@ impl fmt::Display for SendError {
             SendError::NotEstablished => write!(f, "the connection is not established"),
             SendError::Closed => write!(f, "the connection is closed"),
             SendError::Framing { taken, error } => write!(f, "packet {taken}: {error}"),
-            SendError::Unframed { at, error: Some(error) } => write!(f, "framed bytes at {at}: {error}"),
+            SendError::Unframed {
+                at,
+                error: Some(error),
+            } => write!(f, "framed bytes at {at}: {error}"),
             SendError::Unframed { at, error: None } => {
                 write!(f, "framed bytes end inside a frame (at {at})")
             }
@@ -985,21 +993,30 @@ impl Connection {
             } else if raw & OFFLOAD_FLAG != 0 {
                 if len <= VNET_HDR_LEN {
                     let error = FramingError::ShortOffload { len: len as u64 };
-                    return Err(SendError::Unframed { at, error: Some(error) });
+                    return Err(SendError::Unframed {
+                        at,
+                        error: Some(error),
+                    });
                 }
                 if len > MAX_OFFLOAD_FRAME {
                     let error = FramingError::TooLarge {
                         len: len as u64,
                         max: MAX_OFFLOAD_FRAME,
                     };
-                    return Err(SendError::Unframed { at, error: Some(error) });
+                    return Err(SendError::Unframed {
+                        at,
+                        error: Some(error),
+                    });
                 }
                 offload += 1;
                 frames += 1;
             } else {
                 if len > max {
                     let error = FramingError::TooLarge { len: len as u64, max };
-                    return Err(SendError::Unframed { at, error: Some(error) });
+                    return Err(SendError::Unframed {
+                        at,
+                        error: Some(error),
+                    });
                 }
                 frames += 1;
             }
@@ -1010,7 +1027,10 @@ impl Connection {
             at = end;
         }
         if frames != expected {
-            return Err(SendError::Miscounted { framed: frames, expected });
+            return Err(SendError::Miscounted {
+                framed: frames,
+                expected,
+            });
         }
         if wire.is_empty() {
             return Ok(());

@@ -100,7 +100,9 @@ impl SendSession {
     /// Encrypts `wire` (`frames` whole frames, see [`Connection::send_framed`]) and writes what the socket
     /// takes; returns the output bytes still waiting.
     pub fn send_framed(&mut self, sock: RawFd, wire: &[u8], frames: u64) -> Result<usize, SendFailure> {
-        self.conn.send_framed(wire, frames).map_err(SendFailure::Refused)?;
+        self.conn
+            .send_framed(wire, frames)
+            .map_err(SendFailure::Refused)?;
         self.flush(sock).map_err(SendFailure::Socket)
     }
 

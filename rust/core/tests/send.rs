@@ -88,7 +88,13 @@ impl Pair {
         let _ = self.client.flush(self.client_sock.as_raw_fd());
         let (_, events) = self
             .server
-            .pump(self.server_sock.as_raw_fd(), &table(), |_| 0, &mut self.list, true)
+            .pump(
+                self.server_sock.as_raw_fd(),
+                &table(),
+                |_| 0,
+                &mut self.list,
+                true,
+            )
             .unwrap();
         self.server_events.extend(events);
         if let Ok(pumped) = self.client.pump(self.client_sock.as_raw_fd()) {
@@ -105,7 +111,10 @@ impl Pair {
             self.turn();
             std::thread::yield_now();
         }
-        panic!("no progress: client {:?}, server {:?}", self.client_events, self.server_events);
+        panic!(
+            "no progress: client {:?}, server {:?}",
+            self.client_events, self.server_events
+        );
     }
 }
 
@@ -152,14 +161,26 @@ fn bytes_that_are_not_whole_counted_frames_are_refused_and_nothing_is_taken() {
         other => panic!("{other:?}"),
     };
     let err = refused(pair.client.send_framed(fd, &wire[..wire.len() - 1], 1));
-    assert_eq!((err, err.reason()), (SendError::Unframed { at: 0, error: None }, "truncated"));
-    assert_eq!(refused(pair.client.send_framed(fd, &wire, 2)).reason(), "miscounted");
+    assert_eq!(
+        (err, err.reason()),
+        (SendError::Unframed { at: 0, error: None }, "truncated")
+    );
+    assert_eq!(
+        refused(pair.client.send_framed(fd, &wire, 2)).reason(),
+        "miscounted"
+    );
     let mut too_long = wire.clone();
     too_long[..4].copy_from_slice(&70_000u32.to_be_bytes());
-    assert_eq!(refused(pair.client.send_framed(fd, &too_long, 1)).reason(), "too_large");
+    assert_eq!(
+        refused(pair.client.send_framed(fd, &too_long, 1)).reason(),
+        "too_large"
+    );
     let mut short_offload = vec![0x80, 0, 0, 5];
     short_offload.extend_from_slice(&[0; 5]);
-    assert_eq!(refused(pair.client.send_framed(fd, &short_offload, 1)).reason(), "short_offload");
+    assert_eq!(
+        refused(pair.client.send_framed(fd, &short_offload, 1)).reason(),
+        "short_offload"
+    );
     assert_eq!(pair.client.connection().counts().frames, 0);
     assert_eq!(pair.client.unsent(), 0);
     // The connection is untouched: the good batch still goes through.
@@ -230,6 +251,10 @@ fn the_server_closing_ends_the_session_with_an_event() {
         std::thread::yield_now();
     }
     assert_eq!(read, Read::Eof);
-    assert!(pair.client_events.contains(&Event::Closed), "{:?}", pair.client_events);
+    assert!(
+        pair.client_events.contains(&Event::Closed),
+        "{:?}",
+        pair.client_events
+    );
     assert_eq!(pair.client.connection().stage(), Stage::Closed);
 }

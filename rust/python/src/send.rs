@@ -49,7 +49,13 @@ pub struct SendSession {
 impl SendSession {
     #[new]
     #[pyo3(signature = (security, sock, peer_id, epoch, *, read_size = 65536))]
-    fn new(security: &TlsSecurity, sock: RawFd, peer_id: &str, epoch: u64, read_size: usize) -> PyResult<Self> {
+    fn new(
+        security: &TlsSecurity,
+        sock: RawFd,
+        peer_id: &str,
+        epoch: u64,
+        read_size: usize,
+    ) -> PyResult<Self> {
         no_panic(|| {
             if sock < 0 {
                 return Err(PyValueError::new_err(format!("bad socket descriptor {sock}")));
@@ -192,7 +198,12 @@ impl SendSession {
     }
 
     fn __repr__(&self) -> String {
-        format!("<SendSession {} frames={} acked={}>", self.stage(), self.frames(), self.acked())
+        format!(
+            "<SendSession {} frames={} acked={}>",
+            self.stage(),
+            self.frames(),
+            self.acked()
+        )
     }
 }
 

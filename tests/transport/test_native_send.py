@@ -10,7 +10,10 @@ test_acks.py and test_tls.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -275,3 +278,28 @@ def test_tls_errors_are_network_errors_that_do_not_retry() -> None:
     assert is_network_error(NetworkError(err, peer_id="node-b", operation="handshake"))
     assert not NetworkError(err, peer_id="node-b", operation="handshake").retriable
     assert str(err).startswith("node-b presented key X")
+
+
+async def test_the_sending_side_does_not_use_pythons_ssl(peer: TlsPeer, keys: dict[str, Security]) -> None:
+    """A `Security` whose Python client context trusts nothing still connects and delivers: the sending side
+    dials through the native core (`Security.native_tls`), not through `client_context`."""
+    untrusting = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no CA loaded: it would refuse every server
+    security = dataclasses.replace(keys["node-a"], client_context=untrusting)
+    stream = await TcpStreamService(Endpoints(peer.port), security).create_stream("node-b")
+    receipt = await stream.write_many([pkt(1)])
+    async with asyncio.timeout(HANG_GUARD):
+        assert await receipt == 1
+    await stream.close()
+
+
+async def test_a_session_whose_socket_was_closed_cannot_write_into_another(
+    keys: dict[str, Security], peer: TlsPeer
+) -> None:
+    native = keys["node-a"].native_tls((), DEFAULT_MAX_FRAME_SIZE)
+    assert native is not None
+    with socket.create_connection(("127.0.0.1", peer.port)) as sock:
+        session = SendSession(native, sock.fileno(), "node-b", 1)
+        session.forget_socket()
+        with pytest.raises(OSError, match="Bad file descriptor") as info:
+            session.flush()  # the ClientHello waits: the send fails instead of going anywhere
+        assert info.value.errno == errno.EBADF

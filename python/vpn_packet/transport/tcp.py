@@ -326,6 +326,7 @@ class _NativeLink(_Link):
         if self._writing:
             self._loop.remove_writer(self._fd)
             self._writing = False
+        self._session.forget_socket()  # the descriptor's number may be reused once closed
         self._sock.close()
 
 
@@ -503,6 +504,7 @@ class _NativeDial:
             await self._done
         except BaseException:
             self._unwatch()
+            self._session.forget_socket()
             self._sock.close()
             raise
         self._unwatch()

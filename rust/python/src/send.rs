@@ -130,6 +130,12 @@ impl SendSession {
         self.inner.close();
     }
 
+    /// Python is about to close the socket: the session forgets its descriptor, so that no later call
+    /// can write into another socket that reuses the number (they fail with `EBADF` instead).
+    fn forget_socket(&mut self) {
+        self.sock = -1;
+    }
+
     /// `"tls"`, `"challenge"`, `"answer"`, `"established"` or `"closed"`.
     #[getter]
     fn stage(&self) -> &'static str {

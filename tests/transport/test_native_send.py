@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 
 from vpn_packet._native import Established, SendSession, TlsConnection, TlsSecurity, encode_frames
-from vpn_packet.errors import FramingError, NetworkError, TlsError, is_network_error
+from vpn_packet.errors import (
+    FramingError,
+    NetworkError,
+    TlsError,
+    is_connection_reset_error,
+    is_network_error,
+)
 from vpn_packet.testutil.keys import key_securities
 from vpn_packet.testutil.packets import ipv4_packet
 from vpn_packet.transport.framing import DEFAULT_MAX_FRAME_SIZE
@@ -303,3 +309,17 @@ async def test_a_session_whose_socket_was_closed_cannot_write_into_another(
         with pytest.raises(OSError, match="Bad file descriptor") as info:
             session.flush()  # the ClientHello waits: the send fails instead of going anywhere
         assert info.value.errno == errno.EBADF
+
+
+async def test_a_write_after_the_core_closed_takes_nothing_and_fails_as_a_reset(
+    peer: TlsPeer, keys: dict[str, Security]
+) -> None:
+    """The core's connection can end (a close, a failure) before the stream hears of it: a write then takes
+    nothing and raises a retriable reset, so the worker carries the batch on a fresh stream."""
+    stream = await TcpStreamService(Endpoints(peer.port), keys["node-a"]).create_stream("node-b")
+    stream._link._session.close()  # type: ignore[attr-defined]  # the core ends first
+    with pytest.raises(NetworkError) as info:
+        await stream.write_many([pkt(1)])
+    assert is_connection_reset_error(info.value)
+    assert (stream.packets_sent, stream.in_flight) == (0, 0)
+    stream.abort()

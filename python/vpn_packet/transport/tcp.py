@@ -223,9 +223,15 @@ class _NativeLink(_Link):
         return self._sock
 
     def write(self, data: bytes, count: int) -> None:
-        """Raises `FramingError` (nothing taken) for bytes that are not `count` whole frames."""
+        """Raises `FramingError` (nothing taken) for bytes that are not `count` whole frames, and
+        `ConnectionResetError` (nothing taken) when the session's connection has ended already."""
         try:
             unsent = self._session.send_framed(data, count)
+        except ValueError as exc:
+            if isinstance(exc, FramingError):
+                raise
+            # The connection ended inside the core before the stream heard of it (its end is on its way).
+            raise ConnectionResetError(errno.ECONNRESET, f"connection closed: {exc}") from exc
         except OSError as exc:  # taken, then the socket failed: the receipt learns it from on_lost
             self._loop.call_soon(self._ended_socket, exc)
             return
@@ -700,7 +706,10 @@ class TcpStream:
             await self._wait_for_space(len(data))
             if self.closed:  # closed while we waited for acks
                 raise self._closed_error("write")
-        self._link.write(data, count)
+        try:
+            self._link.write(data, count)
+        except ConnectionError as exc:  # nothing of the batch was taken: a fresh stream may carry it
+            raise NetworkError(exc, peer_id=self.peer_id, operation="write") from exc
         loop_time = self._loop.time()
         self._last_write = loop_time
         if not self._inflight.frames:

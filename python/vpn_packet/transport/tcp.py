@@ -59,7 +59,7 @@ __all__ = ["DEFAULT_SEND_BUFFER", "EndpointResolver", "PeerSendStats", "TcpStrea
 _log = logging.getLogger(__name__)
 
 DEFAULT_SEND_BUFFER: Final = tuning.SEND_BUFFER
-_HIGH_WATER: Final = 1024 * 1024  # transport buffer above which writes wait for it to drain
+_HIGH_WATER: Final = 1024 * 1024  # bytes waiting for the socket above which writes wait for them to drain
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _MAX_INBOX: Final = 4096  # bytes of handshake a server may send before we read them (an answer is < 300)
 
@@ -676,7 +676,7 @@ class TcpStream:
 
     async def write_many(self, packets: Sequence[bytes]) -> Receipt:
         """Send `packets` in order as one framed write. Waits (bounded) only while the in-flight window is
-        full or the transport pushes back. Returns the batch's `Receipt` (once written, a batch's fate is its
+        full or the connection pushes back. Returns the batch's `Receipt` (once written, a batch's fate is its
         receipt's, even if the connection dies right after); raises `NetworkError` when the stream is closed,
         reset or stuck before writing (nothing of the batch was written then)."""
         if self.closed:
@@ -839,7 +839,8 @@ class TcpStream:
     # --- closing --------------------------------------------------------------------------------------------
 
     async def _drain(self) -> None:
-        """Wait (at most `write_timeout`) for the transport's buffer to fall below its high-water mark.
+        """Wait (at most `write_timeout`) for the bytes waiting for the socket to fall under the low-water
+        mark (a quarter of the high-water mark).
 
         Called after a batch is written, so it never raises: the batch's fate is its receipt's. A peer that
         does not read for `write_timeout` gets its connection reset (the receipts resolve with what it

@@ -454,20 +454,18 @@ _CERTIFICATE_REASONS: Final = frozenset({"key_mismatch", "identity_mismatch", "n
 
 def _failure_cause(failed: Failed, peer_id: str = "") -> BaseException:
     """The exception that says what a core `Failed` event means, of a type `vpn_packet.errors` classifies:
-    `TlsError` for TLS and the certificate checks, `FramingError` for handshake bytes that are not this
-    protocol (another version, not a vpn-packet node), `ConnectionResetError` for a connection closed before
-    the handshake was done, `TlsError` for acks that contradict themselves (a broken peer)."""
+    `TlsError` for TLS (`tls_*`) and our checks of the server's certificate, `ConnectionResetError` for a
+    connection closed before the handshake was done, and `FramingError` for the rest: bytes inside TLS that
+    break the protocol (a handshake message of another version or none at all, acks that contradict
+    themselves or count more than was sent)."""
     reason, detail = failed.reason, failed.detail
     if reason == "closed_early":
         return ConnectionResetError(
             errno.ECONNRESET, f"{peer_id or 'the peer'} closed the connection during the handshake"
         )
-    if reason in (
-        "bad_magic",
-        "tls_expected_plaintext",
-        "unsupported_version",
-        "unexpected_message",
-        "bad_hello",
+    if (
+        not (reason.startswith("tls_") or reason in _CERTIFICATE_REASONS)
+        or reason == "tls_expected_plaintext"
     ):
         return FramingError(detail, reason)
     if reason == "key_mismatch" and peer_id:

@@ -16,7 +16,8 @@ message text:
   socket), `ssl.SSLZeroReturnError` and `ssl.SSLEOFError`;
 - network: all of the above except plain `EOFError`/EBADF/EAGAIN/EINTR, plus any `ConnectionError`,
   `socket.gaierror`/`herror`, other `ssl.SSLError`s (for example `SSLCertVerificationError`, which is *not*
-  temporary) and network errnos (ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, ...).
+  temporary), `TlsError` (the native core's TLS failures, likewise) and network errnos (ECONNREFUSED,
+  EHOSTUNREACH, ENETUNREACH, ...).
 
 Other exception types are taught with `register_error_kind`. `PacketError` is also raised by the native module
 (rust/python/src/errors.rs imports it from here as `PacketError(message, reason)`).
@@ -61,6 +62,7 @@ __all__ = [
     "PeerNotFoundError",
     "QueueFullError",
     "ServiceError",
+    "TlsError",
     "UsageError",
     "VpnPacketError",
     "WorkerLimitError",
@@ -392,6 +394,28 @@ def _rebuild_refusal(peer_id: str, reason: str, detail: str, local_id: str | Non
     return HandshakeRefusedError(peer_id, reason, detail, local_id=local_id)
 
 
+class TlsError(VpnPacketError):
+    """TLS failed on a connection of the native core (rustls), or refused the peer's certificate.
+
+    `reason` is one of `vpn_packet._native.CONNECTION_FAILURE_REASONS`: `key_mismatch`,
+    `identity_mismatch`, `no_ed25519_key` and `weak_key` when our check of the server's certificate refused
+    it (the server holds another key than the one configured for the peer dialled, or its certificate
+    names someone else); `tls_certificate`, `tls_alert`, `tls_bad_record`, `tls_incompatible`, ... for the
+    rest. `detail` says what was seen. A network error that is not temporary, as `ssl.SSLError` is on the
+    Python path it replaces: trying again meets the same certificate until someone changes a config.
+    """
+
+    retriable = False
+
+    def __init__(self, detail: str, reason: str) -> None:
+        super().__init__(detail, reason)
+        self.detail = detail
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.detail
+
+
 class CircuitOpenError(VpnPacketError):
     """The circuit breaker of `peer_id` rejects calls; `retry_after` (seconds) says when it may admit one.
 
@@ -527,6 +551,8 @@ def _kinds_of(exc: BaseException) -> int:
         return kinds | _REFUSED
     if isinstance(exc, DetachedCause):
         return kinds | exc.kinds
+    if isinstance(exc, TlsError):
+        return kinds | _NETWORK
     _ssl = sys.modules.get("_ssl")
     if _ssl is not None and isinstance(exc, _ssl.SSLError):
         for ssl_type, ssl_kinds in _ssl_kinds(_ssl):

@@ -16,6 +16,9 @@ accounting identity (accepted = sent + failed + discarded + queued + in_flight) 
 5. our stop during a freeze: we give up on the unacknowledged packets (reset); the resumed peer discards
    what it had not taken (`discarded_after_reset` > 0) and its delivered count equals our `sent`.
 
+Each scenario runs in plaintext and with TLS (key mode: the sending side on the native core's
+`SendSession`, the peer's receiver on its `ReceiveSession`).
+
 Waiting is for events (counters, the peer's reports, process states); the only durations are the
 configured timeouts under test and guards against a hang.
 """
@@ -26,11 +29,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from vpn_packet.metrics import DispatcherMetrics
 from vpn_packet.node.node import Node
+from vpn_packet.testutil.keys import identities
 from vpn_packet.testutil.packets import UDP, ipv4_packet
 from vpn_packet.testutil.peer_process import PeerProcess, mark_packet
 from vpn_packet.transport.discovery import Peer
@@ -112,25 +117,49 @@ def lost(m: DispatcherMetrics) -> int:
     return int(m.failed_by_reason.get("lost_in_flight", 0))
 
 
+@dataclass(frozen=True)
+class Mode:
+    """Plaintext, or TLS in key mode: the sender's `Security` and what the peer process is started with."""
+
+    sender: Security
+    peer_key_file: Path | None = None  # the peer's key file (None: plaintext)
+    sender_key: str = ""  # the sender's public key, for the peer's config
+
+    async def start_peer(self, sink_work: int = 0) -> PeerProcess:
+        return await PeerProcess.start(
+            sender_prefixes=A_NETS, sink_work=sink_work, key=self.peer_key_file, peer_key=self.sender_key
+        )
+
+
+@pytest.fixture(params=["insecure", "key"])
+def mode(request: pytest.FixtureRequest, tmp_path: Path) -> Mode:
+    if request.param == "insecure":
+        return Mode(Security.insecure("node-a"))
+    ids = identities(tmp_path, "node-a", "node-b")
+    return Mode(
+        Security.with_keys(ids["node-a"], {"node-b": ids["node-b"].public_key_bytes}),
+        ids["node-b"].path,
+        ids["node-a"].public_key,
+    )
+
+
 @pytest.fixture
-async def peer() -> AsyncIterator[PeerProcess]:
-    process = await PeerProcess.start(sender_prefixes=A_NETS)
+async def peer(mode: Mode) -> AsyncIterator[PeerProcess]:
+    process = await mode.start_peer()
     try:
         yield process
     finally:
         await process.close()
 
 
-def make_sender(peer: PeerProcess, **changes: object) -> Sender:
+def make_sender(peer: PeerProcess, mode: Mode, **changes: object) -> Sender:
     settings: dict[str, object] = {
         "ack_timeout": ACK_TIMEOUT,
         "connect_timeout": 1.0,
         "worker_buffer_size": 1024,
     }
     settings.update(changes)
-    node = Node(
-        Security.insecure("node-a"), ("127.0.0.1", 0), [Peer("node-b", peer.endpoint, B_NETS)], **settings
-    )
+    node = Node(mode.sender, ("127.0.0.1", 0), [Peer("node-b", peer.endpoint, B_NETS)], **settings)
     # Node does not hand `ack_timeout` and `window` to its TcpStreamService (node.py builds the service
     # without them, so Tuning's values are ignored): set them where the streams read them.
     node.stream_service.ack_timeout = node.tuning.ack_timeout
@@ -152,11 +181,11 @@ async def running(sender: Sender) -> AsyncIterator[Sender]:
 
 
 async def test_peer_frozen_after_handshake_acknowledges_nothing_and_nothing_is_sent(
-    peer: PeerProcess,
+    peer: PeerProcess, mode: Mode
 ) -> None:
     window = 64 * 1024
     buffer = 64
-    sender = make_sender(peer, window=window, worker_buffer_size=buffer)
+    sender = make_sender(peer, mode, window=window, worker_buffer_size=buffer)
     # In flight at most: the window, plus the one batch a worker may write while it is not full yet.
     bound = window // FRAME + buffer
     async with running(sender):
@@ -190,8 +219,10 @@ async def test_peer_frozen_after_handshake_acknowledges_nothing_and_nothing_is_s
     assert sender.max_in_flight <= bound
 
 
-async def test_peer_that_stalls_then_dies_got_exactly_what_we_counted_sent(peer: PeerProcess) -> None:
-    sender = make_sender(peer)
+async def test_peer_that_stalls_then_dies_got_exactly_what_we_counted_sent(
+    peer: PeerProcess, mode: Mode
+) -> None:
+    sender = make_sender(peer, mode)
     async with running(sender):
         await sender.drive(lambda m: m.sent >= 20_000)
         await peer.freeze()
@@ -205,11 +236,11 @@ async def test_peer_that_stalls_then_dies_got_exactly_what_we_counted_sent(peer:
     assert lost(m) > 0
 
 
-async def test_sigterm_to_the_peer_under_load() -> None:
+async def test_sigterm_to_the_peer_under_load(mode: Mode) -> None:
     # A peer slower than we are (CPU work per packet), so that its buffers hold data when it stops.
-    peer = await PeerProcess.start(sender_prefixes=A_NETS, sink_work=SLOW_SINK)
+    peer = await mode.start_peer(sink_work=SLOW_SINK)
     try:
-        sender = make_sender(peer, ack_timeout=2.0)
+        sender = make_sender(peer, mode, ack_timeout=2.0)
         async with running(sender):
             await sender.drive(lambda m: m.sent >= 20_000)
             load = asyncio.ensure_future(sender.drive(lambda m: False))
@@ -227,8 +258,10 @@ async def test_sigterm_to_the_peer_under_load() -> None:
     assert lost(m) > 0  # there was data in flight when it stopped: the comparison means something
 
 
-async def test_freeze_longer_than_ack_timeout_then_resume_keeps_order_and_counts(peer: PeerProcess) -> None:
-    sender = make_sender(peer)
+async def test_freeze_longer_than_ack_timeout_then_resume_keeps_order_and_counts(
+    peer: PeerProcess, mode: Mode
+) -> None:
+    sender = make_sender(peer, mode)
     loop = asyncio.get_running_loop()
     async with running(sender):
         await sender.drive(lambda m: m.sent >= 10_000)
@@ -246,9 +279,9 @@ async def test_freeze_longer_than_ack_timeout_then_resume_keeps_order_and_counts
     assert lost(m) > 0
 
 
-async def test_stop_during_a_freeze_counts_exactly(peer: PeerProcess) -> None:
+async def test_stop_during_a_freeze_counts_exactly(peer: PeerProcess, mode: Mode) -> None:
     # The watchdog must not be what resets the connection here: our stop gives up on it.
-    sender = make_sender(peer, ack_timeout=60.0)
+    sender = make_sender(peer, mode, ack_timeout=60.0)
     async with running(sender):
         await sender.drive(lambda m: m.sent >= 10_000)
         await peer.freeze()

@@ -161,7 +161,7 @@ async def test_acks_over_key_mode_tls(tmp_path: Path) -> None:
     async with Receiver(discovery(), sink, security=keys["node-b"]) as receiver:
         service = TcpStreamService(Endpoints(receiver.address[1]), keys["node-a"])
         stream = await service.create_stream("node-b")
-        assert stream._transport.get_extra_info("ssl_object") is not None
+        assert stream.tls
         batches = [[pkt(i * 50 + k, 1400) for k in range(50)] for i in range(20)]
         receipts = [await stream.write_many(b) for b in batches]
         async with asyncio.timeout(10):  # a hang guard

@@ -2,8 +2,8 @@
 
 Two binding objects talk through a connected socket pair: TLS 1.3 (rustls, X25519MLKEM768), the signed
 hello, frames and acks; refusals and failures arrive as named event types. A `Receiver` runs its TLS
-connections on this core (`test_native_receive.py`); the last tests check the wire both ways against
-Python's `ssl`, which the sending side still uses.
+connections on this core (`test_native_receive.py`), and so does a `TcpStream` (`test_native_send.py`); the
+last tests check the wire both ways against Python's `ssl`, which other implementations may use.
 """
 
 from __future__ import annotations

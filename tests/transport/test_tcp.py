@@ -8,7 +8,6 @@ import asyncio
 import logging
 import os
 import socket
-import ssl
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from vpn_packet.errors import (
     HandshakeRefusedError,
     NetworkError,
     ServiceError,
+    TlsError,
     is_connection_reset_error,
     is_handshake_refused_error,
     is_network_error,
@@ -201,7 +201,8 @@ def _wmem_max() -> int:
 async def test_socket_options(peer: FakePeer) -> None:
     service = TcpStreamService(Endpoints(b=peer.port), A, send_buffer=1 << 20)
     stream = await service.create_stream("b")
-    sock = stream._transport.get_extra_info("socket")
+    sock = stream.socket()
+    assert sock is not None
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     # Linux caps the request at net.core.wmem_max (without privileges), then doubles it.
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= min(1 << 20, _wmem_max())
@@ -477,8 +478,8 @@ async def test_key_mode_stream_is_encrypted_and_delivered(keys: dict[str, Securi
     async with Receiver(discovery(), sink, security=keys["node-b"]) as rx:
         service = TcpStreamService(node_b_at(rx.address[1]), keys["node-a"])
         stream = await service.create_stream("node-b")
-        ssl_object = stream._transport.get_extra_info("ssl_object")
-        assert ssl_object.version() == "TLSv1.3"
+        assert stream.tls  # TLS 1.3 on the native core (rustls offers no other version)
+        assert stream.key_exchange_group == "X25519MLKEM768"
         assert " tls " in repr(stream)
         assert "key" in repr(service)
         packets = [ipv4_packet(A_SRC, "10.8.0.3", UDP, 1000, i, bytes(100)) for i in range(500)]
@@ -498,7 +499,8 @@ async def test_key_mode_refuses_a_server_with_another_key(keys: dict[str, Securi
         with pytest.raises(NetworkError) as info:
             await service.create_stream("node-b")
         err = info.value
-        assert isinstance(err.cause, ssl.SSLCertVerificationError)
+        assert isinstance(err.cause, TlsError)
+        assert err.cause.reason == "key_mismatch"
         assert err.operation == "handshake"
         assert encode_public_key(keys["node-x"].identity.public_key_bytes) in str(err)  # type: ignore[union-attr]
         assert encode_public_key(keys["node-a"].peer_keys["node-b"]) in str(err)

@@ -11,6 +11,9 @@ counted:
 - `after_challenge(address, data, tls=...)`: reads the challenge, then sends `data` (a v1 hello, junk).
 - `silent_socket(address, source=...)`: a TCP connection (bound to `source` first) that never sends a byte.
 - `attacker_tls()`: a TLS client context that trusts anything and presents no certificate.
+- `misconfigured(address, security, peer_id)`: a whole client on Python's `ssl` that dials with whatever
+  certificate and id its `Security` has (the native sending side refuses, before dialling, a certificate
+  that does not chain to its CA or does not name its id); raises `HandshakeRefusedError` when refused.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from vpn_packet._native import (
     parse_challenge,
 )
 from vpn_packet.transport.framing import encode_frames
-from vpn_packet.transport.handshake import read_message, server_public_key
+from vpn_packet.transport.handshake import Security, client_handshake, read_message, server_public_key
 
 __all__ = [
     "Answer",
@@ -42,6 +45,7 @@ __all__ = [
     "blind_plaintext",
     "claim",
     "connect",
+    "misconfigured",
     "read_until_closed",
     "silent_socket",
 ]
@@ -146,6 +150,20 @@ async def claim(
                 await writer.drain()
         trailing = b"" if answer is not None and answer.accepted else await read_until_closed(reader)
         return Attempt(answer, trailing)
+    finally:
+        await _close(writer)
+
+
+async def misconfigured(address: Address, security: Security, peer_id: str) -> str:
+    """TLS with `security`'s Python context (CA mode: the server must be `peer_id`), then the whole client
+    handshake claiming `security.local_id`. Returns the server's id when accepted; raises
+    `HandshakeRefusedError` with the receiver's reason when refused."""
+    assert security.client_context is not None
+    reader, writer = await asyncio.open_connection(
+        address[0], address[1], ssl=security.client_context, server_hostname=peer_id
+    )
+    try:
+        return await client_handshake(security, peer_id, reader.readexactly, writer.write, None, 1)
     finally:
         await _close(writer)
 

@@ -753,6 +753,8 @@ class _NativePump(_Pump):
                 detail = event.detail
                 if event.reason == "closed_early":
                     detail = receiver._why_closed_early(conn)
+                elif event.reason == "tls_alert" and "Certificate" in detail:  # BadCertificate, ...
+                    detail = receiver._why_certificate_refused(conn, detail)
                 receiver._count_failure(conn.source, _handshake_reason(event.reason), detail)
                 self.finish(False)
             else:
@@ -1503,15 +1505,26 @@ class Receiver:
         TLS, before a byte of its hello, is what a peer does when the key it has for us is not ours (it
         checks our key in TLS and hangs up): say so, name the peers configured at that address, and what
         to do."""
-        security = self.security
-        if security.mode != "key" or security.identity is None or conn.ticket.steps != 1:
+        if self.security.mode != "key" or conn.ticket.steps != 1:
             return "the connection ended inside the handshake"
+        return self._key_advice(conn, "it hung up after TLS, before its hello")
+
+    def _why_certificate_refused(self, conn: _Connection | _NativeConnection, alert: str) -> str:
+        """What a TLS alert about our certificate tells (a native client's check of our key fails inside
+        TLS and says so with an alert, where a Python one hung up after it): in key mode, the same advice."""
+        if self.security.mode != "key":
+            return alert
+        return self._key_advice(conn, f"it refused our certificate in TLS ({alert})")
+
+    def _key_advice(self, conn: _Connection | _NativeConnection, what: str) -> str:
+        security = self.security
+        assert security.identity is not None
         here = [peer.id for peer in self.discovery.peers if peer.address[0] == conn.source]
         who = f"peer {', '.join(here)} (configured at that address)" if here else "the peer"
         return (
-            f"it hung up after TLS, before its hello: a peer does that when the public_key it has for this "
-            f"node is not ours; if this is {who}, its log says so: put our public key "
-            f"{security.identity.public_key} as public_key of peer {security.local_id} in its config"
+            f"{what}: a peer does that when the public_key it has for this node is not ours; if this is "
+            f"{who}, its log says so: put our public key {security.identity.public_key} as public_key of "
+            f"peer {security.local_id} in its config"
         )
 
     def _enter_peer(self, conn: _Connection | _NativeConnection, peer_id: str) -> PeerReceiverMetrics:

@@ -1,24 +1,28 @@
-"""TCP streams to peers, on asyncio, with optional mutual TLS.
+"""TCP streams to peers, on asyncio, over TLS on the native core (or plaintext for an insecure node).
 
 `TcpStreamService.create_stream(peer_id)` resolves the peer's endpoint through the discovery (an IP literal
-without a thread-pool `getaddrinfo`), connects (with a timeout, `TCP_NODELAY` and a large send buffer),
-performs the TLS handshake of its `Security` (checking that the server holds the key configured for
-`peer_id`, or, with a CA, that its certificate names `peer_id`), then the vpn-packet handshake: it reads the
-server's challenge, sends its hello (signed with this node's key) and waits for the answer. Only an
-accepted connection becomes a `TcpStream`; a refusal raises `HandshakeRefusedError` with the server's
-reason, before any packet is counted as sent. Failures are logged through one `FailureLog` (a budget shared by
-every peer, and a periodic summary), not one line per peer.
+without a thread-pool `getaddrinfo`), connects (with a timeout, `TCP_NODELAY`, a large send buffer and TCP
+keepalives), then, with TLS, hands the socket to a native `SendSession` (rust/core/src/send.rs): rustls
+runs TLS 1.3 and checks that the server holds the key configured for `peer_id` (or, with a CA, that its
+certificate names `peer_id`), and the core answers the server's challenge with this node's signed hello and
+takes its answer, one native call per socket readiness event. In plaintext the same handshake runs in
+Python (`client_handshake`) over an asyncio transport. Only an accepted connection becomes a `TcpStream`; a
+refusal raises `HandshakeRefusedError` with the server's reason, before any packet is counted as sent.
+Failures are logged through one `FailureLog` (a budget shared by every peer, and a periodic summary), not
+one line per peer. Python's `ssl` is not used.
 
-`TcpStream.write_many(packets)` is one native `encode_frames` call, one `transport.write` and, only when the
-transport's buffer is above its high-water mark, a wait for it to drain - bounded by `write_timeout`, so a
-peer that stops reading fails the write with a typed error instead of hanging. After the handshake the
-stream is one-way: anything the peer sends back is ignored; its EOF or a reset marks the stream closed,
-and every later write raises `NetworkError` (classified as a reset or a closed stream, so the resilience
-layer retries on a fresh stream).
+`TcpStream.write_framed(data, count)` (what a dispatcher's worker calls with its queue's framed batch) is one
+native call that encrypts the batch and writes it to the socket (`write_many` frames the packets first);
+what the socket does not take waits in the session, and only when that is above the high-water mark does
+the writer wait for it to drain - bounded by `write_timeout`, so a peer that stops reading fails the write
+with a typed error instead of hanging. After the handshake the peer sends only acks, read by one native call
+per readiness event; its EOF or a reset marks the stream closed, and every later write raises
+`NetworkError` (classified as a reset or a closed stream, so the resilience layer retries on a fresh
+stream).
 
 Every failure but a refusal is a `vpn_packet.errors.NetworkError(cause, peer_id=..., operation=...)` whose
-cause is the underlying exception (`ConnectionRefusedError`, `TimeoutError`,
-`ssl.SSLCertVerificationError`, ...), so `is_temporary_error`, `is_connection_reset_error` and
+cause is the underlying exception (`ConnectionRefusedError`, `TimeoutError`, `TlsError` with the core's
+reason such as `key_mismatch`, ...), so `is_temporary_error`, `is_connection_reset_error` and
 `is_stream_closed_error` classify it.
 """
 
@@ -31,7 +35,6 @@ import ipaddress
 import logging
 import os
 import socket
-import ssl
 import struct
 import time
 from collections import deque
@@ -40,20 +43,24 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Protocol
 
 from vpn_packet import tuning
-from vpn_packet._native import AckDecoder
-from vpn_packet.errors import FramingError, HandshakeRefusedError, NetworkError, ServiceError
+from vpn_packet._native import AckDecoder, Closed, Established, Failed, Refused, SendSession, TlsSecurity
+from vpn_packet.errors import FramingError, HandshakeRefusedError, NetworkError, ServiceError, TlsError
 from vpn_packet.ratelimit import FailureLog
 from vpn_packet.transport.delivery import InFlight, Receipt
-from vpn_packet.transport.framing import KEEPALIVE_FRAME, LENGTH_PREFIX_LEN, encode_frames
-from vpn_packet.transport.handshake import Security, client_handshake, new_epoch, server_public_key
-from vpn_packet.transport.tls import check_server_key, verify_server_name
+from vpn_packet.transport.framing import (
+    DEFAULT_MAX_FRAME_SIZE,
+    KEEPALIVE_FRAME,
+    LENGTH_PREFIX_LEN,
+    encode_frames,
+)
+from vpn_packet.transport.handshake import Security, client_handshake, new_epoch
 
 __all__ = ["DEFAULT_SEND_BUFFER", "EndpointResolver", "PeerSendStats", "TcpStream", "TcpStreamService"]
 
 _log = logging.getLogger(__name__)
 
 DEFAULT_SEND_BUFFER: Final = tuning.SEND_BUFFER
-_HIGH_WATER: Final = 1024 * 1024  # transport buffer above which writes wait for it to drain
+_HIGH_WATER: Final = 1024 * 1024  # bytes waiting for the socket above which writes wait for them to drain
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _MAX_INBOX: Final = 4096  # bytes of handshake a server may send before we read them (an answer is < 300)
 
@@ -94,21 +101,253 @@ class PeerSendStats:
     streams: set[TcpStream] = field(default_factory=set)
 
 
-class _SenderProtocol(asyncio.Protocol):
-    """The protocol under a `TcpStream`: flow control and connection state, nothing per packet."""
+class _Link:
+    """The connection under a `TcpStream`: it writes framed batches and keepalives, tells the stream how many
+    frames the peer acknowledged (`on_acked`), that the peer broke the protocol (`on_broken`) and that the
+    connection ended (`on_lost`), and pushes back (`paused`, `drain_waiter`) when its buffer is large. Two
+    kinds: `_NativeLink` (TLS on the Rust core, `SendSession`) and `_SenderProtocol` (plaintext, an asyncio
+    transport). Nothing per packet here either way."""
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.paused = False
         self.lost = False
+        self.paused = False
         self.exc: BaseException | None = None  # why the connection ended (None: clean EOF or local close)
         self.peer_eof = False
         self._waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] | None = None
         self.on_lost: Callable[[], None] | None = None
-        self.on_data: Callable[[bytes], None] | None = None  # after the handshake: the stream's ack reader
+        self.on_acked: Callable[[int], None] | None = None  # the frames the peer has taken in all
+        self.on_broken: Callable[[BaseException], None] | None = None  # acks that contradict themselves
+
+    tls: ClassVar[bool] = False
+    sockname: Any = None
+
+    @property
+    def key_exchange_group(self) -> str | None:
+        """The TLS key exchange group negotiated; None in plaintext."""
+        return None
+
+    @property
+    def peer_names(self) -> list[str]:
+        """The names the peer's TLS certificate carries; none in plaintext."""
+        return []
+
+    def socket(self) -> socket.socket | None:
+        raise NotImplementedError
+
+    def write(self, data: bytes, count: int) -> None:
+        raise NotImplementedError
+
+    def write_keepalive(self) -> None:
+        raise NotImplementedError
+
+    def buffered(self) -> int:
+        """Bytes taken and not handed to the kernel yet."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Flush what is buffered, then close (FIN); reading stops now."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Close at once with a reset (RST): the peer discards what it has not taken."""
+        raise NotImplementedError
+
+    def _ended(self, exc: BaseException | None) -> None:
+        """The connection is gone: wake every waiter, then tell the stream."""
+        if self.lost:
+            return
+        self.lost = True
+        self.paused = False
+        if exc is not None:
+            self.exc = exc
+        self._wake(exc)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def _wake(self, exc: BaseException | None) -> None:
+        waiters = self._waiters
+        self._waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
+
+    def drain_waiter(self) -> asyncio.Future[None]:
+        """Resolves once the buffer is small again (fails when the connection ends meanwhile)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
+    async def wait_closed(self) -> None:
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+
+
+class _NativeLink(_Link):
+    """A TLS connection on the native core after its handshake: `write` hands a framed batch to the
+    `SendSession`, which encrypts it and writes it to the socket in that call; what the socket does not
+    take waits in the session, written at writability (`paused` above `high_water` until it is under a
+    quarter of that). One native call per readiness event (`_readable`) reads the acks. The socket is ours
+    (the session only borrows its descriptor): closed here, after the reader and writer are removed."""
+
+    tls = True
+
+    def __init__(self, sock: socket.socket, session: SendSession, high_water: int) -> None:
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._session = session
+        self._high_water = high_water
+        self._low_water = high_water // 4
+        self._writing = False
+        self._closing = False
+        self._closed = self._loop.create_future()
+        self.acked = 0
+        self.sockname = sock.getsockname()
+        self._loop.add_reader(self._fd, self._readable)
+
+    @property
+    def key_exchange_group(self) -> str | None:
+        return self._session.key_exchange_group
+
+    @property
+    def peer_names(self) -> list[str]:
+        return self._session.peer_names
+
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    def write(self, data: bytes, count: int) -> None:
+        """Raises `FramingError` (nothing taken) for bytes that are not `count` whole frames, and
+        `ConnectionResetError` (nothing taken) when the session's connection has ended already."""
+        try:
+            unsent = self._session.send_framed(data, count)
+        except ValueError as exc:
+            if isinstance(exc, FramingError):
+                raise
+            # The connection ended inside the core before the stream heard of it (its end is on its way).
+            raise ConnectionResetError(errno.ECONNRESET, f"connection closed: {exc}") from exc
+        except OSError as exc:  # taken, then the socket failed: the receipt learns it from on_lost
+            self._loop.call_soon(self._ended_socket, exc)
+            return
+        if unsent:
+            self._want_write(unsent)
+
+    def write_keepalive(self) -> None:
+        try:
+            unsent = self._session.send_keepalive()
+        except OSError as exc:
+            self._loop.call_soon(self._ended_socket, exc)
+            return
+        if unsent:
+            self._want_write(unsent)
+
+    def buffered(self) -> int:
+        return self._session.unsent
+
+    def _readable(self) -> None:
+        """One readiness event: one native call (read, decrypt, acks), then what it reported."""
+        if self.lost:
+            return
+        try:
+            events, read, unsent, acked = self._session.pump()
+        except OSError as exc:
+            self._ended_socket(exc)
+            return
+        if acked > self.acked:
+            self.acked = acked
+            if self.on_acked is not None:
+                self.on_acked(acked)
+        if events is not None:
+            for event in events:
+                if isinstance(event, Failed):  # acks that contradict themselves, a bad record
+                    broken = _failure_cause(event)
+                    if self.on_broken is not None:
+                        self.on_broken(broken)
+                    self._ended_socket(broken)
+                    return
+                if isinstance(event, Closed):  # close_notify: the peer is done with this connection
+                    self.peer_eof = True
+        if read < 0 or self.peer_eof:
+            self.peer_eof = True
+            self._finish(None)
+            return
+        self._want_write(unsent)
+
+    def _want_write(self, unsent: int) -> None:
+        if unsent and not self._writing and not self.lost:
+            self._loop.add_writer(self._fd, self._writable)
+            self._writing = True
+        elif not unsent and self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        if unsent > self._high_water:
+            self.paused = True
+
+    def _writable(self) -> None:
+        try:
+            unsent = self._session.flush()
+        except OSError as exc:
+            self._ended_socket(exc)
+            return
+        self._want_write(unsent)
+        if self.paused and unsent <= self._low_water:
+            self.paused = False
+            self._wake(None)
+        if self._closing and not unsent:
+            self._finish(None)
+
+    def close(self) -> None:
+        if self._closing or self.lost:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        self._session.close()
+        self._writable()
+
+    def abort(self) -> None:
+        if self.lost:
+            return
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self._close_socket()
+        self._loop.call_soon(self._ended, None)  # as asyncio's abort: the stream hears of it next
+
+    def _ended_socket(self, exc: BaseException) -> None:
+        self._finish(exc)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        self._close_socket()
+        self._ended(exc)
+
+    def _close_socket(self) -> None:
+        if self._sock.fileno() < 0:
+            return
+        self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        self._session.forget_socket()  # the descriptor's number may be reused once closed
+        self._sock.close()
+
+
+class _SenderProtocol(_Link, asyncio.Protocol):
+    """A plaintext connection (an insecure node): an asyncio transport under the stream. Its handshake runs
+    in Python (`client_handshake` reads with `read_exactly`); after it the peer sends only acks, decoded
+    here and handed to `on_acked`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transport: asyncio.Transport | None = None
+        self._acks = AckDecoder()
         # The handshake's replies, read with `read_exactly` until the handshake is done; after it the
-        # peer sends only acks, which go to `on_data`.
+        # peer sends only acks.
         self._inbox = bytearray()
         self._handshaking = True
         self._inbox_waiter: asyncio.Future[None] | None = None
@@ -116,17 +355,29 @@ class _SenderProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.sockname = transport.get_extra_info("sockname")
         self._closed = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         if not self._handshaking:
-            if self.on_data is not None:
-                self.on_data(data)
+            self._take_acks(data)
             return
         self._inbox += data
         if len(self._inbox) > _MAX_INBOX and self.transport is not None:
             self.transport.abort()  # a server flooding its handshake replies is not a vpn-packet node
         self._wake_reader()
+
+    def _take_acks(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            taken = self._acks.feed(data)
+        except (FramingError, ValueError) as exc:  # not acks: a broken peer
+            if self.on_broken is not None:
+                self.on_broken(exc)
+            return
+        if self.on_acked is not None:
+            self.on_acked(taken)
 
     def eof_received(self) -> bool:
         self.peer_eof = True
@@ -149,11 +400,14 @@ class _SenderProtocol(asyncio.Protocol):
         del self._inbox[:n]
         return out
 
-    def handshake_done(self) -> bytes:
-        """The handshake is over; returns what the server sent after it (acks to come go to `on_data`)."""
+    def handshake_done(self) -> None:
+        """The handshake is over; what the server sent after it (acks) is taken once the stream listens."""
         self._handshaking = False
+
+    def start(self) -> None:
+        """The stream listens: acks that came with the handshake's answer are taken now."""
         rest, self._inbox = bytes(self._inbox), bytearray()
-        return rest
+        self._take_acks(rest)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -163,35 +417,157 @@ class _SenderProtocol(asyncio.Protocol):
         self._wake(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.paused = False
-        if exc is not None:
-            self.exc = exc
-        self._wake(exc)
         self._wake_reader()
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
-        if self.on_lost is not None:
-            self.on_lost()
+        self._ended(exc)
 
-    def _wake(self, exc: BaseException | None) -> None:
-        waiters = self._waiters
-        self._waiters = []
-        for waiter in waiters:
-            if not waiter.done():
-                if exc is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(exc)
+    def write(self, data: bytes, count: int) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
 
-    def drain_waiter(self) -> asyncio.Future[None]:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        return waiter
+    def write_keepalive(self) -> None:
+        assert self.transport is not None
+        self.transport.write(KEEPALIVE_FRAME)
 
-    async def wait_closed(self) -> None:
-        if self._closed is not None:
-            await asyncio.shield(self._closed)
+    def buffered(self) -> int:
+        return 0 if self.transport is None else self.transport.get_write_buffer_size()
+
+    def socket(self) -> socket.socket | None:
+        return None if self.transport is None else self.transport.get_extra_info("socket")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self.transport.abort()
+
+
+#: Failure reasons of our check of the server's certificate: the dial failed on who answered, after TLS
+#: itself worked (counted under the "handshake" operation, as the identity check belongs to it).
+_CERTIFICATE_REASONS: Final = frozenset({"key_mismatch", "identity_mismatch", "no_ed25519_key", "weak_key"})
+
+
+def _failure_cause(failed: Failed, peer_id: str = "") -> BaseException:
+    """The exception that says what a core `Failed` event means, of a type `vpn_packet.errors` classifies:
+    `TlsError` for TLS (`tls_*`) and our checks of the server's certificate, `ConnectionResetError` for a
+    connection closed before the handshake was done, and `FramingError` for the rest: bytes inside TLS that
+    break the protocol (a handshake message of another version or none at all, acks that contradict
+    themselves or count more than was sent)."""
+    reason, detail = failed.reason, failed.detail
+    if reason == "closed_early":
+        return ConnectionResetError(
+            errno.ECONNRESET, f"{peer_id or 'the peer'} closed the connection during the handshake"
+        )
+    if (
+        not (reason.startswith("tls_") or reason in _CERTIFICATE_REASONS)
+        or reason == "tls_expected_plaintext"
+    ):
+        return FramingError(detail, reason)
+    if reason == "key_mismatch" and peer_id:
+        # One line that says what to do: the common cause is a peer whose key was made anew.
+        detail = (
+            f"{detail}: if {peer_id}'s key changed, put its new public key (`vpn-packet pubkey` of its key "
+            f"file) as public_key of peer {peer_id} in this node's config; otherwise something else answers "
+            f"at {peer_id}'s endpoint"
+        )
+    return TlsError(detail, reason)
+
+
+class _NativeDial:
+    """The client handshake of a TLS connection on the native core: TLS (rustls: the server must prove the
+    key configured for the peer dialled, or in CA mode a certificate naming it), then the signed hello and
+    the server's answer, driven by one `SendSession.pump` per readiness event. `handshake()` returns the
+    established connection as a `_NativeLink`, or raises what ended it: `HandshakeRefusedError` with the
+    server's reason, else the cause `_failure_cause` names (or the socket's `OSError`). The caller bounds
+    it in time. `operation` says how far it got: `"tls"`, or `"handshake"` once TLS is done (or when our
+    check of the server's certificate refused it)."""
+
+    def __init__(
+        self, sock: socket.socket, tls: TlsSecurity, peer_id: str, local_id: str, epoch: int
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._peer_id = peer_id
+        self._local_id = local_id
+        self.operation = "tls"
+        self._session = SendSession(tls, self._fd, peer_id, epoch)
+        self._done: asyncio.Future[None] = self._loop.create_future()
+        self._writing = False
+
+    async def handshake(self, high_water: int) -> _NativeLink:
+        loop, fd = self._loop, self._fd
+        loop.add_reader(fd, self._readable)
+        try:
+            self._flush()  # the ClientHello
+            await self._done
+        except BaseException:
+            self._unwatch()
+            self._session.forget_socket()
+            self._sock.close()
+            raise
+        self._unwatch()
+        return _NativeLink(self._sock, self._session, high_water)
+
+    def _unwatch(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._fd)
+            if self._writing:
+                self._loop.remove_writer(self._fd)
+                self._writing = False
+
+    def _flush(self) -> None:
+        try:
+            unsent = self._session.flush()
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if unsent and not self._writing:
+            self._loop.add_writer(self._fd, self._flush)
+            self._writing = True
+        elif not unsent and self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+
+    def _readable(self) -> None:
+        if self._done.done():
+            return
+        try:
+            events, read, unsent, _acked = self._session.pump()
+        except OSError as exc:
+            self._fail(exc)
+            return
+        stage = self._session.stage
+        if stage in ("challenge", "answer", "established"):
+            self.operation = "handshake"
+        for event in events or ():
+            if isinstance(event, Established):
+                self._done.set_result(None)
+            elif isinstance(event, Refused):
+                self._fail(
+                    HandshakeRefusedError(self._peer_id, event.reason, event.text, local_id=self._local_id)
+                )
+            elif isinstance(event, Failed):
+                if event.reason in _CERTIFICATE_REASONS:
+                    self.operation = "handshake"
+                self._fail(_failure_cause(event, self._peer_id))
+            if self._done.done():
+                return
+        if read < 0:  # the core reports the end as closed_early; a guard all the same
+            self._fail(ConnectionResetError(errno.ECONNRESET, f"{self._peer_id} closed the connection"))
+            return
+        if unsent:
+            self._flush()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._done.done():
+            self._done.set_exception(exc)
 
 
 class TcpStream:
@@ -214,19 +590,17 @@ class TcpStream:
     __slots__ = (
         "_ack_timeout",
         "_ack_waiters",
-        "_acks",
         "_close_timeout",
         "_error",
         "_inflight",
         "_last_write",
         "_ledger",
+        "_link",
         "_local_close",
         "_loop",
         "_progress_at",
-        "_protocol",
         "_retiring",
         "_stats",
-        "_transport",
         "_watchdog",
         "_write_timeout",
         "bytes_sent",
@@ -240,14 +614,12 @@ class TcpStream:
     def __init__(
         self,
         peer_id: str,
-        transport: asyncio.Transport,
-        protocol: _SenderProtocol,
+        link: _Link,
         *,
         write_timeout: float,
         close_timeout: float = 1.0,
         window: int = tuning.IN_FLIGHT_WINDOW,
         ack_timeout: float = tuning.ACK_TIMEOUT,
-        early: bytes = b"",
         stats: PeerSendStats | None = None,
     ) -> None:
         self.peer_id = peer_id
@@ -255,8 +627,7 @@ class TcpStream:
         # Per written batch (for the acknowledged bytes): (frame count after it, payload bytes).
         self._ledger: deque[tuple[int, int]] = deque()
         self._retiring = False
-        self._transport = transport
-        self._protocol = protocol
+        self._link = link
         self._loop = asyncio.get_running_loop()
         self._write_timeout = write_timeout
         self._close_timeout = close_timeout
@@ -264,7 +635,6 @@ class TcpStream:
         self._local_close = False
         self._error: BaseException | None = None  # why the stream gave up on the connection, if it did
         self._inflight = InFlight(window)
-        self._acks = AckDecoder()
         self._watchdog: asyncio.TimerHandle | None = None
         self._progress_at = 0.0
         self._ack_waiters: list[asyncio.Future[None]] = []  # woken by ack progress, failed at the end
@@ -273,13 +643,12 @@ class TcpStream:
         self.packets_sent = 0  # written (handed to the kernel); the peer's acks say what it has
         self.bytes_sent = 0
         self.writes = 0
-        self.sockname: Any = transport.get_extra_info("sockname")
-        protocol.on_data = self._on_data
-        protocol.on_lost = self._on_lost
+        self.sockname: Any = link.sockname
+        link.on_acked = self._on_acked
+        link.on_broken = self._give_up_because
+        link.on_lost = self._on_lost
         if stats is not None:
             stats.streams.add(self)
-        if early:
-            self._on_data(early)
 
     @property
     def closed(self) -> bool:
@@ -288,7 +657,7 @@ class TcpStream:
 
     @property
     def _ended(self) -> bool:
-        return self._local_close or self._protocol.lost or self._protocol.peer_eof
+        return self._local_close or self._link.lost or self._link.peer_eof
 
     @property
     def in_flight(self) -> int:
@@ -306,7 +675,7 @@ class TcpStream:
 
     async def write_many(self, packets: Sequence[bytes]) -> Receipt:
         """Send `packets` in order as one framed write. Waits (bounded) only while the in-flight window is
-        full or the transport pushes back. Returns the batch's `Receipt` (once written, a batch's fate is its
+        full or the connection pushes back. Returns the batch's `Receipt` (once written, a batch's fate is its
         receipt's, even if the connection dies right after); raises `NetworkError` when the stream is closed,
         reset or stuck before writing (nothing of the batch was written then)."""
         if self.closed:
@@ -336,7 +705,10 @@ class TcpStream:
             await self._wait_for_space(len(data))
             if self.closed:  # closed while we waited for acks
                 raise self._closed_error("write")
-        self._transport.write(data)
+        try:
+            self._link.write(data, count)
+        except ConnectionError as exc:  # nothing of the batch was taken: a fresh stream may carry it
+            raise NetworkError(exc, peer_id=self.peer_id, operation="write") from exc
         loop_time = self._loop.time()
         self._last_write = loop_time
         if not self._inflight.frames:
@@ -349,7 +721,7 @@ class TcpStream:
         self.bytes_sent += len(data)
         if self._stats is not None:
             self._ledger.append((self._inflight.written, len(data) - LENGTH_PREFIX_LEN * count))
-        if self._protocol.paused:
+        if self._link.paused:
             await self._drain()
         return receipt
 
@@ -358,24 +730,25 @@ class TcpStream:
         closes a connection that stays silent for its idle timeout). True when one was written."""
         if self.closed or self._loop.time() - self._last_write < idle_for:
             return False
-        self._transport.write(KEEPALIVE_FRAME)
+        self._link.write_keepalive()
         self._last_write = self._loop.time()
         self.keepalives += 1
         return True
 
     # --- acknowledgements -----------------------------------------------------------------------------------
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_acked(self, taken: int) -> None:
+        """The peer has taken `taken` frames of this connection in all."""
         try:
-            taken = self._acks.feed(data)
             newly = self._inflight.ack(taken)
-            if newly:
-                self._progress_at = self._loop.time()
-                if self._stats is not None:
-                    self._count_acked(taken, newly)
-                self._wake_ack_waiters()
-        except (FramingError, ValueError) as exc:  # not acks, or acks beyond what we wrote: a broken peer
+        except ValueError as exc:  # acks beyond what we wrote: a broken peer
             self._give_up_because(exc)
+            return
+        if newly:
+            self._progress_at = self._loop.time()
+            if self._stats is not None:
+                self._count_acked(taken, newly)
+            self._wake_ack_waiters()
 
     def _count_acked(self, taken: int, newly: int) -> None:
         """Adds the `newly` acknowledged packets (the peer has taken `taken` in all) to the peer's
@@ -436,7 +809,7 @@ class TcpStream:
         lost = self._inflight.fail()
         error = (
             self._error
-            or self._protocol.exc
+            or self._link.exc
             or ConnectionResetError(errno.ECONNRESET, f"connection to {self.peer_id} closed")
         )
         stats = self._stats
@@ -444,9 +817,9 @@ class TcpStream:
             stats.streams.discard(self)
             stats.lost_in_flight += lost
             self._ledger.clear()
-            if self._error is not None or self._protocol.exc is not None:
+            if self._error is not None or self._link.exc is not None:
                 stats.last_error = f"connection lost: {error}"
-            elif self._protocol.peer_eof and not self._local_close:
+            elif self._link.peer_eof and not self._local_close:
                 stats.last_error = "connection closed by the peer"
         waiters, self._ack_waiters = self._ack_waiters, []
         for waiter in waiters:
@@ -465,13 +838,14 @@ class TcpStream:
     # --- closing --------------------------------------------------------------------------------------------
 
     async def _drain(self) -> None:
-        """Wait (at most `write_timeout`) for the transport's buffer to fall below its high-water mark.
+        """Wait (at most `write_timeout`) for the bytes waiting for the socket to fall under the low-water
+        mark (a quarter of the high-water mark).
 
         Called after a batch is written, so it never raises: the batch's fate is its receipt's. A peer that
         does not read for `write_timeout` gets its connection reset (the receipts resolve with what it
         acknowledged), and the next write fails; raising here would count the batch failed while the peer
         may have part of it, and a retry would deliver that part twice."""
-        waiter = self._protocol.drain_waiter()
+        waiter = self._link.drain_waiter()
         try:
             async with asyncio.timeout(self._write_timeout):
                 await waiter
@@ -480,20 +854,20 @@ class TcpStream:
                 TimeoutError(
                     errno.ETIMEDOUT,
                     f"peer did not read for {self._write_timeout:g}s "
-                    f"({self._transport.get_write_buffer_size()} bytes buffered)",
+                    f"({self._link.buffered()} bytes buffered)",
                 )
             )
         except Exception:  # the connection was lost while we waited: the receipts say the rest
             pass
 
     def _closed_error(self, operation: str) -> NetworkError:
-        protocol = self._protocol
+        link = self._link
         cause: BaseException
         if self._error is not None:
             cause = self._error
-        elif protocol.exc is not None:
-            cause = protocol.exc
-        elif protocol.peer_eof:
+        elif link.exc is not None:
+            cause = link.exc
+        elif link.peer_eof:
             cause = BrokenPipeError(errno.EPIPE, f"peer {self.peer_id} closed the stream")
         else:
             cause = OSError(errno.ESHUTDOWN, "stream is closed")
@@ -504,16 +878,12 @@ class TcpStream:
         not acknowledged by then resolve as lost; `close()` waits for their acks first."""
         if not self._local_close:
             self._local_close = True
-            self._transport.close()
+            self._link.close()
 
     def abort(self) -> None:
         """Reset the connection at once (RST, not FIN: the peer discards what it has not taken yet)."""
         self._local_close = True
-        sock = self._transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        self._transport.abort()
+        self._link.abort()
 
     async def close(self) -> None:
         """Close gracefully: wait (at most `close_timeout`) until the peer acknowledged everything written,
@@ -524,7 +894,7 @@ class TcpStream:
                     with contextlib.suppress(Exception):  # the connection ended: nothing left to wait for
                         await self._next_ack()
                 self.close_nowait()
-                await self._protocol.wait_closed()
+                await self._link.wait_closed()
         except TimeoutError:
             self._give_up_because(
                 TimeoutError(
@@ -543,15 +913,34 @@ class TcpStream:
 
     async def wait_closed(self) -> None:
         """Wait until the connection is gone (closed by either side)."""
-        await self._protocol.wait_closed()
+        await self._link.wait_closed()
 
     def write_buffer_size(self) -> int:
         """Bytes accepted but not yet handed to the kernel."""
-        return self._transport.get_write_buffer_size()
+        return self._link.buffered()
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection runs TLS (on the native core)."""
+        return self._link.tls
+
+    @property
+    def key_exchange_group(self) -> str | None:
+        """The TLS key exchange group negotiated (`"X25519MLKEM768"`, `"X25519"`); None in plaintext."""
+        return self._link.key_exchange_group
+
+    @property
+    def peer_names(self) -> list[str]:
+        """The names the peer's TLS certificate carries (CA mode: what its id was checked against)."""
+        return self._link.peer_names
+
+    def socket(self) -> socket.socket | None:
+        """The connection's socket (for its options; reading or writing it would break the stream)."""
+        return self._link.socket()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        tls = " tls" if self._transport.get_extra_info("ssl_object") is not None else ""
+        tls = " tls" if self._link.tls else ""
         return (
             f"<TcpStream to {self.peer_id} {state}{tls} local={self.sockname} "
             f"packets={self.packets_sent} bytes={self.bytes_sent}>"
@@ -560,20 +949,19 @@ class TcpStream:
 
 def _failure_kind(exc: BaseException) -> str:
     """A short name for a connect failure: the errno's name (`ECONNREFUSED`), else the exception type's."""
+    if isinstance(exc, TlsError):
+        return exc.reason
     code = getattr(exc, "errno", None)
-    if not isinstance(exc, ssl.SSLError) and isinstance(code, int) and code in errno.errorcode:
+    if isinstance(exc, OSError) and isinstance(code, int) and code in errno.errorcode:
         return errno.errorcode[code]
     return type(exc).__name__
 
 
 def _error_text(exc: BaseException) -> str:
     """An error for people: `ECONNREFUSED (Connection refused)`, `ETIMEDOUT: no handshake answer from ...`,
-    else the exception's own text (an `ssl.SSLError` made with one message shows that message, not the
-    tuple of its arguments that its `str` gives)."""
-    if isinstance(exc, ssl.SSLError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
-        return exc.args[0]
+    else the exception's own text."""
     code = getattr(exc, "errno", None)
-    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and code in errno.errorcode:
+    if isinstance(exc, OSError) and code in errno.errorcode:
         assert isinstance(code, int)
         name, standard = errno.errorcode[code], os.strerror(code)
         text = exc.strerror
@@ -656,6 +1044,7 @@ class TcpStreamService:
         self.peer_stats: dict[str, PeerSendStats] = {}
         # Failed connections: one budget for every peer and a periodic summary (vpn_packet.ratelimit).
         self.failure_log = failure_log if failure_log is not None else FailureLog(_log)
+        self._native: tuple[Security, TlsSecurity | None] | None = None
 
     def stats(self, peer_id: str) -> PeerSendStats:
         """The live `PeerSendStats` of `peer_id` (created empty on first use)."""
@@ -693,32 +1082,29 @@ class TcpStreamService:
         except (KeyError, ValueError) as exc:
             raise ServiceError(exc, "peer_discovery", "endpoint", peer_id=peer_id) from exc
         loop = asyncio.get_running_loop()
-        transport: asyncio.Transport | None = None
+        link: _Link | None = None
         operation = "connect"
         security = self.security
         stats = self.stats(peer_id)
+        dial: _NativeDial | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
+                tls = self._native_tls(security, peer_id)
                 sock = await self._connect_socket(loop, host, port)
-                operation = "tls" if self.security.encrypted else "handshake"
-                base, protocol = await loop.create_connection(
-                    _SenderProtocol,
-                    sock=sock,
-                    ssl=self.security.client_context,
-                    # CA mode: OpenSSL checks that the certificate names the peer dialled. Key mode: no name
-                    # to check ("" turns SNI and the name check off); _check_server checks the key.
-                    server_hostname=self._server_hostname(peer_id),
-                    ssl_handshake_timeout=self.connect_timeout if self.security.encrypted else None,
-                )
-                assert isinstance(base, asyncio.Transport)
-                transport = base
-                operation = "handshake"
-                server_key = self._check_server(transport, peer_id)
-                await client_handshake(
-                    self.security, peer_id, protocol.read_exactly, transport.write, server_key, new_epoch()
-                )
-                early = protocol.handshake_done()
-                transport.set_write_buffer_limits(high=self.high_water)
+                if tls is not None:
+                    operation = "tls"
+                    dial = _NativeDial(sock, tls, peer_id, security.local_id, new_epoch())
+                    link = await dial.handshake(self.high_water)
+                else:
+                    operation = "handshake"
+                    base, protocol = await loop.create_connection(_SenderProtocol, sock=sock)
+                    assert isinstance(base, asyncio.Transport)
+                    link = protocol
+                    await client_handshake(
+                        security, peer_id, protocol.read_exactly, base.write, None, new_epoch()
+                    )
+                    protocol.handshake_done()
+                    base.set_write_buffer_limits(high=self.high_water)
                 self._check_unchanged(peer_id, host, port, security)
         except HandshakeRefusedError as exc:
             self.connect_failures += 1
@@ -729,15 +1115,17 @@ class TcpStreamService:
             self.failure_log.failed(
                 peer_id, f"refused:{exc.reason}", "%s%s", exc, self._refusal_advice(peer_id, exc.reason)
             )
-            if transport is not None:
-                transport.abort()
+            if link is not None:
+                link.abort()
             raise
         except BaseException as exc:
             self.connect_failures += 1
             stats.connect_failures += 1
-            if transport is not None:
-                transport.abort()
-            if isinstance(exc, (OSError, ssl.SSLError, TimeoutError, EOFError, FramingError)):
+            if link is not None:
+                link.abort()
+            if dial is not None:
+                operation = dial.operation
+            if isinstance(exc, (OSError, TlsError, TimeoutError, EOFError, FramingError)):
                 cause = self._explain(exc, host, port, operation)
                 kind = _failure_kind(cause)
                 stats.failures[kind] = stats.failures.get(kind, 0) + 1
@@ -763,16 +1151,17 @@ class TcpStreamService:
         stats.last_error = None
         self.failure_log.succeeded(peer_id)
         stats.last_handshake = time.monotonic()
-        return TcpStream(
+        stream = TcpStream(
             peer_id,
-            transport,
-            protocol,
+            link,
             write_timeout=self.write_timeout,
             window=self.window,
             ack_timeout=self.ack_timeout,
-            early=early,
             stats=stats,
         )
+        if isinstance(link, _SenderProtocol):
+            link.start()
+        return stream
 
     def _check_unchanged(self, peer_id: str, host: str, port: int, security: Security) -> None:
         """Raises `ConnectionAbortedError` when a reload changed the peer's endpoint or this node's trust
@@ -801,32 +1190,20 @@ class TcpStreamService:
             )
         return ""
 
-    def _server_hostname(self, peer_id: str) -> str | None:
-        mode = self.security.mode
-        return peer_id if mode == "ca" else "" if mode == "key" else None
-
-    def _check_server(self, transport: asyncio.Transport, peer_id: str) -> bytes | None:
-        """The server's key as TLS proved it (key mode), checked against `peer_id`'s configured key; or, with
-        a CA, that its certificate names `peer_id`. Raises `ssl.SSLCertVerificationError` (fail closed)."""
-        security = self.security
-        ssl_object = transport.get_extra_info("ssl_object")
-        if security.mode == "key":
-            expected = security.peer_keys.get(peer_id)
-            if expected is None:
-                raise ssl.SSLCertVerificationError(f"no public_key is configured for peer {peer_id!r}")
-            try:
-                check_server_key(ssl_object, expected, peer_id)
-            except ssl.SSLCertVerificationError as exc:
-                # One line that says what to do: the common cause is a peer whose key was made anew.
-                raise ssl.SSLCertVerificationError(
-                    f"{_error_text(exc)}: if {peer_id}'s key changed, put its new public key (`vpn-packet "
-                    f"pubkey` of its key file) as public_key of peer {peer_id} in this node's config; "
-                    f"otherwise something else answers at {peer_id}'s endpoint"
-                ) from None
-            return server_public_key(ssl_object)
-        if security.mode == "ca":
-            verify_server_name(ssl_object, peer_id)
-        return None
+    def _native_tls(self, security: Security, peer_id: str) -> TlsSecurity | None:
+        """The native TLS core's setup for dialling with `security` (None in plaintext), made once per
+        `security` (a reload swaps it). Key mode: raises `TlsError` for a peer without a configured key
+        (fail closed, before dialling)."""
+        if not security.encrypted:
+            return None
+        if security.mode == "key" and peer_id not in security.peer_keys:
+            raise TlsError(f"no public_key is configured for peer {peer_id!r}", "key_mismatch")
+        made = self._native
+        if made is None or made[0] is not security:
+            # A client checks the server it dials by that peer's key or name alone: no peer list needed.
+            made = (security, security.native_tls((), DEFAULT_MAX_FRAME_SIZE))
+            self._native = made
+        return made[1]
 
     def _explain(self, exc: BaseException, host: str, port: int, operation: str) -> BaseException:
         """A cause that says what happened, for the bare exceptions that do not."""

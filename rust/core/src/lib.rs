@@ -30,5 +30,6 @@ pub use prefix::{check_source, parse_prefix, source_address, PrefixError, Prefix
 
 pub mod queues;
 pub mod receive;
+pub mod send;
 pub mod tun;
 pub use queues::{DestinationQueues, KeyedPush, Pushed, QueueId, Rejections, OFFLOAD_FLAG, VNET_HDR_LEN};

@@ -2,9 +2,10 @@
 //! client or server) and its lifecycle events as named types (`Established`, `Refused`, `Failed`,
 //! `Closed`). The protocol is `vpn_packet_core::connection` and `vpn_packet_core::tls`; this file converts.
 //!
-//! A receiver's connections use `ReceiveSession` (`receive.rs`), which hands frames to the TUN natively;
-//! a `TlsConnection` server keeps the frames it receives until `take_frames` (at most
-//! `MAX_PENDING_FRAME_BYTES`), for tests and tools. The sending side does not use `TlsConnection` yet.
+//! A receiver's connections use `ReceiveSession` (`receive.rs`), which hands frames to the TUN natively,
+//! and a sender's `SendSession` (`send.rs`), which writes to the socket in the call that takes a batch;
+//! a `TlsConnection` keeps its I/O with the caller (a server keeps the frames it receives until
+//! `take_frames`, at most `MAX_PENDING_FRAME_BYTES`), for tests and tools.
 
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::prelude::*;

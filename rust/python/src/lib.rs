@@ -18,6 +18,7 @@ mod packet_info;
 mod prefix;
 mod queues;
 mod receive;
+mod send;
 mod tun_io;
 
 #[pymodule]
@@ -43,5 +44,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tun_io::register(m)?;
     connection::register(m)?;
     receive::register(m)?;
+    send::register(m)?;
     Ok(())
 }

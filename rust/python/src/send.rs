@@ -1,0 +1,220 @@
+//! The Python face of [`vpn_packet_core::send`]: `SendSession`, one connection of a node's sending side,
+//! pumped once per socket readiness event and written to in the call that hands it frames. Conversions
+//! only.
+
+use std::os::fd::RawFd;
+
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+use vpn_packet_core::connection::{Connection, SendError, Stage};
+use vpn_packet_core::receive::{Read, SocketError};
+use vpn_packet_core::send::{SendFailure, SendSession as CoreSession};
+
+use crate::buffer::PacketBytes;
+use crate::connection::{config_error, events_to_python, Failed, TlsSecurity};
+use crate::errors::no_panic;
+
+pyo3::import_exception!(vpn_packet.errors, FramingError);
+
+fn socket_error(err: SocketError) -> PyErr {
+    let io = std::io::Error::from_raw_os_error(err.0);
+    PyOSError::new_err((err.0, io.to_string()))
+}
+
+fn send_failure(failure: SendFailure) -> PyErr {
+    match failure {
+        SendFailure::Socket(err) => socket_error(err),
+        SendFailure::Refused(err @ (SendError::Unframed { .. } | SendError::Miscounted { .. })) => {
+            FramingError::new_err((err.to_string(), err.reason()))
+        }
+        SendFailure::Refused(err) => PyValueError::new_err(err.to_string()),
+    }
+}
+
+type PumpResult<'py> = (Option<Bound<'py, PyList>>, i64, usize, u64);
+
+/// One connection of a node's sending side on the native core: TLS (rustls), the signed hello and the
+/// answer, then frames encrypted and written in the call that takes them (`send_framed`), acks read in
+/// one call per readiness event (`pump`). The socket (`sock`, connected, non-blocking) stays owned by
+/// Python. Made by `TlsSecurity`'s rules for dialling `peer_id`; its ClientHello waits in the output
+/// (`flush` writes it).
+#[pyclass(module = "vpn_packet._native", name = "SendSession")]
+pub struct SendSession {
+    inner: CoreSession,
+    sock: RawFd,
+}
+
+#[pymethods]
+impl SendSession {
+    #[new]
+    #[pyo3(signature = (security, sock, peer_id, epoch, *, read_size = 65536))]
+    fn new(
+        security: &TlsSecurity,
+        sock: RawFd,
+        peer_id: &str,
+        epoch: u64,
+        read_size: usize,
+    ) -> PyResult<Self> {
+        no_panic(|| {
+            if sock < 0 {
+                return Err(PyValueError::new_err(format!("bad socket descriptor {sock}")));
+            }
+            let conn = Connection::client(&security.inner, peer_id, epoch).map_err(config_error)?;
+            Ok(SendSession {
+                inner: CoreSession::new(conn, read_size),
+                sock,
+            })
+        })
+    }
+
+    /// One socket readiness event: one read, through TLS and the handshake (or the acks), then the output
+    /// written. The GIL is released throughout. Returns `(events, read, unsent, acked)`: `events` None or
+    /// the lifecycle events, `read` the bytes read (0: none ready, -1: end of stream), `unsent` output
+    /// bytes the socket did not take, `acked` the frames the peer acknowledged in all. Raises `OSError`
+    /// for a failed socket call.
+    fn pump<'py>(&mut self, py: Python<'py>) -> PyResult<PumpResult<'py>> {
+        no_panic(|| {
+            let (inner, sock) = (&mut self.inner, self.sock);
+            let pumped = py.detach(|| inner.pump(sock)).map_err(socket_error)?;
+            let read = match pumped.read {
+                Read::Data(n) => n as i64,
+                Read::Eof => -1,
+                Read::WouldBlock | Read::Reset { .. } => 0,
+            };
+            let events = if pumped.events.is_empty() {
+                None
+            } else {
+                Some(events_to_python(py, pumped.events)?)
+            };
+            Ok((events, read, pumped.unsent, pumped.acked))
+        })
+    }
+
+    /// `count` packets already framed in `data` (bytes, bytearray or memoryview), encrypted and written to
+    /// the socket in this call (the GIL released for `bytes`); returns the output bytes the socket did not
+    /// take yet (`flush` once it is writable). Raises `FramingError` (nothing taken) when `data` is not
+    /// whole frames the receiver accepts or holds another count than `count`, `ValueError` before the
+    /// handshake is done or after the connection closed, `OSError` for a failed send (the bytes were taken
+    /// then: the connection is gone).
+    fn send_framed(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>, count: u64) -> PyResult<usize> {
+        no_panic(|| {
+            let (inner, sock) = (&mut self.inner, self.sock);
+            let held = PacketBytes::get(data)?;
+            let wire = held.as_slice();
+            let result = match &held {
+                // Immutable: safe to read without the GIL.
+                PacketBytes::Bytes(_) => py.detach(|| inner.send_framed(sock, wire, count)),
+                PacketBytes::Buffer(_) => inner.send_framed(sock, wire, count),
+            };
+            result.map_err(send_failure)
+        })
+    }
+
+    /// A keepalive frame, written at once; returns the output bytes not written yet.
+    fn send_keepalive(&mut self) -> PyResult<usize> {
+        no_panic(|| self.inner.send_keepalive(self.sock).map_err(send_failure))
+    }
+
+    /// Writes what output the socket takes; returns the bytes still waiting. Raises `OSError` for a
+    /// failed send.
+    fn flush(&mut self, py: Python<'_>) -> PyResult<usize> {
+        no_panic(|| {
+            let (inner, sock) = (&mut self.inner, self.sock);
+            py.detach(|| inner.flush(sock)).map_err(socket_error)
+        })
+    }
+
+    /// Ends the connection from this side (close_notify into the output; `flush` writes it).
+    fn close(&mut self) {
+        self.inner.close();
+    }
+
+    /// Python is about to close the socket: the session forgets its descriptor, so that no later call
+    /// can write into another socket that reuses the number (they fail with `EBADF` instead).
+    fn forget_socket(&mut self) {
+        self.sock = -1;
+    }
+
+    /// `"tls"`, `"challenge"`, `"answer"`, `"established"` or `"closed"`.
+    #[getter]
+    fn stage(&self) -> &'static str {
+        match self.inner.connection().stage() {
+            Stage::Tls => "tls",
+            Stage::Challenge => "challenge",
+            Stage::Answer => "answer",
+            Stage::Established => "established",
+            Stage::Closed => "closed",
+        }
+    }
+
+    /// The peer dialled, once established.
+    #[getter]
+    fn peer_id(&self) -> Option<&str> {
+        self.inner.connection().peer_id()
+    }
+
+    /// The failure that ended the connection, if one did.
+    #[getter]
+    fn failure(&self) -> Option<Failed> {
+        self.inner.connection().failure().map(crate::connection::failed)
+    }
+
+    /// Frames sent (packet and offload).
+    #[getter]
+    fn frames(&self) -> u64 {
+        self.inner.connection().counts().frames
+    }
+
+    /// Frames the peer acknowledged.
+    #[getter]
+    fn acked(&self) -> u64 {
+        self.inner.connection().counts().acked
+    }
+
+    /// Keepalives sent.
+    #[getter]
+    fn keepalives(&self) -> u64 {
+        self.inner.connection().counts().keepalives
+    }
+
+    /// TLS bytes received and produced.
+    #[getter]
+    fn tls_bytes(&self) -> (u64, u64) {
+        let counts = self.inner.connection().counts();
+        (counts.tls_bytes_in, counts.tls_bytes_out)
+    }
+
+    /// Output bytes not written yet.
+    #[getter]
+    fn unsent(&self) -> usize {
+        self.inner.unsent()
+    }
+
+    /// The TLS key exchange group negotiated, once known.
+    #[getter]
+    fn key_exchange_group(&self) -> Option<String> {
+        self.inner.connection().key_exchange_group()
+    }
+
+    /// The names the server's certificate carries (CA mode: the ones its id was checked against).
+    #[getter]
+    fn peer_names(&self) -> Vec<String> {
+        self.inner.connection().peer_names()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<SendSession {} frames={} acked={}>",
+            self.stage(),
+            self.frames(),
+            self.acked()
+        )
+    }
+}
+
+/// Registers `SendSession`.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<SendSession>()?;
+    Ok(())
+}

@@ -70,7 +70,6 @@ import functools
 import inspect
 import logging
 import socket
-import ssl
 import struct
 import termios
 import time
@@ -959,7 +958,7 @@ class Receiver:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(address)
-                if self.security.server_context is not None and _DEFER_ACCEPT:
+                if self.security.mode != "insecure" and _DEFER_ACCEPT:
                     # With TLS the client speaks first: the kernel holds a connection that has sent nothing
                     # (its request in the SYN queue, a few hundred bytes, no descriptor) until its first bytes
                     # come, so most of a flood of silent connections never reaches us; what comes after
@@ -1169,7 +1168,7 @@ class Receiver:
             return
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        if self.security.server_context is None:
+        if self.security.mode == "insecure":
             ticket, evicted = self._admission.enter(source)
             ticket.accepted = loop.time()
             self._evict(evicted, "stalest handshaking")
@@ -1438,7 +1437,8 @@ class Receiver:
                 writer.transport.abort()
 
     async def _authenticate(self, conn: _Connection) -> Verdict:
-        """TLS (when configured), challenge, hello, verdict and answer, within `hello_timeout`."""
+        """Challenge, hello, verdict and answer of a plaintext connection, within `hello_timeout` (a TLS
+        connection runs all of it on the native core: `_open_native`)."""
         security = self.security
         known = self.discovery.__contains__
         refuse = None if self._authenticated < self.max_connections else "too_many_connections"
@@ -1454,13 +1454,8 @@ class Receiver:
         try:
             # From accept: the silent wait counts too.
             async with asyncio.timeout_at(ticket.accepted + self.hello_timeout):
-                if security.server_context is not None:
-                    await conn.writer.start_tls(security.server_context)
-                    admission.progress(ticket)  # TLS done: a step
-                tls = conn.writer.get_extra_info("ssl_object") if security.mode == "ca" else None
-                cert, der = (tls.getpeercert(), tls.getpeercert(binary_form=True)) if tls else (None, None)
                 verdict, hello = await server_handshake(
-                    security, read, conn.writer.write, known, cert, der, refuse=refuse
+                    security, read, conn.writer.write, known, None, None, refuse=refuse
                 )
         except TimeoutError as exc:
             raise self._handshake_failed(
@@ -1468,8 +1463,6 @@ class Receiver:
             ) from exc
         except FramingError as exc:  # server_handshake answered it when the bytes were a hello at all
             raise self._handshake_failed(conn, exc.reason or "bad_hello", exc, answered=True) from exc
-        except ssl.SSLError as exc:
-            raise self._handshake_failed(conn, "tls_failed", exc.reason or exc) from exc
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             if conn.closed_because is not None:
                 raise _Failed(conn.closed_because) from exc

@@ -487,10 +487,13 @@ impl Connection {
         if self.stage == Stage::Closed {
             return;
         }
-        // The frames taken before the failure are acknowledged: they were delivered (or counted).
-        self.send_ack();
-        // A failure of rustls queued its own alert; ours end with close_notify.
+        // A failure of rustls queued its own alert, and rustls sends nothing after it: an ack written now
+        // would never reach the peer, so none is counted (`acked` is what the peer was sent; it counts the
+        // frames taken from the records before the bad one lost in flight, though they were delivered).
+        // Ours acknowledge the frames taken before the failure (delivered, or dropped and counted), then
+        // end with close_notify.
         if !matches!(failure, Failure::Tls(_) | Failure::Certificate { .. }) {
+            self.send_ack();
             self.tls.send_close_notify();
         }
         self.stage = Stage::Closed;
@@ -552,7 +555,7 @@ impl Connection {
                 self.tls_done();
             }
             // Records before a bad one in the same read were authenticated: their plaintext is taken
-            // (delivered and acknowledged) before the failure ends the connection.
+            // (delivered and counted) before the failure ends the connection (unacknowledged: see `fail`).
             self.process_plaintext(&mut sink, &mut events);
             match processed {
                 Err(err) => {
@@ -568,6 +571,9 @@ impl Connection {
                 }
                 Ok(state) if state.peer_has_closed() && self.stage != Stage::Closed => {
                     if self.stage == Stage::Established {
+                        // close_notify ends the peer's direction only: the frames it sent before it,
+                        // in this same read, are still acknowledged.
+                        self.send_ack();
                         self.stage = Stage::Closed;
                         events.push(Event::Closed);
                     } else {

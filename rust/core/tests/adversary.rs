@@ -7,13 +7,19 @@
 mod harness;
 
 use harness::{expected_frames, last_ack, pieces, records, Peer, Server, Tun, MAX_FRAME, PEER_A};
+use std::io::{Read as _, Write as _};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+
 use proptest::prelude::*;
-use vpn_packet_core::connection::{Event, FailureTally, Stage};
+use vpn_packet_core::connection::{Connection, Event, FailureTally, Stage};
 use vpn_packet_core::framing::{
     encode_frames, encode_offload_frame_into, FrameKind, KEEPALIVE, VNET_HDR_LEN,
 };
 use vpn_packet_core::gso::{self, VirtioNetHdr};
+use vpn_packet_core::handshake::{self, Parsed};
 use vpn_packet_core::inbound::Inbound;
+use vpn_packet_core::receive::{Read, ReceiveSession, NO_PEER};
 
 // --- what an authenticated peer sends ------------------------------------------------------------------
 
@@ -324,6 +330,91 @@ fn the_harness_bodies_take_the_empty_input() {
     harness::server_preauth(&[]);
     harness::server_session(&[]);
     harness::client_session(&[]);
+}
+
+// --- the same through the production composition, over a real socket ------------------------------------
+
+/// What [`ReceiveSession::pump`] (one call per readiness event, as the node runs it) made of what `peer`
+/// sends: the handshake over a socket pair, then `plaintext` in records of `record` bytes, the socket
+/// pumped until it is drained. Returns the session, the TUN and what the peer received after the answer.
+fn through_a_socket(plaintext: &[u8], record: usize, vnet_header: bool) -> (ReceiveSession, Tun, Vec<u8>) {
+    let (near, far) = UnixStream::pair().unwrap();
+    near.set_nonblocking(true).unwrap();
+    let conn = Connection::server_with_nonce(&harness::nodes().server, None, [7; 32]).unwrap();
+    let mut session = ReceiveSession::new(conn, MAX_FRAME, vnet_header, 65536);
+    let mut tun = Tun::default();
+    let mut peer = Peer::dialling();
+    let index_of = |id: &str| if id == "a" { PEER_A } else { NO_PEER };
+    let mut pending = Vec::new();
+    let mut step = |peer: &mut Peer, session: &mut ReceiveSession, tun: &mut Tun, pending: &mut Vec<u8>| {
+        pending.extend_from_slice(&harness::tls_output(&mut peer.tls));
+        let written = (&near).write(pending).unwrap_or(0);
+        pending.drain(..written);
+        loop {
+            let (read, _) = session
+                .pump(far.as_raw_fd(), harness::table(), index_of, tun, true)
+                .unwrap();
+            if read == Read::WouldBlock {
+                break;
+            }
+        }
+        let mut buf = vec![0; 1 << 16];
+        while let Ok(n) = (&near).read(&mut buf) {
+            if n == 0 || !harness::tls_input(&mut peer.tls, &buf[..n], &mut peer.plaintext) {
+                break;
+            }
+        }
+    };
+    while handshake::parse_challenge(&peer.plaintext).map(|p| matches!(p, Parsed::NeedMore { .. }))
+        == Ok(true)
+    {
+        step(&mut peer, &mut session, &mut tun, &mut pending);
+    }
+    peer.send_hello();
+    while session.connection().stage() != Stage::Established || peer.plaintext.is_empty() {
+        step(&mut peer, &mut session, &mut tun, &mut pending);
+    }
+    peer.take_answer();
+    for chunk in plaintext.chunks(record) {
+        peer.tls.writer().write_all(chunk).unwrap();
+        step(&mut peer, &mut session, &mut tun, &mut pending);
+    }
+    while !pending.is_empty() {
+        step(&mut peer, &mut session, &mut tun, &mut pending);
+    }
+    step(&mut peer, &mut session, &mut tun, &mut pending);
+    (session, tun, peer.plaintext)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// Valid frames then arbitrary bytes through `ReceiveSession::pump`: the frames the oracle finds,
+    /// its reason, every packet delivered or dropped by a reason, and the acks the peer got are the count.
+    #[test]
+    fn the_receive_session_over_a_socket_keeps_its_counts(
+        items in prop::collection::vec(item(), 0..12),
+        tail in prop::collection::vec(any::<u8>(), 0..64),
+        record in 1usize..20_000,
+        vnet_header: bool,
+    ) {
+        let plaintext = [encode(&items), tail].concat();
+        let (session, tun, acks) = through_a_socket(&plaintext, record, vnet_header);
+        let (frames, reason) = expected_frames(&plaintext, MAX_FRAME);
+        let conn = session.connection();
+        let counts = conn.counts();
+        prop_assert_eq!(counts.frames, frames.len() as u64);
+        prop_assert_eq!(conn.failure().map(|f| f.reason()), reason);
+        let c = session.counts();
+        prop_assert_eq!(
+            counts.frames + c.extra_segments,
+            c.delivered + c.spoofed + c.unparsable + c.offload_invalid + c.write_dropped + c.write_errors
+        );
+        prop_assert_eq!(c.offload_invalid, 0);
+        prop_assert_eq!(c.delivered as usize, tun.written.len());
+        prop_assert_eq!(counts.acked, counts.frames);
+        prop_assert_eq!(last_ack(&acks), counts.frames);
+    }
 }
 
 // --- regressions: what the properties found ------------------------------------------------------------

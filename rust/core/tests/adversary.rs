@@ -346,7 +346,7 @@ fn through_a_socket(plaintext: &[u8], record: usize, vnet_header: bool) -> (Rece
     let mut peer = Peer::dialling();
     let index_of = |id: &str| if id == "a" { PEER_A } else { NO_PEER };
     let mut pending = Vec::new();
-    let mut step = |peer: &mut Peer, session: &mut ReceiveSession, tun: &mut Tun, pending: &mut Vec<u8>| {
+    let step = |peer: &mut Peer, session: &mut ReceiveSession, tun: &mut Tun, pending: &mut Vec<u8>| {
         pending.extend_from_slice(&harness::tls_output(&mut peer.tls));
         let written = (&near).write(pending).unwrap_or(0);
         pending.drain(..written);

@@ -319,6 +319,8 @@ pub struct Connection {
     scratch: Vec<u8>,
     counts: ConnectionCounts,
     failure: Option<Failure>,
+    /// rustls refused a record: its alert is queued, and it sends nothing more.
+    refused: bool,
     /// The configured peer, once established (what [`Connection::receive_frames`] names to its sink).
     peer_id: Option<String>,
 }
@@ -398,6 +400,7 @@ impl Connection {
             scratch: Vec::new(),
             counts: ConnectionCounts::default(),
             failure: None,
+            refused: false,
             peer_id: None,
         }
     }
@@ -487,12 +490,12 @@ impl Connection {
         if self.stage == Stage::Closed {
             return;
         }
-        // A failure of rustls queued its own alert, and rustls sends nothing after it: an ack written now
-        // would never reach the peer, so none is counted (`acked` is what the peer was sent; it counts the
-        // frames taken from the records before the bad one lost in flight, though they were delivered).
-        // Ours acknowledge the frames taken before the failure (delivered, or dropped and counted), then
-        // end with close_notify.
-        if !matches!(failure, Failure::Tls(_) | Failure::Certificate { .. }) {
+        // When rustls refused a record it queued its alert and sends nothing after it (also when the
+        // plaintext of the records before the bad one ended the connection first): an ack written now
+        // would never reach the peer, so none is counted (`acked` is what the peer was sent; the peer
+        // counts those frames lost in flight, though they were delivered). Otherwise the frames taken
+        // before the failure are acknowledged (delivered, or dropped and counted), then close_notify.
+        if !self.refused {
             self.send_ack();
             self.tls.send_close_notify();
         }
@@ -551,6 +554,7 @@ impl Connection {
             }
             self.counts.tls_bytes_in += (before - rest.len()) as u64;
             let processed = self.tls.process_new_packets();
+            self.refused |= processed.is_err();
             if processed.is_ok() && self.stage == Stage::Tls && !self.tls.is_handshaking() {
                 self.tls_done();
             }

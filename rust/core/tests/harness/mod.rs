@@ -14,8 +14,10 @@
 //! every frame handed out is within its size bound and an offload frame's header is one the kernel and
 //! the segmenter accept; a failure has a reason of [`Failure::REASONS`] and closes the connection; nothing
 //! is taken after the end; the frames taken are exactly those an independent decoder finds in the
-//! plaintext up to the first bad one, and the reason is that one's; every frame taken is acknowledged;
-//! the receive path's counts add up (frames taken + extra segments = delivered + every drop by reason).
+//! plaintext up to the first bad one, and the reason is that one's; every frame taken is acknowledged
+//! (unless rustls refused a record in the same read: it sends nothing after its alert) and the ack the
+//! peer gets is the count the server keeps; the receive path's counts add up (frames taken + extra
+//! segments = delivered + every drop by reason).
 //!
 //! Keys are fixed (Ed25519 keys from constant seeds, self-signed certificates as `vpn-packet genkey`
 //! writes them), so a failing input replays against the same identities; TLS's own randomness remains.

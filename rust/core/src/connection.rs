@@ -357,6 +357,8 @@ pub struct Connection {
     scratch: Vec<u8>,
     counts: ConnectionCounts,
     failure: Option<Failure>,
+    /// rustls refused a record: its alert is queued, and it sends nothing more.
+    refused: bool,
     /// The configured peer, once established (what [`Connection::receive_frames`] names to its sink).
     peer_id: Option<String>,
 }
@@ -439,6 +441,7 @@ impl Connection {
             scratch: Vec::new(),
             counts: ConnectionCounts::default(),
             failure: None,
+            refused: false,
             peer_id: None,
         }
     }
@@ -538,10 +541,13 @@ impl Connection {
         if self.stage == Stage::Closed {
             return;
         }
-        // The frames taken before the failure are acknowledged: they were delivered (or counted).
-        self.send_ack();
-        // A failure of rustls queued its own alert; ours end with close_notify.
-        if !matches!(failure, Failure::Tls(_) | Failure::Certificate { .. }) {
+        // When rustls refused a record it queued its alert and sends nothing after it (also when the
+        // plaintext of the records before the bad one ended the connection first): an ack written now
+        // would never reach the peer, so none is counted (`acked` is what the peer was sent; the peer
+        // counts those frames lost in flight, though they were delivered). Otherwise the frames taken
+        // before the failure are acknowledged (delivered, or dropped and counted), then close_notify.
+        if !self.refused {
+            self.send_ack();
             self.tls.send_close_notify();
         }
         self.stage = Stage::Closed;
@@ -599,11 +605,12 @@ impl Connection {
             }
             self.counts.tls_bytes_in += (before - rest.len()) as u64;
             let processed = self.tls.process_new_packets();
+            self.refused |= processed.is_err();
             if processed.is_ok() && self.stage == Stage::Tls && !self.tls.is_handshaking() {
                 self.tls_done();
             }
             // Records before a bad one in the same read were authenticated: their plaintext is taken
-            // (delivered and acknowledged) before the failure ends the connection.
+            // (delivered and counted) before the failure ends the connection (unacknowledged: see `fail`).
             self.process_plaintext(&mut sink, &mut events);
             match processed {
                 Err(err) => {
@@ -619,6 +626,9 @@ impl Connection {
                 }
                 Ok(state) if state.peer_has_closed() && self.stage != Stage::Closed => {
                     if self.stage == Stage::Established {
+                        // close_notify ends the peer's direction only: the frames it sent before it,
+                        // in this same read, are still acknowledged.
+                        self.send_ack();
                         self.stage = Stage::Closed;
                         events.push(Event::Closed);
                     } else {

@@ -428,7 +428,8 @@ fn malformed_input_after_authentication_closes_that_connection_only() {
     records[last] ^= 1;
     feed(&mut server, &records, &mut std::iter::empty(), &mut s);
     assert_eq!(s.frames, vec![(FrameKind::Packet, ipv4(1, 40))]);
-    assert_eq!(server.counts().acked, 1);
+    // rustls sends nothing after its alert, so that frame is not acknowledged (and not counted so).
+    assert_eq!(server.counts().acked, 0);
     assert_eq!(s.failure(), Some("tls_bad_record"));
     tally.record(server.failure().unwrap());
     assert!(!server.output().is_empty(), "an alert is queued for the peer");

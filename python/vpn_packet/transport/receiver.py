@@ -75,7 +75,7 @@ import struct
 import termios
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import ClassVar, Final, cast
@@ -1065,11 +1065,30 @@ class Receiver:
                 return False
         return True
 
-    def update_security(self, security: Security) -> None:
+    def update_security(
+        self, security: Security, keys: Mapping[str, bytes] | None = None, removed: Iterable[str] = ()
+    ) -> None:
         """A reload: judge handshakes from now on with `security` (new peer keys take effect at once; a
-        handshake in progress meanwhile is closed once it completes, and the peer connects again)."""
+        handshake in progress meanwhile is closed once it completes, and the peer connects again).
+
+        `keys` and `removed` (key mode): the changes `security` was derived with
+        (`Security.with_key_changes`); the native TLS core's peer table is then changed in place, the work
+        of the peers changed, instead of being made again from every key at the next connection."""
         self.security = security
+        made = self._native_tls
+        current = made is not None and made[0] == self._reloads  # made from the security `security` follows
         self._reloads += 1
+        if made is None or made[2] is None:
+            return
+        if keys is None or not current or security.mode != "key" or made[2].mode != "key":
+            self._native_tls = None  # made again, from `security`, for the next connection
+            return
+        try:
+            made[2].update_keys(list(keys.items()), list(removed))
+        except ValueError:  # IdentityError: `security` checked them already; made again all the same
+            self._native_tls = None
+            return
+        self._native_tls = (self._reloads, made[1], made[2])
 
     def close_peer(self, peer_id: str, because: str = "reloaded") -> int:
         """Reset every authenticated connection of `peer_id` now (a reload removed it or changed its key);
@@ -1229,9 +1248,10 @@ class Receiver:
 
     def _native(self) -> TlsSecurity | None:
         """The native TLS core's setup for new connections (None in plaintext): made again after a reload
-        of the security or of the peers (CA mode names the configured peers)."""
+        of the security that `update_security` could not apply in place, and in CA mode after a change of
+        the peers (it names the configured peers; key mode's table is the keys)."""
         made = self._native_tls
-        generation = self.discovery.generation
+        generation = self.discovery.generation if self.security.mode == "ca" else -1
         if made is None or made[0] != self._reloads or made[1] != generation:
             peers = [peer.id for peer in self.discovery.peers]
             made = (self._reloads, generation, self.security.native_tls(peers, self.max_frame_size))

@@ -74,6 +74,35 @@ impl TlsSecurity {
         })
     }
 
+    /// Key mode: trusts `set`'s peers with their keys (added, or rekeyed) and no longer `removed`'s, in
+    /// place, for this setup and every connection it makes from now on: the work of the peers changed,
+    /// however many are known. A handshake already past its hello is not judged again (the receiver
+    /// closes one that spans a change). Raises `IdentityError` (a key that cannot be trusted, two peers
+    /// with one key, an id twice) before anything changed, `ValueError` in CA mode.
+    #[pyo3(signature = (set, removed = Vec::new()))]
+    fn update_keys(&self, set: Vec<(String, Vec<u8>)>, removed: Vec<String>) -> PyResult<()> {
+        no_panic(|| {
+            let Trust::Keys { peers, .. } = self.inner.trust() else {
+                return Err(PyValueError::new_err("CA mode has no peer keys"));
+            };
+            peers
+                .update(
+                    set.iter().map(|(id, key)| (id.as_str(), key.as_slice())),
+                    removed.iter().map(String::as_str),
+                )
+                .map_err(config_error)
+        })
+    }
+
+    /// Key mode: the number of peers trusted (0 in CA mode).
+    #[getter]
+    fn peer_count(&self) -> usize {
+        match self.inner.trust() {
+            Trust::Keys { peers, .. } => peers.len(),
+            Trust::Ca { .. } => 0,
+        }
+    }
+
     /// The id this node announces.
     #[getter]
     fn local_id(&self) -> &str {

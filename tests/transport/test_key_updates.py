@@ -4,10 +4,13 @@ same with 10 peers known or 10,000), and trust follows at once.
 - The native TLS core's `TlsSecurity.update_keys` over real loopback socket pairs: a key added is accepted
   from the next hello on, a key removed refused, a session made before the removal keeps working, an
   invalid change raises and changes nothing.
-- Real nodes over loopback: a peer added live (the discovery path, `Node.update_peers`) after the receiver
-  made its native setup gets its handshake accepted and its packets delivered, then, removed, its
-  connection closed and its next handshake refused; the unchanged peer's traffic keeps flowing all along,
-  and the receiver's native setup is the same object throughout (changed in place, not made again).
+- Real nodes over loopback, in key and in CA mode: a peer added live (the discovery path,
+  `Node.update_peers`) after the receiver made its native setup gets its handshake accepted and its packets
+  delivered, then, removed, its connection closed and its next handshake refused; the unchanged peer's
+  traffic keeps flowing all along, and the receiver's native setup is the same object throughout (changed
+  in place, not made again).
+- The discovery keeps what the receiver asks per connection (peers at a host, the peers' indexes) as peers
+  join and leave.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from vpn_packet.node.node import Node
 from vpn_packet.resilience import ResilienceConfig
 from vpn_packet.testutil.certs import write_test_pki
 from vpn_packet.testutil.fixtures import wait_until
-from vpn_packet.testutil.keys import identities
+from vpn_packet.testutil.keys import ca_securities, identities
 from vpn_packet.testutil.packets import UDP, ipv4_packet
 from vpn_packet.testutil.weak_keys import small_order_keys
-from vpn_packet.transport.discovery import Peer
+from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
 from vpn_packet.transport.handshake import Security
 from vpn_packet.transport.identity import NodeIdentity
 
@@ -124,28 +127,29 @@ def _settled(node: Node) -> bool:
     return m.queued == 0 and m.in_flight == 0 and m.sent + m.failed + m.discarded == m.accepted
 
 
-async def test_a_peer_added_then_removed_live(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["key", "ca"])
+async def test_a_peer_added_then_removed_live(tmp_path: Path, mode: str) -> None:
     ids: dict[str, NodeIdentity] = identities(tmp_path, "node-a", "node-b", "node-c")
+    keys = {name: identity.public_key_bytes for name, identity in ids.items()}
+    cas = ca_securities(tmp_path, "node-a", "node-b", "node-c") if mode == "ca" else {}
+
+    def security(name: str, *peers: str) -> Security:
+        if mode == "ca":
+            return cas[name]
+        return Security.with_keys(ids[name], {peer: keys[peer] for peer in peers})
+
     received: dict[str, list[int]] = {"node-b": [], "node-c": []}
 
     def sink(peer_id: str, packets: list[bytes]) -> None:
         received[peer_id] += [int.from_bytes(p[28:32], "big") for p in packets]
 
     a = Node(
-        Security.with_keys(ids["node-a"], {"node-b": ids["node-b"].public_key_bytes}),
-        ("127.0.0.1", 0),
-        [Peer("node-b", "127.0.0.1:9", ["10.9.0.2/32"])],
-        sink,
+        security("node-a", "node-b"), ("127.0.0.1", 0), [Peer("node-b", "127.0.0.1:9", ["10.9.0.2/32"])], sink
     )
     await a.start()
     to_a = [Peer("node-a", a.endpoint, ["10.9.0.1/32"])]
     b, c = (
-        Node(
-            Security.with_keys(ids[name], {"node-a": ids["node-a"].public_key_bytes}),
-            ("127.0.0.1", 0),
-            to_a,
-            resilience=FAST,
-        )
+        Node(security(name, "node-a"), ("127.0.0.1", 0), to_a, resilience=FAST)
         for name in ("node-b", "node-c")
     )
     await b.start()
@@ -163,7 +167,7 @@ async def test_a_peer_added_then_removed_live(tmp_path: Path) -> None:
         # It joins, as discovery adds a peer: its handshake is accepted, its packets delivered.
         await a.update_peers(
             [Peer("node-c", "127.0.0.1:9", ["10.9.0.3/32"])],
-            keys={"node-c": ids["node-c"].public_key_bytes},
+            keys={"node-c": keys["node-c"]} if mode == "key" else None,
             source="discovery",
         )
         assert a.receiver._native() is native
@@ -193,7 +197,29 @@ async def test_a_peer_added_then_removed_live(tmp_path: Path) -> None:
             assert b.send(_packet("10.9.0.2", seq))
         await wait_until(lambda: received["node-b"] == list(range(8)))
         assert 99 not in received["node-c"]
-        assert a.security.peer_keys == {"node-b": ids["node-b"].public_key_bytes}
+        if mode == "key":
+            assert a.security.peer_keys == {"node-b": keys["node-b"]}
     finally:
         for node in (b, c, a):
             await node.stop()
+
+
+def test_the_discovery_keeps_its_hosts_and_indexes_as_peers_join_and_leave() -> None:
+    """What the receiver asks per connection (whether a source is a peer's host, the peers' indexes) is
+    kept by `update` in place, not found by a scan of every peer."""
+    discovery = StaticPeerDiscovery([Peer("a", "127.0.0.1:1", ["10.8.0.1/32"])])
+    assert discovery.peers_at("127.0.0.1") == ["a"]
+    discovery.update(
+        added=[Peer("b", "127.0.0.2:2", ["10.8.0.2/32"]), Peer("c", "127.0.0.1:3", ["10.8.0.3/32"])]
+    )
+    assert discovery.peers_at("127.0.0.1") == ["a", "c"]
+    assert discovery.peers_at("127.0.0.2") == ["b"]
+    discovery.update(updated=[Peer("a", "127.0.0.3:1", ["10.8.0.1/32"])], removed=["b"])
+    assert discovery.peers_at("127.0.0.1") == ["c"]
+    assert discovery.peers_at("127.0.0.2") == []
+    assert discovery.peers_at("127.0.0.3") == ["a"]
+    assert discovery.indexes == {peer.id: discovery.index_of(peer.id) for peer in discovery.peers}
+    discovery.replace([Peer("d", "127.0.0.4:4", ["10.8.0.4/32"])])
+    assert discovery.peers_at("127.0.0.1") == []
+    assert discovery.peers_at("127.0.0.4") == ["d"]
+    assert discovery.indexes == {"d": 0}

@@ -615,6 +615,7 @@ class Node:
             if fields:
                 changed[peer.id] = fields
         self.discovery.update(added, updated, removed)  # ValueError before anything changed
+        self.receiver.peers_changed([peer.id for peer in added], removed)
         for peer in (*added, *updated):
             if source == "static":
                 self._sources.pop(peer.id, None)

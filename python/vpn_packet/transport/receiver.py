@@ -905,7 +905,6 @@ class Receiver:
             max_pending_per_source=max_pending_per_source,
             favoured=self._is_peer_address,
         )
-        self._peer_addresses: tuple[int, frozenset[str]] = (-1, frozenset())  # (discovery generation, hosts)
         self._attaching: set[asyncio.Task[None]] = set()  # a started connection getting its transport
         self._heap = HeapRelease()
         self._by_peer: dict[str, OrderedDict[asyncio.Task[None], _Connection | _NativeConnection]] = {}
@@ -1090,6 +1089,14 @@ class Receiver:
             return
         self._native_tls = (self._reloads, made[1], made[2])
 
+    def peers_changed(self, added: Iterable[str], removed: Iterable[str]) -> None:
+        """Peers were added to or removed from `discovery` in place (`StaticPeerDiscovery.update`, which
+        keeps its generation): in CA mode the native TLS core's setup names the configured peers, and is
+        changed in place to match, O(the peers changed); key mode's trusts keys (`update_security`)."""
+        made = self._native_tls
+        if made is not None and made[2] is not None and made[2].mode == "ca":
+            made[2].update_ids(list(added), list(removed))
+
     def close_peer(self, peer_id: str, because: str = "reloaded") -> int:
         """Reset every authenticated connection of `peer_id` now (a reload removed it or changed its key);
         returns how many. What was read and not delivered yet is not acknowledged: the sender counts it."""
@@ -1157,12 +1164,9 @@ class Receiver:
 
     def _is_peer_address(self, source: str) -> bool:
         """Whether `source` is the host of a configured peer's endpoint (the admission favours it: an
-        attacker cannot connect from it with TCP). Endpoints given as names do not match."""
-        generation, hosts = self._peer_addresses
-        if generation != self.discovery.generation:
-            hosts = frozenset(peer.address[0] for peer in self.discovery.peers)
-            self._peer_addresses = (self.discovery.generation, hosts)
-        return source in hosts
+        attacker cannot connect from it with TCP). Endpoints given as names do not match. O(1): the
+        discovery keeps its hosts as peers join and leave."""
+        return bool(self.discovery.peers_at(source))
 
     def _pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
         """accept() failed with nothing to shed (out of descriptors or memory): stop watching the listener
@@ -1259,8 +1263,8 @@ class Receiver:
         return made[2]
 
     def _peer_indexes(self) -> dict[str, int]:
-        discovery = self.discovery
-        return {peer.id: discovery.index_of(peer.id) for peer in discovery.peers}
+        """Peer id -> index in the discovery's table, for a native session (which copies it)."""
+        return self.discovery.indexes
 
     def _open(self, ticket: Ticket, sock: socket.socket) -> None:
         """With TLS: the connection runs on the native core (`_open_native`). In plaintext: gives `sock` its
@@ -1526,7 +1530,7 @@ class Receiver:
         security = self.security
         if security.mode != "key" or security.identity is None or conn.ticket.steps != 1:
             return "the connection ended inside the handshake"
-        here = [peer.id for peer in self.discovery.peers if peer.address[0] == conn.source]
+        here = self.discovery.peers_at(conn.source)
         who = f"peer {', '.join(here)} (configured at that address)" if here else "the peer"
         return (
             f"it hung up after TLS, before its hello: a peer does that when the public_key it has for this "

@@ -403,6 +403,53 @@ impl PeerKeys {
     }
 }
 
+/// The peers trusted in CA mode, by id (their certificates prove the id). Like [`PeerKeys`], one set
+/// shared by every clone of its [`Security`] and changed in place by [`PeerIds::update`].
+#[derive(Debug, Clone, Default)]
+pub struct PeerIds {
+    ids: Arc<RwLock<HashSet<String>>>,
+}
+
+impl PeerIds {
+    /// The set of `ids`.
+    pub fn new<'a>(ids: impl IntoIterator<Item = &'a str>) -> PeerIds {
+        PeerIds {
+            ids: Arc::new(RwLock::new(ids.into_iter().map(str::to_owned).collect())),
+        }
+    }
+
+    /// Drops `removed`, then adds `added`: the work of the peers changed.
+    pub fn update<'a>(
+        &self,
+        added: impl IntoIterator<Item = &'a str>,
+        removed: impl IntoIterator<Item = &'a str>,
+    ) {
+        let mut ids = self.ids.write().unwrap_or_else(PoisonError::into_inner);
+        for id in removed {
+            ids.remove(id);
+        }
+        ids.extend(added.into_iter().map(str::to_owned));
+    }
+
+    /// Whether `id` is a configured peer.
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(id)
+    }
+
+    /// How many peers are configured.
+    pub fn len(&self) -> usize {
+        self.ids.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Whether no peer is configured.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The client side's check of a key-mode server: exactly a certificate holding `expected`.
 #[derive(Debug)]
 pub struct KeyServerVerifier {
@@ -704,7 +751,7 @@ pub enum Trust {
     /// Key mode: this node's key, and the peers' keys.
     Keys { key: NodeKey, peers: PeerKeys },
     /// CA mode: this node's certificate and key, the CA, and the ids of the configured peers.
-    Ca { files: CaFiles, peers: HashSet<String> },
+    Ca { files: CaFiles, peers: PeerIds },
 }
 
 /// A node's TLS setup: the server configuration (shared by every accepted connection) and what it takes
@@ -806,7 +853,7 @@ impl Security {
             .with_client_cert_verifier(Arc::new(CaClientVerifier { inner }))
             .with_single_cert(files.chain.clone(), files.key.clone_key())
             .map_err(tls_error)?;
-        let peers = peers.into_iter().map(str::to_owned).collect();
+        let peers = PeerIds::new(peers);
         Ok(Self::finish(
             local_id,
             Trust::Ca { files, peers },
@@ -1030,6 +1077,16 @@ mod tests {
         table.update([], ["b", "nobody"]).unwrap();
         assert!(table.peer_of_key(&c).is_none() && !table.contains("b"));
         assert_eq!(shared.len(), 1);
+    }
+
+    #[test]
+    fn a_ca_peer_update_changes_the_shared_set_in_place() {
+        let ids = PeerIds::new(["a"]);
+        let shared = ids.clone();
+        ids.update(["b", "c"], []);
+        assert!(shared.contains("b") && shared.contains("c") && shared.len() == 3);
+        ids.update([], ["a", "nobody"]);
+        assert!(!shared.contains("a") && shared.len() == 2);
     }
 
     #[test]

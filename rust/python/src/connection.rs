@@ -94,12 +94,28 @@ impl TlsSecurity {
         })
     }
 
-    /// Key mode: the number of peers trusted (0 in CA mode).
+    /// CA mode: adds `added` to the configured peers and drops `removed`, in place, for this setup and
+    /// every connection it makes from now on (O(the peers changed)). `ValueError` in key mode.
+    #[pyo3(signature = (added, removed = Vec::new()))]
+    fn update_ids(&self, added: Vec<String>, removed: Vec<String>) -> PyResult<()> {
+        no_panic(|| {
+            let Trust::Ca { peers, .. } = self.inner.trust() else {
+                return Err(PyValueError::new_err("key mode trusts keys: update_keys"));
+            };
+            peers.update(
+                added.iter().map(String::as_str),
+                removed.iter().map(String::as_str),
+            );
+            Ok(())
+        })
+    }
+
+    /// The number of peers trusted.
     #[getter]
     fn peer_count(&self) -> usize {
         match self.inner.trust() {
             Trust::Keys { peers, .. } => peers.len(),
-            Trust::Ca { .. } => 0,
+            Trust::Ca { peers, .. } => peers.len(),
         }
     }
 

@@ -18,8 +18,8 @@ connection attempt is refused at once). Reports (it asserts nothing):
   removing one peer (the path a reload and discovery take), at this N. A join and a leave include the
   receiver's native TLS setup being made ready for the next connection (`Receiver._native()`, which main
   made again from every key after a change): until the new peer's first handshake could be accepted,
-  or the removed one's refused. `accept_setup`: what the receiver does per accepted connection before
-  its handshake (the session's peer index map), at this N.
+  or the removed one's refused. `accept_setup`: a receiver's native session for one accepted connection
+  made as `Receiver._open_native` makes it (with the peers' index map), at this N.
 
     python benches/static_scale.py --peers 10 --idle 1 --status-runs 1   # lookup/join/leave at small N
 
@@ -46,6 +46,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from vpn_packet._native import ReceiveSession
 from vpn_packet.node.config import load_config
 from vpn_packet.node.tun_node import TunNode
 from vpn_packet.testutil.faketun import FakeTun
@@ -204,10 +205,14 @@ async def run(n: int, idle: float, status_runs: int) -> dict[str, Any]:
             out["join_us"] = round(_per_op(joins), 1)
             out["leave_us"] = round(_per_op(leaves), 1)
             samples = []
+            tls = receiver._native()
+            discovery_now = node.node.discovery
             for _ in range(20):
-                s0 = time.perf_counter()
-                receiver._peer_indexes()
-                samples.append(time.perf_counter() - s0)
+                left, right = socket.socketpair()
+                with left, right:
+                    s0 = time.perf_counter()
+                    ReceiveSession(tls, right.fileno(), None, discovery_now.table, receiver._peer_indexes())
+                    samples.append(time.perf_counter() - s0)
             out["accept_setup_us"] = round(_per_op(samples), 1)
         finally:
             await node.shutdown()

@@ -142,6 +142,13 @@ class KeyMap(Mapping[_K, _V]):
     def __contains__(self, key: object) -> bool:
         return key in self._map
 
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, KeyMap):
+            return self._map == other._map  # a trie compares shared branches at once
+        return Mapping.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking, like dict: not hashable
+
     def __repr__(self) -> str:
         return f"KeyMap({dict(self._map)!r})"
 
@@ -252,8 +259,7 @@ class Security:
             raise ValueError(f"{self.mode} mode has no peer keys")
         peer_keys, by_key = self.peer_keys, self._ids_by_key
         gone = [*removed, *keys]
-        leaving = set(gone)
-        freed = {old: peer_id for peer_id in leaving if (old := peer_keys.get(peer_id)) is not None}
+        freed = {old: peer_id for peer_id in set(gone) if (old := peer_keys.get(peer_id)) is not None}
         claimed: dict[bytes, str] = {}
         for peer_id, key in keys.items():
             problem = key_problem(key)

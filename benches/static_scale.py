@@ -15,7 +15,13 @@ connection attempt is refused at once). Reports (it asserts nothing):
   operator runs it: its own start-up included) listing all N peers, and `metrics()` in process;
 - memory per peer: the RSS growth from before the config is read to running, over N;
 - lookup, join, leave: `StaticPeerDiscovery.lookup` of a peer's address, and `Node.update_peers` adding and
-  removing one peer (the path a reload and discovery take), at this N.
+  removing one peer (the path a reload and discovery take), at this N. A join and a leave include the
+  receiver's native TLS setup being made ready for the next connection (`Receiver._native()`, which main
+  made again from every key after a change): until the new peer's first handshake could be accepted,
+  or the removed one's refused. `accept_setup`: a receiver's native session for one accepted connection
+  made as `Receiver._open_native` makes it (with the peers' index map), at this N.
+
+    python benches/static_scale.py --peers 10 --idle 1 --status-runs 1   # lookup/join/leave at small N
 
 Run it on two branches to compare (it uses only what main has too).
 """
@@ -40,6 +46,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from vpn_packet._native import ReceiveSession
 from vpn_packet.node.config import load_config
 from vpn_packet.node.tun_node import TunNode
 from vpn_packet.testutil.faketun import FakeTun
@@ -180,6 +187,8 @@ async def run(n: int, idle: float, status_runs: int) -> dict[str, Any]:
                     discovery.lookup(ip)
                 samples.append((time.perf_counter() - s0) / len(ips))
             out["lookup_us"] = round(_per_op(samples), 3)
+            receiver = node.node.receiver
+            receiver._native()  # made once, as the first connection would
             joins, leaves = [], []
             for j in range(50):
                 raw = ed25519.Ed25519PrivateKey.generate().public_key()
@@ -187,12 +196,24 @@ async def run(n: int, idle: float, status_runs: int) -> dict[str, Any]:
                 peer = Peer(f"extra-{j}", "127.2.0.1:9", [f"10.65.{j // 250}.{j % 250 + 1}/32"])
                 s0 = time.perf_counter()
                 await node.node.update_peers([peer], keys={peer.id: key})
+                receiver._native()  # ready for the new peer's first handshake
                 joins.append(time.perf_counter() - s0)
                 s0 = time.perf_counter()
                 await node.node.update_peers(removed=[peer.id])
+                receiver._native()
                 leaves.append(time.perf_counter() - s0)
             out["join_us"] = round(_per_op(joins), 1)
             out["leave_us"] = round(_per_op(leaves), 1)
+            samples = []
+            tls = receiver._native()
+            discovery_now = node.node.discovery
+            for _ in range(20):
+                left, right = socket.socketpair()
+                with left, right:
+                    s0 = time.perf_counter()
+                    ReceiveSession(tls, right.fileno(), None, discovery_now.table, receiver._peer_indexes())
+                    samples.append(time.perf_counter() - s0)
+            out["accept_setup_us"] = round(_per_op(samples), 1)
         finally:
             await node.shutdown()
             logging.getLogger("vpn_packet").removeHandler(counter)

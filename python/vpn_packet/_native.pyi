@@ -434,6 +434,14 @@ class TlsSecurity:
         *,
         max_frame_size: int = 65535,
     ) -> TlsSecurity: ...
+    def update_keys(self, set: Sequence[tuple[str, bytes]], removed: Sequence[str] = ...) -> None:
+        """Key mode: trusts `set`'s peers (added or rekeyed) and no longer `removed`'s, in place, O(the
+        peers changed); raises `IdentityError` before anything changed, `ValueError` in CA mode."""
+    def update_ids(self, added: Sequence[str], removed: Sequence[str] = ...) -> None:
+        """CA mode: adds `added` to the configured peers and drops `removed`, in place, O(the peers
+        changed); `ValueError` in key mode."""
+    @property
+    def peer_count(self) -> int: ...
     @property
     def local_id(self) -> str: ...
     @property

@@ -615,6 +615,7 @@ class Node:
             if fields:
                 changed[peer.id] = fields
         self.discovery.update(added, updated, removed)  # ValueError before anything changed
+        self.receiver.peers_changed([peer.id for peer in added], removed)
         for peer in (*added, *updated):
             if source == "static":
                 self._sources.pop(peer.id, None)
@@ -628,7 +629,7 @@ class Node:
         if security is not self.security:
             self.security = security
             self.stream_service.security = security
-            self.receiver.update_security(security)
+            self.receiver.update_security(security, keys or {}, gone_keys)
         rekeyed = {peer_id for peer_id, keys_changed in changed.items() if "public_key" in keys_changed}
         moved = {peer_id for peer_id, keys_changed in changed.items() if "endpoint" in keys_changed}
         closed = 0

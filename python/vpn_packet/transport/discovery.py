@@ -68,6 +68,14 @@ class Peer:
         )
 
 
+def _host(peer: Peer) -> str:
+    """The host of `peer`'s endpoint, or the endpoint itself when it does not parse."""
+    try:
+        return peer.address[0]
+    except ValueError:
+        return peer.endpoint
+
+
 class StaticPeerDiscovery:
     """A fixed set of peers; longest-prefix match from destination address to peer id.
 
@@ -79,6 +87,9 @@ class StaticPeerDiscovery:
     def __init__(self, peers: Iterable[Peer]) -> None:
         self._slots, self._index, self._table, self._owner = self._build(peers)
         self._listed: tuple[Peer, ...] | None = None
+        # Endpoint host -> ids of the peers there (`peers_at`): made at the first question, then kept by
+        # `update` in O(the peers changed).
+        self._hosts: dict[str, dict[str, None]] | None = None
         self.generation = 0
 
     @staticmethod
@@ -110,6 +121,7 @@ class StaticPeerDiscovery:
         Validated first: on `ValueError`/`TypeError` nothing changes."""
         self._slots, self._index, self._table, self._owner = self._build(peers)
         self._listed = None
+        self._hosts = None
         self.generation += 1
 
     def update(
@@ -150,10 +162,13 @@ class StaticPeerDiscovery:
                     raise ValueError(f"prefix {prefix} is given to both {other!r} and {peer.id!r}")
                 claimed[prefix] = peer.id
         # Validated: apply. Removed and updated peers' prefixes out first, then the new ones in.
+        hosts = self._hosts
         for peer_id in leaving:
             index = self._index[peer_id]
             old = self._slots[index]
             assert old is not None
+            if hosts is not None:
+                self._forget_host(hosts, old)
             for prefix in old.allowed_ips:
                 self._table.remove(prefix)
                 del self._owner[prefix]
@@ -173,6 +188,9 @@ class StaticPeerDiscovery:
             for prefix in peer.allowed_ips:
                 self._table.insert(prefix, index)
                 self._owner[prefix] = peer.id
+        if hosts is not None:
+            for peer in (*updated, *added):
+                hosts.setdefault(_host(peer), {})[peer.id] = None
         self._listed = None
         if len(self._slots) > 64 and len(self._slots) > 2 * len(self._index):
             self.replace(self.peers)
@@ -188,6 +206,30 @@ class StaticPeerDiscovery:
         if self._listed is None:
             self._listed = tuple(peer for peer in self._slots if peer is not None)
         return self._listed
+
+    @staticmethod
+    def _forget_host(hosts: dict[str, dict[str, None]], peer: Peer) -> None:
+        host = _host(peer)
+        there = hosts.get(host)
+        if there is not None:
+            there.pop(peer.id, None)
+            if not there:
+                del hosts[host]
+
+    def peers_at(self, host: str) -> list[str]:
+        """The ids of the peers whose endpoint is at `host` (as written: a name matches only itself), in
+        the order they joined there. O(1) after the first call."""
+        if self._hosts is None:
+            hosts: dict[str, dict[str, None]] = {}
+            for peer in self.peers:
+                hosts.setdefault(_host(peer), {})[peer.id] = None
+            self._hosts = hosts
+        return list(self._hosts.get(host, ()))
+
+    @property
+    def indexes(self) -> dict[str, int]:
+        """Peer id -> its index in `table` (the live map, kept by `update`; do not modify it)."""
+        return self._index
 
     @property
     def table(self) -> PrefixTable:

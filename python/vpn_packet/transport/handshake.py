@@ -28,10 +28,12 @@ import itertools
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
+
+import immutables
 
 from vpn_packet._native import (
     ANSWER_REASONS,
@@ -112,6 +114,54 @@ class Verdict:
         return self.reason == ACCEPTED
 
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class KeyMap(Mapping[_K, _V]):
+    """A read-only mapping whose changed copy (`changed`) costs O(log n) and shares the rest with the
+    original (a hash array mapped trie, `immutables.Map`): a `Security` derived for one peer joining keeps
+    the one it came from valid, without copying 10,000 keys. Equal to any mapping with the same items."""
+
+    __slots__ = ("_map",)
+
+    def __init__(self, items: Mapping[_K, _V] | immutables.Map[_K, _V] | None = None) -> None:
+        self._map: immutables.Map[_K, _V] = (
+            items if isinstance(items, immutables.Map) else immutables.Map(items or {})
+        )
+
+    def __getitem__(self, key: _K) -> _V:
+        return self._map[key]
+
+    def __iter__(self) -> Iterator[_K]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._map
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, KeyMap):
+            return self._map == other._map  # a trie compares shared branches at once
+        return Mapping.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking, like dict: not hashable
+
+    def __repr__(self) -> str:
+        return f"KeyMap({dict(self._map)!r})"
+
+    def changed(self, set_items: Mapping[_K, _V], removed: Iterable[_K] = ()) -> KeyMap[_K, _V]:
+        """A copy with `removed` dropped (absent keys ignored), then `set_items` set."""
+        mutation = self._map.mutate()
+        for key in removed:
+            mutation.pop(key, None)
+        for key, value in set_items.items():
+            mutation[key] = value
+        return KeyMap(mutation.finish())
+
+
 @dataclass(frozen=True, slots=True)
 class Security:
     """How a node proves itself and trusts its peers; see the module docstring. Build one with
@@ -126,12 +176,12 @@ class Security:
     mode: SecurityMode
     local_id: str
     identity: NodeIdentity | None = None
-    peer_keys: Mapping[str, bytes] = field(default_factory=dict)
+    peer_keys: Mapping[str, bytes] = field(default_factory=KeyMap)
     server_context: ssl.SSLContext | None = field(default=None, repr=False)
     client_context: ssl.SSLContext | None = field(default=None, repr=False)
     #: CA mode: the certificate, key and CA files' bytes, for the native TLS core (`native_tls`).
     ca_files: tuple[bytes, bytes, bytes] | None = field(default=None, repr=False, compare=False)
-    _ids_by_key: dict[bytes, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _ids_by_key: KeyMap[bytes, str] = field(default_factory=KeyMap, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode == "key" and self.identity is None:
@@ -146,7 +196,8 @@ class Security:
             if key in by_key:
                 raise ValueError(f"peers {by_key[key]!r} and {peer_id!r} have the same public key")
             by_key[key] = peer_id
-        self._ids_by_key.update(by_key)
+        object.__setattr__(self, "peer_keys", KeyMap(dict(self.peer_keys)))
+        object.__setattr__(self, "_ids_by_key", KeyMap(by_key))
 
     @classmethod
     def with_keys(
@@ -200,28 +251,28 @@ class Security:
         return dataclasses.replace(self, peer_keys=dict(peer_keys))
 
     def with_key_changes(self, keys: Mapping[str, bytes], removed: Iterable[str] = ()) -> Security:
-        """The same, with the keys of `keys`' peers set and `removed`'s dropped: a copy of the two key maps
-        (no Python work per peer) and the strict check of the changed keys only, so a change costs the
-        same with 10 peers or 10,000 (issue 21). Raises like `with_peer_keys`, before anything changed."""
+        """The same, with the keys of `keys`' peers set and `removed`'s dropped: the two key maps are
+        persistent (`KeyMap`), so the copy costs O(the peers changed) and this `Security` stays as it was;
+        only the changed keys get the strict check, so a change costs the same with 10 peers or 10,000
+        (issue 21). Raises like `with_peer_keys`, before anything changed."""
         if self.mode != "key":
             raise ValueError(f"{self.mode} mode has no peer keys")
-        peer_keys = dict(self.peer_keys)
-        by_key = dict(self._ids_by_key)
-        for peer_id in (*removed, *keys):
-            old = peer_keys.pop(peer_id, None)
-            if old is not None and by_key.get(old) == peer_id:
-                del by_key[old]
+        peer_keys, by_key = self.peer_keys, self._ids_by_key
+        gone = [*removed, *keys]
+        freed = {old: peer_id for peer_id in set(gone) if (old := peer_keys.get(peer_id)) is not None}
+        claimed: dict[bytes, str] = {}
         for peer_id, key in keys.items():
             problem = key_problem(key)
             if problem is not None:
                 raise IdentityError(f"peer {peer_id!r}'s public key cannot be trusted: {problem}")
-            if key in by_key:
-                raise ValueError(f"peers {by_key[key]!r} and {peer_id!r} have the same public key")
-            by_key[key] = peer_id
-            peer_keys[peer_id] = key
+            holder = claimed.get(key) or by_key.get(key)
+            if holder is not None and not (key not in claimed and freed.get(key) == holder):
+                raise ValueError(f"peers {holder!r} and {peer_id!r} have the same public key")
+            claimed[key] = peer_id
+        assert isinstance(peer_keys, KeyMap)  # made so by __post_init__
         derived = copy.copy(self)  # the same contexts and identity; no __post_init__ (checked above)
-        object.__setattr__(derived, "peer_keys", peer_keys)
-        object.__setattr__(derived, "_ids_by_key", by_key)
+        object.__setattr__(derived, "peer_keys", peer_keys.changed(keys, gone))
+        object.__setattr__(derived, "_ids_by_key", by_key.changed(claimed, freed))
         return derived
 
     def native_tls(self, peers: Iterable[str], max_frame_size: int) -> TlsSecurity | None:

@@ -74,7 +74,7 @@ import struct
 import termios
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import ClassVar, Final, cast
@@ -906,7 +906,6 @@ class Receiver:
             max_pending_per_source=max_pending_per_source,
             favoured=self._is_peer_address,
         )
-        self._peer_addresses: tuple[int, frozenset[str]] = (-1, frozenset())  # (discovery generation, hosts)
         self._attaching: set[asyncio.Task[None]] = set()  # a started connection getting its transport
         self._heap = HeapRelease()
         self._by_peer: dict[str, OrderedDict[asyncio.Task[None], _Connection | _NativeConnection]] = {}
@@ -1066,11 +1065,38 @@ class Receiver:
                 return False
         return True
 
-    def update_security(self, security: Security) -> None:
+    def update_security(
+        self, security: Security, keys: Mapping[str, bytes] | None = None, removed: Iterable[str] = ()
+    ) -> None:
         """A reload: judge handshakes from now on with `security` (new peer keys take effect at once; a
-        handshake in progress meanwhile is closed once it completes, and the peer connects again)."""
+        handshake in progress meanwhile is closed once it completes, and the peer connects again).
+
+        `keys` and `removed` (key mode): the changes `security` was derived with
+        (`Security.with_key_changes`); the native TLS core's peer table is then changed in place, the work
+        of the peers changed, instead of being made again from every key at the next connection."""
         self.security = security
+        made = self._native_tls
+        current = made is not None and made[0] == self._reloads  # made from the security `security` follows
         self._reloads += 1
+        if made is None or made[2] is None:
+            return
+        if keys is None or not current or security.mode != "key" or made[2].mode != "key":
+            self._native_tls = None  # made again, from `security`, for the next connection
+            return
+        try:
+            made[2].update_keys(list(keys.items()), list(removed))
+        except ValueError:  # IdentityError: `security` checked them already; made again all the same
+            self._native_tls = None
+            return
+        self._native_tls = (self._reloads, made[1], made[2])
+
+    def peers_changed(self, added: Iterable[str], removed: Iterable[str]) -> None:
+        """Peers were added to or removed from `discovery` in place (`StaticPeerDiscovery.update`, which
+        keeps its generation): in CA mode the native TLS core's setup names the configured peers, and is
+        changed in place to match, O(the peers changed); key mode's trusts keys (`update_security`)."""
+        made = self._native_tls
+        if made is not None and made[2] is not None and made[2].mode == "ca":
+            made[2].update_ids(list(added), list(removed))
 
     def close_peer(self, peer_id: str, because: str = "reloaded") -> int:
         """Reset every authenticated connection of `peer_id` now (a reload removed it or changed its key);
@@ -1139,12 +1165,9 @@ class Receiver:
 
     def _is_peer_address(self, source: str) -> bool:
         """Whether `source` is the host of a configured peer's endpoint (the admission favours it: an
-        attacker cannot connect from it with TCP). Endpoints given as names do not match."""
-        generation, hosts = self._peer_addresses
-        if generation != self.discovery.generation:
-            hosts = frozenset(peer.address[0] for peer in self.discovery.peers)
-            self._peer_addresses = (self.discovery.generation, hosts)
-        return source in hosts
+        attacker cannot connect from it with TCP). Endpoints given as names do not match. O(1): the
+        discovery keeps its hosts as peers join and leave."""
+        return bool(self.discovery.peers_at(source))
 
     def _pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
         """accept() failed with nothing to shed (out of descriptors or memory): stop watching the listener
@@ -1230,9 +1253,10 @@ class Receiver:
 
     def _native(self) -> TlsSecurity | None:
         """The native TLS core's setup for new connections (None in plaintext): made again after a reload
-        of the security or of the peers (CA mode names the configured peers)."""
+        of the security that `update_security` could not apply in place, and in CA mode after a change of
+        the peers (it names the configured peers; key mode's table is the keys)."""
         made = self._native_tls
-        generation = self.discovery.generation
+        generation = self.discovery.generation if self.security.mode == "ca" else -1
         if made is None or made[0] != self._reloads or made[1] != generation:
             peers = [peer.id for peer in self.discovery.peers]
             made = (self._reloads, generation, self.security.native_tls(peers, self.max_frame_size))
@@ -1240,8 +1264,8 @@ class Receiver:
         return made[2]
 
     def _peer_indexes(self) -> dict[str, int]:
-        discovery = self.discovery
-        return {peer.id: discovery.index_of(peer.id) for peer in discovery.peers}
+        """Peer id -> index in the discovery's table, for a native session (which copies it)."""
+        return self.discovery.indexes
 
     def _open(self, ticket: Ticket, sock: socket.socket) -> None:
         """With TLS: the connection runs on the native core (`_open_native`). In plaintext: gives `sock` its
@@ -1512,7 +1536,7 @@ class Receiver:
     def _key_advice(self, conn: _Connection | _NativeConnection, what: str) -> str:
         security = self.security
         assert security.identity is not None
-        here = [peer.id for peer in self.discovery.peers if peer.address[0] == conn.source]
+        here = self.discovery.peers_at(conn.source)
         who = f"peer {', '.join(here)} (configured at that address)" if here else "the peer"
         return (
             f"{what}: a peer does that when the public_key it has for this node is not ours; if this is "

@@ -827,7 +827,7 @@ impl Connection {
                     return;
                 };
                 let signed =
-                    handshake::hello_transcript(&nonce, server_key, &local_id, epoch, key.public_key())
+                    handshake::hello_transcript(&nonce, &server_key, &local_id, epoch, key.public_key())
                         .map_err(Failure::Handshake)
                         .and_then(|transcript| key.sign(&transcript).map_err(Failure::Tls));
                 let signature = match signed {
@@ -1132,7 +1132,7 @@ fn judge(
                     "the hello's signature does not verify with its key".into(),
                 ));
             }
-            Ok(peer_id.to_owned())
+            Ok(peer_id)
         }
         Trust::Ca { peers, .. } => {
             if !peers.contains(hello.peer_id) {

@@ -28,7 +28,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockReadGuard};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{verify_server_cert_signed_by_trust_anchor, Resumption};
@@ -269,20 +269,33 @@ impl NodeKey {
 }
 
 /// The peers trusted in key mode: id and public key, looked up by key (a peer is who its key proves).
+///
+/// One table shared by every clone of the [`Security`] it belongs to, changed in place by
+/// [`PeerKeys::update`]: a peer joining or leaving costs the same with 10 peers known or 10,000, and the
+/// connections already made keep their setup. A server reads the table when it judges a hello, so a key
+/// removed is refused from the next hello on.
 #[derive(Debug, Clone, Default)]
 pub struct PeerKeys {
+    table: Arc<RwLock<KeyTable>>,
+}
+
+#[derive(Debug, Default)]
+struct KeyTable {
     by_key: HashMap<[u8; PUBLIC_KEY_LEN], String>,
     by_id: HashMap<String, [u8; PUBLIC_KEY_LEN]>,
+}
+
+fn peer_key(id: &str, key: &[u8]) -> Result<[u8; PUBLIC_KEY_LEN], ConfigError> {
+    accept_public_key(key).map_err(|err: KeyProblem| ConfigError::new("peers", format!("peer {id:?}: {err}")))
 }
 
 impl PeerKeys {
     /// The table of `peers` (id, raw key); refuses a key [`accept_public_key`] refuses, two peers with one
     /// key, or one id twice.
     pub fn new<'a>(peers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Result<PeerKeys, ConfigError> {
-        let mut table = PeerKeys::default();
+        let mut table = KeyTable::default();
         for (id, key) in peers {
-            let key = accept_public_key(key)
-                .map_err(|err: KeyProblem| ConfigError::new("peers", format!("peer {id:?}: {err}")))?;
+            let key = peer_key(id, key)?;
             if let Some(other) = table.by_key.get(&key) {
                 return Err(ConfigError::new(
                     "peers",
@@ -297,23 +310,143 @@ impl PeerKeys {
             }
             table.by_key.insert(key, id.to_owned());
         }
-        Ok(table)
+        Ok(PeerKeys {
+            table: Arc::new(RwLock::new(table)),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, KeyTable> {
+        self.table.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the keys of `set`'s peers (added, or given a new key) and drops `removed`'s, in place: the
+    /// work of the peers changed only. Checked before anything changes: a key [`accept_public_key`]
+    /// refuses, one id twice in `set`, or a key another peer keeps (a key freed by a peer removed or
+    /// rekeyed in the same change may be given again) is refused and the table stays as it was. An id of
+    /// `removed` that is not in the table is ignored; one in both is set.
+    pub fn update<'a>(
+        &self,
+        set: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        removed: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ConfigError> {
+        let mut checked: Vec<(&str, [u8; PUBLIC_KEY_LEN])> = Vec::new();
+        for (id, key) in set {
+            checked.push((id, peer_key(id, key)?)); // outside the lock: a scalar multiplication at most
+        }
+        let mut leaving: HashSet<&str> = removed.into_iter().collect();
+        let mut ids: HashSet<&str> = HashSet::with_capacity(checked.len());
+        for (id, _) in &checked {
+            if !ids.insert(id) {
+                return Err(ConfigError::new(
+                    "peers",
+                    format!("peer {id:?} is configured twice"),
+                ));
+            }
+            leaving.insert(id);
+        }
+        let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        let mut claimed: HashMap<[u8; PUBLIC_KEY_LEN], &str> = HashMap::with_capacity(checked.len());
+        for (id, key) in &checked {
+            let holder = claimed.get(key).copied().or_else(|| {
+                table
+                    .by_key
+                    .get(key)
+                    .map(String::as_str)
+                    .filter(|h| !leaving.contains(h))
+            });
+            if let Some(other) = holder {
+                return Err(ConfigError::new(
+                    "peers",
+                    format!("peers {other:?} and {id:?} have the same public key"),
+                ));
+            }
+            claimed.insert(*key, id);
+        }
+        for id in leaving {
+            if let Some(old) = table.by_id.remove(id) {
+                if table.by_key.get(&old).is_some_and(|holder| holder == id) {
+                    table.by_key.remove(&old);
+                }
+            }
+        }
+        for (id, key) in checked {
+            table.by_id.insert(id.to_owned(), key);
+            table.by_key.insert(key, id.to_owned());
+        }
+        Ok(())
     }
 
     /// The peer that has `key`.
-    pub fn peer_of_key(&self, key: &[u8]) -> Option<&str> {
+    pub fn peer_of_key(&self, key: &[u8]) -> Option<String> {
         let key: &[u8; PUBLIC_KEY_LEN] = key.try_into().ok()?;
-        self.by_key.get(key).map(String::as_str)
+        self.read().by_key.get(key).cloned()
     }
 
     /// The key configured for `id`.
-    pub fn key_of(&self, id: &str) -> Option<&[u8; PUBLIC_KEY_LEN]> {
-        self.by_id.get(id)
+    pub fn key_of(&self, id: &str) -> Option<[u8; PUBLIC_KEY_LEN]> {
+        self.read().by_id.get(id).copied()
     }
 
     /// Whether `id` is a configured peer.
     pub fn contains(&self, id: &str) -> bool {
-        self.by_id.contains_key(id)
+        self.read().by_id.contains_key(id)
+    }
+
+    /// How many peers are trusted.
+    pub fn len(&self) -> usize {
+        self.read().by_id.len()
+    }
+
+    /// Whether no peer is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The peers trusted in CA mode, by id (their certificates prove the id). Like [`PeerKeys`], one set
+/// shared by every clone of its [`Security`] and changed in place by [`PeerIds::update`].
+#[derive(Debug, Clone, Default)]
+pub struct PeerIds {
+    ids: Arc<RwLock<HashSet<String>>>,
+}
+
+impl PeerIds {
+    /// The set of `ids`.
+    pub fn new<'a>(ids: impl IntoIterator<Item = &'a str>) -> PeerIds {
+        PeerIds {
+            ids: Arc::new(RwLock::new(ids.into_iter().map(str::to_owned).collect())),
+        }
+    }
+
+    /// Drops `removed`, then adds `added`: the work of the peers changed.
+    pub fn update<'a>(
+        &self,
+        added: impl IntoIterator<Item = &'a str>,
+        removed: impl IntoIterator<Item = &'a str>,
+    ) {
+        let mut ids = self.ids.write().unwrap_or_else(PoisonError::into_inner);
+        for id in removed {
+            ids.remove(id);
+        }
+        ids.extend(added.into_iter().map(str::to_owned));
+    }
+
+    /// Whether `id` is a configured peer.
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(id)
+    }
+
+    /// How many peers are configured.
+    pub fn len(&self) -> usize {
+        self.ids.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Whether no peer is configured.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -618,7 +751,7 @@ pub enum Trust {
     /// Key mode: this node's key, and the peers' keys.
     Keys { key: NodeKey, peers: PeerKeys },
     /// CA mode: this node's certificate and key, the CA, and the ids of the configured peers.
-    Ca { files: CaFiles, peers: HashSet<String> },
+    Ca { files: CaFiles, peers: PeerIds },
 }
 
 /// A node's TLS setup: the server configuration (shared by every accepted connection) and what it takes
@@ -720,7 +853,7 @@ impl Security {
             .with_client_cert_verifier(Arc::new(CaClientVerifier { inner }))
             .with_single_cert(files.chain.clone(), files.key.clone_key())
             .map_err(tls_error)?;
-        let peers = peers.into_iter().map(str::to_owned).collect();
+        let peers = PeerIds::new(peers);
         Ok(Self::finish(
             local_id,
             Trust::Ca { files, peers },
@@ -792,7 +925,7 @@ impl Security {
             .dangerous();
         let mut config = match &self.inner.trust {
             Trust::Keys { peers, .. } => {
-                let expected = *peers.key_of(peer_id).ok_or_else(|| {
+                let expected = peers.key_of(peer_id).ok_or_else(|| {
                     ConfigError::new(
                         "peers",
                         format!("no public key is configured for peer {peer_id:?}"),
@@ -915,6 +1048,45 @@ mod tests {
         let mut bent = honest;
         bent[0] ^= 1;
         assert!(check(&bent).is_err());
+    }
+
+    #[test]
+    fn a_key_update_changes_the_shared_table_in_place_or_nothing() {
+        let (a, b, c) = (strong_key(), strong_key(), strong_key());
+        let table = PeerKeys::new([("a", &a[..])]).unwrap();
+        let shared = table.clone(); // another holder of the same setup sees the change
+        table.update([("b", &b[..])], []).unwrap();
+        assert_eq!(shared.peer_of_key(&b).as_deref(), Some("b"));
+        assert_eq!(shared.key_of("b"), Some(b));
+        assert_eq!(shared.len(), 2);
+        // Refused before anything changes: a key another peer keeps, a weak key, an id twice.
+        let err = table.update([("c", &a[..])], []).unwrap_err();
+        assert!(err.detail.contains("the same public key"), "{err}");
+        assert!(table.update([("c", &c[..]), ("d", &[0u8; 32][..])], []).is_err());
+        let err = table.update([("c", &c[..]), ("c", &c[..])], []).unwrap_err();
+        assert!(err.detail.contains("configured twice"), "{err}");
+        assert!(!table.contains("c") && table.peer_of_key(&c).is_none());
+        assert_eq!(table.len(), 2);
+        // A key freed in the same change may be given again; a removed peer's key finds nobody.
+        table.update([("c", &a[..])], ["a"]).unwrap();
+        assert_eq!(table.peer_of_key(&a).as_deref(), Some("c"));
+        assert!(!table.contains("a"));
+        table.update([("b", &c[..])], []).unwrap(); // rekeyed
+        assert!(table.peer_of_key(&b).is_none());
+        assert_eq!(table.peer_of_key(&c).as_deref(), Some("b"));
+        table.update([], ["b", "nobody"]).unwrap();
+        assert!(table.peer_of_key(&c).is_none() && !table.contains("b"));
+        assert_eq!(shared.len(), 1);
+    }
+
+    #[test]
+    fn a_ca_peer_update_changes_the_shared_set_in_place() {
+        let ids = PeerIds::new(["a"]);
+        let shared = ids.clone();
+        ids.update(["b", "c"], []);
+        assert!(shared.contains("b") && shared.contains("c") && shared.len() == 3);
+        ids.update([], ["a", "nobody"]);
+        assert!(!shared.contains("a") && shared.len() == 2);
     }
 
     #[test]

@@ -75,6 +75,51 @@ impl TlsSecurity {
         })
     }
 
+    /// Key mode: trusts `set`'s peers with their keys (added, or rekeyed) and no longer `removed`'s, in
+    /// place, for this setup and every connection it makes from now on: the work of the peers changed,
+    /// however many are known. A handshake already past its hello is not judged again (the receiver
+    /// closes one that spans a change). Raises `IdentityError` (a key that cannot be trusted, two peers
+    /// with one key, an id twice) before anything changed, `ValueError` in CA mode.
+    #[pyo3(signature = (set, removed = Vec::new()))]
+    fn update_keys(&self, set: Vec<(String, Vec<u8>)>, removed: Vec<String>) -> PyResult<()> {
+        no_panic(|| {
+            let Trust::Keys { peers, .. } = self.inner.trust() else {
+                return Err(PyValueError::new_err("CA mode has no peer keys"));
+            };
+            peers
+                .update(
+                    set.iter().map(|(id, key)| (id.as_str(), key.as_slice())),
+                    removed.iter().map(String::as_str),
+                )
+                .map_err(config_error)
+        })
+    }
+
+    /// CA mode: adds `added` to the configured peers and drops `removed`, in place, for this setup and
+    /// every connection it makes from now on (O(the peers changed)). `ValueError` in key mode.
+    #[pyo3(signature = (added, removed = Vec::new()))]
+    fn update_ids(&self, added: Vec<String>, removed: Vec<String>) -> PyResult<()> {
+        no_panic(|| {
+            let Trust::Ca { peers, .. } = self.inner.trust() else {
+                return Err(PyValueError::new_err("key mode trusts keys: update_keys"));
+            };
+            peers.update(
+                added.iter().map(String::as_str),
+                removed.iter().map(String::as_str),
+            );
+            Ok(())
+        })
+    }
+
+    /// The number of peers trusted.
+    #[getter]
+    fn peer_count(&self) -> usize {
+        match self.inner.trust() {
+            Trust::Keys { peers, .. } => peers.len(),
+            Trust::Ca { peers, .. } => peers.len(),
+        }
+    }
+
     /// The id this node announces.
     #[getter]
     fn local_id(&self) -> &str {

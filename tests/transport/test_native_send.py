@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -56,6 +57,9 @@ class TlsPeer:
     def __init__(self, security: TlsSecurity) -> None:
         self.security = security
         self.stop_after: int | None = None  # frames after which it stops reading
+        # Frames after which it holds its ack until `reset_now` is set, then writes it and resets at once.
+        self.reset_after: int | None = None
+        self.reset_now = asyncio.Event()
         self.junk: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.frames: list[bytes] = []
         self.keepalives = 0
@@ -86,11 +90,18 @@ class TlsPeer:
         conn: TlsConnection = self.security.server()
         with sock:
             while True:
-                out = conn.take_output()
+                out = b"" if self._holding() else conn.take_output()
                 if out:
                     await loop.sock_sendall(sock, out)
                 if conn.stage == "established":
                     self.established.set()
+                    if self.reset_after is not None and len(self.frames) >= self.reset_after:
+                        await self.reset_now.wait()
+                        # The ack, then a reset in the same turn of the loop (nothing of ours runs in
+                        # between): the client reads both in one readiness event.
+                        sock.send(conn.take_output())
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return
                     if self.stop_after is not None and len(self.frames) >= self.stop_after:
                         # Frozen: nothing read, nothing acknowledged; junk written when the test says.
                         await loop.sock_sendall(sock, await self.junk)
@@ -105,6 +116,9 @@ class TlsPeer:
                     self.frames += conn.take_frames()
                     self.keepalives = conn.keepalives
                     self.got.notify_all()
+
+    def _holding(self) -> bool:
+        return self.reset_after is not None and len(self.frames) >= self.reset_after
 
     async def wait_for(self, frames: int) -> None:
         async with asyncio.timeout(HANG_GUARD), self.got:
@@ -209,6 +223,29 @@ async def test_a_tls_peer_that_stops_reading_fails_the_write_within_write_timeou
     assert stats.tx_packets == 0
     assert stats.lost_in_flight == 64 * len(receipts)
     assert stream not in stats.streams
+
+
+async def test_acks_read_with_the_peers_reset_still_count(peer: TlsPeer, keys: dict[str, Security]) -> None:
+    """A peer acknowledges what it delivered and resets the connection while our output waits for the
+    socket: the native call that reads the ack then fails writing. The ack counts: those packets were
+    delivered, they are sent, not lost (found by the SIGTERM delivery scenario, where they were lost)."""
+    service = TcpStreamService(
+        Endpoints(peer.port), keys["node-a"], window=64 << 20, send_buffer=16 * 1024, high_water=64 << 20
+    )
+    peer.reset_after = 2
+    stream = await service.create_stream("node-b")
+    first = await stream.write_many([pkt(1), pkt(2)])
+    await peer.wait_for(2)
+    batch = [pkt(i, 1300) for i in range(3, 3 + 2048)]  # more than the two sockets' buffers hold
+    second = await stream.write_many(batch)
+    assert stream.write_buffer_size() > 0  # output waits in the session: the next pump writes it
+    peer.reset_now.set()
+    async with asyncio.timeout(HANG_GUARD):
+        assert await first == 2
+        assert await second == 0
+        await stream.wait_closed()
+    stats = service.stats("node-b")
+    assert (stats.tx_packets, stats.lost_in_flight) == (2, len(batch))
 
 
 async def test_bytes_from_the_peer_that_are_not_tls_records_reset_the_stream(

@@ -260,10 +260,7 @@ class _NativeLink(_Link):
         except OSError as exc:
             self._ended_socket(exc)
             return
-        if acked > self.acked:
-            self.acked = acked
-            if self.on_acked is not None:
-                self.on_acked(acked)
+        self._count_acks(acked)
         if events is not None:
             for event in events:
                 if isinstance(event, Failed):  # acks that contradict themselves, a bad record
@@ -319,7 +316,17 @@ class _NativeLink(_Link):
         self._close_socket()
         self._loop.call_soon(self._ended, None)  # as asyncio's abort: the stream hears of it next
 
+    def _count_acks(self, acked: int) -> None:
+        if acked > self.acked:
+            self.acked = acked
+            if self.on_acked is not None:
+                self.on_acked(acked)
+
     def _ended_socket(self, exc: BaseException) -> None:
+        # The call that failed may have read acks before it did (a peer that stops acknowledges what it
+        # delivered, then closes: our write into the closed socket fails after the read): count them first,
+        # or packets the peer delivered would be counted lost.
+        self._count_acks(self._session.acked)
         self._finish(exc)
 
     def _finish(self, exc: BaseException | None) -> None:

@@ -119,6 +119,9 @@ pub struct ReceiveSession {
     buffer: Vec<u8>,
     /// The sending peer's index in the routing table, resolved at its first frame.
     peer: Option<u32>,
+    /// A write that failed at the end of a `pump` whose read had already gone to the TUN: reported by the
+    /// next call, so that the caller first counts what that read delivered.
+    write_failed: Option<SocketError>,
 }
 
 impl std::fmt::Debug for ReceiveSession {
@@ -139,6 +142,7 @@ impl ReceiveSession {
             inbound: Inbound::new(max_frame_size, vnet_header),
             buffer: vec![0; read_size.max(1)],
             peer: None,
+            write_failed: None,
         }
     }
 
@@ -174,6 +178,9 @@ impl ReceiveSession {
         tun: &mut W,
         flush: bool,
     ) -> Result<(Read, Vec<Event>), SocketError> {
+        if let Some(err) = self.write_failed.take() {
+            return Err(err);
+        }
         if let Some(unread) = reset_by_sender(sock) {
             return Ok((Read::Reset { unread }, Vec::new()));
         }
@@ -185,6 +192,7 @@ impl ReceiveSession {
                     inbound,
                     buffer,
                     peer,
+                    ..
                 } = self;
                 conn.receive_frames(&buffer[..n], |peer_id, kind: FrameKind, payload| {
                     let index = *peer.get_or_insert_with(|| index_of(peer_id));
@@ -195,13 +203,20 @@ impl ReceiveSession {
             Read::WouldBlock | Read::Reset { .. } => Vec::new(),
         };
         if flush {
-            self.flush(sock)?;
+            // The read's packets are on the TUN and its events happened: they are returned and counted;
+            // the failed write is the next call's error (the socket stays readable once it failed).
+            if let Err(err) = self.flush(sock) {
+                self.write_failed = Some(err);
+            }
         }
         Ok((read, events))
     }
 
     /// Writes what output the socket takes; returns the bytes still waiting.
     pub fn flush(&mut self, sock: RawFd) -> Result<usize, SocketError> {
+        if let Some(err) = self.write_failed.take() {
+            return Err(err);
+        }
         let out = self.conn.output();
         if out.is_empty() {
             return Ok(0);

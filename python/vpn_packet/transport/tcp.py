@@ -323,10 +323,8 @@ class _NativeLink(_Link):
                 self.on_acked(acked)
 
     def _ended_socket(self, exc: BaseException) -> None:
-        # The call that failed may have read acks before it did (a peer that stops acknowledges what it
-        # delivered, then closes: our write into the closed socket fails after the read): count them first,
-        # or packets the peer delivered would be counted lost.
-        self._count_acks(self._session.acked)
+        # Acks are counted by `_readable` before a failed write ends the socket: the session reports a write
+        # that fails after its read at the next call (rust/core/src/send.rs).
         self._finish(exc)
 
     def _finish(self, exc: BaseException | None) -> None:

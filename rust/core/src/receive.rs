@@ -112,6 +112,17 @@ pub fn send(fd: RawFd, data: &[u8]) -> Result<usize, SocketError> {
     Ok(at)
 }
 
+/// Writes what of `conn`'s output `sock` takes; returns the bytes still waiting. Both sessions' `flush`.
+pub fn write_output(conn: &mut Connection, sock: RawFd) -> Result<usize, SocketError> {
+    let out = conn.output();
+    if out.is_empty() {
+        return Ok(0);
+    }
+    let written = send(sock, out)?;
+    conn.consume_output(written);
+    Ok(conn.output().len())
+}
+
 /// One server connection and its receive path; see the module documentation.
 pub struct ReceiveSession {
     conn: Connection,
@@ -217,13 +228,7 @@ impl ReceiveSession {
         if let Some(err) = self.write_failed.take() {
             return Err(err);
         }
-        let out = self.conn.output();
-        if out.is_empty() {
-            return Ok(0);
-        }
-        let written = send(sock, out)?;
-        self.conn.consume_output(written);
-        Ok(self.conn.output().len())
+        write_output(&mut self.conn, sock)
     }
 
     /// Output bytes not written yet.

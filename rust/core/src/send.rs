@@ -16,7 +16,7 @@
 use std::os::fd::RawFd;
 
 use crate::connection::{Connection, Event, SendError};
-use crate::receive::{recv, send, Read, SocketError};
+use crate::receive::{recv, write_output, Read, SocketError};
 
 /// What one [`SendSession::pump`] gave.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +44,9 @@ pub enum SendFailure {
 pub struct SendSession {
     conn: Connection,
     buffer: Vec<u8>,
+    /// A write that failed at the end of a `pump` whose read had taken acks: reported by the next call,
+    /// so that the caller first counts those acks (as [`crate::receive::ReceiveSession`] does).
+    write_failed: Option<SocketError>,
 }
 
 impl std::fmt::Debug for SendSession {
@@ -64,6 +67,7 @@ impl SendSession {
         SendSession {
             conn,
             buffer: vec![0; read_size.max(1)],
+            write_failed: None,
         }
     }
 
@@ -81,6 +85,9 @@ impl SendSession {
     /// challenge answered with the hello, its answer taken) or, once established, the acks; then what the
     /// connection has to say written to `sock`.
     pub fn pump(&mut self, sock: RawFd) -> Result<Pumped, SocketError> {
+        if let Some(err) = self.write_failed.take() {
+            return Err(err);
+        }
         let read = recv(sock, &mut self.buffer)?;
         let events = match read {
             // A server sends no frames: the sink is never called.
@@ -88,7 +95,15 @@ impl SendSession {
             Read::Eof => self.conn.receive_eof(),
             Read::WouldBlock | Read::Reset { .. } => Vec::new(),
         };
-        let unsent = self.flush(sock)?;
+        // The acks read are counted by the caller; a failed write is the next call's error (a peer that
+        // acknowledged what it delivered and then reset the connection: those packets are sent, not lost).
+        let unsent = match self.flush(sock) {
+            Ok(unsent) => unsent,
+            Err(err) => {
+                self.write_failed = Some(err);
+                self.unsent()
+            }
+        };
         Ok(Pumped {
             read,
             events,
@@ -114,13 +129,10 @@ impl SendSession {
 
     /// Writes what output the socket takes; returns the bytes still waiting.
     pub fn flush(&mut self, sock: RawFd) -> Result<usize, SocketError> {
-        let out = self.conn.output();
-        if out.is_empty() {
-            return Ok(0);
+        if let Some(err) = self.write_failed.take() {
+            return Err(err);
         }
-        let written = send(sock, out)?;
-        self.conn.consume_output(written);
-        Ok(self.conn.output().len())
+        write_output(&mut self.conn, sock)
     }
 
     /// Ends the connection from this side: close_notify into the output (write it with `flush`).

@@ -171,6 +171,34 @@ async def test_acks_over_key_mode_tls(tmp_path: Path) -> None:
         assert stream._error is None
 
 
+async def test_frames_taken_whose_ack_cannot_leave_are_counted_unacknowledged(tmp_path: Path) -> None:
+    """The sender resets the connection while the receiver's sink takes a batch (the sink itself resets it,
+    so the order is certain): the ack that follows cannot leave. The sender counts the batch lost, the
+    receiver counts it delivered and `unacknowledged`: sent + unacknowledged = delivered, exactly. (Key
+    mode: its stream's abort sends the reset at once; asyncio's plaintext transport closes a turn later,
+    after the ack got through to a sender that no longer reads it.)"""
+    securities = key_securities(tmp_path, "node-a", "node-b")
+    streams: list[TcpStream] = []
+    taken: list[bytes] = []
+
+    def sink(peer_id: str, packets: list[bytes]) -> None:
+        taken.extend(packets)
+        streams[0].abort()  # RST now: the receiver's ack for these packets finds the connection reset
+
+    async with Receiver(discovery(), sink, security=securities["node-b"]) as receiver:
+        service = TcpStreamService(Endpoints(receiver.address[1]), securities["node-a"])
+        streams.append(await service.create_stream("node-b"))
+        receipt = await streams[0].write_many([pkt(i) for i in range(10)])
+        async with asyncio.timeout(10):  # a hang guard
+            assert await receipt == 0
+            await wait_until(lambda: receiver.metrics().active_connections == 0)
+        metrics = receiver.metrics()
+        assert len(taken) == metrics.packets_delivered == 10
+        assert metrics.unacknowledged == 10
+        stats = service.stats("node-b")
+        assert (stats.tx_packets, stats.lost_in_flight) == (0, 10)
+
+
 # --- a receiver that stops acknowledging ------------------------------------------------------------------
 
 

@@ -112,6 +112,7 @@ class PeerSink:
                     "active_connections",
                     "frames",
                     "discarded_after_reset",
+                    "unacknowledged",
                     "spoofed_dropped",
                     "unparsable_dropped",
                     "offload_invalid",

@@ -177,7 +177,10 @@ class PeerReceiverMetrics:
     last four together. `connection_errors` counts connections lost to a reset
     or TLS error; `idle_closed` connections closed for sending nothing for `idle_timeout`; `superseded`
     connections closed because the peer opened a new one at its limit; `discarded_after_reset` bytes read
-    but not delivered because the sender had reset the connection meanwhile; `protocol_errors` counts
+    but not delivered because the sender had reset the connection meanwhile; `unacknowledged` frames taken
+    (delivered, or dropped and counted) whose ack never left because the connection broke first (a reset,
+    an error): the sender counted them `lost_in_flight`, so its `sent` plus this is what was taken here;
+    `protocol_errors` counts
     wire-protocol violations by reason (`zero_length`, `too_large`, `truncated`); `last_handshake` and
     `last_packet` are the `time.monotonic()` of the last accepted handshake and of the last frame received
     (None: never).
@@ -201,6 +204,7 @@ class PeerReceiverMetrics:
     idle_closed: int = 0
     superseded: int = 0
     discarded_after_reset: int = 0
+    unacknowledged: int = 0
     protocol_errors: dict[str, int] = field(default_factory=dict)
     last_handshake: float | None = None
     last_packet: float | None = None
@@ -384,6 +388,17 @@ class _Pump:
         if self._sink_task is not None:
             self._sink_task.cancel()
 
+    #: Frames whose ack the kernel has taken (the connection's cumulative count at the last ack that left).
+    _acked_out: int = 0
+
+    def _count_unacknowledged(self, peer: PeerReceiverMetrics | None, taken: int) -> None:
+        """The connection broke: the frames taken whose ack never left are counted (`unacknowledged`)."""
+        n = taken - self._acked_out
+        if peer is not None and n > 0:
+            peer.unacknowledged += n
+            self.receiver._totals.unacknowledged += n
+        self._acked_out = taken
+
 
 class _InboundProtocol(_Pump, asyncio.BufferedProtocol):
     """The one receive pump of an authenticated connection: the transport reads into one reused buffer and
@@ -528,6 +543,9 @@ class _InboundProtocol(_Pump, asyncio.BufferedProtocol):
             transport = self._transport
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(encode_ack(self.inbound.frames))
+            # The kernel took it (a failed send leaves the buffer empty too, but closes the transport).
+            if not transport.get_write_buffer_size() and not transport.is_closing():
+                self._acked_out = self.inbound.frames
         if error is not None:
             self.receiver._framing_broken(self.conn, self.peer, error)
             self._finish(False)
@@ -539,6 +557,8 @@ class _InboundProtocol(_Pump, asyncio.BufferedProtocol):
 
     def _finish(self, clean: bool) -> None:
         self._cancel_idle()
+        if not clean and not self.done.done():
+            self._count_unacknowledged(self.peer, self.inbound.frames)
         if not self.done.done():
             self.done.set_result(clean)
 
@@ -619,6 +639,9 @@ class _NativePump(_Pump):
         self._reading = reading and not self.done.done()
 
     def _want_write(self, unsent: int) -> None:
+        """After every write of the session's output: watch for room while some waits."""
+        if not unsent:  # every ack written so far has left
+            self._acked_out = self.conn.session.frames
         if unsent and not self._writing and not self.done.done():
             self._loop.add_writer(self._fd, self._writable)
             self._writing = True
@@ -806,6 +829,8 @@ class _NativePump(_Pump):
 
     def finish(self, clean: bool) -> None:
         """Stops watching the socket; `done` says whether the end is clean."""
+        if not clean and not self.done.done():
+            self._count_unacknowledged(self.peer, self.conn.session.frames)
         self._cancel_hello_timer()
         self._cancel_idle()
         self._watch(False)

@@ -469,6 +469,8 @@ class _InboundProtocol(_Pump, asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and not self.done.done():
             self._cancel_idle()
+            # A reset or a failed write (an ack into a connection the sender reset) breaks it too.
+            self._count_unacknowledged(self.peer, self.inbound.frames)
             self.done.set_exception(exc)
         self._finish(self._eof and not self.inbound.partial)
 

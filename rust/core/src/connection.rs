@@ -313,6 +313,19 @@ pub enum Stage {
     Closed,
 }
 
+impl Stage {
+    /// The stage's name as the bindings report it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Tls => "tls",
+            Stage::Challenge => "challenge",
+            Stage::Answer => "answer",
+            Stage::Established => "established",
+            Stage::Closed => "closed",
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Role {
     Client {

@@ -10,7 +10,7 @@
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
-use vpn_packet_core::connection::{Connection, Event, Failure, SendError, Stage, MAX_OUTPUT};
+use vpn_packet_core::connection::{Connection, Event, Failure, SendError, MAX_OUTPUT};
 use vpn_packet_core::handshake::Answer;
 use vpn_packet_core::tls::{self, ConfigError, Security, Trust, KEY_EXCHANGE_GROUPS};
 
@@ -396,13 +396,7 @@ impl TlsConnection {
     /// `"tls"`, `"challenge"`, `"answer"`, `"established"` or `"closed"`.
     #[getter]
     fn stage(&self) -> &'static str {
-        match self.inner.stage() {
-            Stage::Tls => "tls",
-            Stage::Challenge => "challenge",
-            Stage::Answer => "answer",
-            Stage::Established => "established",
-            Stage::Closed => "closed",
-        }
+        self.inner.stage().name()
     }
 
     /// The failure that ended the connection, if one did.

@@ -6,7 +6,7 @@ use std::os::fd::RawFd;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
-use vpn_packet_core::connection::{Connection, Stage};
+use vpn_packet_core::connection::Connection;
 use vpn_packet_core::framing::MAX_FRAME_SIZE_LIMIT;
 use vpn_packet_core::inbound::{InboundCounts, PacketList};
 use vpn_packet_core::receive::{Read, ReceiveSession as CoreSession, SocketError, NO_PEER};
@@ -197,13 +197,7 @@ impl ReceiveSession {
     /// `"tls"`, `"challenge"`, `"answer"`, `"established"` or `"closed"`.
     #[getter]
     fn stage(&self) -> &'static str {
-        match self.inner.connection().stage() {
-            Stage::Tls => "tls",
-            Stage::Challenge => "challenge",
-            Stage::Answer => "answer",
-            Stage::Established => "established",
-            Stage::Closed => "closed",
-        }
+        self.inner.connection().stage().name()
     }
 
     /// The proved peer, once established.

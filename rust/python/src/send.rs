@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
-use vpn_packet_core::connection::{Connection, SendError, Stage};
+use vpn_packet_core::connection::{Connection, SendError};
 use vpn_packet_core::receive::{Read, SocketError};
 use vpn_packet_core::send::{SendFailure, SendSession as CoreSession};
 
@@ -139,13 +139,7 @@ impl SendSession {
     /// `"tls"`, `"challenge"`, `"answer"`, `"established"` or `"closed"`.
     #[getter]
     fn stage(&self) -> &'static str {
-        match self.inner.connection().stage() {
-            Stage::Tls => "tls",
-            Stage::Challenge => "challenge",
-            Stage::Answer => "answer",
-            Stage::Established => "established",
-            Stage::Closed => "closed",
-        }
+        self.inner.connection().stage().name()
     }
 
     /// The peer dialled, once established.

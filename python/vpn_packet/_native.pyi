@@ -1,6 +1,6 @@
 """Type stubs of the native module `vpn_packet._native` (hand-written; checked by mypy.stubtest)."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final, TypeVar, final
 
@@ -348,7 +348,7 @@ class AckDecoder:
 
 # --- per-destination queues (rust/core/src/queues.rs) ---
 
-__all__ += ["DestinationQueues", "framed_payload_bytes", "framed_without", "split_framed"]
+__all__ += ["DestinationQueues", "FastCounters", "framed_payload_bytes", "framed_without", "split_framed"]
 __all__ += ["OFFLOAD_FLAG", "VNET_HDR_LEN", "PUSH_QUEUED", "PUSH_READY", "PUSH_PRESSURE"]
 __all__ += ["PUSH_FULL", "PUSH_UNKNOWN", "PUSH_INVALID"]
 
@@ -391,8 +391,33 @@ class DestinationQueues:
     def depth(self, key: str) -> int: ...
     def dropped(self, key: str) -> int: ...
     def peek(self, key: str) -> bytes: ...
+    def set_fast(
+        self,
+        key: str,
+        session: SendSession,
+        counters: FastCounters,
+        window: int,
+        on_blocked: Callable[[int], object],
+    ) -> bool:
+        """Lets `key`'s packets skip its worker while its queue is empty: a batch push writes them to
+        `session` in the push itself (see `Worker._offer_fast`)."""
+    def clear_fast(self, key: str) -> None: ...
+    def clear_all_fast(self) -> None: ...
+    def has_fast(self, key: str) -> bool: ...
+    @property
+    def fast_totals(self) -> FastCounters: ...
     def __len__(self) -> int: ...
     def __contains__(self, key: str, /) -> bool: ...
+
+@final
+class FastCounters:
+    """Packets a destination (or a dispatcher) sent on the queues' fast path, by fate; moved by sessions."""
+
+    def __new__(cls) -> FastCounters: ...
+    def counts(self) -> tuple[int, int, int, int]:
+        """`(in_flight, sent, sent_bytes, lost)`."""
+    @property
+    def in_flight(self) -> int: ...
 
 def split_framed(data: Buffer) -> list[bytes]:
     """The packets of a framed buffer, in order (an offload frame gives its packet without the header)."""
@@ -581,6 +606,18 @@ class SendSession:
     def flush(self) -> int: ...
     def close(self) -> None: ...
     def forget_socket(self) -> None: ...
+    def fail_in_flight(self) -> int:
+        """The connection ended: the fast path's batches in flight resolve; returns the frames lost."""
+    @property
+    def wire_in_flight(self) -> int: ...
+    @property
+    def fast_in_flight(self) -> int: ...
+    @property
+    def fast_frames(self) -> int: ...
+    @property
+    def fast_wire_bytes(self) -> int: ...
+    @property
+    def acked_payload(self) -> int: ...
     @property
     def stage(self) -> str: ...
     @property

@@ -283,12 +283,24 @@ class Dispatcher:
             if not await self._wait_idle(None if deadline is None else max(deadline - loop.time(), 0.0)):
                 return False
             receipts = self._ctx.receipts
-            if not receipts:
+            fast = self._fast_waiters()
+            if not receipts and not fast:
                 return True
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
+                for waiter in fast:
+                    waiter.cancel()
                 return False
-            await asyncio.wait(set(receipts), timeout=left)
+            await asyncio.wait(set(receipts) | fast, timeout=left)
+            for waiter in fast:
+                waiter.cancel()
+
+    def _fast_waiters(self) -> set[asyncio.Future[None]]:
+        """One future per connection the queues' fast path has packets in flight on, resolved when they are
+        all acknowledged or lost (empty when there are none: the common case costs one native read)."""
+        if not self._queues.fast_totals.in_flight:
+            return set()
+        return {stream.fast_settled() for stream in list(self._ctx.fast_streams) if stream.fast_in_flight}
 
     async def _wait_idle(self, timeout: float | None) -> bool:  # noqa: ASYNC109 - a bound
         """Wait until no worker is queued for or in a drain; False on timeout."""
@@ -310,6 +322,12 @@ class Dispatcher:
         """Receipts still open at the end of `stop()`: the stream each was written on gives up on its
         connection (a reset: the peer discards what it has not taken) and resolves them with what was
         acknowledged; a receipt of another kind of stream is cancelled (counted as lost in flight)."""
+        fast = [stream for stream in list(self._ctx.fast_streams) if stream.fast_in_flight]
+        settled = [stream.fast_settled() for stream in fast]
+        for stream in fast:
+            stream.give_up()  # the fast path's packets in flight there resolve (the destinations count them)
+        if settled:
+            await asyncio.wait(settled)
         receipts = set(self._ctx.receipts)
         if not receipts:
             return
@@ -332,6 +350,7 @@ class Dispatcher:
     async def _shutdown(self) -> None:
         """The forced part of `stop()`: fail the queues, cancel drains, give up on acknowledgements still
         awaited (their packets count as lost in flight), release streams, await our tasks."""
+        self._queues.clear_all_fast()  # (nothing is accepted any more anyway; no write may bypass a worker)
         workers = list(self._workers.values())
         for worker in workers:
             worker.discard_queue()
@@ -686,6 +705,9 @@ class Dispatcher:
         for key, worker in self._workers.items():
             if worker.busy:  # an idle worker has nothing queued or in flight
                 queued += depth(key) + worker.in_flight
+        fast_in_flight, fast_sent, fast_bytes, fast_lost = self._queues.fast_totals.counts()
+        failed_by_reason = dict(ctx.failed)
+        failed_by_reason["lost_in_flight"] += fast_lost
         resilience: dict[str, Any] = {}
         snapshot = getattr(self.resilience, "metrics", None)
         if snapshot is not None:
@@ -700,15 +722,15 @@ class Dispatcher:
             workers=len(self._workers),
             busy_workers=ctx.busy,
             accepted=self._accepted,
-            sent=ctx.sent,
-            failed=sum(ctx.failed.values()),
+            sent=ctx.sent + fast_sent,
+            failed=sum(failed_by_reason.values()),
             discarded=sum(ctx.discarded.values()),
             queued=queued,
             rejected=sum(rejected.values()),
-            in_flight=ctx.unacknowledged,
-            bytes_sent=ctx.bytes_sent,
+            in_flight=ctx.unacknowledged + fast_in_flight,
+            bytes_sent=ctx.bytes_sent + fast_bytes,
             rejected_by_reason=rejected,
-            failed_by_reason=dict(ctx.failed),
+            failed_by_reason=failed_by_reason,
             discarded_by_reason=dict(ctx.discarded),
             workers_created=self._workers_created,
             workers_removed=self._workers_removed,
@@ -727,8 +749,10 @@ class Dispatcher:
     def invalidate_routes(self) -> None:
         """The peers' prefixes changed (a reload): every worker looks its destination's owner up again before
         its next batch, never in the middle of one, so a destination's packets stay in order while they move
-        to their new owner (or fail as `no_peer` when it has none)."""
+        to their new owner (or fail as `no_peer` when it has none). The queues' fast routes are withdrawn:
+        the next packet of each destination goes through its worker, which looks up again."""
         self._ctx.route_epoch += 1
+        self._queues.clear_all_fast()
 
     def check_accounting(self) -> DispatcherMetrics:
         """Raise `AssertionError` unless accepted = sent + failed + discarded + queued; else the metrics."""
@@ -754,7 +778,7 @@ class Dispatcher:
         rejected = sum(self._rejected_by_reason().values())
         return (
             f"<Dispatcher {self._state.value} workers={len(self._workers)} busy={self._ctx.busy} "
-            f"accepted={self._accepted} sent={self._ctx.sent} rejected={rejected} "
+            f"accepted={self._accepted} sent={self.metrics().sent} rejected={rejected} "
             f"buffer={self.worker_buffer_size} max_workers={self.max_workers}>"
         )
 

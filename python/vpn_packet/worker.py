@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from typing import Any, Protocol
 from vpn_packet._native import (
     LENGTH_PREFIX_LEN,
     DestinationQueues,
+    FastCounters,
     framed_payload_bytes,
     framed_without,
     split_framed,
@@ -89,6 +91,7 @@ class WorkerContext:
         "discarded",
         "discovery",
         "failed",
+        "fast_streams",
         "idle_log",
         "log_limit",
         "max_consecutive_failures",
@@ -138,6 +141,9 @@ class WorkerContext:
         self.bytes_sent = 0
         self.unacknowledged = 0
         self.receipts: set[asyncio.Future[int]] = set()
+        # Connections given to the queues' fast path (`Worker._offer_fast`): `Dispatcher.flush` waits for
+        # what the fast path has in flight on them, and a stop that cannot wait gives up on them.
+        self.fast_streams: weakref.WeakSet[Any] = weakref.WeakSet()
         # Bumped when peers' prefixes change (a reload): a worker whose lookup is older asks again.
         self.route_epoch = 0
         self.failed = dict.fromkeys(FAILURE_REASONS, 0)
@@ -257,6 +263,8 @@ class Worker:
         "_batch_count",
         "_closed_drops",
         "_ctx",
+        "_fast_counters",
+        "_fast_route_of",
         "_framed_write",
         "_future_positions",
         "_futures",
@@ -301,6 +309,10 @@ class Worker:
         self._stream: Stream | None = None
         # The stream's `write_framed` when it has one (looked up once per stream acquired), else None.
         self._framed_write: Callable[[bytes, int], Awaitable[Awaitable[int] | None]] | None = None
+        # The stream's `fast_route` when it has one (looked up once per stream acquired), else None.
+        self._fast_route_of: Callable[[], tuple[Any, int, Callable[[int], None], Any] | None] | None = None
+        # What the queues' fast path sent for this destination (made at the first fast route).
+        self._fast_counters: FastCounters | None = None
         self.peer_id: str | None = None
         self._route_epoch = 0  # the context's route_epoch when `peer_id` was looked up
         self.busy = False
@@ -375,6 +387,7 @@ class Worker:
             while not self.closed:
                 batch, n = queues.take(key)  # the framed packets; in flight (against the bound) from now
                 if not n:
+                    self._offer_fast()
                     break
                 futures = None
                 if self._futures is not None:
@@ -541,6 +554,7 @@ class Worker:
         if stream is None:
             stream = self._stream = await self._ctx.acquire(peer_id, self)
             self._framed_write = getattr(stream, "write_framed", None)
+            self._fast_route_of = getattr(stream, "fast_route", None)
         try:
             write_framed = self._framed_write
             if write_framed is not None:  # the buffer as it is: no packet object at all
@@ -551,6 +565,7 @@ class Worker:
             if self._stream is stream:
                 self._stream = None
                 self._framed_write = None
+                self._fast_route_of = None
             self._ctx.release(peer_id, stream, False)
             if isinstance(exc, Exception) and not isinstance(exc, VpnPacketError):
                 raise _stream_error(exc, self, peer_id) from exc
@@ -576,11 +591,45 @@ class Worker:
         self._drop_stream(healthy=False)
         self.peer_id = None
 
+    def _offer_fast(self) -> None:
+        """The queue is empty and the last batch went out on the worker's stream: let the queues write
+        this destination's next packets into that connection themselves, in the push that brings them (the
+        TUN read), while it is established and within its window: no task wakes up, no Python object is
+        made (issue 20, item 3). The route is withdrawn when the worker takes a batch (the queues could not
+        write one, or a packet came with a future), drops its stream, or routes change; so a destination's
+        packets stay in order across the two ways."""
+        route_of = self._fast_route_of
+        if (
+            route_of is None
+            or self._futures is not None
+            or self.closed
+            or self._route_epoch != self._ctx.route_epoch
+        ):
+            return
+        route = route_of()
+        if route is None:
+            return
+        session, window, on_blocked, connection = route
+        counters = self._fast_counters
+        if counters is None:
+            counters = self._fast_counters = FastCounters()
+        if self._ctx.queues.set_fast(self.sync_key, session, counters, window, on_blocked):
+            self._ctx.fast_streams.add(connection)
+
+    @property
+    def fast_counts(self) -> tuple[int, int, int, int]:
+        """`(in_flight, sent, sent_bytes, lost)` of the packets the queues' fast path wrote for this
+        destination (see `_offer_fast`)."""
+        counters = self._fast_counters
+        return (0, 0, 0, 0) if counters is None else counters.counts()
+
     def _drop_stream(self, *, healthy: bool) -> None:
         stream = self._stream
         if stream is not None:
+            self._ctx.queues.clear_fast(self.sync_key)
             self._stream = None
             self._framed_write = None
+            self._fast_route_of = None
             assert self.peer_id is not None
             self._ctx.release(self.peer_id, stream, healthy)
 
@@ -633,14 +682,15 @@ class Worker:
     # --- metrics --------------------------------------------------------------------------------------------
 
     def metrics(self) -> WorkerMetrics:
-        """A plain-data snapshot of this worker."""
+        """A plain-data snapshot of this worker (the fast path's packets included)."""
+        _, fast_sent, fast_bytes, fast_lost = self.fast_counts
         return WorkerMetrics(  # positional: the field order of WorkerMetrics
             self.sync_key,
             self.dest_ip,
             self.peer_id,
-            self.packet_count,
-            self.byte_count,
-            self.error_count,
+            self.packet_count + fast_sent,
+            self.byte_count + fast_bytes,
+            self.error_count + fast_lost,
             self.drop_count,
             self.discard_count,
             self.depth,

@@ -67,8 +67,9 @@ class InFlight:
 
     @property
     def frames(self) -> int:
-        """Frames written and not acknowledged."""
-        return self.written - self.acked
+        """Frames written and not acknowledged, up to the end of the last batch written here (acks of other
+        writers' frames after it can pass it: then 0)."""
+        return max(0, self.written - self.acked)
 
     @property
     def full(self) -> bool:
@@ -84,17 +85,22 @@ class InFlight:
         """Open batches."""
         return len(self._batches)
 
-    def add(self, frames: int, size: int, receipt: Receipt) -> None:
-        self.written += frames
+    def add(self, frames: int, size: int, receipt: Receipt, end: int | None = None) -> None:
+        """A batch of `frames` frames (`size` bytes) was written. `end`: the connection's frame count after
+        it, when other writers share the connection (the native fast path, `rust/core/src/ledger.rs`);
+        else this ledger counts the frames itself."""
+        self.written = self.written + frames if end is None else end
         self.bytes += size
         self._batches.append(_Batch(self.written, frames, size, receipt))
 
-    def ack(self, taken: int) -> int:
+    def ack(self, taken: int, written: int | None = None) -> int:
         """The peer has taken `taken` frames of this connection in all. Resolves the batches it covers and
-        returns how many frames this ack newly acknowledged. Raises `ValueError` for an ack beyond what was
-        written (the peer contradicts us: the caller drops the connection)."""
-        if taken > self.written:
-            raise ValueError(f"the peer acknowledged {taken} frames, only {self.written} were written")
+        returns how many frames this ack newly acknowledged (other writers' included). Raises `ValueError`
+        for an ack beyond what was written (`written`: the connection's count, when it has other writers):
+        the peer contradicts us, and the caller drops the connection."""
+        limit = self.written if written is None else max(written, self.written)
+        if taken > limit:
+            raise ValueError(f"the peer acknowledged {taken} frames, only {limit} were written")
         if taken <= self.acked:
             return 0
         newly = taken - self.acked
@@ -108,12 +114,15 @@ class InFlight:
 
     def fail(self) -> int:
         """The connection is gone: resolves every open batch with the part of it that was acknowledged;
-        returns the frames lost (written, never acknowledged)."""
-        lost = self.written - self.acked
+        returns the frames of these batches lost (written, never acknowledged)."""
+        lost = 0
+        acked = self.acked
         batches = self._batches
         while batches:
             batch = batches.popleft()
-            _resolve(batch.receipt, max(0, batch.frames - (batch.end - self.acked)))
+            taken = min(batch.frames, max(0, acked - (batch.end - batch.frames)))
+            lost += batch.frames - taken
+            _resolve(batch.receipt, taken)
         self.bytes = 0
         self.written = self.acked  # nothing is in flight any more
         return lost

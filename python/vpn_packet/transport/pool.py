@@ -38,11 +38,11 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from vpn_packet import tuning
 from vpn_packet._native import split_framed
-from vpn_packet.api import FramedStream, Stream, StreamService
+from vpn_packet.api import Stream, StreamService
 from vpn_packet.errors import ServiceError
 from vpn_packet.tasks import TaskSet, close_quietly
 
@@ -132,9 +132,19 @@ class PooledStream:
         """The connection's `write_framed` (`count` packets already framed in `data`), and its receipt; for
         a connection without one, its `write_many` of the packets."""
         stream = self._entry.stream
-        if isinstance(stream, FramedStream):
-            return await stream.write_framed(data, count)
+        # getattr, not isinstance: a runtime-checkable Protocol's isinstance walks its members on every call.
+        write_framed = getattr(stream, "write_framed", None)
+        if write_framed is not None:
+            return await write_framed(data, count)  # type: ignore[no-any-return]
         return await stream.write_many(split_framed(data))
+
+    def fast_route(self) -> tuple[Any, int, Callable[[int], None], Any] | None:
+        """The connection's fast route (see `TcpStream.fast_route`) while this lease holds it; else None."""
+        route_of = getattr(self._entry.stream, "fast_route", None)
+        if self.released or route_of is None:
+            return None
+        route: tuple[Any, int, Callable[[int], None], Any] | None = route_of()
+        return route
 
     async def close(self) -> None:
         """Give the lease back as healthy (idempotent)."""

@@ -145,6 +145,43 @@ class _Link:
         """Bytes taken and not handed to the kernel yet."""
         raise NotImplementedError
 
+    # The native fast path (`DestinationQueues.set_fast`): only a link on the native core shares its
+    # connection with it. These say what the stream cannot see of the other writer.
+
+    def fast_route(self) -> tuple[SendSession, Callable[[int], None]] | None:
+        """The session the dispatcher's fast path may write to now, and what it calls when the socket
+        pushes back; None when it may not (no native session, not established, ending)."""
+        return None
+
+    def frames_written(self) -> int | None:
+        """Frames written on the connection by every writer; None when the stream is the only one."""
+        return None
+
+    def acked_payload(self) -> int | None:
+        """Payload bytes of the batches acknowledged whole, every writer's; None: the stream counts."""
+        return None
+
+    def fast_in_flight(self) -> int:
+        """Frames the fast path wrote that the peer has not acknowledged."""
+        return 0
+
+    def wire_in_flight(self) -> int | None:
+        """Bytes on the wire written and not acknowledged, every writer's; None: the stream counts."""
+        return None
+
+    def fast_frames(self) -> int:
+        """Frames the fast path wrote on this connection."""
+        return 0
+
+    def fast_wire_bytes(self) -> int:
+        """Bytes on the wire the fast path wrote on this connection."""
+        return 0
+
+    def fail_fast_in_flight(self) -> int:
+        """The connection ended: the fast path's batches in flight resolve (their destinations count
+        them); returns the frames lost."""
+        return 0
+
     def close(self) -> None:
         """Flush what is buffered, then close (FIN); reading stops now."""
         raise NotImplementedError
@@ -250,6 +287,32 @@ class _NativeLink(_Link):
 
     def buffered(self) -> int:
         return self._session.unsent
+
+    def fast_route(self) -> tuple[SendSession, Callable[[int], None]] | None:
+        if self.lost or self._closing or self._session.stage != "established":
+            return None
+        return self._session, self._want_write
+
+    def frames_written(self) -> int:
+        return self._session.frames
+
+    def acked_payload(self) -> int:
+        return self._session.acked_payload
+
+    def fast_in_flight(self) -> int:
+        return self._session.fast_in_flight
+
+    def wire_in_flight(self) -> int:
+        return self._session.wire_in_flight
+
+    def fast_frames(self) -> int:
+        return self._session.fast_frames
+
+    def fast_wire_bytes(self) -> int:
+        return self._session.fast_wire_bytes
+
+    def fail_fast_in_flight(self) -> int:
+        return self._session.fail_in_flight()
 
     def _readable(self) -> None:
         """One readiness event: one native call (read, decrypt, acks), then what it reported."""
@@ -593,24 +656,30 @@ class TcpStream:
     """
 
     __slots__ = (
+        "__weakref__",  # a dispatcher keeps the connections it gave to its fast path in a WeakSet
         "_ack_timeout",
         "_ack_waiters",
+        "_acked_payload_seen",
+        "_bytes_written",
         "_close_timeout",
         "_error",
+        "_fast",
+        "_fast_waiters",
+        "_frames_seen",
+        "_idle_at_check",
         "_inflight",
         "_last_write",
         "_ledger",
         "_link",
         "_local_close",
         "_loop",
+        "_packets_written",
         "_progress_at",
         "_retiring",
         "_stats",
         "_watchdog",
         "_write_timeout",
-        "bytes_sent",
         "keepalives",
-        "packets_sent",
         "peer_id",
         "sockname",
         "writes",
@@ -644,9 +713,15 @@ class TcpStream:
         self._progress_at = 0.0
         self._ack_waiters: list[asyncio.Future[None]] = []  # woken by ack progress, failed at the end
         self._last_write = self._loop.time()
+        # The native fast path (`fast_route`): writes this stream does not see, only their effects.
+        self._fast = False  # a route was given out: the watchdog keeps ticking
+        self._fast_waiters: list[asyncio.Future[None]] = []  # `fast_settled()`
+        self._frames_seen = 0  # the connection's frame count at the last keepalive check
+        self._idle_at_check = True  # the watchdog's last tick saw nothing in flight
+        self._acked_payload_seen = 0  # the link's acknowledged payload bytes already counted
         self.keepalives = 0
-        self.packets_sent = 0  # written (handed to the kernel); the peer's acks say what it has
-        self.bytes_sent = 0
+        self._packets_written = 0  # by this stream (the fast path's are the link's to count)
+        self._bytes_written = 0
         self.writes = 0
         self.sockname: Any = link.sockname
         link.on_acked = self._on_acked
@@ -666,8 +741,67 @@ class TcpStream:
 
     @property
     def in_flight(self) -> int:
-        """Packets written and not acknowledged yet."""
-        return self._inflight.frames
+        """Packets written and not acknowledged yet (the fast path's included)."""
+        written = self._link.frames_written()
+        if written is None:
+            return self._inflight.frames
+        return max(0, written - self._inflight.acked)
+
+    # --- the native fast path -----------------------------------------------------------------------------
+
+    def fast_route(self) -> tuple[SendSession, int, Callable[[int], None], TcpStream] | None:
+        """What the dispatcher's fast path needs to write a destination's packets into this connection
+        without its worker (`DestinationQueues.set_fast`): the session, the in-flight window, the call for
+        a socket that pushes back, and this stream (what a dispatcher's stop waits for). None when this
+        connection cannot take them now. From the first
+        route on, the ack watchdog keeps ticking (every `ack_timeout`) to watch writes it does not see."""
+        if self.closed:
+            return None
+        route = self._link.fast_route()
+        if route is None:
+            return None
+        if not self._fast:
+            self._fast = True
+            if self._watchdog is None:
+                self._watchdog = self._loop.call_at(self._loop.time() + self._ack_timeout, self._check_acks)
+        session, on_blocked = route
+        return session, self._inflight.window, on_blocked, self
+
+    @property
+    def fast_in_flight(self) -> int:
+        """Packets the fast path wrote here that the peer has not acknowledged yet."""
+        return self._link.fast_in_flight()
+
+    def fast_settled(self) -> asyncio.Future[None]:
+        """Resolves once the fast path's packets on this connection are all acknowledged, or lost with it
+        (a dispatcher's `flush` and `stop` wait for it)."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        if not self._link.fast_in_flight() or self._link.lost:
+            waiter.set_result(None)
+        else:
+            self._fast_waiters.append(waiter)
+        return waiter
+
+    def give_up(self) -> None:
+        """Abandon the connection at a stop that cannot wait longer for acks (as a receipt's `give_up`)."""
+        self._give_up()
+
+    def _wake_fast_waiters(self) -> None:
+        waiters, self._fast_waiters = self._fast_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @property
+    def packets_sent(self) -> int:
+        """Packets written (handed to the kernel), the fast path's included; the peer's acks say what it
+        has."""
+        return self._packets_written + self._link.fast_frames()
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written on the wire (framed), the fast path's included."""
+        return self._bytes_written + self._link.fast_wire_bytes()
 
     @property
     def acknowledged(self) -> int:
@@ -706,25 +840,27 @@ class TcpStream:
 
     async def _write(self, data: bytes, count: int) -> Receipt:
         receipt = Receipt(self._give_up, loop=self._loop)
-        if not self._inflight.fits(len(data)):
+        if not self._fits(len(data)):
             await self._wait_for_space(len(data))
             if self.closed:  # closed while we waited for acks
                 raise self._closed_error("write")
+        was_idle = not self.in_flight
         try:
             self._link.write(data, count)
         except ConnectionError as exc:  # nothing of the batch was taken: a fresh stream may carry it
             raise NetworkError(exc, peer_id=self.peer_id, operation="write") from exc
         loop_time = self._loop.time()
         self._last_write = loop_time
-        if not self._inflight.frames:
+        if was_idle:
             self._progress_at = loop_time  # the ack clock starts with the first unacked frame
-        self._inflight.add(count, len(data), receipt)
+            self._idle_at_check = False
+        self._inflight.add(count, len(data), receipt, self._link.frames_written())
         if self._watchdog is None:
             self._watchdog = self._loop.call_at(self._progress_at + self._ack_timeout, self._check_acks)
         self.writes += 1
-        self.packets_sent += count
-        self.bytes_sent += len(data)
-        if self._stats is not None:
+        self._packets_written += count
+        self._bytes_written += len(data)
+        if self._stats is not None and self._link.acked_payload() is None:
             self._ledger.append((self._inflight.written, len(data) - LENGTH_PREFIX_LEN * count))
         if self._link.paused:
             await self._drain()
@@ -733,6 +869,10 @@ class TcpStream:
     def send_keepalive(self, idle_for: float) -> bool:
         """Write a keepalive frame when nothing was written for `idle_for` seconds (the peer's receiver
         closes a connection that stays silent for its idle timeout). True when one was written."""
+        written = self._link.frames_written()
+        if written is not None and written != self._frames_seen:  # the fast path wrote since the last look
+            self._frames_seen = written
+            self._last_write = self._loop.time()
         if self.closed or self._loop.time() - self._last_write < idle_for:
             return False
         self._link.write_keepalive()
@@ -745,7 +885,7 @@ class TcpStream:
     def _on_acked(self, taken: int) -> None:
         """The peer has taken `taken` frames of this connection in all."""
         try:
-            newly = self._inflight.ack(taken)
+            newly = self._inflight.ack(taken, self._link.frames_written())
         except ValueError as exc:  # acks beyond what we wrote: a broken peer
             self._give_up_because(exc)
             return
@@ -754,6 +894,8 @@ class TcpStream:
             if self._stats is not None:
                 self._count_acked(taken, newly)
             self._wake_ack_waiters()
+            if self._fast_waiters and not self._link.fast_in_flight():
+                self._wake_fast_waiters()
 
     def _count_acked(self, taken: int, newly: int) -> None:
         """Adds the `newly` acknowledged packets (the peer has taken `taken` in all) to the peer's
@@ -762,10 +904,15 @@ class TcpStream:
         sizes, and `tx_bytes` lags by at most one batch)."""
         stats = self._stats
         assert stats is not None
-        ledger = self._ledger
-        acked_bytes = 0
-        while ledger and taken >= ledger[0][0]:
-            acked_bytes += ledger.popleft()[1]
+        acked_payload = self._link.acked_payload()
+        if acked_payload is not None:  # the native ledger counts every writer's batches
+            acked_bytes = acked_payload - self._acked_payload_seen
+            self._acked_payload_seen = acked_payload
+        else:
+            ledger = self._ledger
+            acked_bytes = 0
+            while ledger and taken >= ledger[0][0]:
+                acked_bytes += ledger.popleft()[1]
         stats.tx_packets += newly
         stats.tx_bytes += acked_bytes
         stats.last_tx = time.monotonic()
@@ -773,8 +920,20 @@ class TcpStream:
     def _check_acks(self) -> None:
         """The watchdog: while something is in flight, acks must progress within `ack_timeout`."""
         self._watchdog = None
-        if not self._inflight.frames or self.closed:
+        if self.closed:
             return
+        now = self._loop.time()
+        if not self.in_flight:
+            self._idle_at_check = True
+            if self._fast:  # the fast path writes without telling: look again later
+                self._watchdog = self._loop.call_at(now + self._ack_timeout, self._check_acks)
+            return
+        if self._fast and self._idle_at_check:
+            # In flight since the last tick, written by the fast path unseen (or by the stream): the clock
+            # starts at the latest now. So a peer that stops acknowledging the fast path's packets is taken
+            # for dead within ack_timeout to twice that.
+            self._idle_at_check = False
+            self._progress_at = max(self._progress_at, now)
         due = self._progress_at + self._ack_timeout
         if self._loop.time() < due:
             self._watchdog = self._loop.call_at(due, self._check_acks)
@@ -793,9 +952,16 @@ class TcpStream:
         self._ack_waiters.append(waiter)
         return waiter
 
+    def _fits(self, size: int) -> bool:
+        """Whether a batch of `size` bytes fits the in-flight window now (the fast path's bytes included)."""
+        total = self._link.wire_in_flight()
+        if total is None:
+            return self._inflight.fits(size)
+        return not total or total + size <= self._inflight.window
+
     async def _wait_for_space(self, size: int) -> None:
         try:
-            while not self._inflight.fits(size):
+            while not self._fits(size):
                 await self._next_ack()
         except Exception as exc:
             raise NetworkError(exc, peer_id=self.peer_id, operation="write") from exc
@@ -811,7 +977,8 @@ class TcpStream:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        lost = self._inflight.fail()
+        lost = self._inflight.fail() + self._link.fail_fast_in_flight()
+        self._wake_fast_waiters()
         error = (
             self._error
             or self._link.exc

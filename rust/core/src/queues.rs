@@ -287,6 +287,19 @@ impl DestinationQueues {
         self.by_dest.clear();
     }
 
+    /// Empties queue `id` after the caller wrote what it held (the fast path: the packets are in flight on a
+    /// connection, counted there, and do not count against this queue's bound); keeps the buffer for the
+    /// next packets. Returns how many it held.
+    pub fn sent_directly(&mut self, id: QueueId) -> usize {
+        match self.queue_mut(id) {
+            Some(q) => {
+                q.framed.clear();
+                std::mem::take(&mut q.count)
+            }
+            None => 0,
+        }
+    }
+
     /// Empties queue `id` (its packets are the caller's to count); returns how many it held.
     pub fn discard(&mut self, id: QueueId) -> usize {
         match self.queue_mut(id) {

@@ -15,7 +15,9 @@
 
 use std::os::fd::RawFd;
 
-use crate::connection::{Connection, Event, SendError};
+use crate::connection::{Connection, Event, SendError, Stage};
+use crate::framing::{LENGTH_PREFIX_LEN, OFFLOAD_FLAG};
+use crate::ledger::{FastOwner, Ledger};
 use crate::receive::{recv, write_output, Read, SocketError};
 
 /// What one [`SendSession::pump`] gave.
@@ -40,9 +42,23 @@ pub enum SendFailure {
     Socket(SocketError),
 }
 
+/// Why the fast path left a batch to the worker (nothing was taken).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotTaken {
+    /// The handshake is not done, or the connection ended (or is ending).
+    NotEstablished,
+    /// Output waits for the socket: the worker's slow path waits for it to drain.
+    OutputWaiting,
+    /// The in-flight window is full: the worker waits for acks.
+    WindowFull,
+    /// The connection refused the bytes (see [`SendError`]).
+    Refused(SendError),
+}
+
 /// One client connection and its send path; see the module documentation.
 pub struct SendSession {
     conn: Connection,
+    ledger: Ledger,
     buffer: Vec<u8>,
     /// A write that failed at the end of a `pump` whose read had taken acks: reported by the next call,
     /// so that the caller first counts those acks (as [`crate::receive::ReceiveSession`] does).
@@ -66,6 +82,7 @@ impl SendSession {
     pub fn new(conn: Connection, read_size: usize) -> Self {
         SendSession {
             conn,
+            ledger: Ledger::default(),
             buffer: vec![0; read_size.max(1)],
             write_failed: None,
         }
@@ -95,6 +112,7 @@ impl SendSession {
             Read::Eof => self.conn.receive_eof(),
             Read::WouldBlock | Read::Reset { .. } => Vec::new(),
         };
+        self.ledger.settle(self.conn.counts().acked);
         // The acks read are counted by the caller; a failed write is the next call's error (a peer that
         // acknowledged what it delivered and then reset the connection: those packets are sent, not lost).
         let unsent = match self.flush(sock) {
@@ -115,10 +133,67 @@ impl SendSession {
     /// Encrypts `wire` (`frames` whole frames, see [`Connection::send_framed`]) and writes what the socket
     /// takes; returns the output bytes still waiting.
     pub fn send_framed(&mut self, sock: RawFd, wire: &[u8], frames: u64) -> Result<usize, SendFailure> {
+        let payload_before = self.conn.counts().frame_bytes;
         self.conn
             .send_framed(wire, frames)
             .map_err(SendFailure::Refused)?;
+        let payload = self.conn.counts().frame_bytes - payload_before;
+        self.ledger.written(frames, wire.len() as u64, payload, None);
         self.flush(sock).map_err(SendFailure::Socket)
+    }
+
+    /// The fast path (a TUN read written straight from the dispatcher's queues): `wire`, `frames` whole
+    /// frames, taken and written only while the connection is established, no output waits for the socket
+    /// and the batch fits the in-flight `window` (bytes on the wire; a batch larger than the window fits
+    /// only when nothing is in flight). Its fate is counted into `owner`'s counters (see
+    /// [`crate::ledger`]). Returns the output bytes the socket did not take (the caller must watch for
+    /// writability then), or why nothing was taken. A socket that fails after the batch was taken is
+    /// reported by the next [`pump`](Self::pump), as for a write inside it: the batch is then lost in
+    /// flight unless acknowledged.
+    pub fn send_fast(
+        &mut self,
+        sock: RawFd,
+        wire: &[u8],
+        frames: u64,
+        window: u64,
+        owner: FastOwner,
+    ) -> Result<usize, NotTaken> {
+        if sock < 0 || self.write_failed.is_some() || self.conn.stage() != Stage::Established {
+            return Err(NotTaken::NotEstablished);
+        }
+        if self.unsent() > 0 {
+            return Err(NotTaken::OutputWaiting);
+        }
+        let in_flight = self.ledger.wire_in_flight();
+        if in_flight > 0 && in_flight + wire.len() as u64 > window {
+            return Err(NotTaken::WindowFull);
+        }
+        let payload_before = self.conn.counts().frame_bytes;
+        self.conn.send_framed(wire, frames).map_err(NotTaken::Refused)?;
+        let payload = self.conn.counts().frame_bytes - payload_before;
+        let sizes = frame_payload_sizes(wire);
+        self.ledger
+            .written(frames, wire.len() as u64, payload, Some((owner, sizes)));
+        match write_output(&mut self.conn, sock) {
+            Ok(unsent) => Ok(unsent),
+            Err(err) => {
+                self.write_failed = Some(err);
+                Ok(self.unsent())
+            }
+        }
+    }
+
+    /// The connection ended (either side; reported to the caller by a failed call or an event): the fast
+    /// batches it had in flight resolve with the part the peer acknowledged, the rest counted lost.
+    /// Returns the fast frames lost. Idempotent.
+    pub fn fail_in_flight(&mut self) -> u64 {
+        self.ledger.settle(self.conn.counts().acked);
+        self.ledger.fail()
+    }
+
+    /// The in-flight ledger (both writers).
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     /// A keepalive frame, written at once; returns the output bytes still waiting.
@@ -144,4 +219,20 @@ impl SendSession {
     pub fn unsent(&self) -> usize {
         self.conn.output().len()
     }
+}
+
+/// The payload size of each frame of `wire` (whole frames, checked by the connection before; keepalives
+/// are not frames).
+fn frame_payload_sizes(wire: &[u8]) -> Vec<u32> {
+    let mut sizes = Vec::new();
+    let mut at = 0;
+    while let Some(prefix) = wire.get(at..at + LENGTH_PREFIX_LEN) {
+        let raw = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+        let len = raw & !OFFLOAD_FLAG;
+        if raw != 0 {
+            sizes.push(len);
+        }
+        at += LENGTH_PREFIX_LEN + len as usize;
+    }
+    sizes
 }

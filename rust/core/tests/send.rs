@@ -5,12 +5,14 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 
 use rcgen::{CertificateParams, DnType, KeyPair, PKCS_ED25519};
+use std::sync::Arc;
 use vpn_packet_core::connection::{Connection, Event, SendError, Stage};
 use vpn_packet_core::framing::encode_frames;
 use vpn_packet_core::inbound::PacketList;
+use vpn_packet_core::ledger::{FastCounters, FastCounts, FastOwner};
 use vpn_packet_core::prefix::{parse_prefix, PrefixTable};
 use vpn_packet_core::receive::{Read, ReceiveSession};
-use vpn_packet_core::send::{SendFailure, SendSession};
+use vpn_packet_core::send::{NotTaken, SendFailure, SendSession};
 use vpn_packet_core::tls::{NodeKey, Security};
 
 struct KeyFile {
@@ -149,6 +151,79 @@ fn framed_batches_are_sent_in_the_call_and_acknowledged_through_pump() {
     assert_eq!(pair.client.send_keepalive(fd), Ok(0));
     pair.until(|p| p.server.connection().counts().keepalives == 1);
     assert_eq!(pair.client.connection().counts().frames, 10);
+}
+
+fn owner() -> FastOwner {
+    FastOwner {
+        destination: Arc::new(FastCounters::default()),
+        total: Arc::new(FastCounters::default()),
+    }
+}
+
+#[test]
+fn the_fast_path_takes_batches_only_within_the_window_and_counts_them_when_acknowledged() {
+    let mut pair = established();
+    let fd = pair.client_sock.as_raw_fd();
+    let fast = owner();
+    let packets: Vec<Vec<u8>> = (0..9).map(|i| ipv4_from([10, 1, 0, 7], i)).collect();
+    let wire = |range: std::ops::Range<usize>| {
+        encode_frames(packets[range].iter().map(Vec::as_slice), 65535).unwrap()
+    };
+    let (first, second, third) = (wire(0..3), wire(3..6), wire(6..9));
+    // A worker's batch, then the fast path's: one connection, one count of frames.
+    assert_eq!(pair.client.send_framed(fd, &first, 3), Ok(0));
+    let window = (first.len() + second.len()) as u64;
+    assert_eq!(pair.client.send_fast(fd, &second, 3, window, fast.clone()), Ok(0));
+    // The window is full now: nothing taken, the batch is the worker's to write after acks.
+    assert_eq!(
+        pair.client.send_fast(fd, &third, 3, window, fast.clone()),
+        Err(NotTaken::WindowFull)
+    );
+    assert_eq!(fast.destination.counts().in_flight, 3);
+    assert_eq!(pair.client.ledger().fast_in_flight(), 3);
+    pair.until(|p| p.acked == 6);
+    let sent_bytes = (second.len() - 4 * 3) as u64;
+    let settled = FastCounts {
+        in_flight: 0,
+        sent: 3,
+        sent_bytes,
+        lost: 0,
+    };
+    assert_eq!(
+        (fast.destination.counts(), fast.total.counts()),
+        (settled, settled)
+    );
+    assert_eq!(pair.client.ledger().wire_in_flight(), 0);
+    assert_eq!(pair.client.send_fast(fd, &third, 3, window, fast.clone()), Ok(0));
+    pair.until(|p| p.acked == 9);
+    assert_eq!(pair.list.iter().map(<[u8]>::to_vec).collect::<Vec<_>>(), packets);
+    assert_eq!(fast.destination.counts().sent, 6);
+    assert_eq!(pair.client.fail_in_flight(), 0, "nothing left in flight");
+}
+
+#[test]
+fn the_fast_path_takes_nothing_before_the_answer_or_on_a_forgotten_socket_and_counts_what_was_lost() {
+    let (a, b) = (key_file("node-a"), key_file("node-b"));
+    let mut pair = Pair::new(&b, &b, &a);
+    let fd = pair.client_sock.as_raw_fd();
+    let fast = owner();
+    let wire = encode_frames([&ipv4_from([10, 1, 0, 7], 1)[..]], 65535).unwrap();
+    assert_eq!(
+        pair.client.send_fast(fd, &wire, 1, 1 << 20, fast.clone()),
+        Err(NotTaken::NotEstablished)
+    );
+    pair.until(|p| p.client.connection().stage() == Stage::Established);
+    assert_eq!(pair.client.send_fast(fd, &wire, 1, 1 << 20, fast.clone()), Ok(0));
+    // The connection ends before the peer acknowledges: the batch is lost, counted once.
+    assert_eq!(pair.client.fail_in_flight(), 1);
+    assert_eq!(pair.client.fail_in_flight(), 0);
+    let c = fast.destination.counts();
+    assert_eq!((c.in_flight, c.sent, c.lost), (0, 0, 1));
+    assert_eq!(
+        pair.client.send_fast(-1, &wire, 1, 1 << 20, fast.clone()),
+        Err(NotTaken::NotEstablished),
+        "a forgotten socket takes nothing"
+    );
 }
 
 #[test]

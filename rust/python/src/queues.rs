@@ -5,11 +5,14 @@
 //! batch push allocates nothing per ready key (the dispatcher's dict lookups also get a `str` whose hash is
 //! computed already). The GIL stays held: a push is pure CPU work of a few microseconds.
 
+use std::sync::Arc;
+
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use vpn_packet_core::framing::DEFAULT_MAX_FRAME_SIZE;
+use vpn_packet_core::ledger::{FastCounters as CoreFastCounters, FastOwner};
 use vpn_packet_core::queues::{
     frames, payload_bytes, without_frames, DestinationQueues as CoreQueues, KeyedPush, MalformedFrames,
     Pushed, QueueId, OFFLOAD_FLAG, VNET_HDR_LEN,
@@ -19,6 +22,7 @@ use crate::buffer::{with_bytes, PacketBytes};
 use crate::errors::{no_panic, split_error};
 use crate::functions::for_each_item;
 use crate::key_cache::key_and_ip;
+use crate::send::{SendSession, SharedSession};
 
 // Signature defaults are literals (stubtest reads them); keep them equal to the core default.
 const _: () = assert!(DEFAULT_MAX_FRAME_SIZE == 65535);
@@ -63,6 +67,54 @@ fn lengths_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     })
 }
 
+/// Packets a destination (or a whole dispatcher) sent on the fast path, by fate (see
+/// `vpn_packet_core::ledger`): written and unacknowledged (`in_flight`), acknowledged (`sent`, with their
+/// payload `sent_bytes`), or lost with their connection (`lost`). Moved by the sessions, read by Python.
+#[pyclass(module = "vpn_packet._native", name = "FastCounters", frozen)]
+pub struct FastCounters {
+    inner: Arc<CoreFastCounters>,
+}
+
+#[pymethods]
+impl FastCounters {
+    #[new]
+    fn new() -> Self {
+        FastCounters {
+            inner: Arc::default(),
+        }
+    }
+
+    /// `(in_flight, sent, sent_bytes, lost)`, read together.
+    fn counts(&self) -> (u64, u64, u64, u64) {
+        let c = self.inner.counts();
+        (c.in_flight, c.sent, c.sent_bytes, c.lost)
+    }
+
+    #[getter]
+    fn in_flight(&self) -> u64 {
+        self.inner.counts().in_flight
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.counts();
+        format!(
+            "FastCounters(in_flight={}, sent={}, sent_bytes={}, lost={})",
+            c.in_flight, c.sent, c.sent_bytes, c.lost
+        )
+    }
+}
+
+/// Where a destination's packets may go without its worker: the established session its worker writes
+/// to (see `DestinationQueues.set_fast`).
+struct FastRoute {
+    session: Arc<std::sync::Mutex<SharedSession>>,
+    owner: FastOwner,
+    window: u64,
+    /// Called with the bytes the socket did not take after a fast write (the link then watches for
+    /// writability): the one Python call of the fast path, only when the socket pushes back.
+    on_blocked: Py<PyAny>,
+}
+
 /// Per-destination bounded queues of framed packets (see `vpn_packet_core::queues`).
 ///
 /// A batch push returns `(accepted, ready, new, pressure)`: packets queued on existing queues, the keys of
@@ -74,6 +126,10 @@ pub struct DestinationQueues {
     inner: CoreQueues,
     /// The key `str` of each queue, by queue id.
     names: Vec<Option<Py<PyString>>>,
+    /// The fast route of each queue that has one, by queue id.
+    fast: Vec<Option<FastRoute>>,
+    /// Every destination's fast-path counters together.
+    fast_total: Arc<CoreFastCounters>,
 }
 
 impl DestinationQueues {
@@ -88,9 +144,53 @@ impl DestinationQueues {
         Ok(self.inner.id(key.to_str()?))
     }
 
+    fn clear_fast_of(&mut self, id: QueueId) {
+        if let Some(route) = self.fast.get_mut(id) {
+            *route = None;
+        }
+    }
+
+    /// The fast path: a queue that was empty before this push and has a fast route is written to its
+    /// session now, whole, in this call, and is not reported ready (no worker wakes up). When the session
+    /// cannot take it (not established, output waiting, window full), the packets stay queued, the route
+    /// is withdrawn (later packets queue behind them, in order) and the worker is woken as usual.
+    /// Returns whether the queue was written.
+    fn try_fast(&mut self, py: Python<'_>, id: QueueId) -> PyResult<bool> {
+        let Some(Some(route)) = self.fast.get(id) else {
+            return Ok(false);
+        };
+        let (wire, count) = (self.inner.peek(id), self.inner.depth(id) as u64);
+        let written = match route.session.try_lock() {
+            Ok(mut shared) => {
+                let sock = shared.sock;
+                shared
+                    .session
+                    .send_fast(sock, wire, count, route.window, route.owner.clone())
+            }
+            Err(_) => return Ok(false), // in use (never on the loop's thread): the worker's way
+        };
+        match written {
+            Ok(unsent) => {
+                if unsent > 0 {
+                    route.on_blocked.call1(py, (unsent,))?;
+                }
+                self.inner.sent_directly(id);
+                Ok(true)
+            }
+            Err(_) => {
+                self.clear_fast_of(id);
+                Ok(false)
+            }
+        }
+    }
+
     fn result<'py>(&mut self, py: Python<'py>, pushed: Pushed) -> PyResult<PushResult<'py>> {
         let ready = PyList::empty(py);
+        let any_fast = self.fast.iter().any(Option::is_some);
         for id in pushed.ready {
+            if any_fast && self.try_fast(py, id)? {
+                continue;
+            }
             if let Some(Some(name)) = self.names.get(id) {
                 ready.append(name.bind(py))?;
             }
@@ -132,6 +232,8 @@ impl DestinationQueues {
         Ok(DestinationQueues {
             inner: CoreQueues::new(capacity, max_packet_size),
             names: Vec::new(),
+            fast: Vec::new(),
+            fast_total: Arc::default(),
         })
     }
 
@@ -235,6 +337,7 @@ impl DestinationQueues {
                 if let Some(name) = self.names.get_mut(id) {
                     *name = None;
                 }
+                self.clear_fast_of(id);
             }
             Ok(self.inner.remove(key.to_str()?))
         })
@@ -244,6 +347,67 @@ impl DestinationQueues {
     fn clear(&mut self) {
         self.inner.clear();
         self.names.clear();
+        self.fast.clear();
+    }
+
+    /// Lets `key`'s packets skip its worker while its queue is empty: a batch push (a TUN read) writes them
+    /// to `session` (the established session its worker writes to) in the push itself, counted in
+    /// `counters` (the destination's) and `fast_totals`, while the batch fits `window` bytes in flight.
+    /// The worker must have nothing queued and nothing being written (order): it sets the route when it
+    /// goes idle after a write on `session`, and `take` withdraws it. `on_blocked(unsent)` is called when
+    /// the socket did not take everything. Returns False (nothing set) when `key` has no queue.
+    fn set_fast(
+        &mut self,
+        key: &Bound<'_, PyString>,
+        session: &SendSession,
+        counters: &FastCounters,
+        window: u64,
+        on_blocked: Py<PyAny>,
+    ) -> PyResult<bool> {
+        let Some(id) = self.id(key)? else {
+            return Ok(false);
+        };
+        if self.fast.len() <= id {
+            self.fast.resize_with(id + 1, || None);
+        }
+        self.fast[id] = Some(FastRoute {
+            session: session.shared(),
+            owner: FastOwner {
+                destination: Arc::clone(&counters.inner),
+                total: Arc::clone(&self.fast_total),
+            },
+            window,
+            on_blocked,
+        });
+        Ok(true)
+    }
+
+    /// Withdraws `key`'s fast route (its packets go through its worker again).
+    fn clear_fast(&mut self, key: &Bound<'_, PyString>) -> PyResult<()> {
+        if let Some(id) = self.id(key)? {
+            self.clear_fast_of(id);
+        }
+        Ok(())
+    }
+
+    /// Withdraws every fast route (routes changed, or the dispatcher is stopping).
+    fn clear_all_fast(&mut self) {
+        self.fast.clear();
+    }
+
+    /// Whether `key` has a fast route now.
+    fn has_fast(&self, key: &Bound<'_, PyString>) -> PyResult<bool> {
+        Ok(self
+            .id(key)?
+            .is_some_and(|id| matches!(self.fast.get(id), Some(Some(_)))))
+    }
+
+    /// Every destination's fast-path counters together.
+    #[getter]
+    fn fast_totals(&self) -> FastCounters {
+        FastCounters {
+            inner: Arc::clone(&self.fast_total),
+        }
     }
 
     /// Empties the queue of `key`; returns how many packets it held.
@@ -260,7 +424,10 @@ impl DestinationQueues {
     ) -> PyResult<(Bound<'py, PyBytes>, usize)> {
         no_panic(|| {
             let (data, count) = match self.id(key)? {
-                Some(id) => self.inner.take(id),
+                Some(id) => {
+                    self.clear_fast_of(id); // the worker writes now: later packets queue behind
+                    self.inner.take(id)
+                }
                 None => (Vec::new(), 0),
             };
             Ok((PyBytes::new(py, &data), count))
@@ -354,6 +521,7 @@ pub fn framed_without<'py>(
 /// Registers the class, the helper functions and the constants.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DestinationQueues>()?;
+    m.add_class::<FastCounters>()?;
     m.add_function(wrap_pyfunction!(split_framed, m)?)?;
     m.add_function(wrap_pyfunction!(framed_payload_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(framed_without, m)?)?;

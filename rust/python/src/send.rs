@@ -3,6 +3,7 @@
 //! only.
 
 use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -41,8 +42,29 @@ type PumpResult<'py> = (Option<Bound<'py, PyList>>, i64, usize, u64);
 /// (`flush` writes it).
 #[pyclass(module = "vpn_packet._native", name = "SendSession")]
 pub struct SendSession {
-    inner: CoreSession,
-    sock: RawFd,
+    shared: Arc<Mutex<SharedSession>>,
+}
+
+/// The session and its socket, shared with the dispatcher's queues (`DestinationQueues.set_fast`), whose
+/// fast path writes a TUN read into it without Python. Everything runs on the event loop's thread; the
+/// lock only makes the sharing sound (the fast path only ever `try_lock`s: it never waits).
+pub struct SharedSession {
+    pub session: CoreSession,
+    pub sock: RawFd,
+}
+
+impl SendSession {
+    fn lock(&self) -> MutexGuard<'_, SharedSession> {
+        // A panic inside (turned into an error by `no_panic`) leaves the data as consistent as any error.
+        self.shared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The shared session, for the queues' fast path.
+    pub fn shared(&self) -> Arc<Mutex<SharedSession>> {
+        Arc::clone(&self.shared)
+    }
 }
 
 #[pymethods]
@@ -62,8 +84,10 @@ impl SendSession {
             }
             let conn = Connection::client(&security.inner, peer_id, epoch).map_err(config_error)?;
             Ok(SendSession {
-                inner: CoreSession::new(conn, read_size),
-                sock,
+                shared: Arc::new(Mutex::new(SharedSession {
+                    session: CoreSession::new(conn, read_size),
+                    sock,
+                })),
             })
         })
     }
@@ -75,7 +99,9 @@ impl SendSession {
     /// for a failed socket call.
     fn pump<'py>(&mut self, py: Python<'py>) -> PyResult<PumpResult<'py>> {
         no_panic(|| {
-            let (inner, sock) = (&mut self.inner, self.sock);
+            let mut guard = self.lock();
+            let shared = &mut *guard;
+            let (inner, sock) = (&mut shared.session, shared.sock);
             let pumped = py.detach(|| inner.pump(sock)).map_err(socket_error)?;
             let read = match pumped.read {
                 Read::Data(n) => n as i64,
@@ -99,7 +125,9 @@ impl SendSession {
     /// then: the connection is gone).
     fn send_framed(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>, count: u64) -> PyResult<usize> {
         no_panic(|| {
-            let (inner, sock) = (&mut self.inner, self.sock);
+            let mut guard = self.lock();
+            let shared = &mut *guard;
+            let (inner, sock) = (&mut shared.session, shared.sock);
             let held = PacketBytes::get(data)?;
             let wire = held.as_slice();
             let result = match &held {
@@ -113,88 +141,135 @@ impl SendSession {
 
     /// A keepalive frame, written at once; returns the output bytes not written yet.
     fn send_keepalive(&mut self) -> PyResult<usize> {
-        no_panic(|| self.inner.send_keepalive(self.sock).map_err(send_failure))
+        no_panic(|| {
+            let mut guard = self.lock();
+            let sock = guard.sock;
+            guard.session.send_keepalive(sock).map_err(send_failure)
+        })
     }
 
     /// Writes what output the socket takes; returns the bytes still waiting. Raises `OSError` for a
     /// failed send.
     fn flush(&mut self, py: Python<'_>) -> PyResult<usize> {
         no_panic(|| {
-            let (inner, sock) = (&mut self.inner, self.sock);
+            let mut guard = self.lock();
+            let shared = &mut *guard;
+            let (inner, sock) = (&mut shared.session, shared.sock);
             py.detach(|| inner.flush(sock)).map_err(socket_error)
         })
     }
 
     /// Ends the connection from this side (close_notify into the output; `flush` writes it).
     fn close(&mut self) {
-        self.inner.close();
+        self.lock().session.close();
     }
 
     /// Python is about to close the socket: the session forgets its descriptor, so that no later call
     /// can write into another socket that reuses the number (they fail with `EBADF` instead).
     fn forget_socket(&mut self) {
-        self.sock = -1;
+        self.lock().sock = -1;
     }
 
     /// `"tls"`, `"challenge"`, `"answer"`, `"established"` or `"closed"`.
     #[getter]
     fn stage(&self) -> &'static str {
-        self.inner.connection().stage().name()
+        self.lock().session.connection().stage().name()
     }
 
     /// The peer dialled, once established.
     #[getter]
-    fn peer_id(&self) -> Option<&str> {
-        self.inner.connection().peer_id()
+    fn peer_id(&self) -> Option<String> {
+        self.lock().session.connection().peer_id().map(str::to_owned)
+    }
+
+    /// The connection ended (reported by a failed call or an event): the fast path's batches still in
+    /// flight resolve with the part the peer acknowledged, the rest counted lost (into their
+    /// destinations' counters). Returns the fast frames lost. Idempotent.
+    fn fail_in_flight(&self) -> u64 {
+        self.lock().session.fail_in_flight()
+    }
+
+    /// Bytes on the wire written and not acknowledged, by both writers (what the in-flight window bounds).
+    #[getter]
+    fn wire_in_flight(&self) -> u64 {
+        self.lock().session.ledger().wire_in_flight()
+    }
+
+    /// Frames the fast path wrote and the peer has not acknowledged yet.
+    #[getter]
+    fn fast_in_flight(&self) -> u64 {
+        self.lock().session.ledger().fast_in_flight()
+    }
+
+    /// Frames the fast path wrote on this connection.
+    #[getter]
+    fn fast_frames(&self) -> u64 {
+        self.lock().session.ledger().fast_frames()
+    }
+
+    /// Bytes on the wire the fast path wrote on this connection.
+    #[getter]
+    fn fast_wire_bytes(&self) -> u64 {
+        self.lock().session.ledger().fast_wire()
+    }
+
+    /// Payload bytes of the batches the peer acknowledged whole (both writers).
+    #[getter]
+    fn acked_payload(&self) -> u64 {
+        self.lock().session.ledger().acked_payload()
     }
 
     /// The failure that ended the connection, if one did.
     #[getter]
     fn failure(&self) -> Option<Failed> {
-        self.inner.connection().failure().map(crate::connection::failed)
+        self.lock()
+            .session
+            .connection()
+            .failure()
+            .map(crate::connection::failed)
     }
 
     /// Frames sent (packet and offload).
     #[getter]
     fn frames(&self) -> u64 {
-        self.inner.connection().counts().frames
+        self.lock().session.connection().counts().frames
     }
 
     /// Frames the peer acknowledged.
     #[getter]
     fn acked(&self) -> u64 {
-        self.inner.connection().counts().acked
+        self.lock().session.connection().counts().acked
     }
 
     /// Keepalives sent.
     #[getter]
     fn keepalives(&self) -> u64 {
-        self.inner.connection().counts().keepalives
+        self.lock().session.connection().counts().keepalives
     }
 
     /// TLS bytes received and produced.
     #[getter]
     fn tls_bytes(&self) -> (u64, u64) {
-        let counts = self.inner.connection().counts();
+        let counts = self.lock().session.connection().counts();
         (counts.tls_bytes_in, counts.tls_bytes_out)
     }
 
     /// Output bytes not written yet.
     #[getter]
     fn unsent(&self) -> usize {
-        self.inner.unsent()
+        self.lock().session.unsent()
     }
 
     /// The TLS key exchange group negotiated, once known.
     #[getter]
     fn key_exchange_group(&self) -> Option<String> {
-        self.inner.connection().key_exchange_group()
+        self.lock().session.connection().key_exchange_group()
     }
 
     /// The names the server's certificate carries (CA mode: the ones its id was checked against).
     #[getter]
     fn peer_names(&self) -> Vec<String> {
-        self.inner.connection().peer_names()
+        self.lock().session.connection().peer_names()
     }
 
     fn __repr__(&self) -> String {

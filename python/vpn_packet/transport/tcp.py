@@ -753,8 +753,8 @@ class TcpStream:
         """What the dispatcher's fast path needs to write a destination's packets into this connection
         without its worker (`DestinationQueues.set_fast`): the session, the in-flight window, the call for
         a socket that pushes back, and this stream (what a dispatcher's stop waits for). None when this
-        connection cannot take them now. From the first
-        route on, the ack watchdog keeps ticking (every `ack_timeout`) to watch writes it does not see."""
+        connection cannot take them now. From the first route on, the ack watchdog keeps ticking (every
+        `ack_timeout`) to watch writes it does not see."""
         if self.closed:
             return None
         route = self._link.fast_route()

@@ -561,7 +561,7 @@ class ReceiveSession:
         refuse: str | None = None,
     ) -> ReceiveSession: ...
     def pump(
-        self,
+        self, flush: bool = True
     ) -> tuple[
         list[Established | Refused | Failed | Closed] | None,
         int,

@@ -631,6 +631,7 @@ class _NativePump(_Pump):
             conn.ticket.accepted + receiver.hello_timeout, self._hello_timed_out
         )
         self._sink_task: asyncio.Task[None] | None = None
+        self._ack_handle: asyncio.TimerHandle | None = None  # the deferred write of the output (the acks)
         self._watch(True)
 
     def _watch(self, reading: bool) -> None:
@@ -677,8 +678,11 @@ class _NativePump(_Pump):
                 self.finish(False)
                 return
             session.set_route(discovery.table, receiver._peer_indexes())
+        # On the TUN path of an established connection the output (the ack) is written after what the loop
+        # found ready meanwhile (`_ack_soon`): the reply the delivered packets provoke leaves first.
+        defer = self.target is not None and self.peer is not None
         try:
-            events, read, unsent, counts = session.pump()
+            events, read, unsent, counts = session.pump(not defer)
         except OSError as exc:
             self._socket_failed(exc)
             return
@@ -708,7 +712,10 @@ class _NativePump(_Pump):
                     self._watch(False)
                     self._sink_task = self._loop.create_task(self._after_sink(pending, read < 0))
                     return
-        if self.target is None:
+        if defer and unsent and events is None and read > 0:
+            self._ack_soon()
+            return
+        if self.target is None or defer:
             try:
                 unsent = session.flush()
             except OSError as exc:
@@ -717,6 +724,26 @@ class _NativePump(_Pump):
         self._want_write(unsent)
         if read < 0 and not self.done.done():
             self._end_of_stream()
+
+    def _ack_soon(self) -> None:
+        """Writes the output after the I/O callbacks of the next loop iteration: a timer due now runs after
+        them (asyncio runs the readiness callbacks of a select before the timers that came due). So the TUN
+        read of the reply that a delivered packet provoked at once (an echo reply, a TCP ack) is sent
+        before this ack, which a request's round trip does not wait for; acks of several reads meanwhile go
+        as one write."""
+        if self._ack_handle is None:
+            self._ack_handle = self._loop.call_later(0, self._write_acks)
+
+    def _write_acks(self) -> None:
+        self._ack_handle = None
+        if self.done.done():
+            return
+        try:
+            unsent = self.conn.session.flush()
+        except OSError as exc:
+            self._socket_failed(exc)
+            return
+        self._want_write(unsent)
 
     async def _after_sink(self, pending: Awaitable[None], eof: bool) -> None:
         try:
@@ -831,6 +858,13 @@ class _NativePump(_Pump):
 
     def finish(self, clean: bool) -> None:
         """Stops watching the socket; `done` says whether the end is clean."""
+        if self._ack_handle is not None:  # acks still deferred: they leave now if they can
+            self._ack_handle.cancel()
+            self._ack_handle = None
+            if not self.done.done():
+                with contextlib.suppress(OSError):
+                    if not self.conn.session.flush():
+                        self._acked_out = self.conn.session.frames
         if not clean and not self.done.done():
             self._count_unacknowledged(self.peer, self.conn.session.frames)
         self._cancel_hello_timer()

@@ -103,14 +103,16 @@ impl ReceiveSession {
     }
 
     /// One socket readiness event: one read, through TLS, the handshake and the frames; accepted packets
-    /// written to the TUN (or collected for `take_packets`); then (with a TUN) the output, the ack among
-    /// it, written to the socket. The GIL is released throughout. Returns `(events, read, unsent, counts)`:
+    /// written to the TUN (or collected for `take_packets`); then (with a TUN, when `flush`) the output, the
+    /// ack among it, written to the socket (`flush=False`: the caller writes it later with `flush`, so that
+    /// the reply a delivered packet provokes can leave before its ack). The GIL is released throughout. Returns `(events, read, unsent, counts)`:
     /// `events` None or the lifecycle events, `read` the bytes read (0: none ready, -1: end of stream; -2 - n: the sender reset the
     /// connection, `n` bytes were queued unread and are discarded),
     /// `unsent` output bytes the socket did not take, `counts` what this call added: `(frames,
     /// payload_bytes, delivered, delivered_bytes, extra_segments, spoofed, unparsable, offload_invalid,
     /// tun_dropped, tun_refused)`. Raises `OSError` for a failed socket call.
-    fn pump<'py>(&mut self, py: Python<'py>) -> PyResult<PumpResult<'py>> {
+    #[pyo3(signature = (flush = true))]
+    fn pump<'py>(&mut self, py: Python<'py>, flush: bool) -> PyResult<PumpResult<'py>> {
         no_panic(|| {
             let table = self.table.bind(py).borrow();
             let routes = &table.inner;
@@ -132,7 +134,7 @@ impl ReceiveSession {
             let before_counts = *inner.counts();
             let before = inner.connection().counts();
             let result = py.detach(|| match target {
-                Target::Tun(tun) => inner.pump(sock, routes, index_of, tun, true),
+                Target::Tun(tun) => inner.pump(sock, routes, index_of, tun, flush),
                 Target::List(list) => inner.pump(sock, routes, index_of, list, false),
             });
             let (read, events) = result.map_err(socket_error)?;

@@ -217,6 +217,16 @@ class TunIo:
     def __new__(cls, fd: int, *, vnet_header: bool = False, packet_size: int = 65545) -> TunIo: ...
     def read_batch(self, max_packets: int = 1024, max_bytes: int = 4194304) -> tuple[bytes, bytes, int]:
         """`(data, lengths, errno)`: packets ready now, lengths as native-endian u32, the stopping errno."""
+    def read_into(
+        self,
+        queues: DestinationQueues,
+        *,
+        vnet_header: bool = False,
+        max_packets: int = 1024,
+        max_bytes: int = 4194304,
+    ) -> tuple[_Pushed, int, int, int]:
+        """Reads like `read_batch` and routes the packets into `queues` in the same call:
+        `(pushed, packets, bytes, errno)`."""
     def write_packets(self, packets: Iterable[Buffer]) -> tuple[int, int, int, int, int]:
         """`(written, bytes, refused, dropped, fatal_errno)`; the batch stops at the first packet the device
         has no room for, or at a fatal error, and `dropped` counts the rest."""

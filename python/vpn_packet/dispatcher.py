@@ -44,7 +44,7 @@ from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from vpn_packet import tuning
-from vpn_packet._native import PUSH_FULL, PUSH_INVALID, PUSH_PRESSURE, PUSH_READY, PUSH_UNKNOWN
+from vpn_packet._native import PUSH_FULL, PUSH_INVALID, PUSH_PRESSURE, PUSH_READY, PUSH_UNKNOWN, TunIo
 from vpn_packet.api import PeerDiscovery, StreamPoolService, StreamService
 from vpn_packet.errors import (
     DispatcherStoppedError,
@@ -510,6 +510,31 @@ class Dispatcher:
             return self._admit(self._queues.push_buffer(buffer, lengths, vnet_header=vnet_header))
         finally:
             self._read_path = False
+
+    def dispatch_tun(
+        self, io: TunIo, *, vnet_header: bool, max_packets: int, max_bytes: int, write_lone_now: bool = True
+    ) -> tuple[int, int, int]:
+        """One read of a TUN device (its `TunIo`) routed into the queues in the same native call, as
+        `dispatch_buffer` routes a read it is given: a destination with a fast route gets its packets written
+        into its connection there and then (see `Worker._offer_fast`), no copy and no Python object per
+        packet or read. Returns `(packets, bytes, errno)` of the read (a `TunReader`'s answer, see
+        `vpn_packet.transport.tun`). A stopped dispatcher still reads (the device must not stay readable)
+        and counts the packets rejected."""
+        if not self._accepting:
+            data, lengths, error = io.read_batch(max_packets, max_bytes)
+            n = len(lengths) // 4
+            self._reject_not_running(n)
+            return n, len(data), error
+        self._read_path = write_lone_now
+        try:
+            pushed, n, nbytes, error = io.read_into(
+                self._queues, vnet_header=vnet_header, max_packets=max_packets, max_bytes=max_bytes
+            )
+            if n:
+                self._admit(pushed)
+        finally:
+            self._read_path = False
+        return n, nbytes, error
 
     def _admit(self, pushed: tuple[int, list[str], list[tuple[str, str, int, int]] | None, bool]) -> int:
         """The Python half of a batch push: per key, never per packet. Returns how many packets were accepted.

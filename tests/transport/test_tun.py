@@ -103,7 +103,7 @@ _IN_NAMESPACE = textwrap.dedent(
     from pyroute2 import IPRoute
     from vpn_packet.testutil.faketun import split_packets
     from vpn_packet.testutil.packets import ICMP, icmp_echo, ipv4_packet
-    from vpn_packet.transport.tun import TunDevice
+    from vpn_packet.transport.tun import BufferReader, TunDevice
 
     N = 200
     out = {}
@@ -131,7 +131,7 @@ _IN_NAMESPACE = textwrap.dedent(
             replies.extend(packets)
             if len(replies) >= N:
                 done.set()
-        tun.start_reading(on_batch, max_packets=64)
+        tun.start_reading(BufferReader(on_batch), max_packets=64)
         out["written"] = tun.write_batch(requests)
         await asyncio.wait_for(done.wait(), 5)
         tun.stop_reading()
@@ -176,7 +176,7 @@ _IN_NAMESPACE = textwrap.dedent(
         def on_error(exc):
             errors.append(exc.errno)
             failed.set()
-        dead.start_reading(lambda data, lengths: None, on_error=on_error)
+        dead.start_reading(BufferReader(lambda data, lengths: None), on_error=on_error)
         subprocess.run(["ip", "link", "del", "vpnp-td"], check=True)
         await asyncio.wait_for(failed.wait(), 5)  # a hang guard
         events = dead.read_events

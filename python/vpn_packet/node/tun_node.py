@@ -1,7 +1,8 @@
 """`vpn-packet node --config FILE.toml`: a VPN node on a Linux TUN device.
 
 `TunNode` = a `TunDevice` + a `vpn_packet.node.node.Node`: every readiness event of the TUN reads all
-ready packets in one native call and hands the buffer to `Node.send_buffer` (the dispatcher's native queues:
+ready packets and routes them into the dispatcher's native queues in one native call (`Node.take_read`:
+an established destination's packets are written into its connection in that call; others wait for
 per-destination workers, stream pool, TCP or mutual-TLS streams to the peer owning each destination); the
 node's receiver decodes each connection's frames, checks each packet's source against the sending peer's
 allowed prefixes and writes the accepted ones to the TUN's descriptor itself (`Receiver.tun_target`). One
@@ -163,11 +164,6 @@ class TunNode:
 
     # --- data path ------------------------------------------------------------------------------------------
 
-    def _on_tun_buffer(self, data: bytes, lengths: bytes) -> None:
-        """A TUN read, as one buffer and its u32 lengths, straight to the dispatcher's native queues."""
-        tun = self.tun
-        self.node.send_buffer(data, lengths, vnet_header=tun is not None and tun.vnet_header)
-
     def _on_tun_write_fatal(self, code: int) -> None:
         """A native TUN write found the device gone."""
         if self.error is None:
@@ -229,9 +225,10 @@ class TunNode:
             self.tun.close()
             self._state = "stopped"
             raise
-        # One buffer per read, no object per packet.
+        # Each read straight into the dispatcher's native queues (and, for an established destination,
+        # into its connection), in one native call: no object per packet or read.
         self.tun.start_reading(
-            self._on_tun_buffer, max_packets=self.config.tuning.read_batch, on_error=self._on_tun_error
+            self.node, max_packets=self.config.tuning.read_batch, on_error=self._on_tun_error
         )
         self._started_at = time.monotonic()
         self._state = "running"

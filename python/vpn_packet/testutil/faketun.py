@@ -21,11 +21,11 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from vpn_packet._native import VNET_HDR_LEN
-from vpn_packet.transport.tun import TunDevice
+from vpn_packet.transport.tun import TunDevice, TunReader
 
 __all__ = ["FakeTun", "split_packets"]
 
@@ -33,8 +33,8 @@ _ZERO_HEADER = bytes(VNET_HDR_LEN)
 
 
 def split_packets(data: bytes, lengths: bytes) -> list[bytes]:
-    """The packets of one `TunDevice` read (`on_buffer(data, lengths)`), as a list: for tests that look at
-    them one by one (the node never makes an object per packet)."""
+    """The packets of one `TunDevice` read (`BufferReader`'s `on_buffer(data, lengths)`), as a list: for
+    tests that look at them one by one (the node never makes an object per packet)."""
     view = memoryview(data)
     packets: list[bytes] = []
     start = 0
@@ -113,9 +113,9 @@ class FakeTun(TunDevice):
 
     # --- recorded for tests ---------------------------------------------------------------------------------
 
-    def start_reading(self, on_buffer: Callable[[bytes, bytes], object], **kwargs: Any) -> None:
+    def start_reading(self, reader: TunReader, **kwargs: Any) -> None:
         self.events.append("start_reading")
-        super().start_reading(on_buffer, **kwargs)
+        super().start_reading(reader, **kwargs)
 
     def stop_reading(self) -> None:
         if self._reading:

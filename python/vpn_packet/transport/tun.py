@@ -1,7 +1,7 @@
 """A Linux TUN device (`/dev/net/tun`, `IFF_TUN | IFF_NO_PI`): raw IP packets in and out, in batches.
 
     tun = TunDevice.open("vpn0", address="10.8.0.1/24", mtu=1400, txqueuelen=1000, offload=True)
-    tun.start_reading(on_buffer)         # every readiness event: all ready packets, one native call
+    tun.start_reading(reader)            # every readiness event: reader.take_read(io, ...), one native call
     tun.write_batch(packets)             # one native call; no room -> dropped and counted, no backlog
     tun.kernel_counters()                # the kernel's own drop and error counters of the device
     tun.close()                          # idempotent; the device disappears with its file descriptor
@@ -19,9 +19,13 @@ dispatcher's native queues; the receive path writes to its descriptor natively (
 system calls are the Rust core's (`rust/core/src/tun.rs`); `vpn_packet._native.TunIo` only converts. Tests
 use the same class on a `SOCK_SEQPACKET` socket pair (`vpn_packet.testutil.faketun`), not a fake of it.
 
-Reading: on each readiness event one native call (the GIL released) reads until `EAGAIN` (or
-`max_packets` / `max_bytes`) into one reused buffer; the callback gets that buffer and a buffer of u32
-lengths (`Dispatcher.dispatch_buffer` takes them as is: no Python object per packet).
+Reading: on each readiness event the reader (a `TunReader`) is handed the device's `TunIo` and makes one
+native call that reads until `EAGAIN` (or `max_packets` / `max_bytes`, the GIL released) into one reused
+buffer and takes what it read: a node's dispatcher routes it into its native queues in that call
+(`Dispatcher.dispatch_tun`, `TunIo.read_into`), whose fast path writes an established destination's packets
+into its connection there too: no Python object and no copy per packet or read. `BufferReader` hands a
+callback the read as two buffers instead (the packets back to back and their u32 lengths), for tools and
+tests; `read_buffer` does one such read now.
 
 Offloads (`offload=True`): the device is opened with `IFF_VNET_HDR` and asked (`TUNSETOFFLOAD`) for checksum
 offload, TSO4/TSO6 and, where the kernel has it, UDP segmentation offload (USO). Bulk TCP then arrives as
@@ -58,12 +62,12 @@ import stat
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from vpn_packet import tuning
 from vpn_packet._native import TUN_FATAL_ERRNOS, VNET_HDR_LEN, TunIo
 
-__all__ = ["TUN_PATH", "TunDevice", "TunMetrics"]
+__all__ = ["TUN_PATH", "BufferReader", "TunDevice", "TunMetrics", "TunReader"]
 
 _log = logging.getLogger(__name__)
 
@@ -90,6 +94,35 @@ _FATAL: Final = frozenset(TUN_FATAL_ERRNOS)
 
 BufferCallback = Callable[[bytes, bytes], object]
 """`on_buffer(data, lengths)`: one read, the packets back to back and their native-endian u32 lengths."""
+
+
+class TunReader(Protocol):
+    """Takes one read of a TUN device: `take_read` reads with `io` (one native call) and returns
+    `(packets, bytes, errno)`: what it read (bytes with the virtio headers, if any) and the errno that stopped
+    the read (0: none)."""
+
+    def take_read(
+        self, io: TunIo, *, vnet_header: bool, max_packets: int, max_bytes: int
+    ) -> tuple[int, int, int]: ...
+
+
+class BufferReader:
+    """A `TunReader` that hands each read to `on_buffer(data, lengths)` (only with at least one packet)."""
+
+    __slots__ = ("on_buffer",)
+
+    def __init__(self, on_buffer: BufferCallback) -> None:
+        self.on_buffer = on_buffer
+
+    def take_read(
+        self, io: TunIo, *, vnet_header: bool, max_packets: int, max_bytes: int
+    ) -> tuple[int, int, int]:
+        data, lengths, error = io.read_batch(max_packets, max_bytes)
+        n = len(lengths) // 4
+        if n:
+            self.on_buffer(data, lengths)
+        return n, len(data), error
+
 
 KernelCounters = Callable[[str], dict[str, int]]
 """`read(name)`: the kernel's drop and error counters of interface `name` (`read_kernel_counters`)."""
@@ -147,7 +180,7 @@ class TunDevice:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
-        self._on_buffer: BufferCallback | None = None
+        self._reader: TunReader | None = None
         self._on_error: Callable[[OSError], object] | None = None
         self.error: OSError | None = None  # set when reading failed for good
         self._max_packets = tuning.READ_BATCH
@@ -257,6 +290,10 @@ class TunDevice:
         call: `(data, lengths)`, `lengths` being native-endian u32 per packet (virtio header included when
         `vnet_header`)."""
         data, lengths, error = self._io.read_batch(max_packets, max_bytes)
+        self._count_read(len(lengths) // 4, len(data), error)
+        return data, lengths
+
+    def _count_read(self, n: int, nbytes: int, error: int) -> None:
         if error:
             self.read_errors += 1
             exc = OSError(error, os.strerror(error))
@@ -264,31 +301,29 @@ class TunDevice:
                 self.error = exc
             else:
                 _log.debug("TUN %s read error: %r", self.name, exc)
-        n = len(lengths) // 4
         if n:
             self.packets_read += n
-            self.bytes_read += len(data) - n * self._header_len
+            self.bytes_read += nbytes - n * self._header_len
             if n > self.max_batch_seen:
                 self.max_batch_seen = n
-        return data, lengths
 
     def start_reading(
         self,
-        on_buffer: BufferCallback,
+        reader: TunReader,
         *,
         max_packets: int = tuning.READ_BATCH,
         max_bytes: int = 4 << 20,
         on_error: Callable[[OSError], object] | None = None,
     ) -> None:
-        """On every readiness event: `on_buffer(data, lengths)` from `read_buffer` (only with at least one
-        packet; no Python object per packet).
+        """On every readiness event: `reader.take_read(io, ...)`, one native call that reads what is ready
+        and takes it (see the module docstring).
 
         When the device fails for good (it was deleted: `EBADFD`; `EIO`, ...) reading stops, `error` is set
         and `on_error(error)` is called once (otherwise the error state would wake the loop forever)."""
         if self._closed:
             raise RuntimeError(f"TUN {self.name} is closed")
         self._loop = asyncio.get_running_loop()
-        self._on_buffer = on_buffer
+        self._reader = reader
         self._on_error = on_error
         self._max_packets = max_packets
         self._max_bytes = max_bytes
@@ -305,12 +340,20 @@ class TunDevice:
 
     def _on_readable(self) -> None:
         self.read_events += 1
-        data, lengths = self.read_buffer(self._max_packets, self._max_bytes)
-        if lengths and self._on_buffer is not None:
-            try:
-                self._on_buffer(data, lengths)
-            except Exception:
-                _log.exception("TUN %s: batch callback failed on %d packets", self.name, len(lengths) // 4)
+        reader = self._reader
+        if reader is None:
+            return
+        try:
+            n, nbytes, error = reader.take_read(
+                self._io,
+                vnet_header=self.vnet_header,
+                max_packets=self._max_packets,
+                max_bytes=self._max_bytes,
+            )
+        except Exception:
+            _log.exception("TUN %s: the reader failed", self.name)
+            return
+        self._count_read(n, nbytes, error)
         if self.error is not None:
             self.stop_reading()
             _log.error("TUN %s failed: %s; stopped reading", self.name, self.error)

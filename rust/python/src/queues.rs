@@ -35,7 +35,7 @@ const PUSH_FULL: u8 = 3;
 const PUSH_UNKNOWN: u8 = 4;
 const PUSH_INVALID: u8 = 5;
 
-type PushResult<'py> = (usize, Bound<'py, PyList>, Option<Bound<'py, PyList>>, bool);
+pub(crate) type PushResult<'py> = (usize, Bound<'py, PyList>, Option<Bound<'py, PyList>>, bool);
 
 fn malformed(err: MalformedFrames) -> PyErr {
     PyValueError::new_err(err.to_string())
@@ -142,6 +142,21 @@ impl DestinationQueues {
 
     fn id(&self, key: &Bound<'_, PyString>) -> PyResult<Option<QueueId>> {
         Ok(self.inner.id(key.to_str()?))
+    }
+
+    /// A TUN read's packets (end to end in `buffer`, `lengths` each), routed as `push_buffer` does.
+    pub(crate) fn push_read<'py>(
+        &mut self,
+        py: Python<'py>,
+        buffer: &[u8],
+        lengths: &[u32],
+        vnet_header: bool,
+    ) -> PyResult<PushResult<'py>> {
+        let pushed = self
+            .inner
+            .push_buffer(buffer, lengths, vnet_header)
+            .map_err(|e| split_error(&e))?;
+        self.result(py, pushed)
     }
 
     fn clear_fast_of(&mut self, id: QueueId) {
@@ -291,11 +306,7 @@ impl DestinationQueues {
         no_panic(|| {
             let lengths = lengths_of(lengths)?;
             let held = PacketBytes::get(buffer)?;
-            let pushed = self
-                .inner
-                .push_buffer(held.as_slice(), &lengths, vnet_header)
-                .map_err(|e| split_error(&e))?;
-            self.result(py, pushed)
+            self.push_read(py, held.as_slice(), &lengths, vnet_header)
         })
     }
 

@@ -2,9 +2,12 @@
 //! and their rules live in the core ([`vpn_packet_core::tun`]), the receive path in
 //! [`vpn_packet_core::inbound`]; here `bytes` and lists become slices and counts become tuples.
 //!
-//! - `TunIo.read_batch`: every packet ready on the non-blocking descriptor (until `EAGAIN` or a bound), read
-//!   into one reused buffer and returned as one `bytes` plus one `bytes` of native-endian u32 lengths: two
-//!   Python objects per readiness event, none per packet (`Dispatcher.dispatch_buffer` takes them as is).
+//! - `TunIo.read_into`: every packet ready on the non-blocking descriptor (until `EAGAIN` or a bound), read
+//!   into one reused buffer and routed straight into a dispatcher's `DestinationQueues` (whose fast path
+//!   writes an established destination's packets into its connection in the same call): no Python object
+//!   and no copy of the packets per readiness event (issue 20, item 3).
+//! - `TunIo.read_batch`: the same read, returned as one `bytes` plus one `bytes` of native-endian u32
+//!   lengths (for a reader that wants the packets: tests, `Dispatcher.dispatch_buffer`).
 //! - `TunIo.write_packets`: a batch of packets, one `write` (or `writev` with a virtio header) each.
 //! - `InboundDecoder.feed`: the receive path of one connection: socket bytes in, frames decoded, sources
 //!   checked, accepted packets written to the TUN (or collected for a library sink), all in one call.
@@ -25,6 +28,7 @@ use crate::buffer::{with_bytes, PacketBytes};
 use crate::errors::no_panic;
 use crate::functions::for_each_item;
 use crate::prefix::PrefixTable;
+use crate::queues::{DestinationQueues, PushResult};
 
 /// Batch reads and writes on a TUN descriptor (which stays owned, and closed, by Python).
 #[pyclass(module = "vpn_packet._native", name = "TunIo")]
@@ -78,6 +82,33 @@ impl TunIo {
             let data = PyBytes::new(py, &self.buffer[..result.total]);
             let lengths = PyBytes::new(py, u32_bytes(&self.lengths));
             Ok((data, lengths, result.errno))
+        })
+    }
+
+    /// Reads like `read_batch` and routes what it read into `queues` (as `DestinationQueues.push_buffer`
+    /// with `vnet_header`, the fast path included) in the same call: `(pushed, packets, bytes, errno)`,
+    /// `pushed` being the push's result (see `DestinationQueues`), `bytes` those read (headers included).
+    /// The GIL is released for the reads.
+    #[pyo3(signature = (queues, *, vnet_header = false, max_packets = 1024, max_bytes = 4194304))]
+    fn read_into<'py>(
+        &mut self,
+        py: Python<'py>,
+        queues: &Bound<'py, DestinationQueues>,
+        vnet_header: bool,
+        max_packets: usize,
+        max_bytes: usize,
+    ) -> PyResult<(PushResult<'py>, usize, usize, i32)> {
+        no_panic(|| {
+            let (fd, size) = (self.fd, self.packet_size);
+            let (buffer, lengths) = (&mut self.buffer, &mut self.lengths);
+            let result = py.detach(|| tun::read_batch(fd, buffer, lengths, size, max_packets, max_bytes));
+            let pushed = queues.borrow_mut().push_read(
+                py,
+                &self.buffer[..result.total],
+                &self.lengths,
+                vnet_header,
+            )?;
+            Ok((pushed, self.lengths.len(), result.total, result.errno))
         })
     }
 

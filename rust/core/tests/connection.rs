@@ -743,7 +743,7 @@ fn a_server_acknowledging_more_than_was_sent_is_caught() {
         (b"VPNP".to_vec(), "ack_unexpected"),
     ] {
         let mut client = Connection::client(&a, "b", 1).unwrap();
-        let mut server = rustls::ServerConnection::new(b.server_config()).unwrap();
+        let mut server = rustls::ServerConnection::new(b.server_config().unwrap()).unwrap();
         let mut c = Seen::default();
         let mut plaintext = Vec::new();
         let mut said = false;

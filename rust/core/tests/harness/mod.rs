@@ -625,7 +625,7 @@ struct Dial {
 impl Dial {
     fn new() -> Dial {
         let client = Connection::client(&nodes().client, "b", 1).unwrap();
-        let server = ServerConnection::new(nodes().server.server_config()).unwrap();
+        let server = ServerConnection::new(nodes().server.server_config().unwrap()).unwrap();
         Dial {
             client,
             server: server.into(),

@@ -418,7 +418,8 @@ def check_ca_files(cert: bytes, key: bytes, ca: bytes) -> list[str]:
 
 @final
 class TlsSecurity:
-    """A node's TLS setup: its key or certificate, and whom it trusts (checked when made)."""
+    """A node's TLS setup: its key or certificate, and whom it trusts (checked when made); or, insecure,
+    plaintext connections whose peers are the configured ids they claim."""
 
     @staticmethod
     def with_keys(
@@ -434,12 +435,14 @@ class TlsSecurity:
         *,
         max_frame_size: int = 65535,
     ) -> TlsSecurity: ...
+    @staticmethod
+    def insecure(local_id: str, peers: Sequence[str], *, max_frame_size: int = 65535) -> TlsSecurity: ...
     def update_keys(self, set: Sequence[tuple[str, bytes]], removed: Sequence[str] = ...) -> None:
         """Key mode: trusts `set`'s peers (added or rekeyed) and no longer `removed`'s, in place, O(the
         peers changed); raises `IdentityError` before anything changed, `ValueError` in CA mode."""
     def update_ids(self, added: Sequence[str], removed: Sequence[str] = ...) -> None:
-        """CA mode: adds `added` to the configured peers and drops `removed`, in place, O(the peers
-        changed); `ValueError` in key mode."""
+        """CA and insecure modes: adds `added` to the configured peers and drops `removed`, in place, O(the
+        peers changed); `ValueError` in key mode."""
     @property
     def peer_count(self) -> int: ...
     @property

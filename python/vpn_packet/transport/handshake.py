@@ -39,16 +39,11 @@ from vpn_packet._native import (
     ANSWER_REASONS,
     CHALLENGE_LEN,
     MAX_ANSWER_LEN,
-    MAX_HELLO_LEN,
-    NONCE_LEN,
     TlsSecurity,
-    encode_answer,
-    encode_challenge,
     encode_hello,
     hello_transcript,
     parse_answer,
     parse_challenge,
-    parse_hello,
 )
 from vpn_packet.errors import FramingError, HandshakeRefusedError, IdentityError
 from vpn_packet.transport.identity import (
@@ -70,7 +65,6 @@ __all__ = [
     "judge_hello",
     "new_epoch",
     "read_message",
-    "server_handshake",
 ]
 
 SecurityMode = Literal["key", "ca", "insecure"]
@@ -275,9 +269,10 @@ class Security:
         object.__setattr__(derived, "_ids_by_key", by_key.changed(claimed, freed))
         return derived
 
-    def native_tls(self, peers: Iterable[str], max_frame_size: int) -> TlsSecurity | None:
-        """The same identity and trust for the native TLS core (`vpn_packet._native.TlsSecurity`), which
-        runs a receiver's connections; `peers` are the configured peer ids (CA mode). None in plaintext."""
+    def native_tls(self, peers: Iterable[str], max_frame_size: int) -> TlsSecurity:
+        """The same identity and trust for the native connection core (`vpn_packet._native.TlsSecurity`),
+        which runs every node-to-node connection, plaintext ones too; `peers` are the configured peer ids
+        (CA and insecure modes: who may connect)."""
         if self.mode == "key":
             assert self.identity is not None
             return TlsSecurity.with_keys(
@@ -292,7 +287,7 @@ class Security:
             return TlsSecurity.with_ca(
                 self.local_id, cert, key, ca, list(peers), max_frame_size=max_frame_size
             )
-        return None
+        return TlsSecurity.insecure(self.local_id, list(peers), max_frame_size=max_frame_size)
 
     @property
     def encrypted(self) -> bool:
@@ -391,40 +386,6 @@ async def read_message(
         if len(data) + count > limit:  # pragma: no cover - the parsers' own bounds come first
             raise FramingError(f"handshake message longer than {limit} bytes", "too_large")
         data += await read(count)
-
-
-async def server_handshake(
-    security: Security,
-    read: Callable[[int], Awaitable[bytes]],
-    write: Callable[[bytes], None],
-    known_peer: Callable[[str], bool],
-    peer_certificate: dict[str, Any] | None = None,
-    peer_certificate_der: bytes | None = None,
-    *,
-    refuse: str | None = None,
-) -> tuple[Verdict, Hello | None]:
-    """The receiving side: challenge, read the hello, judge it, answer. Returns the verdict (and the hello
-    when one was read). `refuse` forces a refusal reason (e.g. `too_many_connections`) after reading the
-    hello, so that the client is told why. Raises `FramingError` for bytes that are not a hello of this
-    version (after answering `unsupported_version` when that is what they are)."""
-    nonce = os.urandom(NONCE_LEN)
-    write(encode_challenge(nonce))
-    try:
-        raw, _ = await read_message(read, parse_hello, MAX_HELLO_LEN)
-    except FramingError as exc:
-        if exc.reason == "unsupported_version":
-            write(encode_answer(_CODES["unsupported_version"], str(exc)))
-        elif exc.reason not in ("tls_expected_plaintext", "bad_magic"):
-            write(encode_answer(_CODES["bad_hello"], str(exc)))
-        raise
-    hello = Hello(*raw)
-    if refuse is not None:
-        verdict = Verdict(refuse, detail=refuse.replace("_", " "))
-    else:
-        verdict = judge_hello(security, hello, nonce, known_peer, peer_certificate, peer_certificate_der)
-    text = security.local_id if verdict.accepted else verdict.detail
-    write(encode_answer(_CODES[verdict.reason], text))
-    return verdict, hello
 
 
 def server_public_key(ssl_object: Any) -> bytes | None:

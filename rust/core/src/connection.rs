@@ -85,7 +85,7 @@ pub enum Failure {
 
 impl Failure {
     /// Every reason [`Failure::reason`] can return (for registering counters up front).
-    pub const REASONS: [&'static str; 25] = [
+    pub const REASONS: [&'static str; 28] = [
         "tls_bad_record",
         "tls_alert",
         "tls_certificate",
@@ -101,7 +101,10 @@ impl Failure {
         "tls_expected_plaintext",
         "unsupported_version",
         "unexpected_message",
-        "bad_hello",
+        "empty_peer_id",
+        "peer_id_too_long",
+        "invalid_utf8",
+        "bad_field_length",
         "zero_length",
         "too_large",
         "short_offload",
@@ -118,12 +121,8 @@ impl Failure {
         match self {
             Failure::Tls(err) => tls_reason(err),
             Failure::Certificate { reason, .. } => reason,
-            Failure::Handshake(err) => match err {
-                HandshakeError::BadMagic { .. }
-                | HandshakeError::UnsupportedVersion(_)
-                | HandshakeError::UnexpectedKind { .. } => err.reason(),
-                _ => "bad_hello",
-            },
+            // The handshake error's own reason (a malformed hello says how), in plaintext and TLS alike.
+            Failure::Handshake(err) => err.reason(),
             Failure::Framing(err) => err.reason(),
             Failure::Offload(_) => "offload_invalid",
             Failure::Ack(AckError::UnexpectedKind(_)) => "ack_unexpected",

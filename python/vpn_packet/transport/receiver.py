@@ -339,6 +339,7 @@ class _Pump:
             conn.ticket.accepted + receiver.hello_timeout, self._hello_timed_out
         )
         self._sink_task: asyncio.Task[None] | None = None
+        self.reset = False  # how the socket ends (`finish`)
         self._watch(True)
 
     def _watch(self, reading: bool) -> None:
@@ -456,7 +457,7 @@ class _Pump:
     def _end_of_stream(self) -> None:
         if self.peer is not None and self.conn.session.buffered:
             self.receiver._protocol_error(self.peer, "truncated")
-            self.finish(False)
+            self.finish(False, reset=False)
         else:
             self.finish(self.peer is not None)
 
@@ -497,7 +498,7 @@ class _Pump:
                     receiver._count(self.peer, "frames", 1)
                     receiver._count(self.peer, "offload_invalid", 1)
                 receiver._framing_broken(conn, self.peer, event.reason)
-                self.finish(False)
+                self.finish(False, reset=False)
         else:  # Closed: the peer ended an established connection (inside a frame: truncated)
             self._end_of_stream()
 
@@ -540,10 +541,15 @@ class _Pump:
         assert self.peer is not None  # the idle timer is armed once the hello is accepted
         return self.peer
 
-    def finish(self, clean: bool) -> None:
-        """Stops watching the socket; `done` says whether the end is clean."""
-        if not clean and not self.done.done():
-            self._count_unacknowledged(self.peer, self.conn.session.frames)
+    def finish(self, clean: bool, *, reset: bool | None = None) -> None:
+        """Stops watching the socket; `done` says whether the end is clean. `reset`: the socket is then
+        reset (default: when the end is not clean), so that the sender discards what it sent and we did not
+        acknowledge; a protocol error has acknowledged all it took, and its end is a plain close, so that
+        the last ack reaches the sender."""
+        if not self.done.done():
+            self.reset = not clean if reset is None else reset
+            if not clean:
+                self._count_unacknowledged(self.peer, self.conn.session.frames)
         self._cancel_hello_timer()
         self._cancel_idle()
         self._watch(False)
@@ -1094,8 +1100,9 @@ class Receiver:
             if conn.peer_id is not None:
                 self._leave_peer(conn)
             sock = conn.sock
-            if clean:
-                conn.session.close()
+            if not pump.reset:
+                if conn.peer_id is not None:  # before it, what is owed (an answer, an alert) is queued
+                    conn.session.close()
                 with contextlib.suppress(OSError):
                     conn.session.flush()  # close_notify, best effort: the socket does not block
             else:  # a reset: nothing read and not acknowledged is counted as delivered by the sender

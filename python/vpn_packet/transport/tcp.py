@@ -43,17 +43,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Protocol
 
 from vpn_packet import tuning
-from vpn_packet._native import AckDecoder, Closed, Established, Failed, Refused, SendSession, TlsSecurity
+from vpn_packet._native import Closed, Established, Failed, Refused, SendSession, TlsSecurity
 from vpn_packet.errors import FramingError, HandshakeRefusedError, NetworkError, ServiceError, TlsError
 from vpn_packet.ratelimit import FailureLog
 from vpn_packet.transport.delivery import InFlight, Receipt
 from vpn_packet.transport.framing import (
     DEFAULT_MAX_FRAME_SIZE,
-    KEEPALIVE_FRAME,
     LENGTH_PREFIX_LEN,
     encode_frames,
 )
-from vpn_packet.transport.handshake import Security, client_handshake, new_epoch
+from vpn_packet.transport.handshake import Security, new_epoch
 
 __all__ = ["DEFAULT_SEND_BUFFER", "EndpointResolver", "PeerSendStats", "TcpStream", "TcpStreamService"]
 
@@ -102,103 +101,25 @@ class PeerSendStats:
 
 
 class _Link:
-    """The connection under a `TcpStream`: it writes framed batches and keepalives, tells the stream how many
-    frames the peer acknowledged (`on_acked`), that the peer broke the protocol (`on_broken`) and that the
-    connection ended (`on_lost`), and pushes back (`paused`, `drain_waiter`) when its buffer is large. Two
-    kinds: `_NativeLink` (TLS on the Rust core, `SendSession`) and `_SenderProtocol` (plaintext, an asyncio
-    transport). Nothing per packet here either way."""
+    """The connection under a `TcpStream`, on the native core after its handshake (TLS, or an insecure
+    node's plaintext): `write` hands a framed batch to the `SendSession`, which encrypts it (with TLS) and
+    writes it to the socket in that call; what the socket does not take waits in the session, written at
+    writability (`paused` above `high_water` until it is under a quarter of that; `drain_waiter` resolves
+    then). One native call per readiness event (`_readable`) reads the acks and tells the stream how many
+    frames the peer acknowledged (`on_acked`), that the peer broke the protocol (`on_broken`) and that
+    the connection ended (`on_lost`). Nothing per packet here. The socket is ours (the session only
+    borrows its descriptor): closed here, after the reader and writer are removed."""
 
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket, session: SendSession, high_water: int) -> None:
         self.lost = False
         self.paused = False
         self.exc: BaseException | None = None  # why the connection ended (None: clean EOF or local close)
         self.peer_eof = False
         self._waiters: list[asyncio.Future[None]] = []
-        self._closed: asyncio.Future[None] | None = None
         self.on_lost: Callable[[], None] | None = None
         self.on_acked: Callable[[int], None] | None = None  # the frames the peer has taken in all
         self.on_broken: Callable[[BaseException], None] | None = None  # acks that contradict themselves
-
-    tls: ClassVar[bool] = False
-    sockname: Any = None
-
-    @property
-    def key_exchange_group(self) -> str | None:
-        """The TLS key exchange group negotiated; None in plaintext."""
-        return None
-
-    @property
-    def peer_names(self) -> list[str]:
-        """The names the peer's TLS certificate carries; none in plaintext."""
-        return []
-
-    def socket(self) -> socket.socket | None:
-        raise NotImplementedError
-
-    def write(self, data: bytes, count: int) -> None:
-        raise NotImplementedError
-
-    def write_keepalive(self) -> None:
-        raise NotImplementedError
-
-    def buffered(self) -> int:
-        """Bytes taken and not handed to the kernel yet."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Flush what is buffered, then close (FIN); reading stops now."""
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        """Close at once with a reset (RST): the peer discards what it has not taken."""
-        raise NotImplementedError
-
-    def _ended(self, exc: BaseException | None) -> None:
-        """The connection is gone: wake every waiter, then tell the stream."""
-        if self.lost:
-            return
-        self.lost = True
-        self.paused = False
-        if exc is not None:
-            self.exc = exc
-        self._wake(exc)
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
-        if self.on_lost is not None:
-            self.on_lost()
-
-    def _wake(self, exc: BaseException | None) -> None:
-        waiters = self._waiters
-        self._waiters = []
-        for waiter in waiters:
-            if not waiter.done():
-                if exc is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(exc)
-
-    def drain_waiter(self) -> asyncio.Future[None]:
-        """Resolves once the buffer is small again (fails when the connection ends meanwhile)."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        return waiter
-
-    async def wait_closed(self) -> None:
-        if self._closed is not None:
-            await asyncio.shield(self._closed)
-
-
-class _NativeLink(_Link):
-    """A TLS connection on the native core after its handshake: `write` hands a framed batch to the
-    `SendSession`, which encrypts it and writes it to the socket in that call; what the socket does not
-    take waits in the session, written at writability (`paused` above `high_water` until it is under a
-    quarter of that). One native call per readiness event (`_readable`) reads the acks. The socket is ours
-    (the session only borrows its descriptor): closed here, after the reader and writer are removed."""
-
-    tls = True
-
-    def __init__(self, sock: socket.socket, session: SendSession, high_water: int) -> None:
-        super().__init__()
+        self.tls = session.encrypted
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._fd = sock.fileno()
@@ -341,116 +262,39 @@ class _NativeLink(_Link):
         self._session.forget_socket()  # the descriptor's number may be reused once closed
         self._sock.close()
 
-
-class _SenderProtocol(_Link, asyncio.Protocol):
-    """A plaintext connection (an insecure node): an asyncio transport under the stream. Its handshake runs
-    in Python (`client_handshake` reads with `read_exactly`); after it the peer sends only acks, decoded
-    here and handed to `on_acked`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.transport: asyncio.Transport | None = None
-        self._acks = AckDecoder()
-        # The handshake's replies, read with `read_exactly` until the handshake is done; after it the
-        # peer sends only acks.
-        self._inbox = bytearray()
-        self._handshaking = True
-        self._inbox_waiter: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.sockname = transport.get_extra_info("sockname")
-        self._closed = asyncio.get_running_loop().create_future()
-
-    def data_received(self, data: bytes) -> None:
-        if not self._handshaking:
-            self._take_acks(data)
+    def _ended(self, exc: BaseException | None) -> None:
+        """The connection is gone: wake every waiter, then tell the stream."""
+        if self.lost:
             return
-        self._inbox += data
-        if len(self._inbox) > _MAX_INBOX and self.transport is not None:
-            self.transport.abort()  # a server flooding its handshake replies is not a vpn-packet node
-        self._wake_reader()
-
-    def _take_acks(self, data: bytes) -> None:
-        if not data:
-            return
-        try:
-            taken = self._acks.feed(data)
-        except (FramingError, ValueError) as exc:  # not acks: a broken peer
-            if self.on_broken is not None:
-                self.on_broken(exc)
-            return
-        if self.on_acked is not None:
-            self.on_acked(taken)
-
-    def eof_received(self) -> bool:
-        self.peer_eof = True
-        self._wake_reader()
-        return False  # close our side too: the peer is gone
-
-    def _wake_reader(self) -> None:
-        waiter, self._inbox_waiter = self._inbox_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def read_exactly(self, n: int) -> bytes:
-        """`n` bytes of the server's handshake replies; `asyncio.IncompleteReadError` when it closes first."""
-        while len(self._inbox) < n:
-            if self.lost or self.peer_eof:
-                raise asyncio.IncompleteReadError(bytes(self._inbox), n)
-            self._inbox_waiter = asyncio.get_running_loop().create_future()
-            await self._inbox_waiter
-        out = bytes(self._inbox[:n])
-        del self._inbox[:n]
-        return out
-
-    def handshake_done(self) -> None:
-        """The handshake is over; what the server sent after it (acks) is taken once the stream listens."""
-        self._handshaking = False
-
-    def start(self) -> None:
-        """The stream listens: acks that came with the handshake's answer are taken now."""
-        rest, self._inbox = bytes(self._inbox), bytearray()
-        self._take_acks(rest)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
+        self.lost = True
         self.paused = False
-        self._wake(None)
+        if exc is not None:
+            self.exc = exc
+        self._wake(exc)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        if self.on_lost is not None:
+            self.on_lost()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._wake_reader()
-        self._ended(exc)
+    def _wake(self, exc: BaseException | None) -> None:
+        waiters = self._waiters
+        self._waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
 
-    def write(self, data: bytes, count: int) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+    def drain_waiter(self) -> asyncio.Future[None]:
+        """Resolves once the buffer is small again (fails when the connection ends meanwhile)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
 
-    def write_keepalive(self) -> None:
-        assert self.transport is not None
-        self.transport.write(KEEPALIVE_FRAME)
-
-    def buffered(self) -> int:
-        return 0 if self.transport is None else self.transport.get_write_buffer_size()
-
-    def socket(self) -> socket.socket | None:
-        return None if self.transport is None else self.transport.get_extra_info("socket")
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is None:
-            return
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        self.transport.abort()
+    async def wait_closed(self) -> None:
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
 
 
 #: Failure reasons of our check of the server's certificate: the dial failed on who answered, after TLS
@@ -484,14 +328,15 @@ def _failure_cause(failed: Failed, peer_id: str = "") -> BaseException:
     return TlsError(detail, reason)
 
 
-class _NativeDial:
-    """The client handshake of a TLS connection on the native core: TLS (rustls: the server must prove the
-    key configured for the peer dialled, or in CA mode a certificate naming it), then the signed hello and
-    the server's answer, driven by one `SendSession.pump` per readiness event. `handshake()` returns the
-    established connection as a `_NativeLink`, or raises what ended it: `HandshakeRefusedError` with the
-    server's reason, else the cause `_failure_cause` names (or the socket's `OSError`). The caller bounds
-    it in time. `operation` says how far it got: `"tls"`, or `"handshake"` once TLS is done (or when our
-    check of the server's certificate refused it)."""
+class _Dial:
+    """The client handshake of a connection on the native core: TLS (rustls: the server must prove the
+    key configured for the peer dialled, or in CA mode a certificate naming it; an insecure node has none),
+    then the hello (signed in key mode) and the server's answer, driven by one `SendSession.pump` per
+    readiness event. `handshake()` returns the established connection as a `_Link`, or raises what ended
+    it: `HandshakeRefusedError` with the server's reason, else the cause `_failure_cause` names (or the
+    socket's `OSError`). The caller bounds it in time. `operation` says how far it got: `"tls"`, or
+    `"handshake"` once TLS is done (at once in plaintext; or when our check of the server's certificate
+    refused it)."""
 
     def __init__(
         self, sock: socket.socket, tls: TlsSecurity, peer_id: str, local_id: str, epoch: int
@@ -501,16 +346,16 @@ class _NativeDial:
         self._fd = sock.fileno()
         self._peer_id = peer_id
         self._local_id = local_id
-        self.operation = "tls"
         self._session = SendSession(tls, self._fd, peer_id, epoch)
+        self.operation = "tls" if self._session.encrypted else "handshake"
         self._done: asyncio.Future[None] = self._loop.create_future()
         self._writing = False
 
-    async def handshake(self, high_water: int) -> _NativeLink:
+    async def handshake(self, high_water: int) -> _Link:
         loop, fd = self._loop, self._fd
         loop.add_reader(fd, self._readable)
         try:
-            self._flush()  # the ClientHello
+            self._flush()  # the ClientHello (plaintext: nothing; the server speaks first)
             await self._done
         except BaseException:
             self._unwatch()
@@ -518,7 +363,7 @@ class _NativeDial:
             self._sock.close()
             raise
         self._unwatch()
-        return _NativeLink(self._sock, self._session, high_water)
+        return _Link(self._sock, self._session, high_water)
 
     def _unwatch(self) -> None:
         if self._sock.fileno() >= 0:
@@ -1049,7 +894,7 @@ class TcpStreamService:
         self.peer_stats: dict[str, PeerSendStats] = {}
         # Failed connections: one budget for every peer and a periodic summary (vpn_packet.ratelimit).
         self.failure_log = failure_log if failure_log is not None else FailureLog(_log)
-        self._native: tuple[Security, TlsSecurity | None] | None = None
+        self._native: tuple[Security, TlsSecurity] | None = None
 
     def stats(self, peer_id: str) -> PeerSendStats:
         """The live `PeerSendStats` of `peer_id` (created empty on first use)."""
@@ -1091,25 +936,14 @@ class TcpStreamService:
         operation = "connect"
         security = self.security
         stats = self.stats(peer_id)
-        dial: _NativeDial | None = None
+        dial: _Dial | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                tls = self._native_tls(security, peer_id)
+                native = self._native_tls(security, peer_id)
                 sock = await self._connect_socket(loop, host, port)
-                if tls is not None:
-                    operation = "tls"
-                    dial = _NativeDial(sock, tls, peer_id, security.local_id, new_epoch())
-                    link = await dial.handshake(self.high_water)
-                else:
-                    operation = "handshake"
-                    base, protocol = await loop.create_connection(_SenderProtocol, sock=sock)
-                    assert isinstance(base, asyncio.Transport)
-                    link = protocol
-                    await client_handshake(
-                        security, peer_id, protocol.read_exactly, base.write, None, new_epoch()
-                    )
-                    protocol.handshake_done()
-                    base.set_write_buffer_limits(high=self.high_water)
+                dial = _Dial(sock, native, peer_id, security.local_id, new_epoch())
+                operation = dial.operation
+                link = await dial.handshake(self.high_water)
                 self._check_unchanged(peer_id, host, port, security)
         except HandshakeRefusedError as exc:
             self.connect_failures += 1
@@ -1164,8 +998,6 @@ class TcpStreamService:
             ack_timeout=self.ack_timeout,
             stats=stats,
         )
-        if isinstance(link, _SenderProtocol):
-            link.start()
         return stream
 
     def _check_unchanged(self, peer_id: str, host: str, port: int, security: Security) -> None:
@@ -1195,17 +1027,16 @@ class TcpStreamService:
             )
         return ""
 
-    def _native_tls(self, security: Security, peer_id: str) -> TlsSecurity | None:
-        """The native TLS core's setup for dialling with `security` (None in plaintext), made once per
-        `security` (a reload swaps it). Key mode: raises `TlsError` for a peer without a configured key
-        (fail closed, before dialling)."""
-        if not security.encrypted:
-            return None
+    def _native_tls(self, security: Security, peer_id: str) -> TlsSecurity:
+        """The native core's setup for dialling with `security`, made once per `security` (a reload swaps
+        it). Key mode: raises `TlsError` for a peer without a configured key (fail closed, before
+        dialling)."""
         if security.mode == "key" and peer_id not in security.peer_keys:
             raise TlsError(f"no public_key is configured for peer {peer_id!r}", "key_mismatch")
         made = self._native
         if made is None or made[0] is not security:
-            # A client checks the server it dials by that peer's key or name alone: no peer list needed.
+            # A client checks the server it dials by that peer's key or name alone (or, insecure, not at
+            # all): no peer list needed.
             made = (security, security.native_tls((), DEFAULT_MAX_FRAME_SIZE))
             self._native = made
         return made[1]

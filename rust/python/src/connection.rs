@@ -403,6 +403,12 @@ impl TlsConnection {
         self.inner.is_client()
     }
 
+    /// Whether the connection runs TLS (False: an insecure node's plaintext).
+    #[getter]
+    fn encrypted(&self) -> bool {
+        self.inner.encrypted()
+    }
+
     /// `"tls"`, `"challenge"`, `"answer"`, `"established"` or `"closed"`.
     #[getter]
     fn stage(&self) -> &'static str {

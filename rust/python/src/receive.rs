@@ -194,6 +194,12 @@ impl ReceiveSession {
         self.inner.connection_mut().close();
     }
 
+    /// Whether the connection runs TLS (False: an insecure node's plaintext).
+    #[getter]
+    fn encrypted(&self) -> bool {
+        self.inner.connection().encrypted()
+    }
+
     /// `"tls"`, `"challenge"`, `"answer"`, `"established"` or `"closed"`.
     #[getter]
     fn stage(&self) -> &'static str {

@@ -1245,16 +1245,12 @@ class Receiver:
             f" ({conn.closed_because})" if conn.closed_because else "",
         )
 
-    def _discard_after_reset(
-        self, conn: _Connection, peer: PeerReceiverMetrics, n: int
-    ) -> None:
+    def _discard_after_reset(self, conn: _Connection, peer: PeerReceiverMetrics, n: int) -> None:
         peer.discarded_after_reset += n
         self._totals.discarded_after_reset += n
         conn.closed_because = "reset by the sender"
 
-    def _framing_broken(
-        self, conn: _Connection, peer: PeerReceiverMetrics, reason: str
-    ) -> None:
+    def _framing_broken(self, conn: _Connection, peer: PeerReceiverMetrics, reason: str) -> None:
         self._protocol_error(peer, reason)
         _log.warning("receiver: peer %s broke the framing (%s); connection closed", conn.peer_id, reason)
 

@@ -6,57 +6,58 @@ Per connection (the wire messages are drawn in `rust/core/src/handshake.rs` and 
 1. **Pending** (not authenticated yet): from TCP accept to an accepting answer. Anyone can open one without a
    key, so pending connections are bounded in count, time and memory, and which one is closed at a bound is
    the admission policy of `vpn_packet.transport.admission`: a connection that has sent nothing yet is held
-   as a bare socket (no transport, no task, no TLS buffer), within `max_silent_pending` in all and
+   as a bare socket (no session, no task, no TLS buffer), within `max_silent_pending` in all and
    `max_silent_pending_per_source` per address; one whose bytes arrived is handshaking, within `max_pending`
    and `max_pending_per_source`. At a bound the oldest silent, or the stalest handshaking connection (the
    longest without a step of progress) is closed, never the newcomer, and connections from the addresses of
    configured peers' endpoints go last, so no flood without a key keeps a real peer out. With TLS the
-   kernel holds a connection that has sent nothing (`TCP_DEFER_ACCEPT`). `hello_timeout` covers the silent
-   wait, TLS, challenge and hello together. Memory per pending connection is bounded: asyncio's TLS buffer
-   (256 KiB once TLS starts) and at most one hello (`MAX_HANDSHAKE_HELLO_LEN` bytes); once the pending
-   connections are gone after a flood, the heap's free pages go back to the system (`vpn_packet.heap`).
-2. **Handshake**: with TLS (key or CA mode) the connection runs on the native core from its first byte
-   (`vpn_packet._native.ReceiveSession`, `rust/core/src/receive.rs`: rustls, the challenge, the signed hello
-   judged by the rules of `rust/core/src/connection.rs`, the answer); Python's `ssl` is not on the path. In
-   plaintext (`insecure`) the challenge, hello and verdict (`vpn_packet.transport.handshake.judge_hello`)
-   run here. Either way the answer is sent before closing a refused connection so the sender knows why.
-   A refusal is counted by reason (`refused`) and logged at WARNING
-   once per reason and address per interval; so is a failed handshake (`handshake_failures`: `timeout`,
-   `tls_failed`, `closed_early`, wire errors such as `bad_magic`). The peer is the one its key (or CA
-   certificate) proved, never the id it claims.
-3. **Frames**: with TLS, one native call per socket readiness event (`_Pump.readable`) reads,
-   decrypts, decodes, checks sources, writes the TUN and sends the ack; Python sees the counts of that call
-   and the lifecycle events (established, refused, failed, closed), never a packet on the TUN path. In
-   plaintext, one pump per connection (`_InboundProtocol`): every socket read goes, in one native call
-   (`vpn_packet._native.InboundDecoder`, the GIL released), through the frame decoder (across any read
-   boundaries) and the source check against the peer table: a packet whose source's longest prefix is not one
-   of the sending peer's is dropped and counted (`spoofed_dropped`); one without a readable IP header is
-   dropped and counted (`unparsable_dropped`); an offload frame (a super-packet from a peer's TUN) whose
-   virtio header cannot be honoured likewise (`offload_invalid`). On a node with a TUN (`tun_target` set)
-   the accepted packets are written to the TUN in that same call (no Python object per packet; `sink` is
-   not called; what the TUN did not take is counted in `tun_dropped` or `tun_refused`), offload frames whole
-   when the TUN takes virtio headers, else segmented. Without one they go to `sink(peer_id, packets)` in
-   batches of at most `max_batch`, in stream order (a sink that raises: `sink_raised`). Every frame is
-   counted as delivered or as a drop by reason (`PeerReceiverMetrics`). A connection that sends nothing for
-   `idle_timeout` seconds is closed (`idle_closed`; the senders' keepalive frames count as something).
+   kernel holds a connection that has sent nothing (`TCP_DEFER_ACCEPT`); in plaintext the server speaks
+   first, so a connection is handshaking from its accept. `hello_timeout` covers the silent wait, TLS,
+   challenge and hello together. Memory per pending connection is bounded (rustls' buffer while a
+   handshake message is joined, at most 64 KiB, and at most one hello: `rust/core/src/connection.rs`);
+   once the pending connections are gone after a flood, the heap's free pages go back to the system
+   (`vpn_packet.heap`).
+2. **Handshake**: every connection runs on the native core from its first byte
+   (`vpn_packet._native.ReceiveSession`, `rust/core/src/receive.rs`): with TLS (key or CA mode) rustls,
+   then the challenge, the hello judged by the rules of `rust/core/src/connection.rs`, the answer; in
+   plaintext (`insecure`) the same stages without TLS (a peer is the configured id it claims). Python's
+   `ssl` is not on the path. The answer is sent before closing a refused connection so the sender knows
+   why. A refusal is counted by reason (`refused`) and logged at WARNING once per reason and address per
+   interval; so is a failed handshake (`handshake_failures`: `timeout`, `tls_failed`, `closed_early`, wire
+   errors such as `bad_magic`, `tls_expected_plaintext`, `unsupported_version`). With keys the peer is the
+   one its key (or CA certificate) proved, never the id it claims.
+3. **Frames**: one pump per connection (`_Pump`), TLS and plaintext alike: one native call per socket
+   readiness event (`_Pump.readable`) reads, decrypts (with TLS), decodes the frames (across any read
+   boundaries), checks every packet's source against the peer table, writes the TUN and sends the ack;
+   Python sees the counts of that call and the lifecycle events (established, refused, failed, closed),
+   never a packet on the TUN path. A packet whose source's longest prefix is not one of the sending peer's
+   is dropped and counted (`spoofed_dropped`); one without a readable IP header is dropped and counted
+   (`unparsable_dropped`). On a node with a TUN (`tun_target` set) the accepted packets are written to the
+   TUN in that same call (no Python object per packet; `sink` is not called; what the TUN did not take is
+   counted in `tun_dropped` or `tun_refused`), offload frames (super-packets from a peer's TUN) whole when
+   the TUN takes virtio headers, else segmented. Without one they go to `sink(peer_id, packets)` in batches
+   of at most `max_batch`, in stream order (a sink that raises: `sink_raised`), and the ack follows once the
+   sink took them. Every frame is counted as delivered or as a drop by reason (`PeerReceiverMetrics`). A
+   connection that sends nothing for `idle_timeout` seconds is closed (`idle_closed`; the senders'
+   keepalive frames count as something).
 
 Connection slots are held only by authenticated connections: at most `max_connections` in all (beyond: the
 new one is refused, `too_many_connections`), and `max_connections_per_peer` per peer, where a new
 connection of a peer at its limit closes that peer's oldest one (the peer proved its key; a fresh connection
 means it lost an old one), so nobody else can lock a peer out.
 
-A protocol error (frame length 0 or above `max_frame_size`, a stream ending inside a frame) is counted by
-reason and closes that connection only; packets framed correctly before it are still delivered.
+A protocol error (frame length 0 or above `max_frame_size`, a stream ending inside a frame, an offload frame
+whose virtio header cannot be honoured: counted as a frame dropped, `offload_invalid`, too) is counted by
+reason and closes that connection only; packets framed correctly before it are still delivered and
+acknowledged.
 
 Memory is bounded per authenticated connection: the receiver reads at most `read_size` bytes at a time and
-does not read again until the sink has taken the packets of that read (an awaitable sink is awaited with the
-transport paused: that is the backpressure, and TCP pushes back on the sender). The native decoder holds at
-most one partial frame (`max_frame_size + 4` bytes) and the packets of one read until the sink takes them.
-So a connection holds about `2 * read_size + 256 KiB (TLS) + max_frame_size` bytes, and the receiver at most
-`max_connections` times that plus the pending ones. On the native TLS path: one `read_size` buffer, rustls'
-one record (18.4 KiB; 64 KiB while a handshake message is joined before authentication), one partial frame,
-the packets of one read (library path) and the output waiting for the socket (acks; above 64 KiB reading
-stops until it drains): see `rust/core/src/connection.rs` for the whole bound.
+does not read again until the sink has taken the packets of that read (an awaitable sink is awaited with
+reading paused: that is the backpressure, and TCP pushes back on the sender). A connection holds one
+`read_size` buffer, rustls' one record (18.4 KiB, with TLS), one partial frame (`max_frame_size + 4`
+bytes), the packets of one read (library path) and the output waiting for the socket (acks; above 64 KiB
+reading stops until it drains): see `rust/core/src/connection.rs` for the whole bound; the receiver holds
+at most `max_connections` times that plus the pending ones.
 """
 
 from __future__ import annotations

@@ -1,18 +1,19 @@
-"""TCP streams to peers, on asyncio, over TLS on the native core (or plaintext for an insecure node).
+"""TCP streams to peers, on asyncio, over TLS on the native core (or plaintext for an insecure node, on the
+same core).
 
 `TcpStreamService.create_stream(peer_id)` resolves the peer's endpoint through the discovery (an IP literal
 without a thread-pool `getaddrinfo`), connects (with a timeout, `TCP_NODELAY`, a large send buffer and TCP
-keepalives), then, with TLS, hands the socket to a native `SendSession` (rust/core/src/send.rs): rustls
+keepalives), then hands the socket to a native `SendSession` (rust/core/src/send.rs): with TLS, rustls
 runs TLS 1.3 and checks that the server holds the key configured for `peer_id` (or, with a CA, that its
-certificate names `peer_id`), and the core answers the server's challenge with this node's signed hello and
-takes its answer, one native call per socket readiness event. In plaintext the same handshake runs in
-Python (`client_handshake`) over an asyncio transport. Only an accepted connection becomes a `TcpStream`; a
-refusal raises `HandshakeRefusedError` with the server's reason, before any packet is counted as sent.
+certificate names `peer_id`); then (at once in plaintext) the core answers the server's challenge with this
+node's hello (signed in key mode) and takes its answer, one native call per socket readiness event. Only
+an accepted connection becomes a `TcpStream`; a refusal raises `HandshakeRefusedError` with the server's
+reason, before any packet is counted as sent.
 Failures are logged through one `FailureLog` (a budget shared by every peer, and a periodic summary), not
 one line per peer. Python's `ssl` is not used.
 
 `TcpStream.write_framed(data, count)` (what a dispatcher's worker calls with its queue's framed batch) is one
-native call that encrypts the batch and writes it to the socket (`write_many` frames the packets first);
+native call that encrypts the batch (with TLS) and writes it to the socket (`write_many` frames the packets first);
 what the socket does not take waits in the session, and only when that is above the high-water mark does
 the writer wait for it to drain - bounded by `write_timeout`, so a peer that stops reading fails the write
 with a typed error instead of hanging. After the handshake the peer sends only acks, read by one native call

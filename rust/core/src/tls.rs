@@ -791,7 +791,10 @@ fn tls_error(err: TlsError) -> ConfigError {
 }
 
 fn plaintext_error() -> ConfigError {
-    ConfigError::new("tls", "an insecure node speaks plaintext: it has no TLS configuration")
+    ConfigError::new(
+        "tls",
+        "an insecure node speaks plaintext: it has no TLS configuration",
+    )
 }
 
 fn check_local_id(local_id: &str) -> Result<(), ConfigError> {
@@ -903,7 +906,10 @@ impl Security {
 
     /// Insecure mode: plaintext connections, and a peer is whoever it claims to be among `peers` (the
     /// configured peers' ids). For labs and benchmarks only; a node says so loudly at every start.
-    pub fn insecure<'a>(local_id: &str, peers: impl IntoIterator<Item = &'a str>) -> Result<Security, ConfigError> {
+    pub fn insecure<'a>(
+        local_id: &str,
+        peers: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Security, ConfigError> {
         check_local_id(local_id)?;
         Ok(Security {
             inner: Arc::new(SecurityInner {

@@ -81,7 +81,8 @@ impl TlsSecurity {
     #[pyo3(signature = (local_id, peers, *, max_frame_size = 65535))]
     fn insecure(local_id: &str, peers: Vec<String>, max_frame_size: usize) -> PyResult<Self> {
         no_panic(|| {
-            let inner = Security::insecure(local_id, peers.iter().map(String::as_str)).map_err(config_error)?;
+            let inner =
+                Security::insecure(local_id, peers.iter().map(String::as_str)).map_err(config_error)?;
             Ok(TlsSecurity {
                 inner: inner.with_max_frame_size(max_frame_size),
             })

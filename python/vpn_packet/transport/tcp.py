@@ -13,10 +13,10 @@ Failures are logged through one `FailureLog` (a budget shared by every peer, and
 one line per peer. Python's `ssl` is not used.
 
 `TcpStream.write_framed(data, count)` (what a dispatcher's worker calls with its queue's framed batch) is one
-native call that encrypts the batch (with TLS) and writes it to the socket (`write_many` frames the packets first);
-what the socket does not take waits in the session, and only when that is above the high-water mark does
-the writer wait for it to drain - bounded by `write_timeout`, so a peer that stops reading fails the write
-with a typed error instead of hanging. After the handshake the peer sends only acks, read by one native call
+native call that encrypts the batch (with TLS) and writes it to the socket (`write_many` frames the packets
+first); what the socket does not take waits in the session, and only when that is above the high-water mark
+does the writer wait for it to drain - bounded by `write_timeout`, so a peer that stops reading fails the
+write with a typed error instead of hanging. After the handshake the peer sends only acks, read by one native call
 per readiness event; its EOF or a reset marks the stream closed, and every later write raises
 `NetworkError` (classified as a reset or a closed stream, so the resilience layer retries on a fresh
 stream).

@@ -16,10 +16,9 @@ one line per peer. Python's `ssl` is not used.
 native call that encrypts the batch (with TLS) and writes it to the socket (`write_many` frames the packets
 first); what the socket does not take waits in the session, and only when that is above the high-water mark
 does the writer wait for it to drain - bounded by `write_timeout`, so a peer that stops reading fails the
-write with a typed error instead of hanging. After the handshake the peer sends only acks, read by one native call
-per readiness event; its EOF or a reset marks the stream closed, and every later write raises
-`NetworkError` (classified as a reset or a closed stream, so the resilience layer retries on a fresh
-stream).
+write with a typed error instead of hanging. After the handshake the peer sends only acks, read by one native
+call per readiness event; its EOF or a reset marks the stream closed, and every later write raises
+`NetworkError` (classified as a reset or a closed stream, so the resilience layer retries on a fresh stream).
 
 Every failure but a refusal is a `vpn_packet.errors.NetworkError(cause, peer_id=..., operation=...)` whose
 cause is the underlying exception (`ConnectionRefusedError`, `TimeoutError`, `TlsError` with the core's

@@ -1127,6 +1127,23 @@ impl Connection {
     /// caller bounds what waits (its in-flight window, and it waits for the output to drain before the next
     /// write once the output is large).
     pub fn send_framed(&mut self, wire: &[u8], expected: u64) -> Result<(), SendError> {
+        match self.send_framed_through(wire, expected, |_| Ok::<usize, std::convert::Infallible>(0))? {
+            Ok(()) => Ok(()),
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`Connection::send_framed`], offering the bytes to `write` (the socket: it returns how many it
+    /// took) when they go out as they are: in plaintext, with nothing waiting in the output before them.
+    /// Only what `write` did not take is kept in the output, so a batch the socket takes whole is never
+    /// copied. With TLS the records go to the output (write it with the caller's flush). `Ok(Err(_))`:
+    /// the bytes were taken and `write` failed (the connection is gone).
+    pub fn send_framed_through<E>(
+        &mut self,
+        wire: &[u8],
+        expected: u64,
+        write: impl FnOnce(&[u8]) -> Result<usize, E>,
+    ) -> Result<Result<(), E>, SendError> {
         self.check_sendable()?;
         let max = self.security.max_frame_size().min(MAX_FRAME_LEN);
         let (mut frames, mut keepalives, mut offload, mut at) = (0u64, 0u64, 0u64, 0usize);
@@ -1181,16 +1198,25 @@ impl Connection {
             });
         }
         if wire.is_empty() {
-            return Ok(());
+            return Ok(Ok(()));
         }
         let payload = (wire.len() as u64) - LENGTH_PREFIX_LEN as u64 * (frames + keepalives);
-        self.write(wire);
         self.flow.counts.frames += frames;
         self.flow.counts.frame_bytes += payload;
         self.flow.counts.offload_frames += offload;
         self.flow.counts.keepalives += keepalives;
-        self.flush();
-        Ok(())
+        if matches!(self.transport, Transport::Plain) && self.out.is_empty() {
+            let written = match write(wire) {
+                Ok(n) => n.min(wire.len()),
+                Err(err) => return Ok(Err(err)),
+            };
+            self.flow.counts.tls_bytes_out += written as u64;
+            self.write(&wire[written..]);
+        } else {
+            self.write(wire);
+            self.flush();
+        }
+        Ok(Ok(()))
     }
 
     /// Client: a keepalive (a length prefix of 0), so that the server does not close an idle connection.

@@ -16,7 +16,7 @@
 use std::os::fd::RawFd;
 
 use crate::connection::{Connection, Event, SendError};
-use crate::receive::{recv, write_output, Read, SocketError};
+use crate::receive::{recv, send, write_output, Read, SocketError};
 
 /// What one [`SendSession::pump`] gave.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,9 +115,18 @@ impl SendSession {
     /// Encrypts `wire` (`frames` whole frames, see [`Connection::send_framed`]) and writes what the socket
     /// takes; returns the output bytes still waiting.
     pub fn send_framed(&mut self, sock: RawFd, wire: &[u8], frames: u64) -> Result<usize, SendFailure> {
-        self.conn
-            .send_framed(wire, frames)
-            .map_err(SendFailure::Refused)?;
+        if self.write_failed.is_some() {
+            // The socket failed already: taken, and that failure reported (by the flush below).
+            self.conn
+                .send_framed(wire, frames)
+                .map_err(SendFailure::Refused)?;
+        } else {
+            // In plaintext the socket takes the batch where it lies (no copy); what it does not take waits.
+            self.conn
+                .send_framed_through(wire, frames, |bytes| send(sock, bytes))
+                .map_err(SendFailure::Refused)?
+                .map_err(SendFailure::Socket)?;
+        }
         self.flush(sock).map_err(SendFailure::Socket)
     }
 

@@ -11,6 +11,11 @@
 //!                                        <----      acks (crate::ack): one per receive call
 //! ```
 //!
+//! An insecure node (`[node] insecure = true`, [`crate::tls::Trust::Insecure`]) runs the same machine
+//! without TLS: the bytes pass through unchanged (the server's challenge is in the output at once, as the
+//! server speaks first), and every stage after TLS, every check and every counter is the one above; the
+//! hello carries no key, and a peer is the configured id it claims. The wire is version 3's, as before.
+//!
 //! The caller owns the socket: it passes what it read to [`Connection::receive`] (server: with a sink for
 //! the frames), writes what [`Connection::output`] holds, and learns what happened from the returned
 //! [`Event`]s (established, refused, failed, closed) and the counters. On the fast path a call returns no
@@ -31,10 +36,10 @@
 //! under 420 KiB per connection, most of it only while output waits for a slow socket. There is no clock
 //! here: the time bounds (handshake timeout, idle timeout) are the caller's, as the I/O is.
 //!
-//! Where it runs: a receiver's TLS connections are server `Connection`s inside [`crate::receive`] (one
-//! native call per socket readiness event, from the socket to the TUN); a sender's are client `Connection`s
-//! inside [`crate::send`] (`transport/tcp.py`'s `TcpStream`: a framed batch encrypted and written in the
-//! call that hands it over, acks read once per readiness event). What remains of issue 20's item 3 is the
+//! Where it runs: a receiver's connections (TLS and plaintext) are server `Connection`s inside
+//! [`crate::receive`] (one native call per socket readiness event, from the socket to the TUN); a sender's
+//! are client `Connection`s inside [`crate::send`] (`transport/tcp.py`'s `TcpStream`: a framed batch
+//! encrypted and written in the call that hands it over, acks read once per readiness event). What remains of issue 20's item 3 is the
 //! TUN readiness path: reading, routing and sending in one native call, without the dispatcher's Python
 //! worker between the TUN and the session.
 

@@ -24,6 +24,9 @@
 //! tickets (every connection proves its keys); no SNI (ids are not host names, and need not be sent in
 //! clear). The provider is rustls' aws-lc-rs, the one with X25519MLKEM768.
 //!
+//! A third mode has no TLS at all: **insecure** ([`Security::insecure`], `[node] insecure = true`, for labs
+//! and benchmarks), plaintext connections on the same core, a peer being the configured id it claims.
+//!
 //! Every key accepted from a certificate or a configuration goes through [`crate::key_checks`].
 
 use std::collections::{HashMap, HashSet};

@@ -92,7 +92,9 @@ async def send_mix(rx: Receiver, wire: bytes, frames: int) -> None:
     """`send` for `the_mix`: every frame before the bad offload frame acknowledged (taken: delivered, or
     dropped and counted); the bad one ended the connection (the sender counts it lost)."""
     await send(rx, wire, frames - 1)
-    assert rx.peer_metrics()["node-a"].protocol_errors == {"offload_invalid": 1}
+    peer = rx.peer_metrics()["node-a"]
+    assert peer.protocol_errors == {"offload_invalid": 1}
+    assert peer.unacknowledged == 0  # the ack of every frame taken left before the connection closed
 
 
 async def test_library_path_counts_every_frame_by_reason() -> None:

@@ -353,7 +353,7 @@ class _Pump:
     def _want_write(self, unsent: int) -> None:
         """After every write of the session's output: watch for room while some waits."""
         if not unsent:  # every ack written so far has left
-            self._acked_out = self.conn.session.frames
+            self._acked_out = self.conn.session.acked
         if unsent and not self._writing and not self.done.done():
             self._loop.add_writer(self._fd, self._writable)
             self._writing = True
@@ -550,6 +550,10 @@ class _Pump:
         if not self.done.done():
             self.reset = not clean if reset is None else reset
             if not clean:
+                if not self.reset:  # a plain close: the last ack (queued by the core) goes out first
+                    with contextlib.suppress(OSError):
+                        if not self.conn.session.flush():
+                            self._acked_out = self.conn.session.acked
                 self._count_unacknowledged(self.peer, self.conn.session.frames)
         self._cancel_hello_timer()
         self._cancel_idle()

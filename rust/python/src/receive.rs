@@ -224,6 +224,12 @@ impl ReceiveSession {
         self.inner.connection().counts().frames
     }
 
+    /// Frames acknowledged so far: the count of the last ack queued (it has left once `unsent` is 0).
+    #[getter]
+    fn acked(&self) -> u64 {
+        self.inner.connection().counts().acked
+    }
+
     /// The errno of a TUN write that found the device gone (0: none).
     #[getter]
     fn fatal_errno(&self) -> i32 {

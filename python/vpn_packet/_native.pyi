@@ -206,7 +206,7 @@ def filter_sources(packets: Iterable[_P], table: PrefixTable, peer: int) -> tupl
 
 # --- TUN I/O with the GIL released (rust/python/src/tun_io.rs, rust/core/src/inbound.rs) ---
 
-__all__ += ["TUN_FATAL_ERRNOS", "InboundDecoder", "TunIo"]
+__all__ += ["TUN_FATAL_ERRNOS", "TunIo"]
 
 TUN_FATAL_ERRNOS: Final[tuple[int, ...]]  # errnos after which a TUN descriptor cannot work again
 
@@ -230,40 +230,6 @@ class TunIo:
     def write_packets(self, packets: Iterable[Buffer]) -> tuple[int, int, int, int, int]:
         """`(written, bytes, refused, dropped, fatal_errno)`; the batch stops at the first packet the device
         has no room for, or at a fatal error, and `dropped` counts the rest."""
-
-@final
-class InboundDecoder:
-    """A connection's receive path: frames decoded, sources checked, accepted packets written to the TUN
-    (`fd`) or collected for a sink (`fd` None: `take_packets`)."""
-
-    def __new__(
-        cls,
-        fd: int | None,
-        table: PrefixTable,
-        peer: int,
-        *,
-        max_frame_size: int = 65535,
-        vnet_header: bool = False,
-    ) -> InboundDecoder: ...
-    def set_route(self, table: PrefixTable, peer: int) -> None: ...
-    def feed(self, data: Buffer) -> tuple[int, int, int, int, int, int, int, int, int, int, str | None]:
-        """What this call added: `(frames, payload_bytes, delivered, delivered_bytes, extra_segments,
-        spoofed, unparsable, offload_invalid, tun_dropped, tun_refused, error)`; `frames + extra_segments`
-        = `delivered` + every drop."""
-    def take_packets(self) -> list[bytes]:
-        """The packets collected since the last call (no `fd`), in order."""
-    @property
-    def fatal_errno(self) -> int: ...
-    @property
-    def frames(self) -> int: ...
-    @property
-    def payload_bytes(self) -> int: ...
-    @property
-    def buffered(self) -> int: ...
-    @property
-    def partial(self) -> int: ...
-    @property
-    def error(self) -> str | None: ...
 
 # --- the connection handshake (rust/core/src/handshake.rs draws the messages) ---
 
@@ -453,7 +419,8 @@ def check_ca_files(cert: bytes, key: bytes, ca: bytes) -> list[str]:
 
 @final
 class TlsSecurity:
-    """A node's TLS setup: its key or certificate, and whom it trusts (checked when made)."""
+    """A node's TLS setup: its key or certificate, and whom it trusts (checked when made); or, insecure,
+    plaintext connections whose peers are the configured ids they claim."""
 
     @staticmethod
     def with_keys(
@@ -469,12 +436,14 @@ class TlsSecurity:
         *,
         max_frame_size: int = 65535,
     ) -> TlsSecurity: ...
+    @staticmethod
+    def insecure(local_id: str, peers: Sequence[str], *, max_frame_size: int = 65535) -> TlsSecurity: ...
     def update_keys(self, set: Sequence[tuple[str, bytes]], removed: Sequence[str] = ...) -> None:
         """Key mode: trusts `set`'s peers (added or rekeyed) and no longer `removed`'s, in place, O(the
         peers changed); raises `IdentityError` before anything changed, `ValueError` in CA mode."""
     def update_ids(self, added: Sequence[str], removed: Sequence[str] = ...) -> None:
-        """CA mode: adds `added` to the configured peers and drops `removed`, in place, O(the peers
-        changed); `ValueError` in key mode."""
+        """CA and insecure modes: adds `added` to the configured peers and drops `removed`, in place, O(the
+        peers changed); `ValueError` in key mode."""
     @property
     def peer_count(self) -> int: ...
     @property
@@ -535,6 +504,8 @@ class TlsConnection:
     @property
     def is_client(self) -> bool: ...
     @property
+    def encrypted(self) -> bool: ...
+    @property
     def stage(self) -> str: ...
     @property
     def failure(self) -> Failed | None: ...
@@ -583,6 +554,8 @@ class ReceiveSession:
     def set_route(self, table: PrefixTable, indexes: dict[str, int]) -> None: ...
     def close(self) -> None: ...
     @property
+    def encrypted(self) -> bool: ...
+    @property
     def stage(self) -> str: ...
     @property
     def peer_id(self) -> str | None: ...
@@ -590,6 +563,8 @@ class ReceiveSession:
     def failure(self) -> Failed | None: ...
     @property
     def frames(self) -> int: ...
+    @property
+    def acked(self) -> int: ...
     @property
     def fatal_errno(self) -> int: ...
     @property
@@ -628,6 +603,8 @@ class SendSession:
     def fast_wire_bytes(self) -> int: ...
     @property
     def acked_payload(self) -> int: ...
+    @property
+    def encrypted(self) -> bool: ...
     @property
     def stage(self) -> str: ...
     @property

@@ -53,7 +53,11 @@ def super_packet(payload: int = 3 * MSS, *, gso_size: int = MSS) -> tuple[bytes,
 
 
 def the_mix() -> tuple[bytes, int, dict[str, int]]:
-    """The wire bytes of the mix, the number of packet frames, and the drops each reason must show."""
+    """The wire bytes of the mix, the number of packet frames, and the drops each reason must show.
+
+    The mix ends with an offload frame whose virtio header cannot be honoured: counted (a frame, dropped
+    as `offload_invalid`) and, like every frame the peer cannot have meant, the end of the connection
+    (issue 20, item 6), after the frames before it were taken and acknowledged."""
     good = [pkt(A_SRC, i, size=100) for i in range(10)]
     spoofed = [pkt(B_SRC, 100 + i) for i in range(3)]
     unparsable = [b"\x00" * 40, b"\x45"]
@@ -61,13 +65,12 @@ def the_mix() -> tuple[bytes, int, dict[str, int]]:
     bad_header, _ = super_packet(gso_size=0)  # a segment size of 0: refused, never handed to the kernel
     wire = (
         encode_frames(good[:5] + spoofed[:1] + unparsable[:1])
-        + offload_frame(bad_header, packet)
         + offload_frame(header, packet)
         + encode_frames(good[5:] + spoofed[1:] + unparsable[1:])
         + offload_frame(bad_header, packet)
     )
-    frames = len(good) + len(spoofed) + len(unparsable) + 3
-    return wire, frames, {"spoofed_dropped": 3, "unparsable_dropped": 2, "offload_invalid": 2}
+    frames = len(good) + len(spoofed) + len(unparsable) + 2
+    return wire, frames, {"spoofed_dropped": 3, "unparsable_dropped": 2, "offload_invalid": 1}
 
 
 def check_accounting(peer: PeerReceiverMetrics, frames: int, drops: dict[str, int]) -> None:
@@ -85,6 +88,15 @@ async def send(rx: Receiver, wire: bytes, frames: int) -> None:
     assert counts[-1:] == [frames]  # every frame acknowledged: taken, delivered or dropped and counted
 
 
+async def send_mix(rx: Receiver, wire: bytes, frames: int) -> None:
+    """`send` for `the_mix`: every frame before the bad offload frame acknowledged (taken: delivered, or
+    dropped and counted); the bad one ended the connection (the sender counts it lost)."""
+    await send(rx, wire, frames - 1)
+    peer = rx.peer_metrics()["node-a"]
+    assert peer.protocol_errors == {"offload_invalid": 1}
+    assert peer.unacknowledged == 0  # the ack of every frame taken left before the connection closed
+
+
 async def test_library_path_counts_every_frame_by_reason() -> None:
     wire, frames, drops = the_mix()
     calls: list[int] = []
@@ -96,7 +108,7 @@ async def test_library_path_counts_every_frame_by_reason() -> None:
         await asyncio.sleep(0)  # an awaitable sink: the receiver waits for it (backpressure)
 
     async with Receiver(make_discovery(), sink, security=INSECURE, max_batch=4) as rx:
-        await send(rx, wire, frames)
+        await send_mix(rx, wire, frames)
         peer = rx.peer_metrics()["node-a"]
     check_accounting(peer, frames, {**drops, "sink_raised": calls[1]})
     assert peer.extra_segments == 2  # the valid super-packet: 3 segments, one frame
@@ -118,7 +130,7 @@ async def test_tun_path_counts_every_frame_by_reason(vnet: bool) -> None:
     try:
         async with Receiver(make_discovery(), no_sink, security=INSECURE) as rx:
             rx.tun_target = TunTarget(tun.fd, tun.vnet_header, on_fatal=fatal.append)
-            await send(rx, wire, frames)
+            await send_mix(rx, wire, frames)
             peer = rx.peer_metrics()["node-a"]
             # Whole on a TUN with virtio headers; segmented (3 packets) on a plain one.
             written = 10 + (1 if vnet else 3)

@@ -103,7 +103,7 @@ def service_for(receiver: Receiver, **options: float) -> TcpStreamService:
 def rx_socket(receiver: Receiver) -> socket.socket:
     """The receiver's socket of its one authenticated connection."""
     (conn,) = [c for c in receiver._connections.values() if c.peer_id is not None]
-    sock: socket.socket = conn.writer.get_extra_info("socket")
+    sock: socket.socket = conn.sock
     return sock
 
 
@@ -315,7 +315,7 @@ async def test_unacknowledged_bytes_never_exceed_the_window() -> None:
 
 async def test_bytes_buffered_when_the_sender_resets_are_discarded_not_delivered() -> None:
     sink = CountingSink(block_after=0)  # blocks on the first batch until the test releases it
-    # A small read size: while the sink blocks, the receiver's stream buffer pauses the socket at ~4 KiB,
+    # A small read size: while the sink blocks, the receiver reads nothing more after its ~4 KiB read,
     # so most of what follows stays queued in the kernel, behind the reset.
     async with Receiver(discovery(), sink, security=INSECURE_RX, read_size=4096) as receiver:
         stream = await service_for(receiver, ack_timeout=60.0).create_stream("node-b")
@@ -327,8 +327,8 @@ async def test_bytes_buffered_when_the_sender_resets_are_discarded_not_delivered
         receipt = await stream.write_many(later)
         sock = rx_socket(receiver)
         (conn,) = [c for c in receiver._connections.values() if c.peer_id is not None]
-        # All of `later` reached the receiver (its stream buffer plus its kernel queue), unprocessed.
-        await wait_until(lambda: unread_bytes(sock) + len(conn.reader._buffer) >= len(encode_frames(later)))
+        # All of `later` reached the receiver (its kernel queue, and what its session holds), unprocessed.
+        await wait_until(lambda: unread_bytes(sock) + conn.buffered >= len(encode_frames(later)))
         stream.abort()  # the sender gives up on the connection: RST
         await wait_until(lambda: tcp_state(sock) == TCP_CLOSE)  # the reset has arrived
         assert await receipt == 0  # nothing of `later` was acknowledged: all counted lost

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from vpn_packet._native import hello_transcript
 from vpn_packet.errors import (
     HandshakeRefusedError,
     IdentityError,
@@ -154,6 +156,40 @@ async def test_a_peers_public_key_signed_by_another_key_is_refused_bad_signature
     assert m.frames == 0
     assert sink.packets == []
     assert "node-a" not in rx.peer_metrics()
+
+
+async def test_the_key_decides_and_a_signature_counts_for_its_connection_only(
+    rx: Receiver, sink: Sink, keys: dict[str, Security], mallory: NodeIdentity
+) -> None:
+    """The key-mode verdicts of the native receiver (`rust/core/src/connection.rs`, `judge`), each on the
+    wire and in the counters: the claimed id is a label, the key proved is the peer; a signature replayed
+    from another connection (another challenge) or made for another server does not verify."""
+    a = identity_of(keys["node-a"])
+    b_key = identity_of(keys["node-b"]).public_key_bytes
+    tls = attackers.attacker_tls()
+
+    async def reason(
+        claimed: str, key: bytes | None, sign: Callable[[bytes], bytes] | None = None
+    ) -> str | None:
+        attempt = await attackers.claim(rx.address, claimed, tls=tls, public_key=key, sign=sign)
+        return None if attempt.answer is None else attempt.answer.reason
+
+    def replayed(_transcript: bytes) -> bytes:  # node-a's genuine signature, for another challenge
+        return a.sign(hello_transcript(os.urandom(32), b_key, "node-a", 1, a.public_key_bytes))
+
+    def for_another_server(_transcript: bytes) -> bytes:
+        return a.sign(hello_transcript(bytes(32), os.urandom(32), "node-a", 1, a.public_key_bytes))
+
+    assert await reason("mallory", mallory.public_key_bytes, mallory.sign) == "unknown_peer"
+    assert await reason("node-a", a.public_key_bytes, replayed) == "bad_signature"
+    assert await reason("node-a", a.public_key_bytes, for_another_server) == "bad_signature"
+    assert await reason("node-a", None) == "key_required"
+    assert rx.metrics().refused == {"unknown_peer": 1, "bad_signature": 2, "key_required": 1}
+    assert rx.metrics().frames == 0
+    # node-a's key under another name: accepted as node-a (the name is a label).
+    assert await reason("alpha", a.public_key_bytes, a.sign) == "accepted"
+    await wait_until(lambda: "node-a" in rx.peer_metrics())
+    assert sink.packets == []
 
 
 async def test_plaintext_client_against_a_key_mode_receiver_fails_the_handshake(

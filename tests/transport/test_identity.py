@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from vpn_packet._native import hello_transcript
 from vpn_packet.errors import HandshakeRefusedError, is_handshake_refused_error, is_retriable_error
-from vpn_packet.transport.handshake import Hello, Security, judge_hello
 from vpn_packet.transport.identity import (
     IdentityError,
     NodeIdentity,
@@ -82,49 +80,6 @@ def _identities(tmp_path: Path, *names: str) -> list[NodeIdentity]:
         directory.mkdir()
         out.append(generate_identity(name, directory))
     return out
-
-
-def _hello(signer: NodeIdentity, key: bytes, claim: str, nonce: bytes, server_key: bytes) -> Hello:
-    """A hello claiming `claim` with public `key`, signed by `signer` for `nonce` and `server_key`."""
-    return Hello(claim, 1, key, signer.sign(hello_transcript(nonce, server_key, claim, 1, key)))
-
-
-def test_judge_accepts_by_key_and_the_claimed_id_is_a_label(tmp_path: Path) -> None:
-    server, client = _identities(tmp_path, "srv", "alpha")
-    security = Security.with_keys(server, {"node-a": client.public_key_bytes})
-    nonce = os.urandom(32)
-    hello = _hello(client, client.public_key_bytes, "alpha", nonce, server.public_key_bytes)
-    verdict = judge_hello(security, hello, nonce, lambda _id: False)
-    assert verdict.accepted
-    assert verdict.peer_id == "node-a"
-
-
-def test_judge_refuses_claims_the_key_does_not_prove(tmp_path: Path) -> None:
-    server, real, mallory = _identities(tmp_path, "srv", "node-a", "mallory")
-    security = Security.with_keys(server, {"node-a": real.public_key_bytes})
-    nonce, skey = os.urandom(32), server.public_key_bytes
-    known = {"node-a"}.__contains__
-
-    def judge(hello: Hello) -> str:
-        return judge_hello(security, hello, nonce, known).reason
-
-    # Mallory claims node-a with her own key, or her own name: refused with the reason.
-    assert judge(_hello(mallory, mallory.public_key_bytes, "node-a", nonce, skey)) == "key_mismatch"
-    assert judge(_hello(mallory, mallory.public_key_bytes, "mallory", nonce, skey)) == "unknown_peer"
-    # She presents node-a's public key but cannot sign for it.
-    assert judge(_hello(mallory, real.public_key_bytes, "node-a", nonce, skey)) == "bad_signature"
-    # node-a's genuine signature, replayed from another connection or made for another server.
-    assert judge(_hello(real, real.public_key_bytes, "node-a", os.urandom(32), skey)) == "bad_signature"
-    assert judge(_hello(real, real.public_key_bytes, "node-a", nonce, os.urandom(32))) == "bad_signature"
-    assert judge(Hello("node-a", 1, None, None)) == "key_required"
-    assert judge(_hello(real, real.public_key_bytes, "node-a", nonce, skey)) == "accepted"
-
-
-def test_judge_insecure_and_ca_modes() -> None:
-    insecure = Security.insecure("srv")
-    known = {"node-a", "node-b"}.__contains__
-    assert judge_hello(insecure, Hello("node-a", 1, None, None), b"", known).peer_id == "node-a"
-    assert judge_hello(insecure, Hello("host-1", 1, None, None), b"", known).reason == "unknown_peer"
 
 
 def test_verify_signature_rejects_wrong_sizes() -> None:

@@ -409,21 +409,19 @@ async def test_flood_while_the_sink_blocks_stays_bounded() -> None:
 
         flooding = asyncio.create_task(flood())
         await asyncio.wait_for(sink.called.wait(), 5)  # a hang guard
-        # The receiver's connection stops reading the socket (its stream buffer is full while the sink
-        # blocks) and the sender's writes back up above their high-water mark. Both last while the gate is
-        # closed: nothing reads the socket, so the flood is stuck for good.
+        # The receiver's connection stops reading the socket while the sink holds a read's packets, and the
+        # sender's writes back up above their high-water mark. Both last while the gate is closed: nothing
+        # reads the socket, so the flood is stuck for good.
         (conn,) = rx._connections.values()
         assert conn.peer_id == "node-a"
-        rx_transport = conn.writer.transport
-        assert isinstance(rx_transport, asyncio.Transport)
         await wait_until(
-            lambda: not rx_transport.is_reading() and writer.transport.get_write_buffer_size() > 64 * 1024
+            lambda: not conn.pump._reading and writer.transport.get_write_buffer_size() > 64 * 1024
         )
         assert not flooding.done()
         assert sent < total_chunks
         assert len(sink.calls) == 1  # one read's packets, waiting in the sink
         assert sum(map(len, sink.calls[0][1])) <= read_size
-        # Stream buffer (~read_size plus one socket read of at most 256 KiB) + one partial frame.
+        # The packets of one read (at most read_size bytes) + one partial frame.
         assert rx.buffered_bytes() <= read_size + 256 * 1024 + 65535 + 4
         gate.set()
         await asyncio.wait_for(flooding, 10)

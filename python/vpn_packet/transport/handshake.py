@@ -1,4 +1,4 @@
-"""Who is talking: the handshake that opens every node-to-node connection, and the policy that judges it.
+"""Who is talking: the handshake that opens every node-to-node connection, and how a node proves itself.
 
 The messages (challenge, hello, answer) are encoded and parsed natively; `rust/core/src/handshake.rs` draws
 them and is the one description of the wire format. This module holds what is not bytes:
@@ -13,8 +13,11 @@ them and is the one description of the wire format. This module holds what is no
     (`vpn_packet.transport.tls.certificate_names`).
   - `insecure`: plaintext, and a peer is whoever it claims to be. Only on explicit request
     (`[node] insecure = true`, `Security.insecure()`), and said loudly.
-- `judge_hello`: the receiving side's verdict on a hello (an `Answer` with a reason), pure and testable.
-- `client_handshake` / `server_handshake`: the exchanges over asyncio, each bounded in time and bytes.
+- The verdict on a hello, and the whole exchange on a node's connections, TLS and plaintext alike, are the
+  native connection core's (`rust/core/src/connection.rs`: one rule per mode, `Security.native_tls` hands
+  it this node's identity and trust).
+- `client_handshake` / `read_message`: the sending side's exchange over asyncio, for Python clients (tests,
+  tools, the attackers of `vpn_packet.testutil`), bounded in bytes; a node dials on the native core.
 
 A refused client gets the reason on the wire before the connection closes, so both sides can say why
 (`HandshakeRefusedError` on the sending side, a counter and a rate-limited WARNING on the receiving side).
@@ -39,43 +42,29 @@ from vpn_packet._native import (
     ANSWER_REASONS,
     CHALLENGE_LEN,
     MAX_ANSWER_LEN,
-    MAX_HELLO_LEN,
-    NONCE_LEN,
     TlsSecurity,
-    encode_answer,
-    encode_challenge,
     encode_hello,
     hello_transcript,
     parse_answer,
     parse_challenge,
-    parse_hello,
 )
 from vpn_packet.errors import FramingError, HandshakeRefusedError, IdentityError
 from vpn_packet.transport.identity import (
     NodeIdentity,
-    certificate_key_problem,
     certificate_public_key,
     key_problem,
-    verify_signature,
 )
-from vpn_packet.transport.tls import certificate_names
 
 __all__ = [
-    "ACCEPTED",
-    "Hello",
     "Security",
     "SecurityMode",
-    "Verdict",
     "client_handshake",
-    "judge_hello",
     "new_epoch",
     "read_message",
-    "server_handshake",
 ]
 
 SecurityMode = Literal["key", "ca", "insecure"]
 
-ACCEPTED: Final = "accepted"
 _CODES: Final = {reason: code for code, reason in enumerate(ANSWER_REASONS)}
 
 # Epochs order the connections of one sender (a later connection supersedes an earlier one): nanoseconds
@@ -86,32 +75,6 @@ _epochs = itertools.count(time.time_ns())
 def new_epoch() -> int:
     """A fresh connection epoch, larger than any this process gave before."""
     return next(_epochs)
-
-
-@dataclass(frozen=True, slots=True)
-class Hello:
-    """A parsed hello: the id the client claims, its connection epoch, and with keys its public key and
-    signature (raw bytes)."""
-
-    peer_id: str
-    epoch: int
-    public_key: bytes | None
-    signature: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The receiving side's answer to a hello: `reason` is `"accepted"` or a refusal reason of
-    `ANSWER_REASONS`; `peer_id` is the configured peer it proved to be (None when refused); `detail` is
-    for the logs and is sent to the client."""
-
-    reason: str
-    peer_id: str | None = None
-    detail: str = ""
-
-    @property
-    def accepted(self) -> bool:
-        return self.reason == ACCEPTED
 
 
 _K = TypeVar("_K")
@@ -275,9 +238,10 @@ class Security:
         object.__setattr__(derived, "_ids_by_key", by_key.changed(claimed, freed))
         return derived
 
-    def native_tls(self, peers: Iterable[str], max_frame_size: int) -> TlsSecurity | None:
-        """The same identity and trust for the native TLS core (`vpn_packet._native.TlsSecurity`), which
-        runs a receiver's connections; `peers` are the configured peer ids (CA mode). None in plaintext."""
+    def native_tls(self, peers: Iterable[str], max_frame_size: int) -> TlsSecurity:
+        """The same identity and trust for the native connection core (`vpn_packet._native.TlsSecurity`),
+        which runs every node-to-node connection, plaintext ones too; `peers` are the configured peer ids
+        (CA and insecure modes: who may connect)."""
         if self.mode == "key":
             assert self.identity is not None
             return TlsSecurity.with_keys(
@@ -292,7 +256,7 @@ class Security:
             return TlsSecurity.with_ca(
                 self.local_id, cert, key, ca, list(peers), max_frame_size=max_frame_size
             )
-        return None
+        return TlsSecurity.insecure(self.local_id, list(peers), max_frame_size=max_frame_size)
 
     @property
     def encrypted(self) -> bool:
@@ -309,68 +273,6 @@ class Security:
             "ca": "mutual TLS, peers authenticated by CA certificate",
             "insecure": "PLAINTEXT, peers NOT authenticated",
         }[self.mode]
-
-
-def judge_hello(
-    security: Security,
-    hello: Hello,
-    nonce: bytes,
-    known_peer: Callable[[str], bool],
-    peer_certificate: dict[str, Any] | None = None,
-    peer_certificate_der: bytes | None = None,
-) -> Verdict:
-    """The verdict on `hello`, received on a connection whose challenge carried `nonce`.
-
-    `known_peer(id)` says whether an id is a configured peer; `peer_certificate` is the client's verified
-    TLS certificate as `getpeercert()` decodes it, and `peer_certificate_der` the same in DER, for its key
-    (CA mode). Pure: no I/O, no counters.
-    """
-    if security.mode == "key":
-        return _judge_by_key(security, hello, nonce)
-    if not known_peer(hello.peer_id):
-        return Verdict("unknown_peer", detail=f"no peer {hello.peer_id!r} is configured here")
-    if security.mode == "ca":
-        problem = certificate_key_problem(peer_certificate_der)
-        if problem is not None:
-            return Verdict("bad_key", detail=f"your certificate's key cannot be trusted: {problem}")
-        names = certificate_names(peer_certificate)
-        if hello.peer_id not in names:
-            return Verdict(
-                "identity_mismatch",
-                detail=f"the certificate names {', '.join(names) or 'nobody'}, not {hello.peer_id!r}",
-            )
-        others = [n for n in names if n != hello.peer_id and known_peer(n)]
-        if others:
-            return Verdict(
-                "identity_mismatch",
-                detail=f"the certificate also names peer {others[0]!r}: one certificate, one peer",
-            )
-    return Verdict(ACCEPTED, hello.peer_id)
-
-
-def _judge_by_key(security: Security, hello: Hello, nonce: bytes) -> Verdict:
-    assert security.identity is not None
-    if hello.public_key is None or hello.signature is None:
-        return Verdict("key_required", detail="this node authenticates peers by key; the hello has none")
-    problem = key_problem(hello.public_key)
-    if problem is not None:
-        return Verdict("bad_key", detail=f"your public key cannot be trusted: {problem}")
-    peer_id = security.peer_of_key(hello.public_key)
-    if peer_id is None:
-        if hello.peer_id in security.peer_keys:
-            return Verdict(
-                "key_mismatch",
-                detail=f"your key is not the one configured here for {hello.peer_id!r}",
-            )
-        return Verdict(
-            "unknown_peer", detail=f"no peer here has your key (you call yourself {hello.peer_id!r})"
-        )
-    transcript = hello_transcript(
-        nonce, security.identity.public_key_bytes, hello.peer_id, hello.epoch, hello.public_key
-    )
-    if not verify_signature(hello.public_key, transcript, hello.signature):
-        return Verdict("bad_signature", detail="the hello's signature does not verify with its key")
-    return Verdict(ACCEPTED, peer_id)
 
 
 # --- the exchanges --------------------------------------------------------------------------------------
@@ -391,40 +293,6 @@ async def read_message(
         if len(data) + count > limit:  # pragma: no cover - the parsers' own bounds come first
             raise FramingError(f"handshake message longer than {limit} bytes", "too_large")
         data += await read(count)
-
-
-async def server_handshake(
-    security: Security,
-    read: Callable[[int], Awaitable[bytes]],
-    write: Callable[[bytes], None],
-    known_peer: Callable[[str], bool],
-    peer_certificate: dict[str, Any] | None = None,
-    peer_certificate_der: bytes | None = None,
-    *,
-    refuse: str | None = None,
-) -> tuple[Verdict, Hello | None]:
-    """The receiving side: challenge, read the hello, judge it, answer. Returns the verdict (and the hello
-    when one was read). `refuse` forces a refusal reason (e.g. `too_many_connections`) after reading the
-    hello, so that the client is told why. Raises `FramingError` for bytes that are not a hello of this
-    version (after answering `unsupported_version` when that is what they are)."""
-    nonce = os.urandom(NONCE_LEN)
-    write(encode_challenge(nonce))
-    try:
-        raw, _ = await read_message(read, parse_hello, MAX_HELLO_LEN)
-    except FramingError as exc:
-        if exc.reason == "unsupported_version":
-            write(encode_answer(_CODES["unsupported_version"], str(exc)))
-        elif exc.reason not in ("tls_expected_plaintext", "bad_magic"):
-            write(encode_answer(_CODES["bad_hello"], str(exc)))
-        raise
-    hello = Hello(*raw)
-    if refuse is not None:
-        verdict = Verdict(refuse, detail=refuse.replace("_", " "))
-    else:
-        verdict = judge_hello(security, hello, nonce, known_peer, peer_certificate, peer_certificate_der)
-    text = security.local_id if verdict.accepted else verdict.detail
-    write(encode_answer(_CODES[verdict.reason], text))
-    return verdict, hello
 
 
 def server_public_key(ssl_object: Any) -> bytes | None:

@@ -6,57 +6,58 @@ Per connection (the wire messages are drawn in `rust/core/src/handshake.rs` and 
 1. **Pending** (not authenticated yet): from TCP accept to an accepting answer. Anyone can open one without a
    key, so pending connections are bounded in count, time and memory, and which one is closed at a bound is
    the admission policy of `vpn_packet.transport.admission`: a connection that has sent nothing yet is held
-   as a bare socket (no transport, no task, no TLS buffer), within `max_silent_pending` in all and
+   as a bare socket (no session, no task, no TLS buffer), within `max_silent_pending` in all and
    `max_silent_pending_per_source` per address; one whose bytes arrived is handshaking, within `max_pending`
    and `max_pending_per_source`. At a bound the oldest silent, or the stalest handshaking connection (the
    longest without a step of progress) is closed, never the newcomer, and connections from the addresses of
    configured peers' endpoints go last, so no flood without a key keeps a real peer out. With TLS the
-   kernel holds a connection that has sent nothing (`TCP_DEFER_ACCEPT`). `hello_timeout` covers the silent
-   wait, TLS, challenge and hello together. Memory per pending connection is bounded: asyncio's TLS buffer
-   (256 KiB once TLS starts) and at most one hello (`MAX_HANDSHAKE_HELLO_LEN` bytes); once the pending
-   connections are gone after a flood, the heap's free pages go back to the system (`vpn_packet.heap`).
-2. **Handshake**: with TLS (key or CA mode) the connection runs on the native core from its first byte
-   (`vpn_packet._native.ReceiveSession`, `rust/core/src/receive.rs`: rustls, the challenge, the signed hello
-   judged by the rules of `rust/core/src/connection.rs`, the answer); Python's `ssl` is not on the path. In
-   plaintext (`insecure`) the challenge, hello and verdict (`vpn_packet.transport.handshake.judge_hello`)
-   run here. Either way the answer is sent before closing a refused connection so the sender knows why.
-   A refusal is counted by reason (`refused`) and logged at WARNING
-   once per reason and address per interval; so is a failed handshake (`handshake_failures`: `timeout`,
-   `tls_failed`, `closed_early`, wire errors such as `bad_magic`). The peer is the one its key (or CA
-   certificate) proved, never the id it claims.
-3. **Frames**: with TLS, one native call per socket readiness event (`_NativePump.readable`) reads,
-   decrypts, decodes, checks sources, writes the TUN and sends the ack; Python sees the counts of that call
-   and the lifecycle events (established, refused, failed, closed), never a packet on the TUN path. In
-   plaintext, one pump per connection (`_InboundProtocol`): every socket read goes, in one native call
-   (`vpn_packet._native.InboundDecoder`, the GIL released), through the frame decoder (across any read
-   boundaries) and the source check against the peer table: a packet whose source's longest prefix is not one
-   of the sending peer's is dropped and counted (`spoofed_dropped`); one without a readable IP header is
-   dropped and counted (`unparsable_dropped`); an offload frame (a super-packet from a peer's TUN) whose
-   virtio header cannot be honoured likewise (`offload_invalid`). On a node with a TUN (`tun_target` set)
-   the accepted packets are written to the TUN in that same call (no Python object per packet; `sink` is
-   not called; what the TUN did not take is counted in `tun_dropped` or `tun_refused`), offload frames whole
-   when the TUN takes virtio headers, else segmented. Without one they go to `sink(peer_id, packets)` in
-   batches of at most `max_batch`, in stream order (a sink that raises: `sink_raised`). Every frame is
-   counted as delivered or as a drop by reason (`PeerReceiverMetrics`). A connection that sends nothing for
-   `idle_timeout` seconds is closed (`idle_closed`; the senders' keepalive frames count as something).
+   kernel holds a connection that has sent nothing (`TCP_DEFER_ACCEPT`); in plaintext the server speaks
+   first, so a connection is handshaking from its accept. `hello_timeout` covers the silent wait, TLS,
+   challenge and hello together. Memory per pending connection is bounded (rustls' buffer while a
+   handshake message is joined, at most 64 KiB, and at most one hello: `rust/core/src/connection.rs`);
+   once the pending connections are gone after a flood, the heap's free pages go back to the system
+   (`vpn_packet.heap`).
+2. **Handshake**: every connection runs on the native core from its first byte
+   (`vpn_packet._native.ReceiveSession`, `rust/core/src/receive.rs`): with TLS (key or CA mode) rustls,
+   then the challenge, the hello judged by the rules of `rust/core/src/connection.rs`, the answer; in
+   plaintext (`insecure`) the same stages without TLS (a peer is the configured id it claims). Python's
+   `ssl` is not on the path. The answer is sent before closing a refused connection so the sender knows
+   why. A refusal is counted by reason (`refused`) and logged at WARNING once per reason and address per
+   interval; so is a failed handshake (`handshake_failures`: `timeout`, `tls_failed`, `closed_early`, wire
+   errors such as `bad_magic`, `tls_expected_plaintext`, `unsupported_version`). With keys the peer is the
+   one its key (or CA certificate) proved, never the id it claims.
+3. **Frames**: one pump per connection (`_Pump`), TLS and plaintext alike: one native call per socket
+   readiness event (`_Pump.readable`) reads, decrypts (with TLS), decodes the frames (across any read
+   boundaries), checks every packet's source against the peer table, writes the TUN and sends the ack;
+   Python sees the counts of that call and the lifecycle events (established, refused, failed, closed),
+   never a packet on the TUN path. A packet whose source's longest prefix is not one of the sending peer's
+   is dropped and counted (`spoofed_dropped`); one without a readable IP header is dropped and counted
+   (`unparsable_dropped`). On a node with a TUN (`tun_target` set) the accepted packets are written to the
+   TUN in that same call (no Python object per packet; `sink` is not called; what the TUN did not take is
+   counted in `tun_dropped` or `tun_refused`), offload frames (super-packets from a peer's TUN) whole when
+   the TUN takes virtio headers, else segmented. Without one they go to `sink(peer_id, packets)` in batches
+   of at most `max_batch`, in stream order (a sink that raises: `sink_raised`), and the ack follows once the
+   sink took them. Every frame is counted as delivered or as a drop by reason (`PeerReceiverMetrics`). A
+   connection that sends nothing for `idle_timeout` seconds is closed (`idle_closed`; the senders'
+   keepalive frames count as something).
 
 Connection slots are held only by authenticated connections: at most `max_connections` in all (beyond: the
 new one is refused, `too_many_connections`), and `max_connections_per_peer` per peer, where a new
 connection of a peer at its limit closes that peer's oldest one (the peer proved its key; a fresh connection
 means it lost an old one), so nobody else can lock a peer out.
 
-A protocol error (frame length 0 or above `max_frame_size`, a stream ending inside a frame) is counted by
-reason and closes that connection only; packets framed correctly before it are still delivered.
+A protocol error (frame length 0 or above `max_frame_size`, a stream ending inside a frame, an offload frame
+whose virtio header cannot be honoured: counted as a frame dropped, `offload_invalid`, too) is counted by
+reason and closes that connection only; packets framed correctly before it are still delivered and
+acknowledged.
 
 Memory is bounded per authenticated connection: the receiver reads at most `read_size` bytes at a time and
-does not read again until the sink has taken the packets of that read (an awaitable sink is awaited with the
-transport paused: that is the backpressure, and TCP pushes back on the sender). The native decoder holds at
-most one partial frame (`max_frame_size + 4` bytes) and the packets of one read until the sink takes them.
-So a connection holds about `2 * read_size + 256 KiB (TLS) + max_frame_size` bytes, and the receiver at most
-`max_connections` times that plus the pending ones. On the native TLS path: one `read_size` buffer, rustls'
-one record (18.4 KiB; 64 KiB while a handshake message is joined before authentication), one partial frame,
-the packets of one read (library path) and the output waiting for the socket (acks; above 64 KiB reading
-stops until it drains): see `rust/core/src/connection.rs` for the whole bound.
+does not read again until the sink has taken the packets of that read (an awaitable sink is awaited with
+reading paused: that is the backpressure, and TCP pushes back on the sender). A connection holds one
+`read_size` buffer, rustls' one record (18.4 KiB, with TLS), one partial frame (`max_frame_size + 4`
+bytes), the packets of one read (library path) and the output waiting for the socket (acks; above 64 KiB
+reading stops until it drains): see `rust/core/src/connection.rs` for the whole bound; the receiver holds
+at most `max_connections` times that plus the pending ones.
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import functools
 import inspect
 import logging
 import socket
@@ -77,26 +77,23 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import ClassVar, Final, cast
+from typing import ClassVar, Final
 
 from vpn_packet import tuning
 from vpn_packet._native import (
     Closed,
     Established,
     Failed,
-    InboundDecoder,
     ReceiveSession,
     Refused,
     TlsSecurity,
-    encode_ack,
 )
-from vpn_packet.errors import FramingError
 from vpn_packet.heap import HeapRelease
 from vpn_packet.ratelimit import LogLimiter
 from vpn_packet.transport.admission import Admission, Ticket
 from vpn_packet.transport.discovery import StaticPeerDiscovery
 from vpn_packet.transport.framing import DEFAULT_MAX_FRAME_SIZE
-from vpn_packet.transport.handshake import Security, Verdict, server_handshake
+from vpn_packet.transport.handshake import Security
 
 __all__ = ["PACKET_DROPS", "PeerReceiverMetrics", "Receiver", "ReceiverMetrics", "Sink", "TunTarget"]
 
@@ -260,37 +257,6 @@ class ReceiverMetrics(PeerReceiverMetrics):
         )
 
 
-def _abandoned(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    """Whether the sender reset this connection, so that what we read but have not processed is not to be
-    delivered. Linux still returns data queued before a reset, so a receiver that was frozen must ask
-    before delivering it: a pending `ECONNRESET` on the socket says so; or, when an ack we wrote met the
-    reset first (the failed send consumed the pending error), a transport already closing without a clean
-    end of stream. A graceful end (FIN, TLS close_notify) is not a reset: data before it is delivered."""
-    # `_eof` is set synchronously when the peer's clean EOF arrives (StreamReader.feed_eof); the public
-    # `at_eof()` also requires an empty buffer, which is exactly the case this must tell apart.
-    return _reset_by_sender(writer.transport, clean_eof=getattr(reader, "_eof", False))
-
-
-def _reset_by_sender(transport: asyncio.BaseTransport, *, clean_eof: bool) -> bool:
-    """The rule of `_abandoned`, for a transport: closing without a clean end of stream, or a pending
-    `ECONNRESET` on its socket."""
-    if transport.is_closing() and not clean_eof:
-        return True
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    try:
-        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET)
-    except OSError:
-        return True
-
-
-def _unread_bytes(transport: asyncio.BaseTransport) -> int:
-    """Bytes waiting in the kernel's receive queue of the transport's socket (0 when unknown)."""
-    sock = transport.get_extra_info("socket")
-    return 0 if sock is None else _queued_bytes(sock.fileno())
-
-
 def _queued_bytes(fd: int) -> int:
     """Bytes waiting in the kernel's receive queue of socket `fd` (0 when unknown)."""
     try:
@@ -298,273 +264,6 @@ def _queued_bytes(fd: int) -> int:
     except OSError:
         return 0
     return int(struct.unpack("i", answer)[0])
-
-
-class _Failed(Exception):
-    """A handshake that ended without a verdict; `reason` is already counted. `answered`: an answer saying
-    why may be on its way to the client, so the connection is closed gracefully (flushed), not reset."""
-
-    def __init__(self, reason: str, *, answered: bool = False) -> None:
-        super().__init__(reason)
-        self.answered = answered
-
-
-@dataclass(eq=False, slots=True)
-class _Connection:
-    """One accepted connection, as the receiver tracks it."""
-
-    writer: asyncio.StreamWriter
-    reader: asyncio.StreamReader
-    source: str
-    task: asyncio.Task[None]
-    ticket: Ticket
-    peer_id: str | None = None
-    decoder: InboundDecoder | None = None
-    closed_because: str | None = None
-
-    def close(self, because: str) -> None:
-        """Close at once (nothing of ours is buffered that matters): another connection needs the slot.
-
-        A pending connection's task is cancelled rather than its transport aborted: it may be inside
-        `start_tls`, which Python 3.11 does not survive having its transport aborted underneath it (the task
-        dies with an AttributeError that asyncio logs); the cancellation ends it cleanly and its own exit
-        path closes the transport."""
-        self.closed_because = because
-        if self.peer_id is None:
-            self.task.cancel()
-        else:
-            self.writer.transport.abort()
-
-
-class _Pump:
-    """What both receive pumps share (`_InboundProtocol` for plaintext, `_NativePump` for TLS on the native
-    core): the idle rule and the sink call in progress. The idle timer runs at most once per idle period
-    (not per read), re-armed from the last data seen; time spent waiting for the sink is not silence from the
-    sender. Each pump sets the attributes below and says how it ends (`_end`) and whose connection it is
-    (`_idle_peer`)."""
-
-    receiver: Receiver
-    conn: _Connection | _NativeConnection
-    _loop: asyncio.AbstractEventLoop
-    _last_data: float
-    _idle_timer: asyncio.TimerHandle | None
-    _sink_task: asyncio.Task[None] | None
-
-    def _end(self, clean: bool) -> None:
-        raise NotImplementedError
-
-    def _idle_peer(self) -> PeerReceiverMetrics:
-        raise NotImplementedError
-
-    def _arm_idle(self, when: float) -> None:
-        self._idle_timer = self._loop.call_at(when, self._check_idle)
-
-    def _cancel_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-
-    def _check_idle(self) -> None:
-        self._idle_timer = None
-        receiver = self.receiver
-        deadline = self._last_data + receiver.idle_timeout
-        if self._sink_task is not None or self._loop.time() < deadline:
-            self._arm_idle(max(deadline, self._loop.time() + receiver.idle_timeout / 4))
-            return
-        self._idle_peer().idle_closed += 1
-        receiver._totals.idle_closed += 1
-        self.conn.closed_because = "idle"
-        self._end(True)
-
-    async def sink_taken(self) -> None:
-        """Returns when no sink call is pending."""
-        task = self._sink_task
-        if task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(task)
-
-    def cancel_sink(self) -> None:
-        """The connection ends: a sink call in progress is cancelled."""
-        if self._sink_task is not None:
-            self._sink_task.cancel()
-
-    #: Frames whose ack the kernel has taken (the connection's cumulative count at the last ack that left).
-    _acked_out: int = 0
-
-    def _count_unacknowledged(self, peer: PeerReceiverMetrics | None, taken: int) -> None:
-        """The connection broke: the frames taken whose ack never left are counted (`unacknowledged`)."""
-        n = taken - self._acked_out
-        if peer is not None and n > 0:
-            peer.unacknowledged += n
-            self.receiver._totals.unacknowledged += n
-        self._acked_out = taken
-
-
-class _InboundProtocol(_Pump, asyncio.BufferedProtocol):
-    """The one receive pump of an authenticated connection: the transport reads into one reused buffer and
-    every read goes to the connection's native decoder (`InboundDecoder`), which decodes the frames, checks
-    each packet's source and either writes the accepted packets to the TUN itself (a node: `tun_target`)
-    or collects them for the sink (the library: `Receiver.sink`, called in batches of `max_batch`); then the
-    ack for the frames that read completed goes out. No task wakes up per read on the TUN path.
-
-    Backpressure: while a sink's awaitable is pending the transport is paused (no read until the sink has
-    taken the packets of the last one, as TCP then pushes back on the sender), and the idle timer does not
-    count that time.
-
-    `done` resolves with True when the stream ended cleanly (end of stream at a frame boundary, or idle),
-    False after a protocol error or a reset by the sender, or fails with the connection's error."""
-
-    conn: _Connection
-
-    def __init__(
-        self,
-        receiver: Receiver,
-        conn: _Connection,
-        peer: PeerReceiverMetrics,
-        inbound: InboundDecoder,
-        target: TunTarget | None,
-    ) -> None:
-        self.receiver = receiver
-        self.conn = conn
-        self.peer = peer
-        self.inbound = inbound
-        self.target = target
-        self._buffer = bytearray(receiver.read_size)
-        self._view = memoryview(self._buffer)
-        self._loop = asyncio.get_running_loop()
-        self.done: asyncio.Future[bool] = self._loop.create_future()
-        self._transport: asyncio.BaseTransport | None = None
-        self._eof = False
-        self._generation = receiver.discovery.generation
-        self._last_data = self._loop.time()
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._sink_task: asyncio.Task[None] | None = None  # a sink's awaitable being awaited (reading paused)
-
-    # --- asyncio.BufferedProtocol ---------------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-        self._arm_idle(self._loop.time() + self.receiver.idle_timeout)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.take(self._view[:nbytes])
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        if self._sink_task is not None:
-            return True  # the end is taken once the sink has the last read's packets (and they are acked)
-        self._end_of_stream()
-        return False  # the transport closes itself
-
-    def _end_of_stream(self) -> None:
-        if self.inbound.partial:
-            self.receiver._protocol_error(self.peer, "truncated")
-            self._finish(False)
-        else:
-            self._finish(True)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None and not self.done.done():
-            self._cancel_idle()
-            # A reset or a failed write (an ack into a connection the sender reset) breaks it too.
-            self._count_unacknowledged(self.peer, self.inbound.frames)
-            self.done.set_exception(exc)
-        self._finish(self._eof and not self.inbound.partial)
-
-    # --- the data -------------------------------------------------------------------------------------------
-
-    def take(self, data: bytes | memoryview) -> None:
-        """Decode and check one read; write it to the TUN or hand it to the sink; acknowledge the frames it
-        completed once they are taken."""
-        if self.done.done():
-            return
-        receiver, conn, peer = self.receiver, self.conn, self.peer
-        transport = self._transport
-        assert transport is not None
-        assert conn.peer_id is not None
-        if _reset_by_sender(transport, clean_eof=self._eof):
-            # The sender reset the connection after these bytes reached the kernel (we were frozen or
-            # stalled): it counts them lost, so they must not be delivered now (see `_abandoned`).
-            receiver._discard_after_reset(conn, peer, len(data))
-            self._finish(False)
-            return
-        discovery = receiver.discovery
-        if discovery.generation != self._generation:  # a reload: the new table, and this peer's new index
-            if conn.peer_id not in discovery:
-                conn.closed_because = "peer removed"
-                self._finish(False)
-                return
-            self._generation = discovery.generation
-            self.inbound.set_route(discovery.table, discovery.index_of(conn.peer_id))
-        frames, error = receiver._take(self.inbound, data, peer, self.target)
-        self._last_data = self._loop.time()
-        if self.target is None:
-            packets = self.inbound.take_packets()
-            if packets:
-                pending = receiver._deliver(conn.peer_id, peer, packets)
-                if pending is not None:  # the sink returned an awaitable: wait for it, reading paused
-                    cast("asyncio.ReadTransport", transport).pause_reading()
-                    self._sink_task = self._loop.create_task(self._after_sink(pending, frames, error))
-                    return
-        self._acknowledge(frames, error)
-
-    async def _after_sink(self, pending: Awaitable[None], frames: int, error: str | None) -> None:
-        try:
-            await pending
-        finally:
-            self._sink_task = None
-        self._last_data = self._loop.time()
-        transport = self._transport
-        if (
-            transport is not None
-            and not self.done.done()
-            and _reset_by_sender(transport, clean_eof=self._eof)
-        ):
-            # The sender reset the connection while the sink held us (see `_abandoned`): what waits in the
-            # kernel behind the reset is counted lost by the sender, so it is discarded, never read.
-            self.receiver._discard_after_reset(self.conn, self.peer, _unread_bytes(transport))
-            self._finish(False)
-            return
-        self._acknowledge(frames, error)
-        transport = self._transport
-        if self.done.done() or transport is None:
-            return
-        if self._eof:  # the stream ended while the sink held the last read
-            self._end_of_stream()
-            transport.close()
-        elif not transport.is_closing():
-            cast("asyncio.ReadTransport", transport).resume_reading()
-
-    def _acknowledge(self, frames: int, error: str | None) -> None:
-        """Taken (delivered, or dropped and counted): tell the sender, which counts them as sent now."""
-        if frames:
-            self.peer.last_packet = time.monotonic()
-            transport = self._transport
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(encode_ack(self.inbound.frames))
-            # The kernel took it (a failed send leaves the buffer empty too, but closes the transport).
-            if not transport.get_write_buffer_size() and not transport.is_closing():
-                self._acked_out = self.inbound.frames
-        if error is not None:
-            self.receiver._framing_broken(self.conn, self.peer, error)
-            self._finish(False)
-
-    # --- idle timeout and the end ---------------------------------------------------------------------------
-
-    def _idle_peer(self) -> PeerReceiverMetrics:
-        return self.peer
-
-    def _finish(self, clean: bool) -> None:
-        self._cancel_idle()
-        if not clean and not self.done.done():
-            self._count_unacknowledged(self.peer, self.inbound.frames)
-        if not self.done.done():
-            self.done.set_result(clean)
-
-    _end = _finish
 
 
 #: Failure reasons of the TLS layer (rustls, and our certificate verifiers): counted together as
@@ -575,14 +274,18 @@ _MAX_UNSENT = 64 * 1024
 
 
 def _handshake_reason(reason: str) -> str:
+    """The handshake failure a core reason counts as: TLS's together (`tls_failed`), the others by name (a
+    TLS client at an insecure node, `tls_expected_plaintext`, is a wire error, not a TLS failure)."""
+    if reason == "tls_expected_plaintext":
+        return reason
     return "tls_failed" if reason.startswith("tls_") or reason in _TLS_REASONS else reason
 
 
 @dataclass(eq=False, slots=True)
-class _NativeConnection:
-    """One accepted TLS connection on the native core (`vpn_packet._native.ReceiveSession`): TLS, the
-    signed hello, frames, the source check, the TUN write and the ack run in one native call per socket
-    readiness event (`_NativePump`); the task waits for its end."""
+class _Connection:
+    """One accepted connection on the native core (`vpn_packet._native.ReceiveSession`): TLS (or an
+    insecure node's plaintext), the hello, frames, the source check, the TUN write and the ack run in one
+    native call per socket readiness event (`_Pump`); the task waits for its end."""
 
     sock: socket.socket
     session: ReceiveSession
@@ -590,30 +293,36 @@ class _NativeConnection:
     ticket: Ticket
     reloads: int
     task: asyncio.Task[None] = field(init=False)
-    pump: _NativePump = field(init=False)
+    pump: _Pump = field(init=False)
     peer_id: str | None = None
     closed_because: str | None = None
 
     def close(self, because: str) -> None:
-        """Close at once (reset): another connection needs the slot, or the peer was removed."""
+        """Close at once: another connection needs the slot, or the peer was removed. An authenticated
+        one is reset (what it read and did not acknowledge is counted by the sender); one still in its
+        handshake has taken nothing, and ends with a plain close."""
         self.closed_because = because
-        self.pump.finish(False)
+        self.pump.finish(self.peer_id is None)
 
     @property
     def buffered(self) -> int:
         return self.session.buffered
 
 
-class _NativePump(_Pump):
-    """The readiness callbacks of one `_NativeConnection`: `readable` pumps the session once (one native
-    call: read, decrypt, judge, decode, check, write the TUN, send the ack), handles the lifecycle events
-    it returns (established, refused, failed, closed) and counts what the call did. On the library path
-    the packets go to the sink and the ack is written once the sink took them (reading paused while an
-    awaitable sink is pending). `done` resolves with True when the connection ended cleanly."""
+class _Pump:
+    """The one receive pump, for TLS and plaintext alike: the readiness callbacks of one `_Connection`.
+    `readable` pumps the session once (one native call: read, decrypt, judge, decode, check, write the
+    TUN, send the ack), handles the lifecycle events it returns (established, refused, failed, closed) and
+    counts what the call did. On the library path the packets go to the sink and the ack is written once
+    the sink took them (reading paused while an awaitable sink is pending: that is the backpressure, and
+    TCP pushes back on the sender). `done` resolves with True when the connection ended cleanly.
 
-    conn: _NativeConnection
+    The idle rule: the timer runs at most once per idle period (not per read), re-armed from the last data
+    seen; time spent waiting for the sink is not silence from the sender."""
 
-    def __init__(self, receiver: Receiver, conn: _NativeConnection, target: TunTarget | None) -> None:
+    conn: _Connection
+
+    def __init__(self, receiver: Receiver, conn: _Connection, target: TunTarget | None) -> None:
         self.receiver = receiver
         self.conn = conn
         self.target = target
@@ -632,6 +341,7 @@ class _NativePump(_Pump):
         )
         self._sink_task: asyncio.Task[None] | None = None
         self._ack_handle: asyncio.TimerHandle | None = None  # the deferred write of the output (the acks)
+        self.reset = False  # how the socket ends (`finish`)
         self._watch(True)
 
     def _watch(self, reading: bool) -> None:
@@ -644,7 +354,7 @@ class _NativePump(_Pump):
     def _want_write(self, unsent: int) -> None:
         """After every write of the session's output: watch for room while some waits."""
         if not unsent:  # every ack written so far has left
-            self._acked_out = self.conn.session.frames
+            self._acked_out = self.conn.session.acked
         if unsent and not self._writing and not self.done.done():
             self._loop.add_writer(self._fd, self._writable)
             self._writing = True
@@ -775,7 +485,7 @@ class _NativePump(_Pump):
     def _end_of_stream(self) -> None:
         if self.peer is not None and self.conn.session.buffered:
             self.receiver._protocol_error(self.peer, "truncated")
-            self.finish(False)
+            self.finish(False, reset=False)
         else:
             self.finish(self.peer is not None)
 
@@ -806,16 +516,19 @@ class _NativePump(_Pump):
                     detail = receiver._why_closed_early(conn)
                 elif event.reason == "tls_alert" and "Certificate" in detail:  # BadCertificate, ...
                     detail = receiver._why_certificate_refused(conn, detail)
-                receiver._count_failure(conn.source, _handshake_reason(event.reason), detail)
-                self.finish(False)
+                reason = _handshake_reason(event.reason)
+                receiver._count_failure(conn.source, reason, detail)
+                # Bytes that are not a hello of this version may have been answered (why, on the wire):
+                # closed gracefully, so that the answer reaches the client before the end.
+                self.finish(reason not in ("tls_failed", "closed_early"))
             else:
                 if event.reason == "offload_invalid":  # a frame received and dropped: counted as both
                     receiver._count(self.peer, "frames", 1)
                     receiver._count(self.peer, "offload_invalid", 1)
                 receiver._framing_broken(conn, self.peer, event.reason)
-                self.finish(False)
-        else:  # Closed: the peer ended an established connection
-            self.finish(True)
+                self.finish(False, reset=False)
+        else:  # Closed: the peer ended an established connection (inside a frame: truncated)
+            self._end_of_stream()
 
     def _reset_by_sender(self, unread: int) -> None:
         receiver, conn = self.receiver, self.conn
@@ -856,17 +569,22 @@ class _NativePump(_Pump):
         assert self.peer is not None  # the idle timer is armed once the hello is accepted
         return self.peer
 
-    def finish(self, clean: bool) -> None:
-        """Stops watching the socket; `done` says whether the end is clean."""
-        if self._ack_handle is not None:  # acks still deferred: they leave now if they can
-            self._ack_handle.cancel()
-            self._ack_handle = None
-            if not self.done.done():
+    def finish(self, clean: bool, *, reset: bool | None = None) -> None:
+        """Stops watching the socket; `done` says whether the end is clean. `reset`: the socket is then
+        reset (default: when the end is not clean), so that the sender discards what it sent and we did not
+        acknowledge; a protocol error has acknowledged all it took, and its end is a plain close, so that
+        the last ack reaches the sender. Acks still deferred (`_ack_soon`) leave first on a plain close."""
+        if not self.done.done():
+            self.reset = not clean if reset is None else reset
+            if self._ack_handle is not None:
+                self._ack_handle.cancel()
+                self._ack_handle = None
+            if not self.reset:  # a plain close: the last ack (queued by the core) goes out first
                 with contextlib.suppress(OSError):
                     if not self.conn.session.flush():
-                        self._acked_out = self.conn.session.frames
-        if not clean and not self.done.done():
-            self._count_unacknowledged(self.peer, self.conn.session.frames)
+                        self._acked_out = self.conn.session.acked
+            if not clean:
+                self._count_unacknowledged(self.peer, self.conn.session.frames)
         self._cancel_hello_timer()
         self._cancel_idle()
         self._watch(False)
@@ -876,7 +594,48 @@ class _NativePump(_Pump):
         if not self.done.done():
             self.done.set_result(clean)
 
-    _end = finish
+    def _arm_idle(self, when: float) -> None:
+        self._idle_timer = self._loop.call_at(when, self._check_idle)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        receiver = self.receiver
+        deadline = self._last_data + receiver.idle_timeout
+        if self._sink_task is not None or self._loop.time() < deadline:
+            self._arm_idle(max(deadline, self._loop.time() + receiver.idle_timeout / 4))
+            return
+        self._idle_peer().idle_closed += 1
+        receiver._totals.idle_closed += 1
+        self.conn.closed_because = "idle"
+        self.finish(True)
+
+    async def sink_taken(self) -> None:
+        """Returns when no sink call is pending."""
+        task = self._sink_task
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
+    def cancel_sink(self) -> None:
+        """The connection ends: a sink call in progress is cancelled."""
+        if self._sink_task is not None:
+            self._sink_task.cancel()
+
+    #: Frames whose ack the kernel has taken (the connection's cumulative count at the last ack that left).
+    _acked_out: int = 0
+
+    def _count_unacknowledged(self, peer: PeerReceiverMetrics | None, taken: int) -> None:
+        """The connection broke: the frames taken whose ack never left are counted (`unacknowledged`)."""
+        n = taken - self._acked_out
+        if peer is not None and n > 0:
+            peer.unacknowledged += n
+            self.receiver._totals.unacknowledged += n
+        self._acked_out = taken
 
 
 class Receiver:
@@ -958,7 +717,7 @@ class Receiver:
         self._address: tuple[str, int] | None = None
         self._state = "new"  # new -> running -> stopped
         # Every connection task, pending or authenticated (per peer, oldest first).
-        self._connections: dict[asyncio.Task[None], _Connection | _NativeConnection] = {}
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
         # Who holds a pending place, silent or handshaking (see `vpn_packet.transport.admission`).
         self._admission = Admission(
             max_silent=max_silent_pending,
@@ -967,17 +726,16 @@ class Receiver:
             max_pending_per_source=max_pending_per_source,
             favoured=self._is_peer_address,
         )
-        self._attaching: set[asyncio.Task[None]] = set()  # a started connection getting its transport
         self._heap = HeapRelease()
-        self._by_peer: dict[str, OrderedDict[asyncio.Task[None], _Connection | _NativeConnection]] = {}
+        self._by_peer: dict[str, OrderedDict[asyncio.Task[None], _Connection]] = {}
         self._authenticated = 0
         self._totals = ReceiverMetrics()
         self._per_peer: dict[str, PeerReceiverMetrics] = {}
         self._reloads = 0  # `update_security` calls: a handshake that spans one is not trusted
         # The native TLS core's setup, for (reloads, discovery generation) it was made at (see `_native`).
-        self._native_tls: tuple[int, int, TlsSecurity | None] | None = None
+        self._native_tls: tuple[int, int, TlsSecurity] | None = None
         # Set before `start()` by a node on a TUN: packets then go from socket to TUN in one native call per
-        # read, without the sink (see `_pump`).
+        # read, without the sink (see `_Pump`).
         self.tun_target: TunTarget | None = None
         self._peer_entered = asyncio.Event()  # set when a peer authenticates (`wait_connected`)
         # Called with the peer id of every authenticated connection (a node's keeper connects back at once).
@@ -1057,7 +815,7 @@ class Receiver:
         # Connections started just now have their task created but not started: let them start (they see
         # the stopped state and leave at once), then cancel the rest.
         await asyncio.sleep(0)
-        tasks = set(self._connections) | self._attaching
+        tasks = set(self._connections)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -1139,7 +897,7 @@ class Receiver:
         made = self._native_tls
         current = made is not None and made[0] == self._reloads  # made from the security `security` follows
         self._reloads += 1
-        if made is None or made[2] is None:
+        if made is None:
             return
         if keys is None or not current or security.mode != "key" or made[2].mode != "key":
             self._native_tls = None  # made again, from `security`, for the next connection
@@ -1153,10 +911,10 @@ class Receiver:
 
     def peers_changed(self, added: Iterable[str], removed: Iterable[str]) -> None:
         """Peers were added to or removed from `discovery` in place (`StaticPeerDiscovery.update`, which
-        keeps its generation): in CA mode the native TLS core's setup names the configured peers, and is
-        changed in place to match, O(the peers changed); key mode's trusts keys (`update_security`)."""
+        keeps its generation): in CA and insecure modes the native core's setup names the configured peers,
+        and is changed in place to match, O(the peers changed); key mode's trusts keys (`update_security`)."""
         made = self._native_tls
-        if made is not None and made[2] is not None and made[2].mode == "ca":
+        if made is not None and made[2].mode != "key":
             made[2].update_ids(list(added), list(removed))
 
     def close_peer(self, peer_id: str, because: str = "reloaded") -> int:
@@ -1171,16 +929,9 @@ class Receiver:
         return len(conns)
 
     def buffered_bytes(self) -> int:
-        """Bytes the open connections hold right now: stream buffers plus partial frames (introspection)."""
-        total = 0
-        for conn in self._connections.values():
-            if isinstance(conn, _NativeConnection):
-                total += conn.buffered
-                continue
-            total += len(getattr(conn.reader, "_buffer", b""))
-            if conn.decoder is not None:
-                total += conn.decoder.buffered
-        return total
+        """Bytes the open connections hold right now: partial frames and handshake messages, packets not
+        taken by the sink yet (introspection)."""
+        return sum(conn.buffered for conn in self._connections.values())
 
     def __repr__(self) -> str:
         where = f"{self._address[0]}:{self._address[1]}" if self._address else f"{self.host}:{self.port}"
@@ -1287,7 +1038,7 @@ class Receiver:
             self._count_failure(ticket.source, "closed_early", "the connection ended before TLS started")
             silent.sock.close()
             return True
-        ticket.handle = None  # the socket is the transport's from now on (`_on_connection` sets the handle)
+        ticket.handle = None  # the socket is its session's from now on (`_open` sets the handle)
         self._evict(self._admission.start(ticket), "stalest handshaking")
         self._open(ticket, silent.sock)
         return True
@@ -1312,12 +1063,12 @@ class Receiver:
         silent.sock.close()
         self._heap.note_closed()
 
-    def _native(self) -> TlsSecurity | None:
-        """The native TLS core's setup for new connections (None in plaintext): made again after a reload
-        of the security that `update_security` could not apply in place, and in CA mode after a change of
-        the peers (it names the configured peers; key mode's table is the keys)."""
+    def _native(self) -> TlsSecurity:
+        """The native core's setup for new connections: made again after a reload of the security that
+        `update_security` could not apply in place, and in CA and insecure modes after a change of the peers
+        (it names the configured peers; key mode's table is the keys)."""
         made = self._native_tls
-        generation = self.discovery.generation if self.security.mode == "ca" else -1
+        generation = self.discovery.generation if self.security.mode != "key" else -1
         if made is None or made[0] != self._reloads or made[1] != generation:
             peers = [peer.id for peer in self.discovery.peers]
             made = (self._reloads, generation, self.security.native_tls(peers, self.max_frame_size))
@@ -1329,31 +1080,10 @@ class Receiver:
         return self.discovery.indexes
 
     def _open(self, ticket: Ticket, sock: socket.socket) -> None:
-        """With TLS: the connection runs on the native core (`_open_native`). In plaintext: gives `sock` its
-        asyncio transport and stream; `_on_connection` then runs its handshake."""
+        """The connection on the native core: its session, pumped at once (with TLS its first bytes are
+        here; in plaintext its challenge goes out) and at every readiness event; a task waits for its end
+        and closes it."""
         tls = self._native()
-        if tls is not None:
-            self._open_native(ticket, sock, tls)
-            return
-        reader = asyncio.StreamReader(limit=max(self.read_size // 2, 1024))  # paused above 2 * limit
-        protocol = asyncio.StreamReaderProtocol(reader, functools.partial(self._on_connection, ticket))
-        loop = asyncio.get_running_loop()
-
-        async def attach() -> None:
-            try:
-                await loop.connect_accepted_socket(lambda: protocol, sock)
-            except (OSError, asyncio.CancelledError):
-                sock.close()
-                if self._admission.leave(ticket):
-                    self._heap.note_closed()
-
-        task = loop.create_task(attach())
-        self._attaching.add(task)
-        task.add_done_callback(self._attaching.discard)
-
-    def _open_native(self, ticket: Ticket, sock: socket.socket, tls: TlsSecurity) -> None:
-        """A TLS connection on the native core: its session, pumped at once (its first bytes are here) and
-        at every readiness event; a task waits for its end and closes it."""
         refuse = None if self._authenticated < self.max_connections else "too_many_connections"
         if self._state != "running":
             refuse = "shutting_down"
@@ -1373,14 +1103,14 @@ class Receiver:
             read_size=self.read_size,
             refuse=refuse,
         )
-        conn = _NativeConnection(sock, session, ticket.source, ticket, self._reloads)
+        conn = _Connection(sock, session, ticket.source, ticket, self._reloads)
         ticket.handle = conn
-        conn.task = asyncio.get_running_loop().create_task(self._run_native(conn))
+        conn.task = asyncio.get_running_loop().create_task(self._run(conn))
         self._connections[conn.task] = conn
-        conn.pump = _NativePump(self, conn, target)
+        conn.pump = _Pump(self, conn, target)
         conn.pump.readable()
 
-    async def _run_native(self, conn: _NativeConnection) -> None:
+    async def _run(self, conn: _Connection) -> None:
         pump = conn.pump
         clean = False
         try:
@@ -1405,8 +1135,9 @@ class Receiver:
             if conn.peer_id is not None:
                 self._leave_peer(conn)
             sock = conn.sock
-            if clean:
-                conn.session.close()
+            if not pump.reset:
+                if conn.peer_id is not None:  # before it, what is owed (an answer, an alert) is queued
+                    conn.session.close()
                 with contextlib.suppress(OSError):
                     conn.session.flush()  # close_notify, best effort: the socket does not block
             else:  # a reset: nothing read and not acknowledged is counted as delivered by the sender
@@ -1440,11 +1171,10 @@ class Receiver:
             self._close_silent(handle)
             return
         self._heap.note_closed()
-        if isinstance(handle, _Connection | _NativeConnection):
+        if isinstance(handle, _Connection):
             handle.close("evicted_pending")
-        # else: its transport is being made; `_on_connection` sees the ticket gone and closes it.
 
-    def _leave_pending(self, conn: _Connection | _NativeConnection) -> None:
+    def _leave_pending(self, conn: _Connection) -> None:
         """Stops counting `conn` as pending (idempotent: eviction and the task's own exit both call it)."""
         if self._admission.leave(conn.ticket):
             self._heap.note_closed()
@@ -1460,104 +1190,6 @@ class Receiver:
             reason,
             detail,
         )
-
-    def _handshake_failed(
-        self, conn: _Connection, reason: str, detail: object, *, answered: bool = False
-    ) -> _Failed:
-        self._count_failure(conn.source, reason, detail)
-        return _Failed(reason, answered=answered)
-
-    async def _on_connection(
-        self, ticket: Ticket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        conn = _Connection(writer, reader, ticket.source, task, ticket)
-        if self._state != "running" or not ticket.held:  # stopping, or displaced while its transport was made
-            self._leave_pending(conn)
-            writer.transport.abort()
-            return
-        ticket.handle = conn
-        self._connections[task] = conn
-        peer: PeerReceiverMetrics | None = None
-        clean = False
-        try:
-            reloads = self._reloads
-            try:
-                verdict = await self._authenticate(conn)
-            finally:
-                self._leave_pending(conn)
-            if not verdict.accepted:
-                clean = True  # close gracefully: the answer must reach the client
-                return
-            assert verdict.peer_id is not None
-            if reloads != self._reloads or verdict.peer_id not in self.discovery:
-                conn.closed_because = "reloaded during the handshake"
-                return
-            peer = self._enter_peer(conn, verdict.peer_id)
-            clean = await self._pump(conn, peer)
-        except _Failed as failed:
-            clean = failed.answered
-        except asyncio.CancelledError:
-            if self._state != "stopped" and conn.closed_because is None:
-                raise
-            clean = conn.closed_because is None  # our stop: close gracefully, so the last acks get out
-            # Cancelled by our own stop() or to make room (`_Connection.close`): end normally. Python 3.11's
-            # stream protocol logs a cancelled connection task as an error in a done callback ("Exception in
-            # callback ..."), which would turn every orderly shutdown or eviction into an alarming log line.
-        except (ConnectionError, OSError) as exc:
-            if conn.closed_because is None:
-                # Reset, broken pipe, TLS failure: the peer's side went away, not a protocol violation.
-                _log.debug("receiver connection error from %s: %r", conn.source, exc)
-                self._totals.connection_errors += 1
-                if peer is not None:
-                    peer.connection_errors += 1
-        finally:
-            self._connections.pop(task, None)
-            if conn.peer_id is not None:
-                self._leave_peer(conn)
-            if clean:
-                writer.close()
-            else:
-                writer.transport.abort()
-
-    async def _authenticate(self, conn: _Connection) -> Verdict:
-        """Challenge, hello, verdict and answer of a plaintext connection, within `hello_timeout` (a TLS
-        connection runs all of it on the native core: `_open_native`)."""
-        security = self.security
-        known = self.discovery.__contains__
-        refuse = None if self._authenticated < self.max_connections else "too_many_connections"
-        if self._state != "running":
-            refuse = "shutting_down"
-        admission, ticket = self._admission, conn.ticket
-
-        async def read(n: int) -> bytes:
-            data = await conn.reader.readexactly(n)
-            admission.progress(ticket)  # a part of the hello: a step
-            return data
-
-        try:
-            # From accept: the silent wait counts too.
-            async with asyncio.timeout_at(ticket.accepted + self.hello_timeout):
-                verdict, hello = await server_handshake(
-                    security, read, conn.writer.write, known, None, None, refuse=refuse
-                )
-        except TimeoutError as exc:
-            raise self._handshake_failed(
-                conn, "timeout", f"no complete handshake within {self.hello_timeout:g}s"
-            ) from exc
-        except FramingError as exc:  # server_handshake answered it when the bytes were a hello at all
-            raise self._handshake_failed(conn, exc.reason or "bad_hello", exc, answered=True) from exc
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            if conn.closed_because is not None:
-                raise _Failed(conn.closed_because) from exc
-            raise self._handshake_failed(conn, "closed_early", self._why_closed_early(conn)) from exc
-        if not verdict.accepted:
-            claimed = hello.peer_id if hello is not None else "?"
-            self._refused(conn.source, claimed, verdict.reason, verdict.detail)
-        elif hello is not None and hello.peer_id != verdict.peer_id:
-            _log.info("peer %s connects under the name %r (its key decides)", verdict.peer_id, hello.peer_id)
-        return verdict
 
     def _refused(self, source: str, claimed: str, reason: str, detail: str) -> None:
         """A hello refused with an answer: counted by reason, logged once per reason and address."""
@@ -1578,7 +1210,7 @@ class Receiver:
             advice,
         )
 
-    def _why_closed_early(self, conn: _Connection | _NativeConnection) -> str:
+    def _why_closed_early(self, conn: _Connection) -> str:
         """What a connection that ended inside the handshake tells. In key mode, one that ended right after
         TLS, before a byte of its hello, is what a peer does when the key it has for us is not ours (it
         checks our key in TLS and hangs up): say so, name the peers configured at that address, and what
@@ -1587,14 +1219,14 @@ class Receiver:
             return "the connection ended inside the handshake"
         return self._key_advice(conn, "it hung up after TLS, before its hello")
 
-    def _why_certificate_refused(self, conn: _Connection | _NativeConnection, alert: str) -> str:
+    def _why_certificate_refused(self, conn: _Connection, alert: str) -> str:
         """What a TLS alert about our certificate tells (a native client's check of our key fails inside
         TLS and says so with an alert, where a Python one hung up after it): in key mode, the same advice."""
         if self.security.mode != "key":
             return alert
         return self._key_advice(conn, f"it refused our certificate in TLS ({alert})")
 
-    def _key_advice(self, conn: _Connection | _NativeConnection, what: str) -> str:
+    def _key_advice(self, conn: _Connection, what: str) -> str:
         security = self.security
         assert security.identity is not None
         here = self.discovery.peers_at(conn.source)
@@ -1605,7 +1237,7 @@ class Receiver:
             f"peer {security.local_id} in its config"
         )
 
-    def _enter_peer(self, conn: _Connection | _NativeConnection, peer_id: str) -> PeerReceiverMetrics:
+    def _enter_peer(self, conn: _Connection, peer_id: str) -> PeerReceiverMetrics:
         """Counts `conn` as `peer_id`'s; at the peer's limit its oldest connection is closed."""
         peer = self._per_peer.setdefault(peer_id, PeerReceiverMetrics())
         held = self._by_peer.setdefault(peer_id, OrderedDict())
@@ -1632,7 +1264,7 @@ class Receiver:
         )
         return peer
 
-    def _leave_peer(self, conn: _Connection | _NativeConnection) -> None:
+    def _leave_peer(self, conn: _Connection) -> None:
         assert conn.peer_id is not None
         held = self._by_peer.get(conn.peer_id)
         if held is not None:
@@ -1648,64 +1280,12 @@ class Receiver:
             f" ({conn.closed_because})" if conn.closed_because else "",
         )
 
-    async def _pump(self, conn: _Connection, peer: PeerReceiverMetrics) -> bool:
-        """Reads, decodes, checks and delivers until the stream ends; True when it ended cleanly.
-
-        The connection's transport is handed to an `_InboundProtocol` (bytes the handshake's reader already
-        holds go first): socket bytes straight into the native decoder, which writes to the TUN
-        (`tun_target`) or collects the packets for the sink."""
-        assert conn.peer_id is not None
-        discovery = self.discovery
-        target = self.tun_target
-        inbound = InboundDecoder(
-            None if target is None else target.fd,
-            discovery.table,
-            discovery.index_of(conn.peer_id),
-            max_frame_size=self.max_frame_size,
-            vnet_header=target is not None and target.vnet_header,
-        )
-        conn.decoder = inbound
-        protocol = _InboundProtocol(self, conn, peer, inbound, target)
-        transport = cast("asyncio.Transport", conn.writer.transport)
-        # What the StreamReader read past the hello (frames sent right behind it), taken over as is.
-        held: bytearray = getattr(conn.reader, "_buffer", bytearray())
-        early = bytes(held)
-        held.clear()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        try:
-            if early:
-                protocol.take(early)
-                await protocol.sink_taken()
-            if conn.reader.at_eof():
-                protocol.eof_received()
-            elif not transport.is_closing() and protocol._sink_task is None:
-                transport.resume_reading()  # the StreamReader may have paused it (its buffer was full)
-            # A sink call in progress when the connection ends finishes: its packets are counted, delivered
-            # or raised (only our own stop cancels it, below).
-            try:
-                clean = await protocol.done
-            except asyncio.CancelledError:
-                raise
-            except BaseException:
-                await protocol.sink_taken()
-                raise
-            await protocol.sink_taken()
-            return clean
-        except asyncio.CancelledError:
-            protocol.cancel_sink()
-            raise
-
-    def _discard_after_reset(
-        self, conn: _Connection | _NativeConnection, peer: PeerReceiverMetrics, n: int
-    ) -> None:
+    def _discard_after_reset(self, conn: _Connection, peer: PeerReceiverMetrics, n: int) -> None:
         peer.discarded_after_reset += n
         self._totals.discarded_after_reset += n
         conn.closed_because = "reset by the sender"
 
-    def _framing_broken(
-        self, conn: _Connection | _NativeConnection, peer: PeerReceiverMetrics, reason: str
-    ) -> None:
+    def _framing_broken(self, conn: _Connection, peer: PeerReceiverMetrics, reason: str) -> None:
         self._protocol_error(peer, reason)
         _log.warning("receiver: peer %s broke the framing (%s); connection closed", conn.peer_id, reason)
 
@@ -1713,20 +1293,6 @@ class Receiver:
         if n:
             setattr(peer, name, getattr(peer, name) + n)
             setattr(self._totals, name, getattr(self._totals, name) + n)
-
-    def _take(
-        self,
-        inbound: InboundDecoder,
-        data: bytes | memoryview,
-        peer: PeerReceiverMetrics,
-        target: TunTarget | None,
-    ) -> tuple[int, str | None]:
-        """One native call: frames decoded, sources checked, accepted packets written to the TUN (or
-        collected for the sink, which counts its own deliveries); every outcome counted by reason."""
-        result = inbound.feed(data)
-        counts, error = result[:10], result[10]
-        self._count_pump(peer, counts, target, inbound.fatal_errno)
-        return counts[0], error
 
     def _count_pump(
         self,

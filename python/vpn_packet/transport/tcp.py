@@ -1,24 +1,24 @@
-"""TCP streams to peers, on asyncio, over TLS on the native core (or plaintext for an insecure node).
+"""TCP streams to peers, on asyncio, over TLS on the native core (or plaintext for an insecure node, on the
+same core).
 
 `TcpStreamService.create_stream(peer_id)` resolves the peer's endpoint through the discovery (an IP literal
 without a thread-pool `getaddrinfo`), connects (with a timeout, `TCP_NODELAY`, a large send buffer and TCP
-keepalives), then, with TLS, hands the socket to a native `SendSession` (rust/core/src/send.rs): rustls
+keepalives), then hands the socket to a native `SendSession` (rust/core/src/send.rs): with TLS, rustls
 runs TLS 1.3 and checks that the server holds the key configured for `peer_id` (or, with a CA, that its
-certificate names `peer_id`), and the core answers the server's challenge with this node's signed hello and
-takes its answer, one native call per socket readiness event. In plaintext the same handshake runs in
-Python (`client_handshake`) over an asyncio transport. Only an accepted connection becomes a `TcpStream`; a
-refusal raises `HandshakeRefusedError` with the server's reason, before any packet is counted as sent.
+certificate names `peer_id`); then (at once in plaintext) the core answers the server's challenge with this
+node's hello (signed in key mode) and takes its answer, one native call per socket readiness event. Only
+an accepted connection becomes a `TcpStream`; a refusal raises `HandshakeRefusedError` with the server's
+reason, before any packet is counted as sent.
 Failures are logged through one `FailureLog` (a budget shared by every peer, and a periodic summary), not
 one line per peer. Python's `ssl` is not used.
 
 `TcpStream.write_framed(data, count)` (what a dispatcher's worker calls with its queue's framed batch) is one
-native call that encrypts the batch and writes it to the socket (`write_many` frames the packets first);
-what the socket does not take waits in the session, and only when that is above the high-water mark does
-the writer wait for it to drain - bounded by `write_timeout`, so a peer that stops reading fails the write
-with a typed error instead of hanging. After the handshake the peer sends only acks, read by one native call
-per readiness event; its EOF or a reset marks the stream closed, and every later write raises
-`NetworkError` (classified as a reset or a closed stream, so the resilience layer retries on a fresh
-stream).
+native call that encrypts the batch (with TLS) and writes it to the socket (`write_many` frames the packets
+first); what the socket does not take waits in the session, and only when that is above the high-water mark
+does the writer wait for it to drain - bounded by `write_timeout`, so a peer that stops reading fails the
+write with a typed error instead of hanging. After the handshake the peer sends only acks, read by one native
+call per readiness event; its EOF or a reset marks the stream closed, and every later write raises
+`NetworkError` (classified as a reset or a closed stream, so the resilience layer retries on a fresh stream).
 
 Every failure but a refusal is a `vpn_packet.errors.NetworkError(cause, peer_id=..., operation=...)` whose
 cause is the underlying exception (`ConnectionRefusedError`, `TimeoutError`, `TlsError` with the core's
@@ -37,23 +37,20 @@ import os
 import socket
 import struct
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Protocol
 
 from vpn_packet import tuning
-from vpn_packet._native import AckDecoder, Closed, Established, Failed, Refused, SendSession, TlsSecurity
+from vpn_packet._native import Closed, Established, Failed, Refused, SendSession, TlsSecurity
 from vpn_packet.errors import FramingError, HandshakeRefusedError, NetworkError, ServiceError, TlsError
 from vpn_packet.ratelimit import FailureLog
 from vpn_packet.transport.delivery import InFlight, Receipt
 from vpn_packet.transport.framing import (
     DEFAULT_MAX_FRAME_SIZE,
-    KEEPALIVE_FRAME,
-    LENGTH_PREFIX_LEN,
     encode_frames,
 )
-from vpn_packet.transport.handshake import Security, client_handshake, new_epoch
+from vpn_packet.transport.handshake import Security, new_epoch
 
 __all__ = ["DEFAULT_SEND_BUFFER", "EndpointResolver", "PeerSendStats", "TcpStream", "TcpStreamService"]
 
@@ -102,140 +99,25 @@ class PeerSendStats:
 
 
 class _Link:
-    """The connection under a `TcpStream`: it writes framed batches and keepalives, tells the stream how many
-    frames the peer acknowledged (`on_acked`), that the peer broke the protocol (`on_broken`) and that the
-    connection ended (`on_lost`), and pushes back (`paused`, `drain_waiter`) when its buffer is large. Two
-    kinds: `_NativeLink` (TLS on the Rust core, `SendSession`) and `_SenderProtocol` (plaintext, an asyncio
-    transport). Nothing per packet here either way."""
+    """The connection under a `TcpStream`, on the native core after its handshake (TLS, or an insecure
+    node's plaintext): `write` hands a framed batch to the `SendSession`, which encrypts it (with TLS) and
+    writes it to the socket in that call; what the socket does not take waits in the session, written at
+    writability (`paused` above `high_water` until it is under a quarter of that; `drain_waiter` resolves
+    then). One native call per readiness event (`_readable`) reads the acks and tells the stream how many
+    frames the peer acknowledged (`on_acked`), that the peer broke the protocol (`on_broken`) and that
+    the connection ended (`on_lost`). Nothing per packet here. The socket is ours (the session only
+    borrows its descriptor): closed here, after the reader and writer are removed."""
 
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket, session: SendSession, high_water: int) -> None:
         self.lost = False
         self.paused = False
         self.exc: BaseException | None = None  # why the connection ended (None: clean EOF or local close)
         self.peer_eof = False
         self._waiters: list[asyncio.Future[None]] = []
-        self._closed: asyncio.Future[None] | None = None
         self.on_lost: Callable[[], None] | None = None
         self.on_acked: Callable[[int], None] | None = None  # the frames the peer has taken in all
         self.on_broken: Callable[[BaseException], None] | None = None  # acks that contradict themselves
-
-    tls: ClassVar[bool] = False
-    sockname: Any = None
-
-    @property
-    def key_exchange_group(self) -> str | None:
-        """The TLS key exchange group negotiated; None in plaintext."""
-        return None
-
-    @property
-    def peer_names(self) -> list[str]:
-        """The names the peer's TLS certificate carries; none in plaintext."""
-        return []
-
-    def socket(self) -> socket.socket | None:
-        raise NotImplementedError
-
-    def write(self, data: bytes, count: int) -> None:
-        raise NotImplementedError
-
-    def write_keepalive(self) -> None:
-        raise NotImplementedError
-
-    def buffered(self) -> int:
-        """Bytes taken and not handed to the kernel yet."""
-        raise NotImplementedError
-
-    # The native fast path (`DestinationQueues.set_fast`): only a link on the native core shares its
-    # connection with it. These say what the stream cannot see of the other writer.
-
-    def fast_route(self) -> tuple[SendSession, Callable[[int], None]] | None:
-        """The session the dispatcher's fast path may write to now, and what it calls when the socket
-        pushes back; None when it may not (no native session, not established, ending)."""
-        return None
-
-    def frames_written(self) -> int | None:
-        """Frames written on the connection by every writer; None when the stream is the only one."""
-        return None
-
-    def acked_payload(self) -> int | None:
-        """Payload bytes of the batches acknowledged whole, every writer's; None: the stream counts."""
-        return None
-
-    def fast_in_flight(self) -> int:
-        """Frames the fast path wrote that the peer has not acknowledged."""
-        return 0
-
-    def wire_in_flight(self) -> int | None:
-        """Bytes on the wire written and not acknowledged, every writer's; None: the stream counts."""
-        return None
-
-    def fast_frames(self) -> int:
-        """Frames the fast path wrote on this connection."""
-        return 0
-
-    def fast_wire_bytes(self) -> int:
-        """Bytes on the wire the fast path wrote on this connection."""
-        return 0
-
-    def fail_fast_in_flight(self) -> int:
-        """The connection ended: the fast path's batches in flight resolve (their destinations count
-        them); returns the frames lost."""
-        return 0
-
-    def close(self) -> None:
-        """Flush what is buffered, then close (FIN); reading stops now."""
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        """Close at once with a reset (RST): the peer discards what it has not taken."""
-        raise NotImplementedError
-
-    def _ended(self, exc: BaseException | None) -> None:
-        """The connection is gone: wake every waiter, then tell the stream."""
-        if self.lost:
-            return
-        self.lost = True
-        self.paused = False
-        if exc is not None:
-            self.exc = exc
-        self._wake(exc)
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
-        if self.on_lost is not None:
-            self.on_lost()
-
-    def _wake(self, exc: BaseException | None) -> None:
-        waiters = self._waiters
-        self._waiters = []
-        for waiter in waiters:
-            if not waiter.done():
-                if exc is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(exc)
-
-    def drain_waiter(self) -> asyncio.Future[None]:
-        """Resolves once the buffer is small again (fails when the connection ends meanwhile)."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        return waiter
-
-    async def wait_closed(self) -> None:
-        if self._closed is not None:
-            await asyncio.shield(self._closed)
-
-
-class _NativeLink(_Link):
-    """A TLS connection on the native core after its handshake: `write` hands a framed batch to the
-    `SendSession`, which encrypts it and writes it to the socket in that call; what the socket does not
-    take waits in the session, written at writability (`paused` above `high_water` until it is under a
-    quarter of that). One native call per readiness event (`_readable`) reads the acks. The socket is ours
-    (the session only borrows its descriptor): closed here, after the reader and writer are removed."""
-
-    tls = True
-
-    def __init__(self, sock: socket.socket, session: SendSession, high_water: int) -> None:
-        super().__init__()
+        self.tls = session.encrypted
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._fd = sock.fileno()
@@ -288,12 +170,18 @@ class _NativeLink(_Link):
     def buffered(self) -> int:
         return self._session.unsent
 
+    # What the stream cannot see of the other writer of this connection, the queues' fast path
+    # (`DestinationQueues.set_fast`): the session's ledger counts every writer's batches.
+
     def fast_route(self) -> tuple[SendSession, Callable[[int], None]] | None:
+        """The session the fast path may write to now, and what it calls when the socket pushes back;
+        None when it may not (not established, ending)."""
         if self.lost or self._closing or self._session.stage != "established":
             return None
         return self._session, self._want_write
 
     def frames_written(self) -> int:
+        """Frames written on the connection, by either writer."""
         return self._session.frames
 
     def acked_payload(self) -> int:
@@ -312,6 +200,8 @@ class _NativeLink(_Link):
         return self._session.fast_wire_bytes
 
     def fail_fast_in_flight(self) -> int:
+        """The connection ended: the fast path's batches in flight resolve (their destinations count
+        them); returns the frames lost."""
         return self._session.fail_in_flight()
 
     def _readable(self) -> None:
@@ -404,116 +294,39 @@ class _NativeLink(_Link):
         self._session.forget_socket()  # the descriptor's number may be reused once closed
         self._sock.close()
 
-
-class _SenderProtocol(_Link, asyncio.Protocol):
-    """A plaintext connection (an insecure node): an asyncio transport under the stream. Its handshake runs
-    in Python (`client_handshake` reads with `read_exactly`); after it the peer sends only acks, decoded
-    here and handed to `on_acked`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.transport: asyncio.Transport | None = None
-        self._acks = AckDecoder()
-        # The handshake's replies, read with `read_exactly` until the handshake is done; after it the
-        # peer sends only acks.
-        self._inbox = bytearray()
-        self._handshaking = True
-        self._inbox_waiter: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.sockname = transport.get_extra_info("sockname")
-        self._closed = asyncio.get_running_loop().create_future()
-
-    def data_received(self, data: bytes) -> None:
-        if not self._handshaking:
-            self._take_acks(data)
+    def _ended(self, exc: BaseException | None) -> None:
+        """The connection is gone: wake every waiter, then tell the stream."""
+        if self.lost:
             return
-        self._inbox += data
-        if len(self._inbox) > _MAX_INBOX and self.transport is not None:
-            self.transport.abort()  # a server flooding its handshake replies is not a vpn-packet node
-        self._wake_reader()
-
-    def _take_acks(self, data: bytes) -> None:
-        if not data:
-            return
-        try:
-            taken = self._acks.feed(data)
-        except (FramingError, ValueError) as exc:  # not acks: a broken peer
-            if self.on_broken is not None:
-                self.on_broken(exc)
-            return
-        if self.on_acked is not None:
-            self.on_acked(taken)
-
-    def eof_received(self) -> bool:
-        self.peer_eof = True
-        self._wake_reader()
-        return False  # close our side too: the peer is gone
-
-    def _wake_reader(self) -> None:
-        waiter, self._inbox_waiter = self._inbox_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def read_exactly(self, n: int) -> bytes:
-        """`n` bytes of the server's handshake replies; `asyncio.IncompleteReadError` when it closes first."""
-        while len(self._inbox) < n:
-            if self.lost or self.peer_eof:
-                raise asyncio.IncompleteReadError(bytes(self._inbox), n)
-            self._inbox_waiter = asyncio.get_running_loop().create_future()
-            await self._inbox_waiter
-        out = bytes(self._inbox[:n])
-        del self._inbox[:n]
-        return out
-
-    def handshake_done(self) -> None:
-        """The handshake is over; what the server sent after it (acks) is taken once the stream listens."""
-        self._handshaking = False
-
-    def start(self) -> None:
-        """The stream listens: acks that came with the handshake's answer are taken now."""
-        rest, self._inbox = bytes(self._inbox), bytearray()
-        self._take_acks(rest)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
+        self.lost = True
         self.paused = False
-        self._wake(None)
+        if exc is not None:
+            self.exc = exc
+        self._wake(exc)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        if self.on_lost is not None:
+            self.on_lost()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._wake_reader()
-        self._ended(exc)
+    def _wake(self, exc: BaseException | None) -> None:
+        waiters = self._waiters
+        self._waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
 
-    def write(self, data: bytes, count: int) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+    def drain_waiter(self) -> asyncio.Future[None]:
+        """Resolves once the buffer is small again (fails when the connection ends meanwhile)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
 
-    def write_keepalive(self) -> None:
-        assert self.transport is not None
-        self.transport.write(KEEPALIVE_FRAME)
-
-    def buffered(self) -> int:
-        return 0 if self.transport is None else self.transport.get_write_buffer_size()
-
-    def socket(self) -> socket.socket | None:
-        return None if self.transport is None else self.transport.get_extra_info("socket")
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is None:
-            return
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        self.transport.abort()
+    async def wait_closed(self) -> None:
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
 
 
 #: Failure reasons of our check of the server's certificate: the dial failed on who answered, after TLS
@@ -547,14 +360,15 @@ def _failure_cause(failed: Failed, peer_id: str = "") -> BaseException:
     return TlsError(detail, reason)
 
 
-class _NativeDial:
-    """The client handshake of a TLS connection on the native core: TLS (rustls: the server must prove the
-    key configured for the peer dialled, or in CA mode a certificate naming it), then the signed hello and
-    the server's answer, driven by one `SendSession.pump` per readiness event. `handshake()` returns the
-    established connection as a `_NativeLink`, or raises what ended it: `HandshakeRefusedError` with the
-    server's reason, else the cause `_failure_cause` names (or the socket's `OSError`). The caller bounds
-    it in time. `operation` says how far it got: `"tls"`, or `"handshake"` once TLS is done (or when our
-    check of the server's certificate refused it)."""
+class _Dial:
+    """The client handshake of a connection on the native core: TLS (rustls: the server must prove the
+    key configured for the peer dialled, or in CA mode a certificate naming it; an insecure node has none),
+    then the hello (signed in key mode) and the server's answer, driven by one `SendSession.pump` per
+    readiness event. `handshake()` returns the established connection as a `_Link`, or raises what ended
+    it: `HandshakeRefusedError` with the server's reason, else the cause `_failure_cause` names (or the
+    socket's `OSError`). The caller bounds it in time. `operation` says how far it got: `"tls"`, or
+    `"handshake"` once TLS is done (at once in plaintext; or when our check of the server's certificate
+    refused it)."""
 
     def __init__(
         self, sock: socket.socket, tls: TlsSecurity, peer_id: str, local_id: str, epoch: int
@@ -564,16 +378,16 @@ class _NativeDial:
         self._fd = sock.fileno()
         self._peer_id = peer_id
         self._local_id = local_id
-        self.operation = "tls"
         self._session = SendSession(tls, self._fd, peer_id, epoch)
+        self.operation = "tls" if self._session.encrypted else "handshake"
         self._done: asyncio.Future[None] = self._loop.create_future()
         self._writing = False
 
-    async def handshake(self, high_water: int) -> _NativeLink:
+    async def handshake(self, high_water: int) -> _Link:
         loop, fd = self._loop, self._fd
         loop.add_reader(fd, self._readable)
         try:
-            self._flush()  # the ClientHello
+            self._flush()  # the ClientHello (plaintext: nothing; the server speaks first)
             await self._done
         except BaseException:
             self._unwatch()
@@ -581,7 +395,7 @@ class _NativeDial:
             self._sock.close()
             raise
         self._unwatch()
-        return _NativeLink(self._sock, self._session, high_water)
+        return _Link(self._sock, self._session, high_water)
 
     def _unwatch(self) -> None:
         if self._sock.fileno() >= 0:
@@ -669,7 +483,6 @@ class TcpStream:
         "_idle_at_check",
         "_inflight",
         "_last_write",
-        "_ledger",
         "_link",
         "_local_close",
         "_loop",
@@ -698,8 +511,6 @@ class TcpStream:
     ) -> None:
         self.peer_id = peer_id
         self._stats = stats
-        # Per written batch (for the acknowledged bytes): (frame count after it, payload bytes).
-        self._ledger: deque[tuple[int, int]] = deque()
         self._retiring = False
         self._link = link
         self._loop = asyncio.get_running_loop()
@@ -742,10 +553,9 @@ class TcpStream:
     @property
     def in_flight(self) -> int:
         """Packets written and not acknowledged yet (the fast path's included)."""
-        written = self._link.frames_written()
-        if written is None:
-            return self._inflight.frames
-        return max(0, written - self._inflight.acked)
+        if self._link.lost:  # the rest was resolved (sent or lost) when the connection ended
+            return 0
+        return max(0, self._link.frames_written() - self._inflight.acked)
 
     # --- the native fast path -----------------------------------------------------------------------------
 
@@ -860,8 +670,6 @@ class TcpStream:
         self.writes += 1
         self._packets_written += count
         self._bytes_written += len(data)
-        if self._stats is not None and self._link.acked_payload() is None:
-            self._ledger.append((self._inflight.written, len(data) - LENGTH_PREFIX_LEN * count))
         if self._link.paused:
             await self._drain()
         return receipt
@@ -870,7 +678,7 @@ class TcpStream:
         """Write a keepalive frame when nothing was written for `idle_for` seconds (the peer's receiver
         closes a connection that stays silent for its idle timeout). True when one was written."""
         written = self._link.frames_written()
-        if written is not None and written != self._frames_seen:  # the fast path wrote since the last look
+        if written != self._frames_seen:  # the fast path wrote since the last look
             self._frames_seen = written
             self._last_write = self._loop.time()
         if self.closed or self._loop.time() - self._last_write < idle_for:
@@ -904,15 +712,9 @@ class TcpStream:
         sizes, and `tx_bytes` lags by at most one batch)."""
         stats = self._stats
         assert stats is not None
-        acked_payload = self._link.acked_payload()
-        if acked_payload is not None:  # the native ledger counts every writer's batches
-            acked_bytes = acked_payload - self._acked_payload_seen
-            self._acked_payload_seen = acked_payload
-        else:
-            ledger = self._ledger
-            acked_bytes = 0
-            while ledger and taken >= ledger[0][0]:
-                acked_bytes += ledger.popleft()[1]
+        acked_payload = self._link.acked_payload()  # the native ledger counts every writer's batches
+        acked_bytes = acked_payload - self._acked_payload_seen
+        self._acked_payload_seen = acked_payload
         stats.tx_packets += newly
         stats.tx_bytes += acked_bytes
         stats.last_tx = time.monotonic()
@@ -955,8 +757,6 @@ class TcpStream:
     def _fits(self, size: int) -> bool:
         """Whether a batch of `size` bytes fits the in-flight window now (the fast path's bytes included)."""
         total = self._link.wire_in_flight()
-        if total is None:
-            return self._inflight.fits(size)
         return not total or total + size <= self._inflight.window
 
     async def _wait_for_space(self, size: int) -> None:
@@ -988,7 +788,6 @@ class TcpStream:
         if stats is not None:
             stats.streams.discard(self)
             stats.lost_in_flight += lost
-            self._ledger.clear()
             if self._error is not None or self._link.exc is not None:
                 stats.last_error = f"connection lost: {error}"
             elif self._link.peer_eof and not self._local_close:
@@ -1216,7 +1015,7 @@ class TcpStreamService:
         self.peer_stats: dict[str, PeerSendStats] = {}
         # Failed connections: one budget for every peer and a periodic summary (vpn_packet.ratelimit).
         self.failure_log = failure_log if failure_log is not None else FailureLog(_log)
-        self._native: tuple[Security, TlsSecurity | None] | None = None
+        self._native: tuple[Security, TlsSecurity] | None = None
 
     def stats(self, peer_id: str) -> PeerSendStats:
         """The live `PeerSendStats` of `peer_id` (created empty on first use)."""
@@ -1258,25 +1057,14 @@ class TcpStreamService:
         operation = "connect"
         security = self.security
         stats = self.stats(peer_id)
-        dial: _NativeDial | None = None
+        dial: _Dial | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                tls = self._native_tls(security, peer_id)
+                native = self._native_tls(security, peer_id)
                 sock = await self._connect_socket(loop, host, port)
-                if tls is not None:
-                    operation = "tls"
-                    dial = _NativeDial(sock, tls, peer_id, security.local_id, new_epoch())
-                    link = await dial.handshake(self.high_water)
-                else:
-                    operation = "handshake"
-                    base, protocol = await loop.create_connection(_SenderProtocol, sock=sock)
-                    assert isinstance(base, asyncio.Transport)
-                    link = protocol
-                    await client_handshake(
-                        security, peer_id, protocol.read_exactly, base.write, None, new_epoch()
-                    )
-                    protocol.handshake_done()
-                    base.set_write_buffer_limits(high=self.high_water)
+                dial = _Dial(sock, native, peer_id, security.local_id, new_epoch())
+                operation = dial.operation
+                link = await dial.handshake(self.high_water)
                 self._check_unchanged(peer_id, host, port, security)
         except HandshakeRefusedError as exc:
             self.connect_failures += 1
@@ -1331,8 +1119,6 @@ class TcpStreamService:
             ack_timeout=self.ack_timeout,
             stats=stats,
         )
-        if isinstance(link, _SenderProtocol):
-            link.start()
         return stream
 
     def _check_unchanged(self, peer_id: str, host: str, port: int, security: Security) -> None:
@@ -1362,17 +1148,16 @@ class TcpStreamService:
             )
         return ""
 
-    def _native_tls(self, security: Security, peer_id: str) -> TlsSecurity | None:
-        """The native TLS core's setup for dialling with `security` (None in plaintext), made once per
-        `security` (a reload swaps it). Key mode: raises `TlsError` for a peer without a configured key
-        (fail closed, before dialling)."""
-        if not security.encrypted:
-            return None
+    def _native_tls(self, security: Security, peer_id: str) -> TlsSecurity:
+        """The native core's setup for dialling with `security`, made once per `security` (a reload swaps
+        it). Key mode: raises `TlsError` for a peer without a configured key (fail closed, before
+        dialling)."""
         if security.mode == "key" and peer_id not in security.peer_keys:
             raise TlsError(f"no public_key is configured for peer {peer_id!r}", "key_mismatch")
         made = self._native
         if made is None or made[0] is not security:
-            # A client checks the server it dials by that peer's key or name alone: no peer list needed.
+            # A client checks the server it dials by that peer's key or name alone (or, insecure, not at
+            # all): no peer list needed.
             made = (security, security.native_tls((), DEFAULT_MAX_FRAME_SIZE))
             self._native = made
         return made[1]

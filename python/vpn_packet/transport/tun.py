@@ -15,7 +15,7 @@ refuses us (some distributions ship it 0600 root:root) the `PermissionError` nam
 and what to do. Without `/dev/net/tun` it raises `FileNotFoundError` saying so.
 
 This class is the one owner of the TUN in Python: a node reads it here and hands each read straight to the
-dispatcher's native queues; the receive path writes to its descriptor natively (`InboundDecoder`). The
+dispatcher's native queues; the receive path writes to its descriptor natively (`ReceiveSession`). The
 system calls are the Rust core's (`rust/core/src/tun.rs`); `vpn_packet._native.TunIo` only converts. Tests
 use the same class on a `SOCK_SEQPACKET` socket pair (`vpn_packet.testutil.faketun`), not a fake of it.
 

@@ -18,7 +18,7 @@ use std::os::fd::RawFd;
 use crate::connection::{Connection, Event, SendError, Stage};
 use crate::framing::{LENGTH_PREFIX_LEN, OFFLOAD_FLAG};
 use crate::ledger::{FastOwner, Ledger};
-use crate::receive::{recv, write_output, Read, SocketError};
+use crate::receive::{recv, send, write_output, Read, SocketError};
 
 /// What one [`SendSession::pump`] gave.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,13 +133,34 @@ impl SendSession {
     /// Encrypts `wire` (`frames` whole frames, see [`Connection::send_framed`]) and writes what the socket
     /// takes; returns the output bytes still waiting.
     pub fn send_framed(&mut self, sock: RawFd, wire: &[u8], frames: u64) -> Result<usize, SendFailure> {
-        let payload_before = self.conn.counts().frame_bytes;
-        self.conn
-            .send_framed(wire, frames)
-            .map_err(SendFailure::Refused)?;
-        let payload = self.conn.counts().frame_bytes - payload_before;
-        self.ledger.written(frames, wire.len() as u64, payload, None);
+        self.take(sock, wire, frames, None)
+            .map_err(SendFailure::Refused)?
+            .map_err(SendFailure::Socket)?;
         self.flush(sock).map_err(SendFailure::Socket)
+    }
+
+    /// The connection takes `wire` (see [`Connection::send_framed_through`]: in plaintext the socket takes
+    /// the batch where it lies when nothing waits before it, no copy) and the ledger records it (`fast`:
+    /// the fast path's owner). `Ok(Err(_))`: taken, and the socket failed.
+    fn take(
+        &mut self,
+        sock: RawFd,
+        wire: &[u8],
+        frames: u64,
+        fast: Option<FastOwner>,
+    ) -> Result<Result<(), SocketError>, SendError> {
+        let payload_before = self.conn.counts().frame_bytes;
+        let written = if self.write_failed.is_some() || sock < 0 {
+            // The socket failed already (that failure is reported by the next flush): taken, not written.
+            self.conn.send_framed(wire, frames).map(Ok)?
+        } else {
+            self.conn
+                .send_framed_through(wire, frames, |bytes| send(sock, bytes))?
+        };
+        let payload = self.conn.counts().frame_bytes - payload_before;
+        let fast = fast.map(|owner| (owner, frame_payload_sizes(wire)));
+        self.ledger.written(frames, wire.len() as u64, payload, fast);
+        Ok(written)
     }
 
     /// The fast path (a TUN read written straight from the dispatcher's queues): `wire`, `frames` whole

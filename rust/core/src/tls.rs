@@ -24,6 +24,9 @@
 //! tickets (every connection proves its keys); no SNI (ids are not host names, and need not be sent in
 //! clear). The provider is rustls' aws-lc-rs, the one with X25519MLKEM768.
 //!
+//! A third mode has no TLS at all: **insecure** ([`Security::insecure`], `[node] insecure = true`, for labs
+//! and benchmarks), plaintext connections on the same core, a peer being the configured id it claims.
+//!
 //! Every key accepted from a certificate or a configuration goes through [`crate::key_checks`].
 
 use std::collections::{HashMap, HashSet};
@@ -752,10 +755,25 @@ pub enum Trust {
     Keys { key: NodeKey, peers: PeerKeys },
     /// CA mode: this node's certificate and key, the CA, and the ids of the configured peers.
     Ca { files: CaFiles, peers: PeerIds },
+    /// Insecure mode (`[node] insecure = true`, labs and benchmarks): no TLS, bytes pass through
+    /// unchanged, and a peer is whoever it claims to be, if that id is one of the configured peers'.
+    Insecure { peers: PeerIds },
+}
+
+impl Trust {
+    /// The mode's name: `key`, `ca` or `insecure` (`vpn_packet.transport.handshake.SecurityMode`).
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Trust::Keys { .. } => "key",
+            Trust::Ca { .. } => "ca",
+            Trust::Insecure { .. } => "insecure",
+        }
+    }
 }
 
 /// A node's TLS setup: the server configuration (shared by every accepted connection) and what it takes
-/// to make a client configuration for a dial. Cheap to clone.
+/// to make a client configuration for a dial; or, in insecure mode, no TLS at all (the connections are
+/// plaintext, every stage after TLS the same). Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Security {
     inner: Arc<SecurityInner>,
@@ -765,13 +783,21 @@ pub struct Security {
 struct SecurityInner {
     local_id: String,
     trust: Trust,
-    server: Arc<ServerConfig>,
+    /// None in insecure mode.
+    server: Option<Arc<ServerConfig>>,
     max_frame_size: usize,
     provider: Arc<CryptoProvider>,
 }
 
 fn tls_error(err: TlsError) -> ConfigError {
     ConfigError::new("tls", err.to_string())
+}
+
+fn plaintext_error() -> ConfigError {
+    ConfigError::new(
+        "tls",
+        "an insecure node speaks plaintext: it has no TLS configuration",
+    )
 }
 
 fn check_local_id(local_id: &str) -> Result<(), ConfigError> {
@@ -874,11 +900,36 @@ impl Security {
             inner: Arc::new(SecurityInner {
                 local_id: local_id.to_owned(),
                 trust,
-                server: Arc::new(server),
+                server: Some(Arc::new(server)),
                 max_frame_size: DEFAULT_MAX_FRAME_SIZE,
                 provider,
             }),
         }
+    }
+
+    /// Insecure mode: plaintext connections, and a peer is whoever it claims to be among `peers` (the
+    /// configured peers' ids). For labs and benchmarks only; a node says so loudly at every start.
+    pub fn insecure<'a>(
+        local_id: &str,
+        peers: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Security, ConfigError> {
+        check_local_id(local_id)?;
+        Ok(Security {
+            inner: Arc::new(SecurityInner {
+                local_id: local_id.to_owned(),
+                trust: Trust::Insecure {
+                    peers: PeerIds::new(peers),
+                },
+                server: None,
+                max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+                provider: provider(),
+            }),
+        })
+    }
+
+    /// Whether connections of this setup run TLS (every mode but insecure).
+    pub fn encrypted(&self) -> bool {
+        self.inner.server.is_some()
     }
 
     /// The same setup refusing packet frames above `max_frame_size` on the connections it accepts.
@@ -910,9 +961,9 @@ impl Security {
         self.inner.max_frame_size
     }
 
-    /// The configuration every accepted connection uses.
-    pub fn server_config(&self) -> Arc<ServerConfig> {
-        self.inner.server.clone()
+    /// The configuration every accepted connection uses; an error in insecure mode (no TLS).
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, ConfigError> {
+        self.inner.server.clone().ok_or_else(plaintext_error)
     }
 
     /// A client configuration for dialling `peer_id`: its configured key (key mode) or its name (CA mode)
@@ -938,6 +989,7 @@ impl Security {
                     }))
                     .with_no_client_auth()
             }
+            Trust::Insecure { .. } => return Err(plaintext_error()),
             Trust::Ca { files, .. } => builder
                 .with_custom_certificate_verifier(Arc::new(CaServerVerifier {
                     peer_id: peer_id.to_owned(),

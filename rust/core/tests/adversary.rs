@@ -316,6 +316,11 @@ proptest! {
     }
 
     #[test]
+    fn fuzz_body_plaintext_server_session(data in session_input()) {
+        harness::plain_session(&data);
+    }
+
+    #[test]
     fn fuzz_body_client_and_what_a_server_sends(
         control in any::<[u8; 4]>(),
         body in prop_oneof![
@@ -339,6 +344,7 @@ proptest! {
 fn the_harness_bodies_take_the_empty_input() {
     harness::server_preauth(&[]);
     harness::server_session(&[]);
+    harness::plain_session(&[]);
     harness::client_session(&[]);
 }
 

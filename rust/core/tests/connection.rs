@@ -743,7 +743,7 @@ fn a_server_acknowledging_more_than_was_sent_is_caught() {
         (b"VPNP".to_vec(), "ack_unexpected"),
     ] {
         let mut client = Connection::client(&a, "b", 1).unwrap();
-        let mut server = rustls::ServerConnection::new(b.server_config()).unwrap();
+        let mut server = rustls::ServerConnection::new(b.server_config().unwrap()).unwrap();
         let mut c = Seen::default();
         let mut plaintext = Vec::new();
         let mut said = false;
@@ -779,5 +779,280 @@ fn a_server_acknowledging_more_than_was_sent_is_caught() {
         }
         assert!(c.established());
         assert_eq!(c.failure(), Some(reason), "{c:?}");
+    }
+}
+
+// --- insecure mode: the same stages and checks over plaintext ------------------------------------------------
+
+fn insecure_node(id: &str, peers: &[&str]) -> Security {
+    Security::insecure(id, peers.iter().copied()).unwrap()
+}
+
+#[test]
+fn insecure_mode_speaks_the_version_3_messages_in_plaintext() {
+    let a = insecure_node("a", &["b"]);
+    let b = insecure_node("b", &["a"]);
+    let mut client = Connection::client(&a, "b", 7).unwrap();
+    let mut server = Connection::server_with_nonce(&b, None, [5; 32]).unwrap();
+    assert!(!client.encrypted() && !server.encrypted());
+    // The server speaks first: its challenge, as the bytes on the wire; the client waits for it.
+    assert!(client.output().is_empty());
+    assert_eq!(client.stage(), Stage::Challenge);
+    assert_eq!(server.take_output(), handshake::encode_challenge(&[5; 32]));
+    let mut c = Seen::default();
+    feed(
+        &mut client,
+        &handshake::encode_challenge(&[5; 32]),
+        &mut std::iter::empty(),
+        &mut c,
+    );
+    let hello = handshake::encode_hello(&Hello {
+        peer_id: "a",
+        epoch: 7,
+        public_key: None,
+        signature: None,
+    })
+    .unwrap();
+    assert_eq!(client.take_output(), hello);
+    let mut s = Seen::default();
+    feed(&mut server, &hello, &mut std::iter::empty(), &mut s);
+    assert_eq!(
+        s.events,
+        vec![Event::Established {
+            peer_id: "a".into(),
+            announced_id: "a".into(),
+            epoch: 7
+        }]
+    );
+    assert_eq!(
+        server.take_output(),
+        handshake::encode_answer(Answer::Accepted as u8, "b")
+    );
+    feed(
+        &mut client,
+        &handshake::encode_answer(0, "b"),
+        &mut std::iter::empty(),
+        &mut c,
+    );
+    assert!(c.established());
+    assert_eq!(client.key_exchange_group(), None);
+    assert!(client.peer_names().is_empty());
+
+    // Frames are the framing's bytes as they are; acks likewise.
+    let packets: Vec<Vec<u8>> = (1..=5).map(|n| ipv4(n, 20 + 100 * n as usize)).collect();
+    assert_eq!(client.send_packets(packets.iter().map(Vec::as_slice)), Ok(5));
+    let framed = client.take_output();
+    assert_eq!(
+        framed,
+        encode_frames(packets.iter().map(Vec::as_slice), 65535).unwrap()
+    );
+    let mut s = Seen::default();
+    feed(&mut server, &framed, &mut std::iter::empty(), &mut s);
+    assert_eq!(server.take_output(), encode_ack(5));
+    feed(
+        &mut client,
+        &encode_ack(5),
+        &mut std::iter::empty(),
+        &mut Seen::default(),
+    );
+    assert_eq!(client.in_flight(), 0);
+    client.send_keepalive().unwrap();
+    let (header, super_packet) = ([0u8; VNET_HDR_LEN], ipv4(9, 300));
+    assert_eq!(client.send_offload(&header, &super_packet), Ok(true));
+    assert_eq!(client.in_flight(), 1);
+    let (c, s) = pump(&mut client, &mut server);
+    assert!(c.events.is_empty() && s.events.is_empty());
+    assert_eq!(
+        s.frames,
+        vec![(FrameKind::Offload, [&header[..], &super_packet].concat())]
+    );
+    assert_eq!(client.counts().acked, 6);
+    assert_eq!(
+        (server.counts().keepalives, server.counts().offload_frames),
+        (1, 1)
+    );
+    // Acks of frames that arrive in the same read as the hello go out with the answer.
+    let mut client = Connection::client(&a, "b", 8).unwrap();
+    let mut server = Connection::server(&b, None).unwrap();
+    let mut s = Seen::default();
+    feed(
+        &mut client,
+        &server.take_output(),
+        &mut std::iter::empty(),
+        &mut Seen::default(),
+    );
+    let mut wire = client.take_output();
+    wire.extend(encode_frames([&ipv4(1, 40)[..]], 65535).unwrap());
+    feed(&mut server, &wire, &mut std::iter::empty(), &mut s);
+    assert!(s.established());
+    assert_eq!(s.frames.len(), 1);
+    let mut answer_and_ack = handshake::encode_answer(0, "b");
+    answer_and_ack.extend_from_slice(&encode_ack(1));
+    assert_eq!(server.take_output(), answer_and_ack);
+    // The end of the stream after the handshake is a close, before it a failure.
+    assert_eq!(server.receive_eof(), vec![Event::Closed]);
+    let mut early = Connection::server(&b, None).unwrap();
+    assert!(matches!(
+        &early.receive_eof()[..],
+        [Event::Failed(Failure::ClosedEarly)]
+    ));
+}
+
+#[test]
+fn insecure_mode_refuses_with_the_plaintext_rules() {
+    let a = insecure_node("a", &["b"]);
+    // A peer is the configured id it claims: b does not know "a".
+    let b = insecure_node("b", &["z"]);
+    let (mut client, _, c, s) = connect(&a, &b, "b");
+    assert_eq!(c.refusal().as_deref(), Some("unknown_peer"));
+    assert_eq!(s.refusal().as_deref(), Some("unknown_peer"));
+    assert_eq!(client.send_packets([&b"x"[..]]), Err(SendError::Closed));
+    // A peer added in place is accepted from the next hello on (a reload, discovery).
+    let b = insecure_node("b", &[]);
+    let (_, _, c, _) = connect(&a, &b, "b");
+    assert_eq!(c.refusal().as_deref(), Some("unknown_peer"));
+    if let tls::Trust::Insecure { peers } = b.trust() {
+        peers.update(["a"], []);
+    }
+    let (_, _, c, s) = connect(&a, &b, "b");
+    assert!(c.established() && s.established());
+    // A server at its limit, or stopping, says so.
+    let mut client = Connection::client(&a, "b", 1).unwrap();
+    let mut server = Connection::server(&b, Some(Answer::TooManyConnections)).unwrap();
+    let (c, _) = pump(&mut client, &mut server);
+    assert_eq!(c.refusal().as_deref(), Some("too_many_connections"));
+    // An insecure node has no TLS configuration to hand out.
+    assert!(b.client_config("a").is_err() && b.server_config().is_err());
+}
+
+/// A plaintext server's answer to `data` sent after its challenge: the failure reason, and the answer's
+/// reason when it sent one.
+fn plaintext_server_answer(data: &[u8]) -> (Option<&'static str>, Option<&'static str>) {
+    let b = insecure_node("b", &["a"]);
+    let mut server = Connection::server(&b, None).unwrap();
+    server.take_output();
+    let mut s = Seen::default();
+    feed(&mut server, data, &mut std::iter::empty(), &mut s);
+    assert_eq!(server.stage(), Stage::Closed);
+    let out = server.take_output();
+    let answer = match handshake::parse_answer(&out) {
+        Ok(Parsed::Done {
+            message: (code, _), ..
+        }) => Answer::from_code(code).map(Answer::reason),
+        _ => {
+            assert!(out.is_empty(), "{out:?}");
+            None
+        }
+    };
+    (s.failure(), answer)
+}
+
+#[test]
+fn insecure_mode_tells_wire_errors_apart() {
+    // A TLS client at an insecure node: no answer (it could not read one).
+    assert_eq!(
+        plaintext_server_answer(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
+        (Some("tls_expected_plaintext"), None)
+    );
+    assert_eq!(
+        plaintext_server_answer(b"GET / HTTP/1.1\r\n"),
+        (Some("bad_magic"), None)
+    );
+    // Another version is told so; a malformed hello is answered bad_hello and counted by what is wrong.
+    assert_eq!(
+        plaintext_server_answer(b"VPNP\x02H\0\0\0\0\0\0\0\x01\x01a\0\0"),
+        (Some("unsupported_version"), Some("unsupported_version"))
+    );
+    assert_eq!(
+        plaintext_server_answer(b"VPNP\x03H\0\0\0\0\0\0\0\x01\x01a\x05\0\0\0\0\0"),
+        (Some("bad_field_length"), Some("bad_hello"))
+    );
+    assert_eq!(
+        plaintext_server_answer(b"VPNP\x03C"),
+        (Some("unexpected_message"), Some("bad_hello"))
+    );
+}
+
+fn run_split_insecure(cuts: Vec<usize>, packets: &[Vec<u8>]) -> (Seen, Seen, u64) {
+    let (a, b) = (insecure_node("a", &["b"]), insecure_node("b", &["a"]));
+    let mut client = Connection::client(&a, "b", 1).unwrap();
+    let mut server = Connection::server_with_nonce(&b, None, [4; 32]).unwrap();
+    let (mut c, mut s) = (Seen::default(), Seen::default());
+    let mut cuts = cuts.into_iter().cycle();
+    pump_with(&mut client, &mut server, &mut cuts, &mut c, &mut s);
+    for batch in packets.chunks(3) {
+        client.send_packets(batch.iter().map(Vec::as_slice)).unwrap();
+        pump_with(&mut client, &mut server, &mut cuts, &mut c, &mut s);
+        assert!(server.buffered() <= 4 + 65_545 + 512);
+    }
+    (c, s, client.counts().acked)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn insecure_any_read_boundaries_give_the_same_result(
+        cuts in prop::collection::vec(1usize..700, 1..12),
+        sizes in prop::collection::vec(20usize..3000, 0..12),
+    ) {
+        let packets: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| ipv4(i as u8, n)).collect();
+        let (c, s, acked) = run_split_insecure(cuts, &packets);
+        prop_assert!(c.established() && s.established());
+        let got: Vec<Vec<u8>> = s.frames.into_iter().map(|(_, p)| p).collect();
+        prop_assert_eq!(got, packets.clone());
+        prop_assert_eq!(acked, packets.len() as u64);
+    }
+
+    #[test]
+    fn insecure_bytes_before_the_hello_never_authenticate_unless_a_hello(
+        data in prop::collection::vec(any::<u8>(), 0..3000),
+        step in 1usize..200,
+    ) {
+        let b = insecure_node("b", &["a"]);
+        let mut server = Connection::server(&b, None).unwrap();
+        for chunk in data.chunks(step) {
+            let events = server.receive(chunk, |_, _| {});
+            for event in &events {
+                // Only a well-formed hello of a configured id is accepted (arbitrary bytes hardly are).
+                if let Event::Established { peer_id, .. } = event {
+                    prop_assert_eq!(peer_id.as_str(), "a");
+                }
+            }
+            check_bounded(&server);
+        }
+    }
+
+    #[test]
+    fn insecure_bytes_from_an_established_peer_are_taken_or_refused_by_reason(
+        head in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..200), 0..4),
+        tail in prop::collection::vec(any::<u8>(), 0..300),
+        step in 1usize..300,
+    ) {
+        let b = insecure_node("b", &["a"]);
+        let mut server = Connection::server(&b, None).unwrap();
+        server.take_output();
+        let hello = handshake::encode_hello(&Hello { peer_id: "a", epoch: 1, public_key: None, signature: None })
+            .unwrap();
+        let mut s = Seen::default();
+        feed(&mut server, &hello, &mut std::iter::empty(), &mut s);
+        prop_assert!(s.established());
+        server.take_output();
+        let mut wire = encode_frames(head.iter().map(Vec::as_slice), 65535).unwrap();
+        wire.extend_from_slice(&tail);
+        let mut acks = Vec::new();
+        for chunk in wire.chunks(step) {
+            feed(&mut server, chunk, &mut std::iter::empty(), &mut s);
+            acks.extend(server.take_output());
+            check_bounded(&server);
+        }
+        prop_assert!(s.frames.len() >= head.len());
+        prop_assert_eq!(server.counts().frames, s.frames.len() as u64);
+        // Every frame taken was acknowledged, also when the connection failed after taking it, and the
+        // acks on the wire say so.
+        prop_assert_eq!(server.counts().acked, s.frames.len() as u64);
+        let mut decoder = vpn_packet_core::ack::AckDecoder::new();
+        let last = decoder.feed(&acks).unwrap_or(0);
+        prop_assert_eq!(last, s.frames.len() as u64);
     }
 }

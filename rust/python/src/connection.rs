@@ -75,6 +75,20 @@ impl TlsSecurity {
         })
     }
 
+    /// Insecure mode: plaintext connections, every stage after TLS the same; a peer is whoever it claims
+    /// to be among `peers` (the configured peers' ids). For labs and benchmarks only.
+    #[staticmethod]
+    #[pyo3(signature = (local_id, peers, *, max_frame_size = 65535))]
+    fn insecure(local_id: &str, peers: Vec<String>, max_frame_size: usize) -> PyResult<Self> {
+        no_panic(|| {
+            let inner =
+                Security::insecure(local_id, peers.iter().map(String::as_str)).map_err(config_error)?;
+            Ok(TlsSecurity {
+                inner: inner.with_max_frame_size(max_frame_size),
+            })
+        })
+    }
+
     /// Key mode: trusts `set`'s peers with their keys (added, or rekeyed) and no longer `removed`'s, in
     /// place, for this setup and every connection it makes from now on: the work of the peers changed,
     /// however many are known. A handshake already past its hello is not judged again (the receiver
@@ -95,12 +109,12 @@ impl TlsSecurity {
         })
     }
 
-    /// CA mode: adds `added` to the configured peers and drops `removed`, in place, for this setup and
-    /// every connection it makes from now on (O(the peers changed)). `ValueError` in key mode.
+    /// CA and insecure modes: adds `added` to the configured peers and drops `removed`, in place, for this
+    /// setup and every connection it makes from now on (O(the peers changed)). `ValueError` in key mode.
     #[pyo3(signature = (added, removed = Vec::new()))]
     fn update_ids(&self, added: Vec<String>, removed: Vec<String>) -> PyResult<()> {
         no_panic(|| {
-            let Trust::Ca { peers, .. } = self.inner.trust() else {
+            let (Trust::Ca { peers, .. } | Trust::Insecure { peers }) = self.inner.trust() else {
                 return Err(PyValueError::new_err("key mode trusts keys: update_keys"));
             };
             peers.update(
@@ -116,7 +130,7 @@ impl TlsSecurity {
     fn peer_count(&self) -> usize {
         match self.inner.trust() {
             Trust::Keys { peers, .. } => peers.len(),
-            Trust::Ca { peers, .. } => peers.len(),
+            Trust::Ca { peers, .. } | Trust::Insecure { peers } => peers.len(),
         }
     }
 
@@ -126,17 +140,14 @@ impl TlsSecurity {
         self.inner.local_id()
     }
 
-    /// `"key"` or `"ca"`.
+    /// `"key"`, `"ca"` or `"insecure"`.
     #[getter]
     fn mode(&self) -> &'static str {
-        match self.inner.trust() {
-            Trust::Keys { .. } => "key",
-            Trust::Ca { .. } => "ca",
-        }
+        self.inner.trust().mode()
     }
 
     /// A client connection dialling `peer_id` with connection `epoch`; its first TLS bytes are in the
-    /// output already.
+    /// output already (in plaintext it waits for the server's challenge).
     fn client(&self, peer_id: &str, epoch: u64) -> PyResult<TlsConnection> {
         no_panic(|| {
             let inner = Connection::client(&self.inner, peer_id, epoch).map_err(config_error)?;
@@ -144,7 +155,7 @@ impl TlsSecurity {
         })
     }
 
-    /// A server connection for one accepted socket. `refuse` (an answer reason such as
+    /// A server connection for one accepted socket (in plaintext its challenge is in the output at once). `refuse` (an answer reason such as
     /// `"too_many_connections"`) refuses every hello with that reason.
     #[pyo3(signature = (refuse = None))]
     fn server(&self, refuse: Option<&str>) -> PyResult<TlsConnection> {
@@ -391,6 +402,12 @@ impl TlsConnection {
     #[getter]
     fn is_client(&self) -> bool {
         self.inner.is_client()
+    }
+
+    /// Whether the connection runs TLS (False: an insecure node's plaintext).
+    #[getter]
+    fn encrypted(&self) -> bool {
+        self.inner.encrypted()
     }
 
     /// `"tls"`, `"challenge"`, `"answer"`, `"established"` or `"closed"`.

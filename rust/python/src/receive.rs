@@ -196,6 +196,12 @@ impl ReceiveSession {
         self.inner.connection_mut().close();
     }
 
+    /// Whether the connection runs TLS (False: an insecure node's plaintext).
+    #[getter]
+    fn encrypted(&self) -> bool {
+        self.inner.connection().encrypted()
+    }
+
     /// `"tls"`, `"challenge"`, `"answer"`, `"established"` or `"closed"`.
     #[getter]
     fn stage(&self) -> &'static str {
@@ -218,6 +224,12 @@ impl ReceiveSession {
     #[getter]
     fn frames(&self) -> u64 {
         self.inner.connection().counts().frames
+    }
+
+    /// Frames acknowledged so far: the count of the last ack queued (it has left once `unsent` is 0).
+    #[getter]
+    fn acked(&self) -> u64 {
+        self.inner.connection().counts().acked
     }
 
     /// The errno of a TUN write that found the device gone (0: none).

@@ -170,6 +170,12 @@ impl SendSession {
         self.lock().sock = -1;
     }
 
+    /// Whether the connection runs TLS (False: an insecure node's plaintext).
+    #[getter]
+    fn encrypted(&self) -> bool {
+        self.lock().session.connection().encrypted()
+    }
+
     /// `"tls"`, `"challenge"`, `"answer"`, `"established"` or `"closed"`.
     #[getter]
     fn stage(&self) -> &'static str {

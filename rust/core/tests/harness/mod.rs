@@ -184,9 +184,25 @@ pub struct Server {
     frames_at_close: Option<u64>,
 }
 
+/// Node "b" in insecure mode (plaintext, `[node] insecure = true`), with "a" among its configured peers.
+pub fn plain_server_node() -> &'static Security {
+    static NODE: OnceLock<Security> = OnceLock::new();
+    NODE.get_or_init(|| {
+        Security::insecure("b", ["a"])
+            .unwrap()
+            .with_max_frame_size(MAX_FRAME)
+    })
+}
+
 impl Server {
+    /// Node "b"'s server in key mode (TLS).
     pub fn new(vnet_header: bool, script: Vec<u8>) -> Server {
-        let conn = Connection::server_with_nonce(&nodes().server, None, [7; handshake::NONCE_LEN]).unwrap();
+        Server::of(&nodes().server, vnet_header, script)
+    }
+
+    /// A server of `node` (key mode, or plaintext: [`plain_server_node`]).
+    pub fn of(node: &Security, vnet_header: bool, script: Vec<u8>) -> Server {
+        let conn = Connection::server_with_nonce(node, None, [7; handshake::NONCE_LEN]).unwrap();
         Server {
             conn,
             inbound: Inbound::new(MAX_FRAME, vnet_header),
@@ -611,6 +627,62 @@ pub fn server_session(data: &[u8]) {
     assert_eq!(server.frames, frames);
 }
 
+// --- (b') the same in plaintext (insecure mode) ----------------------------------------------------------------
+
+/// An insecure node's server: the challenge is out at once; then, half the time, a valid hello from "a"
+/// (accepted: a peer is the configured id it claims) before the body, else the body alone where the hello
+/// belongs; in reads of the size the input picks. With the hello, the oracle holds as over TLS: the frames
+/// of the body up to the first bad one, that one's reason, every frame taken acknowledged, and the acks on
+/// the wire (after the answer) say so. Without it, arbitrary bytes authenticate only as a hello of "a".
+pub fn plain_session(data: &[u8]) {
+    let mut input = Input(data);
+    let mode = input.byte();
+    let read = usize::from(input.byte()) * 13 + 1;
+    let script = input.take(usize::from(mode >> 5)).to_vec();
+    let vnet_header = mode & 4 != 0;
+    let with_hello = mode & 1 == 0;
+    let body = input.rest();
+    let mut server = Server::of(plain_server_node(), vnet_header, script);
+    assert_eq!(
+        server.conn.take_output(),
+        handshake::encode_challenge(&[7; handshake::NONCE_LEN]),
+        "the server speaks first, in plaintext"
+    );
+    let mut stream = Vec::new();
+    if with_hello {
+        stream = handshake::encode_hello(&Hello {
+            peer_id: "a",
+            epoch: 1,
+            public_key: None,
+            signature: None,
+        })
+        .unwrap();
+    }
+    stream.extend_from_slice(body);
+    for chunk in stream.chunks(read) {
+        server.feed(chunk);
+    }
+    if with_hello {
+        assert!(server.established(), "{:?}", server.events);
+        let (frames, reason) = expected_frames(body, MAX_FRAME);
+        assert_eq!(server.frames, frames);
+        assert_eq!(server.failure(), reason, "{:?}", server.events);
+        assert_eq!(server.conn.counts().acked, frames.len() as u64);
+        let out = server.conn.take_output();
+        let Ok(Parsed::Done {
+            message: (code, _),
+            consumed,
+        }) = handshake::parse_answer(&out)
+        else {
+            panic!("no answer: {out:?}")
+        };
+        assert_eq!(code, Answer::Accepted as u8);
+        assert_eq!(last_ack(&out[consumed..]), frames.len() as u64);
+    }
+    server.eof();
+    assert_eq!(server.conn.stage(), Stage::Closed);
+}
+
 // --- (c) a client and what a server may send ------------------------------------------------------------
 
 /// A client `Connection` ("a" dialling "b") and a rustls server as node "b" driven by hand.
@@ -625,7 +697,7 @@ struct Dial {
 impl Dial {
     fn new() -> Dial {
         let client = Connection::client(&nodes().client, "b", 1).unwrap();
-        let server = ServerConnection::new(nodes().server.server_config()).unwrap();
+        let server = ServerConnection::new(nodes().server.server_config().unwrap()).unwrap();
         Dial {
             client,
             server: server.into(),

@@ -383,11 +383,13 @@ class Worker:
         ctx = self._ctx
         queues = ctx.queues
         key = self.sync_key
+        wrote = False  # the last batch of this drain went out on the worker's stream (not failed)
         try:
             while not self.closed:
                 batch, n = queues.take(key)  # the framed packets; in flight (against the bound) from now
                 if not n:
-                    self._offer_fast()
+                    if wrote:
+                        self._offer_fast()
                     break
                 futures = None
                 if self._futures is not None:
@@ -423,6 +425,7 @@ class Worker:
                 self._inflight_futures = None
                 # The native in-flight count (the bound) is reset by the next `take`, which follows without
                 # anything else running in between: no extra call per batch.
+                wrote = error is None
                 if error is None:
                     self.consecutive_failures = 0
                     receipt, self._receipt = self._receipt, None
@@ -592,7 +595,8 @@ class Worker:
         self.peer_id = None
 
     def _offer_fast(self) -> None:
-        """The queue is empty and the last batch went out on the worker's stream: let the queues write
+        """The queue is empty and the last batch went out on the worker's stream (a failed one, a breaker's
+        refusal included, offers nothing: the next batch goes through resilience again): let the queues write
         this destination's next packets into that connection themselves, in the push that brings them (the
         TUN read), while it is established and within its window: no task wakes up, no Python object is
         made (issue 20, item 3). The route is withdrawn when the worker takes a batch (the queues could not

@@ -241,3 +241,33 @@ async def test_changed_routes_withdraw_the_fast_route(keys: dict[str, Security])
             assert await lab_.d.flush()
         assert lab_.d.check_accounting().sent == len(packets)
     assert sink.taken == packets
+
+
+async def test_a_connection_that_ends_sends_packets_back_through_the_worker_which_reconnects(
+    keys: dict[str, Security],
+) -> None:
+    """The connection under the fast route ends (closed here, as a peer's idle close or a reload would): the
+    next push finds the session closed, so its packets stay queued for the worker, which writes them on a
+    fresh connection and offers that one. Nothing is lost or reordered."""
+    sink = CountingSink()
+    packets = [pkt(i) for i in range(60)]
+    async with lab(keys, sink) as lab_:
+        await lab_.first_batch(packets[:20])
+        async with asyncio.timeout(10):  # a hang guard
+            assert await lab_.d.flush()
+        first = lab_.stream()
+        await first.close()
+        worker = lab_.d._workers[lab_.key]
+        assert not worker.busy
+        lab_.push(packets[20:40])
+        assert worker.busy  # the worker's again, not the fast path's
+        assert not lab_.fast()
+        async with asyncio.timeout(10):
+            await wait_until(lab_.fast)  # offered again, on the new connection
+        assert lab_.stream() is not first
+        lab_.push(packets[40:])
+        async with asyncio.timeout(10):
+            assert await lab_.d.flush()
+        m = lab_.d.check_accounting()
+        assert (m.sent, m.failed) == (len(packets), 0)
+    assert sink.taken == packets

@@ -436,13 +436,13 @@ class _Pump:
             self._end_of_stream()
 
     def _ack_soon(self) -> None:
-        """Writes the output after the I/O callbacks of the next loop iteration: a timer due now runs after
-        them (asyncio runs the readiness callbacks of a select before the timers that came due). So the TUN
-        read of the reply that a delivered packet provoked at once (an echo reply, a TCP ack) is sent
-        before this ack, which a request's round trip does not wait for; acks of several reads meanwhile go
-        as one write."""
+        """Writes the output `tuning.ACK_DELAY` later, after the readiness callbacks that came due (asyncio
+        runs the readiness callbacks of a select before the timers that came due). So the TUN read of the
+        reply that a delivered packet provoked (an echo reply, a TCP ack, a server's answer) is sent before
+        this ack, which a request's round trip does not wait for; the acks of the reads meanwhile go as one
+        write."""
         if self._ack_handle is None:
-            self._ack_handle = self._loop.call_later(0, self._write_acks)
+            self._ack_handle = self._loop.call_later(tuning.ACK_DELAY, self._write_acks)
 
     def _write_acks(self) -> None:
         self._ack_handle = None

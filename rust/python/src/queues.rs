@@ -201,9 +201,8 @@ impl DestinationQueues {
 
     fn result<'py>(&mut self, py: Python<'py>, pushed: Pushed) -> PyResult<PushResult<'py>> {
         let ready = PyList::empty(py);
-        let any_fast = self.fast.iter().any(Option::is_some);
         for id in pushed.ready {
-            if any_fast && self.try_fast(py, id)? {
+            if self.try_fast(py, id)? {
                 continue;
             }
             if let Some(Some(name)) = self.names.get(id) {

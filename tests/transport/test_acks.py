@@ -25,7 +25,7 @@ from vpn_packet._native import destination_key_and_ip
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.errors import NetworkError
 from vpn_packet.resilience import ResilienceConfig, ResilienceService
-from vpn_packet.testutil.fakes import FakePeerDiscovery
+from vpn_packet.testutil.fakes import FakePeerDiscovery, LoopbackEndpoint
 from vpn_packet.testutil.fixtures import wait_until
 from vpn_packet.testutil.keys import key_securities
 from vpn_packet.testutil.packets import UDP, ipv4_packet
@@ -49,14 +49,6 @@ def discovery() -> StaticPeerDiscovery:
     return StaticPeerDiscovery(
         [Peer("node-a", "127.0.0.1:9", [f"{A_SRC}/32"]), Peer("node-b", "127.0.0.1:9", ["10.8.0.3/32"])]
     )
-
-
-class Endpoints:
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def endpoint(self, peer_id: str) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
 
 
 class CountingSink:
@@ -97,7 +89,7 @@ async def rx(sink: CountingSink) -> AsyncIterator[Receiver]:
 
 
 def service_for(receiver: Receiver, **options: float) -> TcpStreamService:
-    return TcpStreamService(Endpoints(receiver.address[1]), INSECURE_TX, **options)  # type: ignore[arg-type]
+    return TcpStreamService(LoopbackEndpoint(receiver.address[1]), INSECURE_TX, **options)  # type: ignore[arg-type]
 
 
 def rx_socket(receiver: Receiver) -> socket.socket:
@@ -159,7 +151,7 @@ async def test_acks_over_key_mode_tls(tmp_path: Path) -> None:
     keys = key_securities(tmp_path, "node-a", "node-b")
     sink = CountingSink()
     async with Receiver(discovery(), sink, security=keys["node-b"]) as receiver:
-        service = TcpStreamService(Endpoints(receiver.address[1]), keys["node-a"])
+        service = TcpStreamService(LoopbackEndpoint(receiver.address[1]), keys["node-a"])
         stream = await service.create_stream("node-b")
         assert stream.tls
         batches = [[pkt(i * 50 + k, 1400) for k in range(50)] for i in range(20)]
@@ -186,7 +178,7 @@ async def test_frames_taken_whose_ack_cannot_leave_are_counted_unacknowledged(tm
         streams[0].abort()  # RST now: the receiver's ack for these packets finds the connection reset
 
     async with Receiver(discovery(), sink, security=securities["node-b"]) as receiver:
-        service = TcpStreamService(Endpoints(receiver.address[1]), securities["node-a"])
+        service = TcpStreamService(LoopbackEndpoint(receiver.address[1]), securities["node-a"])
         streams.append(await service.create_stream("node-b"))
         receipt = await streams[0].write_many([pkt(i) for i in range(10)])
         async with asyncio.timeout(10):  # a hang guard

@@ -22,7 +22,7 @@ import pytest
 
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.resilience import ResilienceConfig, ResilienceService
-from vpn_packet.testutil.fakes import FakePeerDiscovery
+from vpn_packet.testutil.fakes import FakePeerDiscovery, LoopbackEndpoint
 from vpn_packet.testutil.fixtures import wait_until
 from vpn_packet.testutil.keys import key_securities
 from vpn_packet.testutil.packets import UDP, ipv4_packet
@@ -43,14 +43,6 @@ def pkt(seq: int, size: int = 100) -> bytes:
 def tun_read(packets: list[bytes]) -> tuple[bytes, array[int]]:
     """The packets as one batched TUN read gives them: end to end, with their lengths."""
     return b"".join(packets), array("I", [len(p) for p in packets])
-
-
-class Endpoints:
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def endpoint(self, peer_id: str) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
 
 
 class CountingSink:
@@ -107,7 +99,7 @@ async def lab(keys: dict[str, Security], sink: CountingSink, **options: float) -
         [Peer("node-a", "127.0.0.1:9", [f"{A_SRC}/32"]), Peer("node-b", "127.0.0.1:9", [f"{DEST}/32"])]
     )
     async with Receiver(discovery, sink, security=keys["node-b"]) as receiver:
-        service = TcpStreamService(Endpoints(receiver.address[1]), keys["node-a"], **options)  # type: ignore[arg-type]
+        service = TcpStreamService(LoopbackEndpoint(receiver.address[1]), keys["node-a"], **options)  # type: ignore[arg-type]
         d = Dispatcher(
             FakePeerDiscovery(default="node-b"),
             service,

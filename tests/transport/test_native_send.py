@@ -28,6 +28,7 @@ from vpn_packet.errors import (
     is_connection_reset_error,
     is_network_error,
 )
+from vpn_packet.testutil.fakes import LoopbackEndpoint
 from vpn_packet.testutil.keys import key_securities
 from vpn_packet.testutil.packets import ipv4_packet
 from vpn_packet.transport.framing import DEFAULT_MAX_FRAME_SIZE
@@ -39,14 +40,6 @@ HANG_GUARD = 10.0  # seconds: a hang guard, not an assertion
 
 def pkt(seq: int, size: int = 100) -> bytes:
     return ipv4_packet("10.8.0.2", "10.8.0.1", src_port=seq % 65536, dst_port=7, payload=bytes(size))
-
-
-class Endpoints:
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def endpoint(self, peer_id: str) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
 
 
 class TlsPeer:
@@ -150,7 +143,7 @@ async def peer(keys: dict[str, Security]) -> AsyncIterator[TlsPeer]:
 async def test_framed_batches_offload_frames_and_keepalives_arrive_and_are_acknowledged(
     peer: TlsPeer, keys: dict[str, Security]
 ) -> None:
-    service = TcpStreamService(Endpoints(peer.port), keys["node-a"])
+    service = TcpStreamService(LoopbackEndpoint(peer.port), keys["node-a"])
     stream = await service.create_stream("node-b")
     assert stream.tls
     packets = [pkt(i) for i in range(20)]
@@ -175,7 +168,7 @@ async def test_framed_batches_offload_frames_and_keepalives_arrive_and_are_ackno
 async def test_bytes_that_are_not_whole_frames_are_refused_and_nothing_is_sent(
     peer: TlsPeer, keys: dict[str, Security]
 ) -> None:
-    stream = await TcpStreamService(Endpoints(peer.port), keys["node-a"]).create_stream("node-b")
+    stream = await TcpStreamService(LoopbackEndpoint(peer.port), keys["node-a"]).create_stream("node-b")
     framed = encode_frames([pkt(1), pkt(2)])
     with pytest.raises(FramingError) as info:
         await stream.write_framed(framed[:-1], 2)
@@ -195,7 +188,7 @@ async def test_a_tls_peer_that_stops_reading_fails_the_write_within_write_timeou
     peer: TlsPeer, keys: dict[str, Security]
 ) -> None:
     service = TcpStreamService(
-        Endpoints(peer.port),
+        LoopbackEndpoint(peer.port),
         keys["node-a"],
         write_timeout=0.2,
         window=64 << 20,
@@ -230,7 +223,11 @@ async def test_acks_read_with_the_peers_reset_still_count(peer: TlsPeer, keys: d
     socket: the native call that reads the ack then fails writing. The ack counts: those packets were
     delivered, they are sent, not lost (found by the SIGTERM delivery scenario, where they were lost)."""
     service = TcpStreamService(
-        Endpoints(peer.port), keys["node-a"], window=64 << 20, send_buffer=16 * 1024, high_water=64 << 20
+        LoopbackEndpoint(peer.port),
+        keys["node-a"],
+        window=64 << 20,
+        send_buffer=16 * 1024,
+        high_water=64 << 20,
     )
     peer.reset_after = 2
     stream = await service.create_stream("node-b")
@@ -254,7 +251,7 @@ async def test_bytes_from_the_peer_that_are_not_tls_records_reset_the_stream(
     """After the handshake a peer sends only acks, inside TLS records: anything else is a broken peer. The
     core fails the connection by reason, the stream resets it and later writes fail; the receipts keep
     what was acknowledged before."""
-    service = TcpStreamService(Endpoints(peer.port), keys["node-a"])
+    service = TcpStreamService(LoopbackEndpoint(peer.port), keys["node-a"])
     peer.stop_after = 2
     stream = await service.create_stream("node-b")
     first = await stream.write_many([pkt(1), pkt(2)])
@@ -328,7 +325,7 @@ async def test_the_sending_side_does_not_use_pythons_ssl(peer: TlsPeer, keys: di
     dials through the native core (`Security.native_tls`), not through `client_context`."""
     untrusting = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no CA loaded: it would refuse every server
     security = dataclasses.replace(keys["node-a"], client_context=untrusting)
-    stream = await TcpStreamService(Endpoints(peer.port), security).create_stream("node-b")
+    stream = await TcpStreamService(LoopbackEndpoint(peer.port), security).create_stream("node-b")
     receipt = await stream.write_many([pkt(1)])
     async with asyncio.timeout(HANG_GUARD):
         assert await receipt == 1
@@ -353,7 +350,7 @@ async def test_a_write_after_the_core_closed_takes_nothing_and_fails_as_a_reset(
 ) -> None:
     """The core's connection can end (a close, a failure) before the stream hears of it: a write then takes
     nothing and raises a retriable reset, so the worker carries the batch on a fresh stream."""
-    stream = await TcpStreamService(Endpoints(peer.port), keys["node-a"]).create_stream("node-b")
+    stream = await TcpStreamService(LoopbackEndpoint(peer.port), keys["node-a"]).create_stream("node-b")
     stream._link._session.close()  # type: ignore[attr-defined]  # the core ends first
     with pytest.raises(NetworkError) as info:
         await stream.write_many([pkt(1)])

@@ -25,6 +25,7 @@ from vpn_packet.errors import (
 )
 from vpn_packet.testutil import attackers
 from vpn_packet.testutil.certs import CertificateAuthority, TestPki, write_test_pki
+from vpn_packet.testutil.fakes import LoopbackEndpoint
 from vpn_packet.testutil.fixtures import wait_until
 from vpn_packet.testutil.keys import identities
 from vpn_packet.testutil.packets import UDP, ipv4_packet
@@ -257,14 +258,6 @@ def test_ca_contexts(pki: TestPki) -> None:
 # --- CA mode end to end: TcpStreamService -> Receiver ------------------------------------------------------
 
 
-class Endpoints:
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def endpoint(self, peer_id: str) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-
 class Harness:
     """A CA-mode receiver for node-b (knowing node-a and node-c) and what it delivered."""
 
@@ -312,7 +305,7 @@ async def harness(pki: TestPki) -> AsyncIterator[Harness]:
 
 
 def service(receiver: Receiver, security: Security) -> TcpStreamService:
-    return TcpStreamService(Endpoints(receiver.address[1]), security, connect_timeout=10)
+    return TcpStreamService(LoopbackEndpoint(receiver.address[1]), security, connect_timeout=10)
 
 
 async def test_mutual_tls_with_a_ca(harness: Harness) -> None:
@@ -339,7 +332,7 @@ async def test_server_from_an_untrusted_ca_is_refused(harness: Harness, tmp_path
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=security.server_context)
     async with server:
         port = server.sockets[0].getsockname()[1]
-        client = TcpStreamService(Endpoints(port), harness.node("node-a"), connect_timeout=10)
+        client = TcpStreamService(LoopbackEndpoint(port), harness.node("node-a"), connect_timeout=10)
         with pytest.raises(NetworkError) as info:
             await client.create_stream("node-b")
     assert isinstance(info.value.cause, TlsError)
@@ -357,7 +350,7 @@ async def test_server_whose_certificate_names_another_peer_is_refused(harness: H
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=security.server_context)
     async with server:
         port = server.sockets[0].getsockname()[1]
-        client = TcpStreamService(Endpoints(port), harness.node("node-a"), connect_timeout=10)
+        client = TcpStreamService(LoopbackEndpoint(port), harness.node("node-a"), connect_timeout=10)
         with pytest.raises(NetworkError) as info:
             await client.create_stream("node-b")
     assert isinstance(info.value.cause, TlsError)

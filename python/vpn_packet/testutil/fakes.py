@@ -41,6 +41,7 @@ __all__ = [
     "FakeStreamPool",
     "FakeStreamService",
     "Gate",
+    "LoopbackEndpoint",
     "ManualClock",
     "RecordingSleep",
 ]
@@ -55,6 +56,17 @@ def _make_error(spec: ErrorSpec) -> BaseException:
     if isinstance(spec, BaseException):
         return spec.with_traceback(None)
     return spec()
+
+
+class LoopbackEndpoint:
+    """An `EndpointResolver` (`vpn_packet.transport.tcp`) that sends every peer to one port on loopback: a
+    `TcpStreamService` dialling a test's one `Receiver`."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def endpoint(self, peer_id: str) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
 
 
 class ManualClock:

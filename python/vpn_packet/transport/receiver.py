@@ -364,14 +364,20 @@ class _Pump:
             self._loop.remove_writer(self._fd)
             self._writing = False
 
-    def _writable(self) -> None:
+    def _flush(self) -> int | None:
+        """Writes what output the socket takes and watches for room while some waits: the bytes still
+        waiting, or None when the socket failed (the connection is finished then)."""
         try:
             unsent = self.conn.session.flush()
         except OSError as exc:
             self._socket_failed(exc)
-            return
+            return None
         self._want_write(unsent)
-        if not unsent and self._sink_task is None and not self.done.done():
+        return unsent
+
+    def _writable(self) -> None:
+        unsent = self._flush()
+        if unsent == 0 and self._sink_task is None and not self.done.done():
             self._watch(True)
 
     def readable(self) -> None:
@@ -426,12 +432,10 @@ class _Pump:
             self._ack_soon()
             return
         if self.target is None or defer:
-            try:
-                unsent = session.flush()
-            except OSError as exc:
-                self._socket_failed(exc)
+            if self._flush() is None:
                 return
-        self._want_write(unsent)
+        else:
+            self._want_write(unsent)
         if read < 0 and not self.done.done():
             self._end_of_stream()
 
@@ -446,14 +450,8 @@ class _Pump:
 
     def _write_acks(self) -> None:
         self._ack_handle = None
-        if self.done.done():
-            return
-        try:
-            unsent = self.conn.session.flush()
-        except OSError as exc:
-            self._socket_failed(exc)
-            return
-        self._want_write(unsent)
+        if not self.done.done():
+            self._flush()
 
     async def _after_sink(self, pending: Awaitable[None], eof: bool) -> None:
         try:
@@ -471,12 +469,9 @@ class _Pump:
         if reset:  # the sender reset the connection while the sink held us: not acknowledged, discarded
             self._reset_by_sender(_queued_bytes(sock.fileno()))
             return
-        try:
-            unsent = self.conn.session.flush()
-        except OSError as exc:
-            self._socket_failed(exc)
+        unsent = self._flush()
+        if unsent is None:
             return
-        self._want_write(unsent)
         if eof:
             self._end_of_stream()
         elif unsent <= _MAX_UNSENT:

@@ -637,6 +637,25 @@ fn run_split(cuts: Vec<usize>, packets: &[Vec<u8>]) -> (Seen, Seen, u64) {
             keys_node("b", &kb, &[("a", &ka)]),
         )
     });
+    run_split_between(a, b, cuts, packets)
+}
+
+/// A run of packets through a connection pair with reads cut at `cuts`: what each side saw, and the acks.
+type SplitRun = fn(Vec<usize>, &[Vec<u8>]) -> (Seen, Seen, u64);
+
+/// `run` delivers packets of `sizes` whole, in order, all acknowledged, whatever the read boundaries.
+fn same_result(run: SplitRun, cuts: Vec<usize>, sizes: &[usize]) -> Result<(), TestCaseError> {
+    let packets: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| ipv4(i as u8, n)).collect();
+    let (c, s, acked) = run(cuts, &packets);
+    prop_assert!(c.established() && s.established());
+    let got: Vec<Vec<u8>> = s.frames.into_iter().map(|(_, p)| p).collect();
+    prop_assert_eq!(got, packets.clone());
+    prop_assert_eq!(acked, packets.len() as u64);
+    Ok(())
+}
+
+/// Node `a` dials `b` and sends `packets` in batches of 3, every read cut at the next of `cuts`.
+fn run_split_between(a: &Security, b: &Security, cuts: Vec<usize>, packets: &[Vec<u8>]) -> (Seen, Seen, u64) {
     let mut client = Connection::client(a, "b", 1).unwrap();
     let mut server = Connection::server_with_nonce(b, None, [4; 32]).unwrap();
     let (mut c, mut s) = (Seen::default(), Seen::default());
@@ -658,12 +677,7 @@ proptest! {
         cuts in prop::collection::vec(1usize..700, 1..12),
         sizes in prop::collection::vec(20usize..3000, 0..12),
     ) {
-        let packets: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| ipv4(i as u8, n)).collect();
-        let (c, s, acked) = run_split(cuts, &packets);
-        prop_assert!(c.established() && s.established());
-        let got: Vec<Vec<u8>> = s.frames.into_iter().map(|(_, p)| p).collect();
-        prop_assert_eq!(got, packets.clone());
-        prop_assert_eq!(acked, packets.len() as u64);
+        same_result(run_split, cuts, &sizes)?;
     }
 }
 
@@ -975,17 +989,7 @@ fn insecure_mode_tells_wire_errors_apart() {
 
 fn run_split_insecure(cuts: Vec<usize>, packets: &[Vec<u8>]) -> (Seen, Seen, u64) {
     let (a, b) = (insecure_node("a", &["b"]), insecure_node("b", &["a"]));
-    let mut client = Connection::client(&a, "b", 1).unwrap();
-    let mut server = Connection::server_with_nonce(&b, None, [4; 32]).unwrap();
-    let (mut c, mut s) = (Seen::default(), Seen::default());
-    let mut cuts = cuts.into_iter().cycle();
-    pump_with(&mut client, &mut server, &mut cuts, &mut c, &mut s);
-    for batch in packets.chunks(3) {
-        client.send_packets(batch.iter().map(Vec::as_slice)).unwrap();
-        pump_with(&mut client, &mut server, &mut cuts, &mut c, &mut s);
-        assert!(server.buffered() <= 4 + 65_545 + 512);
-    }
-    (c, s, client.counts().acked)
+    run_split_between(&a, &b, cuts, packets)
 }
 
 proptest! {
@@ -996,12 +1000,7 @@ proptest! {
         cuts in prop::collection::vec(1usize..700, 1..12),
         sizes in prop::collection::vec(20usize..3000, 0..12),
     ) {
-        let packets: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| ipv4(i as u8, n)).collect();
-        let (c, s, acked) = run_split_insecure(cuts, &packets);
-        prop_assert!(c.established() && s.established());
-        let got: Vec<Vec<u8>> = s.frames.into_iter().map(|(_, p)| p).collect();
-        prop_assert_eq!(got, packets.clone());
-        prop_assert_eq!(acked, packets.len() as u64);
+        same_result(run_split_insecure, cuts, &sizes)?;
     }
 
     #[test]

@@ -594,9 +594,15 @@ class Dispatcher:
         ctx = self._ctx
         if ctx.busy >= len(self._workers):
             return False
-        worker = ctx.pop_idle()
-        if worker is None:  # pragma: no cover - busy < len(workers) means an idle worker is logged
-            return False
+        while True:
+            worker = ctx.pop_idle()
+            if worker is None:  # pragma: no cover - busy < len(workers) means an idle worker is logged
+                return False
+            if not worker.fast_since():
+                break
+            # In use on the fast path: to the back of the log (a second look in this loop finds it idle).
+            worker.last_activity = ctx.clock()
+            ctx.log_idle(worker)
         del self._workers[worker.sync_key]
         worker.close()
         self._workers_evicted += 1
@@ -714,6 +720,10 @@ class Dispatcher:
         cutoff = now - self.worker_idle_timeout
         removed = 0
         while (worker := self._ctx.pop_idle(cutoff)) is not None:  # least recently active first
+            if worker.fast_since():  # in use on the fast path since the last look: active now
+                worker.last_activity = now
+                self._ctx.log_idle(worker)
+                continue
             del self._workers[worker.sync_key]
             worker.close()
             removed += 1

@@ -265,6 +265,7 @@ class Worker:
         "_ctx",
         "_fast_counters",
         "_fast_route_of",
+        "_fast_seen",
         "_framed_write",
         "_future_positions",
         "_futures",
@@ -313,6 +314,7 @@ class Worker:
         self._fast_route_of: Callable[[], tuple[Any, int, Callable[[int], None], Any] | None] | None = None
         # What the queues' fast path sent for this destination (made at the first fast route).
         self._fast_counters: FastCounters | None = None
+        self._fast_seen = 0  # packets the fast path had written at the last `fast_since` look
         self.peer_id: str | None = None
         self._route_epoch = 0  # the context's route_epoch when `peer_id` was looked up
         self.busy = False
@@ -619,6 +621,20 @@ class Worker:
             counters = self._fast_counters = FastCounters()
         if self._ctx.queues.set_fast(self.sync_key, session, counters, window, on_blocked):
             self._ctx.fast_streams.add(connection)
+
+    def fast_since(self) -> bool:
+        """Whether the fast path wrote packets for this destination since the last look: such a worker is
+        not idle (it never wakes up for them, so `last_activity` does not move), and idle cleanup and
+        eviction pass it over."""
+        counters = self._fast_counters
+        if counters is None:
+            return False
+        in_flight, sent, _, lost = counters.counts()
+        written = in_flight + sent + lost
+        if written == self._fast_seen:
+            return False
+        self._fast_seen = written
+        return True
 
     @property
     def fast_counts(self) -> tuple[int, int, int, int]:

@@ -263,3 +263,26 @@ async def test_a_connection_that_ends_sends_packets_back_through_the_worker_whic
         m = lab_.d.check_accounting()
         assert (m.sent, m.failed) == (len(packets), 0)
     assert sink.taken == packets
+
+
+async def test_a_destination_in_use_on_the_fast_path_is_not_idle(keys: dict[str, Security]) -> None:
+    """Its worker never wakes up for fast-path packets, yet idle cleanup must not take it for idle: it is
+    removed only after a whole idle timeout without a packet either way."""
+    sink = CountingSink()
+    packets = [pkt(i) for i in range(30)]
+    async with lab(keys, sink) as lab_:
+        d = lab_.d
+        await lab_.first_batch(packets[:10])
+        key = lab_.key
+        later = d._ctx.clock() + d.worker_idle_timeout + 1  # an injected "now", past the idle timeout
+        lab_.push(packets[10:20])  # fast path only: the worker stays asleep
+        assert d.run_cleanup(now=later) == 0
+        assert key in d._workers
+        lab_.push(packets[20:])
+        assert d.run_cleanup(now=later + d.worker_idle_timeout + 1) == 0  # used again since the last look
+        assert d.run_cleanup(now=later + 3 * d.worker_idle_timeout) == 1  # and now idle for a whole timeout
+        assert key not in d._workers
+        async with asyncio.timeout(10):  # a hang guard
+            assert await d.flush()
+        assert d.check_accounting().sent == len(packets)
+    assert sink.taken == packets

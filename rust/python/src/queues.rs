@@ -186,10 +186,14 @@ impl DestinationQueues {
         };
         match written {
             Ok(unsent) => {
-                if unsent > 0 {
-                    route.on_blocked.call1(py, (unsent,))?;
-                }
+                // The session has the packets: the queue lets them go before anything else can fail.
                 self.inner.sent_directly(id);
+                if unsent > 0 {
+                    if let Err(err) = route.on_blocked.call1(py, (unsent,)) {
+                        // Reported, not raised: the push's packets are taken and counted either way.
+                        err.write_unraisable(py, None);
+                    }
+                }
                 Ok(true)
             }
             Err(_) => {

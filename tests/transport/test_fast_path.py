@@ -286,3 +286,24 @@ async def test_a_destination_in_use_on_the_fast_path_is_not_idle(keys: dict[str,
             assert await d.flush()
         assert d.check_accounting().sent == len(packets)
     assert sink.taken == packets
+
+
+async def test_close_waits_for_the_fast_paths_packets_to_be_acknowledged(keys: dict[str, Security]) -> None:
+    """A graceful close right after fast-path writes: it waits for their acks (the stream did not write
+    them itself), so every packet is sent, none lost, and the connection ends with a FIN, not a reset."""
+    sink = CountingSink()
+    packets = [pkt(i) for i in range(200)]
+    async with lab(keys, sink) as lab_:
+        await lab_.first_batch(packets[:10])
+        async with asyncio.timeout(10):  # a hang guard
+            assert await lab_.d.flush()  # the worker's own batch acknowledged: only fast packets follow
+        stream = lab_.stream()
+        for start in range(10, len(packets), 10):
+            lab_.push(packets[start : start + 10])
+        assert stream.fast_in_flight > 0
+        async with asyncio.timeout(10):
+            await stream.close()
+        assert stream._error is None  # everything acknowledged before the close: a FIN
+        m = lab_.d.check_accounting()
+        assert (m.sent, m.failed_by_reason["lost_in_flight"], m.in_flight) == (len(packets), 0, 0)
+    assert sink.taken == packets

@@ -76,10 +76,13 @@ class InFlight:
         """Whether the unacknowledged bytes reached the window: the writer must wait for acks."""
         return self.bytes >= self.window
 
-    def fits(self, size: int) -> bool:
+    def fits(self, size: int, in_flight: int | None = None) -> bool:
         """Whether a batch of `size` bytes may be written now without passing the window. A batch larger
-        than the whole window fits only when nothing is in flight (else it could never be written)."""
-        return not self.bytes or self.bytes + size <= self.window
+        than the whole window fits only when nothing is in flight (else it could never be written).
+        `in_flight`: the connection's unacknowledged bytes, when other writers share it (the native fast
+        path); else this ledger's."""
+        held = self.bytes if in_flight is None else in_flight
+        return not held or held + size <= self.window
 
     def __len__(self) -> int:
         """Open batches."""

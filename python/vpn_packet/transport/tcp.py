@@ -744,7 +744,7 @@ class TcpStream:
             TimeoutError(
                 errno.ETIMEDOUT,
                 f"{self.peer_id} acknowledged nothing for {self._ack_timeout:g}s "
-                f"({self._inflight.frames} packets in flight): taken for dead",
+                f"({self.in_flight} packets in flight): taken for dead",
             )
         )
 
@@ -756,8 +756,7 @@ class TcpStream:
 
     def _fits(self, size: int) -> bool:
         """Whether a batch of `size` bytes fits the in-flight window now (the fast path's bytes included)."""
-        total = self._link.wire_in_flight()
-        return not total or total + size <= self._inflight.window
+        return self._inflight.fits(size, self._link.wire_in_flight())
 
     async def _wait_for_space(self, size: int) -> None:
         try:
@@ -861,7 +860,7 @@ class TcpStream:
         then close; reset the connection if it does not. Idempotent."""
         try:
             async with asyncio.timeout(self._close_timeout):
-                while self._inflight.frames and not self._ended:
+                while self.in_flight and not self._ended:
                     with contextlib.suppress(Exception):  # the connection ended: nothing left to wait for
                         await self._next_ack()
                 self.close_nowait()
@@ -870,8 +869,7 @@ class TcpStream:
             self._give_up_because(
                 TimeoutError(
                     errno.ETIMEDOUT,
-                    f"closing: {self._inflight.frames} packets still unacknowledged after "
-                    f"{self._close_timeout:g}s",
+                    f"closing: {self.in_flight} packets still unacknowledged after {self._close_timeout:g}s",
                 )
             )
 

@@ -1,12 +1,13 @@
 //! The connection core driven in memory: a client and a server `Connection` (and, for misbehaving peers,
 //! a bare rustls client that speaks the protocol by hand) exchange their outputs until both are quiet.
 
+mod common;
+
 use std::io::{Read, Write};
 
+use common::{key_file, KeyFile};
 use proptest::prelude::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ED25519,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::ClientConnection;
 use vpn_packet_core::ack::encode_ack;
 use vpn_packet_core::connection::{Connection, Event, Failure, FailureTally, SendError, Stage};
@@ -15,22 +16,6 @@ use vpn_packet_core::handshake::{self, Answer, Hello, Parsed};
 use vpn_packet_core::tls::{self, check_ca_files, NodeKey, Security};
 
 // --- keys and certificates ---------------------------------------------------------------------------
-
-/// A key file as `vpn-packet genkey` writes one: PKCS#8 Ed25519 key, then its self-signed certificate.
-struct KeyFile {
-    pem: Vec<u8>,
-    public: [u8; 32],
-}
-
-fn key_file(name: &str) -> KeyFile {
-    let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
-    let cert = params.self_signed(&key).unwrap();
-    let pem = format!("{}{}", key.serialize_pem(), cert.pem()).into_bytes();
-    let public = *NodeKey::from_pem(&pem).unwrap().public_key();
-    KeyFile { pem, public }
-}
 
 fn keys_node(id: &str, own: &KeyFile, peers: &[(&str, &KeyFile)]) -> Security {
     Security::with_keys(id, &own.pem, peers.iter().map(|(id, k)| (*id, &k.public[..]))).unwrap()

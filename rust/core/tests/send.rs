@@ -1,11 +1,13 @@
 //! The native send path over real sockets: a `SendSession` (client) on one end, pumped once per readiness
 //! event and handed framed batches, a `ReceiveSession` (server) on the other.
 
+mod common;
+
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-
-use rcgen::{CertificateParams, DnType, KeyPair, PKCS_ED25519};
 use std::sync::Arc;
+
+use common::{ipv4_from, key_file, KeyFile};
 use vpn_packet_core::connection::{Connection, Event, SendError, Stage};
 use vpn_packet_core::framing::encode_frames;
 use vpn_packet_core::inbound::PacketList;
@@ -13,29 +15,7 @@ use vpn_packet_core::ledger::{FastCounters, FastCounts, FastOwner};
 use vpn_packet_core::prefix::{parse_prefix, PrefixTable};
 use vpn_packet_core::receive::{Read, ReceiveSession};
 use vpn_packet_core::send::{NotTaken, SendFailure, SendSession};
-use vpn_packet_core::tls::{NodeKey, Security};
-
-struct KeyFile {
-    pem: Vec<u8>,
-    public: [u8; 32],
-}
-
-fn key_file(name: &str) -> KeyFile {
-    let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
-    let cert = params.self_signed(&key).unwrap();
-    let pem = format!("{}{}", key.serialize_pem(), cert.pem()).into_bytes();
-    let public = *NodeKey::from_pem(&pem).unwrap().public_key();
-    KeyFile { pem, public }
-}
-
-fn ipv4_from(src: [u8; 4], seq: u8) -> Vec<u8> {
-    let mut p = vec![0x45, 0, 0, 21, 0, 0, 0, 0, 64, 17, 0, 0];
-    p.extend_from_slice(&src);
-    p.extend_from_slice(&[10, 9, 0, 2, seq]);
-    p
-}
+use vpn_packet_core::tls::Security;
 
 fn table() -> PrefixTable<u32> {
     let mut t = PrefixTable::new();

@@ -281,12 +281,7 @@ impl Server {
             assert!(self.established());
         }
         // At most one end, and a failure names a known reason.
-        let ends = self
-            .events
-            .iter()
-            .filter(|e| matches!(e, Event::Failed(_) | Event::Closed | Event::Refused { .. }))
-            .count();
-        assert!(ends <= 1, "{:?}", self.events);
+        let ends = ends(&self.events);
         if let Some(failure) = conn.failure() {
             assert!(Failure::REASONS.contains(&failure.reason()), "{failure:?}");
             assert!(!failure.to_string().is_empty());
@@ -314,6 +309,16 @@ impl Server {
         );
         assert_eq!(c.delivered as usize, self.tun.written.len());
     }
+}
+
+/// How many of `events` end the connection (failed, closed, refused): at most one, whatever the input.
+pub fn ends(events: &[Event]) -> usize {
+    let ends = events
+        .iter()
+        .filter(|e| matches!(e, Event::Failed(_) | Event::Closed | Event::Refused { .. }))
+        .count();
+    assert!(ends <= 1, "{events:?}");
+    ends
 }
 
 /// A frame handed out is within its bound, and an offload frame's header is one the segmenter and a
@@ -720,12 +725,7 @@ impl Dial {
             assert!(Failure::REASONS.contains(&failure.reason()), "{failure:?}");
             assert_eq!(self.client.stage(), Stage::Closed);
         }
-        let ends = self
-            .events
-            .iter()
-            .filter(|e| matches!(e, Event::Failed(_) | Event::Closed | Event::Refused { .. }))
-            .count();
-        assert!(ends <= 1, "{:?}", self.events);
+        ends(&self.events);
     }
 
     /// Moves bytes both ways until both are quiet.

@@ -2,7 +2,7 @@
 
 from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, TypeAlias, TypeVar, final
 
 from typing_extensions import Buffer
 
@@ -522,12 +522,13 @@ class TlsConnection:
     @property
     def tls_bytes(self) -> tuple[int, int]: ...
 
-__all__ += ["ReceiveSession"]
+__all__ += ["NO_PEER", "ReceiveSession"]
 
 @final
 class ReceiveSession:
     """One accepted TLS connection of a node's receiver on the native core: one `pump` per readiness event
-    reads, decrypts, judges the hello, decodes, checks sources, writes the TUN and sends the ack."""
+    reads, decrypts, judges the hello, decodes, checks sources, writes the TUN and sends the ack. On a
+    node's TUN path an authenticated session is pumped by a `DataPlane` instead."""
 
     def __new__(
         cls,
@@ -541,14 +542,9 @@ class ReceiveSession:
         read_size: int = 262144,
         refuse: str | None = None,
     ) -> ReceiveSession: ...
-    def pump(
-        self, flush: bool = True
-    ) -> tuple[
-        list[Established | Refused | Failed | Closed] | None,
-        int,
-        int,
-        tuple[int, int, int, int, int, int, int, int, int, int],
-    ]: ...
+    def pump(self, flush: bool = True) -> _PumpResult: ...
+    def take_parked(self) -> _PumpResult: ...
+    def take_counts(self) -> _ReceiveCounts: ...
     def flush(self) -> int: ...
     def take_packets(self) -> list[bytes]: ...
     def set_route(self, table: PrefixTable, indexes: dict[str, int]) -> None: ...
@@ -566,6 +562,10 @@ class ReceiveSession:
     @property
     def acked(self) -> int: ...
     @property
+    def acked_out(self) -> int: ...
+    @property
+    def quiet_for(self) -> float | None: ...
+    @property
     def fatal_errno(self) -> int: ...
     @property
     def unsent(self) -> int: ...
@@ -573,6 +573,36 @@ class ReceiveSession:
     def buffered(self) -> int: ...
     @property
     def key_exchange_group(self) -> str | None: ...
+    @property
+    def on_data_plane(self) -> bool: ...
+
+NO_PEER: Final[int]
+"""A peer index no prefix carries (a session given it drops every packet as spoofed)."""
+
+_ReceiveCounts: TypeAlias = tuple[int, int, int, int, int, int, int, int, int, int, int]
+"""`(frames, payload_bytes, delivered, delivered_bytes, extra_segments, spoofed, unparsable,
+offload_invalid, tun_dropped, tun_refused, batches)`."""
+
+_PumpResult: TypeAlias = tuple[list[Established | Refused | Failed | Closed] | None, int, int, _ReceiveCounts]
+"""`(events, read, unsent, counts)` of `ReceiveSession.pump`."""
+
+__all__ += ["DataPlane"]
+
+@final
+class DataPlane:
+    """The thread that pumps a node's authenticated receive sessions on its TUN path without the
+    interpreter, until one meets something for Python (see `vpn_packet_core::data_plane`)."""
+
+    def __new__(cls, *, ack_delay: float = 0.0005) -> DataPlane: ...
+    def watch(self, session: ReceiveSession, index: int, on_parked: Callable[[], object]) -> None: ...
+    def unwatch(self, session: ReceiveSession) -> None: ...
+    def take_parked(self) -> list[Callable[[], object]]: ...
+    @property
+    def notify_fd(self) -> int: ...
+    def stats(self) -> tuple[int, int, int]: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
 
 __all__ += ["SendSession"]
 

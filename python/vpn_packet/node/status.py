@@ -102,7 +102,9 @@ def tun_metrics(node: TunNode) -> dict[str, Any] | None:
     if tun is None:
         return None
     out = dataclasses.asdict(tun.metrics())
-    target = node.node.receiver.tun_target
+    receiver = node.node.receiver
+    receiver.sync_counts()  # what its data plane's thread wrote meanwhile
+    target = receiver.tun_target
     if target is not None:  # what the receiver wrote to the device natively
         out["packets_written"] += target.packets_written
         out["bytes_written"] += target.bytes_written

@@ -40,6 +40,17 @@ Per connection (the wire messages are drawn in `rust/core/src/handshake.rs` and 
    sink took them. Every frame is counted as delivered or as a drop by reason (`PeerReceiverMetrics`). A
    connection that sends nothing for `idle_timeout` seconds is closed (`idle_closed`; the senders'
    keepalive frames count as something).
+4. **The data plane** (TUN path): once a connection is authenticated and steady (no output waiting, no
+   deferred ack pending, no sink call), its reads move off the event loop to the receiver's `DataPlane`, a
+   Rust thread with its own `epoll` (`rust/core/src/data_plane.rs`): it pumps the same session (the same
+   call as `readable`, with the GIL never taken), writes the acks `tuning.ACK_DELAY` later, and hands the
+   connection back to the loop (`_Pump.parked`) at anything that is not steady work: a lifecycle event, the
+   end of the stream, a reset, a socket error, a TUN gone, acks the socket would not take. So a packet
+   from a peer reaches the TUN without an iteration of the loop or a line of Python. The thread counts
+   natively; the counters here catch up when someone looks (`sync_counts`: `metrics`, `peer_metrics`,
+   `frames_from`, a status snapshot) and when the connection is handed back or ends. A reload that changes
+   the routing table in place applies to the thread at once (the table is shared); one that replaces it
+   is given to the connections on the thread by `peers_changed`.
 
 Connection slots are held only by authenticated connections: at most `max_connections` in all (beyond: the
 new one is refused, `too_many_connections`), and `max_connections_per_peer` per peer, where a new
@@ -81,7 +92,9 @@ from typing import ClassVar, Final
 
 from vpn_packet import tuning
 from vpn_packet._native import (
+    NO_PEER,
     Closed,
+    DataPlane,
     Established,
     Failed,
     ReceiveSession,
@@ -112,6 +125,13 @@ _DEFER_ACCEPT = 1
 _LOOK_BEFORE_EVICTING = 4
 #: Seconds to stop accepting after an accept() error with nothing to shed (asyncio's servers wait 1 s).
 _ACCEPT_RETRY_DELAY = 0.5
+
+Counts = tuple[int, int, int, int, int, int, int, int, int, int, int]
+"""What a native pump counted (`ReceiveSession.pump`, `take_counts`): `(frames, payload_bytes, delivered,
+delivered_bytes, extra_segments, spoofed, unparsable, offload_invalid, tun_dropped, tun_refused, batches)`."""
+
+PumpResult = tuple[list[Established | Refused | Failed | Closed] | None, int, int, Counts]
+"""`(events, read, unsent, counts)` of one native pump (see `ReceiveSession.pump`)."""
 
 Sink = Callable[[str, list[bytes]], Awaitable[None] | None]
 """`sink(peer_id, packets)`: takes a batch of accepted packets; may return an awaitable (awaited)."""
@@ -341,20 +361,89 @@ class _Pump:
         )
         self._sink_task: asyncio.Task[None] | None = None
         self._ack_handle: asyncio.TimerHandle | None = None  # the deferred write of the output (the acks)
+        self._on_plane = False  # pumped by the receiver's data plane, not by this loop (`_place`)
         self.reset = False  # how the socket ends (`finish`)
         self._watch(True)
 
     def _watch(self, reading: bool) -> None:
+        """Reads on this loop (`reading`), or not at all; `_place` moves a steady connection's reads to the
+        data plane, and this takes them back."""
         if reading and not self._reading and not self.done.done():
             self._loop.add_reader(self._fd, self.readable)
         elif not reading and self._reading:
-            self._loop.remove_reader(self._fd)
+            if self._on_plane:
+                self._on_plane = False
+                self.receiver._leave_plane(self)
+            else:
+                self._loop.remove_reader(self._fd)
         self._reading = reading and not self.done.done()
+
+    def _place(self) -> None:
+        """Hands the reads to the receiver's data plane once the connection is steady: authenticated, on the
+        TUN path, read on this loop, no output waiting and no deferred ack pending. From then on its thread
+        pumps the session (read, decrypt, check, TUN write, ack) and no callback runs here per read, until
+        it meets something for Python (`_parked`)."""
+        if (
+            self._reading
+            and not self._on_plane
+            and not self._writing
+            and self._ack_handle is None
+            and self.peer is not None
+            and self.target is not None
+            and self._sink_task is None
+            and not self.done.done()
+            and not self.conn.session.fatal_errno
+        ):
+            self._loop.remove_reader(self._fd)
+            self._on_plane = True
+            if not self.receiver._enter_plane(self):
+                self._on_plane = False
+                self._loop.add_reader(self._fd, self.readable)
+
+    def parked(self) -> None:
+        """The data plane handed the connection back: what its thread met (an event, the end, an error, output
+        the socket would not take) is handled as `readable` handles a pump's answer; the reads stay on this
+        loop until the connection is steady again (`_place`)."""
+        self._on_plane = False
+        self._reading = False
+        self.receiver._plane_pumps.pop(self, None)
+        if self.done.done():
+            return
+        self._watch(True)
+        try:
+            result = self.conn.session.take_parked()
+        except OSError as exc:
+            self._socket_failed(exc)
+            return
+        self._pumped(result, defer=True)
+
+    def sync(self) -> None:
+        """Counts what the data plane's thread did since the last look (it counts natively, not here)."""
+        peer = self.peer
+        if peer is not None:
+            session = self.conn.session
+            counts = session.take_counts()
+            if counts[0]:
+                self.receiver._count_pump(peer, counts, self.target, session.fatal_errno)
+                quiet = session.quiet_for or 0.0
+                peer.last_packet = time.monotonic() - quiet
+
+    def check_routes(self) -> bool:
+        """A reload that replaced the routing table: the session is given the new one (False: the peer is
+        gone, and the connection with it)."""
+        receiver, conn = self.receiver, self.conn
+        discovery = receiver.discovery
+        if discovery.generation != self._generation:
+            self._generation = discovery.generation
+            if conn.peer_id is not None and conn.peer_id not in discovery:
+                conn.closed_because = "peer removed"
+                self.finish(False)
+                return False
+            conn.session.set_route(discovery.table, receiver._peer_indexes())
+        return True
 
     def _want_write(self, unsent: int) -> None:
         """After every write of the session's output: watch for room while some waits."""
-        if not unsent:  # every ack written so far has left
-            self._acked_out = self.conn.session.acked
         if unsent and not self._writing and not self.done.done():
             self._loop.add_writer(self._fd, self._writable)
             self._writing = True
@@ -379,30 +468,32 @@ class _Pump:
         unsent = self._flush()
         if unsent == 0 and self._sink_task is None and not self.done.done():
             self._watch(True)
+            self._place()
 
     def readable(self) -> None:
         """One readiness event: one native call, then the lifecycle it reports."""
-        if self.done.done():
+        if self.done.done() or not self.check_routes():
             return
-        receiver, conn = self.receiver, self.conn
-        session = conn.session
-        discovery = receiver.discovery
-        if discovery.generation != self._generation:  # a reload: the new table and indexes
-            self._generation = discovery.generation
-            if conn.peer_id is not None and conn.peer_id not in discovery:
-                conn.closed_because = "peer removed"
-                self.finish(False)
-                return
-            session.set_route(discovery.table, receiver._peer_indexes())
         # On the TUN path of an established connection the output (the ack) is written after what the loop
         # found ready meanwhile (`_ack_soon`): the reply the delivered packets provoke leaves first.
         defer = self.target is not None and self.peer is not None
         try:
-            events, read, unsent, counts = session.pump(not defer)
+            result = self.conn.session.pump(not defer)
         except OSError as exc:
             self._socket_failed(exc)
             return
+        self._pumped(result, defer)
+        self._place()
+
+    def _pumped(self, result: PumpResult, defer: bool) -> None:
+        """What one native pump (on this loop or the data plane's thread) reported: its lifecycle events,
+        counts, packets for a sink, the output it left, the end of the stream."""
+        receiver, conn = self.receiver, self.conn
+        session = conn.session
+        events, read, unsent, counts = result
         if read < -1:  # the sender reset the connection: what waits behind the reset is counted lost there
+            if counts[0] and self.peer is not None:  # what the data plane's reads before it delivered
+                receiver._count_pump(self.peer, counts, self.target, session.fatal_errno)
             self._reset_by_sender(-2 - read)
             return
         if events is not None:
@@ -452,6 +543,7 @@ class _Pump:
         self._ack_handle = None
         if not self.done.done():
             self._flush()
+            self._place()
 
     async def _after_sink(self, pending: Awaitable[None], eof: bool) -> None:
         try:
@@ -476,6 +568,7 @@ class _Pump:
             self._end_of_stream()
         elif unsent <= _MAX_UNSENT:
             self._watch(True)
+            self._place()
 
     def _end_of_stream(self) -> None:
         if self.peer is not None and self.conn.session.buffered:
@@ -569,20 +662,20 @@ class _Pump:
         reset (default: when the end is not clean), so that the sender discards what it sent and we did not
         acknowledge; a protocol error has acknowledged all it took, and its end is a plain close, so that
         the last ack reaches the sender. Acks still deferred (`_ack_soon`) leave first on a plain close."""
+        self._watch(False)  # off the data plane first: from here only this loop touches the session
         if not self.done.done():
+            self.sync()
             self.reset = not clean if reset is None else reset
             if self._ack_handle is not None:
                 self._ack_handle.cancel()
                 self._ack_handle = None
             if not self.reset:  # a plain close: the last ack (queued by the core) goes out first
                 with contextlib.suppress(OSError):
-                    if not self.conn.session.flush():
-                        self._acked_out = self.conn.session.acked
+                    self.conn.session.flush()
             if not clean:
                 self._count_unacknowledged(self.peer, self.conn.session.frames)
         self._cancel_hello_timer()
         self._cancel_idle()
-        self._watch(False)
         if self._writing:
             self._loop.remove_writer(self._fd)
             self._writing = False
@@ -600,6 +693,9 @@ class _Pump:
     def _check_idle(self) -> None:
         self._idle_timer = None
         receiver = self.receiver
+        quiet = self.conn.session.quiet_for  # reads on the data plane's thread count too
+        if quiet is not None:
+            self._last_data = max(self._last_data, self._loop.time() - quiet)
         deadline = self._last_data + receiver.idle_timeout
         if self._sink_task is not None or self._loop.time() < deadline:
             self._arm_idle(max(deadline, self._loop.time() + receiver.idle_timeout / 4))
@@ -621,16 +717,13 @@ class _Pump:
         if self._sink_task is not None:
             self._sink_task.cancel()
 
-    #: Frames whose ack the kernel has taken (the connection's cumulative count at the last ack that left).
-    _acked_out: int = 0
-
     def _count_unacknowledged(self, peer: PeerReceiverMetrics | None, taken: int) -> None:
-        """The connection broke: the frames taken whose ack never left are counted (`unacknowledged`)."""
-        n = taken - self._acked_out
+        """The connection broke: the frames taken whose ack never left (the kernel took acks up to
+        `acked_out`) are counted (`unacknowledged`)."""
+        n = taken - self.conn.session.acked_out
         if peer is not None and n > 0:
             peer.unacknowledged += n
             self.receiver._totals.unacknowledged += n
-        self._acked_out = taken
 
 
 class Receiver:
@@ -732,6 +825,10 @@ class Receiver:
         # Set before `start()` by a node on a TUN: packets then go from socket to TUN in one native call per
         # read, without the sink (see `_Pump`).
         self.tun_target: TunTarget | None = None
+        # The thread that pumps the steady connections of the TUN path (`_Pump._place`), made at the first,
+        # and the pumps it drives (insertion-ordered).
+        self._plane: DataPlane | None = None
+        self._plane_pumps: dict[_Pump, None] = {}
         self._peer_entered = asyncio.Event()  # set when a peer authenticates (`wait_connected`)
         # Called with the peer id of every authenticated connection (a node's keeper connects back at once).
         self.on_authenticated: Callable[[str], object] | None = None
@@ -819,6 +916,7 @@ class Receiver:
                 _log.warning(
                     "receiver stop: %d connection tasks did not finish in %gs", len(pending), timeout
                 )
+        self._close_plane()
         self._heap.cancel()
 
     async def __aenter__(self) -> Receiver:
@@ -848,19 +946,82 @@ class Receiver:
 
     def metrics(self) -> ReceiverMetrics:
         """A snapshot of the totals."""
+        self.sync_counts()
         snapshot = self._totals._copy()
         snapshot.pending = len(self._admission)
         return snapshot
 
     def peer_metrics(self) -> dict[str, PeerReceiverMetrics]:
         """A snapshot of the counters of every peer that has had an authenticated connection."""
+        self.sync_counts()
         return {peer_id: m._copy() for peer_id, m in self._per_peer.items()}
 
     def frames_from(self, peer_id: str) -> int:
         """Packets received from `peer_id` so far (keepalives are not frames): O(1), for the keeper's use
         rule, which reads it every second for the peers with a connection."""
+        for conn in self._by_peer.get(peer_id, {}).values():
+            if conn.pump._on_plane:
+                conn.pump.sync()
         peer = self._per_peer.get(peer_id)
         return peer.frames if peer is not None else 0
+
+    def sync_counts(self) -> None:
+        """Brings the counters (and `tun_target`'s) up to date with what the data plane's thread did: it
+        counts natively, and they are read here, when someone looks."""
+        for pump in self._plane_pumps:
+            pump.sync()
+
+    # --- the data plane -------------------------------------------------------------------------------
+
+    def _enter_plane(self, pump: _Pump) -> bool:
+        """Hands `pump`'s session to the data plane (started at the first); False if the plane cannot take
+        it (the pump then goes on reading on the loop)."""
+        plane = self._plane
+        if plane is None:
+            try:
+                plane = DataPlane(ack_delay=tuning.ACK_DELAY)
+            except OSError as exc:  # no thread or descriptors to be had: the loop pumps, as before
+                self._warn.warning(
+                    ("plane",), "receiver: no data plane (%s); reads stay on the event loop", exc
+                )
+                return False
+            self._plane = plane
+            asyncio.get_running_loop().add_reader(plane.notify_fd, self._on_parked)
+        conn = pump.conn
+        index = self._peer_indexes().get(conn.peer_id or "", NO_PEER)
+        try:
+            plane.watch(conn.session, index, pump.parked)
+        except OSError as exc:
+            self._warn.warning(("plane",), "receiver: the data plane cannot watch a connection (%s)", exc)
+            return False
+        self._plane_pumps[pump] = None
+        return True
+
+    def _leave_plane(self, pump: _Pump) -> None:
+        """Takes `pump`'s session back from the data plane (no call of its thread touches it after this),
+        its counts brought up to date."""
+        if self._plane is not None:
+            self._plane.unwatch(pump.conn.session)
+        self._plane_pumps.pop(pump, None)
+        pump.sync()
+
+    def _on_parked(self) -> None:
+        """The data plane handed sessions back: each pump handles what its thread met."""
+        plane = self._plane
+        if plane is None:
+            return
+        for on_parked in plane.take_parked():
+            try:
+                on_parked()
+            except Exception:  # one connection's failure must not stop the others' hand-back
+                _log.exception("receiver: handling a connection the data plane handed back failed")
+
+    def _close_plane(self) -> None:
+        plane, self._plane = self._plane, None
+        if plane is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to remove
+                asyncio.get_running_loop().remove_reader(plane.notify_fd)
+            plane.close()
 
     async def wait_connected(self, peer_ids: Collection[str], timeout: float) -> bool:  # noqa: ASYNC109 - a bound
         """Wait (at most `timeout` seconds) until every peer of `peer_ids` has an authenticated connection to
@@ -911,6 +1072,10 @@ class Receiver:
         made = self._native_tls
         if made is not None and made[2].mode != "key":
             made[2].update_ids(list(added), list(removed))
+        # An update that compacted the table replaced it (its generation moved): the connections on the data
+        # plane get the new one now (those on the loop look at their next read).
+        for pump in list(self._plane_pumps):
+            pump.check_routes()
 
     def close_peer(self, peer_id: str, because: str = "reloaded") -> int:
         """Reset every authenticated connection of `peer_id` now (a reload removed it or changed its key);
@@ -1292,7 +1457,7 @@ class Receiver:
     def _count_pump(
         self,
         peer: PeerReceiverMetrics,
-        counts: tuple[int, int, int, int, int, int, int, int, int, int],
+        counts: Counts,
         target: TunTarget | None,
         fatal_errno: int,
     ) -> None:
@@ -1309,6 +1474,7 @@ class Receiver:
             offload_invalid,
             tun_dropped,
             tun_refused,
+            batches,
         ) = counts
         count = self._count
         count(peer, "frames", frames)
@@ -1324,7 +1490,7 @@ class Receiver:
         if target is not None:
             if delivered:
                 count(peer, "packets_delivered", delivered)
-                count(peer, "batches_delivered", 1)
+                count(peer, "batches_delivered", batches)
                 target.packets_written += delivered
                 target.bytes_written += written
             if fatal_errno and target.on_fatal is not None:

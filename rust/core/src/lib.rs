@@ -28,6 +28,7 @@ pub use framing::{encode_frames, encode_frames_into, FrameDecoder, FrameKind, Fr
 pub use handshake::{Answer, HandshakeError, Hello, Parsed};
 pub use prefix::{check_source, parse_prefix, source_address, PrefixError, PrefixTable, SourceCheck};
 
+pub mod data_plane;
 pub mod ledger;
 pub mod queues;
 pub mod receive;

@@ -11,8 +11,11 @@
 //! What waits is bounded by the connection's own bounds (acks, a handshake answer, an alert).
 
 use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::connection::{Connection, Event};
+use crate::data_plane::{Source, Step};
 use crate::framing::FrameKind;
 use crate::inbound::{Inbound, InboundCounts, TunWrite};
 use crate::prefix::PrefixTable;
@@ -234,6 +237,233 @@ impl ReceiveSession {
     /// Output bytes not written yet.
     pub fn unsent(&self) -> usize {
         self.conn.output().len()
+    }
+}
+
+/// A routing table shared by a receiver's sessions and the thread that drives them: changed in place by a
+/// reload (`StaticPeerDiscovery.update`), read once per socket read.
+pub type SharedTable = Arc<RwLock<PrefixTable<u32>>>;
+
+/// What a receive path did, cumulatively: the connection's frames and their payload bytes, the inbound
+/// counts, and the reads that delivered packets (`batches`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveTally {
+    pub frames: u64,
+    pub frame_bytes: u64,
+    pub inbound: InboundCounts,
+    pub batches: u64,
+}
+
+impl ReceiveTally {
+    /// What `self` added since `before`.
+    pub fn since(&self, before: &ReceiveTally) -> ReceiveTally {
+        let (a, b) = (&self.inbound, &before.inbound);
+        ReceiveTally {
+            frames: self.frames - before.frames,
+            frame_bytes: self.frame_bytes - before.frame_bytes,
+            inbound: InboundCounts {
+                delivered: a.delivered - b.delivered,
+                delivered_bytes: a.delivered_bytes - b.delivered_bytes,
+                spoofed: a.spoofed - b.spoofed,
+                unparsable: a.unparsable - b.unparsable,
+                offload_invalid: a.offload_invalid - b.offload_invalid,
+                segmented: a.segmented - b.segmented,
+                extra_segments: a.extra_segments - b.extra_segments,
+                write_dropped: a.write_dropped - b.write_dropped,
+                write_errors: a.write_errors - b.write_errors,
+                fatal_errno: a.fatal_errno,
+            },
+            batches: self.batches - before.batches,
+        }
+    }
+}
+
+/// What a read on the data plane's thread met that is not steady work, kept for Python
+/// ([`Driven::take_parked`]): the read and its lifecycle events, or the socket's error.
+pub type Parked = Result<(Read, Vec<Event>), SocketError>;
+
+/// One receive session with everything it needs to be pumped by itself: its socket, where its packets
+/// go, the routing table and the peer's index in it. Driven by Python's loop ([`Driven::pump`]) until its
+/// connection is authenticated, then, on a node's TUN path, by the data plane's thread (its [`Source`]
+/// impl, while `watched`). Counters are cumulative; [`Driven::take_counts`] gives what was added since the
+/// last call, whoever pumped.
+#[derive(Debug)]
+pub struct Driven<T> {
+    pub session: ReceiveSession,
+    pub target: T,
+    pub sock: RawFd,
+    pub routes: SharedTable,
+    /// The peer's index in `routes` (set by Python when it hands the session over, and at a reroute).
+    pub index: u32,
+    /// Driven by the data plane's thread now.
+    pub watched: bool,
+    /// How long acks wait on the thread (see `tuning.ACK_DELAY`).
+    pub ack_delay: Duration,
+    ack_due: bool,
+    parked: Option<Parked>,
+    batches: u64,
+    taken: ReceiveTally,
+    last_data: Option<Instant>,
+    acked_out: u64,
+}
+
+impl<T: TunWrite> Driven<T> {
+    /// A session to be pumped on `sock`, its packets to `target`.
+    pub fn new(session: ReceiveSession, target: T, sock: RawFd, routes: SharedTable) -> Self {
+        Driven {
+            session,
+            target,
+            sock,
+            routes,
+            index: NO_PEER,
+            watched: false,
+            ack_delay: Duration::ZERO,
+            ack_due: false,
+            parked: None,
+            batches: 0,
+            taken: ReceiveTally::default(),
+            last_data: None,
+            acked_out: 0,
+        }
+    }
+
+    /// Hands the session to the data plane's thread: `index` is its peer's value in `routes`, acks wait
+    /// `ack_delay` there.
+    pub fn hand_over(&mut self, index: u32, ack_delay: Duration) {
+        self.index = index;
+        self.ack_delay = ack_delay;
+        self.ack_due = false; // a deadline of an earlier turn on the thread was forgotten with its token
+        self.watched = true;
+    }
+
+    /// One readiness event ([`ReceiveSession::pump`]) against the current routes.
+    pub fn pump(
+        &mut self,
+        index_of: impl Fn(&str) -> u32,
+        flush: bool,
+    ) -> Result<(Read, Vec<Event>), SocketError> {
+        let delivered = self.session.counts().delivered;
+        let routes = Arc::clone(&self.routes);
+        let table = routes.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let result = self
+            .session
+            .pump(self.sock, &table, index_of, &mut self.target, flush);
+        drop(table);
+        if self.session.counts().delivered != delivered {
+            self.batches += 1;
+        }
+        if let Ok((Read::Data(_), _)) = result {
+            self.last_data = Some(Instant::now());
+        }
+        if flush && result.is_ok() {
+            self.note_output();
+        }
+        result
+    }
+
+    /// Writes what output the socket takes; returns the bytes still waiting.
+    pub fn flush(&mut self) -> Result<usize, SocketError> {
+        let unsent = self.session.flush(self.sock)?;
+        self.note_output();
+        Ok(unsent)
+    }
+
+    fn note_output(&mut self) {
+        if self.session.unsent() == 0 {
+            self.acked_out = self.session.connection().counts().acked;
+        }
+    }
+
+    /// Frames whose ack the kernel has taken: the count of the last ack written whole.
+    pub fn acked_out(&self) -> u64 {
+        self.acked_out
+    }
+
+    /// When the last bytes were read.
+    pub fn last_data(&self) -> Option<Instant> {
+        self.last_data
+    }
+
+    /// Everything counted so far.
+    pub fn tally(&self) -> ReceiveTally {
+        let conn = self.session.connection().counts();
+        ReceiveTally {
+            frames: conn.frames,
+            frame_bytes: conn.frame_bytes,
+            inbound: *self.session.counts(),
+            batches: self.batches,
+        }
+    }
+
+    /// What was counted since the last call.
+    pub fn take_counts(&mut self) -> ReceiveTally {
+        let now = self.tally();
+        let added = now.since(&self.taken);
+        self.taken = now;
+        added
+    }
+
+    /// What the thread met when it parked the session (None: it was not parked, or this was taken).
+    pub fn take_parked(&mut self) -> Option<Parked> {
+        self.parked.take()
+    }
+
+    fn park(&mut self, why: Parked) -> Step {
+        self.parked = Some(why);
+        self.watched = false;
+        Step::Park
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// On the data plane's thread: reads are pumped with the acks deferred by `ack_delay` (so that the reply a
+/// delivered packet provokes leaves first, and the acks of the reads meanwhile go as one write); anything
+/// but data (a lifecycle event, the end, a reset, an error, a TUN gone, output the socket would not take)
+/// parks the session for Python.
+impl<T: TunWrite + Send> Source for Mutex<Driven<T>> {
+    fn fd(&self) -> RawFd {
+        lock(self).sock
+    }
+
+    fn readable(&self) -> Step {
+        let mut s = lock(self);
+        if !s.watched {
+            return Step::Idle;
+        }
+        let index = s.index;
+        let result = s.pump(|_| index, false);
+        let steady = match &result {
+            Ok((read, events)) => {
+                events.is_empty()
+                    && matches!(read, Read::Data(_) | Read::WouldBlock)
+                    && s.session.counts().fatal_errno == 0
+            }
+            Err(_) => false,
+        };
+        if !steady {
+            return s.park(result);
+        }
+        if s.session.unsent() > 0 && !s.ack_due {
+            s.ack_due = true;
+            return Step::Due(s.ack_delay);
+        }
+        Step::Idle
+    }
+
+    fn due(&self) -> Step {
+        let mut s = lock(self);
+        s.ack_due = false;
+        if !s.watched {
+            return Step::Idle;
+        }
+        match s.flush() {
+            Ok(0) => Step::Idle,
+            Ok(_) => s.park(Ok((Read::WouldBlock, Vec::new()))),
+            Err(err) => s.park(Err(err)),
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod ack;
 mod buffer;
 mod capture;
 mod connection;
+mod data_plane;
 mod ed25519;
 mod errors;
 mod framing;
@@ -44,6 +45,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tun_io::register(m)?;
     connection::register(m)?;
     receive::register(m)?;
+    data_plane::register(m)?;
     send::register(m)?;
     Ok(())
 }

@@ -1,11 +1,13 @@
 //! Longest-prefix match and the anti-spoofing source filter for Python: `PrefixTable`, `filter_sources`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{RwLockReadGuard, RwLockWriteGuard};
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 use vpn_packet_core::prefix::{check_source, parse_prefix, PrefixTable as CoreTable, SourceCheck};
+use vpn_packet_core::receive::SharedTable;
 
 use crate::buffer::with_bytes;
 use crate::errors::no_panic;
@@ -35,10 +37,25 @@ fn address(ip: &Bound<'_, PyAny>) -> PyResult<IpAddr> {
 /// A longest-prefix-match table from IPv4/IPv6 prefixes to non-negative integers (peer indexes).
 ///
 /// IPv4 and IPv6 are separate: an IPv4-mapped IPv6 address matches IPv6 prefixes only.
+///
+/// The table is shared (not copied) with the receive sessions that check sources against it, on the data
+/// plane's thread too: a change here (a reload's `StaticPeerDiscovery.update`) applies to them at once.
 #[pyclass(module = "vpn_packet._native", name = "PrefixTable")]
 #[derive(Default)]
 pub struct PrefixTable {
-    pub inner: CoreTable<u32>,
+    pub inner: SharedTable,
+}
+
+impl PrefixTable {
+    fn read(&self) -> RwLockReadGuard<'_, CoreTable<u32>> {
+        self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, CoreTable<u32>> {
+        self.inner
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 #[pymethods]
@@ -56,9 +73,9 @@ impl PrefixTable {
             let err = |e: vpn_packet_core::PrefixError| PyValueError::new_err(format!("{prefix}: {e}"));
             let (network, len) = parse_prefix(prefix).map_err(err)?;
             if strict {
-                self.inner.insert(network, len, value).map_err(err)
+                self.write().insert(network, len, value).map_err(err)
             } else {
-                self.inner.insert_masked(network, len, value).map_err(err)
+                self.write().insert_masked(network, len, value).map_err(err)
             }
         })
     }
@@ -67,26 +84,26 @@ impl PrefixTable {
     fn remove(&mut self, prefix: &str) -> PyResult<Option<u32>> {
         no_panic(|| {
             let (network, len) = parse_prefix(prefix).map_err(|e| PyValueError::new_err(e.to_string()))?;
-            Ok(self.inner.remove(network, len))
+            Ok(self.write().remove(network, len))
         })
     }
 
     /// The value of the longest prefix containing `ip` (text, or 4/16 packed bytes), or `None`.
     fn lookup(&self, ip: &Bound<'_, PyAny>) -> PyResult<Option<u32>> {
-        no_panic(|| Ok(self.inner.lookup(address(ip)?)))
+        no_panic(|| Ok(self.read().lookup(address(ip)?)))
     }
 
     /// The prefix length and value of the longest prefix containing `ip`, or `None`.
     fn lookup_prefix(&self, ip: &Bound<'_, PyAny>) -> PyResult<Option<(u8, u32)>> {
-        no_panic(|| Ok(self.inner.lookup_prefix(address(ip)?)))
+        no_panic(|| Ok(self.read().lookup_prefix(address(ip)?)))
     }
 
     fn __len__(&self) -> usize {
-        self.inner.len()
+        self.read().len()
     }
 
     fn __repr__(&self) -> String {
-        format!("PrefixTable(<{} prefixes>)", self.inner.len())
+        format!("PrefixTable(<{} prefixes>)", self.read().len())
     }
 }
 
@@ -103,9 +120,10 @@ pub fn filter_sources<'py>(
 ) -> PyResult<(Bound<'py, PyList>, u64, u64)> {
     no_panic(|| {
         let accepted = PyList::empty(py);
+        let table = table.read();
         let (mut spoofed, mut unparsable) = (0u64, 0u64);
         for_each_item(packets, |item| {
-            match with_bytes(item, |bytes| check_source(&table.inner, bytes, peer))? {
+            match with_bytes(item, |bytes| check_source(&table, bytes, peer))? {
                 SourceCheck::Accepted => accepted.append(item)?,
                 SourceCheck::Spoofed => spoofed += 1,
                 SourceCheck::Unparsable => unparsable += 1,

@@ -206,7 +206,7 @@ def filter_sources(packets: Iterable[_P], table: PrefixTable, peer: int) -> tupl
 
 # --- TUN I/O with the GIL released (rust/python/src/tun_io.rs, rust/core/src/inbound.rs) ---
 
-__all__ += ["TUN_FATAL_ERRNOS", "TunIo"]
+__all__ += ["TUN_FATAL_ERRNOS", "TunFeed", "TunIo"]
 
 TUN_FATAL_ERRNOS: Final[tuple[int, ...]]  # errnos after which a TUN descriptor cannot work again
 
@@ -230,6 +230,30 @@ class TunIo:
     def write_packets(self, packets: Iterable[Buffer]) -> tuple[int, int, int, int, int]:
         """`(written, bytes, refused, dropped, fatal_errno)`; the batch stops at the first packet the device
         has no room for, or at a fatal error, and `dropped` counts the rest."""
+
+@final
+class TunFeed:
+    """A TUN descriptor's reads on a `DataPlane`'s thread, into a dispatcher's queues (see
+    `DataPlane.watch_tun`)."""
+
+    def __new__(
+        cls,
+        fd: int,
+        queues: DestinationQueues,
+        *,
+        vnet_header: bool = False,
+        packet_size: int = 65545,
+        max_packets: int = 1024,
+        max_bytes: int = 4194304,
+    ) -> TunFeed: ...
+    def take_parked(
+        self, accepting: bool
+    ) -> tuple[_Pushed | None, int, int, int, list[tuple[Callable[[int], object], int]]]:
+        """`(pushed, packets, bytes, errno, blocked)`: what the thread left when it handed the feed back."""
+    def take_stats(self) -> tuple[int, int, int, int]:
+        """`(events, packets, bytes, max_batch)` of the reads the thread pushed itself since the last call."""
+    @property
+    def on_data_plane(self) -> bool: ...
 
 # --- the connection handshake (rust/core/src/handshake.rs draws the messages) ---
 
@@ -382,6 +406,8 @@ class DestinationQueues:
     def has_fast(self, key: str) -> bool: ...
     @property
     def fast_totals(self) -> FastCounters: ...
+    @property
+    def accepted_off_loop(self) -> int: ...
     def __len__(self) -> int: ...
     def __contains__(self, key: str, /) -> bool: ...
 
@@ -596,6 +622,8 @@ class DataPlane:
     def __new__(cls, *, ack_delay: float = 0.0005) -> DataPlane: ...
     def watch(self, session: ReceiveSession, index: int, on_parked: Callable[[], object]) -> None: ...
     def unwatch(self, session: ReceiveSession) -> None: ...
+    def watch_tun(self, feed: TunFeed, on_parked: Callable[[], object]) -> None: ...
+    def unwatch_tun(self, feed: TunFeed) -> None: ...
     def take_parked(self) -> list[Callable[[], object]]: ...
     @property
     def notify_fd(self) -> int: ...

@@ -44,7 +44,16 @@ from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from vpn_packet import tuning
-from vpn_packet._native import PUSH_FULL, PUSH_INVALID, PUSH_PRESSURE, PUSH_READY, PUSH_UNKNOWN, TunIo
+from vpn_packet._native import (
+    PUSH_FULL,
+    PUSH_INVALID,
+    PUSH_PRESSURE,
+    PUSH_READY,
+    PUSH_UNKNOWN,
+    DestinationQueues,
+    TunFeed,
+    TunIo,
+)
 from vpn_packet.api import PeerDiscovery, StreamPoolService, StreamService
 from vpn_packet.errors import (
     DispatcherStoppedError,
@@ -536,6 +545,34 @@ class Dispatcher:
             self._read_path = False
         return n, nbytes, error
 
+    @property
+    def native_queues(self) -> DestinationQueues:
+        """The per-destination native queues (for a data plane's `TunFeed`, which pushes reads into them
+        from its thread when every packet is for an established destination on the fast path)."""
+        return self._queues
+
+    def dispatch_parked(self, feed: TunFeed) -> tuple[int, int, int]:
+        """A read the data plane's thread handed back (`TunFeed.take_parked`), admitted as `dispatch_tun`
+        admits one: pushed now unless the thread pushed it (then its result is admitted), the `on_blocked`
+        calls its fast writes owe made, a stopped dispatcher's packets counted rejected. Returns
+        `(packets, bytes, errno)`."""
+        pushed, n, nbytes, error, blocked = feed.take_parked(self._accepting)
+        if pushed is None:
+            if n:
+                self._reject_not_running(n)
+        else:
+            self._read_path = True
+            try:
+                self._admit(pushed)
+            finally:
+                self._read_path = False
+        for on_blocked, unsent in blocked:
+            try:
+                on_blocked(unsent)
+            except Exception:  # reported, not raised: the packets are counted either way
+                _log.exception("dispatcher: a fast route's on_blocked failed")
+        return n, nbytes, error
+
     def _admit(self, pushed: tuple[int, list[str], list[tuple[str, str, int, int]] | None, bool]) -> int:
         """The Python half of a batch push: per key, never per packet. Returns how many packets were accepted.
 
@@ -756,7 +793,7 @@ class Dispatcher:
             state=self._state.value,
             workers=len(self._workers),
             busy_workers=ctx.busy,
-            accepted=self._accepted,
+            accepted=self._accepted + self._queues.accepted_off_loop,
             sent=ctx.sent + fast_sent,
             failed=sum(failed_by_reason.values()),
             discarded=sum(ctx.discarded.values()),

@@ -105,8 +105,7 @@ async def test_a_steady_connection_is_read_by_the_data_plane_not_the_loop(
         first = [pkt("10.8.0.2", i) for i in range(10)]
         assert await asyncio.to_thread(client.send, first) == 10
         conn = await on_plane(rx)
-        plane = rx._plane
-        assert plane is not None
+        plane = rx.plane
         loop_calls, (_, events_before, _) = pumped[0], plane.stats()
         rest = [pkt("10.8.0.2", 10 + i) for i in range(300)]
         for start in range(0, len(rest), 30):  # ten reads at least, each acknowledged before the next
@@ -125,7 +124,7 @@ async def test_a_steady_connection_is_read_by_the_data_plane_not_the_loop(
         assert plane.stats()[2] == 1
         totals = rx.metrics()
         assert (totals.unacknowledged, totals.connection_errors) == (0, 0)
-    assert rx._plane is None  # stopped with the receiver
+    assert not rx.plane.running  # stopped with the receiver
 
 
 async def test_drops_on_the_data_plane_are_counted_by_reason(tmp_path: Path) -> None:
@@ -167,8 +166,7 @@ async def test_a_reset_by_the_sender_is_handed_back_and_counted(tmp_path: Path) 
         await on_plane(rx)
         await asyncio.to_thread(client.reset)
         await wait_until(lambda: not rx._connections)
-        assert rx._plane is not None
-        assert rx._plane.stats()[2] == 1
+        assert rx.plane.stats()[2] == 1
         peer = rx.peer_metrics()["node-a"]
         assert (peer.frames, peer.packets_delivered) == (5, 5)
         assert len(tun.written) == 5
@@ -179,10 +177,9 @@ async def test_stop_takes_connections_back_from_the_thread(tmp_path: Path) -> No
         client = await asyncio.to_thread(Client, security, rx.address)
         assert await asyncio.to_thread(client.send, [pkt("10.8.0.2", i) for i in range(3)]) == 3
         await on_plane(rx)
-        plane = rx._plane
-        assert plane is not None
+        plane = rx.plane
         await rx.stop()
-        assert plane.closed
+        assert not plane.running
         assert plane.stats() == (0, 0, 0)
         assert not rx._connections
         assert rx.metrics().unacknowledged == 0  # every ack had left: nothing counted lost

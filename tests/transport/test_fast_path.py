@@ -17,17 +17,21 @@ import struct
 from array import array
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from vpn_packet._native import DestinationQueues, TunFeed, TunIo
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.resilience import ResilienceConfig, ResilienceService
 from vpn_packet.testutil.fakes import FakePeerDiscovery, LoopbackEndpoint
+from vpn_packet.testutil.faketun import FakeTun
 from vpn_packet.testutil.fixtures import wait_until
 from vpn_packet.testutil.keys import key_securities
 from vpn_packet.testutil.packets import UDP, ipv4_packet
 from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
 from vpn_packet.transport.handshake import Security
+from vpn_packet.transport.plane import Plane
 from vpn_packet.transport.receiver import Receiver
 from vpn_packet.transport.tcp import TcpStream, TcpStreamService
 
@@ -307,3 +311,66 @@ async def test_close_waits_for_the_fast_paths_packets_to_be_acknowledged(keys: d
         m = lab_.d.check_accounting()
         assert (m.sent, m.failed_by_reason["lost_in_flight"], m.in_flight) == (len(packets), 0, 0)
     assert sink.taken == packets
+
+
+class DispatcherReader:
+    """A `TunReader` into a dispatcher, as a `Node` is one (`Node.take_read`, `plane_queues`,
+    `take_parked`)."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.d = dispatcher
+
+    def take_read(
+        self, io: TunIo, *, vnet_header: bool, max_packets: int, max_bytes: int
+    ) -> tuple[int, int, int]:
+        return self.d.dispatch_tun(io, vnet_header=vnet_header, max_packets=max_packets, max_bytes=max_bytes)
+
+    def plane_queues(self) -> DestinationQueues:
+        return self.d.native_queues
+
+    def take_parked(self, feed: TunFeed) -> tuple[int, int, int]:
+        return self.d.dispatch_parked(feed)
+
+
+async def test_tun_reads_for_an_established_destination_are_written_on_the_data_plane_thread(
+    keys: dict[str, Security], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `TunDevice` read on the data plane's thread: once the destination's worker offered its fast route,
+    the thread pushes each read itself, written into the connection, and the loop admits nothing; the first
+    read (a new destination) and any the fast path cannot take are handed back and go through the worker.
+    Order and "sent = acknowledged" hold across both ways."""
+    sink = CountingSink()
+    packets = [pkt(i, 60 + i % 1300) for i in range(600)]
+    async with lab(keys, sink) as lab_:
+        tun, plane = FakeTun("feed0"), Plane()
+        admitted = [0]
+        admit = lab_.d._admit
+
+        def counting_admit(pushed: Any) -> int:
+            admitted[0] += 1
+            return admit(pushed)
+
+        monkeypatch.setattr(lab_.d, "_admit", counting_admit)
+        try:
+            tun.start_reading(DispatcherReader(lab_.d), plane=plane)
+            tun.inject(packets[:10])  # a new destination: handed back, through the worker
+            async with asyncio.timeout(10):  # a hang guard
+                await wait_until(lambda: bool(lab_.d._workers) and lab_.fast())
+            before = admitted[0]
+            for start in range(10, len(packets), 20):
+                tun.inject(packets[start : start + 20])
+                async with asyncio.timeout(10):
+                    await wait_until(lambda start=start: len(sink.taken) >= min(start + 20, len(packets)))
+            assert sink.taken == packets  # every packet, in order
+            async with asyncio.timeout(10):
+                assert await lab_.d.flush()
+            m = lab_.d.check_accounting()
+            assert (m.accepted, m.sent, m.in_flight, m.failed) == (600, 600, 0, 0)
+            tm = tun.metrics()
+            assert tm.packets_read == 600
+            assert lab_.d.native_queues.accepted_off_loop > 0  # pushed by the thread...
+            assert admitted[0] - before < tm.read_events  # ...with fewer reads admitted on the loop
+        finally:
+            tun.stop_reading()
+            plane.close()
+            tun.close()

@@ -53,7 +53,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from vpn_packet._native import TunIo
+from vpn_packet._native import DestinationQueues, TunFeed, TunIo
 from vpn_packet.deprecation import add_receiver_aliases
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.metrics import DispatcherMetrics
@@ -431,6 +431,15 @@ class Node:
         return self.dispatcher.dispatch_tun(
             io, vnet_header=vnet_header, max_packets=max_packets, max_bytes=max_bytes, write_lone_now=True
         )
+
+    def plane_queues(self) -> DestinationQueues | None:
+        """A `TunReader`: the dispatcher's native queues, which the data plane's thread pushes the reads
+        of established destinations into itself (`TunFeed`)."""
+        return self.dispatcher.native_queues
+
+    def take_parked(self, feed: TunFeed) -> tuple[int, int, int]:
+        """A `TunReader`: a read the data plane's thread handed back, taken as `take_read` takes one."""
+        return self.dispatcher.dispatch_parked(feed)
 
     async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - like Dispatcher.flush
         """Wait until every accepted packet was written to a stream (or failed); False on timeout."""

@@ -226,9 +226,13 @@ class TunNode:
             self._state = "stopped"
             raise
         # Each read straight into the dispatcher's native queues (and, for an established destination,
-        # into its connection), in one native call: no object per packet or read.
+        # into its connection), in one native call: no object per packet or read; on the data plane's
+        # thread while every packet is for an established destination.
         self.tun.start_reading(
-            self.node, max_packets=self.config.tuning.read_batch, on_error=self._on_tun_error
+            self.node,
+            max_packets=self.config.tuning.read_batch,
+            on_error=self._on_tun_error,
+            plane=self.node.receiver.plane,  # one data plane thread for both directions
         )
         self._started_at = time.monotonic()
         self._state = "running"

@@ -94,7 +94,6 @@ from vpn_packet import tuning
 from vpn_packet._native import (
     NO_PEER,
     Closed,
-    DataPlane,
     Established,
     Failed,
     ReceiveSession,
@@ -107,6 +106,7 @@ from vpn_packet.transport.admission import Admission, Ticket
 from vpn_packet.transport.discovery import StaticPeerDiscovery
 from vpn_packet.transport.framing import DEFAULT_MAX_FRAME_SIZE
 from vpn_packet.transport.handshake import Security
+from vpn_packet.transport.plane import Plane
 
 __all__ = ["PACKET_DROPS", "PeerReceiverMetrics", "Receiver", "ReceiverMetrics", "Sink", "TunTarget"]
 
@@ -825,9 +825,9 @@ class Receiver:
         # Set before `start()` by a node on a TUN: packets then go from socket to TUN in one native call per
         # read, without the sink (see `_Pump`).
         self.tun_target: TunTarget | None = None
-        # The thread that pumps the steady connections of the TUN path (`_Pump._place`), made at the first,
-        # and the pumps it drives (insertion-ordered).
-        self._plane: DataPlane | None = None
+        # The thread that pumps the steady connections of the TUN path (`_Pump._place`; a node's TUN reads
+        # share it), and the pumps it drives (insertion-ordered).
+        self.plane = Plane()
         self._plane_pumps: dict[_Pump, None] = {}
         self._peer_entered = asyncio.Event()  # set when a peer authenticates (`wait_connected`)
         # Called with the peer id of every authenticated connection (a node's keeper connects back at once).
@@ -916,7 +916,7 @@ class Receiver:
                 _log.warning(
                     "receiver stop: %d connection tasks did not finish in %gs", len(pending), timeout
                 )
-        self._close_plane()
+        self.plane.close()
         self._heap.cancel()
 
     async def __aenter__(self) -> Receiver:
@@ -974,25 +974,11 @@ class Receiver:
     # --- the data plane -------------------------------------------------------------------------------
 
     def _enter_plane(self, pump: _Pump) -> bool:
-        """Hands `pump`'s session to the data plane (started at the first); False if the plane cannot take
-        it (the pump then goes on reading on the loop)."""
-        plane = self._plane
-        if plane is None:
-            try:
-                plane = DataPlane(ack_delay=tuning.ACK_DELAY)
-            except OSError as exc:  # no thread or descriptors to be had: the loop pumps, as before
-                self._warn.warning(
-                    ("plane",), "receiver: no data plane (%s); reads stay on the event loop", exc
-                )
-                return False
-            self._plane = plane
-            asyncio.get_running_loop().add_reader(plane.notify_fd, self._on_parked)
+        """Hands `pump`'s session to the data plane; False if it cannot take it (the pump then goes on
+        reading on the loop)."""
         conn = pump.conn
         index = self._peer_indexes().get(conn.peer_id or "", NO_PEER)
-        try:
-            plane.watch(conn.session, index, pump.parked)
-        except OSError as exc:
-            self._warn.warning(("plane",), "receiver: the data plane cannot watch a connection (%s)", exc)
+        if not self.plane.watch_receive(conn.session, index, pump.parked):
             return False
         self._plane_pumps[pump] = None
         return True
@@ -1000,28 +986,9 @@ class Receiver:
     def _leave_plane(self, pump: _Pump) -> None:
         """Takes `pump`'s session back from the data plane (no call of its thread touches it after this),
         its counts brought up to date."""
-        if self._plane is not None:
-            self._plane.unwatch(pump.conn.session)
+        self.plane.unwatch_receive(pump.conn.session)
         self._plane_pumps.pop(pump, None)
         pump.sync()
-
-    def _on_parked(self) -> None:
-        """The data plane handed sessions back: each pump handles what its thread met."""
-        plane = self._plane
-        if plane is None:
-            return
-        for on_parked in plane.take_parked():
-            try:
-                on_parked()
-            except Exception:  # one connection's failure must not stop the others' hand-back
-                _log.exception("receiver: handling a connection the data plane handed back failed")
-
-    def _close_plane(self) -> None:
-        plane, self._plane = self._plane, None
-        if plane is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to remove
-                asyncio.get_running_loop().remove_reader(plane.notify_fd)
-            plane.close()
 
     async def wait_connected(self, peer_ids: Collection[str], timeout: float) -> bool:  # noqa: ASYNC109 - a bound
         """Wait (at most `timeout` seconds) until every peer of `peer_ids` has an authenticated connection to

@@ -27,6 +27,12 @@ into its connection there too: no Python object and no copy per packet or read. 
 callback the read as two buffers instead (the packets back to back and their u32 lengths), for tools and
 tests; `read_buffer` does one such read now.
 
+On the data plane (`start_reading(..., plane=...)`, a node's): when the reader has native queues to take
+reads (`TunReader.plane_queues`), the reads happen on the plane's thread instead of the loop (a
+`TunFeed`): a read whose every packet is for a destination on the fast path is pushed there, written into
+its connection, with no Python code run; any other read is handed back to the loop, where the reader takes
+it (`TunReader.take_parked`) as it takes one on the loop, and the device goes back to the thread.
+
 Offloads (`offload=True`): the device is opened with `IFF_VNET_HDR` and asked (`TUNSETOFFLOAD`) for checksum
 offload, TSO4/TSO6 and, where the kernel has it, UDP segmentation offload (USO). Bulk TCP then arrives as
 super-packets up to 64 KB, each preceded by a 10-byte virtio_net_hdr (every entry of a read has one, all zero
@@ -65,7 +71,8 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from vpn_packet import tuning
-from vpn_packet._native import TUN_FATAL_ERRNOS, VNET_HDR_LEN, TunIo
+from vpn_packet._native import TUN_FATAL_ERRNOS, VNET_HDR_LEN, DestinationQueues, TunFeed, TunIo
+from vpn_packet.transport.plane import Plane
 
 __all__ = ["TUN_PATH", "BufferReader", "TunDevice", "TunMetrics", "TunReader"]
 
@@ -105,6 +112,16 @@ class TunReader(Protocol):
         self, io: TunIo, *, vnet_header: bool, max_packets: int, max_bytes: int
     ) -> tuple[int, int, int]: ...
 
+    def plane_queues(self) -> DestinationQueues | None:
+        """The native queues a data plane's thread may push reads into itself (None: reads stay on the
+        loop)."""
+        ...
+
+    def take_parked(self, feed: TunFeed) -> tuple[int, int, int]:
+        """Takes what the data plane's thread handed back (`TunFeed.take_parked`), as `take_read` takes a
+        read: `(packets, bytes, errno)`."""
+        ...
+
 
 class BufferReader:
     """A `TunReader` that hands each read to `on_buffer(data, lengths)` (only with at least one packet)."""
@@ -122,6 +139,12 @@ class BufferReader:
         if n:
             self.on_buffer(data, lengths)
         return n, len(data), error
+
+    def plane_queues(self) -> DestinationQueues | None:
+        return None  # the callback wants every read: on the loop
+
+    def take_parked(self, feed: TunFeed) -> tuple[int, int, int]:  # pragma: no cover - never on a plane
+        raise RuntimeError("a BufferReader reads on the loop")
 
 
 KernelCounters = Callable[[str], dict[str, int]]
@@ -182,6 +205,8 @@ class TunDevice:
         self._reading = False
         self._reader: TunReader | None = None
         self._on_error: Callable[[OSError], object] | None = None
+        self._plane: Plane | None = None
+        self._feed: TunFeed | None = None  # the reads on the plane's thread, once made
         self.error: OSError | None = None  # set when reading failed for good
         self._max_packets = tuning.READ_BATCH
         self._max_bytes = 4 << 20
@@ -314,9 +339,11 @@ class TunDevice:
         max_packets: int = tuning.READ_BATCH,
         max_bytes: int = 4 << 20,
         on_error: Callable[[OSError], object] | None = None,
+        plane: Plane | None = None,
     ) -> None:
         """On every readiness event: `reader.take_read(io, ...)`, one native call that reads what is ready
-        and takes it (see the module docstring).
+        and takes it; with `plane`, on its thread when the reader can take reads there (see the module
+        docstring).
 
         When the device fails for good (it was deleted: `EBADFD`; `EIO`, ...) reading stops, `error` is set
         and `on_error(error)` is called once (otherwise the error state would wake the loop forever)."""
@@ -327,16 +354,75 @@ class TunDevice:
         self._on_error = on_error
         self._max_packets = max_packets
         self._max_bytes = max_bytes
+        self._plane = plane
         if not self._reading:
-            self._loop.add_reader(self.fd, self._on_readable)
             self._reading = True
+            self._watch()
+
+    def _watch(self) -> None:
+        """Reads on the plane's thread when there is one and the reader can take reads there, else on the
+        loop."""
+        feed = self._feed
+        if self._plane is not None and self._reader is not None:
+            queues = self._reader.plane_queues()
+            if queues is not None:
+                if feed is None:
+                    feed = self._feed = TunFeed(
+                        self.fd,
+                        queues,
+                        vnet_header=self.vnet_header,
+                        packet_size=self._read_size,
+                        max_packets=self._max_packets,
+                        max_bytes=self._max_bytes,
+                    )
+                if self._plane.watch_tun(feed, self._parked):
+                    return
+        assert self._loop is not None
+        self._loop.add_reader(self.fd, self._on_readable)
 
     def stop_reading(self) -> None:
-        """Stops reading (packets then wait in the kernel queue, up to `txqueuelen`). Idempotent."""
+        """Stops reading (packets then wait in the kernel queue, up to `txqueuelen`). Idempotent. A read the
+        plane's thread had made and not pushed is taken first: read packets are never dropped silently."""
         if self._reading and self._loop is not None:
             self._reading = False
-            if not self._loop.is_closed():
+            feed = self._feed
+            if feed is not None and feed.on_data_plane:
+                assert self._plane is not None
+                self._plane.unwatch_tun(feed)
+                self._take_parked()
+            elif not self._loop.is_closed():
                 self._loop.remove_reader(self.fd)
+
+    def _parked(self) -> None:
+        """The plane's thread handed the reads back: the read it left is taken on the loop, and the reads go
+        back to the thread (or stop, when the device failed)."""
+        if not self._reading:
+            return
+        self._take_parked()
+        if self.error is not None:
+            self._failed()
+        elif self._reading:
+            self._watch()
+
+    def _take_parked(self) -> None:
+        feed, reader = self._feed, self._reader
+        if feed is None or reader is None:
+            return
+        self.read_events += 1
+        try:
+            n, nbytes, error = reader.take_parked(feed)
+        except Exception:
+            _log.exception("TUN %s: the reader failed", self.name)
+            return
+        self._count_read(n, nbytes, error)
+
+    def _failed(self) -> None:
+        error = self.error
+        assert error is not None
+        self.stop_reading()
+        _log.error("TUN %s failed: %s; stopped reading", self.name, error)
+        if self._on_error is not None:
+            self._on_error(error)
 
     def _on_readable(self) -> None:
         self.read_events += 1
@@ -355,10 +441,7 @@ class TunDevice:
             return
         self._count_read(n, nbytes, error)
         if self.error is not None:
-            self.stop_reading()
-            _log.error("TUN %s failed: %s; stopped reading", self.name, self.error)
-            if self._on_error is not None:
-                self._on_error(self.error)
+            self._failed()
 
     # --- writing --------------------------------------------------------------------------------------------
 
@@ -402,7 +485,17 @@ class TunDevice:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _sync_feed(self) -> None:
+        """Counts the reads the plane's thread pushed itself (it counts natively)."""
+        if self._feed is not None:
+            events, packets, nbytes, max_batch = self._feed.take_stats()
+            self.read_events += events
+            self.packets_read += packets
+            self.bytes_read += nbytes - packets * self._header_len
+            self.max_batch_seen = max(self.max_batch_seen, max_batch)
+
     def metrics(self) -> TunMetrics:
+        self._sync_feed()
         return TunMetrics(
             name=self.name,
             packets_read=self.packets_read,

@@ -139,7 +139,8 @@ fn arm(timer: RawFd, after: Duration) {
     unsafe { libc::timerfd_settime(timer, 0, &spec, std::ptr::null_mut()) };
 }
 
-/// The data plane: its thread and the sources it drives. Dropping it stops the thread and waits for it.
+/// The data plane: its thread and the sources it drives. [`DataPlane::stop`] stops the thread and waits
+/// for it; dropping the plane only tells it to stop.
 pub struct DataPlane {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -242,8 +243,11 @@ impl DataPlane {
 }
 
 impl Drop for DataPlane {
+    /// Tells the thread to stop, without waiting for it: a plane dropped while its thread waits for
+    /// something the dropping thread holds (an interpreter's lock, at exit) must not wait forever.
     fn drop(&mut self) {
-        self.stop();
+        self.shared.stop.store(true, Ordering::Release);
+        signal(self.shared.wake.as_raw_fd());
     }
 }
 

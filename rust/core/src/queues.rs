@@ -374,6 +374,45 @@ impl DestinationQueues {
         ))
     }
 
+    /// Whether every entry of a TUN read (laid out as for [`push_buffer`](Self::push_buffer)) is a valid
+    /// packet for an existing, empty queue that `fast` accepts, nothing pushed: the test the data plane's
+    /// thread makes before it pushes a read itself (anything else, a new destination, a drop to count, a
+    /// worker to wake, is left to the caller's loop, which pushes the read then).
+    pub fn all_fast(
+        &self,
+        buffer: &[u8],
+        lengths: &[u32],
+        vnet_header: bool,
+        fast: impl Fn(QueueId) -> bool,
+    ) -> bool {
+        let mut offset = 0usize;
+        for &len in lengths {
+            let Some(entry) = buffer.get(offset..offset.saturating_add(len as usize)) else {
+                return false;
+            };
+            offset += len as usize;
+            let packet = if vnet_header {
+                match entry.split_first_chunk::<VNET_HDR_LEN>() {
+                    Some((_, packet)) => packet,
+                    None => return false,
+                }
+            } else {
+                entry
+            };
+            if packet.is_empty() || packet.len() > self.max_packet_len {
+                return false;
+            }
+            let Ok(dest) = destination(packet) else {
+                return false;
+            };
+            match self.by_dest.get(&dest) {
+                Some(&id) if self.depth(id) == 0 && fast(id) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
     #[inline]
     fn route(&mut self, entry: &[u8], vnet_header: bool, pushed: &mut Pushed) {
         let (header, packet) = if vnet_header {

@@ -12,6 +12,7 @@ use vpn_packet_core::data_plane::{DataPlane as CorePlane, Source};
 
 use crate::errors::no_panic;
 use crate::receive::{ReceiveSession, Target};
+use crate::tun_io::TunFeed;
 
 /// A thread that drives receive sessions (`watch`) until they meet something for Python, then hands them
 /// back: `notify_fd` becomes readable and `take_parked` gives the `on_parked` callbacks of the sessions
@@ -22,7 +23,14 @@ use crate::receive::{ReceiveSession, Target};
 pub struct DataPlane {
     inner: Option<CorePlane>,
     ack_delay: Duration,
-    callbacks: HashMap<u64, Py<PyAny>>,
+    /// Per token: the source's Python object (whose token a hand-back clears) and its `on_parked`.
+    callbacks: HashMap<u64, (Owner, Py<PyAny>)>,
+}
+
+/// The Python object of a source on the thread.
+enum Owner {
+    Receive(Py<ReceiveSession>),
+    Tun(Py<TunFeed>),
 }
 
 impl DataPlane {
@@ -64,6 +72,7 @@ impl DataPlane {
         on_parked: Py<PyAny>,
     ) -> PyResult<()> {
         no_panic(|| {
+            let owner = Owner::Receive(session.clone().unbind());
             let mut session = session.borrow_mut();
             if session.token.is_some() {
                 return Err(PyValueError::new_err("the session is on the data plane already"));
@@ -81,7 +90,7 @@ impl DataPlane {
             match self.plane()?.watch(source) {
                 Ok(token) => {
                     session.token = Some(token);
-                    self.callbacks.insert(token, on_parked);
+                    self.callbacks.insert(token, (owner, on_parked));
                     Ok(())
                 }
                 Err(err) => {
@@ -106,6 +115,45 @@ impl DataPlane {
         }
     }
 
+    /// Reads `feed`'s TUN on the thread from now on (see `TunFeed`); `on_parked()` is what `take_parked`
+    /// gives when the thread hands it back. Raises `ValueError` for a feed watched already, `OSError` when
+    /// its descriptor cannot be watched.
+    fn watch_tun(&mut self, py: Python<'_>, feed: &Bound<'_, TunFeed>, on_parked: Py<PyAny>) -> PyResult<()> {
+        no_panic(|| {
+            let owner = Owner::Tun(feed.clone().unbind());
+            let mut feed = feed.borrow_mut();
+            if feed.token.is_some() {
+                return Err(PyValueError::new_err("the feed is on the data plane already"));
+            }
+            feed.set_watched(py, true);
+            let source: Arc<dyn Source> = feed.shared.clone();
+            match self.plane()?.watch(source) {
+                Ok(token) => {
+                    feed.token = Some(token);
+                    self.callbacks.insert(token, (owner, on_parked));
+                    Ok(())
+                }
+                Err(err) => {
+                    feed.set_watched(py, false);
+                    Err(PyOSError::new_err(err.to_string()))
+                }
+            }
+        })
+    }
+
+    /// Takes `feed` back (no call of the thread touches it after this returns, what it held stays for
+    /// `TunFeed.take_parked`); a feed not watched is fine.
+    fn unwatch_tun(&mut self, py: Python<'_>, feed: &Bound<'_, TunFeed>) {
+        let mut feed = feed.borrow_mut();
+        feed.set_watched(py, false);
+        if let Some(token) = feed.token.take() {
+            self.callbacks.remove(&token);
+            if let Some(plane) = &self.inner {
+                plane.unwatch(token);
+            }
+        }
+    }
+
     /// The `on_parked` callbacks of the sessions handed back since the last call (their sessions are no
     /// longer watched: call `ReceiveSession.take_parked`, then `watch` again to hand one back).
     fn take_parked(&mut self, py: Python<'_>) -> Vec<Py<PyAny>> {
@@ -116,7 +164,22 @@ impl DataPlane {
         tokens
             .into_iter()
             .filter_map(|token| self.callbacks.remove(&token))
-            .map(|callback| callback.clone_ref(py))
+            .map(|(owner, callback)| {
+                // Handed back: no longer on the thread (it can be watched again).
+                match owner {
+                    Owner::Receive(session) => {
+                        if let Ok(mut session) = session.try_borrow_mut(py) {
+                            session.token = None;
+                        }
+                    }
+                    Owner::Tun(feed) => {
+                        if let Ok(mut feed) = feed.try_borrow_mut(py) {
+                            feed.token = None;
+                        }
+                    }
+                }
+                callback
+            })
             .collect()
     }
 

@@ -130,6 +130,19 @@ pub struct DestinationQueues {
     fast: Vec<Option<FastRoute>>,
     /// Every destination's fast-path counters together.
     fast_total: Arc<CoreFastCounters>,
+    /// Packets accepted by pushes of the data plane's thread (`push_read_off_loop`) that left nothing for
+    /// the loop, which the dispatcher never sees: its `accepted` adds them.
+    accepted_off_loop: u64,
+    /// While the data plane's thread pushes: the `on_blocked` calls owed, made later on the loop (asyncio
+    /// is not thread-safe), instead of at once.
+    blocked_owed: Option<Vec<(Py<PyAny>, usize)>>,
+}
+
+/// A push the data plane's thread made: the push's result when it left something for the loop (a worker
+/// to wake, a queue half full), and the `on_blocked` calls owed.
+pub(crate) struct OffLoopPush {
+    pub result: Option<Py<PyAny>>,
+    pub blocked: Vec<(Py<PyAny>, usize)>,
 }
 
 impl DestinationQueues {
@@ -142,6 +155,41 @@ impl DestinationQueues {
 
     fn id(&self, key: &Bound<'_, PyString>) -> PyResult<Option<QueueId>> {
         Ok(self.inner.id(key.to_str()?))
+    }
+
+    /// A TUN read pushed by the data plane's thread, only when every packet goes to a destination with a
+    /// fast route and an empty queue (`CoreQueues::all_fast`): None (nothing pushed) otherwise, and the
+    /// read is the loop's to push. The thread holds the GIL: nothing runs in between.
+    pub(crate) fn push_read_off_loop(
+        &mut self,
+        py: Python<'_>,
+        buffer: &[u8],
+        lengths: &[u32],
+        vnet_header: bool,
+    ) -> PyResult<Option<OffLoopPush>> {
+        let fast = &self.fast;
+        if !self.inner.all_fast(buffer, lengths, vnet_header, |id| {
+            matches!(fast.get(id), Some(Some(_)))
+        }) {
+            return Ok(None);
+        }
+        self.blocked_owed = Some(Vec::new());
+        let pushed = self.push_read(py, buffer, lengths, vnet_header);
+        let blocked = self.blocked_owed.take().unwrap_or_default();
+        let (accepted, ready, new, pressure) = pushed?;
+        // A result left for the loop is counted by the dispatcher when it admits it; the rest here.
+        let result = if ready.is_empty() && new.is_none() && !pressure {
+            self.accepted_off_loop += accepted as u64;
+            None
+        } else {
+            Some(
+                (accepted, ready, new, pressure)
+                    .into_pyobject(py)?
+                    .into_any()
+                    .unbind(),
+            )
+        };
+        Ok(Some(OffLoopPush { result, blocked }))
     }
 
     /// A TUN read's packets (end to end in `buffer`, `lengths` each), routed as `push_buffer` does.
@@ -189,7 +237,9 @@ impl DestinationQueues {
                 // The session has the packets: the queue lets them go before anything else can fail.
                 self.inner.sent_directly(id);
                 if unsent > 0 {
-                    if let Err(err) = route.on_blocked.call1(py, (unsent,)) {
+                    if let Some(owed) = &mut self.blocked_owed {
+                        owed.push((route.on_blocked.clone_ref(py), unsent));
+                    } else if let Err(err) = route.on_blocked.call1(py, (unsent,)) {
                         // Reported, not raised: the push's packets are taken and counted either way.
                         err.write_unraisable(py, None);
                     }
@@ -252,6 +302,8 @@ impl DestinationQueues {
             names: Vec::new(),
             fast: Vec::new(),
             fast_total: Arc::default(),
+            accepted_off_loop: 0,
+            blocked_owed: None,
         })
     }
 
@@ -414,6 +466,12 @@ impl DestinationQueues {
         Ok(self
             .id(key)?
             .is_some_and(|id| matches!(self.fast.get(id), Some(Some(_)))))
+    }
+
+    /// Packets accepted by the data plane's thread's pushes (the dispatcher's `accepted` adds them).
+    #[getter]
+    fn accepted_off_loop(&self) -> u64 {
+        self.accepted_off_loop
     }
 
     /// Every destination's fast-path counters together.

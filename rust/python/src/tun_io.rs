@@ -14,10 +14,12 @@
 //! profiles of the node showed those calls taking most of its time. Here a readiness event costs one call.
 
 use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyTuple};
+use vpn_packet_core::data_plane::{Source, Step};
 use vpn_packet_core::framing::{MAX_FRAME_SIZE_LIMIT, VNET_HDR_LEN};
 use vpn_packet_core::inbound::PLAIN_VNET_HDR;
 use vpn_packet_core::tun::{self, FATAL_ERRNOS};
@@ -136,6 +138,274 @@ impl TunIo {
     }
 }
 
+/// What the data plane's thread left for the loop when it handed the feed back.
+enum Held {
+    Nothing,
+    /// A read it did not push (not every packet was for an idle fast route, or the read failed).
+    Read {
+        total: usize,
+        errno: i32,
+    },
+    /// A read it pushed, whose result leaves work for the loop, and the `on_blocked` calls owed.
+    Pushed {
+        result: Option<Py<PyAny>>,
+        blocked: Vec<(Py<PyAny>, usize)>,
+        packets: usize,
+        total: usize,
+    },
+}
+
+/// Reads the thread did itself: `(events, packets, bytes, max_batch)` (bytes with virtio headers).
+#[derive(Default, Clone, Copy)]
+struct FeedStats {
+    events: u64,
+    packets: u64,
+    bytes: u64,
+    max_batch: u64,
+}
+
+struct FeedState {
+    fd: RawFd,
+    vnet_header: bool,
+    packet_size: usize,
+    max_packets: usize,
+    max_bytes: usize,
+    buffer: Vec<u8>,
+    lengths: Vec<u32>,
+    queues: Py<DestinationQueues>,
+    watched: bool,
+    held: Held,
+    stats: FeedStats,
+}
+
+pub(crate) struct FeedSource {
+    state: Mutex<FeedState>,
+}
+
+fn lock(mutex: &Mutex<FeedState>) -> MutexGuard<'_, FeedState> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl FeedState {
+    fn park(&mut self, held: Held) -> Step {
+        self.held = held;
+        self.watched = false;
+        Step::Park
+    }
+}
+
+/// On the data plane's thread: a TUN readiness event read (no GIL), then, with the GIL, pushed into the
+/// dispatcher's queues only when every packet goes to a destination on the fast path (written into its
+/// connection in the push): the steady flow, with no Python code run. Anything else (a new destination, a
+/// worker to wake, a drop to count, a read error, a socket that pushed back) parks the feed with what it
+/// holds, for the loop.
+impl Source for FeedSource {
+    fn fd(&self) -> RawFd {
+        lock(&self.state).fd
+    }
+
+    fn readable(&self) -> Step {
+        let mut guard = lock(&self.state);
+        let s = &mut *guard;
+        if !s.watched {
+            return Step::Idle;
+        }
+        let result = tun::read_batch(
+            s.fd,
+            &mut s.buffer,
+            &mut s.lengths,
+            s.packet_size,
+            s.max_packets,
+            s.max_bytes,
+        );
+        let packets = s.lengths.len();
+        if result.errno != 0 {
+            return s.park(Held::Read {
+                total: result.total,
+                errno: result.errno,
+            });
+        }
+        if packets == 0 {
+            return Step::Idle;
+        }
+        let (buffer, lengths, vnet) = (&s.buffer[..result.total], &s.lengths[..], s.vnet_header);
+        let pushed = Python::attach(|py| match s.queues.bind(py).try_borrow_mut() {
+            Ok(mut queues) => queues
+                .push_read_off_loop(py, buffer, lengths, vnet)
+                .ok()
+                .flatten(),
+            Err(_) => None, // in use by the loop (it called out and let the GIL go): the loop's read
+        });
+        match pushed {
+            None => s.park(Held::Read {
+                total: result.total,
+                errno: 0,
+            }),
+            Some(push) if push.result.is_some() || !push.blocked.is_empty() => s.park(Held::Pushed {
+                result: push.result,
+                blocked: push.blocked,
+                packets,
+                total: result.total,
+            }),
+            Some(_) => {
+                let st = &mut s.stats;
+                st.events += 1;
+                st.packets += packets as u64;
+                st.bytes += result.total as u64;
+                st.max_batch = st.max_batch.max(packets as u64);
+                Step::Idle
+            }
+        }
+    }
+
+    fn due(&self) -> Step {
+        Step::Idle
+    }
+}
+
+type ParkedRead<'py> = (
+    Option<Bound<'py, PyAny>>,
+    usize,
+    usize,
+    i32,
+    Vec<(Py<PyAny>, usize)>,
+);
+
+/// A TUN device's reads on the data plane's thread, into a dispatcher's queues (`DataPlane.watch_tun`):
+/// the thread reads each readiness event and pushes it itself when every packet is for an idle fast route
+/// (see `DestinationQueues.set_fast`); otherwise it hands the feed back with the read, which the loop pushes
+/// (`take_parked`). The descriptor stays Python's.
+#[pyclass(module = "vpn_packet._native", name = "TunFeed")]
+pub struct TunFeed {
+    pub(crate) shared: Arc<FeedSource>,
+    pub(crate) token: Option<u64>,
+}
+
+impl TunFeed {
+    /// The state, locked with the GIL released: the thread holds the lock while it waits for the GIL.
+    fn locked<'a>(&'a self, py: Python<'_>) -> MutexGuard<'a, FeedState> {
+        let state = &self.shared.state;
+        loop {
+            match state.try_lock() {
+                Ok(guard) => return guard,
+                Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
+                // Held by the thread, which may be waiting for the GIL: wait for the lock without it.
+                Err(TryLockError::WouldBlock) => py.detach(|| drop(lock(state))),
+            }
+        }
+    }
+
+    pub(crate) fn set_watched(&self, py: Python<'_>, watched: bool) {
+        self.locked(py).watched = watched;
+    }
+}
+
+#[pymethods]
+impl TunFeed {
+    #[new]
+    #[pyo3(signature = (fd, queues, *, vnet_header = false, packet_size = 65545, max_packets = 1024, max_bytes = 4194304))]
+    fn new(
+        fd: RawFd,
+        queues: Py<DestinationQueues>,
+        vnet_header: bool,
+        packet_size: usize,
+        max_packets: usize,
+        max_bytes: usize,
+    ) -> PyResult<Self> {
+        if fd < 0 {
+            return Err(PyValueError::new_err(format!("bad descriptor {fd}")));
+        }
+        if !(VNET_HDR_LEN + 1..=MAX_FRAME_SIZE_LIMIT).contains(&packet_size) {
+            return Err(PyValueError::new_err(format!(
+                "packet_size must be {}..={MAX_FRAME_SIZE_LIMIT}, got {packet_size}",
+                VNET_HDR_LEN + 1
+            )));
+        }
+        Ok(TunFeed {
+            shared: Arc::new(FeedSource {
+                state: Mutex::new(FeedState {
+                    fd,
+                    vnet_header,
+                    packet_size,
+                    max_packets,
+                    max_bytes,
+                    buffer: Vec::new(),
+                    lengths: Vec::new(),
+                    queues,
+                    watched: false,
+                    held: Held::Nothing,
+                    stats: FeedStats::default(),
+                }),
+            }),
+            token: None,
+        })
+    }
+
+    /// What the thread left when it handed the feed back, made the loop's: `(pushed, packets, bytes,
+    /// errno, blocked)`. A read it did not push is pushed now, on the loop (as `TunIo.read_into` does:
+    /// `pushed` is that push's result), unless `accepting` is False (then `pushed` is None and the packets
+    /// are the caller's to count as rejected). A read it pushed gives the push's result (with `accepted`
+    /// 0 when the thread counted them, `DestinationQueues.accepted_off_loop`) and the `on_blocked(unsent)`
+    /// calls owed, as `(callback, unsent)`.
+    fn take_parked<'py>(&self, py: Python<'py>, accepting: bool) -> PyResult<ParkedRead<'py>> {
+        no_panic(|| {
+            let mut guard = self.locked(py);
+            let s = &mut *guard;
+            match std::mem::replace(&mut s.held, Held::Nothing) {
+                Held::Nothing => Ok((None, 0, 0, 0, Vec::new())),
+                Held::Read { total, errno } => {
+                    let packets = s.lengths.len();
+                    if !accepting || packets == 0 {
+                        return Ok((None, packets, total, errno, Vec::new()));
+                    }
+                    let pushed = s.queues.bind(py).borrow_mut().push_read(
+                        py,
+                        &s.buffer[..total],
+                        &s.lengths,
+                        s.vnet_header,
+                    )?;
+                    Ok((
+                        Some(pushed.into_pyobject(py)?.into_any()),
+                        packets,
+                        total,
+                        errno,
+                        Vec::new(),
+                    ))
+                }
+                Held::Pushed {
+                    result,
+                    blocked,
+                    packets,
+                    total,
+                } => {
+                    // Pushed already: its accepted packets are counted (`accepted_off_loop`); what is left
+                    // to admit is the result, or nothing.
+                    let result = match result {
+                        Some(result) => result.into_bound(py),
+                        None => (0usize, PyList::empty(py), py.None(), false)
+                            .into_pyobject(py)?
+                            .into_any(),
+                    };
+                    Ok((Some(result), packets, total, 0, blocked))
+                }
+            }
+        })
+    }
+
+    /// `(events, packets, bytes, max_batch)` of the reads the thread pushed itself since the last call
+    /// (bytes with virtio headers; the handed-back reads are the loop's to count).
+    fn take_stats(&self, py: Python<'_>) -> (u64, u64, u64, u64) {
+        let st = std::mem::take(&mut self.locked(py).stats);
+        (st.events, st.packets, st.bytes, st.max_batch)
+    }
+
+    /// Whether the data plane's thread reads the device now.
+    #[getter]
+    fn on_data_plane(&self) -> bool {
+        self.token.is_some()
+    }
+}
+
 fn u32_bytes(values: &[u32]) -> &[u8] {
     // SAFETY: u32 has no padding and any byte pattern is a valid u8; the slice covers the same memory.
     unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
@@ -144,5 +414,6 @@ fn u32_bytes(values: &[u32]) -> &[u8] {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TUN_FATAL_ERRNOS", PyTuple::new(m.py(), FATAL_ERRNOS)?)?;
     m.add_class::<TunIo>()?;
+    m.add_class::<TunFeed>()?;
     Ok(())
 }

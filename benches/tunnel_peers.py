@@ -207,6 +207,18 @@ class VpnPacketTls(VpnPacket):
         super().__init__(workdir, mtu=mtu, insecure=False)
 
 
+class VpnPacketTlsOnLoop(VpnPacket):
+    """TLS with `[tuning] data_plane_threads = 0`: every packet handled on the event loop, as before the data
+    plane's thread (its before/after in one run)."""
+
+    key = "tls-loop"
+
+    def __init__(self, workdir: Path, *, mtu: int = 1400) -> None:
+        super().__init__(workdir, mtu=mtu, insecure=False)
+        self.lab.tuning = "\n[tuning]\ndata_plane_threads = 0\n"
+        self.label = "vpn-packet TLS, on the loop"
+
+
 WG_PORT = 51820
 
 
@@ -438,5 +450,14 @@ class OpenVpnTcp(OpenVpn):
 
 IMPLEMENTATIONS: dict[str, type[Tunnel]] = {
     cls.key: cls
-    for cls in (BareVeth, VpnPacketPlain, VpnPacketTls, Boringtun, WireguardGo, OpenVpn, OpenVpnTcp)
+    for cls in (
+        BareVeth,
+        VpnPacketPlain,
+        VpnPacketTls,
+        VpnPacketTlsOnLoop,
+        Boringtun,
+        WireguardGo,
+        OpenVpn,
+        OpenVpnTcp,
+    )
 }

@@ -573,6 +573,12 @@ class Dispatcher:
                 _log.exception("dispatcher: a fast route's on_blocked failed")
         return n, nbytes, error
 
+    def plane_ready(self) -> bool:
+        """Whether a TUN's reads may go to the data plane's thread: accepting, and no worker queued or in a
+        drain (so the next packets are likely for destinations on the fast path, which the thread writes;
+        a busy worker's would only be handed back)."""
+        return self._accepting and not self._ctx.busy
+
     def _admit(self, pushed: tuple[int, list[str], list[tuple[str, str, int, int]] | None, bool]) -> int:
         """The Python half of a batch push: per key, never per packet. Returns how many packets were accepted.
 

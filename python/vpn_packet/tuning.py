@@ -81,6 +81,7 @@ __all__ = [
     "MTU",
     "NODE_RESILIENCE",
     "NODE_WORKER_BUFFER_SIZE",
+    "DATA_PLANE_THREADS",
     "READ_BATCH",
     "READ_SIZE",
     "RECEIVE_IDLE_TIMEOUT",
@@ -225,6 +226,10 @@ FAILURE_SUMMARY_INTERVAL: Final = 60.0
 
 #: TUN packets read per readiness event at most (one `dispatch_batch` call).
 READ_BATCH: Final = 256
+#: Threads that do a node's steady data-plane work off the event loop (`vpn_packet.transport.plane`): the TUN
+#: reads of established destinations and the authenticated connections' reads, acks included. 0 keeps it
+#: all on the event loop (what every version before did); one thread serves both directions.
+DATA_PLANE_THREADS: Final = 1
 
 #: The interface: a common tunnel MTU (1500 minus outer IP/TCP/TLS overhead) and queue length.
 MTU: Final = 1400
@@ -507,6 +512,9 @@ class Tuning:
     worker_cleanup_interval: float = _seconds(WORKER_CLEANUP_INTERVAL, "seconds between idle checks")
     # the TUN device
     read_batch: int = _int(READ_BATCH, 1, 1 << 16, "TUN packets read per readiness event at most")
+    data_plane_threads: int = _int(
+        DATA_PLANE_THREADS, 0, 1, "threads for the steady packet work off the event loop (0: on the loop)"
+    )
     # sending: the stream pool and TCP
     max_streams_per_peer: int = _int(MAX_STREAMS_PER_PEER, 1, 1024, "streams per peer")
     send_buffer: int = _int(SEND_BUFFER, 4096, 1 << 30, "SO_SNDBUF bytes")

@@ -331,6 +331,9 @@ class DispatcherReader:
     def take_parked(self, feed: TunFeed) -> tuple[int, int, int]:
         return self.d.dispatch_parked(feed)
 
+    def plane_ready(self) -> bool:
+        return self.d.plane_ready()
+
 
 async def test_tun_reads_for_an_established_destination_are_written_on_the_data_plane_thread(
     keys: dict[str, Security], monkeypatch: pytest.MonkeyPatch

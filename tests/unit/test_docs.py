@@ -129,6 +129,7 @@ STATUS_TOP_LEVEL = {
     "peers",
     "totals",
     "discovery",
+    "data_plane",
     "deprecated",
 }
 

@@ -65,6 +65,7 @@ public_key = "PASTE the last line 'vpn-packet genkey $peer' printed"
 # [tuning]
 # worker_buffer_size = 4096
 # read_batch = 256
+# data_plane_threads = 1        # 0: the steady packet work stays on the event loop
 
 # Per-peer circuit breaker and retry.
 # [resilience]

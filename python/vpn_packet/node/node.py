@@ -441,6 +441,10 @@ class Node:
         """A `TunReader`: a read the data plane's thread handed back, taken as `take_read` takes one."""
         return self.dispatcher.dispatch_parked(feed)
 
+    def plane_ready(self) -> bool:
+        """A `TunReader`: the reads may go back to the data plane's thread (no worker busy)."""
+        return self.dispatcher.plane_ready()
+
     async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - like Dispatcher.flush
         """Wait until every accepted packet was written to a stream (or failed); False on timeout."""
         return await self.dispatcher.flush(timeout)

@@ -72,6 +72,7 @@ def snapshot(node: TunNode) -> dict[str, Any]:
         "discovery": node.registry.status() if node.registry is not None else None,
         "tun": tun_metrics(node),
         "node": detail,
+        "data_plane": data_plane(node),
     }
     if out["tun"] is not None:
         for name, value in TUN_GAUGE_ALIASES.items():
@@ -80,6 +81,15 @@ def snapshot(node: TunNode) -> dict[str, Any]:
     out["totals"]["drops"] = {k: v for k, v in drop_counters(out).items() if v}
     out["deprecated"] = deprecated
     return out
+
+
+def data_plane(node: TunNode) -> dict[str, Any]:
+    """The data plane's thread (`vpn_packet.transport.plane`): whether it runs, the sources on it now (the
+    TUN and the authenticated connections), the readiness events it handled and how often it handed a
+    source back to the event loop (a lifecycle event, a new destination, a busy worker)."""
+    plane = node.node.receiver.plane
+    watched, events, parks = plane.stats()
+    return {"running": plane.running, "watched": watched, "events": events, "handed_back": parks}
 
 
 def counters(node: TunNode) -> dict[str, Any]:

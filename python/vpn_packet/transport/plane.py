@@ -28,13 +28,16 @@ _log = logging.getLogger(__name__)
 
 class Plane:
     """The data plane's thread, started at the first `watch_*` (see the module docstring). `watch_*` return
-    False when no thread can be had (the caller then goes on with the loop, as before)."""
+    False when no thread can be had, or `threads` is 0 (`tuning.data_plane_threads`): the caller then goes
+    on with the loop, as before."""
 
-    def __init__(self, *, ack_delay: float = tuning.ACK_DELAY) -> None:
+    def __init__(
+        self, *, threads: int = tuning.DATA_PLANE_THREADS, ack_delay: float = tuning.ACK_DELAY
+    ) -> None:
         self.ack_delay = ack_delay
         self._native: DataPlane | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._failed = False
+        self._failed = threads == 0  # off: never started
 
     def _started(self) -> DataPlane | None:
         if self._native is None and not self._failed:

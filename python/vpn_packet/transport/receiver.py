@@ -747,6 +747,7 @@ class Receiver:
         "max_silent_pending": "max_silent_pending",
         "max_silent_pending_per_source": "max_silent_pending_per_source",
         "read_size": "read_size",
+        "data_plane_threads": "data_plane_threads",
     }
 
     def __init__(
@@ -769,6 +770,7 @@ class Receiver:
         max_silent_pending_per_source: int = tuning.MAX_SILENT_PENDING_PER_SOURCE,
         read_size: int = tuning.READ_SIZE,
         log_interval: float = tuning.LOG_INTERVAL,
+        data_plane_threads: int = tuning.DATA_PLANE_THREADS,
     ) -> None:
         if not 0 < max_frame_size <= 1 << 24:
             raise ValueError("max_frame_size must be 1..16 MiB")
@@ -783,6 +785,7 @@ class Receiver:
             max_silent_pending=max_silent_pending,
             max_silent_pending_per_source=max_silent_pending_per_source,
             read_size=read_size,
+            data_plane_threads=data_plane_threads,
         )
         self.discovery = discovery
         self.sink = sink
@@ -827,7 +830,7 @@ class Receiver:
         self.tun_target: TunTarget | None = None
         # The thread that pumps the steady connections of the TUN path (`_Pump._place`; a node's TUN reads
         # share it), and the pumps it drives (insertion-ordered).
-        self.plane = Plane()
+        self.plane = Plane(threads=data_plane_threads)
         self._plane_pumps: dict[_Pump, None] = {}
         self._peer_entered = asyncio.Event()  # set when a peer authenticates (`wait_connected`)
         # Called with the peer id of every authenticated connection (a node's keeper connects back at once).

@@ -31,7 +31,9 @@ On the data plane (`start_reading(..., plane=...)`, a node's): when the reader h
 reads (`TunReader.plane_queues`), the reads happen on the plane's thread instead of the loop (a
 `TunFeed`): a read whose every packet is for a destination on the fast path is pushed there, written into
 its connection, with no Python code run; any other read is handed back to the loop, where the reader takes
-it (`TunReader.take_parked`) as it takes one on the loop, and the device goes back to the thread.
+it (`TunReader.take_parked`) as it takes one on the loop. The reads then stay on the loop until the flow
+is steady again (`TunReader.plane_ready`: no worker busy), so that a bulk transfer whose fast route comes and
+goes (the window fills) is not handed back and forth at every read.
 
 Offloads (`offload=True`): the device is opened with `IFF_VNET_HDR` and asked (`TUNSETOFFLOAD`) for checksum
 offload, TSO4/TSO6 and, where the kernel has it, UDP segmentation offload (USO). Bulk TCP then arrives as
@@ -122,6 +124,11 @@ class TunReader(Protocol):
         read: `(packets, bytes, errno)`."""
         ...
 
+    def plane_ready(self) -> bool:
+        """Whether the flow is steady enough for the reads to go (back) to the thread: nothing waits on the
+        loop (a node: no worker busy), so the next reads are likely for the fast path."""
+        ...
+
 
 class BufferReader:
     """A `TunReader` that hands each read to `on_buffer(data, lengths)` (only with at least one packet)."""
@@ -145,6 +152,9 @@ class BufferReader:
 
     def take_parked(self, feed: TunFeed) -> tuple[int, int, int]:  # pragma: no cover - never on a plane
         raise RuntimeError("a BufferReader reads on the loop")
+
+    def plane_ready(self) -> bool:
+        return False
 
 
 KernelCounters = Callable[[str], dict[str, int]]
@@ -207,6 +217,7 @@ class TunDevice:
         self._on_error: Callable[[OSError], object] | None = None
         self._plane: Plane | None = None
         self._feed: TunFeed | None = None  # the reads on the plane's thread, once made
+        self._on_loop = False  # read by the loop's readiness callback now (else by the plane, if reading)
         self.error: OSError | None = None  # set when reading failed for good
         self._max_packets = tuning.READ_BATCH
         self._max_bytes = 4 << 20
@@ -357,52 +368,56 @@ class TunDevice:
         self._plane = plane
         if not self._reading:
             self._reading = True
-            self._watch()
+            if not self._to_plane():
+                self._to_loop()
 
-    def _watch(self) -> None:
-        """Reads on the plane's thread when there is one and the reader can take reads there, else on the
-        loop."""
-        feed = self._feed
-        if self._plane is not None and self._reader is not None:
-            queues = self._reader.plane_queues()
-            if queues is not None:
-                if feed is None:
-                    feed = self._feed = TunFeed(
-                        self.fd,
-                        queues,
-                        vnet_header=self.vnet_header,
-                        packet_size=self._read_size,
-                        max_packets=self._max_packets,
-                        max_bytes=self._max_bytes,
-                    )
-                if self._plane.watch_tun(feed, self._parked):
-                    return
+    def _to_loop(self) -> None:
         assert self._loop is not None
         self._loop.add_reader(self.fd, self._on_readable)
+        self._on_loop = True
+
+    def _to_plane(self) -> bool:
+        """Reads on the plane's thread from now on, when there is one and the reader can take reads there."""
+        if self._plane is None or self._reader is None:
+            return False
+        queues = self._reader.plane_queues()
+        if queues is None:
+            return False
+        feed = self._feed
+        if feed is None:
+            feed = self._feed = TunFeed(
+                self.fd,
+                queues,
+                vnet_header=self.vnet_header,
+                packet_size=self._read_size,
+                max_packets=self._max_packets,
+                max_bytes=self._max_bytes,
+            )
+        return self._plane.watch_tun(feed, self._parked)
 
     def stop_reading(self) -> None:
         """Stops reading (packets then wait in the kernel queue, up to `txqueuelen`). Idempotent. A read the
         plane's thread had made and not pushed is taken first: read packets are never dropped silently."""
         if self._reading and self._loop is not None:
             self._reading = False
-            feed = self._feed
-            if feed is not None and feed.on_data_plane:
-                assert self._plane is not None
-                self._plane.unwatch_tun(feed)
+            if self._on_loop:
+                self._on_loop = False
+                if not self._loop.is_closed():
+                    self._loop.remove_reader(self.fd)
+            elif self._feed is not None and self._plane is not None:
+                self._plane.unwatch_tun(self._feed)
                 self._take_parked()
-            elif not self._loop.is_closed():
-                self._loop.remove_reader(self.fd)
 
     def _parked(self) -> None:
-        """The plane's thread handed the reads back: the read it left is taken on the loop, and the reads go
-        back to the thread (or stop, when the device failed)."""
+        """The plane's thread handed the reads back: the read it left is taken, and the reads stay on the
+        loop until the flow is steady again (`_on_readable`), or stop when the device failed."""
         if not self._reading:
             return
         self._take_parked()
         if self.error is not None:
             self._failed()
         elif self._reading:
-            self._watch()
+            self._to_loop()
 
     def _take_parked(self) -> None:
         feed, reader = self._feed, self._reader
@@ -442,6 +457,12 @@ class TunDevice:
         self._count_read(n, nbytes, error)
         if self.error is not None:
             self._failed()
+        elif self._plane is not None and reader.plane_ready():  # steady again: back to the thread
+            assert self._loop is not None
+            self._loop.remove_reader(self.fd)
+            self._on_loop = False
+            if not self._to_plane():
+                self._to_loop()
 
     # --- writing --------------------------------------------------------------------------------------------
 

@@ -246,10 +246,8 @@ class TunFeed:
         max_packets: int = 1024,
         max_bytes: int = 4194304,
     ) -> TunFeed: ...
-    def take_parked(
-        self, accepting: bool
-    ) -> tuple[_Pushed | None, int, int, int, list[tuple[Callable[[int], object], int]]]:
-        """`(pushed, packets, bytes, errno, blocked)`: what the thread left when it handed the feed back."""
+    def take_parked(self, accepting: bool) -> tuple[_Pushed | None, int, int, int]:
+        """`(pushed, packets, bytes, errno)`: what the thread left when it handed the feed back, pushed."""
     def take_stats(self) -> tuple[int, int, int, int]:
         """`(events, packets, bytes, max_batch)` of the reads the thread pushed itself since the last call."""
     @property

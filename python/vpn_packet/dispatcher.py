@@ -553,10 +553,9 @@ class Dispatcher:
 
     def dispatch_parked(self, feed: TunFeed) -> tuple[int, int, int]:
         """A read the data plane's thread handed back (`TunFeed.take_parked`), admitted as `dispatch_tun`
-        admits one: pushed now unless the thread pushed it (then its result is admitted), the `on_blocked`
-        calls its fast writes owe made, a stopped dispatcher's packets counted rejected. Returns
-        `(packets, bytes, errno)`."""
-        pushed, n, nbytes, error, blocked = feed.take_parked(self._accepting)
+        admits one: pushed now unless the thread pushed it (then its result is admitted), a stopped
+        dispatcher's packets counted rejected. Returns `(packets, bytes, errno)`."""
+        pushed, n, nbytes, error = feed.take_parked(self._accepting)
         if pushed is None:
             if n:
                 self._reject_not_running(n)
@@ -566,11 +565,6 @@ class Dispatcher:
                 self._admit(pushed)
             finally:
                 self._read_path = False
-        for on_blocked, unsent in blocked:
-            try:
-                on_blocked(unsent)
-            except Exception:  # reported, not raised: the packets are counted either way
-                _log.exception("dispatcher: a fast route's on_blocked failed")
         return n, nbytes, error
 
     def plane_ready(self) -> bool:

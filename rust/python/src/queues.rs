@@ -5,7 +5,7 @@
 //! batch push allocates nothing per ready key (the dispatcher's dict lookups also get a `str` whose hash is
 //! computed already). The GIL stays held: a push is pure CPU work of a few microseconds.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -107,12 +107,151 @@ impl FastCounters {
 /// Where a destination's packets may go without its worker: the established session its worker writes
 /// to (see `DestinationQueues.set_fast`).
 struct FastRoute {
-    session: Arc<std::sync::Mutex<SharedSession>>,
+    session: Arc<Mutex<SharedSession>>,
     owner: FastOwner,
     window: u64,
     /// Called with the bytes the socket did not take after a fast write (the link then watches for
-    /// writability): the one Python call of the fast path, only when the socket pushes back.
-    on_blocked: Py<PyAny>,
+    /// writability): the one Python call of the fast path, only when the socket pushes back, always made on
+    /// the loop (shared, so the data plane's thread can hand it over without the GIL).
+    on_blocked: Arc<Py<PyAny>>,
+}
+
+/// The `on_blocked` calls a push owes: `(callback, unsent)`.
+pub(crate) type Blocked = Vec<(Arc<Py<PyAny>>, usize)>;
+
+/// The queues and their fast routes, shared by the Python object and the data plane's thread (which
+/// pushes a TUN read of established destinations without the GIL: `push_off_loop`).
+pub(crate) struct QueuesCore {
+    inner: CoreQueues,
+    /// The fast route of each queue that has one, by queue id.
+    fast: Vec<Option<FastRoute>>,
+    /// Packets accepted by pushes of the data plane's thread that left nothing for the loop, which the
+    /// dispatcher never sees: its `accepted` adds them.
+    accepted_off_loop: u64,
+}
+
+pub(crate) type SharedQueues = Arc<Mutex<QueuesCore>>;
+
+/// A push's outcome before it is made Python objects: the packets accepted, the queues left ready (for
+/// their workers), the provisional queues made, pressure, and the `on_blocked` calls owed.
+pub(crate) struct Settled {
+    pub accepted: usize,
+    ready: Vec<QueueId>,
+    new: Vec<QueueId>,
+    pressure: bool,
+    pub blocked: Blocked,
+}
+
+impl Settled {
+    /// Whether the loop has anything to do for it besides the `on_blocked` calls.
+    pub fn leaves_work(&self) -> bool {
+        !self.ready.is_empty() || !self.new.is_empty() || self.pressure
+    }
+}
+
+fn lock_core(core: &Mutex<QueuesCore>) -> MutexGuard<'_, QueuesCore> {
+    core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl QueuesCore {
+    fn has_fast(&self, id: QueueId) -> bool {
+        matches!(self.fast.get(id), Some(Some(_)))
+    }
+
+    fn clear_fast_of(&mut self, id: QueueId) -> Option<FastRoute> {
+        self.fast.get_mut(id).and_then(Option::take)
+    }
+
+    /// The fast path: a queue that was empty before this push and has a fast route is written to its
+    /// session now, whole, in this call, and is not reported ready (no worker wakes up). When the session
+    /// cannot take it (not established, output waiting, window full, in use elsewhere), the packets stay
+    /// queued, the route is withdrawn (later packets queue behind them, in order) and the worker is woken
+    /// as usual. Returns whether the queue was written; a socket that did not take everything adds the
+    /// route's `on_blocked` call to `blocked`.
+    fn try_fast(&mut self, id: QueueId, blocked: &mut Blocked) -> bool {
+        let Some(Some(route)) = self.fast.get(id) else {
+            return false;
+        };
+        let (wire, count) = (self.inner.peek(id), self.inner.depth(id) as u64);
+        let written = match route.session.try_lock() {
+            Ok(mut shared) => {
+                let sock = shared.sock;
+                shared
+                    .session
+                    .send_fast(sock, wire, count, route.window, route.owner.clone())
+            }
+            // In use (a call of the loop that let the GIL go, or the other thread): the worker's way this
+            // time, the route kept.
+            Err(_) => return false,
+        };
+        match written {
+            Ok(unsent) => {
+                if unsent > 0 {
+                    blocked.push((Arc::clone(&route.on_blocked), unsent));
+                }
+                // The session has the packets: the queue lets them go.
+                self.inner.sent_directly(id);
+                true
+            }
+            Err(_) => {
+                // Withdrawn; dropped here even off the loop: its callback is shared (`Arc`), and the last
+                // holder may well be the loop's.
+                drop(self.clear_fast_of(id));
+                false
+            }
+        }
+    }
+
+    fn settle(&mut self, pushed: Pushed) -> Settled {
+        let mut blocked = Vec::new();
+        let ready = pushed
+            .ready
+            .into_iter()
+            .filter(|&id| !self.try_fast(id, &mut blocked))
+            .collect();
+        Settled {
+            accepted: pushed.accepted,
+            ready,
+            new: pushed.new,
+            pressure: pushed.pressure,
+            blocked,
+        }
+    }
+}
+
+/// The data plane's push of a TUN read, without the GIL: made only when every packet goes to a
+/// destination with a fast route and an empty queue (`CoreQueues::all_fast`); None (nothing pushed)
+/// otherwise, and the read is the loop's to push. What it accepted is counted here
+/// (`accepted_off_loop`) unless it leaves work for the loop (which then admits it).
+pub(crate) fn push_off_loop(
+    core: &Mutex<QueuesCore>,
+    buffer: &[u8],
+    lengths: &[u32],
+    vnet_header: bool,
+) -> Option<Settled> {
+    let mut core = lock_core(core);
+    let c = &mut *core;
+    if !c.inner.all_fast(buffer, lengths, vnet_header, |id| {
+        matches!(c.fast.get(id), Some(Some(_)))
+    }) {
+        return None;
+    }
+    let pushed = c.inner.push_buffer(buffer, lengths, vnet_header).ok()?;
+    let settled = c.settle(pushed);
+    if !settled.leaves_work() {
+        c.accepted_off_loop += settled.accepted as u64;
+    }
+    Some(settled)
+}
+
+/// Makes the owed `on_blocked(unsent)` calls, on the loop; a failure is reported, not raised (the push's
+/// packets are taken and counted either way).
+pub(crate) fn call_blocked(py: Python<'_>, blocked: Blocked) {
+    for (callback, unsent) in blocked {
+        if let Err(err) = callback.call1(py, (unsent,)) {
+            err.write_unraisable(py, None);
+        }
+    }
 }
 
 /// Per-destination bounded queues of framed packets (see `vpn_packet_core::queues`).
@@ -123,29 +262,18 @@ struct FastRoute {
 /// (`remove`, which returns the packets to count as rejected) before anything else touches the queues.
 #[pyclass(module = "vpn_packet._native", name = "DestinationQueues")]
 pub struct DestinationQueues {
-    inner: CoreQueues,
+    pub(crate) core: SharedQueues,
     /// The key `str` of each queue, by queue id.
     names: Vec<Option<Py<PyString>>>,
-    /// The fast route of each queue that has one, by queue id.
-    fast: Vec<Option<FastRoute>>,
     /// Every destination's fast-path counters together.
     fast_total: Arc<CoreFastCounters>,
-    /// Packets accepted by pushes of the data plane's thread (`push_read_off_loop`) that left nothing for
-    /// the loop, which the dispatcher never sees: its `accepted` adds them.
-    accepted_off_loop: u64,
-    /// While the data plane's thread pushes: the `on_blocked` calls owed, made later on the loop (asyncio
-    /// is not thread-safe), instead of at once.
-    blocked_owed: Option<Vec<(Py<PyAny>, usize)>>,
-}
-
-/// A push the data plane's thread made: the push's result when it left something for the loop (a worker
-/// to wake, a queue half full), and the `on_blocked` calls owed.
-pub(crate) struct OffLoopPush {
-    pub result: Option<Py<PyAny>>,
-    pub blocked: Vec<(Py<PyAny>, usize)>,
 }
 
 impl DestinationQueues {
+    fn core(&self) -> MutexGuard<'_, QueuesCore> {
+        lock_core(&self.core)
+    }
+
     fn set_name(&mut self, id: QueueId, name: Py<PyString>) {
         if self.names.len() <= id {
             self.names.resize_with(id + 1, || None);
@@ -154,42 +282,7 @@ impl DestinationQueues {
     }
 
     fn id(&self, key: &Bound<'_, PyString>) -> PyResult<Option<QueueId>> {
-        Ok(self.inner.id(key.to_str()?))
-    }
-
-    /// A TUN read pushed by the data plane's thread, only when every packet goes to a destination with a
-    /// fast route and an empty queue (`CoreQueues::all_fast`): None (nothing pushed) otherwise, and the
-    /// read is the loop's to push. The thread holds the GIL: nothing runs in between.
-    pub(crate) fn push_read_off_loop(
-        &mut self,
-        py: Python<'_>,
-        buffer: &[u8],
-        lengths: &[u32],
-        vnet_header: bool,
-    ) -> PyResult<Option<OffLoopPush>> {
-        let fast = &self.fast;
-        if !self.inner.all_fast(buffer, lengths, vnet_header, |id| {
-            matches!(fast.get(id), Some(Some(_)))
-        }) {
-            return Ok(None);
-        }
-        self.blocked_owed = Some(Vec::new());
-        let pushed = self.push_read(py, buffer, lengths, vnet_header);
-        let blocked = self.blocked_owed.take().unwrap_or_default();
-        let (accepted, ready, new, pressure) = pushed?;
-        // A result left for the loop is counted by the dispatcher when it admits it; the rest here.
-        let result = if ready.is_empty() && new.is_none() && !pressure {
-            self.accepted_off_loop += accepted as u64;
-            None
-        } else {
-            Some(
-                (accepted, ready, new, pressure)
-                    .into_pyobject(py)?
-                    .into_any()
-                    .unbind(),
-            )
-        };
-        Ok(Some(OffLoopPush { result, blocked }))
+        Ok(self.core().inner.id(key.to_str()?))
     }
 
     /// A TUN read's packets (end to end in `buffer`, `lengths` each), routed as `push_buffer` does.
@@ -200,87 +293,58 @@ impl DestinationQueues {
         lengths: &[u32],
         vnet_header: bool,
     ) -> PyResult<PushResult<'py>> {
-        let pushed = self
-            .inner
-            .push_buffer(buffer, lengths, vnet_header)
-            .map_err(|e| split_error(&e))?;
-        self.result(py, pushed)
-    }
-
-    fn clear_fast_of(&mut self, id: QueueId) {
-        if let Some(route) = self.fast.get_mut(id) {
-            *route = None;
-        }
-    }
-
-    /// The fast path: a queue that was empty before this push and has a fast route is written to its
-    /// session now, whole, in this call, and is not reported ready (no worker wakes up). When the session
-    /// cannot take it (not established, output waiting, window full), the packets stay queued, the route
-    /// is withdrawn (later packets queue behind them, in order) and the worker is woken as usual.
-    /// Returns whether the queue was written.
-    fn try_fast(&mut self, py: Python<'_>, id: QueueId) -> PyResult<bool> {
-        let Some(Some(route)) = self.fast.get(id) else {
-            return Ok(false);
+        let settled = {
+            let mut core = self.core();
+            let pushed = core
+                .inner
+                .push_buffer(buffer, lengths, vnet_header)
+                .map_err(|e| split_error(&e))?;
+            core.settle(pushed)
         };
-        let (wire, count) = (self.inner.peek(id), self.inner.depth(id) as u64);
-        let written = match route.session.try_lock() {
-            Ok(mut shared) => {
-                let sock = shared.sock;
-                shared
-                    .session
-                    .send_fast(sock, wire, count, route.window, route.owner.clone())
-            }
-            Err(_) => return Ok(false), // in use (never on the loop's thread): the worker's way
-        };
-        match written {
-            Ok(unsent) => {
-                // The session has the packets: the queue lets them go before anything else can fail.
-                self.inner.sent_directly(id);
-                if unsent > 0 {
-                    if let Some(owed) = &mut self.blocked_owed {
-                        owed.push((route.on_blocked.clone_ref(py), unsent));
-                    } else if let Err(err) = route.on_blocked.call1(py, (unsent,)) {
-                        // Reported, not raised: the push's packets are taken and counted either way.
-                        err.write_unraisable(py, None);
-                    }
-                }
-                Ok(true)
-            }
-            Err(_) => {
-                self.clear_fast_of(id);
-                Ok(false)
-            }
-        }
+        self.result(py, settled)
     }
 
-    fn result<'py>(&mut self, py: Python<'py>, pushed: Pushed) -> PyResult<PushResult<'py>> {
+    /// A push's outcome as Python objects (the owed `on_blocked` calls made, after the queues' lock).
+    pub(crate) fn result<'py>(&mut self, py: Python<'py>, settled: Settled) -> PyResult<PushResult<'py>> {
+        let Settled {
+            accepted,
+            ready: ready_ids,
+            new: new_ids,
+            pressure,
+            blocked,
+        } = settled;
         let ready = PyList::empty(py);
-        for id in pushed.ready {
-            if self.try_fast(py, id)? {
-                continue;
-            }
+        for id in ready_ids {
             if let Some(Some(name)) = self.names.get(id) {
                 ready.append(name.bind(py))?;
             }
         }
-        let new = if pushed.new.is_empty() {
+        let new = if new_ids.is_empty() {
             None
         } else {
             let new = PyList::empty(py);
-            for id in pushed.new {
-                let (key, ip) = match self.inner.destination(id) {
+            for id in new_ids {
+                let (dest, key, depth, overflow) = {
+                    let core = self.core();
+                    let q = &core.inner;
+                    (
+                        q.destination(id),
+                        q.key(id).unwrap_or_default().to_owned(),
+                        q.depth(id),
+                        q.overflow(id),
+                    )
+                };
+                let (key, ip) = match dest {
                     Some(dest) => key_and_ip(py, &dest),
-                    None => {
-                        let key = PyString::new(py, self.inner.key(id).unwrap_or_default());
-                        (key, PyString::new(py, ""))
-                    }
+                    None => (PyString::new(py, &key), PyString::new(py, "")),
                 };
                 self.set_name(id, key.clone().unbind());
-                new.append((key, ip, self.inner.depth(id), self.inner.overflow(id)))?;
+                new.append((key, ip, depth, overflow))?;
             }
             Some(new)
         };
-        Ok((pushed.accepted, ready, new, pushed.pressure))
+        call_blocked(py, blocked);
+        Ok((accepted, ready, new, pressure))
     }
 }
 
@@ -298,34 +362,35 @@ impl DestinationQueues {
             )));
         }
         Ok(DestinationQueues {
-            inner: CoreQueues::new(capacity, max_packet_size),
+            core: Arc::new(Mutex::new(QueuesCore {
+                inner: CoreQueues::new(capacity, max_packet_size),
+                fast: Vec::new(),
+                accepted_off_loop: 0,
+            })),
             names: Vec::new(),
-            fast: Vec::new(),
             fast_total: Arc::default(),
-            accepted_off_loop: 0,
-            blocked_owed: None,
         })
     }
 
     #[getter]
     fn capacity(&self) -> usize {
-        self.inner.capacity()
+        self.core().inner.capacity()
     }
 
     #[getter]
     fn max_packet_size(&self) -> usize {
-        self.inner.max_packet_len()
+        self.core().inner.max_packet_len()
     }
 
     /// Offload frames queued so far.
     #[getter]
     fn offload_frames(&self) -> u64 {
-        self.inner.offload_frames()
+        self.core().inner.offload_frames()
     }
 
     /// Rejections counted here, by reason: `invalid_packet`, `queue_full`.
     fn rejected<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let r = self.inner.rejected();
+        let r = self.core().inner.rejected();
         let out = PyDict::new(py);
         out.set_item("invalid_packet", r.invalid_packet)?;
         out.set_item("queue_full", r.queue_full)?;
@@ -340,10 +405,14 @@ impl DestinationQueues {
                 held.push(PacketBytes::get(item)?);
                 Ok(())
             })?;
-            let pushed = self
-                .inner
-                .push_packets(held.iter().map(PacketBytes::as_slice), false);
-            self.result(py, pushed)
+            let settled = {
+                let mut core = self.core();
+                let pushed = core
+                    .inner
+                    .push_packets(held.iter().map(PacketBytes::as_slice), false);
+                core.settle(pushed)
+            };
+            self.result(py, settled)
         })
     }
 
@@ -371,7 +440,7 @@ impl DestinationQueues {
     fn push_keyed(&mut self, key: &Bound<'_, PyString>, packet: &Bound<'_, PyAny>) -> PyResult<u8> {
         no_panic(|| {
             let key = key.to_str()?;
-            let result = with_bytes(packet, |bytes| self.inner.push_keyed(key, bytes))?;
+            let result = with_bytes(packet, |bytes| self.core().inner.push_keyed(key, bytes))?;
             Ok(match result {
                 KeyedPush::Queued => PUSH_QUEUED,
                 KeyedPush::Ready => PUSH_READY,
@@ -387,7 +456,7 @@ impl DestinationQueues {
     /// returns whether it was created or adopted (False: it existed already).
     fn add(&mut self, key: &Bound<'_, PyString>) -> PyResult<bool> {
         no_panic(|| {
-            let (id, changed) = self.inner.add(key.to_str()?);
+            let (id, changed) = self.core().inner.add(key.to_str()?);
             if changed {
                 self.set_name(id, key.clone().unbind());
             }
@@ -399,21 +468,23 @@ impl DestinationQueues {
     /// overflow included). 0 if there is none.
     fn remove(&mut self, key: &Bound<'_, PyString>) -> PyResult<usize> {
         no_panic(|| {
-            if let Some(id) = self.id(key)? {
+            let mut core = lock_core(&self.core);
+            if let Some(id) = core.inner.id(key.to_str()?) {
                 if let Some(name) = self.names.get_mut(id) {
                     *name = None;
                 }
-                self.clear_fast_of(id);
+                core.clear_fast_of(id);
             }
-            Ok(self.inner.remove(key.to_str()?))
+            Ok(core.inner.remove(key.to_str()?))
         })
     }
 
     /// Removes every queue.
     fn clear(&mut self) {
-        self.inner.clear();
+        let mut core = lock_core(&self.core);
+        core.inner.clear();
+        core.fast.clear();
         self.names.clear();
-        self.fast.clear();
     }
 
     /// Lets `key`'s packets skip its worker while its queue is empty: a batch push (a TUN read) writes them
@@ -433,45 +504,47 @@ impl DestinationQueues {
         let Some(id) = self.id(key)? else {
             return Ok(false);
         };
-        if self.fast.len() <= id {
-            self.fast.resize_with(id + 1, || None);
-        }
-        self.fast[id] = Some(FastRoute {
+        let route = FastRoute {
             session: session.shared(),
             owner: FastOwner {
                 destination: Arc::clone(&counters.inner),
                 total: Arc::clone(&self.fast_total),
             },
             window,
-            on_blocked,
-        });
+            on_blocked: Arc::new(on_blocked),
+        };
+        let mut core = self.core();
+        if core.fast.len() <= id {
+            core.fast.resize_with(id + 1, || None);
+        }
+        core.fast[id] = Some(route);
         Ok(true)
     }
 
     /// Withdraws `key`'s fast route (its packets go through its worker again).
     fn clear_fast(&mut self, key: &Bound<'_, PyString>) -> PyResult<()> {
         if let Some(id) = self.id(key)? {
-            self.clear_fast_of(id);
+            let route = self.core().clear_fast_of(id);
+            drop(route); // after the lock
         }
         Ok(())
     }
 
     /// Withdraws every fast route (routes changed, or the dispatcher is stopping).
     fn clear_all_fast(&mut self) {
-        self.fast.clear();
+        let routes = std::mem::take(&mut self.core().fast);
+        drop(routes); // after the lock
     }
 
     /// Whether `key` has a fast route now.
     fn has_fast(&self, key: &Bound<'_, PyString>) -> PyResult<bool> {
-        Ok(self
-            .id(key)?
-            .is_some_and(|id| matches!(self.fast.get(id), Some(Some(_)))))
+        Ok(self.id(key)?.is_some_and(|id| self.core().has_fast(id)))
     }
 
     /// Packets accepted by the data plane's thread's pushes (the dispatcher's `accepted` adds them).
     #[getter]
     fn accepted_off_loop(&self) -> u64 {
-        self.accepted_off_loop
+        self.core().accepted_off_loop
     }
 
     /// Every destination's fast-path counters together.
@@ -484,7 +557,7 @@ impl DestinationQueues {
 
     /// Empties the queue of `key`; returns how many packets it held.
     fn discard(&mut self, key: &Bound<'_, PyString>) -> PyResult<usize> {
-        Ok(self.id(key)?.map_or(0, |id| self.inner.discard(id)))
+        Ok(self.id(key)?.map_or(0, |id| self.core().inner.discard(id)))
     }
 
     /// Takes everything queued for `key`: `(framed, count)`. Those packets count against the bound (as in
@@ -495,43 +568,52 @@ impl DestinationQueues {
         key: &Bound<'py, PyString>,
     ) -> PyResult<(Bound<'py, PyBytes>, usize)> {
         no_panic(|| {
-            let (data, count) = match self.id(key)? {
+            let mut core = self.core();
+            let (data, count) = match core.inner.id(key.to_str()?) {
                 Some(id) => {
-                    self.clear_fast_of(id); // the worker writes now: later packets queue behind
-                    self.inner.take(id)
+                    core.clear_fast_of(id); // the worker writes now: later packets queue behind
+                    core.inner.take(id)
                 }
                 None => (Vec::new(), 0),
             };
+            drop(core);
             Ok((PyBytes::new(py, &data), count))
         })
     }
 
     /// Sets how many packets of `key` are being written (the queue holds at most `capacity` minus that).
     fn set_in_flight(&mut self, key: &Bound<'_, PyString>, count: usize) -> PyResult<()> {
-        if let Some(id) = self.id(key)? {
-            self.inner.set_in_flight(id, count);
+        let mut core = self.core();
+        if let Some(id) = core.inner.id(key.to_str()?) {
+            core.inner.set_in_flight(id, count);
         }
         Ok(())
     }
 
     /// Packets queued for `key` (0 without a queue).
     fn depth(&self, key: &Bound<'_, PyString>) -> PyResult<usize> {
-        Ok(self.id(key)?.map_or(0, |id| self.inner.depth(id)))
+        let core = self.core();
+        Ok(core.inner.id(key.to_str()?).map_or(0, |id| core.inner.depth(id)))
     }
 
     /// Packets of `key` rejected as `queue_full`.
     fn dropped(&self, key: &Bound<'_, PyString>) -> PyResult<u64> {
-        Ok(self.id(key)?.map_or(0, |id| self.inner.dropped(id)))
+        let core = self.core();
+        Ok(core
+            .inner
+            .id(key.to_str()?)
+            .map_or(0, |id| core.inner.dropped(id)))
     }
 
     /// The framed packets queued for `key`, without taking them (for inspection).
     fn peek<'py>(&self, py: Python<'py>, key: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyBytes>> {
-        let id = self.id(key)?;
-        Ok(PyBytes::new(py, id.map_or(&[][..], |id| self.inner.peek(id))))
+        let core = self.core();
+        let id = core.inner.id(key.to_str()?);
+        Ok(PyBytes::new(py, id.map_or(&[][..], |id| core.inner.peek(id))))
     }
 
     fn __len__(&self) -> usize {
-        self.inner.len()
+        self.core().inner.len()
     }
 
     fn __contains__(&self, key: &Bound<'_, PyString>) -> PyResult<bool> {
@@ -539,14 +621,16 @@ impl DestinationQueues {
     }
 
     fn __repr__(&self) -> String {
-        let r = self.inner.rejected();
+        let core = self.core();
+        let q = &core.inner;
+        let r = q.rejected();
         format!(
             "DestinationQueues(capacity={}, queues={}, invalid_packet={}, queue_full={}, offload_frames={})",
-            self.inner.capacity(),
-            self.inner.len(),
+            q.capacity(),
+            q.len(),
             r.invalid_packet,
             r.queue_full,
-            self.inner.offload_frames(),
+            q.offload_frames(),
         )
     }
 }

@@ -46,8 +46,8 @@ pub struct SendSession {
 }
 
 /// The session and its socket, shared with the dispatcher's queues (`DestinationQueues.set_fast`), whose
-/// fast path writes a TUN read into it without Python. Everything runs on the event loop's thread; the
-/// lock only makes the sharing sound (the fast path only ever `try_lock`s: it never waits).
+/// fast path writes a TUN read into it without Python, on the event loop's thread or the data plane's.
+/// The fast path only ever `try_lock`s (it never waits: a session in use goes the worker's way).
 pub struct SharedSession {
     pub session: CoreSession,
     pub sock: RawFd,

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyTuple};
 use vpn_packet_core::data_plane::{Source, Step};
 use vpn_packet_core::framing::{MAX_FRAME_SIZE_LIMIT, VNET_HDR_LEN};
 use vpn_packet_core::inbound::PLAIN_VNET_HDR;
@@ -27,7 +27,7 @@ use vpn_packet_core::tun::{self, FATAL_ERRNOS};
 use crate::buffer::PacketBytes;
 use crate::errors::no_panic;
 use crate::functions::for_each_item;
-use crate::queues::{DestinationQueues, PushResult};
+use crate::queues::{push_off_loop, DestinationQueues, PushResult, Settled, SharedQueues};
 
 /// Batch reads and writes on a TUN descriptor (which stays owned, and closed, by Python).
 #[pyclass(module = "vpn_packet._native", name = "TunIo")]
@@ -146,10 +146,9 @@ enum Held {
         total: usize,
         errno: i32,
     },
-    /// A read it pushed, whose result leaves work for the loop, and the `on_blocked` calls owed.
+    /// A read it pushed that left work for the loop (a worker to wake, pressure) or `on_blocked` calls.
     Pushed {
-        result: Option<Py<PyAny>>,
-        blocked: Vec<(Py<PyAny>, usize)>,
+        settled: Settled,
         packets: usize,
         total: usize,
     },
@@ -172,7 +171,8 @@ struct FeedState {
     max_bytes: usize,
     buffer: Vec<u8>,
     lengths: Vec<u32>,
-    queues: Py<DestinationQueues>,
+    /// The dispatcher's queues, shared (the thread pushes without the GIL).
+    core: SharedQueues,
     watched: bool,
     held: Held,
     stats: FeedStats,
@@ -194,11 +194,11 @@ impl FeedState {
     }
 }
 
-/// On the data plane's thread: a TUN readiness event read (no GIL), then, with the GIL, pushed into the
-/// dispatcher's queues only when every packet goes to a destination on the fast path (written into its
-/// connection in the push): the steady flow, with no Python code run. Anything else (a new destination, a
-/// worker to wake, a drop to count, a read error, a socket that pushed back) parks the feed with what it
-/// holds, for the loop.
+/// On the data plane's thread: a TUN readiness event read, then pushed into the dispatcher's queues only
+/// when every packet goes to a destination on the fast path (written into its connection in the push):
+/// the steady flow, without the GIL or any Python code. Anything else (a new destination, a worker to
+/// wake, a drop to count, a read error, a socket that pushed back) parks the feed with what it holds, for
+/// the loop.
 impl Source for FeedSource {
     fn fd(&self) -> RawFd {
         lock(&self.state).fd
@@ -218,40 +218,28 @@ impl Source for FeedSource {
             s.max_packets,
             s.max_bytes,
         );
-        let packets = s.lengths.len();
+        let (packets, total) = (s.lengths.len(), result.total);
         if result.errno != 0 {
             return s.park(Held::Read {
-                total: result.total,
+                total,
                 errno: result.errno,
             });
         }
         if packets == 0 {
             return Step::Idle;
         }
-        let (buffer, lengths, vnet) = (&s.buffer[..result.total], &s.lengths[..], s.vnet_header);
-        let pushed = Python::attach(|py| match s.queues.bind(py).try_borrow_mut() {
-            Ok(mut queues) => queues
-                .push_read_off_loop(py, buffer, lengths, vnet)
-                .ok()
-                .flatten(),
-            Err(_) => None, // in use by the loop (it called out and let the GIL go): the loop's read
-        });
-        match pushed {
-            None => s.park(Held::Read {
-                total: result.total,
-                errno: 0,
-            }),
-            Some(push) if push.result.is_some() || !push.blocked.is_empty() => s.park(Held::Pushed {
-                result: push.result,
-                blocked: push.blocked,
+        match push_off_loop(&s.core, &s.buffer[..total], &s.lengths, s.vnet_header) {
+            None => s.park(Held::Read { total, errno: 0 }),
+            Some(settled) if settled.leaves_work() || !settled.blocked.is_empty() => s.park(Held::Pushed {
+                settled,
                 packets,
-                total: result.total,
+                total,
             }),
             Some(_) => {
                 let st = &mut s.stats;
                 st.events += 1;
                 st.packets += packets as u64;
-                st.bytes += result.total as u64;
+                st.bytes += total as u64;
                 st.max_batch = st.max_batch.max(packets as u64);
                 Step::Idle
             }
@@ -263,13 +251,7 @@ impl Source for FeedSource {
     }
 }
 
-type ParkedRead<'py> = (
-    Option<Bound<'py, PyAny>>,
-    usize,
-    usize,
-    i32,
-    Vec<(Py<PyAny>, usize)>,
-);
+type ParkedRead<'py> = (Option<PushResult<'py>>, usize, usize, i32);
 
 /// A TUN device's reads on the data plane's thread, into a dispatcher's queues (`DataPlane.watch_tun`):
 /// the thread reads each readiness event and pushes it itself when every packet is for an idle fast route
@@ -279,17 +261,18 @@ type ParkedRead<'py> = (
 pub struct TunFeed {
     pub(crate) shared: Arc<FeedSource>,
     pub(crate) token: Option<u64>,
+    queues: Py<DestinationQueues>,
 }
 
 impl TunFeed {
-    /// The state, locked with the GIL released: the thread holds the lock while it waits for the GIL.
+    /// The state, locked without holding the GIL while waiting (the thread never takes the GIL, but a
+    /// wait with it would stall every other Python thread).
     fn locked<'a>(&'a self, py: Python<'_>) -> MutexGuard<'a, FeedState> {
         let state = &self.shared.state;
         loop {
             match state.try_lock() {
                 Ok(guard) => return guard,
                 Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
-                // Held by the thread, which may be waiting for the GIL: wait for the lock without it.
                 Err(TryLockError::WouldBlock) => py.detach(|| drop(lock(state))),
             }
         }
@@ -305,6 +288,7 @@ impl TunFeed {
     #[new]
     #[pyo3(signature = (fd, queues, *, vnet_header = false, packet_size = 65545, max_packets = 1024, max_bytes = 4194304))]
     fn new(
+        py: Python<'_>,
         fd: RawFd,
         queues: Py<DestinationQueues>,
         vnet_header: bool,
@@ -321,6 +305,7 @@ impl TunFeed {
                 VNET_HDR_LEN + 1
             )));
         }
+        let core = Arc::clone(&queues.borrow(py).core);
         Ok(TunFeed {
             shared: Arc::new(FeedSource {
                 state: Mutex::new(FeedState {
@@ -331,62 +316,48 @@ impl TunFeed {
                     max_bytes,
                     buffer: Vec::new(),
                     lengths: Vec::new(),
-                    queues,
+                    core,
                     watched: false,
                     held: Held::Nothing,
                     stats: FeedStats::default(),
                 }),
             }),
             token: None,
+            queues,
         })
     }
 
     /// What the thread left when it handed the feed back, made the loop's: `(pushed, packets, bytes,
-    /// errno, blocked)`. A read it did not push is pushed now, on the loop (as `TunIo.read_into` does:
-    /// `pushed` is that push's result), unless `accepting` is False (then `pushed` is None and the packets
-    /// are the caller's to count as rejected). A read it pushed gives the push's result (with `accepted`
-    /// 0 when the thread counted them, `DestinationQueues.accepted_off_loop`) and the `on_blocked(unsent)`
-    /// calls owed, as `(callback, unsent)`.
+    /// errno)`. A read it did not push is pushed now, on the loop (as `TunIo.read_into` does: `pushed` is
+    /// that push's result), unless `accepting` is False (then `pushed` is None and the packets are the
+    /// caller's to count as rejected). A read it pushed gives that push's result (`accepted` 0 when the
+    /// thread counted them itself, `DestinationQueues.accepted_off_loop`); the `on_blocked` calls its fast
+    /// writes owe are made.
     fn take_parked<'py>(&self, py: Python<'py>, accepting: bool) -> PyResult<ParkedRead<'py>> {
         no_panic(|| {
+            let mut queues = self.queues.bind(py).borrow_mut();
             let mut guard = self.locked(py);
             let s = &mut *guard;
             match std::mem::replace(&mut s.held, Held::Nothing) {
-                Held::Nothing => Ok((None, 0, 0, 0, Vec::new())),
+                Held::Nothing => Ok((None, 0, 0, 0)),
                 Held::Read { total, errno } => {
                     let packets = s.lengths.len();
                     if !accepting || packets == 0 {
-                        return Ok((None, packets, total, errno, Vec::new()));
+                        return Ok((None, packets, total, errno));
                     }
-                    let pushed = s.queues.bind(py).borrow_mut().push_read(
-                        py,
-                        &s.buffer[..total],
-                        &s.lengths,
-                        s.vnet_header,
-                    )?;
-                    Ok((
-                        Some(pushed.into_pyobject(py)?.into_any()),
-                        packets,
-                        total,
-                        errno,
-                        Vec::new(),
-                    ))
+                    let pushed = queues.push_read(py, &s.buffer[..total], &s.lengths, s.vnet_header)?;
+                    Ok((Some(pushed), packets, total, errno))
                 }
                 Held::Pushed {
-                    result,
-                    blocked,
+                    mut settled,
                     packets,
                     total,
                 } => {
-                    // Pushed already: its accepted packets are counted (`accepted_off_loop`); what is left
-                    // to admit is the result, or nothing.
-                    let result = match result {
-                        Some(result) => result.into_bound(py),
-                        None => (0usize, PyList::empty(py), py.None(), false)
-                            .into_pyobject(py)?
-                            .into_any(),
-                    };
-                    Ok((Some(result), packets, total, 0, blocked))
+                    if !settled.leaves_work() {
+                        settled.accepted = 0; // counted by the thread
+                    }
+                    drop(guard);
+                    Ok((Some(queues.result(py, settled)?), packets, total, 0))
                 }
             }
         })

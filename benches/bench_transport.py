@@ -38,14 +38,16 @@ from typing import Any
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+import ack_cost
 from vpn_packet.node.node import Node
 from vpn_packet.testutil.keys import key_securities
 from vpn_packet.testutil.packets import UDP, ipv4_packet
+from vpn_packet.transport import receiver as receiver_module
 from vpn_packet.transport.discovery import Peer, StaticPeerDiscovery
 from vpn_packet.transport.framing import encode_frames
 from vpn_packet.transport.handshake import Security
 from vpn_packet.transport.receiver import Receiver
-from vpn_packet.transport.tcp import TcpStreamService
+from vpn_packet.transport.tcp import TcpStream, TcpStreamService
 
 SIZES = (64, 1400)
 ROUND = {64: 200_000, 1400: 40_000}
@@ -363,6 +365,27 @@ def test_handshake_to_first_delivery(
         p90_ms=round(ms[int(len(ms) * 0.9) - 1], 3),
         max_ms=round(ms[-1], 3),
     )
+
+
+def test_ack_cost_measurement() -> None:
+    """benches/ack_cost.py (README: "Acks, measured apart") in miniature, so that the script and its
+    bench-only injections keep working as the receiver and the stream change: one round of each variant,
+    64-byte plaintext. It checks what the injections must do (the coalesced variant writes fewer acks than
+    production, the timed one saw both ack handlers, everything is put back afterwards), never a timing; the
+    figures come from running the script itself."""
+    results = ack_cost.run([64], ["insecure"], rounds=1, delay=ack_cost.DELAY, packets={64: 20_000})
+    assert receiver_module._Pump._flush is ack_cost._ORIGINAL_FLUSH
+    assert TcpStream._next_ack is ack_cost._ORIGINAL_NEXT_ACK
+    [result] = results
+    by = {r.variant: r for r in result.rounds}
+    assert sorted(by) == sorted(ack_cost.VARIANTS)
+    assert all(r.packets == 20_000 for r in result.rounds)
+    assert 0 < by["coalesced"].ack_writes < by["timed"].ack_writes
+    assert by["timed"].flush_seconds > 0
+    assert by["timed"].read_seconds > 0
+    assert by["timed"].ack_reads > 0
+    summary = ack_cost.summarize(result)
+    assert summary["coalesced"]["packets_per_ack_write"] > summary["timed"]["packets_per_ack_write"]
 
 
 def test_zz_summary() -> None:

@@ -387,6 +387,50 @@ async def test_peer_that_stops_reading_fails_the_write_instead_of_hanging() -> N
         await fake.kill()
 
 
+async def test_output_drained_by_the_ack_read_wakes_the_writer() -> None:
+    """Bulk writes to a live `Receiver` whose socket takes less than the in-flight window: the session's
+    output passes high_water (the write waits for it to drain), and the ack read's pump, which also writes
+    the output, often drains it whole. That must wake the waiting writer: it used to be woken only by a
+    writability callback, which never came once the output was gone, so a healthy connection waited out
+    write_timeout and was reset, its packets counted lost (found by benches/ack_cost.py with a 32 MiB
+    window; with the default window on a host whose `net.core.wmem_max` is Linux's default, 212992)."""
+    delivered = 0
+
+    def sink(peer_id: str, packets: list[bytes]) -> None:
+        nonlocal delivered
+        delivered += len(packets)
+
+    security = Security.insecure("node-b")
+    async with Receiver(discovery(), sink, security=security, host="127.0.0.1", port=0) as rx:
+        # SO_SNDBUF as the kernel grants it under the default wmem_max; the default window (4 MiB).
+        service = TcpStreamService(node_b_at(rx.address[1]), A, send_buffer=212_992, write_timeout=5.0)
+        stream = await service.create_stream("node-b")
+        batch = [ipv4_packet(A_SRC, "10.8.0.3", UDP, 1, 2, bytes(1372))] * 1024
+        receipts = [await stream.write_many(batch) for _ in range(60)]
+        async with asyncio.timeout(30):  # a hang guard
+            taken = await asyncio.gather(*receipts)
+        assert not stream.closed
+        assert taken == [len(batch)] * len(receipts)
+        assert delivered == len(batch) * len(receipts)
+        assert service.stats("node-b").lost_in_flight == 0
+        await stream.close()
+
+
+async def test_any_call_that_finds_the_output_drained_wakes_the_writers(peer: FakePeer) -> None:
+    """The same rule on the link alone, without timing: output above high_water pauses the writers; a call
+    that reports it drained (as `_readable` does after a pump that wrote everything) wakes them."""
+    stream = await TcpStreamService(Endpoints(b=peer.port), A, high_water=64 * 1024).create_stream("b")
+    link = stream._link
+    link._want_write(64 * 1024 + 1)
+    assert link.paused
+    waiter = link.drain_waiter()
+    link._want_write(0)
+    assert not link.paused
+    assert waiter.done()
+    assert waiter.result() is None
+    await stream.close()
+
+
 async def test_concurrent_writers_never_interleave_inside_a_batch(peer: FakePeer) -> None:
     stream: TcpStream = await TcpStreamService(Endpoints(b=peer.port), A).create_stream("b")
 

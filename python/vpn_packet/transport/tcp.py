@@ -239,6 +239,13 @@ class _Link:
             self._writing = False
         if unsent > self._high_water:
             self.paused = True
+        elif self.paused and unsent <= self._low_water:
+            # Whichever call found the output drained wakes the writers, not only `_writable`: the ack
+            # read's pump writes the output too (rust/core/src/send.rs), and when it leaves none the writer
+            # watch is removed above, so no writability callback would come to wake a writer in `_drain`
+            # (which then waited out write_timeout and reset a healthy connection).
+            self.paused = False
+            self._wake(None)
 
     def _writable(self) -> None:
         try:
@@ -247,9 +254,6 @@ class _Link:
             self._ended_socket(exc)
             return
         self._want_write(unsent)
-        if self.paused and unsent <= self._low_water:
-            self.paused = False
-            self._wake(None)
         if self._closing and not unsent:
             self._finish(None)
 

@@ -40,6 +40,7 @@ from vpn_packet._native import MAX_PEER_ID_LEN
 from vpn_packet.resilience import ResilienceConfig
 
 __all__ = [
+    "ACK_BYTES",
     "ACK_DELAY",
     "ACK_TIMEOUT",
     "CLOCK_SKEW",
@@ -82,6 +83,8 @@ __all__ = [
     "NODE_RESILIENCE",
     "NODE_WORKER_BUFFER_SIZE",
     "DATA_PLANE_THREADS",
+    "FLOOD_BATCH",
+    "FLOOD_PAUSE",
     "READ_BATCH",
     "READ_SIZE",
     "RECEIVE_IDLE_TIMEOUT",
@@ -178,11 +181,16 @@ ACK_TIMEOUT: Final = 2.0
 #: with packets in flight would be reset as dead and its packets counted lost, over and over.
 MIN_ACK_TIMEOUT: Final = 0.1
 #: Seconds a receiver holds the ack of a read on the TUN path before writing it: the reply that the delivered
-#: packets provoke goes first (a timer runs after the readiness callbacks that came due), and the acks of
-#: the reads within it go as one write (one segment and one wake-up of the sender instead of one per read).
-#: Half a millisecond: well under anything the sender waits on (`ack_timeout`; the window passes 4 MiB in
-#: 6 ms at 5 Gbit/s), well over a request/response round trip through the tunnel.
-ACK_DELAY: Final = 0.0005
+#: packets provoke goes first, and the acks of the reads within it go as one write (one segment and one
+#: wake-up of the sender instead of one per read), unless `ACK_BYTES` of payload came meanwhile: then at
+#: once, so that a bulk flow's window keeps moving. 2 ms: well under anything the sender waits on
+#: (`ack_timeout`; the default window passes 4 MiB in 6 ms at 5 Gbit/s, and a bulk flow is acknowledged
+#: every `ACK_BYTES` anyway), and each ack wakes the sender's event loop, which a request/response flow pays
+#: for: redis GET through the tunnel, one client, 7,500-7,600/s against 6,800-7,100/s at 0.5 ms (two
+#: alternating runs each, benches/README.md). A window below `rate x (round trip + ACK_DELAY)` is what slows
+#: a flow whose reads stay under `ACK_BYTES`.
+ACK_DELAY: Final = 0.002
+ACK_BYTES: Final = 256 * 1024
 #: Bytes written and not yet acknowledged, per connection, at most: the memory a dead peer can cost us.
 #: 4 MiB keeps a 1 Gbit/s link busy at 30 ms of round trip.
 IN_FLIGHT_WINDOW: Final = 4 * 1024 * 1024
@@ -230,6 +238,12 @@ READ_BATCH: Final = 256
 #: reads of established destinations and the authenticated connections' reads, acks included. 0 keeps it
 #: all on the event loop (what every version before did); one thread serves both directions.
 DATA_PLANE_THREADS: Final = 1
+#: On that thread, a TUN read of at least `FLOOD_BATCH` packets is a flood: the next read waits
+#: `FLOOD_PAUSE` seconds for its batch to gather, so that a flood goes in fewer, bigger batches (fewer
+#: sends and TLS records per packet) instead of one wake-up for every few packets. A light flow (a ping,
+#: request/response) reads fewer at a time and is never held.
+FLOOD_BATCH: Final = 16
+FLOOD_PAUSE: Final = 0.0001
 
 #: The interface: a common tunnel MTU (1500 minus outer IP/TCP/TLS overhead) and queue length.
 MTU: Final = 1400

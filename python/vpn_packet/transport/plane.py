@@ -32,9 +32,14 @@ class Plane:
     on with the loop, as before."""
 
     def __init__(
-        self, *, threads: int = tuning.DATA_PLANE_THREADS, ack_delay: float = tuning.ACK_DELAY
+        self,
+        *,
+        threads: int = tuning.DATA_PLANE_THREADS,
+        ack_delay: float = tuning.ACK_DELAY,
+        ack_bytes: int = tuning.ACK_BYTES,
     ) -> None:
         self.ack_delay = ack_delay
+        self.ack_bytes = ack_bytes
         self._native: DataPlane | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed = threads == 0  # off: never started
@@ -42,7 +47,7 @@ class Plane:
     def _started(self) -> DataPlane | None:
         if self._native is None and not self._failed:
             try:
-                native = DataPlane(ack_delay=self.ack_delay)
+                native = DataPlane(ack_delay=self.ack_delay, ack_bytes=self.ack_bytes)
             except OSError as exc:  # no thread or descriptors to be had
                 self._failed = True
                 _log.warning("no data plane thread (%s): packets are handled on the event loop", exc)

@@ -361,6 +361,7 @@ class _Pump:
         )
         self._sink_task: asyncio.Task[None] | None = None
         self._ack_handle: asyncio.TimerHandle | None = None  # the deferred write of the output (the acks)
+        self._unacked_bytes = 0  # payload taken since the last ack written whole (`tuning.ACK_BYTES`)
         self._on_plane = False  # pumped by the receiver's data plane, not by this loop (`_place`)
         self.reset = False  # how the socket ends (`finish`)
         self._watch(True)
@@ -461,6 +462,8 @@ class _Pump:
         except OSError as exc:
             self._socket_failed(exc)
             return None
+        if not unsent:
+            self._unacked_bytes = 0
         self._want_write(unsent)
         return unsent
 
@@ -520,8 +523,10 @@ class _Pump:
                     self._sink_task = self._loop.create_task(self._after_sink(pending, read < 0))
                     return
         if defer and unsent and events is None and read > 0:
-            self._ack_soon()
-            return
+            self._unacked_bytes += counts[1]
+            if self._unacked_bytes < tuning.ACK_BYTES:
+                self._ack_soon()
+                return
         if self.target is None or defer:
             if self._flush() is None:
                 return
@@ -531,11 +536,11 @@ class _Pump:
             self._end_of_stream()
 
     def _ack_soon(self) -> None:
-        """Writes the output `tuning.ACK_DELAY` later, after the readiness callbacks that came due (asyncio
-        runs the readiness callbacks of a select before the timers that came due). So the TUN read of the
-        reply that a delivered packet provoked (an echo reply, a TCP ack, a server's answer) is sent before
-        this ack, which a request's round trip does not wait for; the acks of the reads meanwhile go as one
-        write."""
+        """Writes the output `tuning.ACK_DELAY` later (at once past `tuning.ACK_BYTES`: `_pumped`), after the
+        readiness callbacks that came due (asyncio runs the readiness callbacks of a select before the
+        timers that came due). So the TUN read of the reply that a delivered packet provoked (an echo reply,
+        a TCP ack, a server's answer) is sent before this ack, which a request's round trip does not wait
+        for; the acks of the reads meanwhile go as one write."""
         if self._ack_handle is None:
             self._ack_handle = self._loop.call_later(tuning.ACK_DELAY, self._write_acks)
 

@@ -392,6 +392,8 @@ class TunDevice:
                 packet_size=self._read_size,
                 max_packets=self._max_packets,
                 max_bytes=self._max_bytes,
+                flood_batch=tuning.FLOOD_BATCH,
+                flood_pause=tuning.FLOOD_PAUSE,
             )
         return self._plane.watch_tun(feed, self._parked)
 

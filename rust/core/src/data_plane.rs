@@ -37,6 +37,10 @@ pub enum Step {
     Due(Duration),
     /// Stop driving this source and hand it to Python (see the module documentation).
     Park,
+    /// Do not watch the descriptor for this long, then call [`Source::readable`] again: a source under a
+    /// flood lets its next batch gather (fewer, bigger batches: less work per packet) instead of being
+    /// woken for every few packets.
+    Pause(Duration),
 }
 
 /// A descriptor the data plane drives. Implementations keep their state under their own lock and check
@@ -276,6 +280,8 @@ struct Loop<'a> {
     dues: BinaryHeap<std::cmp::Reverse<(Instant, u64)>>,
     /// The deadline the timer is armed for.
     armed: Option<Instant>,
+    /// Sources paused ([`Step::Pause`]): out of `epoll` until their deadline.
+    paused: std::collections::HashSet<u64>,
 }
 
 impl Loop<'_> {
@@ -287,6 +293,11 @@ impl Loop<'_> {
         match step {
             Step::Idle => {}
             Step::Due(after) => self.dues.push(std::cmp::Reverse((Instant::now() + after, token))),
+            Step::Pause(after) => {
+                epoll_del(self.shared.epoll.as_raw_fd(), source.fd());
+                self.paused.insert(token);
+                self.dues.push(std::cmp::Reverse((Instant::now() + after, token)));
+            }
             Step::Park => {
                 if lock(&self.shared.sources).remove(&token).is_some() {
                     epoll_del(self.shared.epoll.as_raw_fd(), source.fd());
@@ -308,8 +319,15 @@ impl Loop<'_> {
                 break;
             }
             self.dues.pop();
+            let paused = self.paused.remove(&token);
             if let Some(source) = self.source(token) {
-                let step = call(&*source, true);
+                if paused {
+                    // Watched again (unless it went meanwhile: then the map no longer has it), and read.
+                    if epoll_add(self.shared.epoll.as_raw_fd(), source.fd(), token).is_err() {
+                        continue;
+                    }
+                }
+                let step = call(&*source, !paused);
                 self.apply(token, &*source, step);
             }
         }
@@ -334,6 +352,7 @@ fn run(shared: &Shared) {
         shared,
         dues: BinaryHeap::new(),
         armed: None,
+        paused: std::collections::HashSet::new(),
     };
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
     while !shared.stop.load(Ordering::Acquire) {

@@ -297,9 +297,13 @@ pub struct Driven<T> {
     pub index: u32,
     /// Driven by the data plane's thread now.
     pub watched: bool,
-    /// How long acks wait on the thread (see `tuning.ACK_DELAY`).
+    /// How long acks wait on the thread (see `tuning.ACK_DELAY`), unless `ack_bytes` of payload came since
+    /// the last ack written (then at once: a bulk flow's window keeps moving).
     pub ack_delay: Duration,
+    pub ack_bytes: u64,
     ack_due: bool,
+    /// The connection's payload bytes when an ack was last written whole.
+    bytes_acked_out: u64,
     parked: Option<Parked>,
     batches: u64,
     taken: ReceiveTally,
@@ -318,7 +322,9 @@ impl<T: TunWrite> Driven<T> {
             index: NO_PEER,
             watched: false,
             ack_delay: Duration::ZERO,
+            ack_bytes: u64::MAX,
             ack_due: false,
+            bytes_acked_out: 0,
             parked: None,
             batches: 0,
             taken: ReceiveTally::default(),
@@ -329,9 +335,10 @@ impl<T: TunWrite> Driven<T> {
 
     /// Hands the session to the data plane's thread: `index` is its peer's value in `routes`, acks wait
     /// `ack_delay` there.
-    pub fn hand_over(&mut self, index: u32, ack_delay: Duration) {
+    pub fn hand_over(&mut self, index: u32, ack_delay: Duration, ack_bytes: u64) {
         self.index = index;
         self.ack_delay = ack_delay;
+        self.ack_bytes = ack_bytes;
         self.ack_due = false; // a deadline of an earlier turn on the thread was forgotten with its token
         self.watched = true;
     }
@@ -370,7 +377,25 @@ impl<T: TunWrite> Driven<T> {
 
     fn note_output(&mut self) {
         if self.session.unsent() == 0 {
-            self.acked_out = self.session.connection().counts().acked;
+            let counts = self.session.connection().counts();
+            self.acked_out = counts.acked;
+            self.bytes_acked_out = counts.frame_bytes;
+        }
+    }
+
+    /// Whether the payload taken since the last ack written reached `ack_bytes`.
+    fn ack_now(&self) -> bool {
+        let taken = self.session.connection().counts().frame_bytes;
+        taken.saturating_sub(self.bytes_acked_out) >= self.ack_bytes
+    }
+
+    /// The deferred output written now; the step that follows (a socket that would not take it all, or
+    /// failed, hands the session back).
+    fn write_acks(&mut self) -> Step {
+        match self.flush() {
+            Ok(0) => Step::Idle,
+            Ok(_) => self.park(Ok((Read::WouldBlock, Vec::new()))),
+            Err(err) => self.park(Err(err)),
         }
     }
 
@@ -446,7 +471,13 @@ impl<T: TunWrite + Send> Source for Mutex<Driven<T>> {
         if !steady {
             return s.park(result);
         }
-        if s.session.unsent() > 0 && !s.ack_due {
+        if s.session.unsent() == 0 {
+            return Step::Idle;
+        }
+        if s.ack_now() {
+            return s.write_acks();
+        }
+        if !s.ack_due {
             s.ack_due = true;
             return Step::Due(s.ack_delay);
         }
@@ -459,11 +490,7 @@ impl<T: TunWrite + Send> Source for Mutex<Driven<T>> {
         if !s.watched {
             return Step::Idle;
         }
-        match s.flush() {
-            Ok(0) => Step::Idle,
-            Ok(_) => s.park(Ok((Read::WouldBlock, Vec::new()))),
-            Err(err) => s.park(Err(err)),
-        }
+        s.write_acks()
     }
 }
 

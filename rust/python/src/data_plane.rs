@@ -17,12 +17,14 @@ use crate::tun_io::TunFeed;
 /// A thread that drives receive sessions (`watch`) until they meet something for Python, then hands them
 /// back: `notify_fd` becomes readable and `take_parked` gives the `on_parked` callbacks of the sessions
 /// handed back, which the caller runs on its loop (they call `ReceiveSession.take_parked`). `ack_delay`
-/// (seconds): how long the thread holds a read's ack (see `tuning.ACK_DELAY`). `close()` stops the
+/// (seconds): how long the thread holds a read's ack, unless `ack_bytes` of payload came since the last
+/// (see `tuning.ACK_DELAY`, `tuning.ACK_BYTES`). `close()` stops the
 /// thread (it is also stopped when the object goes).
 #[pyclass(module = "vpn_packet._native", name = "DataPlane")]
 pub struct DataPlane {
     inner: Option<CorePlane>,
     ack_delay: Duration,
+    ack_bytes: u64,
     /// Per token: the source's Python object (whose token a hand-back clears) and its `on_parked`.
     callbacks: HashMap<u64, (Owner, Py<PyAny>)>,
 }
@@ -44,8 +46,8 @@ impl DataPlane {
 #[pymethods]
 impl DataPlane {
     #[new]
-    #[pyo3(signature = (*, ack_delay = 0.0005))]
-    fn new(ack_delay: f64) -> PyResult<Self> {
+    #[pyo3(signature = (*, ack_delay = 0.002, ack_bytes = 262144))]
+    fn new(ack_delay: f64, ack_bytes: u64) -> PyResult<Self> {
         no_panic(|| {
             if !(0.0..=1.0).contains(&ack_delay) {
                 return Err(PyValueError::new_err(format!(
@@ -56,6 +58,7 @@ impl DataPlane {
             Ok(DataPlane {
                 inner: Some(inner),
                 ack_delay: Duration::from_secs_f64(ack_delay),
+                ack_bytes: ack_bytes.max(1),
                 callbacks: HashMap::new(),
             })
         })
@@ -84,7 +87,7 @@ impl DataPlane {
                         "only a session that writes a TUN runs on the data plane",
                     ));
                 }
-                s.hand_over(index, self.ack_delay);
+                s.hand_over(index, self.ack_delay, self.ack_bytes);
             }
             let source: Arc<dyn Source> = session.shared.clone();
             match self.plane()?.watch(source) {

@@ -15,6 +15,7 @@
 
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -169,6 +170,9 @@ struct FeedState {
     packet_size: usize,
     max_packets: usize,
     max_bytes: usize,
+    /// A read of at least this many packets is a flood: the next read waits `flood_pause` for its batch.
+    flood_batch: usize,
+    flood_pause: Duration,
     buffer: Vec<u8>,
     lengths: Vec<u32>,
     /// The dispatcher's queues, shared (the thread pushes without the GIL).
@@ -241,7 +245,11 @@ impl Source for FeedSource {
                 st.packets += packets as u64;
                 st.bytes += total as u64;
                 st.max_batch = st.max_batch.max(packets as u64);
-                Step::Idle
+                if packets >= s.flood_batch {
+                    Step::Pause(s.flood_pause)
+                } else {
+                    Step::Idle
+                }
             }
         }
     }
@@ -286,7 +294,8 @@ impl TunFeed {
 #[pymethods]
 impl TunFeed {
     #[new]
-    #[pyo3(signature = (fd, queues, *, vnet_header = false, packet_size = 65545, max_packets = 1024, max_bytes = 4194304))]
+    #[pyo3(signature = (fd, queues, *, vnet_header = false, packet_size = 65545, max_packets = 1024, max_bytes = 4194304, flood_batch = 16, flood_pause = 0.0001))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         fd: RawFd,
@@ -295,7 +304,14 @@ impl TunFeed {
         packet_size: usize,
         max_packets: usize,
         max_bytes: usize,
+        flood_batch: usize,
+        flood_pause: f64,
     ) -> PyResult<Self> {
+        if !(0.0..=0.1).contains(&flood_pause) {
+            return Err(PyValueError::new_err(format!(
+                "flood_pause must be 0..=0.1 seconds, got {flood_pause}"
+            )));
+        }
         if fd < 0 {
             return Err(PyValueError::new_err(format!("bad descriptor {fd}")));
         }
@@ -314,6 +330,8 @@ impl TunFeed {
                     packet_size,
                     max_packets,
                     max_bytes,
+                    flood_batch: flood_batch.max(1),
+                    flood_pause: Duration::from_secs_f64(flood_pause),
                     buffer: Vec::new(),
                     lengths: Vec::new(),
                     core,

@@ -354,6 +354,7 @@ async def test_tun_reads_for_an_established_destination_are_written_on_the_data_
             return admit(pushed)
 
         monkeypatch.setattr(lab_.d, "_admit", counting_admit)
+        lab_.service.plane = plane  # the thread reads the acks too while only the fast path waits on them
         try:
             tun.start_reading(DispatcherReader(lab_.d), plane=plane)
             tun.inject(packets[:10])  # a new destination: handed back, through the worker
@@ -365,8 +366,13 @@ async def test_tun_reads_for_an_established_destination_are_written_on_the_data_
                 async with asyncio.timeout(10):
                     await wait_until(lambda start=start: len(sink.taken) >= min(start + 20, len(packets)))
             assert sink.taken == packets  # every packet, in order
+            link = lab_.stream()._link
             async with asyncio.timeout(10):
+                await wait_until(lambda: link._on_plane)  # the acks are read on the thread
                 assert await lab_.d.flush()
+            lab_.service.sync_acks()  # what the thread read, counted
+            stats = lab_.service.stats("node-b")
+            assert (stats.tx_packets, stats.lost_in_flight) == (600, 0)
             m = lab_.d.check_accounting()
             assert (m.accepted, m.sent, m.in_flight, m.failed) == (600, 600, 0, 0)
             tm = tun.metrics()

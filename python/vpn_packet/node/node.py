@@ -324,6 +324,7 @@ class Node:
     def _traffic(self, peer_id: str) -> int:
         """Packets exchanged with `peer_id` either way (acknowledged by it, received from it), keepalives
         excluded: the keeper's measure of use."""
+        self.stream_service.sync_acks(peer_id)
         tx = self.stream_service.peer_stats.get(peer_id)
         return (tx.tx_packets if tx is not None else 0) + self.receiver.frames_from(peer_id)
 
@@ -480,6 +481,7 @@ class Node:
         metrics file and the metrics endpoint."""
         now = time.monotonic()
         received = self.receiver.peer_metrics()
+        self.stream_service.sync_acks()  # what the data plane's thread read
         sending = self.stream_service.peer_stats
         breakers = self.resilience.breakers
         out: list[dict[str, Any]] = []

@@ -205,6 +205,9 @@ class TunNode:
             self.node.receiver.tun_target = TunTarget(
                 self.tun.fd, self.tun.vnet_header, on_fatal=self._on_tun_write_fatal
             )
+            # One data plane thread per node: the receiver's, which the TUN's reads (below) and the acks of
+            # the fast path's packets share.
+            self.node.stream_service.plane = self.node.receiver.plane
             if self._manage_routes:
                 from vpn_packet.node.routes import PeerRoutes
 

@@ -5,7 +5,9 @@ callback runs per packet (issue 20, item 3):
 - receiving: an authenticated connection's reads (decrypt, check sources, write the TUN, deferred acks),
   handed over by the receiver's pump once the connection is steady (`Receiver`, `_Pump._place`);
 - sending: the TUN's reads, pushed into the dispatcher's queues when every packet is for a destination
-  on the fast path (written into its connection in the push), handed over by `TunDevice.start_reading`.
+  on the fast path (written into its connection in the push), handed over by `TunDevice.start_reading`;
+  and a connection's ack reads while only the fast path has packets in flight on it (the ledger settles
+  them natively), handed over by its `_Link` (`vpn_packet.transport.tcp`).
 
 The thread hands a source back to the loop at anything else (a lifecycle event, a new destination, an
 error): it becomes readable on `notify_fd`, and each source's `on_parked` runs here, on the loop. The thread
@@ -19,7 +21,7 @@ import logging
 from collections.abc import Callable
 
 from vpn_packet import tuning
-from vpn_packet._native import DataPlane, ReceiveSession, TunFeed
+from vpn_packet._native import DataPlane, ReceiveSession, SendSession, TunFeed
 
 __all__ = ["Plane"]
 
@@ -88,6 +90,23 @@ class Plane:
     def unwatch_tun(self, feed: TunFeed) -> None:
         if self._native is not None:
             self._native.unwatch_tun(feed)
+
+    def watch_send(self, session: SendSession, on_parked: Callable[[], object]) -> bool:
+        """The thread reads `session`'s acks (see `DataPlane.watch_send`) until it hands it back to
+        `on_parked`."""
+        native = self._started()
+        if native is None:
+            return False
+        try:
+            native.watch_send(session, on_parked)
+        except OSError as exc:
+            _log.warning("the data plane cannot watch a connection (%s): it stays on the event loop", exc)
+            return False
+        return True
+
+    def unwatch_send(self, session: SendSession) -> None:
+        if self._native is not None:
+            self._native.unwatch_send(session)
 
     def _on_parked(self) -> None:
         native = self._native

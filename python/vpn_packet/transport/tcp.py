@@ -51,6 +51,7 @@ from vpn_packet.transport.framing import (
     encode_frames,
 )
 from vpn_packet.transport.handshake import Security, new_epoch
+from vpn_packet.transport.plane import Plane
 
 __all__ = ["DEFAULT_SEND_BUFFER", "EndpointResolver", "PeerSendStats", "TcpStream", "TcpStreamService"]
 
@@ -106,7 +107,13 @@ class _Link:
     then). One native call per readiness event (`_readable`) reads the acks and tells the stream how many
     frames the peer acknowledged (`on_acked`), that the peer broke the protocol (`on_broken`) and that
     the connection ended (`on_lost`). Nothing per packet here. The socket is ours (the session only
-    borrows its descriptor): closed here, after the reader and writer are removed."""
+    borrows its descriptor): closed here, after the reader and writer are removed.
+
+    On a node's data plane (`plane`): while the stream has none of its own batches waiting for acks
+    (`may_rest`), only the fast path's, the ack reads go to the plane's thread (`_rest`), where the native
+    ledger settles them without the loop; the thread hands them back at anything else (an event, the end,
+    an error, output waiting), and the stream takes them back before it writes or waits (`take_back`). The
+    acks the thread read are counted here when someone looks (`sync`)."""
 
     def __init__(self, sock: socket.socket, session: SendSession, high_water: int) -> None:
         self.lost = False
@@ -129,6 +136,9 @@ class _Link:
         self._closed = self._loop.create_future()
         self.acked = 0
         self.sockname = sock.getsockname()
+        self.plane: Plane | None = None
+        self.may_rest: Callable[[], bool] | None = None
+        self._on_plane = False
         self._loop.add_reader(self._fd, self._readable)
 
     @property
@@ -145,6 +155,7 @@ class _Link:
     def write(self, data: bytes, count: int) -> None:
         """Raises `FramingError` (nothing taken) for bytes that are not `count` whole frames, and
         `ConnectionResetError` (nothing taken) when the session's connection has ended already."""
+        self.take_back()  # the stream waits for this batch's acks: they are read on the loop
         try:
             unsent = self._session.send_framed(data, count)
         except ValueError as exc:
@@ -209,10 +220,75 @@ class _Link:
         if self.lost:
             return
         try:
-            events, read, unsent, acked = self._session.pump()
+            result = self._session.pump()
         except OSError as exc:
             self._ended_socket(exc)
             return
+        self._pumped(result)
+        self._rest()
+
+    # --- the data plane's thread (see the class docstring) ---
+
+    def _rest(self) -> None:
+        """Hands the ack reads to the data plane's thread, when there is one and nothing here waits on
+        them."""
+        if (
+            self.plane is None
+            or self._on_plane
+            or self.lost
+            or self._closing
+            or self._writing
+            or self.may_rest is None
+            or not self.may_rest()
+            or self._sock.fileno() < 0
+        ):
+            return
+        self._loop.remove_reader(self._fd)
+        if self.plane.watch_send(self._session, self._parked):
+            self._on_plane = True
+        else:
+            self._loop.add_reader(self._fd, self._readable)
+
+    def _leave_plane(self) -> None:
+        """The thread no longer reads the acks (none of its calls touches the session after this); the acks
+        it read are counted."""
+        if self._on_plane:
+            self._on_plane = False
+            assert self.plane is not None
+            self.plane.unwatch_send(self._session)
+            self.sync()
+
+    def take_back(self) -> None:
+        """The ack reads back on the loop (the stream is about to write, or waits on acks)."""
+        if self._on_plane:
+            self._leave_plane()
+            if not self.lost:
+                self._loop.add_reader(self._fd, self._readable)
+
+    def sync(self) -> None:
+        """Counts the acks the data plane's thread read meanwhile."""
+        if not self.lost:
+            self._count_acks(self._session.acked)
+
+    def _parked(self) -> None:
+        """The thread handed the ack reads back: what its read met is handled as `_readable` handles a pump;
+        the reads stay on the loop until nothing waits on them again."""
+        self._on_plane = False
+        if self.lost:
+            return
+        self._loop.add_reader(self._fd, self._readable)
+        try:
+            result = self._session.take_parked()
+        except OSError as exc:
+            self._ended_socket(exc)
+            return
+        self._pumped(result)
+        self._rest()
+
+    def _pumped(
+        self, result: tuple[list[Established | Refused | Failed | Closed] | None, int, int, int]
+    ) -> None:
+        events, read, unsent, acked = result
         self._count_acks(acked)
         if events is not None:
             for event in events:
@@ -256,12 +332,17 @@ class _Link:
         self._want_write(unsent)
         if self._closing and not unsent:
             self._finish(None)
+        elif not unsent:
+            self._rest()
 
     def close(self) -> None:
         if self._closing or self.lost:
             return
         self._closing = True
-        self._loop.remove_reader(self._fd)
+        if self._on_plane:
+            self._leave_plane()
+        else:
+            self._loop.remove_reader(self._fd)
         self._session.close()
         self._writable()
 
@@ -291,7 +372,10 @@ class _Link:
     def _close_socket(self) -> None:
         if self._sock.fileno() < 0:
             return
-        self._loop.remove_reader(self._fd)
+        if self._on_plane:
+            self._leave_plane()  # before the descriptor closes: the thread must be done with it
+        else:
+            self._loop.remove_reader(self._fd)
         if self._writing:
             self._loop.remove_writer(self._fd)
             self._writing = False
@@ -542,6 +626,7 @@ class TcpStream:
         link.on_acked = self._on_acked
         link.on_broken = self._give_up_because
         link.on_lost = self._on_lost
+        link.may_rest = self._may_rest
         if stats is not None:
             stats.streams.add(self)
 
@@ -554,9 +639,19 @@ class TcpStream:
     def _ended(self) -> bool:
         return self._local_close or self._link.lost or self._link.peer_eof
 
+    def _may_rest(self) -> bool:
+        """Nothing of this stream waits on acks (only the fast path has packets in flight, if anything): its
+        link may hand the ack reads to the data plane's thread."""
+        return not self._inflight and not self._ack_waiters and not self._fast_waiters and not self.closed
+
+    def sync_acks(self) -> None:
+        """Counts the acks the data plane's thread read meanwhile (`_Link.sync`)."""
+        self._link.sync()
+
     @property
     def in_flight(self) -> int:
         """Packets written and not acknowledged yet (the fast path's included)."""
+        self._link.sync()
         if self._link.lost:  # the rest was resolved (sent or lost) when the connection ended
             return 0
         return max(0, self._link.frames_written() - self._inflight.acked)
@@ -594,6 +689,7 @@ class TcpStream:
             waiter.set_result(None)
         else:
             self._fast_waiters.append(waiter)
+            self._link.take_back()  # the acks that resolve it are read on the loop
         return waiter
 
     def give_up(self) -> None:
@@ -620,6 +716,7 @@ class TcpStream:
     @property
     def acknowledged(self) -> int:
         """Packets the peer acknowledged on this connection."""
+        self._link.sync()
         return self._inflight.acked
 
     async def write(self, packet: bytes) -> Receipt:
@@ -728,6 +825,7 @@ class TcpStream:
         self._watchdog = None
         if self.closed:
             return
+        self._link.sync()  # the acks the data plane's thread read since the last tick: progress
         now = self._loop.time()
         if not self.in_flight:
             self._idle_at_check = True
@@ -756,6 +854,7 @@ class TcpStream:
         """Resolves at the next ack progress; fails when the connection ends (the watchdog bounds it)."""
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._ack_waiters.append(waiter)
+        self._link.take_back()  # the acks that resolve it are read on the loop
         return waiter
 
     def _fits(self, size: int) -> bool:
@@ -1015,9 +1114,20 @@ class TcpStreamService:
         self.connect_failures = 0
         self.refusals: dict[str, int] = {}
         self.peer_stats: dict[str, PeerSendStats] = {}
+        # A node's data plane: its thread reads a connection's acks while only the fast path waits on them.
+        self.plane: Plane | None = None
         # Failed connections: one budget for every peer and a periodic summary (vpn_packet.ratelimit).
         self.failure_log = failure_log if failure_log is not None else FailureLog(_log)
         self._native: tuple[Security, TlsSecurity] | None = None
+
+    def sync_acks(self, peer_id: str | None = None) -> None:
+        """Counts the acks the data plane's thread read meanwhile, on `peer_id`'s connections (all peers'
+        without), so that `peer_stats` is up to date."""
+        for stats in (
+            self.peer_stats.values() if peer_id is None else filter(None, [self.peer_stats.get(peer_id)])
+        ):
+            for stream in stats.streams:
+                stream.sync_acks()
 
     def stats(self, peer_id: str) -> PeerSendStats:
         """The live `PeerSendStats` of `peer_id` (created empty on first use)."""
@@ -1067,6 +1177,7 @@ class TcpStreamService:
                 dial = _Dial(sock, native, peer_id, security.local_id, new_epoch())
                 operation = dial.operation
                 link = await dial.handshake(self.high_water)
+                link.plane = self.plane
                 self._check_unchanged(peer_id, host, port, security)
         except HandshakeRefusedError as exc:
             self.connect_failures += 1

@@ -12,6 +12,7 @@ use vpn_packet_core::data_plane::{DataPlane as CorePlane, Source};
 
 use crate::errors::no_panic;
 use crate::receive::{ReceiveSession, Target};
+use crate::send::{SendSession, SendSource};
 use crate::tun_io::TunFeed;
 
 /// A thread that drives receive sessions (`watch`) until they meet something for Python, then hands them
@@ -33,6 +34,7 @@ pub struct DataPlane {
 enum Owner {
     Receive(Py<ReceiveSession>),
     Tun(Py<TunFeed>),
+    Send(Py<SendSession>),
 }
 
 impl DataPlane {
@@ -157,6 +159,45 @@ impl DataPlane {
         }
     }
 
+    /// Reads `session`'s acks on the thread from now on (see `SendSource`: the caller has none of its own
+    /// batches waiting for acks); `on_parked()` is what `take_parked` gives when the thread hands it back.
+    /// Raises `ValueError` for a session watched already, `OSError` when its socket cannot be watched.
+    fn watch_send(&mut self, session: &Bound<'_, SendSession>, on_parked: Py<PyAny>) -> PyResult<()> {
+        no_panic(|| {
+            let owner = Owner::Send(session.clone().unbind());
+            let mut session = session.borrow_mut();
+            if session.token.is_some() {
+                return Err(PyValueError::new_err("the session is on the data plane already"));
+            }
+            session.set_watched(true);
+            let source: Arc<dyn Source> = Arc::new(SendSource(session.shared()));
+            match self.plane()?.watch(source) {
+                Ok(token) => {
+                    session.token = Some(token);
+                    self.callbacks.insert(token, (owner, on_parked));
+                    Ok(())
+                }
+                Err(err) => {
+                    session.set_watched(false);
+                    Err(PyOSError::new_err(err.to_string()))
+                }
+            }
+        })
+    }
+
+    /// Takes `session`'s ack reads back (no call of the thread touches it after this returns); a session
+    /// not watched is fine.
+    fn unwatch_send(&mut self, session: &Bound<'_, SendSession>) {
+        let mut session = session.borrow_mut();
+        session.set_watched(false);
+        if let Some(token) = session.token.take() {
+            self.callbacks.remove(&token);
+            if let Some(plane) = &self.inner {
+                plane.unwatch(token);
+            }
+        }
+    }
+
     /// The `on_parked` callbacks of the sessions handed back since the last call (their sessions are no
     /// longer watched: call `ReceiveSession.take_parked`, then `watch` again to hand one back).
     fn take_parked(&mut self, py: Python<'_>) -> Vec<Py<PyAny>> {
@@ -178,6 +219,11 @@ impl DataPlane {
                     Owner::Tun(feed) => {
                         if let Ok(mut feed) = feed.try_borrow_mut(py) {
                             feed.token = None;
+                        }
+                    }
+                    Owner::Send(session) => {
+                        if let Ok(mut session) = session.try_borrow_mut(py) {
+                            session.token = None;
                         }
                     }
                 }

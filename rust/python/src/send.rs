@@ -9,8 +9,9 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 use vpn_packet_core::connection::{Connection, SendError};
+use vpn_packet_core::data_plane::{Source, Step};
 use vpn_packet_core::receive::{Read, SocketError};
-use vpn_packet_core::send::{SendFailure, SendSession as CoreSession};
+use vpn_packet_core::send::{Pumped, SendFailure, SendSession as CoreSession};
 
 use crate::buffer::PacketBytes;
 use crate::connection::{config_error, events_to_python, Failed, TlsSecurity};
@@ -43,6 +44,8 @@ type PumpResult<'py> = (Option<Bound<'py, PyList>>, i64, usize, u64);
 #[pyclass(module = "vpn_packet._native", name = "SendSession")]
 pub struct SendSession {
     shared: Arc<Mutex<SharedSession>>,
+    /// The data plane's token while its thread reads the acks.
+    pub(crate) token: Option<u64>,
 }
 
 /// The session and its socket, shared with the dispatcher's queues (`DestinationQueues.set_fast`), whose
@@ -51,6 +54,65 @@ pub struct SendSession {
 pub struct SharedSession {
     pub session: CoreSession,
     pub sock: RawFd,
+    /// The data plane's thread reads the acks now (see `SendSource`).
+    pub watched: bool,
+    /// What the thread's read met when it handed the session back.
+    parked: Option<Result<Pumped, SocketError>>,
+}
+
+fn lock_shared(shared: &Mutex<SharedSession>) -> MutexGuard<'_, SharedSession> {
+    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A session's ack reads on the data plane's thread (`DataPlane.watch_send`): each readiness event pumps
+/// it (read, decrypt, acks; the ledger settles the fast path's batches natively), until the read meets
+/// anything but acks (an event, the end, an error, output the socket would not take): then the session is
+/// handed back. Python hands it over only while none of its own batches wait for acks.
+pub(crate) struct SendSource(pub Arc<Mutex<SharedSession>>);
+
+impl Source for SendSource {
+    fn fd(&self) -> RawFd {
+        lock_shared(&self.0).sock
+    }
+
+    fn readable(&self) -> Step {
+        let mut guard = lock_shared(&self.0);
+        let s = &mut *guard;
+        if !s.watched {
+            return Step::Idle;
+        }
+        let result = s.session.pump(s.sock);
+        let steady = match &result {
+            Ok(p) => {
+                p.events.is_empty() && matches!(p.read, Read::Data(_) | Read::WouldBlock) && p.unsent == 0
+            }
+            Err(_) => false,
+        };
+        if steady {
+            return Step::Idle;
+        }
+        s.parked = Some(result);
+        s.watched = false;
+        Step::Park
+    }
+
+    fn due(&self) -> Step {
+        Step::Idle
+    }
+}
+
+fn pumped_to_python(py: Python<'_>, pumped: Pumped) -> PyResult<PumpResult<'_>> {
+    let read = match pumped.read {
+        Read::Data(n) => n as i64,
+        Read::Eof => -1,
+        Read::WouldBlock | Read::Reset { .. } => 0,
+    };
+    let events = if pumped.events.is_empty() {
+        None
+    } else {
+        Some(events_to_python(py, pumped.events)?)
+    };
+    Ok((events, read, pumped.unsent, pumped.acked))
 }
 
 impl SendSession {
@@ -64,6 +126,15 @@ impl SendSession {
     /// The shared session, for the queues' fast path.
     pub fn shared(&self) -> Arc<Mutex<SharedSession>> {
         Arc::clone(&self.shared)
+    }
+
+    /// Marks the session driven by the data plane's thread, or not (a late event then does nothing).
+    pub(crate) fn set_watched(&self, watched: bool) {
+        let mut s = self.lock();
+        s.watched = watched;
+        if watched {
+            s.parked = None;
+        }
     }
 }
 
@@ -87,7 +158,10 @@ impl SendSession {
                 shared: Arc::new(Mutex::new(SharedSession {
                     session: CoreSession::new(conn, read_size),
                     sock,
+                    watched: false,
+                    parked: None,
                 })),
+                token: None,
             })
         })
     }
@@ -103,18 +177,29 @@ impl SendSession {
             let shared = &mut *guard;
             let (inner, sock) = (&mut shared.session, shared.sock);
             let pumped = py.detach(|| inner.pump(sock)).map_err(socket_error)?;
-            let read = match pumped.read {
-                Read::Data(n) => n as i64,
-                Read::Eof => -1,
-                Read::WouldBlock | Read::Reset { .. } => 0,
-            };
-            let events = if pumped.events.is_empty() {
-                None
-            } else {
-                Some(events_to_python(py, pumped.events)?)
-            };
-            Ok((events, read, pumped.unsent, pumped.acked))
+            pumped_to_python(py, pumped)
         })
+    }
+
+    /// What the data plane's thread met when it handed the session back (`DataPlane.take_parked`), in
+    /// `pump`'s form. Raises `OSError` for the socket's error.
+    fn take_parked<'py>(&mut self, py: Python<'py>) -> PyResult<PumpResult<'py>> {
+        no_panic(|| {
+            let parked = self.lock().parked.take();
+            match parked {
+                Some(result) => pumped_to_python(py, result.map_err(socket_error)?),
+                None => {
+                    let s = self.lock();
+                    Ok((None, 0, s.session.unsent(), s.session.connection().counts().acked))
+                }
+            }
+        })
+    }
+
+    /// Whether the data plane's thread reads the acks now.
+    #[getter]
+    fn on_data_plane(&self) -> bool {
+        self.token.is_some()
     }
 
     /// `count` packets already framed in `data` (bytes, bytearray or memoryview), encrypted and written to

@@ -413,6 +413,9 @@ mod tests {
             match n {
                 Ok(crate::receive::Read::Data(n)) if &buf[..n] == b"park" => Step::Park,
                 Ok(crate::receive::Read::Data(n)) if &buf[..n] == b"due" => Step::Due(Duration::ZERO),
+                Ok(crate::receive::Read::Data(n)) if &buf[..n] == b"pause" => {
+                    Step::Pause(Duration::from_millis(1))
+                }
                 Ok(crate::receive::Read::Eof) => Step::Park,
                 _ => Step::Idle,
             }
@@ -464,6 +467,39 @@ mod tests {
         let reads = echo.reads.load(Ordering::SeqCst);
         plane.stop();
         assert_eq!(echo.reads.load(Ordering::SeqCst), reads);
+    }
+
+    #[test]
+    fn a_paused_source_is_read_again_at_its_deadline_without_new_data() {
+        let mut plane = DataPlane::start().unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let echo = Arc::new(Echo {
+            sock: ours,
+            reads: AtomicUsize::new(0),
+            dues: AtomicUsize::new(0),
+        });
+        plane.watch(echo.clone()).unwrap();
+        use std::io::Write;
+        (&theirs).write_all(b"pause").unwrap();
+        // The read that paused, then the one at the deadline (which finds nothing: would block).
+        for _ in 0..10_000 {
+            if echo.reads.load(Ordering::SeqCst) >= 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(echo.reads.load(Ordering::SeqCst), 2);
+        assert_eq!(echo.dues.load(Ordering::SeqCst), 0); // read again, not a due call
+                                                         // Watched again: new data is read.
+        (&theirs).write_all(b"x").unwrap();
+        for _ in 0..10_000 {
+            if echo.reads.load(Ordering::SeqCst) >= 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(echo.reads.load(Ordering::SeqCst), 3);
+        plane.stop();
     }
 
     #[test]

@@ -130,3 +130,115 @@ fn bytes_behind_a_reset_are_discarded_unread() {
     assert!(matches!(read, Read::Reset { unread } if unread > 0), "{read:?}");
     assert_eq!(session.counts().delivered, 0);
 }
+
+/// Waits (bounded) for `done`, polling: the data plane's thread works on its own time.
+fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..10_000 {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    false
+}
+
+#[test]
+fn on_the_data_plane_frames_are_delivered_acks_deferred_and_the_end_handed_back() {
+    use std::sync::{Arc, Mutex, RwLock};
+    use std::time::Duration;
+    use vpn_packet_core::data_plane::{DataPlane, Source};
+    use vpn_packet_core::receive::Driven;
+
+    let (mut client, client_sock, session, server_sock) = established();
+    let routes = Arc::new(RwLock::new(table()));
+    let driven = Arc::new(Mutex::new(Driven::new(
+        session,
+        PacketList::default(),
+        server_sock.as_raw_fd(),
+        routes,
+    )));
+    // A big ack_bytes: the ack waits its delay (a bulk flow's threshold is the next test's).
+    driven
+        .lock()
+        .unwrap()
+        .hand_over(0, Duration::from_millis(5), u64::MAX);
+    let mut plane = DataPlane::start().unwrap();
+    let source: Arc<dyn Source> = driven.clone();
+    let token = plane.watch(source).unwrap();
+
+    let good: Vec<Vec<u8>> = (0..20).map(|i| ipv4_from([10, 1, 0, 7], i)).collect();
+    client.send_packets(good.iter().map(Vec::as_slice)).unwrap();
+    (&client_sock).write_all(&client.take_output()).unwrap();
+    assert!(eventually(
+        || driven.lock().unwrap().session.counts().delivered == 20
+    ));
+    // The ack comes, on the thread's timer.
+    let mut buf = vec![0; 65536];
+    assert!(eventually(|| {
+        if let Ok(Read::Data(n)) = vpn_packet_core::receive::recv(client_sock.as_raw_fd(), &mut buf) {
+            client.receive(&buf[..n], |_, _| {});
+        }
+        client.counts().acked == 20
+    }));
+    {
+        let mut d = driven.lock().unwrap();
+        assert_eq!(d.target.iter().map(<[u8]>::to_vec).collect::<Vec<_>>(), good);
+        assert_eq!(d.acked_out(), 20);
+        let counted = d.take_counts();
+        assert_eq!((counted.frames, counted.inbound.delivered), (20, 20));
+        assert_eq!(d.take_counts().frames, 0); // taken once
+        assert!(d.watched);
+    }
+    // The end of the stream is not steady work: handed back, with what the read met.
+    client.close();
+    (&client_sock).write_all(&client.take_output()).unwrap();
+    client_sock.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(eventually(|| !driven.lock().unwrap().watched));
+    let mut parked_tokens = Vec::new();
+    assert!(eventually(|| {
+        parked_tokens.extend(plane.take_parked());
+        !parked_tokens.is_empty()
+    }));
+    assert_eq!(parked_tokens, vec![token]);
+    let parked = driven.lock().unwrap().take_parked().unwrap().unwrap();
+    assert!(
+        matches!(parked, (Read::Data(_), ref events) if events.contains(&Event::Closed))
+            || matches!(parked, (Read::Eof, _))
+    );
+    plane.stop();
+}
+
+#[test]
+fn on_the_data_plane_a_bulk_flow_is_acknowledged_at_once_past_ack_bytes() {
+    use std::sync::{Arc, Mutex, RwLock};
+    use std::time::Duration;
+    use vpn_packet_core::data_plane::{DataPlane, Source};
+    use vpn_packet_core::receive::Driven;
+
+    let (mut client, client_sock, session, server_sock) = established();
+    let driven = Arc::new(Mutex::new(Driven::new(
+        session,
+        PacketList::default(),
+        server_sock.as_raw_fd(),
+        Arc::new(RwLock::new(table())),
+    )));
+    // An hour's delay: only the byte threshold can send this ack.
+    driven
+        .lock()
+        .unwrap()
+        .hand_over(0, Duration::from_secs(3600), 1000);
+    let mut plane = DataPlane::start().unwrap();
+    let source: Arc<dyn Source> = driven.clone();
+    plane.watch(source).unwrap();
+    let packets: Vec<Vec<u8>> = (0..100).map(|i| ipv4_from([10, 1, 0, 7], i)).collect();
+    client.send_packets(packets.iter().map(Vec::as_slice)).unwrap();
+    (&client_sock).write_all(&client.take_output()).unwrap();
+    let mut buf = vec![0; 65536];
+    assert!(eventually(|| {
+        if let Ok(Read::Data(n)) = vpn_packet_core::receive::recv(client_sock.as_raw_fd(), &mut buf) {
+            client.receive(&buf[..n], |_, _| {});
+        }
+        client.counts().acked >= 50
+    }));
+    plane.stop();
+}

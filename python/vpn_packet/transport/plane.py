@@ -59,17 +59,21 @@ class Plane:
             self._native = native
         return self._native
 
-    def watch_receive(self, session: ReceiveSession, index: int, on_parked: Callable[[], object]) -> bool:
-        """The thread pumps `session` (see `DataPlane.watch`) until it hands it back to `on_parked`."""
+    def _watch(self, what: str, watch: Callable[[DataPlane], None]) -> bool:
+        """`watch(native)` on the started thread; False (logged) when there is none or it cannot watch."""
         native = self._started()
         if native is None:
             return False
         try:
-            native.watch(session, index, on_parked)
+            watch(native)
         except OSError as exc:
-            _log.warning("the data plane cannot watch a connection (%s): it stays on the event loop", exc)
+            _log.warning("the data plane cannot watch %s (%s): it stays on the event loop", what, exc)
             return False
         return True
+
+    def watch_receive(self, session: ReceiveSession, index: int, on_parked: Callable[[], object]) -> bool:
+        """The thread pumps `session` (see `DataPlane.watch`) until it hands it back to `on_parked`."""
+        return self._watch("a connection", lambda native: native.watch(session, index, on_parked))
 
     def unwatch_receive(self, session: ReceiveSession) -> None:
         if self._native is not None:
@@ -77,15 +81,7 @@ class Plane:
 
     def watch_tun(self, feed: TunFeed, on_parked: Callable[[], object]) -> bool:
         """The thread reads `feed`'s TUN (see `DataPlane.watch_tun`) until it hands it back to `on_parked`."""
-        native = self._started()
-        if native is None:
-            return False
-        try:
-            native.watch_tun(feed, on_parked)
-        except OSError as exc:
-            _log.warning("the data plane cannot read the TUN (%s): it is read on the event loop", exc)
-            return False
-        return True
+        return self._watch("the TUN", lambda native: native.watch_tun(feed, on_parked))
 
     def unwatch_tun(self, feed: TunFeed) -> None:
         if self._native is not None:
@@ -94,15 +90,7 @@ class Plane:
     def watch_send(self, session: SendSession, on_parked: Callable[[], object]) -> bool:
         """The thread reads `session`'s acks (see `DataPlane.watch_send`) until it hands it back to
         `on_parked`."""
-        native = self._started()
-        if native is None:
-            return False
-        try:
-            native.watch_send(session, on_parked)
-        except OSError as exc:
-            _log.warning("the data plane cannot watch a connection (%s): it stays on the event loop", exc)
-            return False
-        return True
+        return self._watch("a connection's acks", lambda native: native.watch_send(session, on_parked))
 
     def unwatch_send(self, session: SendSession) -> None:
         if self._native is not None:

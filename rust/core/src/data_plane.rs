@@ -426,6 +426,27 @@ mod tests {
         }
     }
 
+    /// An `Echo` on one end of a socket pair, and the other end.
+    fn echo() -> (Arc<Echo>, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let echo = Arc::new(Echo {
+            sock: ours,
+            reads: AtomicUsize::new(0),
+            dues: AtomicUsize::new(0),
+        });
+        (echo, theirs)
+    }
+
+    /// Polls `done` (bounded): the thread works on its own time.
+    fn eventually(done: impl Fn() -> bool) {
+        for _ in 0..10_000 {
+            if done() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn wait_readable(fd: RawFd) {
         let mut poll = libc::pollfd {
             fd,
@@ -439,22 +460,12 @@ mod tests {
     #[test]
     fn a_source_is_driven_until_it_parks_and_then_python_is_told() {
         let mut plane = DataPlane::start().unwrap();
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let echo = Arc::new(Echo {
-            sock: ours,
-            reads: AtomicUsize::new(0),
-            dues: AtomicUsize::new(0),
-        });
+        let (echo, theirs) = echo();
         let token = plane.watch(echo.clone()).unwrap();
         use std::io::Write;
         (&theirs).write_all(b"due").unwrap();
         // The due call comes on the thread, after the read: waited for by polling its counter.
-        for _ in 0..10_000 {
-            if echo.dues.load(Ordering::SeqCst) == 1 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        eventually(|| echo.dues.load(Ordering::SeqCst) == 1);
         assert_eq!(echo.dues.load(Ordering::SeqCst), 1);
         assert!(plane.take_parked().is_empty());
         (&theirs).write_all(b"park").unwrap();
@@ -472,32 +483,17 @@ mod tests {
     #[test]
     fn a_paused_source_is_read_again_at_its_deadline_without_new_data() {
         let mut plane = DataPlane::start().unwrap();
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let echo = Arc::new(Echo {
-            sock: ours,
-            reads: AtomicUsize::new(0),
-            dues: AtomicUsize::new(0),
-        });
+        let (echo, theirs) = echo();
         plane.watch(echo.clone()).unwrap();
         use std::io::Write;
         (&theirs).write_all(b"pause").unwrap();
         // The read that paused, then the one at the deadline (which finds nothing: would block).
-        for _ in 0..10_000 {
-            if echo.reads.load(Ordering::SeqCst) >= 2 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        eventually(|| echo.reads.load(Ordering::SeqCst) >= 2);
         assert_eq!(echo.reads.load(Ordering::SeqCst), 2);
         assert_eq!(echo.dues.load(Ordering::SeqCst), 0); // read again, not a due call
                                                          // Watched again: new data is read.
         (&theirs).write_all(b"x").unwrap();
-        for _ in 0..10_000 {
-            if echo.reads.load(Ordering::SeqCst) >= 3 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        eventually(|| echo.reads.load(Ordering::SeqCst) >= 3);
         assert_eq!(echo.reads.load(Ordering::SeqCst), 3);
         plane.stop();
     }
@@ -505,12 +501,7 @@ mod tests {
     #[test]
     fn unwatch_forgets_a_source() {
         let plane = DataPlane::start().unwrap();
-        let (ours, _theirs) = UnixStream::pair().unwrap();
-        let echo = Arc::new(Echo {
-            sock: ours,
-            reads: AtomicUsize::new(0),
-            dues: AtomicUsize::new(0),
-        });
+        let (echo, _theirs) = echo();
         let token = plane.watch(echo).unwrap();
         assert_eq!(plane.stats().watched, 1);
         plane.unwatch(token);

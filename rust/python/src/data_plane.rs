@@ -43,6 +43,26 @@ impl DataPlane {
             .as_ref()
             .ok_or_else(|| PyRuntimeError::new_err("the data plane is closed"))
     }
+
+    /// Drives `source` (marked watched by the caller, who unmarks it on an error); its token.
+    fn enter(&mut self, source: Arc<dyn Source>, owner: Owner, on_parked: Py<PyAny>) -> PyResult<u64> {
+        let token = self
+            .plane()?
+            .watch(source)
+            .map_err(|err| PyOSError::new_err(err.to_string()))?;
+        self.callbacks.insert(token, (owner, on_parked));
+        Ok(token)
+    }
+
+    /// Forgets `token` (its source unmarked by the caller first: a late event finds it so).
+    fn leave(&mut self, token: Option<u64>) {
+        if let Some(token) = token {
+            self.callbacks.remove(&token);
+            if let Some(plane) = &self.inner {
+                plane.unwatch(token);
+            }
+        }
+    }
 }
 
 #[pymethods]
@@ -92,17 +112,14 @@ impl DataPlane {
                 s.hand_over(index, self.ack_delay, self.ack_bytes);
             }
             let source: Arc<dyn Source> = session.shared.clone();
-            match self.plane()?.watch(source) {
-                Ok(token) => {
-                    session.token = Some(token);
-                    self.callbacks.insert(token, (owner, on_parked));
-                    Ok(())
-                }
+            match self.enter(source, owner, on_parked) {
+                Ok(token) => session.token = Some(token),
                 Err(err) => {
                     session.shared.lock().unwrap_or_else(|p| p.into_inner()).watched = false;
-                    Err(PyOSError::new_err(err.to_string()))
+                    return Err(err);
                 }
             }
+            Ok(())
         })
     }
 
@@ -112,12 +129,7 @@ impl DataPlane {
     fn unwatch(&mut self, session: &Bound<'_, ReceiveSession>) {
         let mut session = session.borrow_mut();
         session.shared.lock().unwrap_or_else(|p| p.into_inner()).watched = false;
-        if let Some(token) = session.token.take() {
-            self.callbacks.remove(&token);
-            if let Some(plane) = &self.inner {
-                plane.unwatch(token);
-            }
-        }
+        self.leave(session.token.take());
     }
 
     /// Reads `feed`'s TUN on the thread from now on (see `TunFeed`); `on_parked()` is what `take_parked`
@@ -132,17 +144,14 @@ impl DataPlane {
             }
             feed.set_watched(py, true);
             let source: Arc<dyn Source> = feed.shared.clone();
-            match self.plane()?.watch(source) {
-                Ok(token) => {
-                    feed.token = Some(token);
-                    self.callbacks.insert(token, (owner, on_parked));
-                    Ok(())
-                }
+            match self.enter(source, owner, on_parked) {
+                Ok(token) => feed.token = Some(token),
                 Err(err) => {
                     feed.set_watched(py, false);
-                    Err(PyOSError::new_err(err.to_string()))
+                    return Err(err);
                 }
             }
+            Ok(())
         })
     }
 
@@ -151,12 +160,7 @@ impl DataPlane {
     fn unwatch_tun(&mut self, py: Python<'_>, feed: &Bound<'_, TunFeed>) {
         let mut feed = feed.borrow_mut();
         feed.set_watched(py, false);
-        if let Some(token) = feed.token.take() {
-            self.callbacks.remove(&token);
-            if let Some(plane) = &self.inner {
-                plane.unwatch(token);
-            }
-        }
+        self.leave(feed.token.take());
     }
 
     /// Reads `session`'s acks on the thread from now on (see `SendSource`: the caller has none of its own
@@ -171,17 +175,14 @@ impl DataPlane {
             }
             session.set_watched(true);
             let source: Arc<dyn Source> = Arc::new(SendSource(session.shared()));
-            match self.plane()?.watch(source) {
-                Ok(token) => {
-                    session.token = Some(token);
-                    self.callbacks.insert(token, (owner, on_parked));
-                    Ok(())
-                }
+            match self.enter(source, owner, on_parked) {
+                Ok(token) => session.token = Some(token),
                 Err(err) => {
                     session.set_watched(false);
-                    Err(PyOSError::new_err(err.to_string()))
+                    return Err(err);
                 }
             }
+            Ok(())
         })
     }
 
@@ -190,12 +191,7 @@ impl DataPlane {
     fn unwatch_send(&mut self, session: &Bound<'_, SendSession>) {
         let mut session = session.borrow_mut();
         session.set_watched(false);
-        if let Some(token) = session.token.take() {
-            self.callbacks.remove(&token);
-            if let Some(plane) = &self.inner {
-                plane.unwatch(token);
-            }
-        }
+        self.leave(session.token.take());
     }
 
     /// The `on_parked` callbacks of the sessions handed back since the last call (their sessions are no

@@ -47,15 +47,7 @@ impl TunIo {
     #[new]
     #[pyo3(signature = (fd, *, vnet_header = false, packet_size = 65545))]
     fn new(fd: RawFd, vnet_header: bool, packet_size: usize) -> PyResult<Self> {
-        if fd < 0 {
-            return Err(PyValueError::new_err(format!("bad descriptor {fd}")));
-        }
-        if !(VNET_HDR_LEN + 1..=MAX_FRAME_SIZE_LIMIT).contains(&packet_size) {
-            return Err(PyValueError::new_err(format!(
-                "packet_size must be {}..={MAX_FRAME_SIZE_LIMIT}, got {packet_size}",
-                VNET_HDR_LEN + 1
-            )));
-        }
+        check_descriptor(fd, packet_size)?;
         Ok(TunIo {
             fd,
             vnet_header,
@@ -312,15 +304,7 @@ impl TunFeed {
                 "flood_pause must be 0..=0.1 seconds, got {flood_pause}"
             )));
         }
-        if fd < 0 {
-            return Err(PyValueError::new_err(format!("bad descriptor {fd}")));
-        }
-        if !(VNET_HDR_LEN + 1..=MAX_FRAME_SIZE_LIMIT).contains(&packet_size) {
-            return Err(PyValueError::new_err(format!(
-                "packet_size must be {}..={MAX_FRAME_SIZE_LIMIT}, got {packet_size}",
-                VNET_HDR_LEN + 1
-            )));
-        }
+        check_descriptor(fd, packet_size)?;
         let core = Arc::clone(&queues.borrow(py).core);
         Ok(TunFeed {
             shared: Arc::new(FeedSource {
@@ -393,6 +377,20 @@ impl TunFeed {
     fn on_data_plane(&self) -> bool {
         self.token.is_some()
     }
+}
+
+/// A TUN descriptor and the largest read (header included) that `TunIo` and `TunFeed` accept.
+fn check_descriptor(fd: RawFd, packet_size: usize) -> PyResult<()> {
+    if fd < 0 {
+        return Err(PyValueError::new_err(format!("bad descriptor {fd}")));
+    }
+    if !(VNET_HDR_LEN + 1..=MAX_FRAME_SIZE_LIMIT).contains(&packet_size) {
+        return Err(PyValueError::new_err(format!(
+            "packet_size must be {}..={MAX_FRAME_SIZE_LIMIT}, got {packet_size}",
+            VNET_HDR_LEN + 1
+        )));
+    }
+    Ok(())
 }
 
 fn u32_bytes(values: &[u32]) -> &[u8] {

@@ -411,27 +411,30 @@ class TunDevice:
                 self._take_parked()
 
     def _parked(self) -> None:
-        """The plane's thread handed the reads back: the read it left is taken, and the reads stay on the
-        loop until the flow is steady again (`_on_readable`), or stop when the device failed."""
+        """The plane's thread handed the reads back: the read it left is taken (even after a stop: read
+        packets are never dropped silently), and the reads stay on the loop until the flow is steady again
+        (`_on_readable`), or stop when the device failed."""
+        self._take_parked()
         if not self._reading:
             return
-        self._take_parked()
         if self.error is not None:
             self._failed()
-        elif self._reading:
+        else:
             self._to_loop()
 
     def _take_parked(self) -> None:
+        """Takes what the thread left in the feed, if anything (a second call finds nothing)."""
         feed, reader = self._feed, self._reader
         if feed is None or reader is None:
             return
-        self.read_events += 1
         try:
             n, nbytes, error = reader.take_parked(feed)
         except Exception:
             _log.exception("TUN %s: the reader failed", self.name)
             return
-        self._count_read(n, nbytes, error)
+        if n or error:
+            self.read_events += 1
+            self._count_read(n, nbytes, error)
 
     def _failed(self) -> None:
         error = self.error

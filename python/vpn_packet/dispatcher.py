@@ -520,15 +520,17 @@ class Dispatcher:
         finally:
             self._read_path = False
 
-    def dispatch_tun(
+    # --- a TUN device's reader (`vpn_packet.transport.tun.TunReader`: a node's TUN reads into this) ---
+
+    def take_read(
         self, io: TunIo, *, vnet_header: bool, max_packets: int, max_bytes: int, write_lone_now: bool = True
     ) -> tuple[int, int, int]:
         """One read of a TUN device (its `TunIo`) routed into the queues in the same native call, as
         `dispatch_buffer` routes a read it is given: a destination with a fast route gets its packets written
         into its connection there and then (see `Worker._offer_fast`), no copy and no Python object per
-        packet or read. Returns `(packets, bytes, errno)` of the read (a `TunReader`'s answer, see
-        `vpn_packet.transport.tun`). A stopped dispatcher still reads (the device must not stay readable)
-        and counts the packets rejected."""
+        packet or read; a read after a quiet spell is written without coalescing (`write_lone_now`). Returns
+        `(packets, bytes, errno)` of the read. A stopped dispatcher still reads (the device must not stay
+        readable) and counts the packets rejected."""
         if not self._accepting:
             data, lengths, error = io.read_batch(max_packets, max_bytes)
             n = len(lengths) // 4
@@ -545,14 +547,13 @@ class Dispatcher:
             self._read_path = False
         return n, nbytes, error
 
-    @property
-    def native_queues(self) -> DestinationQueues:
+    def plane_queues(self) -> DestinationQueues:
         """The per-destination native queues (for a data plane's `TunFeed`, which pushes reads into them
         from its thread when every packet is for an established destination on the fast path)."""
         return self._queues
 
-    def dispatch_parked(self, feed: TunFeed) -> tuple[int, int, int]:
-        """A read the data plane's thread handed back (`TunFeed.take_parked`), admitted as `dispatch_tun`
+    def take_parked(self, feed: TunFeed) -> tuple[int, int, int]:
+        """A read the data plane's thread handed back (`TunFeed.take_parked`), admitted as `take_read`
         admits one: pushed now unless the thread pushed it (then its result is admitted), a stopped
         dispatcher's packets counted rejected. Returns `(packets, bytes, errno)`."""
         pushed, n, nbytes, error = feed.take_parked(self._accepting)

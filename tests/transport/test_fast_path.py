@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from vpn_packet._native import DestinationQueues, TunFeed, TunIo
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.resilience import ResilienceConfig, ResilienceService
 from vpn_packet.testutil.fakes import FakePeerDiscovery, LoopbackEndpoint
@@ -313,28 +312,6 @@ async def test_close_waits_for_the_fast_paths_packets_to_be_acknowledged(keys: d
     assert sink.taken == packets
 
 
-class DispatcherReader:
-    """A `TunReader` into a dispatcher, as a `Node` is one (`Node.take_read`, `plane_queues`,
-    `take_parked`)."""
-
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.d = dispatcher
-
-    def take_read(
-        self, io: TunIo, *, vnet_header: bool, max_packets: int, max_bytes: int
-    ) -> tuple[int, int, int]:
-        return self.d.dispatch_tun(io, vnet_header=vnet_header, max_packets=max_packets, max_bytes=max_bytes)
-
-    def plane_queues(self) -> DestinationQueues:
-        return self.d.native_queues
-
-    def take_parked(self, feed: TunFeed) -> tuple[int, int, int]:
-        return self.d.dispatch_parked(feed)
-
-    def plane_ready(self) -> bool:
-        return self.d.plane_ready()
-
-
 async def test_tun_reads_for_an_established_destination_are_written_on_the_data_plane_thread(
     keys: dict[str, Security], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -356,7 +333,7 @@ async def test_tun_reads_for_an_established_destination_are_written_on_the_data_
         monkeypatch.setattr(lab_.d, "_admit", counting_admit)
         lab_.service.plane = plane  # the thread reads the acks too while only the fast path waits on them
         try:
-            tun.start_reading(DispatcherReader(lab_.d), plane=plane)
+            tun.start_reading(lab_.d, plane=plane)
             tun.inject(packets[:10])  # a new destination: handed back, through the worker
             async with asyncio.timeout(10):  # a hang guard
                 await wait_until(lambda: bool(lab_.d._workers) and lab_.fast())
@@ -377,7 +354,7 @@ async def test_tun_reads_for_an_established_destination_are_written_on_the_data_
             assert (m.accepted, m.sent, m.in_flight, m.failed) == (600, 600, 0, 0)
             tm = tun.metrics()
             assert tm.packets_read == 600
-            assert lab_.d.native_queues.accepted_off_loop > 0  # pushed by the thread...
+            assert lab_.d.plane_queues().accepted_off_loop > 0  # pushed by the thread...
             assert admitted[0] - before < tm.read_events  # ...with fewer reads admitted on the loop
         finally:
             tun.stop_reading()

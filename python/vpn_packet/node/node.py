@@ -53,7 +53,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from vpn_packet._native import DestinationQueues, TunFeed, TunIo
 from vpn_packet.deprecation import add_receiver_aliases
 from vpn_packet.dispatcher import Dispatcher
 from vpn_packet.metrics import DispatcherMetrics
@@ -422,29 +421,6 @@ class Node:
         `vnet_header`, each packet preceded by its virtio_net_hdr), routed natively; returns how many were
         accepted. No Python object per packet; a read after a quiet spell is written without coalescing."""
         return self.dispatcher.dispatch_buffer(data, lengths, vnet_header=vnet_header, write_lone_now=True)
-
-    def take_read(
-        self, io: TunIo, *, vnet_header: bool, max_packets: int, max_bytes: int
-    ) -> tuple[int, int, int]:
-        """A `TunReader` (`vpn_packet.transport.tun`): one read of the node's TUN device, routed into the
-        dispatcher's native queues in the same call (`Dispatcher.dispatch_tun`); a read after a quiet spell
-        is written without coalescing."""
-        return self.dispatcher.dispatch_tun(
-            io, vnet_header=vnet_header, max_packets=max_packets, max_bytes=max_bytes, write_lone_now=True
-        )
-
-    def plane_queues(self) -> DestinationQueues | None:
-        """A `TunReader`: the dispatcher's native queues, which the data plane's thread pushes the reads
-        of established destinations into itself (`TunFeed`)."""
-        return self.dispatcher.native_queues
-
-    def take_parked(self, feed: TunFeed) -> tuple[int, int, int]:
-        """A `TunReader`: a read the data plane's thread handed back, taken as `take_read` takes one."""
-        return self.dispatcher.dispatch_parked(feed)
-
-    def plane_ready(self) -> bool:
-        """A `TunReader`: the reads may go back to the data plane's thread (no worker busy)."""
-        return self.dispatcher.plane_ready()
 
     async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - like Dispatcher.flush
         """Wait until every accepted packet was written to a stream (or failed); False on timeout."""

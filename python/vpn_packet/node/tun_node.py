@@ -1,8 +1,9 @@
 """`vpn-packet node --config FILE.toml`: a VPN node on a Linux TUN device.
 
 `TunNode` = a `TunDevice` + a `vpn_packet.node.node.Node`: every readiness event of the TUN reads all
-ready packets and routes them into the dispatcher's native queues in one native call (`Node.take_read`:
-an established destination's packets are written into its connection in that call; others wait for
+ready packets and routes them into the dispatcher's native queues in one native call (the dispatcher is
+the TUN's reader, `Dispatcher.take_read`: an established destination's packets are written into its
+connection in that call, on the data plane's thread when it can; others wait for
 per-destination workers, stream pool, TCP or mutual-TLS streams to the peer owning each destination); the
 node's receiver decodes each connection's frames, checks each packet's source against the sending peer's
 allowed prefixes and writes the accepted ones to the TUN's descriptor itself (`Receiver.tun_target`). One
@@ -232,7 +233,7 @@ class TunNode:
         # into its connection), in one native call: no object per packet or read; on the data plane's
         # thread while every packet is for an established destination.
         self.tun.start_reading(
-            self.node,
+            self.node.dispatcher,
             max_packets=self.config.tuning.read_batch,
             on_error=self._on_tun_error,
             plane=self.node.receiver.plane,  # one data plane thread for both directions

@@ -407,7 +407,6 @@ class _Pump:
         loop until the connection is steady again (`_place`)."""
         self._on_plane = False
         self._reading = False
-        self.receiver._plane_pumps.pop(self, None)
         if self.done.done():
             return
         self._watch(True)
@@ -667,9 +666,8 @@ class _Pump:
         reset (default: when the end is not clean), so that the sender discards what it sent and we did not
         acknowledge; a protocol error has acknowledged all it took, and its end is a plain close, so that
         the last ack reaches the sender. Acks still deferred (`_ack_soon`) leave first on a plain close."""
-        self._watch(False)  # off the data plane first: from here only this loop touches the session
+        self._watch(False)  # off the data plane first (its counts caught up): only this loop touches it now
         if not self.done.done():
-            self.sync()
             self.reset = not clean if reset is None else reset
             if self._ack_handle is not None:
                 self._ack_handle.cancel()
@@ -834,9 +832,8 @@ class Receiver:
         # read, without the sink (see `_Pump`).
         self.tun_target: TunTarget | None = None
         # The thread that pumps the steady connections of the TUN path (`_Pump._place`; a node's TUN reads
-        # share it), and the pumps it drives (insertion-ordered).
+        # share it).
         self.plane = Plane(threads=data_plane_threads)
-        self._plane_pumps: dict[_Pump, None] = {}
         self._peer_entered = asyncio.Event()  # set when a peer authenticates (`wait_connected`)
         # Called with the peer id of every authenticated connection (a node's keeper connects back at once).
         self.on_authenticated: Callable[[str], object] | None = None
@@ -976,26 +973,26 @@ class Receiver:
     def sync_counts(self) -> None:
         """Brings the counters (and `tun_target`'s) up to date with what the data plane's thread did: it
         counts natively, and they are read here, when someone looks."""
-        for pump in self._plane_pumps:
+        for pump in self._pumps_on_plane():
             pump.sync()
 
     # --- the data plane -------------------------------------------------------------------------------
+
+    def _pumps_on_plane(self) -> list[_Pump]:
+        """The pumps whose connection the data plane's thread drives now."""
+        return [conn.pump for conn in self._connections.values() if conn.pump._on_plane]
 
     def _enter_plane(self, pump: _Pump) -> bool:
         """Hands `pump`'s session to the data plane; False if it cannot take it (the pump then goes on
         reading on the loop)."""
         conn = pump.conn
         index = self._peer_indexes().get(conn.peer_id or "", NO_PEER)
-        if not self.plane.watch_receive(conn.session, index, pump.parked):
-            return False
-        self._plane_pumps[pump] = None
-        return True
+        return self.plane.watch_receive(conn.session, index, pump.parked)
 
     def _leave_plane(self, pump: _Pump) -> None:
         """Takes `pump`'s session back from the data plane (no call of its thread touches it after this),
         its counts brought up to date."""
         self.plane.unwatch_receive(pump.conn.session)
-        self._plane_pumps.pop(pump, None)
         pump.sync()
 
     async def wait_connected(self, peer_ids: Collection[str], timeout: float) -> bool:  # noqa: ASYNC109 - a bound
@@ -1049,7 +1046,7 @@ class Receiver:
             made[2].update_ids(list(added), list(removed))
         # An update that compacted the table replaced it (its generation moved): the connections on the data
         # plane get the new one now (those on the loop look at their next read).
-        for pump in list(self._plane_pumps):
+        for pump in self._pumps_on_plane():
             pump.check_routes()
 
     def close_peer(self, peer_id: str, because: str = "reloaded") -> int:

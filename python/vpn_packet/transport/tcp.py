@@ -99,6 +99,10 @@ class PeerSendStats:
     streams: set[TcpStream] = field(default_factory=set)
 
 
+_PumpResult = tuple[list[Established | Refused | Failed | Closed] | None, int, int, int]
+"""`(events, read, unsent, acked)` of `SendSession.pump` (and `take_parked`)."""
+
+
 class _Link:
     """The connection under a `TcpStream`, on the native core after its handshake (TLS, or an insecure
     node's plaintext): `write` hands a framed batch to the `SendSession`, which encrypts it (with TLS) and
@@ -217,15 +221,8 @@ class _Link:
 
     def _readable(self) -> None:
         """One readiness event: one native call (read, decrypt, acks), then what it reported."""
-        if self.lost:
-            return
-        try:
-            result = self._session.pump()
-        except OSError as exc:
-            self._ended_socket(exc)
-            return
-        self._pumped(result)
-        self._rest()
+        if not self.lost:
+            self._handle(self._session.pump)
 
     # --- the data plane's thread (see the class docstring) ---
 
@@ -277,17 +274,20 @@ class _Link:
         if self.lost:
             return
         self._loop.add_reader(self._fd, self._readable)
+        self._handle(self._session.take_parked)
+
+    def _handle(self, pump: Callable[[], _PumpResult]) -> None:
+        """What a pump of the session reported (on this loop, or on the thread: `take_parked`); then, if
+        nothing here waits on the acks, the reads go to the thread."""
         try:
-            result = self._session.take_parked()
+            result = pump()
         except OSError as exc:
             self._ended_socket(exc)
             return
         self._pumped(result)
         self._rest()
 
-    def _pumped(
-        self, result: tuple[list[Established | Refused | Failed | Closed] | None, int, int, int]
-    ) -> None:
+    def _pumped(self, result: _PumpResult) -> None:
         events, read, unsent, acked = result
         self._count_acks(acked)
         if events is not None:

@@ -22,7 +22,7 @@ use the same class on a `SOCK_SEQPACKET` socket pair (`vpn_packet.testutil.faket
 Reading: on each readiness event the reader (a `TunReader`) is handed the device's `TunIo` and makes one
 native call that reads until `EAGAIN` (or `max_packets` / `max_bytes`, the GIL released) into one reused
 buffer and takes what it read: a node's dispatcher routes it into its native queues in that call
-(`Dispatcher.dispatch_tun`, `TunIo.read_into`), whose fast path writes an established destination's packets
+(`Dispatcher.take_read`, `TunIo.read_into`), whose fast path writes an established destination's packets
 into its connection there too: no Python object and no copy per packet or read. `BufferReader` hands a
 callback the read as two buffers instead (the packets back to back and their u32 lengths), for tools and
 tests; `read_buffer` does one such read now.
